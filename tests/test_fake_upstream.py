@@ -1,0 +1,248 @@
+"""Quick tests of the fake OpenAI-compatible upstream, over real sockets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as server:
+        yield server
+
+
+def _chat_request(model: str, *, stream: bool = True, **extra: Any) -> bytes:
+    body = json.dumps({"model": model, "stream": stream, "messages": [], **extra}).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\n"
+        "Host: fake\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _read_head(f: BinaryIO) -> tuple[int, dict[str, str]]:
+    status_line = f.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers: dict[str, str] = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers
+
+
+def _read_chunks(f: BinaryIO) -> tuple[list[bytes], bool]:
+    """HTTP chunks until the terminating one; the flag says whether it arrived."""
+    chunks: list[bytes] = []
+    while True:
+        size_line = f.readline()
+        if not size_line:
+            return chunks, False
+        size = int(size_line.strip(), 16)
+        data = f.read(size + 2)
+        if size == 0:
+            return chunks, data == b"\r\n"
+        if len(data) < size + 2:
+            chunks.append(data)
+            return chunks, False
+        assert data.endswith(b"\r\n")
+        chunks.append(data[:-2])
+
+
+def _stream(port: int, model: str, **extra: Any) -> tuple[dict[str, str], list[bytes], bool]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_chat_request(model, **extra))
+        with sock.makefile("rb") as f:
+            status, headers = _read_head(f)
+            assert status == 200
+            chunks, complete = _read_chunks(f)
+    return headers, chunks, complete
+
+
+def _expected_events(index: int, created: int, pieces: list[str], finish: str) -> list[bytes]:
+    prefix = (
+        f'{{"id":"chatcmpl-fake-{index}","object":"chat.completion.chunk",'
+        f'"created":{created},"model":"fake","choices":'
+    )
+    events = []
+    for i, piece in enumerate(pieces):
+        role = '"role":"assistant",' if i == 0 else ""
+        content = json.dumps(piece, ensure_ascii=False)
+        delta = f'{{{role}"content":{content}}}'
+        events.append(f'{prefix}[{{"index":0,"delta":{delta},"finish_reason":null}}]}}')
+    events.append(f'{prefix}[{{"index":0,"delta":{{}},"finish_reason":"{finish}"}}]}}')
+    events.append("[DONE]")
+    return [f"data: {event}\n\n".encode() for event in events]
+
+
+def _created(event: bytes) -> int:
+    obj = json.loads(event.removeprefix(b"data: "))
+    assert isinstance(obj, dict)
+    return int(obj["created"])
+
+
+def test_normal_stream_exact_bytes(fake: FakeUpstream) -> None:
+    headers, chunks, complete = _stream(fake.port, "fake?chunks=2")
+    assert complete
+    assert headers["content-type"] == "text/event-stream"
+    assert headers["transfer-encoding"] == "chunked"
+    rec = fake.requests[0]
+    expected = _expected_events(rec.index, _created(chunks[0]), ["tok0 ", "tok1 "], "stop")
+    assert chunks == expected  # one SSE event per HTTP chunk
+    assert fake.wait_for(lambda: rec.finished_at is not None)
+    assert (rec.chunks_sent, rec.done_sent, rec.client_closed_at) == (2, True, None)
+    assert rec.model == "fake" and rec.options["chunks"] == 2 and rec.stream
+
+
+def test_usage_chunk_and_max_tokens(fake: FakeUpstream) -> None:
+    messages = [{"role": "user", "content": "three word prompt"}]
+    _, chunks, complete = _stream(
+        fake.port,
+        "fake?chunks=4",
+        messages=messages,
+        max_tokens=3,
+        stream_options={"include_usage": True},
+    )
+    assert complete
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    usage = json.loads(chunks[-2].removeprefix(b"data: "))
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    finish = json.loads(chunks[-3].removeprefix(b"data: "))
+    assert finish["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+
+
+def test_keep_alive_reuses_connection(fake: FakeUpstream) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    try:
+        for _ in range(2):
+            conn.request(
+                "POST", "/v1/chat/completions", _chat_request("fake").split(b"\r\n\r\n")[1]
+            )
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert b"data: [DONE]\n\n" in resp.read()
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())) == (200, {"status": "ok"})
+    finally:
+        conn.close()
+    assert [r.connection_id for r in fake.requests] == [fake.requests[0].connection_id] * 3
+    assert fake.connections_opened == 1
+
+
+def test_status_mode(fake: FakeUpstream) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    try:
+        body = json.dumps({"model": "fake?mode=status&status=503", "stream": True})
+        conn.request("POST", "/v1/chat/completions", body)
+        resp = conn.getresponse()
+        assert resp.status == 503
+        assert resp.getheader("Content-Type") == "application/json"
+        error = json.loads(resp.read())["error"]
+        assert error == {"message": "fake upstream failure", "type": "server_error", "code": 503}
+    finally:
+        conn.close()
+
+
+def test_drop_closes_mid_body(fake: FakeUpstream) -> None:
+    _, chunks, complete = _stream(fake.port, "fake?mode=drop&after=1&chunks=3")
+    assert not complete
+    assert len(chunks) == 1 and b'"content":"tok0 "' in chunks[0]
+    rec = fake.requests[0]
+    assert fake.wait_for(lambda: rec.finished_at is not None)
+    assert (rec.chunks_sent, rec.done_sent, rec.client_closed_at) == (1, False, None)
+
+
+def test_client_close_during_prefill_is_noticed(fake: FakeUpstream) -> None:
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as sock:
+        sock.sendall(_chat_request("fake?prefill=5"))
+        with sock.makefile("rb") as f:
+            status, _ = _read_head(f)  # headers_first=1: the head comes before the prefill
+        assert status == 200
+    closed = time.monotonic()
+    rec = fake.requests[0]
+    assert fake.wait_for(lambda: rec.client_closed_at is not None, timeout=0.5)
+    assert rec.client_closed_at is not None and rec.client_closed_at - closed < 0.5
+    assert fake.wait_for(lambda: rec.finished_at is not None, timeout=0.5)
+    assert rec.chunks_sent == 0 and not rec.done_sent
+
+
+def test_split_delivers_multibyte_text(fake: FakeUpstream) -> None:
+    _, chunks, complete = _stream(fake.port, "fake?text=%C3%A9&split=1&crlf=1")
+    assert complete
+    assert any(chunk.endswith(b"\xc3") for chunk in chunks)  # cut inside the character
+    assert any(chunk.endswith(b"\r") for chunk in chunks)  # cut between CR and LF
+    body = b"".join(chunks)
+    events = [e for e in body.split(b"\r\n\r\n") if e]
+    assert len(chunks) > len(events) == 3
+    assert json.loads(events[0].removeprefix(b"data: "))["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "é",
+    }
+    expected = _expected_events(fake.requests[0].index, _created(events[0]), ["é"], "stop")
+    assert body == b"".join(expected).replace(b"\n", b"\r\n")
+
+
+def test_gzip_body(fake: FakeUpstream) -> None:
+    headers, chunks, complete = _stream(fake.port, "fake?gzip=1&chunks=2")
+    assert complete
+    assert headers["content-encoding"] == "gzip"
+    decoder = zlib.decompressobj(wbits=31)
+    events = [decoder.decompress(chunk) for chunk in chunks]  # each flush is decodable
+    assert decoder.eof
+    body = b"".join(events)
+    expected = _expected_events(
+        fake.requests[0].index, _created(events[0]), ["tok0 ", "tok1 "], "stop"
+    )
+    assert body == b"".join(expected)
+    assert events[:3] == expected[:3]
+
+
+def test_runs_as_a_process() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tests.fake_upstream", "--port", "0", "--default", "chunks=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("READY http://127.0.0.1:")
+        port = int(line.strip().rsplit(":", 1)[1].removesuffix("/v1"))
+        _, chunks, complete = _stream(port, "fake")
+        assert complete and len(chunks) == 3
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/_fake/requests")
+            records = json.loads(conn.getresponse().read())
+            assert [(r["path"], r["chunks_sent"]) for r in records] == [("/v1/chat/completions", 1)]
+            conn.request("POST", "/_fake/reset")
+            assert conn.getresponse().read() == b'{"status":"ok"}'
+            conn.request("GET", "/_fake/requests")
+            assert json.loads(conn.getresponse().read()) == []
+        finally:
+            conn.close()
+        proc.terminate()
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

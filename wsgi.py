@@ -1,0 +1,3 @@
+from stageserver import create_app
+
+app = create_app()
