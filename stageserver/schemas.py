@@ -66,9 +66,7 @@ class ChatRequest(BaseModel):
 
     @field_validator("temperature")
     @classmethod
-    def _temperature_range(
-        cls, value: float | int | list[float | int] | None
-    ) -> float | None:
+    def _temperature_range(cls, value: float | int | list[float | int] | None) -> float | None:
         first = _first(value)
         if first is None:
             return None

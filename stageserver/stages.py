@@ -364,8 +364,11 @@ class Stage:
             "-" if ttft is None else f"{ttft * 1000:.1f}",
             self.chunk_count,
             (self.duration_seconds or 0) * 1000,
-            f" reason={self.cancel_reason!r}" if self.status == CANCELLED else
-            f" error={self.error!r}" if self.status == ERROR else "",
+            f" reason={self.cancel_reason!r}"
+            if self.status == CANCELLED
+            else f" error={self.error!r}"
+            if self.status == ERROR
+            else "",
         )
 
     def summary(self) -> dict[str, Any]:

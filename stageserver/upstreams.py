@@ -173,4 +173,3 @@ class UpstreamRegistry:
     def close(self) -> None:
         for upstream in self._by_name.values():
             upstream.close()
-

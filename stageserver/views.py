@@ -54,15 +54,17 @@ def _request_id() -> str:
 
 @bp.after_request
 def _echo_request_id(response: Response) -> Response:
-    response.headers["X-Request-ID"] = request.environ["stageserver.request_id"]
+    request_id = request.environ.get("stageserver.request_id")
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
     return response
 
 
 @bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
+def http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     if status == 413:
-        limit = _cfg("MAX_BODY_BYTES")
+        limit = current_app.config["STAGESERVER_MAX_BODY_BYTES"]
         return error_response(413, f"request body is larger than {limit} bytes", field="body")
     return error_response(status, exc.description or exc.name)
 

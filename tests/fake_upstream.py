@@ -113,6 +113,7 @@ class _Options:
     multiline: bool = False
     comments: bool = False
     gzip: bool = False
+    created: int | None = None  # a fixed "created" stamp, so tests can compare exact bytes
 
 
 _CONVERTERS: dict[str, Callable[[str], object]] = {
@@ -131,6 +132,7 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "multiline": _flag,
     "comments": _flag,
     "gzip": _flag,
+    "created": int,
 }
 
 
@@ -160,7 +162,7 @@ def _resolve_options(
         raise ValueError(f"bad status {opts.status}")
     if math.isinf(opts.interval):
         raise ValueError("interval must be finite")
-    record: dict[str, object] = dataclasses.asdict(opts)
+    record: dict[str, object] = {name: getattr(opts, name) for name in _CONVERTERS}
     record.update(extras)
     return opts, record
 
@@ -359,6 +361,7 @@ class FakeUpstream:
         self._next_conn_id = 0
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._slots: dict[int, list[asyncio.Future[None]]] = {}
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -459,6 +462,7 @@ class FakeUpstream:
             await asyncio.gather(*tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
+        self._slots.clear()
         for _ in range(3):  # let the transports' connection_lost callbacks run
             await asyncio.sleep(0)
 
@@ -679,15 +683,26 @@ class FakeUpstream:
             return True
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        handle = None if math.isinf(seconds) else loop.call_later(seconds, _wake, fut)
+        if not math.isinf(seconds):
+            # Coalesce wake-ups into 1 ms slots: one timer per slot instead of one per stream
+            # keeps the loop's timer heap small with thousands of streams.
+            slot = math.ceil((loop.time() + seconds) * 1000.0)
+            waiters = self._slots.get(slot)
+            if waiters is None:
+                self._slots[slot] = waiters = []
+                loop.call_at(slot / 1000.0, self._fire_slot, slot)
+            waiters.append(fut)
         conn.waiter = fut
         try:
             await fut
         finally:
             conn.waiter = None
-            if handle is not None and (conn.closed or not fut.done()):
-                handle.cancel()  # woken early (or cancelled): drop the timer
         return not conn.closed
+
+    def _fire_slot(self, slot: int) -> None:
+        for fut in self._slots.pop(slot, ()):
+            if not fut.done():
+                fut.set_result(None)
 
     async def _send(self, conn: _Conn, data: bytes) -> bool:
         if conn.closed or conn.self_closed:
@@ -829,7 +844,7 @@ class FakeUpstream:
             "total_tokens": prompt + len(pieces),
         }
         ident = f"chatcmpl-fake-{rec.index}"
-        created = int(time.time())
+        created = int(time.time()) if opts.created is None else opts.created
         if not rec.stream:
             delay = opts.prefill + opts.interval * max(len(pieces) - 1, 0)
             if not await self._pause(conn, delay):

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from stageserver import create_app
+from tests.fake_upstream import FakeUpstream
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def upstream(fake: FakeUpstream) -> FakeUpstream:
+    """The shared fake upstream, with the previous test's records cleared."""
+    fake.reset()
+    fake.defaults.clear()
+    return fake
+
+
+@pytest.fixture
+def app(upstream: FakeUpstream) -> Flask:
+    return create_app({"STAGESERVER_UPSTREAM_URL": upstream.url})
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()

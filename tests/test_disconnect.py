@@ -1,0 +1,133 @@
+"""A client that goes away cancels its stage, and the upstream sees its connection closed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.fake_upstream import FakeUpstream
+from tests.servers import Gunicorn
+
+
+@pytest.fixture(scope="module")
+def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
+    # A long heartbeat: what notices the disconnects below is the socket watcher.
+    gunicorn = Gunicorn(
+        {"STAGESERVER_UPSTREAM_URL": fake.url, "STAGESERVER_HEARTBEAT_SECONDS": "30"}
+    )
+    yield gunicorn
+    gunicorn.stop()
+    log = gunicorn.log()
+    assert "Traceback" not in log and "ignored GeneratorExit" not in log, log
+
+
+def open_stream(server: Gunicorn, stage_id: str, model: str, **extra: object) -> socket.socket:
+    body = json.dumps(
+        {"stage_id": stage_id, "model_name": model, "user_prompt": "hi", "stream": True, **extra}
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(
+        b"POST /chat HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes, count: int = 1) -> bytes:
+    wire = b""
+    sock.settimeout(10)
+    while wire.count(marker) < count:
+        piece = sock.recv(65536)
+        assert piece, f"connection closed early: {wire!r}"
+        wire += piece
+    return wire
+
+
+def stage_status(server: Gunicorn, stage_id: str) -> dict[str, object]:
+    deadline = time.monotonic() + 5
+    while True:
+        status: dict[str, object] = requests.get(
+            f"{server.url}/stages/{stage_id}", timeout=5
+        ).json()
+        if status["status"] != "running" or time.monotonic() > deadline:
+            return status
+        time.sleep(0.02)
+
+
+def test_disconnect_mid_stream_closes_the_upstream(
+    server: Gunicorn, upstream: FakeUpstream
+) -> None:
+    sock = open_stream(server, "mid", "fake?chunks=200&interval=0.05")
+    read_until(sock, b"event: chat_completion_chunk", 3)
+    sock.close()
+
+    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+    seen = upstream.requests[0]
+    pulled = seen.chunks_sent
+    assert pulled < 200 and not seen.done_sent
+    time.sleep(0.3)
+    assert upstream.requests[0].chunks_sent == pulled  # nothing more was pulled
+    assert stage_status(server, "mid")["status"] == "cancelled"
+    assert stage_status(server, "mid")["cancel_reason"] == "client disconnected"
+
+
+def test_disconnect_during_prefill_closes_the_upstream(
+    server: Gunicorn, upstream: FakeUpstream
+) -> None:
+    sock = open_stream(server, "prefill", "fake?prefill=60")
+    read_until(sock, b"\r\n\r\n")  # the headers come at once, before any token
+    assert upstream.wait_for(lambda: len(upstream.requests) == 1)
+    sock.close()
+
+    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+    seen = upstream.requests[0]
+    assert seen.chunks_sent == 0
+    assert stage_status(server, "prefill")["status"] == "cancelled"
+
+
+def test_disconnect_before_upstream_headers_closes_the_upstream(
+    server: Gunicorn, upstream: FakeUpstream
+) -> None:
+    sock = open_stream(server, "noheaders", "fake?prefill=60&headers_first=0")
+    read_until(sock, b"\r\n\r\n")
+    assert upstream.wait_for(lambda: len(upstream.requests) == 1)
+    sock.close()
+    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+    assert stage_status(server, "noheaders")["status"] == "cancelled"
+
+
+def test_the_cancel_is_recorded_for_watchers(server: Gunicorn, upstream: FakeUpstream) -> None:
+    sock = open_stream(server, "watched", "fake?chunks=100&interval=0.05")
+    read_until(sock, b"event: chat_completion_chunk", 2)
+    sock.close()
+    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+    replay = requests.get(f"{server.url}/stages/watched/events", timeout=10).content
+    blocks = replay.decode().split("\n\n")[:-1]
+    assert blocks[-1].split("\n")[1] == "event: cancel"
+    assert json.loads(blocks[-1].split("data: ", 1)[1]) == {
+        "stage_id": "watched",
+        "reason": "client disconnected",
+    }
+    assert sum("event: cancel" in b for b in blocks) == 1
+
+
+def test_keep_alive_connection_serves_the_next_request_after_a_stream(server: Gunicorn) -> None:
+    # The socket watcher must be gone before gunicorn reads the next request.
+    with requests.Session() as session:
+        for n in range(3):
+            response = session.post(
+                f"{server.url}/chat",
+                json={
+                    "stage_id": f"ka{n}",
+                    "model_name": "fake",
+                    "user_prompt": "hi",
+                    "stream": True,
+                },
+                timeout=10,
+            )
+            assert response.content.endswith(b'event: done\ndata: {"stage_id":"ka%d"}\n\n' % n)

@@ -1,0 +1,147 @@
+"""Watching, resuming and cancelling a stage, through a real gunicorn gevent worker."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from tests.fake_upstream import FakeUpstream
+from tests.servers import Gunicorn
+from tests.sse_client import chunk_text, parse_events, post_stream, terminal
+
+
+@pytest.fixture(scope="module")
+def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
+    gunicorn = Gunicorn(
+        {
+            "STAGESERVER_UPSTREAM_URL": fake.url,
+            "STAGESERVER_HEARTBEAT_SECONDS": "5",
+            "STAGESERVER_RESUME_GRACE_SECONDS": "1",
+        }
+    )
+    yield gunicorn
+    gunicorn.stop()
+    assert "Traceback" not in gunicorn.log(), gunicorn.log()
+
+
+def status_of(server: Gunicorn, stage_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = requests.get(f"{server.url}/stages/{stage_id}", timeout=5).json()
+    return body
+
+
+def wait_status(server: Gunicorn, stage_id: str, status: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while (current := status_of(server, stage_id))["status"] != status:
+        assert time.monotonic() < deadline, current
+        time.sleep(0.02)
+    return current
+
+
+def test_resumable_stage_survives_a_drop_and_resumes_exactly_once(
+    server: Gunicorn, upstream: FakeUpstream
+) -> None:
+    stream = post_stream(
+        server.url, stage_id="res", model_name="fake?chunks=30&interval=0.03", resumable=True
+    )
+    stream.read_until(b"event: chat_completion_chunk", 4)
+    stream.close()
+    got = [e for e in stream.events() if "id" in e]
+    last_id = got[-1]["id"]
+
+    time.sleep(0.2)
+    assert status_of(server, "res")["status"] == "running"  # the drop did not cancel it
+    rest = requests.get(
+        f"{server.url}/stages/res/events", headers={"Last-Event-ID": last_id}, timeout=10
+    )
+    assert rest.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    later = [e for e in parse_events(rest.content) if "id" in e]
+    ids = [e["id"] for e in got + later]
+    assert ids == [f"res-chunk-{n}" for n in range(len(ids) - 1)] + [f"res-done-{len(ids) - 1}"]
+    assert chunk_text(got + later) == "".join(f"tok{n} " for n in range(30))
+    assert upstream.requests[0].done_sent
+
+
+def test_last_event_id_query_parameter_for_eventsource(server: Gunicorn) -> None:
+    requests.post(
+        f"{server.url}/chat",
+        json={"stage_id": "q", "model_name": "fake?chunks=3", "user_prompt": "x", "stream": True},
+        timeout=10,
+    )
+    replay = requests.get(f"{server.url}/stages/q/events?last_event_id=q-chunk-2", timeout=10)
+    assert [e["id"] for e in parse_events(replay.content)] == ["q-chunk-3", "q-chunk-4", "q-done-5"]
+
+
+def test_bad_last_event_id(server: Gunicorn) -> None:
+    requests.post(
+        f"{server.url}/chat",
+        json={"stage_id": "b", "model_name": "fake", "user_prompt": "x"},
+        timeout=10,
+    )
+    response = requests.get(
+        f"{server.url}/stages/b/events", headers={"Last-Event-ID": "other-chunk-1"}, timeout=10
+    )
+    assert response.status_code == 400
+    assert response.json()["field"] == "Last-Event-ID"
+
+
+def test_resumable_stage_nobody_reattaches_is_cancelled_after_grace(
+    server: Gunicorn, upstream: FakeUpstream
+) -> None:
+    stream = post_stream(
+        server.url, stage_id="grace", model_name="fake?chunks=500&interval=0.05", resumable=True
+    )
+    stream.read_until(b"event: chat_completion_chunk", 1)
+    stream.close()
+    status = wait_status(server, "grace", "cancelled")
+    assert status["cancel_reason"] == "no client re-attached within 1 s"
+    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+    assert not upstream.requests[0].done_sent
+
+
+def test_cancel_reaches_every_watcher_and_closes_the_upstream(
+    server: Gunicorn, upstream: FakeUpstream
+) -> None:
+    owner = post_stream(server.url, stage_id="c", model_name="fake?chunks=500&interval=0.05")
+    owner.read_until(b"event: chat_completion_chunk", 1)
+    watcher = requests.get(f"{server.url}/stages/c/events", stream=True, timeout=10)
+    response = requests.post(f"{server.url}/stages/c/cancel", timeout=5)
+    assert response.status_code == 202
+    assert response.json() == {"stage_id": "c", "status": "cancelling"}
+
+    owner.read_until(b"event: cancel")
+    owner.close()
+    for events in (parse_events(watcher.content), owner.events()):
+        assert [e["data"] for e in terminal(events)] == [
+            {"stage_id": "c", "reason": "cancelled by request"}
+        ]
+    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+    assert wait_status(server, "c", "cancelled")["cancel_reason"] == "cancelled by request"
+    again = requests.post(f"{server.url}/stages/c/cancel", timeout=5)
+    assert again.status_code == 409
+
+
+def test_cancel_unknown_stage(server: Gunicorn) -> None:
+    assert requests.post(f"{server.url}/stages/none/cancel", timeout=5).status_code == 404
+
+
+def test_status_of_a_finished_stage(server: Gunicorn) -> None:
+    requests.post(
+        f"{server.url}/chat",
+        json={"stage_id": "st", "model_name": "fake?chunks=2", "user_prompt": "a b"},
+        timeout=10,
+    )
+    status = status_of(server, "st")
+    assert {k: status[k] for k in ("stage_id", "status", "text", "finish_reason", "usage")} == {
+        "stage_id": "st",
+        "status": "done",
+        "text": "tok0 tok1 ",
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+    }
+    assert status["first_token_seconds"] <= status["duration_seconds"]
+    assert json.dumps(status)

@@ -1,0 +1,199 @@
+"""Bad input gets a 4xx JSON body naming the field, and never reaches the upstream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from stageserver import create_app
+from tests.fake_upstream import FakeUpstream
+
+GOOD = {"stage_id": "v1", "model_name": "fake", "user_prompt": "hi"}
+
+
+def post(client: FlaskClient, **changes: Any) -> Any:
+    body = {**GOOD, **changes}
+    return client.post("/chat", json={k: v for k, v in body.items() if v is not ...})
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "message"),
+    [
+        ({"stage_id": "a\nevent: done"}, "stage_id", "must not contain line breaks"),
+        ({"stage_id": "a b"}, "stage_id", "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"),
+        ({"stage_id": "x" * 129}, "stage_id", "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"),
+        ({"stage_id": ""}, "stage_id", "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"),
+        ({"stage_id": 5}, "stage_id", "Input should be a valid string"),
+        ({"stage_id": ...}, "stage_id", "Field required"),
+        ({"model_name": ...}, "model_name", "Field required"),
+        ({"model_name": ""}, "model_name", "String should have at least 1 character"),
+        ({"user_prompt": ...}, "user_prompt", "Field required"),
+        ({"user_prompt": ["hi"]}, "user_prompt", "Input should be a valid string"),
+        ({"max_tokens": 0}, "max_tokens", "must be from 1 to 4096 (got 0)"),
+        ({"max_tokens": [5000]}, "max_tokens", "must be from 1 to 4096 (got 5000)"),
+        ({"max_tokens": []}, "max_tokens", "must not be an empty list"),
+        ({"max_tokens": "5"}, "max_tokens", "Input should be a valid integer"),
+        ({"max_tokens": 1.5}, "max_tokens", "Input should be a valid integer"),
+        ({"temperature": 2.5}, "temperature", "must be from 0 to 2 (got 2.5)"),
+        ({"temperature": [-1]}, "temperature", "must be from 0 to 2 (got -1)"),
+        ({"temperature": "hot"}, "temperature", "Input should be a valid number"),
+        ({"stream": "yes"}, "stream", "Input should be a valid boolean"),
+        ({"resumable": 1}, "resumable", "Input should be a valid boolean"),
+    ],
+)
+def test_each_bad_field_is_named(
+    client: FlaskClient, upstream: FakeUpstream, changes: dict[str, Any], field: str, message: str
+) -> None:
+    response = post(client, **changes)
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["fields"] == [{"field": field, "message": message}]
+    assert body["error"] == f"invalid request: {field}: {message}"
+    assert upstream.requests == []
+
+
+def test_every_bad_field_is_named_at_once(client: FlaskClient) -> None:
+    response = post(client, stage_id="a b", max_tokens=0, temperature=9)
+    assert response.status_code == 422
+    assert [f["field"] for f in response.get_json()["fields"]] == [
+        "stage_id",
+        "max_tokens",
+        "temperature",
+    ]
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"text"', b"{"])
+def test_body_that_is_not_a_json_object(client: FlaskClient, raw: bytes) -> None:
+    response = client.post("/chat", data=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "request body must be a JSON object", "field": "body"}
+
+
+def test_json_without_content_type_is_accepted(client: FlaskClient) -> None:
+    # curl -d sends form-encoded by default; the body is still read as JSON.
+    response = client.post("/chat", data=b'{"stage_id":"ct","model_name":"fake","user_prompt":"x"}')
+    assert response.status_code == 200
+
+
+def test_limits_come_from_config(upstream: FakeUpstream) -> None:
+    app = create_app(
+        {
+            "STAGESERVER_UPSTREAM_URL": upstream.url,
+            "STAGESERVER_MAX_TOKENS_LIMIT": 10,
+            "STAGESERVER_MAX_PROMPT_CHARS": 5,
+            "STAGESERVER_MAX_BODY_BYTES": 300,
+        }
+    )
+    client = app.test_client()
+    assert post(client, max_tokens=11).get_json()["fields"] == [
+        {"field": "max_tokens", "message": "must be from 1 to 10 (got 11)"}
+    ]
+    assert post(client, system_prompt="toolong").get_json()["fields"] == [
+        {"field": "system_prompt", "message": "must be at most 5 characters (got 7)"}
+    ]
+    response = post(client, user_prompt="x" * 400)
+    assert response.status_code == 413
+    assert response.get_json() == {
+        "error": "request body is larger than 300 bytes",
+        "field": "body",
+    }
+    assert upstream.requests == []
+
+
+def test_unknown_upstream_name(client: FlaskClient) -> None:
+    response = post(client, upstream="elsewhere")
+    assert response.status_code == 400
+    assert response.get_json() == {
+        "error": "unknown upstream 'elsewhere'; configured: default",
+        "field": "upstream",
+    }
+
+
+def test_base_url_of_another_host_is_refused(client: FlaskClient, upstream: FakeUpstream) -> None:
+    response = post(client, base_url="http://169.254.169.254/latest")
+    assert response.status_code == 400
+    assert response.get_json()["field"] == "base_url"
+    assert upstream.requests == []
+
+
+def test_base_url_of_a_configured_upstream_is_accepted(
+    client: FlaskClient, upstream: FakeUpstream
+) -> None:
+    response = post(client, base_url=upstream.url + "/")
+    assert response.status_code == 200
+    assert response.get_json()["stage_id"] == "v1-chat-final"
+
+
+def test_no_upstream_configured() -> None:
+    response = post(create_app().test_client())
+    assert response.status_code == 400
+    assert response.get_json() == {
+        "error": "no upstream is configured on this server: set STAGESERVER_UPSTREAM_URL "
+        "or STAGESERVER_UPSTREAMS",
+        "field": "upstream",
+    }
+
+
+def test_seed_clients_extra_fields_are_ignored(client: FlaskClient) -> None:
+    assert post(client, something_else=1).status_code == 200
+
+
+def test_live_stage_id_is_a_conflict(client: FlaskClient, upstream: FakeUpstream) -> None:
+    first = client.post(
+        "/chat", json={**GOOD, "stage_id": "dup", "model_name": "fake?prefill=30", "stream": True}
+    )
+    try:
+        assert upstream.wait_for(lambda: len(upstream.requests) == 1)
+        second = post(client, stage_id="dup")
+        assert second.status_code == 409
+        assert second.get_json()["field"] == "stage_id"
+        assert len(upstream.requests) == 1
+    finally:
+        assert client.post("/stages/dup/cancel").status_code == 202
+        first.close()
+    assert upstream.wait_for(lambda: client.get("/stages/dup").get_json()["status"] != "running")
+    # A finished stage's id may be used again.
+    assert post(client, stage_id="dup").status_code == 200
+
+
+def test_ollama_kind_gets_num_predict_and_others_do_not(upstream: FakeUpstream) -> None:
+    for kind, expected in (("ollama", {"num_predict": 9}), ("openai", None)):
+        upstream.reset()
+        app = create_app(
+            {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_UPSTREAM_KIND": kind}
+        )
+        post(app.test_client(), max_tokens=9)
+        body = upstream.requests[0].body
+        assert body.get("options") == expected
+        assert body["max_tokens"] == 9
+
+
+def test_default_max_tokens(client: FlaskClient, upstream: FakeUpstream) -> None:
+    post(client)
+    assert upstream.requests[0].body["max_tokens"] == 512
+    assert "temperature" not in upstream.requests[0].body
+
+
+def test_unknown_route_in_blueprint_is_json(client: FlaskClient) -> None:
+    response = client.get("/stages/nope")
+    assert response.status_code == 404
+    assert response.get_json() == {
+        "error": "no stage 'nope' (unknown, or expired)",
+        "field": "stage_id",
+    }
+
+
+def test_method_not_allowed_is_json(client: FlaskClient) -> None:
+    response = client.get("/chat")
+    assert response.status_code == 405
+    assert "error" in response.get_json()
+
+
+def test_request_id_is_echoed_or_generated(client: FlaskClient, upstream: FakeUpstream) -> None:
+    response = client.post("/chat", json=GOOD, headers={"X-Request-ID": "req-42"})
+    assert response.headers["X-Request-ID"] == "req-42"
+    assert upstream.requests[0].headers["x-request-id"] == "req-42"
+    generated = post(client, stage_id="v2").headers["X-Request-ID"]
+    assert len(generated) == 32
