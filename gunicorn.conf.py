@@ -4,7 +4,12 @@ Do not import the app here and do not preload it: the gevent worker monkey-patch
 it loads the app, and `ssl` imported earlier breaks every HTTPS upstream.
 """
 
+import glob
 import os
+import shutil
+import sys
+import tempfile
+from typing import Any
 
 
 def _env(name: str, default: str) -> str:
@@ -17,6 +22,13 @@ bind = [_env("BIND", "127.0.0.1:8000")]
 # Workers: one gevent worker per core is the usual shape. Several workers need a shared
 # stage store (STAGESERVER_STORE_URL) for resume and cancel to reach every stage.
 workers = int(_env("WORKERS", "1"))
+if workers > 1 and not os.environ.get("STAGESERVER_STORE_URL"):
+    # Each worker would see only its own stages: a resume or cancel that lands on
+    # another worker would answer 404 for a stage that is running.
+    raise SystemExit(
+        f"stageserver: STAGESERVER_WORKERS={workers} needs a shared stage store; set "
+        "STAGESERVER_STORE_URL=redis://HOST:6379/0 (or run one worker)"
+    )
 worker_class = "gevent"
 # One worker holds at most this many streams; more are silently queued by gunicorn.
 worker_connections = int(_env("WORKER_CONNECTIONS", "1000"))
@@ -27,11 +39,80 @@ timeout = int(_env("TIMEOUT", "30"))
 graceful_timeout = int(_env("GRACEFUL_TIMEOUT", "30"))
 keepalive = int(_env("KEEPALIVE", "5"))
 
-# Logs: access log to stdout by default, errors to stderr.
-accesslog = _env("ACCESS_LOG", "-")
+# Logs: access log to stdout by default (empty: none), errors to stderr. The access line
+# ends with the request id, as the stage's own log line has it. stageserver's lines go to
+# stderr too (stageserver/logs.py); STAGESERVER_LOG_FORMAT=json makes the worker's lines,
+# gunicorn's included, JSON lines (post_worker_init below).
+accesslog = _env("ACCESS_LOG", "-") or None
+access_log_format = (
+    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'
+)
 errorlog = "-"
 loglevel = _env("LOG_LEVEL", "info")
 
 # gunicorn 27 opens a control socket under ~/.gunicorn/ by default, which fails on a
 # read-only home and collides between instances; stageserver does not use it.
 control_socket_disable = True
+
+
+# Hooks. The ones that run in the arbiter must not import stageserver or prometheus_client:
+# both import ssl, and a worker forked after that cannot patch it.
+_METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def on_starting(server: Any) -> None:
+    """Metrics: prometheus_client's multiprocess mode (stageserver/metrics.py) keeps each
+    worker's values in files under PROMETHEUS_MULTIPROC_DIR; set it before any worker
+    forks. Unset, a fresh directory is made here and removed at exit. Set, the operator's
+    directory is emptied of old values (kept across a USR2 re-exec, which shares it)."""
+    path = os.environ.get(_METRICS_ENV)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        if "GUNICORN_PID" not in os.environ:
+            for name in glob.glob(os.path.join(path, "*.db")):
+                os.remove(name)
+        return
+    path = tempfile.mkdtemp(prefix="stageserver-metrics-")
+    os.environ[_METRICS_ENV] = path
+    server.stageserver_metrics_dir = path
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A dead worker's streams are no longer active: drop its live gauges. This is what
+    prometheus_client's multiprocess.mark_process_dead does, without importing it here."""
+    path = os.environ.get(_METRICS_ENV)
+    if path:
+        for name in glob.glob(os.path.join(path, f"gauge_live*_{worker.pid}.db")):
+            os.remove(name)
+
+
+def on_exit(server: Any) -> None:
+    path = getattr(server, "stageserver_metrics_dir", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def post_worker_init(worker: Any) -> None:
+    """In the worker, once the app is loaded and gevent has patched: graceful shutdown
+    (stageserver/shutdown.py) and the log format of gunicorn's worker-side lines."""
+    from stageserver import logs, shutdown
+
+    shutdown.install(worker)
+    logs.format_gunicorn_logs(_env("LOG_FORMAT", "text"))
+
+
+def worker_int(worker: Any) -> None:
+    """SIGINT/SIGQUIT, gunicorn's quick shutdown (the worker exits 0.1 s later): end every
+    running stage with the shutdown error now, rather than cut it silently."""
+    from stageserver import shutdown
+
+    shutdown.abort_running()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """The worker leaves its loop: close the pooled upstream connections. gunicorn also
+    calls this in the arbiter for a worker that vanished, where stageserver is not loaded
+    and must not be."""
+    shutdown = sys.modules.get("stageserver.shutdown")
+    if shutdown is not None:
+        shutdown.close_upstreams()

@@ -15,8 +15,12 @@ from typing import Any
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
+from . import logs, shutdown
+from .admission import Admission
 from .config import ConfigError, apply_defaults, upstream_configs
-from .stages import StageRegistry
+from .health import Readiness
+from .redis_store import RedisStageStore
+from .stages import Stage, StageConflict, StageRegistry
 from .upstreams import Upstream, UpstreamRegistry
 
 __all__ = ["ConfigError", "StageServer", "create_app"]
@@ -40,6 +44,9 @@ class StageServer:
       (20000): how long and how much of a finished stage stays readable.
     - ``STAGESERVER_RESUMABLE_DEFAULT`` (False), ``STAGESERVER_RESUME_GRACE_SECONDS``
       (30): whether a stage outlives its client's disconnect, and for how long.
+    - ``STAGESERVER_MAX_ACTIVE_STREAMS`` (900): stages per worker; more get 503.
+    - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
+    - ``STAGESERVER_LOG_FORMAT`` ("text"): ``text`` or ``json``; read by ``create_app``.
 
     ``config.SETTINGS`` holds the same list with descriptions.
     """
@@ -57,9 +64,14 @@ class StageServer:
         apply_defaults(app.config, os.environ)
         state = StageServerState(app.config)
         app.extensions["stageserver"] = state
+        from .health import bp as health_bp
+        from .metrics import bp as metrics_bp
         from .views import bp
 
         app.register_blueprint(bp, url_prefix=self.url_prefix)
+        app.register_blueprint(health_bp, url_prefix=self.url_prefix)
+        app.register_blueprint(metrics_bp, url_prefix=self.url_prefix)
+        shutdown.track(state)
 
 
 class StageServerState:
@@ -67,7 +79,31 @@ class StageServerState:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.upstreams = UpstreamRegistry(upstream_configs(config))
-        self.stages = StageRegistry(float(config["STAGESERVER_STAGE_TTL_SECONDS"]))
+        self.admission = Admission(int(config["STAGESERVER_MAX_ACTIVE_STREAMS"]))
+        self.readiness = Readiness(self.upstreams, float(config["STAGESERVER_READY_TIMEOUT"]))
+        ttl = float(config["STAGESERVER_STAGE_TTL_SECONDS"])
+        self.stages = StageRegistry(ttl)
+        self.store: RedisStageStore | None = None
+        if config["STAGESERVER_STORE_URL"]:
+            self.store = RedisStageStore(
+                str(config["STAGESERVER_STORE_URL"]),
+                ttl_seconds=ttl,
+                max_events=int(config["STAGESERVER_EVENT_LOG_MAX_EVENTS"]),
+            )
+
+    def register(self, stage: Stage) -> None:
+        """Make ``stage`` known here and, with a shared store, everywhere.
+
+        Raises StageConflict when a stage with its id is running anywhere, and
+        StoreUnavailable when the shared store cannot say."""
+        if self.store is not None:
+            self.store.start(self.stages)
+            timeouts = stage.upstream.config
+            # The claim outlives the longest silence a healthy stage can have.
+            live_ms = int((max(timeouts.first_token_timeout, timeouts.idle_timeout) + 30) * 1000)
+            if not self.store.claim(stage, live_ms):
+                raise StageConflict(stage.stage_id)
+        self.stages.add(stage)
 
     def resolve_upstream(
         self, name: str | None, base_url: str | None
@@ -110,6 +146,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     StageServer(app)
+    # The standalone server owns its process's logging; a host app configures its own.
+    logs.configure(str(app.config["STAGESERVER_LOG_FORMAT"]))
     # Routing errors (404, 405) never reach a blueprint's handlers; the standalone app
     # answers them in JSON too. A host app that mounts stageserver keeps its own.
     from .views import http_error

@@ -69,9 +69,27 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         False,
         "Whether a stage survives its client's disconnect when the request does not say.",
     ),
+    "STAGESERVER_STORE_URL": (
+        None,
+        "Redis URL (`redis://127.0.0.1:6379/0`) of the stage store shared by workers and "
+        "hosts. Unset: stages live in the worker's memory, which allows one worker only.",
+    ),
     "STAGESERVER_RESUME_GRACE_SECONDS": (
         30.0,
         "How long a resumable stage runs on with nobody attached before it is cancelled.",
+    ),
+    "STAGESERVER_MAX_ACTIVE_STREAMS": (
+        900,
+        "Stages one worker runs at once; more get 503 with `Retry-After`. Keep it below "
+        "`STAGESERVER_WORKER_CONNECTIONS`, so the refusal still gets a connection.",
+    ),
+    "STAGESERVER_READY_TIMEOUT": (
+        2.0,
+        "Seconds `/readyz` waits for each upstream's `GET /models`.",
+    ),
+    "STAGESERVER_LOG_FORMAT": (
+        "text",
+        "`text` (one `key=value` line per stage) or `json` (JSON lines).",
     ),
 }
 
@@ -83,7 +101,7 @@ PROCESS_SETTINGS: dict[str, tuple[Any, str]] = {
     "STAGESERVER_TIMEOUT": (30, "gunicorn: seconds before a blocked worker is restarted."),
     "STAGESERVER_GRACEFUL_TIMEOUT": (30, "gunicorn: seconds streams get to finish on SIGTERM."),
     "STAGESERVER_KEEPALIVE": (5, "gunicorn: seconds an idle client connection stays open."),
-    "STAGESERVER_ACCESS_LOG": ("-", "gunicorn: access log file, `-` for stdout."),
+    "STAGESERVER_ACCESS_LOG": ("-", "gunicorn: access log file, `-` for stdout, empty for none."),
     "STAGESERVER_LOG_LEVEL": ("info", "gunicorn: log level."),
     "STAGESERVER_EMBEDDED_MODEL_PORT": (
         8081,

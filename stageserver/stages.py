@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 
@@ -33,6 +33,9 @@ from .errors import (
 from .sse import compact_json, encode_event
 from .upstream_sse import SSEPayloadSplitter
 from .upstreams import Upstream
+
+if TYPE_CHECKING:
+    from .redis_store import RedisStageStore
 
 log = logging.getLogger("stageserver.stage")
 
@@ -93,6 +96,9 @@ class Stage:
         self._interruption: StageInterrupted | None = None
         self._chunk_data_prefix = b'{"stage_id":' + compact_json(self.stage_id) + b',"chunk":'
         self.on_finish: list[Any] = []
+        # Set by a shared store (redis_store.py) that mirrors this stage's events.
+        self.mirror: RedisStageStore | None = None
+        self.live_ms = 0
 
     # -- the log -------------------------------------------------------------------------
 
@@ -115,8 +121,15 @@ class Stage:
         events = self._events[start:]
         return b"".join(events), self._first_seq + start + len(events), finished
 
+    def events_since(self, seq: int) -> list[tuple[int, bytes]]:
+        """(sequence number, event) pairs from ``seq`` on, as far as the log reaches back."""
+        start = max(seq - self._first_seq, 0)
+        return list(enumerate(self._events[start:], self._first_seq + start))
+
     def _append(self, wire: bytes) -> None:
         self._events.append(wire)
+        if self.mirror is not None:
+            self.mirror.mark(self)
         if len(self._events) > self.spec.max_events:
             drop = len(self._events) - self.spec.max_events
             del self._events[:drop]
@@ -157,11 +170,21 @@ class Stage:
                     self._interrupt_locked(StageInterrupted("client disconnected"))
                 return
             if not self._subscribers and self._grace_timer is None:
-                self._grace_timer = Timer(
-                    self.spec.grace_seconds,
-                    self.cancel,
-                    f"no client re-attached within {self.spec.grace_seconds:g} s",
-                )
+                self._grace_timer = Timer(self.spec.grace_seconds, self._grace_expired)
+
+    def _grace_expired(self) -> None:
+        """Nobody attached here for the grace period: cancel, unless someone follows the
+        stage through the shared store from another worker."""
+        if self.mirror is not None and self.mirror.remote_watchers(self.stage_id) > 0:
+            with self._lock:
+                if not self.finished and not self._subscribers:
+                    self._grace_timer = Timer(self.spec.grace_seconds, self._grace_expired)
+            return
+        with self._lock:
+            self._grace_timer = None
+            if self._subscribers:
+                return
+        self.cancel(f"no client re-attached within {self.spec.grace_seconds:g} s")
 
     # -- running -------------------------------------------------------------------------
 
@@ -354,22 +377,26 @@ class Stage:
             callback(self)
 
     def _log_outcome(self) -> None:
+        """One line per stage. The fields go in ``extra`` for structured formatters
+        (stageserver/logs.py) and, as ``key=value``, into the message for people."""
+        if not log.isEnabledFor(logging.INFO):
+            return
         ttft = self.first_token_seconds
-        log.info(
-            "stage %s %s upstream=%s request_id=%s ttft_ms=%s chunks=%d duration_ms=%.1f%s",
-            self.stage_id,
-            self.status,
-            self.upstream.name,
-            self.spec.request_id,
-            "-" if ttft is None else f"{ttft * 1000:.1f}",
-            self.chunk_count,
-            (self.duration_seconds or 0) * 1000,
-            f" reason={self.cancel_reason!r}"
-            if self.status == CANCELLED
-            else f" error={self.error!r}"
-            if self.status == ERROR
-            else "",
-        )
+        fields: dict[str, Any] = {
+            "stage_id": self.stage_id,
+            "outcome": _TERMINAL_EVENT[self.status],
+            "upstream": self.upstream.name,
+            "request_id": self.spec.request_id,
+            "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
+            "chunks": self.chunk_count,
+            "duration_ms": round((self.duration_seconds or 0) * 1000, 1),
+        }
+        if self.status == ERROR:
+            fields["error_kind"] = self.error_kind
+            fields["error"] = self.error
+        elif self.status == CANCELLED:
+            fields["reason"] = self.cancel_reason
+        log.info(" ".join(f"{k}={_logfmt(v)}" for k, v in fields.items()), extra=fields)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -387,6 +414,15 @@ class Stage:
             "first_token_seconds": self.first_token_seconds,
             "duration_seconds": self.duration_seconds,
         }
+
+
+def _logfmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def _error_message(error: Any) -> str:

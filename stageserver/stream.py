@@ -20,11 +20,14 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .concurrency import gevent_active
 from .sse import encode_comment
 from .stages import Stage, Subscriber
+
+if TYPE_CHECKING:
+    from .redis_store import RedisStageStore
 
 HEARTBEAT = encode_comment("heartbeat")
 
@@ -69,6 +72,32 @@ def follow_stage(
         if watcher is not None:
             watcher.stop()
         stage.detach(subscriber, owner=owner, disconnected=not finished)
+
+
+def follow_remote_stage(
+    store: RedisStageStore,
+    stage_id: str,
+    *,
+    after_seq: int,
+    heartbeat_seconds: float,
+    client_socket: Any,
+) -> Iterator[bytes]:
+    """The same as ``follow_stage``, for a stage that runs in another worker or host."""
+    subscriber = Subscriber()
+    watcher = DisconnectWatcher.start(client_socket, subscriber)
+    try:
+        yield b""
+        yield from store.follow(
+            stage_id,
+            after_seq=after_seq,
+            heartbeat_seconds=heartbeat_seconds,
+            client_gone=lambda: subscriber.client_gone,
+        )
+        if subscriber.client_gone:
+            raise ClientGone()
+    finally:
+        if watcher is not None:
+            watcher.stop()
 
 
 class DisconnectWatcher:

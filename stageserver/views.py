@@ -14,9 +14,11 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from . import metrics
+from .redis_store import StoreUnavailable
 from .schemas import ChatRequest, TextStageOutput, field_errors
 from .stages import Stage, StageConflict, StageSpec
-from .stream import ClientGone, follow_stage
+from .stream import ClientGone, follow_remote_stage, follow_stage
 
 log = logging.getLogger("stageserver.http")
 
@@ -119,15 +121,24 @@ def chat() -> Response:
             max_events=int(_cfg("EVENT_LOG_MAX_EVENTS")),
         )
     )
+    # Over the limit, or shutting down: 503 before any upstream call.
+    refusal: Response | None = server.admission.admit(stage)
+    if refusal is not None:
+        return refusal
     try:
-        server.stages.add(stage)
+        server.register(stage)
+    except StoreUnavailable as exc:
+        server.admission.release(stage)
+        return _store_down(exc)
     except StageConflict:
+        server.admission.release(stage)
         return error_response(
             409,
             f"stage {stage.stage_id!r} is still running; wait for it, cancel it, or use "
             "another stage_id",
             field="stage_id",
         )
+    metrics.stage_started(stage)
     stage.start()
 
     events = follow_stage(
@@ -165,26 +176,34 @@ def _final_output(stage: Stage, events: Any) -> Response:
     return response
 
 
-def _stage_or_404(stage_id: str) -> Stage | Response:
-    stage: Stage | None = _server().stages.get(stage_id)
-    if stage is None:
-        return error_response(404, f"no stage {stage_id!r} (unknown, or expired)", field="stage_id")
-    return stage
+def _unknown_stage(stage_id: str) -> Response:
+    return error_response(404, f"no stage {stage_id!r} (unknown, or expired)", field="stage_id")
+
+
+def _store_down(exc: StoreUnavailable) -> Response:
+    response = error_response(503, str(exc))
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 @bp.get("/stages/<stage_id>")
 def stage_status(stage_id: str) -> Response:
-    stage = _stage_or_404(stage_id)
-    if isinstance(stage, Response):
-        return stage
-    return jsonify(stage.summary())
+    server = _server()
+    stage = server.stages.get(stage_id)
+    if stage is not None:
+        return jsonify(stage.summary())
+    if server.store is not None:
+        try:
+            summary = server.store.summary(stage_id)
+        except StoreUnavailable as exc:
+            return _store_down(exc)
+        if summary is not None:
+            return jsonify(summary)
+    return _unknown_stage(stage_id)
 
 
 @bp.get("/stages/<stage_id>/events")
 def stage_events(stage_id: str) -> Response:
-    stage = _stage_or_404(stage_id)
-    if isinstance(stage, Response):
-        return stage
     last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
     after_seq: int | None = -1
     if last_event_id:
@@ -195,13 +214,34 @@ def stage_events(stage_id: str) -> Response:
                 f"Last-Event-ID {last_event_id!r} is not an event id of stage {stage_id!r}",
                 field="Last-Event-ID",
             )
-    events = follow_stage(
-        stage,
-        after_seq=after_seq if after_seq is not None else -1,
-        heartbeat_seconds=float(_cfg("HEARTBEAT_SECONDS")),
-        client_socket=request.environ.get("gunicorn.socket"),
-        owner=False,
-    )
+    server = _server()
+    start = after_seq if after_seq is not None else -1
+    heartbeat = float(_cfg("HEARTBEAT_SECONDS"))
+    client_socket = request.environ.get("gunicorn.socket")
+    stage = server.stages.get(stage_id)
+    if stage is not None:
+        events = follow_stage(
+            stage,
+            after_seq=start,
+            heartbeat_seconds=heartbeat,
+            client_socket=client_socket,
+            owner=False,
+        )
+    elif server.store is not None:
+        try:
+            if server.store.summary(stage_id) is None:
+                return _unknown_stage(stage_id)
+        except StoreUnavailable as exc:
+            return _store_down(exc)
+        events = follow_remote_stage(
+            server.store,
+            stage_id,
+            after_seq=start,
+            heartbeat_seconds=heartbeat,
+            client_socket=client_socket,
+        )
+    else:
+        return _unknown_stage(stage_id)
     return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -215,11 +255,22 @@ def _seq_of(event_id: str, stage_id: str) -> int | None:
 
 @bp.post("/stages/<stage_id>/cancel")
 def cancel_stage(stage_id: str) -> Response:
-    stage = _stage_or_404(stage_id)
-    if isinstance(stage, Response):
-        return stage
-    if not stage.cancel("cancelled by request"):
-        return error_response(409, f"stage {stage_id!r} has already finished: {stage.status}")
+    server = _server()
+    reason = "cancelled by request"
+    stage = server.stages.get(stage_id)
+    if stage is not None:
+        outcome = "cancelling" if stage.cancel(reason) else "finished"
+    elif server.store is not None:
+        try:
+            outcome = server.store.request_cancel(stage_id, reason)
+        except StoreUnavailable as exc:
+            return _store_down(exc)
+    else:
+        outcome = "unknown"
+    if outcome == "unknown":
+        return _unknown_stage(stage_id)
+    if outcome == "finished":
+        return error_response(409, f"stage {stage_id!r} has already finished")
     response = jsonify({"stage_id": stage_id, "status": "cancelling"})
     response.status_code = 202
     return response

@@ -18,9 +18,10 @@ def parse_events(wire: bytes) -> list[dict[str, Any]]:
             events.append({"comment": block[2:]})
             continue
         fields = dict(line.split(": ", 1) for line in block.split("\n"))
-        events.append(
-            {"id": fields["id"], "event": fields["event"], "data": json.loads(fields["data"])}
-        )
+        event = {"event": fields["event"], "data": json.loads(fields["data"])}
+        if "id" in fields:
+            event["id"] = fields["id"]
+        events.append(event)
     return events
 
 

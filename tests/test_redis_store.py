@@ -1,0 +1,238 @@
+"""Stages shared by two gunicorn instances through one real redis-server."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.fake_upstream import FakeUpstream
+from tests.servers import ROOT, VENV_BIN, Gunicorn, free_port
+from tests.sse_client import chunk_text, parse_events, post_stream, terminal
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        assert Path(binary).exists(), "redis-server is missing: run scripts/setup.sh --dev"
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(ROOT / ".pytest_cache"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while (
+            subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, check=False
+            ).stdout.strip()
+            != b"PONG"
+        ):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(fake: FakeUpstream, redis_server: RedisServer) -> Iterator[tuple[Gunicorn, Gunicorn]]:
+    env = {
+        "STAGESERVER_UPSTREAM_URL": fake.url,
+        "STAGESERVER_STORE_URL": redis_server.url,
+        "STAGESERVER_HEARTBEAT_SECONDS": "1",
+        "STAGESERVER_RESUME_GRACE_SECONDS": "1",
+    }
+    a, b = Gunicorn(env), Gunicorn(env)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def status(server: Gunicorn, stage_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = requests.get(f"{server.url}/stages/{stage_id}", timeout=5).json()
+    return body
+
+
+def wait_status(server: Gunicorn, stage_id: str, wanted: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while (current := status(server, stage_id)).get("status") != wanted:
+        assert time.monotonic() < deadline, current
+        time.sleep(0.05)
+    return current
+
+
+def test_cancel_through_b_stops_the_stage_on_a(
+    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
+) -> None:
+    a, b = pair
+    stream = post_stream(a.url, stage_id="x-cancel", model_name="fake?chunks=500&interval=0.05")
+    stream.read_until(b"event: chat_completion_chunk")
+    response = requests.post(f"{b.url}/stages/x-cancel/cancel", timeout=5)
+    assert response.status_code == 202
+    stream.read_until(b"event: cancel")
+    stream.close()
+    assert [e["data"] for e in terminal(stream.events())] == [
+        {"stage_id": "x-cancel", "reason": "cancelled by request"}
+    ]
+    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+    assert not upstream.requests[0].done_sent
+    assert wait_status(b, "x-cancel", "cancelled")["cancel_reason"] == "cancelled by request"
+    assert requests.post(f"{b.url}/stages/x-cancel/cancel", timeout=5).status_code == 409
+    assert requests.post(f"{b.url}/stages/x-none/cancel", timeout=5).status_code == 404
+
+
+def test_resume_through_b_gets_the_rest_exactly_once(
+    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
+) -> None:
+    a, b = pair
+    stream = post_stream(
+        a.url, stage_id="x-res", model_name="fake?chunks=40&interval=0.03", resumable=True
+    )
+    stream.read_until(b"event: chat_completion_chunk", 5)
+    stream.close()
+    got = [e for e in stream.events() if "id" in e]
+
+    rest = requests.get(
+        f"{b.url}/stages/x-res/events", headers={"Last-Event-ID": got[-1]["id"]}, timeout=10
+    )
+    later = [e for e in parse_events(rest.content) if "id" in e]
+    ids = [e["id"] for e in got + later]
+    assert ids == [f"x-res-chunk-{n}" for n in range(len(ids) - 1)] + [f"x-res-done-{len(ids) - 1}"]
+    assert chunk_text(got + later) == "".join(f"tok{n} " for n in range(40))
+    assert status(b, "x-res")["status"] == "done"
+    assert status(b, "x-res")["text"] == "".join(f"tok{n} " for n in range(40))
+
+
+def test_watcher_on_b_keeps_a_resumable_stage_alive_past_the_grace(
+    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
+) -> None:
+    a, b = pair
+    stream = post_stream(
+        a.url, stage_id="x-keep", model_name="fake?chunks=60&interval=0.05", resumable=True
+    )
+    stream.read_until(b"event: chat_completion_chunk")
+    stream.close()
+    # Nobody is attached on A for 3 s (grace 1 s), but B follows the stage.
+    followed = requests.get(f"{b.url}/stages/x-keep/events", timeout=20)
+    assert [e["event"] for e in terminal(parse_events(followed.content))] == ["done"]
+    assert status(a, "x-keep")["status"] == "done"
+
+
+def test_resumable_stage_nobody_reattaches_is_cancelled(
+    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
+) -> None:
+    a, b = pair
+    stream = post_stream(
+        a.url, stage_id="x-grace", model_name="fake?chunks=500&interval=0.05", resumable=True
+    )
+    stream.read_until(b"event: chat_completion_chunk")
+    stream.close()
+    summary = wait_status(b, "x-grace", "cancelled")
+    assert summary["cancel_reason"] == "no client re-attached within 1 s"
+    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+
+
+def test_a_live_stage_id_is_unique_across_instances(pair: tuple[Gunicorn, Gunicorn]) -> None:
+    a, b = pair
+    stream = post_stream(a.url, stage_id="x-dup", model_name="fake?prefill=30")
+    try:
+        wait_status(b, "x-dup", "running")
+        response = requests.post(
+            f"{b.url}/chat",
+            json={"stage_id": "x-dup", "model_name": "fake", "user_prompt": "hi"},
+            timeout=5,
+        )
+        assert response.status_code == 409
+        assert response.json()["field"] == "stage_id"
+    finally:
+        requests.post(f"{b.url}/stages/x-dup/cancel", timeout=5)
+        stream.close()
+
+
+def test_redis_restart_mid_stream(
+    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    a, b = pair
+    stream = post_stream(a.url, stage_id="x-down", model_name="fake?chunks=500&interval=0.05")
+    stream.read_until(b"event: chat_completion_chunk", 2)
+    watcher = requests.get(f"{b.url}/stages/x-down/events", stream=True, timeout=30)
+    redis_server.stop()
+    try:
+        stream.read_until(b"event: error")
+        stream.close()
+        owner_end = terminal(stream.events())
+        assert [e["event"] for e in owner_end] == ["error"]
+        assert owner_end[0]["data"]["error"].startswith("the stage store (Redis) is unavailable")
+        assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+        watcher_end = terminal(parse_events(watcher.content))
+        assert [e["event"] for e in watcher_end] == ["error"]
+        assert "the stage store (Redis) is unavailable" in watcher_end[0]["data"]["error"]
+
+        refused = requests.post(
+            f"{a.url}/chat",
+            json={"stage_id": "x-refused", "model_name": "fake", "user_prompt": "hi"},
+            timeout=10,
+        )
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "1"
+    finally:
+        redis_server.start()
+    for server in (a, b):
+        done = requests.post(
+            f"{server.url}/chat",
+            json={"stage_id": f"x-after-{server.port}", "model_name": "fake", "user_prompt": "hi"},
+            timeout=10,
+        )
+        assert done.status_code == 200
+        assert done.json()["type"] == "text"
+
+
+def test_several_workers_without_a_store_refuse_to_start() -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "STAGESERVER_WORKERS": "2",
+            "STAGESERVER_BIND": f"127.0.0.1:{free_port()}",
+        },
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert b"STAGESERVER_WORKERS=2 needs a shared stage store" in result.stdout + result.stderr
