@@ -40,10 +40,12 @@ class StageServer:
     - ``STAGESERVER_HEARTBEAT_SECONDS`` (15): SSE comment after this long without events.
     - ``STAGESERVER_DEFAULT_MAX_TOKENS`` (512), ``STAGESERVER_MAX_TOKENS_LIMIT`` (4096),
       ``STAGESERVER_MAX_PROMPT_CHARS`` (100000), ``STAGESERVER_MAX_BODY_BYTES`` (1 MiB).
-    - ``STAGESERVER_STAGE_TTL_SECONDS`` (600), ``STAGESERVER_EVENT_LOG_MAX_EVENTS``
-      (20000): how long and how much of a finished stage stays readable.
+    - ``STAGESERVER_STAGE_TTL_SECONDS`` (600), ``STAGESERVER_EVENT_TTL_SECONDS`` (60),
+      ``STAGESERVER_EVENT_LOG_MAX_EVENTS`` (20000): how long a finished stage's status
+      and its events stay readable, and how many events a stage keeps.
     - ``STAGESERVER_RESUMABLE_DEFAULT`` (False), ``STAGESERVER_RESUME_GRACE_SECONDS``
       (30): whether a stage outlives its client's disconnect, and for how long.
+    - ``STAGESERVER_STORE_URL`` (None): Redis shared by workers and hosts.
     - ``STAGESERVER_MAX_ACTIVE_STREAMS`` (900): stages per worker; more get 503.
     - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
     - ``STAGESERVER_LOG_FORMAT`` ("text"): ``text`` or ``json``; read by ``create_app``.
@@ -82,12 +84,14 @@ class StageServerState:
         self.admission = Admission(int(config["STAGESERVER_MAX_ACTIVE_STREAMS"]))
         self.readiness = Readiness(self.upstreams, float(config["STAGESERVER_READY_TIMEOUT"]))
         ttl = float(config["STAGESERVER_STAGE_TTL_SECONDS"])
-        self.stages = StageRegistry(ttl)
+        event_ttl = float(config["STAGESERVER_EVENT_TTL_SECONDS"])
+        self.stages = StageRegistry(ttl, event_ttl)
         self.store: RedisStageStore | None = None
         if config["STAGESERVER_STORE_URL"]:
             self.store = RedisStageStore(
                 str(config["STAGESERVER_STORE_URL"]),
                 ttl_seconds=ttl,
+                event_ttl_seconds=event_ttl,
                 max_events=int(config["STAGESERVER_EVENT_LOG_MAX_EVENTS"]),
             )
 

@@ -59,7 +59,11 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     ),
     "STAGESERVER_STAGE_TTL_SECONDS": (
         600.0,
-        "How long a finished stage's status and events stay readable.",
+        "How long a finished stage's status and text stay readable.",
+    ),
+    "STAGESERVER_EVENT_TTL_SECONDS": (
+        60.0,
+        "How long a finished stage's events stay replayable (its status stays longer).",
     ),
     "STAGESERVER_EVENT_LOG_MAX_EVENTS": (
         20_000,
@@ -221,3 +225,13 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
         idle_timeout=seconds("idle_timeout", "STAGESERVER_IDLE_TIMEOUT"),
         max_connections=int(config["STAGESERVER_UPSTREAM_MAX_CONNECTIONS"]),
     )
+
+
+def markdown_table() -> str:
+    """The README's configuration table; tests/test_readme.py keeps the two in step."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, (default, description) in {**SETTINGS, **PROCESS_SETTINGS}.items():
+        shown = "unset" if default is None else f"`{json.dumps(default)}`"
+        rows.append(f"| `{key}` | {shown} | {description} |")
+    return "\n".join(rows)
+

@@ -54,9 +54,12 @@ def _keys(stage_id: str) -> tuple[str, str, str]:
 
 
 class RedisStageStore:
-    def __init__(self, url: str, *, ttl_seconds: float, max_events: int) -> None:
+    def __init__(
+        self, url: str, *, ttl_seconds: float, event_ttl_seconds: float, max_events: int
+    ) -> None:
         self.url = url
         self.ttl_ms = int(ttl_seconds * 1000)
+        self.event_ttl_ms = int(min(event_ttl_seconds, ttl_seconds) * 1000)
         self.max_events = max_events
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         # Any: redis-py annotates every command as returning its sync or async result.
@@ -159,10 +162,10 @@ class RedisStageStore:
                 pipe.hset(key, mapping=self._fields(stage))
                 pipe.delete(live_key)
                 pipe.pexpire(key, self.ttl_ms)
-                pipe.pexpire(log_key, self.ttl_ms)
+                pipe.pexpire(log_key, self.event_ttl_ms)
             else:
                 pipe.pexpire(live_key, stage.live_ms)
-                pipe.pexpire(log_key, self.ttl_ms + stage.live_ms)
+                pipe.pexpire(log_key, self.event_ttl_ms + stage.live_ms)
         pipe.execute()
         for stage in finished:
             self._flushed.pop(stage, None)
@@ -215,6 +218,12 @@ class RedisStageStore:
                     text.append(_delta_text(entry[b"w"]))
                 summary.update(text="".join(text), events=count)
             return summary
+        except redis.RedisError as exc:
+            raise StoreUnavailable(_unavailable(exc)) from None
+
+    def events_expired(self, stage_id: str, summary: dict[str, Any]) -> bool:
+        try:
+            return summary["status"] != "running" and not self.redis.exists(_keys(stage_id)[1])
         except redis.RedisError as exc:
             raise StoreUnavailable(_unavailable(exc)) from None
 

@@ -121,6 +121,15 @@ class Stage:
         events = self._events[start:]
         return b"".join(events), self._first_seq + start + len(events), finished
 
+    @property
+    def events_expired(self) -> bool:
+        return self.finished and not self._events
+
+    def drop_events(self) -> None:
+        """Forget the events of a finished stage; its status and text stay."""
+        self._first_seq += len(self._events)
+        self._events = []
+
     def events_since(self, seq: int) -> list[tuple[int, bytes]]:
         """(sequence number, event) pairs from ``seq`` on, as far as the log reaches back."""
         start = max(seq - self._first_seq, 0)
@@ -450,12 +459,17 @@ class StageConflict(Exception):
 
 
 class StageRegistry:
-    """The stages of this process: live ones, and finished ones until their TTL passes."""
+    """The stages of this process: live ones, and finished ones until their TTL passes.
 
-    def __init__(self, ttl_seconds: float) -> None:
+    A finished stage's events, the bulk of its memory, go sooner (``event_ttl_seconds``)
+    than its status and text (``ttl_seconds``); both are swept when a stage is added."""
+
+    def __init__(self, ttl_seconds: float, event_ttl_seconds: float) -> None:
         self.ttl_seconds = ttl_seconds
+        self.event_ttl_seconds = min(event_ttl_seconds, ttl_seconds)
         self._stages: dict[str, Stage] = {}
         self._expiry: deque[tuple[float, Stage]] = deque()
+        self._event_expiry: deque[tuple[float, Stage]] = deque()
         self._lock = threading.Lock()
 
     def add(self, stage: Stage) -> None:
@@ -475,11 +489,15 @@ class StageRegistry:
         return [s for s in list(self._stages.values()) if not s.finished]
 
     def _finished(self, stage: Stage) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._expiry.append((time.monotonic() + self.ttl_seconds, stage))
+            self._expiry.append((now + self.ttl_seconds, stage))
+            self._event_expiry.append((now + self.event_ttl_seconds, stage))
 
     def _expire(self) -> None:
         now = time.monotonic()
+        while self._event_expiry and self._event_expiry[0][0] <= now:
+            self._event_expiry.popleft()[1].drop_events()
         while self._expiry and self._expiry[0][0] <= now:
             _, stage = self._expiry.popleft()
             if self._stages.get(stage.stage_id) is stage:

@@ -180,6 +180,14 @@ def _unknown_stage(stage_id: str) -> Response:
     return error_response(404, f"no stage {stage_id!r} (unknown, or expired)", field="stage_id")
 
 
+def _events_expired(stage_id: str) -> Response:
+    return error_response(
+        410,
+        f"the events of stage {stage_id!r} have expired; its status is at /stages/{stage_id}",
+        field="stage_id",
+    )
+
+
 def _store_down(exc: StoreUnavailable) -> Response:
     response = error_response(503, str(exc))
     response.headers["Retry-After"] = "1"
@@ -220,6 +228,8 @@ def stage_events(stage_id: str) -> Response:
     client_socket = request.environ.get("gunicorn.socket")
     stage = server.stages.get(stage_id)
     if stage is not None:
+        if stage.events_expired:
+            return _events_expired(stage_id)
         events = follow_stage(
             stage,
             after_seq=start,
@@ -229,8 +239,11 @@ def stage_events(stage_id: str) -> Response:
         )
     elif server.store is not None:
         try:
-            if server.store.summary(stage_id) is None:
+            summary = server.store.summary(stage_id)
+            if summary is None:
                 return _unknown_stage(stage_id)
+            if server.store.events_expired(stage_id, summary):
+                return _events_expired(stage_id)
         except StoreUnavailable as exc:
             return _store_down(exc)
         events = follow_remote_stage(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from flask import Flask
@@ -107,3 +108,28 @@ def test_one_client_per_upstream_per_process(upstream: FakeUpstream) -> None:
     app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url})
     default = app.extensions["stageserver"].upstreams.default
     assert default.client is default.client
+
+
+def test_finished_stage_events_expire_before_its_status(upstream: FakeUpstream) -> None:
+    app = create_app(
+        {
+            "STAGESERVER_UPSTREAM_URL": upstream.url,
+            "STAGESERVER_EVENT_TTL_SECONDS": 0.2,
+            "STAGESERVER_STAGE_TTL_SECONDS": 0.6,
+        }
+    )
+    client = app.test_client()
+    body = {"model_name": "fake", "user_prompt": "hi"}
+    assert client.post("/chat", json={**body, "stage_id": "old"}).status_code == 200
+    assert client.get("/stages/old/events").data.endswith(
+        b'event: done\ndata: {"stage_id":"old"}\n\n'
+    )
+    time.sleep(0.3)
+    client.post("/chat", json={**body, "stage_id": "sweep1"})  # expiry is swept on add
+    expired = client.get("/stages/old/events")
+    assert expired.status_code == 410
+    assert expired.get_json()["field"] == "stage_id"
+    assert client.get("/stages/old").get_json()["text"] == "tok0 tok1 tok2 tok3 tok4 "
+    time.sleep(0.4)
+    client.post("/chat", json={**body, "stage_id": "sweep2"})
+    assert client.get("/stages/old").status_code == 404
