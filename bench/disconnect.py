@@ -19,13 +19,18 @@ from tests.fake_upstream import FakeUpstream
 from tests.servers import Gunicorn
 
 PHASES = {
-    "mid-stream (chunks every 20 ms)": ("fake?chunks=10000&interval=0.02", b"chat_completion_chunk"),
+    "mid-stream (chunks every 20 ms)": (
+        "fake?chunks=10000&interval=0.02",
+        b"chat_completion_chunk",
+    ),
     "prefill (no token yet)": ("fake?prefill=600", b"\r\n\r\n"),
     "prefill, upstream headers not sent": ("fake?prefill=600&headers_first=0", b"\r\n\r\n"),
 }
 
 
-def one_disconnect(server: Gunicorn, fake: FakeUpstream, stage_id: str, model: str, marker: bytes) -> float:
+def one_disconnect(
+    server: Gunicorn, fake: FakeUpstream, stage_id: str, model: str, marker: bytes
+) -> float:
     fake.reset()
     body = json.dumps(
         {"stage_id": stage_id, "model_name": model, "user_prompt": "hi", "stream": True}

@@ -1,0 +1,396 @@
+"""The real model: llama.cpp's server with SmolLM2-135M-Instruct, behind stageserver.
+
+One model server is started for the whole session; stageserver runs under gunicorn in
+front of it. The launcher (``python -m stageserver.serve``) is tested as a user runs it:
+its ready line, its curl line, and that it stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from stageserver.serve import (
+    MODEL_NAME,
+    default_model_path,
+    default_threads,
+    model_answers,
+    model_server_command,
+)
+from tests.fake_upstream import FakeUpstream
+from tests.servers import ROOT, Gunicorn, free_port
+from tests.sse_client import chunk_text, parse_events, post_stream
+
+pytestmark = pytest.mark.llm
+
+# At temperature 0 the model runs to the limit on this prompt rather than stopping early.
+LONG_PROMPT = "Write a very long essay about the history of the Roman Empire."
+SHORT_PROMPT = "What is the capital of France?"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ModelServer:
+    proc: subprocess.Popen[bytes]
+    url: str  # the OpenAI base URL, ending in /v1
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def model_server() -> Iterator[ModelServer]:
+    port = free_port()
+    log_path = ROOT / ".pytest_cache" / f"llama-{port}.log"
+    log_path.parent.mkdir(exist_ok=True)
+    argv = model_server_command(default_model_path(), port, context=4096, threads=default_threads())
+    with open(log_path, "wb") as log:
+        # Unbuffered: the disconnect test reads the server's log while it runs.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = ModelServer(proc, f"http://127.0.0.1:{port}/v1", log_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not model_answers(server.url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the model server did not start:\n{server.log()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(model_server: ModelServer) -> Iterator[Gunicorn]:
+    gunicorn = Gunicorn(
+        {"STAGESERVER_UPSTREAM_URL": model_server.url, "STAGESERVER_UPSTREAM_KIND": "llamacpp"}
+    )
+    yield gunicorn
+    gunicorn.stop()
+    assert "Traceback" not in gunicorn.log(), gunicorn.log()
+
+
+def chat(server: Gunicorn, **fields: Any) -> requests.Response:
+    body = {"model_name": MODEL_NAME, "user_prompt": SHORT_PROMPT, "temperature": 0, **fields}
+    return requests.post(f"{server.url}/chat", json=body, timeout=60)
+
+
+def chunks_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e["data"]["chunk"] for e in events if e.get("event") == "chat_completion_chunk"]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def test_streamed_stage_relays_the_models_chunks_then_done(server: Gunicorn) -> None:
+    response = chat(server, stage_id="llm-stream", stream=True, max_tokens=24)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = parse_events(response.content)
+    names = [e["event"] for e in events if "event" in e]
+    assert names[-1] == "done"
+    assert set(names[:-1]) == {"chat_completion_chunk"}
+    chunks = chunks_of(events)
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    text = chunk_text(events)
+    assert text.strip()
+    status = requests.get(f"{server.url}/stages/llm-stream", timeout=5).json()
+    assert status["status"] == "done"
+    assert status["text"] == text
+
+
+def test_non_streamed_stage_returns_the_text(server: Gunicorn) -> None:
+    response = chat(server, stage_id="llm-plain", max_tokens=24)
+    assert response.status_code == 200
+    output = response.json()
+    assert output["stage_id"] == "llm-plain-chat-final"
+    assert output["type"] == "text"
+    assert output["text"].strip()
+
+
+def test_max_tokens_is_honoured(server: Gunicorn, model_server: ModelServer) -> None:
+    response = chat(
+        server, stage_id="llm-short", stream=True, max_tokens=5, user_prompt=LONG_PROMPT
+    )
+    events = parse_events(response.content)
+    assert events[-1]["event"] == "done"
+    chunks = chunks_of(events)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    text = chunk_text(events)
+    assert text
+    # The stream carries no usage (llama.cpp ignores stream_options), so count with the
+    # model's own tokenizer, on the server that generated the text.
+    root = model_server.url.removesuffix("/v1")
+    tokens = requests.post(f"{root}/extras/tokenize", json={"input": text}, timeout=10).json()
+    assert 1 <= len(tokens["tokens"]) <= 5
+    content_chunks = [c for c in chunks if c["choices"][0]["delta"].get("content")]
+    assert 1 <= len(content_chunks) <= 5  # a chunk carries at least one token
+
+
+def test_client_disconnect_stops_the_model(server: Gunicorn, model_server: ModelServer) -> None:
+    pid = model_server.proc.pid
+    stream = post_stream(
+        server.url,
+        stage_id="llm-leave",
+        model_name=MODEL_NAME,
+        user_prompt=LONG_PROMPT,
+        temperature=0,
+        max_tokens=3000,
+    )
+    stream.read_until(b"event: chat_completion_chunk", count=20)
+    busy_from = cpu_seconds(pid)
+    stream.read_until(b"event: chat_completion_chunk", count=40)
+    assert cpu_seconds(pid) > busy_from  # the model was generating when the client left
+    stream.close()
+
+    # The model stops once its server sees stageserver's upstream connection close. At
+    # ~60 tokens/s, 3000 tokens would keep it busy for most of a minute; idle means it
+    # spent under 10% of one core over a 0.3 s window.
+    deadline = time.monotonic() + 5
+    idle = False
+    while not idle and time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(0.3)
+        idle = cpu_seconds(pid) - before < 0.03
+    assert idle, "the model server still burns CPU 5 s after the client left"
+
+    status = requests.get(f"{server.url}/stages/llm-leave", timeout=5).json()
+    assert status["status"] == "cancelled"
+    assert "Disconnected from client" in model_server.log()
+
+
+# -- the launcher ----------------------------------------------------------------------
+
+
+class Serve:
+    """``python -m stageserver.serve`` as a user runs it; stdout and stderr go to files."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.port = free_port()
+        logs = ROOT / ".pytest_cache"
+        logs.mkdir(exist_ok=True)
+        self.out_path = logs / f"serve-{self.port}.out"
+        self.err_path = logs / f"serve-{self.port}.err"
+        full_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("STAGESERVER_")},
+            "STAGESERVER_BIND": f"127.0.0.1:{self.port}",
+            **env,
+        }
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stageserver.serve"],
+                cwd=ROOT,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+
+    def out(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def err(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def wait_ready(self) -> tuple[str, str]:
+        """The URL and the curl line from the ready message."""
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops everything." not in self.out():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"serve did not get ready:\n{self.out()}\n{self.err()}")
+            time.sleep(0.1)
+        lines = self.out().splitlines()
+        url = next(line for line in lines if line.startswith("stageserver is ready: "))
+        curl = next(line.strip() for line in lines if line.strip().startswith("curl "))
+        return url.removeprefix("stageserver is ready: "), curl
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"serve did not exit:\n{self.err()}") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # its children get SIGTERM from the kernel (PR_SET_PDEATHSIG)
+            self.proc.wait()
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every process below ``pid``."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rpartition(")")[2].split()[1])
+            except OSError:
+                continue
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in found:
+                found[child] = cmdline(child)
+                frontier.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def model_servers(processes: Mapping[int, str]) -> list[int]:
+    return [pid for pid, cmd in processes.items() if "llama_cpp.server" in cmd]
+
+
+def send_curl_line(curl: str) -> requests.Response:
+    """Do what the printed curl line does."""
+    argv = shlex.split(curl)
+    assert argv[:2] == ["curl", "-N"]
+    url = next(arg for arg in argv if arg.startswith("http://"))
+    header = argv[argv.index("-H") + 1]
+    name, _, value = header.partition(": ")
+    data = argv[argv.index("-d") + 1]
+    return requests.post(url, data=data.encode(), headers={name: value}, timeout=60)
+
+
+def test_serve_starts_the_model_and_stageserver_and_sigterm_stops_both() -> None:
+    model_port = free_port()
+    serve = Serve({"STAGESERVER_EMBEDDED_MODEL_PORT": str(model_port)})
+    try:
+        url, curl = serve.wait_ready()
+        assert url == f"http://127.0.0.1:{serve.port}"
+        processes = descendants(serve.proc.pid)
+        (model_pid,) = model_servers(processes)
+        assert f"--port {model_port}" in processes[model_pid]
+        assert any("gunicorn" in cmd for cmd in processes.values())
+
+        response = send_curl_line(curl)
+        assert response.status_code == 200
+        events = parse_events(response.content)
+        assert events[-1]["event"] == "done"
+        assert chunk_text(events).strip()
+
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.wait() == 0
+    finally:
+        serve.stop()
+    assert not [pid for pid in processes if alive(pid)], processes
+    assert "stageserver: stopped" in serve.err()
+
+
+def test_serve_stops_stageserver_when_the_model_server_dies() -> None:
+    serve = Serve({"STAGESERVER_EMBEDDED_MODEL_PORT": str(free_port())})
+    try:
+        serve.wait_ready()
+        processes = descendants(serve.proc.pid)
+        (model_pid,) = model_servers(processes)
+        os.kill(model_pid, signal.SIGKILL)
+        assert serve.wait() == 1
+    finally:
+        serve.stop()
+    assert not [pid for pid in processes if alive(pid)], processes
+    assert f"the embedded model server (pid {model_pid}) was killed by signal 9" in serve.err()
+
+
+@pytest.mark.parametrize("which", ["STAGESERVER_BIND", "STAGESERVER_EMBEDDED_MODEL_PORT"])
+def test_serve_says_which_port_is_taken(which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"STAGESERVER_EMBEDDED_MODEL_PORT": str(free_port())}
+        env[which] = f"127.0.0.1:{port}" if which == "STAGESERVER_BIND" else str(port)
+        serve = Serve(env)
+        try:
+            assert serve.wait() == 1
+        finally:
+            serve.stop()
+    assert (
+        f"stageserver: port {port} on 127.0.0.1 is already in use ({which}); stop what is "
+        f"listening there or set {which} to another port\n"
+    ) == serve.err()
+
+
+def test_serve_reports_a_missing_model_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.gguf"
+    serve = Serve(
+        {
+            "STAGESERVER_EMBEDDED_MODEL_PATH": str(missing),
+            "STAGESERVER_EMBEDDED_MODEL_PORT": str(free_port()),
+        }
+    )
+    try:
+        assert serve.wait() == 1
+    finally:
+        serve.stop()
+    assert f"the embedded model file {missing} is missing" in serve.err()
+    assert "starting" not in serve.err()
+
+
+def test_serve_with_a_configured_upstream_starts_no_model(upstream: FakeUpstream) -> None:
+    fake = upstream
+    # The model's port is taken: had serve tried to start the model, it would have failed.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        serve = Serve(
+            {
+                "STAGESERVER_UPSTREAM_URL": fake.url,
+                "STAGESERVER_EMBEDDED_MODEL_PORT": str(taken.getsockname()[1]),
+            }
+        )
+        try:
+            url, curl = serve.wait_ready()
+            processes = descendants(serve.proc.pid)
+            assert processes and not model_servers(processes)
+            assert "MODEL" in curl
+            body = {"stage_id": "via-fake", "model_name": "fake", "user_prompt": "hi"}
+            response = requests.post(f"{url}/chat", json=body, timeout=30)
+            assert response.json()["text"] == "tok0 tok1 tok2 tok3 tok4 "
+            assert len(fake.requests) == 1
+            serve.proc.send_signal(signal.SIGTERM)
+            assert serve.wait() == 0
+        finally:
+            serve.stop()
+    assert not [pid for pid in processes if alive(pid)], processes
+    assert "embedded model" not in serve.err()
+    assert f"upstream: 'default' at {fake.url}" in serve.out()
