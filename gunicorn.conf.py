@@ -4,6 +4,7 @@ Do not import the app here and do not preload it: the gevent worker monkey-patch
 it loads the app, and `ssl` imported earlier breaks every HTTPS upstream.
 """
 
+import gc
 import glob
 import os
 import shutil
@@ -99,6 +100,9 @@ def post_worker_init(worker: Any) -> None:
 
     shutdown.install(worker)
     logs.format_gunicorn_logs(_env("LOG_FORMAT", "text"))
+    # The app's modules and objects live as long as the worker: keep them out of the
+    # collector's full passes, which otherwise walk them again and again under load.
+    gc.freeze()
 
 
 def worker_int(worker: Any) -> None:

@@ -125,7 +125,7 @@ PROCESS_SETTINGS: dict[str, tuple[Any, str]] = {
     "STAGESERVER_EMBEDDED_THREADS": (
         0,
         "`python -m stageserver.serve`: CPU threads the embedded model generates with "
-        "(0: one per core).",
+        "(0: one fewer than the cores, at least 1, leaving a core to stageserver).",
     ),
 }
 

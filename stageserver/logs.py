@@ -1,0 +1,142 @@
+"""Log lines: one per stage, as text or as JSON lines.
+
+The stage logs its outcome once, on logger ``stageserver.stage``, with the fields in
+``extra`` (``STAGE_FIELDS``), so a formatter can print them without parsing the message:
+
+- ``text`` (the default)::
+
+    [2026-11-25 10:00:00 +0000] [4242] [INFO] stageserver.stage: stage_id=s1 outcome=done \
+upstream=default request_id=7f0c... ttft_ms=12.3 chunks=5 duration_ms=40.1
+
+- ``json``: one JSON object per line, the same fields as keys, plus ``time``, ``level``,
+  ``logger``, ``pid`` and ``message``. In a gunicorn worker, gunicorn's own lines too;
+  an access line gets ``method``, ``path``, ``status``, ``bytes``, ``duration_ms``,
+  ``request_id``, ``remote_addr`` and ``user_agent`` as fields.
+
+``create_app`` calls ``configure``: the ``stageserver`` loggers write to stderr, which is
+where gunicorn's own error log goes (``errorlog = "-"``). An app that mounts stageserver
+into its own configures logging itself; ``init_app`` leaves logging alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .config import ConfigError
+
+LOG_FORMATS = ("text", "json")
+
+# Set by Stage._log_outcome through ``extra``; printed in this order.
+STAGE_FIELDS = (
+    "stage_id",
+    "outcome",
+    "upstream",
+    "request_id",
+    "ttft_ms",
+    "chunks",
+    "duration_ms",
+    "error_kind",
+    "error",
+    "reason",
+)
+
+_TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+_TEXT_DATEFMT = "%Y-%m-%d %H:%M:%S %z"  # gunicorn's, so the two interleave legibly
+_HANDLER_NAME = "stageserver"
+
+# Attributes every LogRecord has; anything else on a record came from ``extra``.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines inside values are escaped)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": _iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.name == "gunicorn.access" and isinstance(record.args, Mapping):
+            entry.update(_access_fields(record.args))
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc_info"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def _access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
+    """gunicorn passes an access line's values (its "atoms") as the record's args."""
+    status = str(atoms.get("s") or "")
+    micros = atoms.get("D")
+    return {
+        "remote_addr": atoms.get("h"),
+        "method": atoms.get("m"),
+        "path": atoms.get("U"),
+        "status": int(status) if status.isdigit() else status,
+        "bytes": atoms.get("B"),
+        "duration_ms": round(micros / 1000, 1) if isinstance(micros, int) else None,
+        "request_id": atoms.get("{x-request-id}o"),
+        "user_agent": atoms.get("a"),
+    }
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter()
+    if log_format == "text":
+        return logging.Formatter(_TEXT_FORMAT, _TEXT_DATEFMT)
+    raise ConfigError(
+        f"STAGESERVER_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}"
+    )
+
+
+def configure(log_format: str) -> None:
+    """Send the ``stageserver`` loggers to stderr in ``log_format``, from INFO up.
+
+    Idempotent: calling it again (another app in the same process) swaps the formatter
+    of the one handler it installed. A level set on the logger beforehand is kept.
+    """
+    fmt = formatter(log_format)
+    logger = logging.getLogger("stageserver")
+    handler = next((h for h in logger.handlers if h.get_name() == _HANDLER_NAME), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.set_name(_HANDLER_NAME)
+        logger.addHandler(handler)
+    handler.setFormatter(fmt)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+def format_gunicorn_logs(log_format: str) -> None:
+    """In a gunicorn worker: give gunicorn's error and access lines the same format, so
+    that ``json`` output is JSON lines throughout. The arbiter's few lines (boot, exit)
+    stay gunicorn's text: formatting them would mean importing stageserver in the arbiter,
+    before gevent patches the workers."""
+    if log_format != "json":
+        return
+    for name in ("gunicorn.error", "gunicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            handler.setFormatter(JsonFormatter())
+
+
+def _iso_time(created: float) -> str:
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"

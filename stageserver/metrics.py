@@ -1,0 +1,189 @@
+"""Prometheus metrics, served at ``/metrics``.
+
+Under gunicorn each worker counts its own stages, and a scrape reaches one worker only.
+prometheus_client's multiprocess mode makes the answer right whichever worker gives it:
+every process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` and a scrape
+adds up the files of all of them, live or dead (so counters never go back when a worker
+is replaced). gunicorn.conf.py creates that directory before the workers fork, removes
+the live-gauge files of a worker that exits, and deletes the directory at the end. The
+variable must be set before prometheus_client is first imported, which is why the
+metrics below are created at import, in the worker, after the fork.
+
+Without the variable (``flask run``, the Flask test client) the process's default
+registry is served, with prometheus_client's process and GC metrics besides ours.
+
+Metrics (labels in brackets):
+
+- ``stageserver_stages_total`` [upstream, outcome]: stages finished; outcome is the
+  terminal event, ``done``, ``error`` or ``cancel``.
+- ``stageserver_time_to_first_token_seconds`` [upstream]: histogram, from the stage's
+  start to its first chunk; stages that got no chunk are not observed.
+- ``stageserver_stream_duration_seconds`` [upstream, outcome]: histogram, from the
+  stage's start to its terminal event.
+- ``stageserver_chunks_relayed_total`` [upstream]: upstream chunks relayed, added when
+  their stage finishes (a long stream shows up at its end).
+- ``stageserver_active_streams`` [upstream]: stages running now, from start to finish,
+  summed over live workers. The admission limit applies to the same count, per worker.
+- ``stageserver_upstream_errors_total`` [upstream, kind]: stages ended by an upstream
+  failure; kind is the failure's class in stageserver/errors.py (``UpstreamUnavailable``,
+  ``FirstTokenTimeout``, ...). Shutdown, store and internal errors are not counted.
+- ``stageserver_stages_refused_total`` [reason]: ``/chat`` answered 503 before a stage
+  started; reason is ``overload`` or ``shutting_down``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from flask import Blueprint, Response
+
+if TYPE_CHECKING:
+    from .stages import Stage
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_multiproc_dir = os.environ.get(MULTIPROC_ENV)
+if _multiproc_dir and not os.path.isdir(_multiproc_dir):
+    raise RuntimeError(
+        f"{MULTIPROC_ENV}={_multiproc_dir!r} is not a directory: create it (empty) before "
+        "the server starts, or unset it; gunicorn.conf.py makes one when it is unset"
+    )
+
+# Imported after the check: prometheus_client picks its value storage at import time.
+from prometheus_client import (  # noqa: E402
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from . import errors  # noqa: E402
+
+_OUTCOMES = {"done": "done", "error": "error", "cancelled": "cancel"}
+
+
+def _upstream_failure_kinds() -> frozenset[str]:
+    """The failures errors.py declares for upstreams: every StageFailure subclass there
+    but ServerShuttingDown. StageFailure itself (an internal error) and failures declared
+    elsewhere (the store's) are stageserver's own."""
+    kinds: set[str] = set()
+    todo = [errors.StageFailure]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__module__ == errors.__name__ and sub is not errors.ServerShuttingDown:
+                kinds.add(sub.__name__)
+    return frozenset(kinds)
+
+
+_UPSTREAM_FAILURES = _upstream_failure_kinds()
+
+STAGES = Counter(
+    "stageserver_stages",
+    "Stages finished, by upstream and outcome (done, error, cancel).",
+    ("upstream", "outcome"),
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "stageserver_time_to_first_token_seconds",
+    "Seconds from a stage's start to its first upstream chunk.",
+    ("upstream",),
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+STREAM_DURATION = Histogram(
+    "stageserver_stream_duration_seconds",
+    "Seconds from a stage's start to its terminal event, by upstream and outcome.",
+    ("upstream", "outcome"),
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+)
+CHUNKS = Counter(
+    "stageserver_chunks_relayed",
+    "Upstream chunks relayed to clients, counted when their stage finishes.",
+    ("upstream",),
+)
+ACTIVE = Gauge(
+    "stageserver_active_streams",
+    "Stages running now (from start to finish), summed over live workers.",
+    ("upstream",),
+    multiprocess_mode="livesum",
+)
+UPSTREAM_ERRORS = Counter(
+    "stageserver_upstream_errors",
+    "Stages ended by an upstream failure, by kind (the class in stageserver/errors.py).",
+    ("upstream", "kind"),
+)
+REFUSED = Counter(
+    "stageserver_stages_refused",
+    "Requests for a stage answered 503 before it started, by reason.",
+    ("reason",),
+)
+for _reason in ("overload", "shutting_down"):
+    REFUSED.labels(_reason)  # present as 0 from the start, so rate() has a series
+
+bp = Blueprint("stageserver_metrics", __name__)
+
+
+@bp.get("/metrics")
+def metrics_view() -> Response:
+    body, content_type = exposition()
+    return Response(body, content_type=content_type)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text a scrape gets, and its content type."""
+    if _multiproc_dir:
+        # A fresh registry per scrape is prometheus_client's documented way: the
+        # collector reads every process's files each time.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=_multiproc_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class _UpstreamSeries:
+    """One upstream's labelled series, looked up once: ``labels()`` costs as much as the
+    update itself, and a stage makes seven updates. Creating them all at once also shows
+    every outcome as 0 from the upstream's first stage on."""
+
+    def __init__(self, upstream: str) -> None:
+        self.active = ACTIVE.labels(upstream)
+        self.chunks = CHUNKS.labels(upstream)
+        self.ttft = TIME_TO_FIRST_TOKEN.labels(upstream)
+        self.stages = {o: STAGES.labels(upstream, o) for o in _OUTCOMES.values()}
+        self.duration = {o: STREAM_DURATION.labels(upstream, o) for o in _OUTCOMES.values()}
+
+
+_series: dict[str, _UpstreamSeries] = {}
+
+
+def _for(upstream: str) -> _UpstreamSeries:
+    series = _series.get(upstream)
+    if series is None:
+        series = _series[upstream] = _UpstreamSeries(upstream)
+    return series
+
+
+def stage_started(stage: Stage) -> None:
+    _for(stage.upstream.name).active.inc()
+    stage.on_finish.append(_stage_finished)
+
+
+def stage_refused(reason: str) -> None:
+    REFUSED.labels(reason).inc()
+
+
+def _stage_finished(stage: Stage) -> None:
+    series = _for(stage.upstream.name)
+    outcome = _OUTCOMES[stage.status]
+    series.active.dec()
+    series.stages[outcome].inc()
+    series.duration[outcome].observe(stage.duration_seconds or 0.0)
+    if stage.first_token_seconds is not None:
+        series.ttft.observe(stage.first_token_seconds)
+    if stage.chunk_count:
+        series.chunks.inc(stage.chunk_count)
+    if stage.error_kind in _UPSTREAM_FAILURES:
+        UPSTREAM_ERRORS.labels(stage.upstream.name, stage.error_kind).inc()

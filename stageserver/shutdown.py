@@ -1,0 +1,124 @@
+"""Graceful shutdown: streams get to finish, and the ones that cannot are told why.
+
+What gunicorn does on SIGTERM (gunicorn 27, gevent worker): the arbiter closes its
+listening sockets, sends SIGTERM to each worker and SIGKILLs whatever is left
+``graceful_timeout`` seconds later. A worker that gets SIGTERM stops accepting within a
+second and then waits for its open connections to end. A SIGKILL runs no ``finally``: a
+stream still open then is cut without an event, and its upstream is left generating.
+
+So, in each worker (``install``, from gunicorn.conf.py's ``post_worker_init``):
+
+1. On SIGTERM, ``begin``: ``shutting_down()`` turns true, so a new ``/chat`` that still
+   reaches this worker (a kept-alive connection, or the second before the worker stops
+   accepting) gets 503 with ``Retry-After`` and ``/readyz`` answers 503. gunicorn's
+   keep-alive is set to 0 in this worker, so a connection closes as soon as its response
+   ends instead of idling for ``keepalive`` seconds; connections already idle close
+   within ``keepalive`` (5 s by default, well inside ``graceful_timeout``).
+2. Streams run on. Short ones end with ``done``, and when none is left the worker exits
+   on its own, long before the deadline.
+3. At ``abort_delay(graceful_timeout)`` (2 s before the arbiter's SIGKILL, and never
+   sooner than 0.5 s after SIGTERM) every stage still running is aborted with
+   ``ServerShuttingDown``: its runner closes the upstream response, which stops the
+   upstream generating, and appends an ``error`` event; every client following the
+   stage receives it, and its response ends. The 2 s leave room to write those events
+   and for the worker's once-a-second check to see that nothing is left.
+4. When the worker leaves its loop, gunicorn's ``worker_exit`` calls
+   ``close_upstreams``: the pooled idle upstream connections are closed too.
+
+SIGINT and SIGQUIT are gunicorn's quick shutdown: the worker exits 0.1 s later. Their
+hook (``worker_int``) aborts every running stage at once, so the error events are at
+least written before the process goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from .concurrency import Timer
+from .errors import ServerShuttingDown
+
+if TYPE_CHECKING:
+    from . import StageServerState
+
+log = logging.getLogger("stageserver.shutdown")
+
+SHUTDOWN_MESSAGE = "stageserver is shutting down; retry the stage"
+# Aborted streams need this long, before the SIGKILL, to write their last event and let
+# gunicorn's once-a-second check see the worker idle.
+_ABORT_LEAD_SECONDS = 2.0
+_MIN_ABORT_DELAY = 0.5
+
+_states: weakref.WeakSet[StageServerState] = weakref.WeakSet()
+_shutting_down = False
+_abort_timer: Timer | None = None
+
+
+def track(state: StageServerState) -> None:
+    """Called by ``StageServer.init_app``: this app's stages are aborted on shutdown."""
+    _states.add(state)
+
+
+def shutting_down() -> bool:
+    return _shutting_down
+
+
+def abort_delay(graceful_timeout: float) -> float:
+    """Seconds after SIGTERM at which the streams still running are aborted."""
+    return max(graceful_timeout - _ABORT_LEAD_SECONDS, _MIN_ABORT_DELAY)
+
+
+def begin(graceful_timeout: float) -> None:
+    """Refuse new stages from now on; abort the running ones before the deadline."""
+    global _shutting_down, _abort_timer
+    if _shutting_down:
+        return
+    _shutting_down = True
+    delay = abort_delay(graceful_timeout)
+    # Called from a signal handler: log from a greenlet of its own, not from here.
+    Timer(0, _announce, delay)
+    _abort_timer = Timer(delay, abort_running)
+
+
+def abort_running() -> int:
+    """End every running stage of every app in this process with the shutdown error."""
+    global _shutting_down
+    _shutting_down = True
+    aborted = 0
+    for state in list(_states):
+        for stage in state.stages.running():
+            if stage.abort(ServerShuttingDown(SHUTDOWN_MESSAGE)):
+                aborted += 1
+    if aborted:
+        log.warning("shutting down: aborted %d stage(s) still running", aborted)
+    return aborted
+
+
+def close_upstreams() -> None:
+    for state in list(_states):
+        state.upstreams.close()
+
+
+def install(worker: Any) -> None:
+    """Hook into a gunicorn worker's SIGTERM; see the module docstring."""
+    graceful_timeout = float(worker.cfg.graceful_timeout)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # A signal handler may run inside the gevent hub: begin() only sets a flag and
+        # schedules a timer, the way gunicorn's own handle_quit spawns a greenlet.
+        begin(graceful_timeout)
+        worker.cfg.set("keepalive", 0)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    # As gunicorn does for its own handler: a SIGTERM must not interrupt system calls.
+    signal.siginterrupt(signal.SIGTERM, False)
+
+
+def _announce(delay: float) -> None:
+    running = sum(len(state.stages.running()) for state in list(_states))
+    log.info("shutting down: %d stage(s) running get %.1f s to finish", running, delay)

@@ -1,0 +1,400 @@
+"""/healthz, /readyz, /metrics and the stage log line: in one process through the Flask
+test client, and across two gunicorn workers in prometheus_client's multiprocess mode."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from stageserver import create_app
+from stageserver.logs import JsonFormatter
+from tests.deploy_servers import RedisServer
+from tests.fake_upstream import FakeUpstream
+from tests.servers import Gunicorn, free_port
+from tests.sse_client import parse_events, terminal
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@contextmanager
+def app_client(config: dict[str, Any]) -> Iterator[FlaskClient]:
+    """A fresh app's test client; its upstream connections are closed afterwards."""
+    app = create_app(config)
+    try:
+        yield app.test_client()
+    finally:
+        app.extensions["stageserver"].upstreams.close()
+
+
+@pytest.fixture
+def client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
+    with app_client({"STAGESERVER_UPSTREAM_URL": upstream.url}) as test_client:
+        yield test_client
+
+
+def models_requests(fake: FakeUpstream) -> list[str]:
+    return [r.path for r in fake.requests if r.path.endswith("/models")]
+
+
+# -- health --------------------------------------------------------------------------
+
+
+def test_healthz_answers_without_asking_the_upstream(
+    client: FlaskClient, upstream: FakeUpstream
+) -> None:
+    response = client.get("/healthz")
+    assert (response.status_code, response.json) == (200, {"status": "ok"})
+    assert upstream.requests == []
+
+
+def test_readyz_asks_each_upstream_for_models_at_most_once_a_second(
+    upstream: FakeUpstream,
+) -> None:
+    upstreams = {"a": {"url": upstream.url, "api_key": "sk-ready"}, "b": {"url": upstream.url}}
+    with app_client({"STAGESERVER_UPSTREAMS": upstreams}) as client:
+        for _ in range(5):
+            response = client.get("/readyz")
+            assert response.status_code == 200
+            assert response.json is not None
+            assert response.json["status"] == "ready"
+            reports = response.json["upstreams"]
+            assert {name: report["ok"] for name, report in reports.items()} == {
+                "a": True,
+                "b": True,
+            }
+        assert models_requests(upstream) == ["/v1/models", "/v1/models"]  # one per upstream
+        auth = sorted(r.headers.get("authorization", "") for r in upstream.requests)
+        assert auth == ["Bearer not-needed", "Bearer sk-ready"]  # each upstream's own client
+
+        time.sleep(1.05)  # the cached answer expires
+        assert client.get("/readyz").status_code == 200
+        assert len(models_requests(upstream)) == 4
+
+
+def test_readyz_is_503_and_names_the_upstream_that_does_not_answer(
+    upstream: FakeUpstream,
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    upstreams = {"default": {"url": upstream.url}, "down": {"url": down}}
+    with app_client({"STAGESERVER_UPSTREAMS": upstreams}) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json
+    assert body is not None
+    assert body["status"] == "not_ready"
+    assert body["upstreams"]["default"]["ok"] is True
+    assert body["upstreams"]["down"] == {"ok": False, "error": "could not connect"}
+
+
+def test_readyz_without_any_upstream_is_503() -> None:
+    with app_client({"STAGESERVER_UPSTREAM_URL": None}) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json == {
+        "status": "not_ready",
+        "upstreams": {},
+        "error": "no upstream is configured: set STAGESERVER_UPSTREAM_URL or "
+        "STAGESERVER_UPSTREAMS",
+    }
+
+
+# -- metrics and logs in one process ------------------------------------------------
+
+
+def _run_stage(client: FlaskClient, stage_id: str, model: str, **extra: Any) -> Any:
+    body = {"stage_id": stage_id, "model_name": model, "user_prompt": "hi", "stream": True}
+    return client.post("/chat", json=body | extra, headers={"X-Request-ID": f"rid-{stage_id}"})
+
+
+def _settled(client: FlaskClient, *stage_ids: str) -> None:
+    """Wait for the stages' runner threads: a client may read the terminal event before
+    the runner has logged it and run the stage's on_finish callbacks."""
+    for stage_id in stage_ids:
+        client.application.extensions["stageserver"].stages.get(stage_id).wait(5)
+
+
+def test_metrics_count_stages_by_outcome_and_upstream(
+    client: FlaskClient, upstream: FakeUpstream
+) -> None:
+    before = scrape(client.get("/metrics").text)
+
+    assert terminal(parse_events(_run_stage(client, "m-done", "fake").data))[0]["event"] == "done"
+    failed = parse_events(_run_stage(client, "m-err", "fake?mode=status&status=500").data)
+    assert terminal(failed)[0]["event"] == "error"
+    # A cancel while the stage streams.
+    streaming = _run_stage(client, "m-cancel", "fake?chunks=500&interval=0.01", buffered=False)
+    pieces = streaming.iter_encoded()
+    wire = b""
+    while b"event: chat_completion_chunk" not in wire:
+        wire += next(pieces)
+    assert client.post("/stages/m-cancel/cancel").status_code == 202
+    wire += b"".join(pieces)
+    assert terminal(parse_events(wire))[0]["event"] == "cancel"
+    cancelled_chunks = wire.count(b"event: chat_completion_chunk")
+    _settled(client, "m-done", "m-err", "m-cancel")
+
+    response = client.get("/metrics")
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+    after = scrape(response.text)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    up = {"upstream": "default"}
+    assert delta("stageserver_stages_total", outcome="done", **up) == 1
+    assert delta("stageserver_stages_total", outcome="error", **up) == 1
+    assert delta("stageserver_stages_total", outcome="cancel", **up) == 1
+    assert delta("stageserver_upstream_errors_total", kind="UpstreamStatusError", **up) == 1
+    assert delta("stageserver_chunks_relayed_total", **up) == 7 + cancelled_chunks
+    assert delta("stageserver_time_to_first_token_seconds_count", **up) == 2  # not the error
+    assert delta("stageserver_stream_duration_seconds_count", outcome="error", **up) == 1
+    assert value(after, "stageserver_active_streams", **up) == 0
+
+
+def test_one_structured_log_line_per_stage(
+    client: FlaskClient, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="stageserver.stage")
+    assert b"event: done" in _run_stage(client, "log-ok", "fake?chunks=3").data
+    assert b"event: error" in _run_stage(client, "log-err", "fake?mode=status&status=503").data
+    _settled(client, "log-ok", "log-err")
+    lines = {r.stage_id: r for r in caplog.records if r.name == "stageserver.stage"}  # type: ignore[attr-defined]
+    assert len([r for r in caplog.records if r.name == "stageserver.stage"]) == 2
+
+    ok = lines["log-ok"]
+    assert re.fullmatch(
+        r"stage_id=log-ok outcome=done upstream=default request_id=rid-log-ok "
+        r"ttft_ms=[\d.]+ chunks=5 duration_ms=[\d.]+",
+        ok.getMessage(),
+    )
+    entry = json.loads(JsonFormatter().format(ok))
+    assert {k: entry[k] for k in ("level", "logger", "stage_id", "outcome", "upstream")} == {
+        "level": "info",
+        "logger": "stageserver.stage",
+        "stage_id": "log-ok",
+        "outcome": "done",
+        "upstream": "default",
+    }
+    assert (entry["request_id"], entry["chunks"], entry["pid"]) == ("rid-log-ok", 5, os.getpid())
+    assert entry["ttft_ms"] > 0 and entry["duration_ms"] >= entry["ttft_ms"]
+
+    err = lines["log-err"]
+    assert err.getMessage() == (
+        "stage_id=log-err outcome=error upstream=default request_id=rid-log-err ttft_ms=- "
+        f"chunks=0 duration_ms={err.duration_ms} error_kind=UpstreamStatusError "  # type: ignore[attr-defined]
+        'error="upstream \'default\' answered HTTP 503: fake upstream failure"'
+    )
+    assert json.loads(JsonFormatter().format(err))["ttft_ms"] is None
+
+
+# -- several gunicorn workers -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+def _json_lines(log: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+
+
+def _stage_lines(log: str) -> dict[str, list[dict[str, Any]]]:
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for entry in _json_lines(log):
+        if entry["logger"] == "stageserver.stage":
+            lines.setdefault(entry["stage_id"], []).append(entry)
+    return lines
+
+
+def _booted(log: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", log)]
+
+
+def _post(url: str, stage_id: str, model: str) -> list[dict[str, Any]]:
+    body: dict[str, Any] = {"stage_id": stage_id, "model_name": model, "user_prompt": "hi"}
+    body["stream"] = True
+    response = requests.post(
+        f"{url}/chat", json=body, headers={"X-Request-ID": f"rid-{stage_id}"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    return parse_events(response.content)
+
+
+@contextmanager
+def _stopped(pid: int) -> Iterator[None]:
+    """Hold a worker still (SIGSTOP), so that the other one accepts every connection."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _wait(predicate: Any, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
+    upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    server = Gunicorn(
+        {
+            "STAGESERVER_UPSTREAM_URL": upstream.url,
+            "STAGESERVER_STORE_URL": redis_server.url,
+            "STAGESERVER_LOG_FORMAT": "json",
+        },
+        workers=2,
+    )
+    metrics_dir: Path | None = None
+    try:
+        _wait(lambda: len(_booted(server.log())) == 2, "two workers")
+        workers = _booted(server.log())
+
+        # Which worker accepts a connection is the kernel's choice; to give each worker a
+        # share, the other one is stopped (SIGSTOP) while a batch runs.
+        outcomes: dict[str, str] = {}
+        chunks_seen: dict[str, int] = {}
+        scrapes: list[Samples] = []
+        with ThreadPoolExecutor(4) as pool:
+            for batch, (serving, stopped) in enumerate([workers, workers[::-1]]):
+                jobs = {
+                    f"b{batch}-{n}": "fake?mode=status&status=500" if n == 3 else
+                    "fake?chunks=5&interval=0.02"
+                    for n in range(4)
+                }
+                with _stopped(stopped):
+                    runs = {sid: pool.submit(_post, server.url, sid, m) for sid, m in jobs.items()}
+                    for stage_id, run in runs.items():
+                        events = run.result()
+                        outcomes[stage_id] = terminal(events)[0]["event"]
+                        chunks_seen[stage_id] = sum(
+                            e.get("event") == "chat_completion_chunk" for e in events
+                        )
+                    batch_ids = set(jobs)
+                    _wait(
+                        lambda ids=batch_ids: ids <= set(_stage_lines(server.log())),
+                        "stage lines",
+                    )
+                    lines = _stage_lines(server.log())
+                    assert {lines[sid][0]["pid"] for sid in batch_ids} == {serving}
+        # The directory gunicorn.conf.py made: the one holding these workers' files.
+        files = glob.glob(f"{tempfile.gettempdir()}/stageserver-metrics-*/*_{workers[0]}.db")
+        assert files
+        metrics_dir = Path(files[0]).parent
+
+        for stopped in workers:  # a scrape answered by each worker in turn
+            with _stopped(stopped):
+                scrapes.append(scrape(requests.get(f"{server.url}/metrics", timeout=5).text))
+        assert scrapes[0] == scrapes[1], "either worker gives the same answer"
+        totals = scrapes[0]
+
+        lines = _stage_lines(server.log())
+        assert set(lines) == set(outcomes) and all(len(v) == 1 for v in lines.values())
+        for stage_id, outcome in outcomes.items():
+            line = lines[stage_id][0]
+            assert (line["outcome"], line["request_id"], line["upstream"]) == (
+                outcome,
+                f"rid-{stage_id}",
+                "default",
+            )
+            assert line["chunks"] == chunks_seen[stage_id]
+            assert (line["ttft_ms"] is None) == (outcome == "error")
+        access = {
+            e["request_id"]: e
+            for e in _json_lines(server.log())
+            if e["logger"] == "gunicorn.access" and e["path"] == "/chat"
+        }
+        for stage_id in outcomes:
+            assert (access[f"rid-{stage_id}"]["method"], access[f"rid-{stage_id}"]["status"]) == (
+                "POST",
+                200,
+            )
+        done = sum(o == "done" for o in outcomes.values())
+        failed = sum(o == "error" for o in outcomes.values())
+        assert (done, failed) == (3 * len(outcomes) // 4, len(outcomes) // 4)
+
+        up = {"upstream": "default"}
+        assert value(totals, "stageserver_stages_total", outcome="done", **up) == done
+        assert value(totals, "stageserver_stages_total", outcome="error", **up) == failed
+        assert value(
+            totals, "stageserver_upstream_errors_total", kind="UpstreamStatusError", **up
+        ) == failed
+        assert value(totals, "stageserver_chunks_relayed_total", **up) == sum(chunks_seen.values())
+        assert value(totals, "stageserver_time_to_first_token_seconds_count", **up) == done
+        assert value(
+            totals, "stageserver_stream_duration_seconds_count", outcome="done", **up
+        ) == done
+        assert value(totals, "stageserver_active_streams", **up) == 0
+
+        # Both workers die mid-stream (SIGKILL: no clean-up of their own). Counters keep
+        # their values; the dead workers' active streams are no longer counted.
+        held = requests.post(
+            f"{server.url}/chat",
+            json={"stage_id": "held", "model_name": "fake?chunks=1000&interval=0.02",
+                  "user_prompt": "hi", "stream": True},
+            stream=True,
+            timeout=30,
+        )  # fmt: skip
+        pieces = held.iter_content(None)  # kept: dropping it would close the connection
+        next(pieces)
+        live = scrape(requests.get(f"{server.url}/metrics", timeout=5).text)
+        assert value(live, "stageserver_active_streams", **up) == 1
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        held.close()
+        _wait(lambda: len(_booted(server.log())) == 4, "two new workers")
+
+        def answered() -> Samples | None:
+            try:
+                return scrape(requests.get(f"{server.url}/metrics", timeout=5).text)
+            except requests.ConnectionError:
+                return None
+
+        _wait(lambda: answered() is not None, "/metrics after the restart")
+        after = answered()
+        assert after is not None
+        assert value(after, "stageserver_active_streams", **up) == 0
+        for name, labels in [
+            ("stageserver_stages_total", {"outcome": "done"}),
+            ("stageserver_stages_total", {"outcome": "error"}),
+            ("stageserver_chunks_relayed_total", {}),
+        ]:
+            assert value(after, name, **labels, **up) == value(totals, name, **labels, **up)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log(), server.log()
+    assert metrics_dir is not None and not metrics_dir.exists(), "on_exit removed it"

@@ -1,0 +1,192 @@
+"""Graceful shutdown under gunicorn (behind nginx), and the per-worker stream limit."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+
+from stageserver import create_app
+from tests.deploy_servers import Nginx
+from tests.fake_upstream import FakeUpstream, UpstreamRequest
+from tests.servers import Gunicorn
+from tests.sse_client import OpenStream, chunk_text, parse_events, terminal
+
+SHUTDOWN_ERROR = "stageserver is shutting down; retry the stage"
+
+
+def open_stream(url: str, stage_id: str, model: str) -> OpenStream:
+    body: dict[str, Any] = {"stage_id": stage_id, "model_name": model, "stream": True}
+    body["user_prompt"] = "hi"
+    response = requests.post(
+        f"{url}/chat", json=body, headers={"X-Request-ID": stage_id}, stream=True, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    return OpenStream(response)
+
+
+def seen(fake: FakeUpstream, request_id: str) -> UpstreamRequest:
+    return next(r for r in fake.requests if r.headers.get("x-request-id") == request_id)
+
+
+def read_to_end(stream: OpenStream) -> list[dict[str, Any]]:
+    for piece in stream.response.iter_content(None):
+        stream.wire += piece
+    return stream.events()
+
+
+def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
+    upstream: FakeUpstream,
+) -> None:
+    # graceful_timeout 6 s: streams still running 4 s after SIGTERM are aborted.
+    server = Gunicorn(
+        {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_GRACEFUL_TIMEOUT": "6"}
+    )
+    nginx = Nginx(server.port)
+    try:
+        short = open_stream(nginx.url, "short", "fake?chunks=20&interval=0.05")
+        long = open_stream(nginx.url, "long", "fake?chunks=100000&interval=0.05")
+        for stream in (short, long):
+            stream.read_until(b"event: chat_completion_chunk")
+
+        server.signal(signal.SIGTERM)
+
+        # Not ready any more: 503, or no connection once the worker stops accepting.
+        try:
+            ready = requests.get(f"{server.url}/readyz", timeout=5)
+            assert (ready.status_code, ready.json()) == (503, {"status": "shutting_down"})
+        except requests.ConnectionError:
+            pass
+
+        # New stages are refused: 503 from a worker still finishing, then nginx's 502
+        # once no worker accepts connections any more.
+        statuses: list[int] = []
+        deadline = time.monotonic() + 5
+        while 502 not in statuses and time.monotonic() < deadline:
+            late = requests.post(
+                f"{nginx.url}/chat",
+                json={"stage_id": f"late{len(statuses)}", "model_name": "fake", "user_prompt": "x"},
+                timeout=10,
+            )
+            statuses.append(late.status_code)
+            if late.status_code == 503:
+                assert late.headers["Retry-After"] == "1"
+                assert late.json()["reason"] == "shutting_down"
+            time.sleep(0.1)
+        assert set(statuses) <= {502, 503} and statuses[-1] == 502, statuses
+
+        short_events = read_to_end(short)
+        assert terminal(short_events)[0]["event"] == "done"
+        assert chunk_text(short_events) == "".join(f"tok{i} " for i in range(20))
+
+        long_events = read_to_end(long)
+        assert long_events[-1] == {
+            "event": "error",
+            "data": {"stage_id": "long", "error": SHUTDOWN_ERROR},
+            "id": f"long-error-{len(long_events) - 1}",
+        }
+        assert terminal(long_events) == [long_events[-1]]
+        record = seen(upstream, "long")
+        assert upstream.wait_for(lambda: record.client_closed_at is not None)
+        assert not record.done_sent
+        assert sorted(r.headers["x-request-id"] for r in upstream.requests) == ["long", "short"]
+
+        # The worker left on its own, before gunicorn's SIGKILL.
+        assert server.proc.wait(timeout=15) == 0
+    finally:
+        nginx.stop()
+        server.stop()
+    log = server.log()
+    assert "aborted 1 stage(s) still running" in log
+    assert "error_kind=ServerShuttingDown" in log
+    for sign in ("SIGKILL", "graceful timeout", "Traceback"):
+        assert sign not in log, log
+
+
+def test_sigint_quick_shutdown_still_ends_streams_with_the_error_event(
+    upstream: FakeUpstream,
+) -> None:
+    server = Gunicorn({"STAGESERVER_UPSTREAM_URL": upstream.url})
+    try:
+        stream = open_stream(server.url, "quick", "fake?chunks=100000&interval=0.05")
+        stream.read_until(b"event: chat_completion_chunk")
+        server.signal(signal.SIGINT)
+        events = read_to_end(stream)
+        assert terminal(events) == [
+            {
+                "event": "error",
+                "data": {"stage_id": "quick", "error": SHUTDOWN_ERROR},
+                "id": f"quick-error-{len(events) - 1}",
+            }
+        ]
+        assert server.proc.wait(timeout=15) == 0
+        record = seen(upstream, "quick")
+        assert upstream.wait_for(lambda: record.client_closed_at is not None)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.fixture
+def limited(upstream: FakeUpstream) -> Iterator[FlaskClient]:
+    app = create_app(
+        {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_MAX_ACTIVE_STREAMS": 2}
+    )
+    yield app.test_client()
+    app.extensions["stageserver"].upstreams.close()
+
+
+def _start(client: FlaskClient, stage_id: str) -> Any:
+    body = {
+        "stage_id": stage_id,
+        "model_name": "fake?chunks=1000&interval=0.01",
+        "user_prompt": "hi",
+        "stream": True,
+    }
+    return client.post("/chat", json=body, buffered=False)
+
+
+def test_a_stage_refused_for_its_id_gives_its_slot_back(
+    limited: FlaskClient, upstream: FakeUpstream
+) -> None:
+    first = _start(limited, "a")
+    assert first.status_code == 200
+    conflict = _start(limited, "a")  # admitted, then 409: the slot must come back
+    assert conflict.status_code == 409
+    second = _start(limited, "b")
+    assert second.status_code == 200
+    streams = [response.iter_encoded() for response in (first, second)]
+    for pieces in streams:  # both stages are streaming
+        while b"event: chat_completion_chunk" not in next(pieces):
+            pass
+    over = _start(limited, "c")
+    assert over.status_code == 503
+    assert over.headers["Retry-After"] == "1"
+    assert over.json == {
+        "error": "this stageserver worker is running its limit of 2 active streams "
+        "(STAGESERVER_MAX_ACTIVE_STREAMS); retry in 1 s",
+        "reason": "overload",
+        "limit": 2,
+    }
+    assert [r.body["messages"][0]["content"] for r in upstream.requests] == ["hi", "hi"]
+
+    for stage_id in ("a", "b"):
+        assert limited.post(f"/stages/{stage_id}/cancel").status_code == 202
+    for response, pieces in zip((first, second), streams, strict=True):
+        assert terminal(parse_events(b"".join(pieces)))[0]["event"] == "cancel"
+        response.close()
+    stages = limited.application.extensions["stageserver"].stages
+    for stage_id in ("a", "b"):
+        stages.get(stage_id).wait(5)  # the runner gives the slot back as it finishes
+
+    again = _start(limited, "d")
+    assert again.status_code == 200
+    assert limited.post("/stages/d/cancel").status_code == 202
+    again.get_data()
+    again.close()
+    stages.get("d").wait(5)
