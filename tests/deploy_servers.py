@@ -124,12 +124,16 @@ class Nginx:
 
 
 class RedisServer:
-    """A throwaway redis-server: no persistence, loopback only."""
+    """A throwaway redis-server: no persistence, loopback only. ``kill()`` and ``start()``
+    again on the same port make a restart."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = Path(tempfile.mkdtemp(prefix="stageserver-redis-"))
+        self.start()
+
+    def start(self) -> None:
         log = self.dir / "redis.log"
         self.proc = subprocess.Popen(
             [
@@ -149,6 +153,9 @@ class RedisServer:
         except RuntimeError:
             self.stop()
             raise
+
+    def kill(self) -> None:
+        _stop(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
         _stop(self.proc, signal.SIGTERM)

@@ -2,63 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from tests.deploy_servers import RedisServer
 from tests.fake_upstream import FakeUpstream
 from tests.servers import ROOT, VENV_BIN, Gunicorn, free_port
 from tests.sse_client import chunk_text, parse_events, post_stream, terminal
-
-
-class RedisServer:
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        assert Path(binary).exists(), "redis-server is missing: run scripts/setup.sh --dev"
-        self.binary = binary
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(ROOT / ".pytest_cache"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while (
-            subprocess.run(
-                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, check=False
-            ).stdout.strip()
-            != b"PONG"
-        ):
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +145,7 @@ def test_redis_restart_mid_stream(
     stream = post_stream(a.url, stage_id="x-down", model_name="fake?chunks=500&interval=0.05")
     stream.read_until(b"event: chat_completion_chunk", 2)
     watcher = requests.get(f"{b.url}/stages/x-down/events", stream=True, timeout=30)
-    redis_server.stop()
+    redis_server.kill()
     try:
         stream.read_until(b"event: error")
         stream.close()
