@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import requests
@@ -61,3 +62,31 @@ class OpenStream:
 def post_stream(url: str, **fields: Any) -> OpenStream:
     body = {"model_name": "fake", "user_prompt": "hi", "stream": True, **fields}
     return OpenStream(requests.post(f"{url}/chat", json=body, stream=True, timeout=30))
+
+
+def stage_status(base_url: str, stage_id: str) -> dict[str, Any]:
+    status: dict[str, Any] = requests.get(f"{base_url}/stages/{stage_id}", timeout=5).json()
+    return status
+
+
+def wait_for_status(
+    base_url: str, stage_id: str, wanted: str, timeout: float = 10
+) -> dict[str, Any]:
+    """The stage's status once it is ``wanted``; fails the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (current := stage_status(base_url, stage_id)).get("status") != wanted:
+        assert time.monotonic() < deadline, current
+        time.sleep(0.02)
+    return current
+
+
+def assert_resumed_exactly_once(
+    stage_id: str, before: list[dict[str, Any]], after: list[dict[str, Any]], chunks: int
+) -> None:
+    """The events a client got before it dropped, then after it re-attached, are the
+    whole stage once, in order: every id once, the text with no gap and no repeat."""
+    events = [e for e in before + after if "id" in e]
+    ids = [e["id"] for e in events]
+    last = len(ids) - 1
+    assert ids == [f"{stage_id}-chunk-{n}" for n in range(last)] + [f"{stage_id}-done-{last}"]
+    assert chunk_text(events) == "".join(f"tok{n} " for n in range(chunks))

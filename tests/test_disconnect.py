@@ -12,6 +12,7 @@ import requests
 
 from tests.fake_upstream import FakeUpstream
 from tests.servers import Gunicorn
+from tests.sse_client import stage_status, wait_for_status
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +49,6 @@ def read_until(sock: socket.socket, marker: bytes, count: int = 1) -> bytes:
     return wire
 
 
-def stage_status(server: Gunicorn, stage_id: str) -> dict[str, object]:
-    deadline = time.monotonic() + 5
-    while True:
-        status: dict[str, object] = requests.get(
-            f"{server.url}/stages/{stage_id}", timeout=5
-        ).json()
-        if status["status"] != "running" or time.monotonic() > deadline:
-            return status
-        time.sleep(0.02)
-
-
 def test_disconnect_mid_stream_closes_the_upstream(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
@@ -72,8 +62,8 @@ def test_disconnect_mid_stream_closes_the_upstream(
     assert pulled < 200 and not seen.done_sent
     time.sleep(0.3)
     assert upstream.requests[0].chunks_sent == pulled  # nothing more was pulled
-    assert stage_status(server, "mid")["status"] == "cancelled"
-    assert stage_status(server, "mid")["cancel_reason"] == "client disconnected"
+    assert wait_for_status(server.url, "mid", "cancelled")
+    assert stage_status(server.url, "mid")["cancel_reason"] == "client disconnected"
 
 
 def test_disconnect_during_prefill_closes_the_upstream(
@@ -87,7 +77,7 @@ def test_disconnect_during_prefill_closes_the_upstream(
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
     seen = upstream.requests[0]
     assert seen.chunks_sent == 0
-    assert stage_status(server, "prefill")["status"] == "cancelled"
+    assert wait_for_status(server.url, "prefill", "cancelled")
 
 
 def test_disconnect_before_upstream_headers_closes_the_upstream(
@@ -98,7 +88,7 @@ def test_disconnect_before_upstream_headers_closes_the_upstream(
     assert upstream.wait_for(lambda: len(upstream.requests) == 1)
     sock.close()
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
-    assert stage_status(server, "noheaders")["status"] == "cancelled"
+    assert wait_for_status(server.url, "noheaders", "cancelled")
 
 
 def test_the_cancel_is_recorded_for_watchers(server: Gunicorn, upstream: FakeUpstream) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import requests
@@ -13,7 +11,14 @@ import requests
 from tests.deploy_servers import RedisServer
 from tests.fake_upstream import FakeUpstream
 from tests.servers import ROOT, VENV_BIN, Gunicorn, free_port
-from tests.sse_client import chunk_text, parse_events, post_stream, terminal
+from tests.sse_client import (
+    assert_resumed_exactly_once,
+    parse_events,
+    post_stream,
+    stage_status,
+    terminal,
+    wait_for_status,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +42,6 @@ def pair(fake: FakeUpstream, redis_server: RedisServer) -> Iterator[tuple[Gunico
     b.stop()
 
 
-def status(server: Gunicorn, stage_id: str) -> dict[str, Any]:
-    body: dict[str, Any] = requests.get(f"{server.url}/stages/{stage_id}", timeout=5).json()
-    return body
-
-
-def wait_status(server: Gunicorn, stage_id: str, wanted: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while (current := status(server, stage_id)).get("status") != wanted:
-        assert time.monotonic() < deadline, current
-        time.sleep(0.05)
-    return current
-
-
 def test_cancel_through_b_stops_the_stage_on_a(
     pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
 ) -> None:
@@ -65,7 +57,9 @@ def test_cancel_through_b_stops_the_stage_on_a(
     ]
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
     assert not upstream.requests[0].done_sent
-    assert wait_status(b, "x-cancel", "cancelled")["cancel_reason"] == "cancelled by request"
+    assert (
+        wait_for_status(b.url, "x-cancel", "cancelled")["cancel_reason"] == "cancelled by request"
+    )
     assert requests.post(f"{b.url}/stages/x-cancel/cancel", timeout=5).status_code == 409
     assert requests.post(f"{b.url}/stages/x-none/cancel", timeout=5).status_code == 404
 
@@ -84,12 +78,9 @@ def test_resume_through_b_gets_the_rest_exactly_once(
     rest = requests.get(
         f"{b.url}/stages/x-res/events", headers={"Last-Event-ID": got[-1]["id"]}, timeout=10
     )
-    later = [e for e in parse_events(rest.content) if "id" in e]
-    ids = [e["id"] for e in got + later]
-    assert ids == [f"x-res-chunk-{n}" for n in range(len(ids) - 1)] + [f"x-res-done-{len(ids) - 1}"]
-    assert chunk_text(got + later) == "".join(f"tok{n} " for n in range(40))
-    assert status(b, "x-res")["status"] == "done"
-    assert status(b, "x-res")["text"] == "".join(f"tok{n} " for n in range(40))
+    assert_resumed_exactly_once("x-res", got, parse_events(rest.content), 40)
+    final = stage_status(b.url, "x-res")
+    assert (final["status"], final["text"]) == ("done", "".join(f"tok{n} " for n in range(40)))
 
 
 def test_watcher_on_b_keeps_a_resumable_stage_alive_past_the_grace(
@@ -104,7 +95,7 @@ def test_watcher_on_b_keeps_a_resumable_stage_alive_past_the_grace(
     # Nobody is attached on A for 3 s (grace 1 s), but B follows the stage.
     followed = requests.get(f"{b.url}/stages/x-keep/events", timeout=20)
     assert [e["event"] for e in terminal(parse_events(followed.content))] == ["done"]
-    assert status(a, "x-keep")["status"] == "done"
+    assert stage_status(a.url, "x-keep")["status"] == "done"
 
 
 def test_resumable_stage_nobody_reattaches_is_cancelled(
@@ -116,7 +107,7 @@ def test_resumable_stage_nobody_reattaches_is_cancelled(
     )
     stream.read_until(b"event: chat_completion_chunk")
     stream.close()
-    summary = wait_status(b, "x-grace", "cancelled")
+    summary = wait_for_status(b.url, "x-grace", "cancelled")
     assert summary["cancel_reason"] == "no client re-attached within 1 s"
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
 
@@ -125,7 +116,7 @@ def test_a_live_stage_id_is_unique_across_instances(pair: tuple[Gunicorn, Gunico
     a, b = pair
     stream = post_stream(a.url, stage_id="x-dup", model_name="fake?prefill=30")
     try:
-        wait_status(b, "x-dup", "running")
+        wait_for_status(b.url, "x-dup", "running")
         response = requests.post(
             f"{b.url}/chat",
             json={"stage_id": "x-dup", "model_name": "fake", "user_prompt": "hi"},

@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import requests
 
 from tests.fake_upstream import FakeUpstream
 from tests.servers import Gunicorn
-from tests.sse_client import chunk_text, parse_events, post_stream, terminal
+from tests.sse_client import (
+    assert_resumed_exactly_once,
+    parse_events,
+    post_stream,
+    stage_status,
+    terminal,
+    wait_for_status,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +35,6 @@ def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
     assert "Traceback" not in gunicorn.log(), gunicorn.log()
 
 
-def status_of(server: Gunicorn, stage_id: str) -> dict[str, Any]:
-    body: dict[str, Any] = requests.get(f"{server.url}/stages/{stage_id}", timeout=5).json()
-    return body
-
-
-def wait_status(server: Gunicorn, stage_id: str, status: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while (current := status_of(server, stage_id))["status"] != status:
-        assert time.monotonic() < deadline, current
-        time.sleep(0.02)
-    return current
-
-
 def test_resumable_stage_survives_a_drop_and_resumes_exactly_once(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
@@ -51,18 +44,14 @@ def test_resumable_stage_survives_a_drop_and_resumes_exactly_once(
     stream.read_until(b"event: chat_completion_chunk", 4)
     stream.close()
     got = [e for e in stream.events() if "id" in e]
-    last_id = got[-1]["id"]
 
     time.sleep(0.2)
-    assert status_of(server, "res")["status"] == "running"  # the drop did not cancel it
+    assert stage_status(server.url, "res")["status"] == "running"  # the drop did not cancel it
     rest = requests.get(
-        f"{server.url}/stages/res/events", headers={"Last-Event-ID": last_id}, timeout=10
+        f"{server.url}/stages/res/events", headers={"Last-Event-ID": got[-1]["id"]}, timeout=10
     )
     assert rest.headers["Content-Type"] == "text/event-stream; charset=utf-8"
-    later = [e for e in parse_events(rest.content) if "id" in e]
-    ids = [e["id"] for e in got + later]
-    assert ids == [f"res-chunk-{n}" for n in range(len(ids) - 1)] + [f"res-done-{len(ids) - 1}"]
-    assert chunk_text(got + later) == "".join(f"tok{n} " for n in range(30))
+    assert_resumed_exactly_once("res", got, parse_events(rest.content), 30)
     assert upstream.requests[0].done_sent
 
 
@@ -97,7 +86,7 @@ def test_resumable_stage_nobody_reattaches_is_cancelled_after_grace(
     )
     stream.read_until(b"event: chat_completion_chunk", 1)
     stream.close()
-    status = wait_status(server, "grace", "cancelled")
+    status = wait_for_status(server.url, "grace", "cancelled")
     assert status["cancel_reason"] == "no client re-attached within 1 s"
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
     assert not upstream.requests[0].done_sent
@@ -120,7 +109,7 @@ def test_cancel_reaches_every_watcher_and_closes_the_upstream(
             {"stage_id": "c", "reason": "cancelled by request"}
         ]
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
-    assert wait_status(server, "c", "cancelled")["cancel_reason"] == "cancelled by request"
+    assert wait_for_status(server.url, "c", "cancelled")["cancel_reason"] == "cancelled by request"
     again = requests.post(f"{server.url}/stages/c/cancel", timeout=5)
     assert again.status_code == 409
 
@@ -135,7 +124,7 @@ def test_status_of_a_finished_stage(server: Gunicorn) -> None:
         json={"stage_id": "st", "model_name": "fake?chunks=2", "user_prompt": "a b"},
         timeout=10,
     )
-    status = status_of(server, "st")
+    status = stage_status(server.url, "st")
     assert {k: status[k] for k in ("stage_id", "status", "text", "finish_reason", "usage")} == {
         "stage_id": "st",
         "status": "done",
