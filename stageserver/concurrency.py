@@ -52,25 +52,85 @@ class Task:
             self._thread.join(timeout)
 
 
-class ReadDeadline:
-    """Raises an exception in the running greenlet if a read outlasts ``seconds``.
+class _LazyTimer:
+    """A libev timer for a deadline that moves often and fires rarely.
 
-    Use it only around a blocking upstream read, never around a write to a client, so
-    that a firing timer cannot interrupt gunicorn in the middle of a response. A no-op
-    under threads.
+    Starting and cancelling a ``gevent.Timeout`` around every read of a stream costs
+    more than the read's own Python code. Here the owner only records when its wait
+    began (``since``); one timer runs, and when it fires it checks that time: a wait
+    that began later re-arms it for the rest, a wait that has lasted ``seconds`` gets
+    ``_expire()``. So a stream relaying chunks touches the timer about once per
+    ``seconds``, not once per chunk. Without gevent (``_loop`` None) it does nothing.
     """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._timeout: Any = None
+        self.since = -1.0  # loop time the current wait began; negative when not waiting
+        self._timer: Any = None
+        self._loop: Any = None
         if gevent_active():
             import gevent
 
-            self._timeout = gevent.Timeout(seconds)
+            self._loop = gevent.get_hub().loop
+
+    def begin(self) -> None:
+        self.since = self._loop.now()
+        if self._timer is None:
+            self._arm(self.seconds)
+
+    def end(self) -> None:
+        self.since = -1.0
+
+    def close(self) -> None:
+        self.since = -1.0
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+    def _arm(self, seconds: float) -> None:
+        # ref=False: a pending deadline does not keep the worker's loop alive.
+        self._timer = self._loop.timer(seconds, 0.0, ref=False)
+        self._timer.start(self._check)
+
+    def _check(self) -> None:
+        self._timer.close()
+        self._timer = None
+        if self.since < 0:
+            return  # not waiting: the next wait arms it again
+        left = self.since + self.seconds - self._loop.now()
+        if left > 0:
+            self._arm(left)
+            return
+        self.since = -1.0
+        self._expire()
+
+    def _expire(self) -> None:
+        raise NotImplementedError
+
+
+class ReadDeadline(_LazyTimer):
+    """Raises an exception in the running greenlet if a read outlasts ``seconds``.
+
+    Use it only around a blocking upstream read, never around a write to a client, so
+    that a firing timer cannot interrupt gunicorn in the middle of a response. A no-op
+    under threads. ``close()`` it when done with it: a timer may still be armed.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self._expired: BaseException | None = None  # what an overlong read raised
+        self._greenlet: Any = None
 
     def __enter__(self) -> None:
-        if self._timeout is not None:
-            self._timeout.start()
+        # begin(), inlined: this runs for every read of every stream.
+        loop = self._loop
+        if loop is not None:
+            self.since = loop.now()
+            if self._timer is None:
+                import gevent
+
+                self._greenlet = gevent.getcurrent()
+                self._arm(self.seconds)
 
     def __exit__(
         self,
@@ -78,15 +138,73 @@ class ReadDeadline:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._timeout is not None:
-            self._timeout.cancel()
+        self.since = -1.0
 
     @property
     def enforced(self) -> bool:
-        return self._timeout is not None
+        return self._loop is not None
 
     def fired(self, exc: BaseException) -> bool:
-        return exc is self._timeout
+        return exc is self._expired
+
+    def _expire(self) -> None:
+        import gevent
+
+        # In the hub: the reading greenlet is parked in its read, so raise it there.
+        self._expired = gevent.Timeout(self.seconds)
+        self._greenlet.throw(self._expired)
+
+
+class Wakeup:
+    """A flag that one waiter sleeps on: ``set()`` wakes it; ``wait(timeout)`` returns
+    False when ``timeout`` seconds pass without a ``set()``.
+
+    Under gevent the timeout is a ``_LazyTimer`` rather than a ``gevent.Timeout`` made
+    for every wait, which a response waiting for each chunk of a stream would pay per
+    chunk. ``close()`` it when done with it.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        # The event's own methods, not wrappers: one call less for each chunk relayed.
+        self.set: Callable[[], None] = self._event.set
+        self.clear: Callable[[], None] = self._event.clear
+        self.is_set: Callable[[], bool] = self._event.is_set
+        self._timer: _WakeupTimer | None = None
+        if gevent_active():
+            self._timer = _WakeupTimer(self._event)
+
+    def wait(self, timeout: float) -> bool:
+        timer = self._timer
+        if timer is None:
+            return self._event.wait(timeout)
+        if self._event.is_set():
+            return True
+        if timer.seconds != timeout:
+            timer.close()
+            timer.seconds = timeout
+        timer.timed_out = False
+        timer.begin()
+        try:
+            self._event.wait()
+        finally:
+            timer.end()
+        return not timer.timed_out
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+
+
+class _WakeupTimer(_LazyTimer):
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__(0.0)
+        self._event = event
+        self.timed_out = False
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        self._event.set()
 
 
 class Timer:

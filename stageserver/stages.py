@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx2
 
-from .concurrency import ReadDeadline, Task, Timer, new_event
+from .concurrency import ReadDeadline, Task, Timer, Wakeup
 from .errors import (
     FirstTokenTimeout,
     IdleTimeout,
@@ -48,7 +48,7 @@ class Subscriber:
     """One HTTP response following a stage. ``wake`` is set when there is news for it."""
 
     def __init__(self) -> None:
-        self.wake = new_event()
+        self.wake = Wakeup()
         self.client_gone = False
 
 
@@ -226,6 +226,7 @@ class Stage:
 
     def _run(self) -> None:
         response: httpx2.Response | None = None
+        first_token: ReadDeadline | None = None
         try:
             try:
                 with self._lock:
@@ -259,6 +260,8 @@ class Stage:
                         StageFailure(f"internal error in stageserver (stage {self.stage_id})")
                     )
         finally:
+            if first_token is not None:
+                first_token.close()
             if response is not None:
                 # Closing is what tells the upstream to stop generating.
                 response.close()
@@ -271,6 +274,15 @@ class Stage:
         else:
             reads = response.iter_raw()
         idle = ReadDeadline(upstream.config.idle_timeout)
+        try:
+            self._relay_reads(reads, first_token, idle)
+        finally:
+            idle.close()
+
+    def _relay_reads(
+        self, reads: Iterator[bytes], first_token: ReadDeadline, idle: ReadDeadline
+    ) -> None:
+        upstream = self.upstream
         deadline = first_token
         splitter = SSEPayloadSplitter()
         while True:
@@ -308,10 +320,7 @@ class Stage:
         )
 
     def _take_chunk(self, payload: bytes) -> None:
-        try:
-            chunk = json.loads(payload)
-        except ValueError:
-            chunk = None
+        chunk = _parse_chunk(payload)
         if not isinstance(chunk, dict):
             raise UpstreamProtocolError(
                 f"upstream {self.upstream.name!r} sent a chunk that is not a JSON object: "
@@ -351,6 +360,8 @@ class Stage:
         except BaseException as exc:
             if not (deadline.fired(exc) or isinstance(exc, Exception)):
                 raise
+        finally:
+            deadline.close()
 
     # -- the end -------------------------------------------------------------------------
 
@@ -432,6 +443,28 @@ def _logfmt(value: Any) -> str:
     if not text or any(c in text for c in ' "=\\') or not text.isprintable():
         return json.dumps(text, ensure_ascii=False)
     return text
+
+
+_scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+_JSON_SPACE = " \t\n\r"
+
+
+def _parse_chunk(payload: bytes) -> Any:
+    """``json.loads(payload)``, or None where that raises; once per chunk, so the usual
+    payload, an object with nothing after it, goes straight to the C scanner."""
+    try:
+        if payload[:1] == b"{":
+            text = payload.decode("utf-8", "surrogatepass")  # what json.loads does
+            try:
+                value, end = _scan_json(text, 0)
+            except StopIteration:
+                return None
+            if end == len(text) or not text[end:].strip(_JSON_SPACE):
+                return value
+            return None
+        return json.loads(payload)
+    except ValueError:
+        return None
 
 
 def _error_message(error: Any) -> str:

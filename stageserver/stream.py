@@ -18,6 +18,7 @@ gone, and nothing is yielded after ``GeneratorExit``: a yield there makes the se
 from __future__ import annotations
 
 import errno
+import select
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,7 @@ def follow_stage(
     finally:
         if watcher is not None:
             watcher.stop()
+        subscriber.wake.close()
         stage.detach(subscriber, owner=owner, disconnected=not finished)
 
 
@@ -98,17 +100,24 @@ def follow_remote_stage(
     finally:
         if watcher is not None:
             watcher.stop()
+        subscriber.wake.close()
 
 
 class DisconnectWatcher:
-    """Under gevent, wakes a subscriber when its client's socket reads end-of-file."""
+    """Under gevent, wakes a subscriber when its client's socket reads end-of-file.
+
+    A read watcher on the socket in gevent's loop, not a greenlet parked in a peek: no
+    greenlet to spawn and kill for each response, and no stack to keep for each open
+    stream.
+    """
 
     def __init__(self, sock: socket.socket, subscriber: Subscriber) -> None:
         import gevent
 
         self._sock = sock
         self._subscriber = subscriber
-        self._greenlet = gevent.spawn(self._watch)
+        self._io: Any = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1: readable
+        self._io.start(self._readable)
 
     @classmethod
     def start(cls, sock: Any, subscriber: Subscriber) -> DisconnectWatcher | None:
@@ -118,11 +127,16 @@ class DisconnectWatcher:
             return None
         return cls(sock, subscriber)
 
-    def _watch(self) -> None:
+    def _readable(self) -> None:
+        # Runs in gevent's hub, which must never wait: peek only once the real poll says
+        # the peek will not block (the watcher can fire spuriously).
+        if not _poll_readable(self._sock.fileno()):
+            return
         try:
             peeked = self._sock.recv(1, socket.MSG_PEEK)
         except OSError:
             peeked = b""
+        self._io.stop()
         if peeked:
             return  # the client sent more (a pipelined request): it is still there
         self._subscriber.client_gone = True
@@ -130,4 +144,13 @@ class DisconnectWatcher:
 
     def stop(self) -> None:
         # Must be gone before gunicorn reads the next request on this connection.
-        self._greenlet.kill(block=True)
+        self._io.stop()
+        self._io.close()
+
+
+def _poll_readable(fd: int) -> bool:
+    from gevent import monkey
+
+    poll = monkey.get_original("select", "poll")()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(0))

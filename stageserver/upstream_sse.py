@@ -17,6 +17,16 @@ class SSEPayloadSplitter:
 
     def feed(self, raw: bytes) -> list[bytes]:
         """Return the payloads completed by ``raw``, in order."""
+        if (
+            # The usual read, one whole single-line event: no need to split it into lines.
+            raw.startswith(b"data: ")
+            and raw.endswith(b"\n\n")
+            and raw.find(b"\n") == len(raw) - 2
+            and b"\r" not in raw
+            and not self._partial_line
+            and not self._data_lines
+        ):
+            return [raw[6:-2]]
         text = self._partial_line + raw
         if b"\r" in text:
             held_cr = text.endswith(b"\r")

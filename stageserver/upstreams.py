@@ -8,13 +8,17 @@ each worker owns its connection pool and connections are reused across stages.
 from __future__ import annotations
 
 import os
+import select
 import threading
 from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
 from typing import Any
 
+import httpcore2._utils
 import httpx2
 import openai
 
+from .concurrency import gevent_active
 from .config import UpstreamConfig
 from .errors import (
     ConnectTimeout,
@@ -45,21 +49,16 @@ class Upstream:
         return self._client
 
     def _build_client(self) -> openai.OpenAI:
+        _unpatch_idle_check()
         cfg = self.config
-        # The read timeout is only a backstop: under gevent the stage runner enforces the
-        # first-token and idle timeouts itself, each with its own message.
+        # Under gevent the stage runner enforces the first-token and idle timeouts itself,
+        # each with its own message, and a socket timeout would cost a timer on every
+        # read; under threads the read timeout is what bounds a silent upstream.
         timeout = httpx2.Timeout(
             connect=cfg.connect_timeout,
-            read=max(cfg.first_token_timeout, cfg.idle_timeout),
+            read=None if gevent_active() else max(cfg.first_token_timeout, cfg.idle_timeout),
             write=cfg.connect_timeout,
             pool=cfg.connect_timeout,
-        )
-        limits = httpx2.Limits(
-            max_connections=cfg.max_connections,
-            max_keepalive_connections=cfg.max_connections,
-            # Below the 5 s idle timeout common to upstream servers, so that a pooled
-            # connection is not reused just as the upstream closes it.
-            keepalive_expiry=4.0,
         )
         return openai.OpenAI(
             base_url=cfg.url,
@@ -68,7 +67,9 @@ class Upstream:
             timeout=timeout,
             # iter_raw() hands over the bytes as they came: ask for them uncompressed.
             default_headers={"Accept-Encoding": "identity"},
-            http_client=httpx2.Client(timeout=timeout, limits=limits),
+            http_client=httpx2.Client(
+                timeout=timeout, transport=ShardedTransport(cfg.max_connections)
+            ),
         )
 
     def chat_body(
@@ -136,6 +137,108 @@ class Upstream:
         if self._client is not None and self._client_pid == os.getpid():
             self._client.close()
         self._client = None
+
+
+class ShardedTransport(httpx2.BaseTransport):
+    """One client's connections to an upstream, kept in several small pools.
+
+    httpcore walks every connection of a pool, asking each whether it is closed, expired
+    or idle, on each request and again on each release; with hundreds of streams that
+    walk costs more than relaying the stream's chunks. Here a request goes to the first
+    pool with fewer than ``SHARD_SIZE`` requests in flight (the least busy one when all
+    are full), so that a walk stays short, and light traffic keeps reusing the
+    connections of the first pool. Pools are made as the load needs them; together they
+    hold at most ``max_connections``.
+    """
+
+    SHARD_SIZE = 16
+
+    def __init__(self, max_connections: int) -> None:
+        self._shard_count = max(1, -(-max_connections // self.SHARD_SIZE))
+        self._limits = httpx2.Limits(
+            max_connections=min(max_connections, self.SHARD_SIZE),
+            max_keepalive_connections=min(max_connections, self.SHARD_SIZE),
+            # Below the 5 s idle timeout common to upstream servers, so that a pooled
+            # connection is not reused just as the upstream closes it.
+            keepalive_expiry=4.0,
+        )
+        self._ssl_context = httpx2.create_ssl_context()  # one for all: each costs ~50 ms
+        self._shards: list[httpx2.HTTPTransport] = []
+        self._in_flight: list[int] = []
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        index = self._acquire()
+        try:
+            response = self._shards[index].handle_request(request)
+        except BaseException:
+            self._release(index)
+            raise
+        response.stream = _ShardStream(response.stream, self, index)
+        return response
+
+    def _acquire(self) -> int:
+        with self._lock:
+            in_flight = self._in_flight
+            index = next((i for i, n in enumerate(in_flight) if n < self.SHARD_SIZE), -1)
+            if index < 0:
+                if len(in_flight) < self._shard_count:
+                    self._shards.append(
+                        httpx2.HTTPTransport(verify=self._ssl_context, limits=self._limits)
+                    )
+                    in_flight.append(0)
+                    index = len(in_flight) - 1
+                else:
+                    index = in_flight.index(min(in_flight))
+            in_flight[index] += 1
+            return index
+
+    def _release(self, index: int) -> None:
+        with self._lock:
+            self._in_flight[index] -= 1
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.close()
+
+
+class _ShardStream(httpx2.SyncByteStream):
+    """A response body that gives its request's place in its pool back when closed."""
+
+    __slots__ = ("_stream", "_transport", "_index")
+
+    def __init__(self, stream: Any, transport: ShardedTransport, index: int) -> None:
+        self._stream = stream
+        self._transport: ShardedTransport | None = transport
+        self._index = index
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._stream)  # no generator of its own: one less frame per read
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            transport, self._transport = self._transport, None
+            if transport is not None:
+                transport._release(self._index)
+
+
+def _unpatch_idle_check() -> None:
+    """Give httpcore the real ``select.poll`` under gevent.
+
+    httpcore asks every idle pooled connection whether its socket is readable (a server
+    that closed it) with a zero-timeout poll, on each request and each release. gevent's
+    poll makes each of those a round trip through the hub; a zero-timeout poll never
+    blocks, so the unpatched one is safe, and much cheaper.
+    """
+    utils: Any = httpcore2._utils
+    if not gevent_active() or isinstance(utils.select, SimpleNamespace):
+        return
+    from gevent import monkey
+
+    poll, select_ = monkey.get_original("select", ["poll", "select"])
+    utils.select = SimpleNamespace(poll=poll, select=select_, POLLIN=select.POLLIN)
 
 
 def _detail(exc: openai.APIStatusError) -> str:

@@ -1,0 +1,269 @@
+"""The processes under test: how each is started, and what it costs, read from /proc.
+
+CPU time is the sum of ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds on a CPU, user and
+system together) over every thread of every process in a tree: the same quantity as
+``utime + stime`` in ``/proc/<pid>/stat``, without its 10 ms granularity, which would blur
+a window of a few seconds at low concurrency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from tests.servers import ROOT, Gunicorn, free_port, wait_for_http
+
+__all__ = ["ROOT", "Direct", "FakeUpstreamProcess", "Nginx", "Stageserver", "cpu_seconds",
+           "machine", "machine_busy_seconds", "raise_nofile_limit", "rss_kb", "tree"]
+
+NGINX = "/usr/sbin/nginx"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a gunicorn or nginx master and its workers)."""
+    found = [pid]
+    for parent in found:  # grows while it is walked: breadth first
+        for task in _listdir(f"/proc/{parent}/task"):
+            with contextlib.suppress(OSError):
+                found.extend(int(c) for c in Path(f"/proc/{parent}/task/{task}/children")
+                             .read_text().split())
+    return found
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        if not os.path.exists(f"/proc/{pid}/schedstat"):  # a kernel without SCHED_INFO
+            total += _stat_ticks(pid) / _TICK
+            continue
+        for task in _listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError):  # a thread that just ended
+                schedstat = Path(f"/proc/{pid}/task/{task}/schedstat").read_text()
+                total += int(schedstat.split()[0]) / 1e9
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent on anything but idling, since boot (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def rss_kb(pids: Iterable[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def _stat_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu_model": model,
+        "ram_gib": f"{mem_kb / 1024 / 1024:.1f}",
+        "kernel": os.uname().release,
+        "python": sys.version.split()[0],
+    }
+
+
+def raise_nofile_limit() -> None:
+    """Thousands of streams need thousands of descriptors in every process (inherited)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class FakeUpstreamProcess:
+    """``python -m tests.fake_upstream`` on a free port: the upstream every target reads."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fake_upstream", "--port", str(self.port)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"the fake upstream did not start: {line!r}")
+        self.url = line.split()[1]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+class Stageserver:
+    """stageserver under gunicorn: one gevent worker, limits raised for 2,000 streams
+    (connections per worker, pooled upstream connections, admitted streams).
+
+    No access log: a line per stream is CPU that the other targets do not spend (nginx
+    runs with ``access_log off`` too). stageserver's own line per stage stays, as
+    deployed; everything else is at its defaults.
+    """
+
+    name = "stageserver"
+    path = "/chat"
+
+    def __init__(self, upstream_url: str) -> None:
+        self._server = Gunicorn(
+            {
+                "STAGESERVER_UPSTREAM_URL": upstream_url,
+                "STAGESERVER_WORKER_CONNECTIONS": "3000",
+                "STAGESERVER_UPSTREAM_MAX_CONNECTIONS": "3000",
+                "STAGESERVER_MAX_ACTIVE_STREAMS": "2900",
+                "STAGESERVER_ACCESS_LOG": "",
+            },
+            workers=1,
+        )
+        self.port = self._server.port
+        self.pid = self._server.proc.pid
+
+    def log(self) -> str:
+        return self._server.log()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+_NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+    keepalive_requests 1000000;
+    upstream fake {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 4096;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """Debian's nginx, one worker, relaying the fake upstream unbuffered over kept-alive
+    HTTP/1.1 connections: what relaying costs when it is done in C."""
+
+    name = "nginx"
+    path = "/v1/chat/completions"
+
+    def __init__(self, upstream_port: int, workdir: Path) -> None:
+        self.port = free_port()
+        workdir = workdir.resolve()
+        (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        conf = workdir / "nginx.conf"
+        conf.write_text(
+            _NGINX_CONF.format(dir=workdir, port=self.port, upstream_port=upstream_port)
+        )
+        self._errors = workdir / "error.log"
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", str(workdir), "-c", str(conf), "-e", str(self._errors)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.pid = self.proc.pid
+        try:
+            wait_for_http(f"http://127.0.0.1:{self.port}/health", proc=self.proc)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"nginx did not start:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self._errors.read_text(errors="replace") if self._errors.exists() else ""
+
+    def stop(self) -> None:
+        _stop(self.proc, signal.SIGQUIT)  # nginx's graceful stop
+
+
+class Direct:
+    """No relay: the load generator reads the fake upstream itself (the latency floor)."""
+
+    name = "direct"
+    path = "/v1/chat/completions"
+    pid: int | None = None
+
+    def __init__(self, upstream_port: int) -> None:
+        self.port = upstream_port
+
+    def log(self) -> str:
+        return ""
+
+    def stop(self) -> None:
+        pass
+
+
+def _stop(proc: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()

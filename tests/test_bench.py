@@ -1,0 +1,42 @@
+"""The relay benchmark still runs: one quick run, numbers for every target.
+
+Speed itself is not tested here (no timing assertions): that is what ``bench/`` is for.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.servers import ROOT
+
+
+def test_quick_bench_reports_every_target(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    [result_file] = tmp_path.glob("*.json")
+    summary = json.loads(result_file.read_text())
+    rows = {row["target"]: row for row in summary["rows"]}
+    assert sorted(rows) == ["direct", "nginx", "stageserver"]
+    for target, row in rows.items():
+        assert row["errors"] == 0, (target, summary["runs"])
+        assert row["streams"] > 0
+        assert row["ttft_p50_ms"] > 0 and row["ttft_p99_ms"] >= row["ttft_p50_ms"]
+        assert row["chunks_per_second"] > 0
+        assert row["loadgen_cpu_us_per_chunk"] > 0
+    for target in ("stageserver", "nginx"):  # the relays: their CPU and memory are read
+        assert rows[target]["server_cpu_us_per_chunk"] > 0
+        assert rows[target]["memory_per_stream_kb"] is not None
+        assert rows[target]["server_log_errors"] == 0
+    assert rows["direct"]["server_cpu_us_per_chunk"] is None
+    assert rows["stageserver"]["added_ttft_p50_ms"] is not None
+    assert Path(summary["chart"]).stat().st_size > 0
+    assert b"| stageserver |" in done.stdout
