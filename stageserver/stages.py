@@ -122,6 +122,10 @@ class Stage:
         return b"".join(events), self._first_seq + start + len(events), finished
 
     @property
+    def has_subscribers(self) -> bool:
+        return bool(self._subscribers)
+
+    @property
     def events_expired(self) -> bool:
         return self.finished and not self._events
 
@@ -530,7 +534,12 @@ class StageRegistry:
     def _expire(self) -> None:
         now = time.monotonic()
         while self._event_expiry and self._event_expiry[0][0] <= now:
-            self._event_expiry.popleft()[1].drop_events()
+            stage = self._event_expiry.popleft()[1]
+            if stage.has_subscribers:
+                # A client is still reading them: look again one TTL later.
+                self._event_expiry.append((now + max(self.event_ttl_seconds, 1.0), stage))
+            else:
+                stage.drop_events()
         while self._expiry and self._expiry[0][0] <= now:
             _, stage = self._expiry.popleft()
             if self._stages.get(stage.stage_id) is stage:

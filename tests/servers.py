@@ -55,7 +55,9 @@ class Gunicorn:
             "STAGESERVER_WORKERS": str(workers),
             **env,
         }
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        # Append mode: several workers write to it at once, each line in one write.
+        self.log_path.write_bytes(b"")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
             cwd=ROOT,

@@ -133,3 +133,20 @@ def test_finished_stage_events_expire_before_its_status(upstream: FakeUpstream) 
     time.sleep(0.4)
     client.post("/chat", json={**body, "stage_id": "sweep2"})
     assert client.get("/stages/old").status_code == 404
+
+
+def test_events_are_kept_while_a_client_still_reads_them(upstream: FakeUpstream) -> None:
+    app = create_app(
+        {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_EVENT_TTL_SECONDS": 0.1}
+    )
+    client = app.test_client()
+    body = {"model_name": "fake?chunks=20", "user_prompt": "hi", "stream": True}
+    slow = client.post("/chat", json={**body, "stage_id": "slow"}, buffered=False)
+    pieces = iter(slow.response)
+    assert next(pieces) == b""  # the headers went out; the client reads nothing more yet
+    assert upstream.wait_for(lambda: client.get("/stages/slow").get_json()["status"] == "done")
+    time.sleep(0.2)
+    client.post("/chat", json={**body, "stage_id": "sweep"})  # expiry is swept on add
+    wire = b"".join(pieces)
+    assert wire.count(b"event: chat_completion_chunk") == 22
+    assert wire.endswith(b'event: done\ndata: {"stage_id":"slow"}\n\n')

@@ -62,6 +62,6 @@ def test_heartbeat_write_failure_cancels_during_prefill(
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         assert upstream.wait_for(lambda: len(upstream.requests) == 1)
     # No socket watcher here: the second heartbeat written after the close fails.
-    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
+    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None, 20)
     status = requests.get(f"{flask_run}/stages/frp", timeout=5).json()
     assert (status["status"], status["cancel_reason"]) == ("cancelled", "client disconnected")

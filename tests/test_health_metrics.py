@@ -226,7 +226,9 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def _json_lines(log: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    # Only whole lines: a worker may be halfway through writing the last one.
+    complete = log[: log.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
 
 
 def _stage_lines(log: str) -> dict[str, list[dict[str, Any]]]:
