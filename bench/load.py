@@ -246,7 +246,7 @@ class LoadGenerator:
         self.duration = duration
         self.server_pid = server_pid
         self.upstream_pid = upstream_pid
-        kind = "stageserver" if target == "stageserver" else "openai"
+        kind = "stageserver" if target.startswith("stageserver") else "openai"
         self.chunk_marker, self.done_marker, self.fail_markers = _MARKERS[kind]
         self._head = (
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from tests.deploy_servers import RedisServer
 from tests.servers import ROOT, Gunicorn, free_port, wait_for_http
 
 __all__ = ["ROOT", "Direct", "FakeUpstreamProcess", "Nginx", "Stageserver", "cpu_seconds",
@@ -150,17 +151,21 @@ class Stageserver:
     name = "stageserver"
     path = "/chat"
 
-    def __init__(self, upstream_url: str) -> None:
-        self._server = Gunicorn(
-            {
-                "STAGESERVER_UPSTREAM_URL": upstream_url,
-                "STAGESERVER_WORKER_CONNECTIONS": "3000",
-                "STAGESERVER_UPSTREAM_MAX_CONNECTIONS": "3000",
-                "STAGESERVER_MAX_ACTIVE_STREAMS": "2900",
-                "STAGESERVER_ACCESS_LOG": "",
-            },
-            workers=1,
-        )
+    def __init__(self, upstream_url: str, *, shared_store: bool = False) -> None:
+        """``shared_store``: with a redis-server of its own as the stage store, to see
+        what mirroring every event into Redis costs the relay. The server CPU measured
+        is still gunicorn's alone; redis-server's own is not in it."""
+        env = {
+            "STAGESERVER_UPSTREAM_URL": upstream_url,
+            "STAGESERVER_WORKER_CONNECTIONS": "3000",
+            "STAGESERVER_UPSTREAM_MAX_CONNECTIONS": "3000",
+            "STAGESERVER_MAX_ACTIVE_STREAMS": "2900",
+            "STAGESERVER_ACCESS_LOG": "",
+        }
+        self._redis = RedisServer() if shared_store else None
+        if self._redis is not None:
+            env["STAGESERVER_STORE_URL"] = self._redis.url
+        self._server = Gunicorn(env, workers=1)
         self.port = self._server.port
         self.pid = self._server.proc.pid
 
@@ -169,6 +174,8 @@ class Stageserver:
 
     def stop(self) -> None:
         self._server.stop()
+        if self._redis is not None:
+            self._redis.stop()
 
 
 _NGINX_CONF = """\

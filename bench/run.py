@@ -27,7 +27,9 @@ from typing import Any
 from . import procs
 from .load import Shape
 
-TARGETS = ("stageserver", "direct", "nginx")
+TARGETS = ("stageserver", "direct", "nginx", "stageserver+redis")
+# stageserver+redis (the shared stage store on) is asked for by name: --targets.
+DEFAULT_TARGETS = TARGETS[:3]
 RESULTS = Path(__file__).resolve().parent / "results"
 # Metrics where the median of repeated runs is reported.
 _NUMBERS = (
@@ -48,6 +50,8 @@ _NUMBERS = (
 def _start(target: str, upstream: procs.FakeUpstreamProcess, workdir: Path) -> Any:
     if target == "stageserver":
         return procs.Stageserver(upstream.url)
+    if target == "stageserver+redis":
+        return procs.Stageserver(upstream.url, shared_store=True)
     if target == "nginx":
         return procs.Nginx(upstream.port, workdir / "nginx")
     if target == "direct":
@@ -230,7 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill", type=float, default=0.0, help="seconds to the first chunk")
     parser.add_argument("--duration", type=float, default=10.0, help="measured window, seconds")
     parser.add_argument("--repeat", type=int, default=1, help="runs per cell; the median is shown")
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
     parser.add_argument("--slow", type=int, default=0, help="also N slow streams at once")
     parser.add_argument("--slow-chunks", type=int, default=20)
     parser.add_argument("--slow-interval", type=float, default=1.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from typing import cast
 
 import pytest
 from flask import Flask
@@ -142,7 +144,7 @@ def test_events_are_kept_while_a_client_still_reads_them(upstream: FakeUpstream)
     client = app.test_client()
     body = {"model_name": "fake?chunks=20", "user_prompt": "hi", "stream": True}
     slow = client.post("/chat", json={**body, "stage_id": "slow"}, buffered=False)
-    pieces = iter(slow.response)
+    pieces = cast(Iterator[bytes], iter(slow.response))
     assert next(pieces) == b""  # the headers went out; the client reads nothing more yet
     assert upstream.wait_for(lambda: client.get("/stages/slow").get_json()["status"] == "done")
     time.sleep(0.2)
