@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tests.deploy_servers import RedisServer
-from tests.servers import ROOT, Gunicorn, free_port, wait_for_http
+from tests.servers import ROOT, Gunicorn, free_port, stop_process, wait_for_http
 
 __all__ = ["ROOT", "Direct", "FakeUpstreamProcess", "Nginx", "Stageserver", "cpu_seconds",
            "machine", "machine_busy_seconds", "raise_nofile_limit", "rss_kb", "tree"]
@@ -265,12 +265,6 @@ class Direct:
 
 
 def _stop(proc: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signum)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, signum)
     if proc.stdout is not None:
         proc.stdout.close()

@@ -21,6 +21,7 @@ import errno
 import select
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .concurrency import gevent_active
@@ -50,30 +51,26 @@ def follow_stage(
     owner: bool,
 ) -> Iterator[bytes]:
     """Yield the stage's events after ``after_seq``, until its terminal event."""
-    subscriber = Subscriber()
-    watcher = DisconnectWatcher.start(client_socket, subscriber)
-    stage.attach(subscriber, owner=owner)
-    finished = False
-    try:
-        yield b""  # gunicorn sends the headers now, before the upstream has answered
-        cursor = after_seq + 1
-        while True:
-            subscriber.wake.clear()
-            batch, cursor, finished = stage.read(cursor)
-            if subscriber.client_gone:
-                finished = False
-                raise ClientGone()
-            if batch:
-                yield batch
-            if finished:
-                return
-            if not subscriber.wake.wait(heartbeat_seconds):
-                yield HEARTBEAT
-    finally:
-        if watcher is not None:
-            watcher.stop()
-        subscriber.wake.close()
-        stage.detach(subscriber, owner=owner, disconnected=not finished)
+    with _watched(client_socket) as subscriber:
+        stage.attach(subscriber, owner=owner)
+        finished = False
+        try:
+            yield b""  # gunicorn sends the headers now, before the upstream has answered
+            cursor = after_seq + 1
+            while True:
+                subscriber.wake.clear()
+                batch, cursor, finished = stage.read(cursor)
+                if subscriber.client_gone:
+                    finished = False
+                    raise ClientGone()
+                if batch:
+                    yield batch
+                if finished:
+                    return
+                if not subscriber.wake.wait(heartbeat_seconds):
+                    yield HEARTBEAT
+        finally:
+            stage.detach(subscriber, owner=owner, disconnected=not finished)
 
 
 def follow_remote_stage(
@@ -85,9 +82,7 @@ def follow_remote_stage(
     client_socket: Any,
 ) -> Iterator[bytes]:
     """The same as ``follow_stage``, for a stage that runs in another worker or host."""
-    subscriber = Subscriber()
-    watcher = DisconnectWatcher.start(client_socket, subscriber)
-    try:
+    with _watched(client_socket) as subscriber:
         yield b""
         yield from store.follow(
             stage_id,
@@ -97,6 +92,15 @@ def follow_remote_stage(
         )
         if subscriber.client_gone:
             raise ClientGone()
+
+
+@contextmanager
+def _watched(client_socket: Any) -> Iterator[Subscriber]:
+    """A subscriber for one response, told when its client goes away."""
+    subscriber = Subscriber()
+    watcher = DisconnectWatcher.start(client_socket, subscriber)
+    try:
+        yield subscriber
     finally:
         if watcher is not None:
             watcher.stop()

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT, free_port, stop_process
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -39,16 +39,6 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Pat
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def site_conf(upstream_port: int, listen_port: int, proxy_read_timeout: str | None) -> str:
@@ -119,7 +109,7 @@ class Nginx:
         return _read(self.dir / "access.log")
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGTERM)  # nginx's fast shutdown
+        stop_process(self.proc, signal.SIGTERM)  # nginx's fast shutdown
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -155,8 +145,8 @@ class RedisServer:
             raise
 
     def kill(self) -> None:
-        _stop(self.proc, signal.SIGKILL)
+        stop_process(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGTERM)
+        stop_process(self.proc, signal.SIGTERM)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -39,6 +39,17 @@ def wait_for_http(
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
+def stop_process(proc: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None:
+    """Send ``signum``; kill it if it has not exited 15 s later."""
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Gunicorn:
     """stageserver under gunicorn's gevent worker, configured through the environment."""
 
@@ -78,11 +89,5 @@ class Gunicorn:
         self.proc.send_signal(signum)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
