@@ -228,7 +228,3 @@ class Timer:
         elif self._timer is not None:
             self._timer.cancel()
 
-
-def new_event() -> threading.Event:
-    """An event that wakes a waiting greenlet under gevent (threading is patched there)."""
-    return threading.Event()

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .concurrency import Task, new_event
+from .concurrency import Task
 from .errors import StageFailure
-from .sse import compact_json, encode_event
+from .sse import HEARTBEAT, compact_json, encode_event
 
 if TYPE_CHECKING:
     from .stages import Stage, StageRegistry
@@ -67,7 +67,7 @@ class RedisStageStore:
         self._pid = 0
         self._dirty: set[Stage] = set()
         self._flushed: dict[Stage, int] = {}
-        self._wake = new_event()
+        self._wake = threading.Event()  # a gevent event where threading is patched
         self._flusher: Task | None = None
         self._listener: Task | None = None
         self._local: StageRegistry | None = None
@@ -221,11 +221,23 @@ class RedisStageStore:
         except redis.RedisError as exc:
             raise StoreUnavailable(_unavailable(exc)) from None
 
-    def events_expired(self, stage_id: str, summary: dict[str, Any]) -> bool:
+    def events_state(self, stage_id: str) -> str:
+        """'unknown', 'expired' (a finished stage whose events are gone) or 'available'.
+
+        Two key lookups: unlike ``summary``, it does not read the events themselves."""
+        key, log_key, _ = _keys(stage_id)
         try:
-            return summary["status"] != "running" and not self.redis.exists(_keys(stage_id)[1])
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(key, "status")
+            pipe.exists(log_key)
+            status, has_log = pipe.execute()
         except redis.RedisError as exc:
             raise StoreUnavailable(_unavailable(exc)) from None
+        if status is None:
+            return "unknown"
+        if status != b"running" and not has_log:
+            return "expired"
+        return "available"
 
     def request_cancel(self, stage_id: str, reason: str) -> str:
         """'cancelling', 'finished' or 'unknown'."""
@@ -283,8 +295,6 @@ class RedisStageStore:
                         yield self._lost(stage_id, None)
                         return
                     if time.monotonic() >= heartbeat_due:
-                        from .stream import HEARTBEAT
-
                         yield HEARTBEAT
                         heartbeat_due = time.monotonic() + heartbeat_seconds
         finally:

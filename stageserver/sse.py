@@ -32,5 +32,8 @@ def encode_comment(text: str) -> bytes:
     return b"".join(b": " + line.encode() + b"\n" for line in text.splitlines() or [""]) + b"\n"
 
 
+HEARTBEAT = encode_comment("heartbeat")
+
+
 def compact_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

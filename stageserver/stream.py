@@ -25,13 +25,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .concurrency import gevent_active
-from .sse import encode_comment
+from .sse import HEARTBEAT
 from .stages import Stage, Subscriber
 
 if TYPE_CHECKING:
     from .redis_store import RedisStageStore
 
-HEARTBEAT = encode_comment("heartbeat")
 
 
 class ClientGone(ConnectionResetError):

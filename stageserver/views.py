@@ -239,13 +239,13 @@ def stage_events(stage_id: str) -> Response:
         )
     elif server.store is not None:
         try:
-            summary = server.store.summary(stage_id)
-            if summary is None:
-                return _unknown_stage(stage_id)
-            if server.store.events_expired(stage_id, summary):
-                return _events_expired(stage_id)
+            state = server.store.events_state(stage_id)
         except StoreUnavailable as exc:
             return _store_down(exc)
+        if state == "unknown":
+            return _unknown_stage(stage_id)
+        if state == "expired":
+            return _events_expired(stage_id)
         events = follow_remote_stage(
             server.store,
             stage_id,
