@@ -30,9 +30,14 @@ if [ ! -f "$stamp" ]; then
 fi
 
 if [ "$dev" = 1 ]; then
+    # Debian packages the tests start themselves: a command each, and its package.
     missing=()
-    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
-    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    for pair in nginx:nginx redis-server:redis-server redis-sentinel:redis-sentinel \
+        chromium:chromium; do
+        command=${pair%%:*} package=${pair##*:}
+        command -v "$command" >/dev/null 2>&1 || [ -x "/usr/sbin/$command" ] \
+            || [ -x "/usr/bin/$command" ] || missing+=("$package")
+    done
     if [ "${#missing[@]}" -gt 0 ]; then
         echo "setup: installing ${missing[*]} from Debian's packages" >&2
         sudo=""
@@ -41,7 +46,7 @@ if [ "$dev" = 1 ]; then
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
             "${missing[@]}" >/dev/null
         # The packages start system services; the tests start their own instances.
-        for service in "${missing[@]}"; do
+        for service in nginx redis-server redis-sentinel; do
             $sudo service "$service" stop >/dev/null 2>&1 || true
         done
     fi
