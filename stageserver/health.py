@@ -1,19 +1,11 @@
-"""Health checks for load balancers and orchestrators: ``/healthz`` and ``/readyz``.
+"""Whether this worker's upstreams answer: the check behind ``/readyz`` (``ops.py``).
 
-- ``GET /healthz``: 200 ``{"status":"ok"}`` whenever the worker's event loop answers.
-  It touches nothing else, so it costs what an empty Flask response costs.
-- ``GET /readyz``: whether this worker can serve stages now. 200 when every configured
-  upstream answers ``GET <url>/models`` (through the upstream's own client, so with its
-  API key and connection pool) within ``STAGESERVER_READY_TIMEOUT``; 503 when one does
-  not, when none is configured, or when the worker is shutting down. The body says
-  which upstream failed and how::
-
-      {"status": "ready", "upstreams": {"default": {"ok": true, "latency_ms": 1.9}}}
-
-  Every upstream must answer, not only the default, because a request may name any of
-  them. The result is kept for ``READY_CACHE_SECONDS`` per worker, and concurrent
-  requests wait for the check in progress instead of starting their own, so polling
-  every second costs each upstream at most one ``/models`` per second per worker.
+``Readiness.check`` asks every configured upstream for ``GET <url>/models`` (through the
+upstream's own client, so with its API key and connection pool) within
+``STAGESERVER_READY_TIMEOUT``. Every upstream must answer, not only the default, because a
+request may name any of them. The result is kept for ``READY_CACHE_SECONDS`` per worker,
+and concurrent requests wait for the check in progress instead of starting their own, so
+polling every second costs each upstream at most one ``/models`` per second per worker.
 """
 
 from __future__ import annotations
@@ -25,38 +17,11 @@ from typing import Any
 
 import httpx2
 import openai
-from flask import Blueprint, Response, current_app, jsonify
 
-from . import shutdown
 from .concurrency import Task
 from .upstreams import Upstream, UpstreamRegistry
 
 READY_CACHE_SECONDS = 1.0
-
-bp = Blueprint("stageserver_health", __name__)
-
-
-@bp.get("/healthz")
-def healthz() -> Response:
-    return jsonify({"status": "ok"})
-
-
-@bp.get("/readyz")
-def readyz() -> Response:
-    if shutdown.shutting_down():
-        response = jsonify({"status": "shutting_down"})
-        response.status_code = 503
-        return response
-    ready, upstreams = current_app.extensions["stageserver"].readiness.check()
-    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "upstreams": upstreams}
-    if not upstreams:
-        body["error"] = (
-            "no upstream is configured: set STAGESERVER_UPSTREAM_URL or STAGESERVER_UPSTREAMS"
-        )
-    response = jsonify(body)
-    response.status_code = 200 if ready else 503
-    return response
-
 
 class Readiness:
     """One app's upstream checks, cached for ``READY_CACHE_SECONDS``."""

@@ -1,7 +1,8 @@
 """Log lines: one per stage, as text or as JSON lines.
 
-The stage logs its outcome once, on logger ``stageserver.stage``, with the fields in
-``extra`` (``STAGE_FIELDS``), so a formatter can print them without parsing the message:
+``OutcomeLog``, a stage listener, logs each stage's outcome once, on logger
+``stageserver.stage``, with the fields also in ``extra``, so a formatter can print them
+without parsing the message:
 
 - ``text`` (the default)::
 
@@ -27,23 +28,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError
+from .stage import CANCELLED, ERROR, Stage, StageListener
 
 LOG_FORMATS = ("text", "json")
-
-# Set by Stage._log_outcome through ``extra``; printed in this order.
-STAGE_FIELDS = (
-    "stage_id",
-    "outcome",
-    "upstream",
-    "request_id",
-    "ttft_ms",
-    "chunks",
-    "duration_ms",
-    "error_kind",
-    "error",
-    "reason",
-)
 
 _TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 _TEXT_DATEFMT = "%Y-%m-%d %H:%M:%S %z"  # gunicorn's, so the two interleave legibly
@@ -55,6 +43,42 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
     "asctime",
     "taskName",
 }
+
+
+class OutcomeLog(StageListener):
+    """One line per stage, when it ends."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("stageserver.stage")
+
+    def on_finish(self, stage: Stage) -> None:
+        if not self._log.isEnabledFor(logging.INFO):
+            return
+        ttft = stage.first_token_seconds
+        fields: dict[str, Any] = {
+            "stage_id": stage.stage_id,
+            "outcome": stage.outcome,
+            "upstream": stage.spec.upstream,
+            "request_id": stage.spec.request_id,
+            "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
+            "chunks": stage.chunk_count,
+            "duration_ms": round((stage.duration_seconds or 0) * 1000, 1),
+        }
+        if stage.status == ERROR:
+            fields["error_kind"] = type(stage.failure).__name__
+            fields["error"] = stage.error
+        elif stage.status == CANCELLED:
+            fields["reason"] = stage.cancel_reason
+        self._log.info(" ".join(f"{k}={_logfmt(v)}" for k, v in fields.items()), extra=fields)
+
+
+def _logfmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,4 +1,4 @@
-"""Prometheus metrics, served at ``/metrics``.
+"""Prometheus metrics (served at ``/metrics`` by ``ops.py``), kept by a stage listener.
 
 Under gunicorn each worker counts its own stages, and a scrape reaches one worker only.
 prometheus_client's multiprocess mode makes the answer right whichever worker gives it:
@@ -25,8 +25,9 @@ Metrics (labels in brackets):
 - ``stageserver_active_streams`` [upstream]: stages running now, from start to finish,
   summed over live workers. The admission limit applies to the same count, per worker.
 - ``stageserver_upstream_errors_total`` [upstream, kind]: stages ended by an upstream
-  failure; kind is the failure's class in stageserver/errors.py (``UpstreamUnavailable``,
-  ``FirstTokenTimeout``, ...). Shutdown, store and internal errors are not counted.
+  failure; kind is the failure's class in stageserver/errors.py, an ``UpstreamFailure``
+  (``UpstreamUnavailable``, ``FirstTokenTimeout``, ...). Shutdown, store and internal
+  errors are not counted.
 - ``stageserver_stages_refused_total`` [reason]: ``/chat`` answered 503 before a stage
   started; reason is ``overload`` or ``shutting_down``.
 """
@@ -34,12 +35,6 @@ Metrics (labels in brackets):
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
-
-from flask import Blueprint, Response
-
-if TYPE_CHECKING:
-    from .stages import Stage
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _multiproc_dir = os.environ.get(MULTIPROC_ENV)
@@ -61,26 +56,9 @@ from prometheus_client import (  # noqa: E402
     multiprocess,
 )
 
-from . import errors  # noqa: E402
-
-_OUTCOMES = {"done": "done", "error": "error", "cancelled": "cancel"}
-
-
-def _upstream_failure_kinds() -> frozenset[str]:
-    """The failures errors.py declares for upstreams: every StageFailure subclass there
-    but ServerShuttingDown. StageFailure itself (an internal error) and failures declared
-    elsewhere (the store's) are stageserver's own."""
-    kinds: set[str] = set()
-    todo = [errors.StageFailure]
-    while todo:
-        for sub in todo.pop().__subclasses__():
-            todo.append(sub)
-            if sub.__module__ == errors.__name__ and sub is not errors.ServerShuttingDown:
-                kinds.add(sub.__name__)
-    return frozenset(kinds)
-
-
-_UPSTREAM_FAILURES = _upstream_failure_kinds()
+from .errors import UpstreamFailure  # noqa: E402
+from .stage import Stage, StageListener  # noqa: E402
+from .stage_events import TERMINAL_EVENT  # noqa: E402
 
 STAGES = Counter(
     "stageserver_stages",
@@ -123,15 +101,6 @@ REFUSED = Counter(
 for _reason in ("overload", "shutting_down"):
     REFUSED.labels(_reason)  # present as 0 from the start, so rate() has a series
 
-bp = Blueprint("stageserver_metrics", __name__)
-
-
-@bp.get("/metrics")
-def metrics_view() -> Response:
-    body, content_type = exposition()
-    return Response(body, content_type=content_type)
-
-
 def exposition() -> tuple[bytes, str]:
     """The text a scrape gets, and its content type."""
     if _multiproc_dir:
@@ -152,8 +121,8 @@ class _UpstreamSeries:
         self.active = ACTIVE.labels(upstream)
         self.chunks = CHUNKS.labels(upstream)
         self.ttft = TIME_TO_FIRST_TOKEN.labels(upstream)
-        self.stages = {o: STAGES.labels(upstream, o) for o in _OUTCOMES.values()}
-        self.duration = {o: STREAM_DURATION.labels(upstream, o) for o in _OUTCOMES.values()}
+        self.stages = {o: STAGES.labels(upstream, o) for o in TERMINAL_EVENT.values()}
+        self.duration = {o: STREAM_DURATION.labels(upstream, o) for o in TERMINAL_EVENT.values()}
 
 
 _series: dict[str, _UpstreamSeries] = {}
@@ -166,24 +135,26 @@ def _for(upstream: str) -> _UpstreamSeries:
     return series
 
 
-def stage_started(stage: Stage) -> None:
-    _for(stage.upstream.name).active.inc()
-    stage.on_finish.append(_stage_finished)
-
-
 def stage_refused(reason: str) -> None:
     REFUSED.labels(reason).inc()
 
 
-def _stage_finished(stage: Stage) -> None:
-    series = _for(stage.upstream.name)
-    outcome = _OUTCOMES[stage.status]
-    series.active.dec()
-    series.stages[outcome].inc()
-    series.duration[outcome].observe(stage.duration_seconds or 0.0)
-    if stage.first_token_seconds is not None:
-        series.ttft.observe(stage.first_token_seconds)
-    if stage.chunk_count:
-        series.chunks.inc(stage.chunk_count)
-    if stage.error_kind in _UPSTREAM_FAILURES:
-        UPSTREAM_ERRORS.labels(stage.upstream.name, stage.error_kind).inc()
+class StageMetrics(StageListener):
+    """Counts each stage as it starts and finishes."""
+
+    def on_start(self, stage: Stage) -> None:
+        _for(stage.spec.upstream).active.inc()
+
+    def on_finish(self, stage: Stage) -> None:
+        upstream = stage.spec.upstream
+        series = _for(upstream)
+        outcome = stage.outcome
+        series.active.dec()
+        series.stages[outcome].inc()
+        series.duration[outcome].observe(stage.duration_seconds or 0.0)
+        if stage.first_token_seconds is not None:
+            series.ttft.observe(stage.first_token_seconds)
+        if stage.chunk_count:
+            series.chunks.inc(stage.chunk_count)
+        if isinstance(stage.failure, UpstreamFailure):
+            UPSTREAM_ERRORS.labels(upstream, type(stage.failure).__name__).inc()

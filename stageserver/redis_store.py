@@ -6,16 +6,17 @@ memory; Redis is a mirror, so that any worker can answer for it:
 - ``ss:{id}`` (hash): status, owner, summary JSON, how many remote watchers are attached.
 - ``ss:{id}:log`` (stream): the events, each the exact bytes a client receives, under the
   stream id ``0-<seq+1>`` so that a ``Last-Event-ID`` maps straight onto ``XREAD``.
+- ``ss:{id}:text`` (string): the text so far, while the stage runs.
 - ``ss:{id}:live`` (string with expiry): held while the stage runs; ``SET NX`` on it is
   what makes a stage id unique across every worker. Its expiry is refreshed with every
   write, so a worker that dies releases its ids.
 - channel ``ss:cancel``: a cancel for a stage that runs elsewhere.
 
-Writes are batched: the runner only marks its stage dirty, and one flusher per process
-writes every dirty stage's new events in a single pipeline a few milliseconds later, so
-the relay pays a set insertion per chunk. If Redis cannot be written, each stage in the
-batch ends with an ``error`` event that says so; new stages get 503 until Redis answers
-again, and redis-py reconnects by itself.
+The store is a listener of the stages it has claimed: for each event the relay only
+marks the stage dirty, and one flusher per process writes every dirty stage's new
+events in a single pipeline a few milliseconds later. If Redis cannot be written, each
+stage in the batch ends with an ``error`` event that says so; new stages get 503 until
+Redis answers again, and redis-py reconnects by itself.
 """
 
 from __future__ import annotations
@@ -26,34 +27,49 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
 from .concurrency import Task
-from .errors import StageFailure
-from .sse import HEARTBEAT, compact_json, encode_event
-
-if TYPE_CHECKING:
-    from .stages import Stage, StageRegistry
+from .errors import (
+    EventsExpired,
+    StageConflict,
+    StageFinished,
+    StageLost,
+    StoreUnavailable,
+    StoreWriteFailed,
+    UnknownStage,
+    store_unavailable_message,
+)
+from .stage import Stage, StageListener, Subscriber
 
 log = logging.getLogger("stageserver.store")
 
 CANCEL_CHANNEL = "ss:cancel"
 _FLUSH_DELAY = 0.005  # gather the writes of this long into one pipeline
-_READ_BLOCK_MS = 1000  # a remote watcher re-checks its client at least this often
+_READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client at least this often
 
 
-class StoreUnavailable(StageFailure):
-    http_status = 503
+def _keys(stage_id: str) -> tuple[str, str, str, str]:
+    """The stage's hash, event log, text and live keys."""
+    base = f"ss:{stage_id}"
+    return base, f"{base}:log", f"{base}:text", f"{base}:live"
 
 
-def _keys(stage_id: str) -> tuple[str, str, str]:
-    return f"ss:{stage_id}", f"ss:{stage_id}:log", f"ss:{stage_id}:live"
+class _Mirrored:
+    """How much of one claimed stage has been written to Redis."""
+
+    __slots__ = ("live_ms", "next_seq", "text_parts")
+
+    def __init__(self, live_ms: int) -> None:
+        self.live_ms = live_ms
+        self.next_seq = 0
+        self.text_parts = 0
 
 
-class RedisStageStore:
+class RedisStageStore(StageListener):
     def __init__(
         self, url: str, *, ttl_seconds: float, event_ttl_seconds: float, max_events: int
     ) -> None:
@@ -66,11 +82,11 @@ class RedisStageStore:
         self._redis: Any = None
         self._pid = 0
         self._dirty: set[Stage] = set()
-        self._flushed: dict[Stage, int] = {}
+        self._mirrored: dict[Stage, _Mirrored] = {}
         self._wake = threading.Event()  # a gevent event where threading is patched
         self._flusher: Task | None = None
         self._listener: Task | None = None
-        self._local: StageRegistry | None = None
+        self._cancel_here: Callable[[str, str], None] | None = None
         self._lock = threading.Lock()
 
     # -- connection, per process ---------------------------------------------------------
@@ -88,10 +104,11 @@ class RedisStageStore:
             self._flusher = self._listener = None
         return self._redis
 
-    def start(self, local: StageRegistry) -> None:
-        """Start this process's flusher and cancel listener, once."""
+    def start(self, cancel_here: Callable[[str, str], None]) -> None:
+        """Start this process's flusher and cancel listener, once. ``cancel_here(stage_id,
+        reason)`` cancels a stage of this process for a request made elsewhere."""
         with self._lock:
-            self._local = local
+            self._cancel_here = cancel_here
             _ = self.redis
             if self._flusher is None:
                 self._flusher = Task(self._flush_forever, name="stageserver-store-flush")
@@ -99,26 +116,25 @@ class RedisStageStore:
 
     # -- the owner's side ----------------------------------------------------------------
 
-    def claim(self, stage: Stage, live_ms: int) -> bool:
-        """Make ``stage`` the one live stage with its id, everywhere. False if one runs."""
-        key, log_key, live_key = _keys(stage.stage_id)
+    def claim(self, stage: Stage, live_ms: int) -> None:
+        """Make ``stage`` the one live stage with its id, everywhere, and mirror it from now
+        on. ``live_ms``: the longest silence a healthy stage can have. Raises
+        StageConflict when one runs, StoreUnavailable when Redis cannot say."""
+        key, log_key, text_key, live_key = _keys(stage.stage_id)
         try:
             if not self.redis.set(live_key, self.owner, nx=True, px=live_ms):
-                return False
+                raise StageConflict(stage.stage_id)
             pipe = self.redis.pipeline()
-            pipe.delete(key, log_key)
+            pipe.delete(key, log_key, text_key)
             pipe.hset(key, mapping=self._fields(stage))
             pipe.pexpire(key, self.ttl_ms + live_ms)
             pipe.execute()
         except redis.RedisError as exc:
-            raise StoreUnavailable(_unavailable(exc)) from None
-        self._flushed[stage] = 0
-        stage.mirror = self
-        stage.live_ms = live_ms
-        return True
+            raise StoreUnavailable(store_unavailable_message(exc)) from None
+        self._mirrored[stage] = _Mirrored(live_ms)
 
-    def mark(self, stage: Stage) -> None:
-        """Called by the runner for every event: cheap; the flusher does the writing."""
+    def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
+        """For every event of a claimed stage: cheap; the flusher does the writing."""
         self._dirty.add(stage)
         self._wake.set()
 
@@ -131,11 +147,11 @@ class RedisStageStore:
             try:
                 self._flush(batch)
             except redis.RedisError as exc:
-                failure = StoreUnavailable(_unavailable(exc))
+                failure = StoreWriteFailed(store_unavailable_message(exc))
                 log.error("stage store write failed for %d stages: %s", len(batch), exc)
                 for stage in batch:
-                    self._flushed.pop(stage, None)
-                    stage.mirror = None  # its own error event cannot be stored either
+                    # Its own error event cannot be stored either: stop mirroring it.
+                    self._mirrored.pop(stage, None)
                     stage.abort(failure)
             except Exception:
                 log.exception("stage store flush failed")
@@ -144,31 +160,34 @@ class RedisStageStore:
         pipe = self.redis.pipeline(transaction=False)
         finished = []
         for stage in batch:
-            start = self._flushed.get(stage)
-            if start is None:
+            mirrored = self._mirrored.get(stage)
+            if mirrored is None:
                 continue
-            key, log_key, live_key = _keys(stage.stage_id)
-            if stage.mirror is not self:
-                continue
-            for seq, wire in stage.events_since(start):
-                terminal = seq == stage.next_seq - 1 and stage.finished
+            key, log_key, text_key, live_key = _keys(stage.stage_id)
+            done = stage.finished  # read before the events, so the terminal one is in them
+            for seq, wire in stage.events_since(mirrored.next_seq):
                 fields: dict[str, bytes] = {"w": wire}
-                if terminal:
+                if done and seq == stage.next_seq - 1:
                     fields["t"] = b"1"
                 pipe.xadd(log_key, fields, id=f"0-{seq + 1}", maxlen=self.max_events)
-            self._flushed[stage] = stage.next_seq
-            if stage.finished:
+            mirrored.next_seq = stage.next_seq
+            if done:
                 finished.append(stage)
                 pipe.hset(key, mapping=self._fields(stage))
-                pipe.delete(live_key)
+                pipe.delete(live_key, text_key)
                 pipe.pexpire(key, self.ttl_ms)
                 pipe.pexpire(log_key, self.event_ttl_ms)
-            else:
-                pipe.pexpire(live_key, stage.live_ms)
-                pipe.pexpire(log_key, self.event_ttl_ms + stage.live_ms)
+                continue
+            parts = stage.text_parts
+            if len(parts) > mirrored.text_parts:
+                pipe.append(text_key, "".join(parts[mirrored.text_parts :]))
+                mirrored.text_parts = len(parts)
+            pipe.pexpire(live_key, mirrored.live_ms)
+            pipe.pexpire(log_key, self.event_ttl_ms + mirrored.live_ms)
+            pipe.pexpire(text_key, self.event_ttl_ms + mirrored.live_ms)
         pipe.execute()
         for stage in finished:
-            self._flushed.pop(stage, None)
+            self._mirrored.pop(stage, None)
 
     def _fields(self, stage: Stage) -> dict[str, str]:
         return {
@@ -177,11 +196,12 @@ class RedisStageStore:
             "summary": json.dumps(stage.summary()),
         }
 
-    def remote_watchers(self, stage_id: str) -> int:
+    def watched_elsewhere(self, stage_id: str) -> bool:
+        """Whether a response in some worker follows the stage through the store."""
         try:
-            return int(self.redis.hget(_keys(stage_id)[0], "watchers") or 0)
+            return int(self.redis.hget(_keys(stage_id)[0], "watchers") or 0) > 0
         except redis.RedisError:
-            return 0
+            return False
 
     def _listen_for_cancels(self) -> None:
         """Cancels published by other workers, for stages that run here. Reconnects."""
@@ -194,9 +214,8 @@ class RedisStageStore:
                     if message is None:
                         continue
                     payload = json.loads(message["data"])
-                    local = self._local.get(payload["stage_id"]) if self._local else None
-                    if local is not None:
-                        local.cancel(payload["reason"])
+                    if self._cancel_here is not None:
+                        self._cancel_here(payload["stage_id"], payload["reason"])
             except (redis.RedisError, OSError, ValueError) as exc:
                 log.warning("stage store cancel listener: %s; reconnecting in 1 s", exc)
                 time.sleep(1.0)
@@ -204,128 +223,105 @@ class RedisStageStore:
     # -- any worker's side ---------------------------------------------------------------
 
     def summary(self, stage_id: str) -> dict[str, Any] | None:
-        key, log_key, _ = _keys(stage_id)
+        """The stage's status as ``Stage.summary`` gives it; None if the store has none."""
+        key, log_key, text_key, _ = _keys(stage_id)
         try:
-            fields = self.redis.hgetall(key)
-            if not fields:
-                return None
-            summary: dict[str, Any] = json.loads(fields[b"summary"])
-            if summary["status"] == "running":
-                # The text so far lives in the events; the summary is from the start.
-                text, count = [], 0
-                for _, entry in self.redis.xrange(log_key):
-                    count += 1
-                    text.append(_delta_text(entry[b"w"]))
-                summary.update(text="".join(text), events=count)
-            return summary
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(key, "summary")
+            pipe.get(text_key)
+            pipe.xrevrange(log_key, count=1)
+            raw, text, last = pipe.execute()
         except redis.RedisError as exc:
-            raise StoreUnavailable(_unavailable(exc)) from None
+            raise StoreUnavailable(store_unavailable_message(exc)) from None
+        if raw is None:
+            return None
+        summary: dict[str, Any] = json.loads(raw)
+        if summary["status"] == "running":
+            # The summary is the one written at the claim; the text and events go on.
+            events = int(last[0][0].split(b"-")[1]) if last else 0
+            summary.update(text=(text or b"").decode(), events=events)
+        return summary
 
-    def events_state(self, stage_id: str) -> str:
-        """'unknown', 'expired' (a finished stage whose events are gone) or 'available'.
-
-        Two key lookups: unlike ``summary``, it does not read the events themselves."""
-        key, log_key, _ = _keys(stage_id)
+    def feed(self, stage_id: str) -> RemoteFeed:
+        """A feed of the stage's events. Raises UnknownStage, or EventsExpired when it
+        has finished and its events are gone."""
+        key, log_key, _, _ = _keys(stage_id)
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hget(key, "status")
             pipe.exists(log_key)
             status, has_log = pipe.execute()
         except redis.RedisError as exc:
-            raise StoreUnavailable(_unavailable(exc)) from None
+            raise StoreUnavailable(store_unavailable_message(exc)) from None
         if status is None:
-            return "unknown"
+            raise UnknownStage(stage_id)
         if status != b"running" and not has_log:
-            return "expired"
-        return "available"
+            raise EventsExpired(stage_id)
+        return RemoteFeed(self, stage_id)
 
-    def request_cancel(self, stage_id: str, reason: str) -> str:
-        """'cancelling', 'finished' or 'unknown'."""
-        key, _, live_key = _keys(stage_id)
+    def request_cancel(self, stage_id: str, reason: str) -> None:
+        """Ask the worker running the stage to cancel it. Raises UnknownStage, or
+        StageFinished when it no longer runs."""
+        key, _, _, live_key = _keys(stage_id)
         try:
             if not self.redis.exists(key):
-                return "unknown"
+                raise UnknownStage(stage_id)
             if not self.redis.exists(live_key):
-                return "finished"
+                raise StageFinished(stage_id)
             self.redis.publish(CANCEL_CHANNEL, json.dumps({"stage_id": stage_id, "reason": reason}))
-            return "cancelling"
         except redis.RedisError as exc:
-            raise StoreUnavailable(_unavailable(exc)) from None
+            raise StoreUnavailable(store_unavailable_message(exc)) from None
 
-    def follow(
-        self,
-        stage_id: str,
-        *,
-        after_seq: int,
-        heartbeat_seconds: float,
-        client_gone: Callable[[], bool],
-    ) -> Iterator[bytes]:
-        """A stage of another worker: its events from Redis, then live ones. Ends early,
-        without a word, when ``client_gone()`` says the client has left."""
-        key, log_key, _ = _keys(stage_id)
-        cursor = after_seq
-        heartbeat_due = time.monotonic() + heartbeat_seconds
+
+class RemoteFeed:
+    """The events of a stage that runs in another worker or host, read from its log in
+    Redis (an ``EventFeed``, see stream.py)."""
+
+    def __init__(self, store: RedisStageStore, stage_id: str) -> None:
+        self.stage_id = stage_id
+        self._redis = store.redis
+        self._key, self._log_key, _, _ = _keys(stage_id)
+
+    def open(self, subscriber: Subscriber) -> None:
         try:
-            self.redis.hincrby(key, "watchers", 1)
+            self._redis.hincrby(self._key, "watchers", 1)
         except redis.RedisError as exc:
-            yield self._lost(stage_id, exc)
-            return
-        try:
-            while not client_gone():
-                block = int(min(heartbeat_seconds, _READ_BLOCK_MS / 1000) * 1000)
-                try:
-                    reply = self.redis.xread({log_key: f"0-{cursor + 1}"}, block=block, count=512)
-                except redis.RedisError as exc:
-                    yield self._lost(stage_id, exc)
-                    return
-                batch = []
-                ended = False
-                for _, entries in reply or ():
-                    for entry_id, fields in entries:
-                        cursor = int(entry_id.split(b"-")[1]) - 1
-                        batch.append(fields[b"w"])
-                        ended = ended or b"t" in fields
-                if batch:
-                    yield b"".join(batch)
-                    heartbeat_due = time.monotonic() + heartbeat_seconds
-                if ended:
-                    return
-                if not batch and not client_gone():
-                    if not self._still_there(key):
-                        yield self._lost(stage_id, None)
-                        return
-                    if time.monotonic() >= heartbeat_due:
-                        yield HEARTBEAT
-                        heartbeat_due = time.monotonic() + heartbeat_seconds
-        finally:
+            raise StageLost(store_unavailable_message(exc)) from None
+
+    def read(self, subscriber: Subscriber, cursor: int, wait: float) -> tuple[bytes, int, bool]:
+        deadline = time.monotonic() + wait
+        while True:
+            block = min(max(deadline - time.monotonic(), 0.001), _READ_BLOCK_SECONDS)
             try:
-                self.redis.hincrby(key, "watchers", -1)
-            except redis.RedisError:
-                pass
+                reply = self._redis.xread(
+                    {self._log_key: f"0-{cursor}"}, block=int(block * 1000), count=512
+                )
+            except redis.RedisError as exc:
+                raise StageLost(store_unavailable_message(exc)) from None
+            batch = []
+            ended = False
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    cursor = int(entry_id.split(b"-")[1])  # the id is 0-<seq+1>
+                    batch.append(fields[b"w"])
+                    ended = ended or b"t" in fields
+            if batch or ended:
+                return b"".join(batch), cursor, ended
+            if subscriber.client_gone:
+                return b"", cursor, False
+            if not self._still_there():
+                raise StageLost("the stage expired from the store")
+            if time.monotonic() >= deadline:
+                return b"", cursor, False
 
-    def _still_there(self, key: str) -> bool:
+    def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
         try:
-            return bool(self.redis.exists(key))
+            self._redis.hincrby(self._key, "watchers", -1)
         except redis.RedisError:
-            return False
+            pass
 
-    @staticmethod
-    def _lost(stage_id: str, exc: BaseException | None) -> bytes:
-        """An error event of this response only: it has no id, so a client's
-        Last-Event-ID still points at the last event it really received."""
-        message = _unavailable(exc) if exc is not None else "the stage expired from the store"
-        return encode_event("error", compact_json({"stage_id": stage_id, "error": message}))
-
-
-def _unavailable(exc: BaseException | None) -> str:
-    return f"the stage store (Redis) is unavailable: {exc}; retry shortly"
-
-
-def _delta_text(wire: bytes) -> str:
-    """The content of one chunk event's delta, from its wire bytes."""
-    if not wire.startswith(b"id: ") or b"event: chat_completion_chunk\n" not in wire:
-        return ""
-    data = wire.split(b"\ndata: ", 1)[1].rstrip(b"\n")
-    choices = json.loads(data)["chunk"].get("choices") or ()
-    return "".join((c.get("delta") or {}).get("content") or "" for c in choices)
-
+    def _still_there(self) -> bool:
+        try:
+            return bool(self._redis.exists(self._key))
+        except redis.RedisError as exc:
+            raise StageLost(store_unavailable_message(exc)) from None

@@ -32,8 +32,9 @@ class ChatRequest(BaseModel):
     user_prompt: StrictStr
     system_prompt: StrictStr = ""
     stream: StrictBool = False
-    max_tokens: StrictInt | list[StrictInt] | None = None
-    temperature: StrictFloat | StrictInt | list[StrictFloat | StrictInt] | None = None
+    # The seed takes lists and uses their first element (``_first``); a number works too.
+    max_tokens: StrictInt | None = None
+    temperature: StrictFloat | StrictInt | None = None
     upstream: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     base_url: StrictStr | None = None
     resumable: StrictBool | None = None
@@ -53,35 +54,33 @@ class ChatRequest(BaseModel):
             raise ValueError(f"must be at most {limit} characters (got {len(value)})")
         return value
 
+    @field_validator("max_tokens", "temperature", mode="before")
+    @classmethod
+    def _first(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must not be an empty list")
+            return value[0]
+        return value
+
     @field_validator("max_tokens")
     @classmethod
-    def _max_tokens_range(cls, value: int | list[int] | None, info: ValidationInfo) -> int | None:
-        first = _first(value)
-        if first is None:
+    def _max_tokens_range(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
             return None
         limit = int((info.context or {}).get("max_tokens_limit", 4096))
-        if not 1 <= int(first) <= limit:
-            raise ValueError(f"must be from 1 to {limit} (got {first})")
-        return int(first)
+        if not 1 <= value <= limit:
+            raise ValueError(f"must be from 1 to {limit} (got {value})")
+        return value
 
     @field_validator("temperature")
     @classmethod
-    def _temperature_range(cls, value: float | int | list[float | int] | None) -> float | None:
-        first = _first(value)
-        if first is None:
+    def _temperature_range(cls, value: float | None) -> float | None:
+        if value is None:
             return None
-        if not 0 <= first <= 2:
-            raise ValueError(f"must be from 0 to 2 (got {first})")
-        return float(first)
-
-
-def _first(value: Any) -> Any:
-    """The seed takes lists and uses their first element; a bare number works too."""
-    if isinstance(value, list):
-        if not value:
-            raise ValueError("must not be an empty list")
-        return value[0]
-    return value
+        if not 0 <= value <= 2:
+            raise ValueError(f"must be from 0 to 2 (got {value})")
+        return float(value)
 
 
 class TextStageOutput(BaseModel):

@@ -35,13 +35,11 @@ from __future__ import annotations
 import logging
 import signal
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sized
+from typing import Any, Protocol
 
 from .concurrency import Timer
-from .errors import ServerShuttingDown
-
-if TYPE_CHECKING:
-    from . import StageServerState
+from .errors import ServerShuttingDown, StageFailure
 
 log = logging.getLogger("stageserver.shutdown")
 
@@ -51,14 +49,26 @@ SHUTDOWN_MESSAGE = "stageserver is shutting down; retry the stage"
 _ABORT_LEAD_SECONDS = 2.0
 _MIN_ABORT_DELAY = 0.5
 
-_states: weakref.WeakSet[StageServerState] = weakref.WeakSet()
+
+
+class Stoppable(Protocol):
+    """What shutdown needs of an app's stage service (``service.StageService``)."""
+
+    def running(self) -> Sized: ...
+
+    def abort_running(self, failure: StageFailure) -> int: ...
+
+    def close(self) -> None: ...
+
+
+_services: weakref.WeakSet[Stoppable] = weakref.WeakSet()
 _shutting_down = False
 _abort_timer: Timer | None = None
 
 
-def track(state: StageServerState) -> None:
+def track(service: Stoppable) -> None:
     """Called by ``StageServer.init_app``: this app's stages are aborted on shutdown."""
-    _states.add(state)
+    _services.add(service)
 
 
 def shutting_down() -> bool:
@@ -86,19 +96,17 @@ def abort_running() -> int:
     """End every running stage of every app in this process with the shutdown error."""
     global _shutting_down
     _shutting_down = True
-    aborted = 0
-    for state in list(_states):
-        for stage in state.stages.running():
-            if stage.abort(ServerShuttingDown(SHUTDOWN_MESSAGE)):
-                aborted += 1
+    aborted = sum(
+        service.abort_running(ServerShuttingDown(SHUTDOWN_MESSAGE)) for service in list(_services)
+    )
     if aborted:
         log.warning("shutting down: aborted %d stage(s) still running", aborted)
     return aborted
 
 
 def close_upstreams() -> None:
-    for state in list(_states):
-        state.upstreams.close()
+    for service in list(_services):
+        service.close()
 
 
 def install(worker: Any) -> None:
@@ -120,5 +128,5 @@ def install(worker: Any) -> None:
 
 
 def _announce(delay: float) -> None:
-    running = sum(len(state.stages.running()) for state in list(_states))
+    running = sum(len(service.running()) for service in list(_services))
     log.info("shutting down: %d stage(s) running get %.1f s to finish", running, delay)

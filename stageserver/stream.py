@@ -1,96 +1,115 @@
 """One HTTP response following a stage: its events, heartbeats, and the client going away.
 
+The same loop (``follow``) serves every response: the client that started a stage, a
+client that re-attaches, a watcher, whether the stage runs in this worker or elsewhere.
+Where the events come from is an ``EventFeed``'s business: ``LocalFeed`` reads a stage of
+this process, ``redis_store.RemoteFeed`` one that runs in another worker or host.
+
 A WSGI generator hears of a disconnect only when a write fails, and under gunicorn's
 gevent worker that is the second write after the client left; during a silent prefill
 nothing is written at all. So two things watch for it:
 
 - a heartbeat comment after every ``heartbeat_seconds`` without an event, so a failed
   write comes within two intervals even where nothing else can look;
-- under gevent, a greenlet that peeks at the client socket and wakes the response the
-  moment it reads end-of-file, which takes about a millisecond.
+- under gevent, a read watcher on the client socket that wakes the response the moment
+  it reads end-of-file, which takes about a millisecond.
 
-What happens to the stage is the stage's business (``Stage.detach``): a disconnect of its
-own client cancels it unless it is resumable. Nothing is written after the client is
-gone, and nothing is yielded after ``GeneratorExit``: a yield there makes the server log
-"generator ignored GeneratorExit" and skip ``finally``, leaving the upstream running.
+What a disconnect does to the stage is the stage's business (``Stage.detach``). Nothing
+is written after the client is gone, and nothing is yielded after ``GeneratorExit``: a
+yield there makes the server log "generator ignored GeneratorExit" and skip ``finally``,
+leaving the upstream running. A feed that cannot go on (``StageLost``) ends the response
+with an id-less ``error`` event.
 """
 
 from __future__ import annotations
 
-import errno
 import select
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .concurrency import gevent_active
+from .errors import ClientGone, StageLost
 from .sse import HEARTBEAT
-from .stages import Stage, Subscriber
-
-if TYPE_CHECKING:
-    from .redis_store import RedisStageStore
+from .stage import Stage, Subscriber
+from .stage_events import lost_event
 
 
+class EventFeed(Protocol):
+    """Where one response's events come from."""
 
-class ClientGone(ConnectionResetError):
-    """Raised out of the response so that gunicorn drops the connection without writing
-    (it ignores ECONNRESET quietly)."""
+    stage_id: str
 
-    def __init__(self) -> None:
-        super().__init__(errno.ECONNRESET, "client disconnected")
+    def open(self, subscriber: Subscriber) -> None:
+        """The response starts following; may raise StageLost."""
+
+    def read(self, subscriber: Subscriber, cursor: int, wait: float) -> tuple[bytes, int, bool]:
+        """The events from number ``cursor`` on, joined; the next cursor; whether the stage
+        is over. With nothing to return it waits up to ``wait`` seconds for news, and
+        returns nothing only when that time passed quietly (or the subscriber was woken:
+        its client left). May raise StageLost."""
+
+    def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
+        """The response stops following: its client left (``disconnected``) or it ended."""
 
 
-def follow_stage(
-    stage: Stage,
-    *,
-    after_seq: int,
-    heartbeat_seconds: float,
-    client_socket: Any,
-    owner: bool,
+class LocalFeed:
+    """A stage of this process, read from its log. ``owner``: the response of the request
+    that started the stage, whose disconnect may cancel it."""
+
+    def __init__(self, stage: Stage, *, owner: bool) -> None:
+        self.stage = stage
+        self.stage_id = stage.stage_id
+        self._owner = owner
+
+    def open(self, subscriber: Subscriber) -> None:
+        self.stage.attach(subscriber)
+
+    def read(self, subscriber: Subscriber, cursor: int, wait: float) -> tuple[bytes, int, bool]:
+        subscriber.wake.clear()
+        batch, cursor, finished = self.stage.read(cursor)
+        if batch or finished or subscriber.client_gone:
+            return batch, cursor, finished
+        subscriber.wake.wait(wait)
+        return self.stage.read(cursor)
+
+    def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
+        self.stage.detach(subscriber, owner=self._owner, disconnected=disconnected)
+
+
+def follow(
+    feed: EventFeed, *, after_seq: int, heartbeat_seconds: float, client_socket: Any
 ) -> Iterator[bytes]:
-    """Yield the stage's events after ``after_seq``, until its terminal event."""
+    """Yield the feed's events after ``after_seq``, until the stage's terminal event."""
     with _watched(client_socket) as subscriber:
-        stage.attach(subscriber, owner=owner)
         finished = False
+        try:
+            feed.open(subscriber)
+        except StageLost as exc:
+            yield lost_event(feed.stage_id, str(exc))
+            return
         try:
             yield b""  # gunicorn sends the headers now, before the upstream has answered
             cursor = after_seq + 1
             while True:
-                subscriber.wake.clear()
-                batch, cursor, finished = stage.read(cursor)
+                try:
+                    batch, cursor, finished = feed.read(subscriber, cursor, heartbeat_seconds)
+                except StageLost as exc:
+                    finished = True  # this response ends; the stage is not its to stop
+                    yield lost_event(feed.stage_id, str(exc))
+                    return
                 if subscriber.client_gone:
                     finished = False
                     raise ClientGone()
                 if batch:
                     yield batch
+                elif not finished:
+                    yield HEARTBEAT  # heartbeat_seconds without an event
                 if finished:
                     return
-                if not subscriber.wake.wait(heartbeat_seconds):
-                    yield HEARTBEAT
         finally:
-            stage.detach(subscriber, owner=owner, disconnected=not finished)
-
-
-def follow_remote_stage(
-    store: RedisStageStore,
-    stage_id: str,
-    *,
-    after_seq: int,
-    heartbeat_seconds: float,
-    client_socket: Any,
-) -> Iterator[bytes]:
-    """The same as ``follow_stage``, for a stage that runs in another worker or host."""
-    with _watched(client_socket) as subscriber:
-        yield b""
-        yield from store.follow(
-            stage_id,
-            after_seq=after_seq,
-            heartbeat_seconds=heartbeat_seconds,
-            client_gone=lambda: subscriber.client_gone,
-        )
-        if subscriber.client_gone:
-            raise ClientGone()
+            feed.close(subscriber, disconnected=not finished)
 
 
 @contextmanager

@@ -23,12 +23,10 @@ from .config import UpstreamConfig
 from .errors import (
     ConnectTimeout,
     FirstTokenTimeout,
+    InvalidRequest,
     UpstreamStatusError,
     UpstreamUnavailable,
 )
-
-# Kinds that understand OpenAI's `stream_options`; usage then arrives in a last chunk.
-_USAGE_KINDS = frozenset({"openai", "vllm", "ollama", "llamacpp"})
 
 
 class Upstream:
@@ -88,8 +86,8 @@ class Upstream:
         }
         if temperature is not None:
             body["temperature"] = temperature
-        if self.config.kind in _USAGE_KINDS:
-            body["stream_options"] = {"include_usage": True}
+        # Every kind takes it (llama-cpp-python ignores it); usage then comes in a last chunk.
+        body["stream_options"] = {"include_usage": True}
         if self.config.kind == "ollama":
             # Ollama's OpenAI endpoint ignores max_tokens on some versions; OpenAI itself
             # rejects unknown fields, so only this kind gets it.
@@ -272,6 +270,38 @@ class UpstreamRegistry:
 
     def names(self) -> list[str]:
         return list(self._by_name)
+
+    def resolve(self, name: str | None, base_url: str | None) -> Upstream:
+        """The upstream a request asks for, by ``name`` or, as the seed's clients do, by
+        ``base_url``; else the default. Raises InvalidRequest naming the field."""
+        configured = ", ".join(self.names()) or "none"
+        if name is not None:
+            upstream = self.by_name(name)
+            if upstream is None:
+                raise InvalidRequest(
+                    f"unknown upstream {name!r}; configured: {configured}", field="upstream"
+                )
+        elif base_url is not None:
+            upstream = self.by_url(base_url)
+            if upstream is None:
+                raise InvalidRequest(
+                    "base_url must be the URL of a configured upstream; the server does not "
+                    "call other hosts (use 'upstream' to choose one by name)",
+                    field="base_url",
+                )
+        else:
+            upstream = self.default
+            if upstream is None:
+                raise InvalidRequest(
+                    "no upstream is configured on this server: set STAGESERVER_UPSTREAM_URL "
+                    "or STAGESERVER_UPSTREAMS",
+                    field="upstream",
+                )
+        if base_url is not None and upstream.config.url != base_url.rstrip("/"):
+            raise InvalidRequest(
+                f"base_url does not match upstream {upstream.name!r}", field="base_url"
+            )
+        return upstream
 
     def close(self) -> None:
         for upstream in self._by_name.values():

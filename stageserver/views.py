@@ -1,24 +1,28 @@
-"""HTTP: validate the request, start or find the stage, answer as SSE or JSON.
+"""HTTP: validate the request, ask the stage service, answer as SSE or JSON.
 
-Validation happens here, in the view; the stage and the response generator get plain
-values, never the request.
+Validation happens here; the service gets plain values, never the request. Every
+refusal and failure arrives as an exception from ``errors.py`` and leaves as JSON
+through one mapping, ``error_response``: a status, ``{"error": ...}``, the ``field`` it
+is about, and ``Retry-After`` where a retry can succeed.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import metrics
-from .redis_store import StoreUnavailable
+from .errors import ClientGone, InvalidRequest, StageServerError
 from .schemas import ChatRequest, TextStageOutput, field_errors
-from .stages import Stage, StageConflict, StageSpec
-from .stream import ClientGone, follow_remote_stage, follow_stage
+from .service import StageService, service_of
+from .stage import Stage
+from .stage_events import seq_of
+from .stream import LocalFeed, follow
 
 log = logging.getLogger("stageserver.http")
 
@@ -27,23 +31,30 @@ bp = Blueprint("stageserver", __name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _server() -> Any:
-    return current_app.extensions["stageserver"]
+def _service() -> StageService:
+    return service_of(current_app.extensions)
 
 
-def _cfg(key: str) -> Any:
-    return current_app.config[f"STAGESERVER_{key}"]
-
-
-def error_response(status: int, message: str, **extra: Any) -> Response:
+def json_error(status: int, message: str, **extra: Any) -> Response:
     response = jsonify({"error": message, **extra})
     response.status_code = status
     return response
 
 
+def error_response(exc: StageServerError) -> Response:
+    """The one mapping from the error tree to HTTP."""
+    extra = dict(exc.body)
+    if exc.field is not None:
+        extra["field"] = exc.field
+    response = json_error(exc.http_status, str(exc), **extra)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 @bp.before_request
 def _limit_body() -> None:
-    request.max_content_length = int(_cfg("MAX_BODY_BYTES"))
+    request.max_content_length = _service().settings.max_body_bytes
     request.environ.setdefault("stageserver.request_id", _request_id())
 
 
@@ -62,98 +73,64 @@ def _echo_request_id(response: Response) -> Response:
     return response
 
 
+bp.register_error_handler(StageServerError, error_response)
+
+
 @bp.errorhandler(HTTPException)
 def http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     if status == 413:
-        limit = current_app.config["STAGESERVER_MAX_BODY_BYTES"]
-        return error_response(413, f"request body is larger than {limit} bytes", field="body")
-    return error_response(status, exc.description or exc.name)
+        limit = _service().settings.max_body_bytes
+        return json_error(413, f"request body is larger than {limit} bytes", field="body")
+    return json_error(status, exc.description or exc.name)
 
 
 @bp.errorhandler(Exception)
 def _unexpected(exc: Exception) -> Response:
     log.exception("unhandled error in %s %s", request.method, request.path)
-    return error_response(500, "internal error in stageserver; see the server log")
+    return json_error(500, "internal error in stageserver; see the server log")
+
+
+def _event_stream(events: Iterator[bytes]) -> Response:
+    return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
 @bp.post("/chat")
 def chat() -> Response:
+    service = _service()
+    chat_request = _chat_request(service)
+    stage = service.start(chat_request, request_id=request.environ["stageserver.request_id"])
+    events = follow(
+        LocalFeed(stage, owner=True),
+        after_seq=-1,
+        heartbeat_seconds=service.settings.heartbeat_seconds,
+        client_socket=request.environ.get("gunicorn.socket"),
+    )
+    if chat_request.stream:
+        return _event_stream(events)
+    return _final_output(stage, events)
+
+
+def _chat_request(service: StageService) -> ChatRequest:
     body = request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
-        return error_response(400, "request body must be a JSON object", field="body")
+        raise InvalidRequest("request body must be a JSON object", field="body")
+    settings = service.settings
     try:
-        chat_request = ChatRequest.model_validate(
+        return ChatRequest.model_validate(
             body,
             context={
-                "max_tokens_limit": _cfg("MAX_TOKENS_LIMIT"),
-                "max_prompt_chars": _cfg("MAX_PROMPT_CHARS"),
+                "max_tokens_limit": settings.max_tokens_limit,
+                "max_prompt_chars": settings.max_prompt_chars,
             },
         )
     except ValidationError as exc:
         errors = field_errors(exc)
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return error_response(422, f"invalid request: {summary}", fields=errors)
-
-    server = _server()
-    upstream, problem = server.resolve_upstream(chat_request.upstream, chat_request.base_url)
-    if upstream is None:
-        return error_response(400, problem["message"], field=problem["field"])
-
-    messages = [{"role": "user", "content": chat_request.user_prompt}]
-    if chat_request.system_prompt:
-        messages.insert(0, {"role": "system", "content": chat_request.system_prompt})
-    max_tokens = chat_request.max_tokens or int(_cfg("DEFAULT_MAX_TOKENS"))
-    resumable = chat_request.resumable
-    stage = Stage(
-        StageSpec(
-            stage_id=chat_request.stage_id,
-            upstream=upstream,
-            body=upstream.chat_body(
-                model=chat_request.model_name,
-                messages=messages,
-                max_tokens=max_tokens,
-                temperature=chat_request.temperature,
-            ),
-            resumable=bool(_cfg("RESUMABLE_DEFAULT") if resumable is None else resumable),
-            request_id=request.environ["stageserver.request_id"],
-            grace_seconds=float(_cfg("RESUME_GRACE_SECONDS")),
-            max_events=int(_cfg("EVENT_LOG_MAX_EVENTS")),
-        )
-    )
-    # Over the limit, or shutting down: 503 before any upstream call.
-    refusal: Response | None = server.admission.admit(stage)
-    if refusal is not None:
-        return refusal
-    try:
-        server.register(stage)
-    except StoreUnavailable as exc:
-        server.admission.release(stage)
-        return _store_down(exc)
-    except StageConflict:
-        server.admission.release(stage)
-        return error_response(
-            409,
-            f"stage {stage.stage_id!r} is still running; wait for it, cancel it, or use "
-            "another stage_id",
-            field="stage_id",
-        )
-    metrics.stage_started(stage)
-    stage.start()
-
-    events = follow_stage(
-        stage,
-        after_seq=-1,
-        heartbeat_seconds=float(_cfg("HEARTBEAT_SECONDS")),
-        client_socket=request.environ.get("gunicorn.socket"),
-        owner=True,
-    )
-    if chat_request.stream:
-        return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
-    return _final_output(stage, events)
+        raise InvalidRequest(f"invalid request: {summary}", fields=errors) from None
 
 
-def _final_output(stage: Stage, events: Any) -> Response:
+def _final_output(stage: Stage, events: Iterator[bytes]) -> Response:
     """Wait for the stage, still noticing a client that leaves, and answer the seed's way."""
     try:
         for _ in events:
@@ -176,114 +153,38 @@ def _final_output(stage: Stage, events: Any) -> Response:
     return response
 
 
-def _unknown_stage(stage_id: str) -> Response:
-    return error_response(404, f"no stage {stage_id!r} (unknown, or expired)", field="stage_id")
-
-
-def _events_expired(stage_id: str) -> Response:
-    return error_response(
-        410,
-        f"the events of stage {stage_id!r} have expired; its status is at /stages/{stage_id}",
-        field="stage_id",
-    )
-
-
-def _store_down(exc: StoreUnavailable) -> Response:
-    response = error_response(503, str(exc))
-    response.headers["Retry-After"] = "1"
-    return response
-
-
 @bp.get("/stages/<stage_id>")
 def stage_status(stage_id: str) -> Response:
-    server = _server()
-    stage = server.stages.get(stage_id)
-    if stage is not None:
-        return jsonify(stage.summary())
-    if server.store is not None:
-        try:
-            summary = server.store.summary(stage_id)
-        except StoreUnavailable as exc:
-            return _store_down(exc)
-        if summary is not None:
-            return jsonify(summary)
-    return _unknown_stage(stage_id)
+    return jsonify(_service().find(stage_id).summary())
 
 
 @bp.get("/stages/<stage_id>/events")
 def stage_events(stage_id: str) -> Response:
     last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-    after_seq: int | None = -1
+    after_seq = -1
     if last_event_id:
-        after_seq = _seq_of(last_event_id, stage_id)
-        if after_seq is None:
-            return error_response(
-                400,
+        seq = seq_of(last_event_id, stage_id)
+        if seq is None:
+            raise InvalidRequest(
                 f"Last-Event-ID {last_event_id!r} is not an event id of stage {stage_id!r}",
                 field="Last-Event-ID",
             )
-    server = _server()
-    start = after_seq if after_seq is not None else -1
-    heartbeat = float(_cfg("HEARTBEAT_SECONDS"))
-    client_socket = request.environ.get("gunicorn.socket")
-    stage = server.stages.get(stage_id)
-    if stage is not None:
-        if stage.events_expired:
-            return _events_expired(stage_id)
-        events = follow_stage(
-            stage,
-            after_seq=start,
-            heartbeat_seconds=heartbeat,
-            client_socket=client_socket,
-            owner=False,
+        after_seq = seq
+    service = _service()
+    feed = service.find(stage_id).feed()
+    return _event_stream(
+        follow(
+            feed,
+            after_seq=after_seq,
+            heartbeat_seconds=service.settings.heartbeat_seconds,
+            client_socket=request.environ.get("gunicorn.socket"),
         )
-    elif server.store is not None:
-        try:
-            state = server.store.events_state(stage_id)
-        except StoreUnavailable as exc:
-            return _store_down(exc)
-        if state == "unknown":
-            return _unknown_stage(stage_id)
-        if state == "expired":
-            return _events_expired(stage_id)
-        events = follow_remote_stage(
-            server.store,
-            stage_id,
-            after_seq=start,
-            heartbeat_seconds=heartbeat,
-            client_socket=client_socket,
-        )
-    else:
-        return _unknown_stage(stage_id)
-    return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
-
-
-def _seq_of(event_id: str, stage_id: str) -> int | None:
-    """Event ids are ``<stage_id>-<event>-<seq>``."""
-    prefix, _, seq = event_id.rpartition("-")
-    if not seq.isdigit() or not prefix.startswith(f"{stage_id}-"):
-        return None
-    return int(seq)
+    )
 
 
 @bp.post("/stages/<stage_id>/cancel")
 def cancel_stage(stage_id: str) -> Response:
-    server = _server()
-    reason = "cancelled by request"
-    stage = server.stages.get(stage_id)
-    if stage is not None:
-        outcome = "cancelling" if stage.cancel(reason) else "finished"
-    elif server.store is not None:
-        try:
-            outcome = server.store.request_cancel(stage_id, reason)
-        except StoreUnavailable as exc:
-            return _store_down(exc)
-    else:
-        outcome = "unknown"
-    if outcome == "unknown":
-        return _unknown_stage(stage_id)
-    if outcome == "finished":
-        return error_response(409, f"stage {stage_id!r} has already finished")
+    _service().find(stage_id).cancel("cancelled by request")
     response = jsonify({"stage_id": stage_id, "status": "cancelling"})
     response.status_code = 202
     return response

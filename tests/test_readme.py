@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from stageserver.config import markdown_table
+from stageserver.settings import markdown_table
 from tests.servers import ROOT
 
 README = (ROOT / "README.md").read_text()

@@ -1,0 +1,81 @@
+"""The Flask extension, ``StageServer``, and the standalone app, ``create_app``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+from werkzeug.exceptions import HTTPException
+
+from . import logs, shutdown
+from .config import StageSettings, apply_defaults, upstream_configs
+from .service import StageService
+from .upstreams import UpstreamRegistry
+
+
+class StageServer:
+    """The Flask extension. ``init_app`` reads these keys from ``app.config``; a key the
+    app does not set comes from the environment variable of the same name, else its
+    default:
+
+    - ``STAGESERVER_UPSTREAM_URL`` (None), ``STAGESERVER_UPSTREAM_KIND`` ("openai"),
+      ``STAGESERVER_UPSTREAM_API_KEY`` (""): one upstream, named ``default``.
+    - ``STAGESERVER_UPSTREAMS`` (None): several named upstreams, as a dict or JSON.
+    - ``STAGESERVER_CONNECT_TIMEOUT`` (5), ``STAGESERVER_FIRST_TOKEN_TIMEOUT`` (120),
+      ``STAGESERVER_IDLE_TIMEOUT`` (60): seconds, for upstreams that do not set their own.
+    - ``STAGESERVER_UPSTREAM_MAX_CONNECTIONS`` (1000): per upstream, per worker.
+    - ``STAGESERVER_HEARTBEAT_SECONDS`` (15): SSE comment after this long without events.
+    - ``STAGESERVER_DEFAULT_MAX_TOKENS`` (512), ``STAGESERVER_MAX_TOKENS_LIMIT`` (4096),
+      ``STAGESERVER_MAX_PROMPT_CHARS`` (100000), ``STAGESERVER_MAX_BODY_BYTES`` (1 MiB).
+    - ``STAGESERVER_STAGE_TTL_SECONDS`` (600), ``STAGESERVER_EVENT_TTL_SECONDS`` (60),
+      ``STAGESERVER_EVENT_LOG_MAX_EVENTS`` (20000): how long a finished stage's status
+      and its events stay readable, and how many events a stage keeps.
+    - ``STAGESERVER_RESUMABLE_DEFAULT`` (False), ``STAGESERVER_RESUME_GRACE_SECONDS``
+      (30): whether a stage outlives its client's disconnect, and for how long.
+    - ``STAGESERVER_STORE_URL`` (None): Redis shared by workers and hosts.
+    - ``STAGESERVER_MAX_ACTIVE_STREAMS`` (900): stages per worker; more get 503.
+    - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
+    - ``STAGESERVER_LOG_FORMAT`` ("text"): ``text`` or ``json``; read by ``create_app``.
+
+    ``settings.SETTINGS`` holds the same list with descriptions. The values are read
+    once, here: change ``app.config`` before ``init_app``, not after.
+    """
+
+    def __init__(self, app: Flask | None = None, *, url_prefix: str | None = None) -> None:
+        self.url_prefix = url_prefix
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        if "stageserver" in app.extensions:
+            raise RuntimeError(
+                "StageServer is already registered on this app; call init_app once per app"
+            )
+        apply_defaults(app.config, os.environ)
+        service = StageService(
+            StageSettings.from_config(app.config), UpstreamRegistry(upstream_configs(app.config))
+        )
+        app.extensions["stageserver"] = service
+        from .ops import bp as ops_bp
+        from .views import bp
+
+        app.register_blueprint(bp, url_prefix=self.url_prefix)
+        app.register_blueprint(ops_bp, url_prefix=self.url_prefix)
+        shutdown.track(service)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    app = Flask("stageserver")
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    StageServer(app)
+    # The standalone server owns its process's logging; a host app configures its own.
+    logs.configure(str(app.config["STAGESERVER_LOG_FORMAT"]))
+    # Routing errors (404, 405) never reach a blueprint's handlers; the standalone app
+    # answers them in JSON too. A host app that mounts stageserver keeps its own.
+    from .views import http_error
+
+    app.register_error_handler(HTTPException, http_error)
+    return app

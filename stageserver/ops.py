@@ -1,0 +1,52 @@
+"""The operations endpoints, for load balancers, orchestrators and Prometheus.
+
+- ``GET /healthz``: 200 ``{"status":"ok"}`` whenever the worker's event loop answers. It
+  touches nothing else, so it costs what an empty Flask response costs.
+- ``GET /readyz``: whether this worker can serve stages now: 200 when every configured
+  upstream answers (``health.Readiness``); 503 when one does not, when none is
+  configured, or when the worker is shutting down. The body says which upstream failed
+  and how::
+
+      {"status": "ready", "upstreams": {"default": {"ok": true, "latency_ms": 1.9}}}
+
+- ``GET /metrics``: Prometheus's text format (``metrics.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from . import metrics, shutdown
+from .service import service_of
+
+bp = Blueprint("stageserver_ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    if shutdown.shutting_down():
+        response = jsonify({"status": "shutting_down"})
+        response.status_code = 503
+        return response
+    ready, upstreams = service_of(current_app.extensions).readiness.check()
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "upstreams": upstreams}
+    if not upstreams:
+        body["error"] = (
+            "no upstream is configured: set STAGESERVER_UPSTREAM_URL or STAGESERVER_UPSTREAMS"
+        )
+    response = jsonify(body)
+    response.status_code = 200 if ready else 503
+    return response
+
+
+@bp.get("/metrics")
+def metrics_view() -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)

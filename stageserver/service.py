@@ -1,0 +1,200 @@
+"""The stage service: the one owner of a stage's life in a process.
+
+It starts a stage (admits it, claims its id, registers it, starts it), finds one (a stage
+of this process, or one that runs elsewhere and is reached through the shared store),
+and cancels one. Every refusal is an exception from ``errors.py``; turning one into HTTP
+is the views' business, and nothing here knows of Flask.
+
+Each stage is given its listeners when it is made. They are, in the order it calls them:
+
+1. the shared store's mirror (with ``STAGESERVER_STORE_URL``), so other workers see it;
+2. the registry of this process's stages, which forgets finished ones after their TTL;
+3. admission, which gives the stage's slot back when it ends;
+4. the Prometheus metrics;
+5. the outcome log line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from . import metrics
+from .admission import Admission
+from .config import StageSettings
+from .errors import (
+    EventsExpired,
+    Overloaded,
+    ShuttingDown,
+    StageFailure,
+    StageFinished,
+    UnknownStage,
+)
+from .health import Readiness
+from .logs import OutcomeLog
+from .redis_store import RedisStageStore
+from .registry import StageRegistry
+from .relay import UpstreamRelay
+from .schemas import ChatRequest
+from .stage import Stage, StageListener, StageSpec
+from .stream import EventFeed, LocalFeed
+from .upstreams import Upstream, UpstreamRegistry
+
+# How much longer than an upstream's longest healthy silence a claim on a stage id lasts.
+_CLAIM_MARGIN_SECONDS = 30.0
+
+
+class LocalStage:
+    """A stage that runs, or ran, in this process."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+
+    def summary(self) -> dict[str, object]:
+        return self.stage.summary()
+
+    def feed(self) -> EventFeed:
+        if self.stage.events_expired:
+            raise EventsExpired(self.stage.stage_id)
+        return LocalFeed(self.stage, owner=False)
+
+    def cancel(self, reason: str) -> None:
+        if not self.stage.cancel(reason):
+            raise StageFinished(self.stage.stage_id)
+
+
+class StoredStage:
+    """A stage known to the shared store: it runs, or ran, in another worker or host.
+    Whether it exists at all is the answer of each question put to the store."""
+
+    def __init__(self, store: RedisStageStore, stage_id: str) -> None:
+        self._store = store
+        self.stage_id = stage_id
+
+    def summary(self) -> dict[str, object]:
+        summary = self._store.summary(self.stage_id)
+        if summary is None:
+            raise UnknownStage(self.stage_id)
+        return summary
+
+    def feed(self) -> EventFeed:
+        return self._store.feed(self.stage_id)
+
+    def cancel(self, reason: str) -> None:
+        self._store.request_cancel(self.stage_id, reason)
+
+
+class StageService:
+    def __init__(self, settings: StageSettings, upstreams: UpstreamRegistry) -> None:
+        self.settings = settings
+        self.upstreams = upstreams
+        self.readiness = Readiness(upstreams, settings.ready_timeout)
+        self.admission = Admission(settings.max_active_streams)
+        self.stages = StageRegistry(settings.stage_ttl_seconds, settings.event_ttl_seconds)
+        self.store: RedisStageStore | None = None
+        if settings.store_url:
+            self.store = RedisStageStore(
+                settings.store_url,
+                ttl_seconds=settings.stage_ttl_seconds,
+                event_ttl_seconds=settings.event_ttl_seconds,
+                max_events=settings.max_events,
+            )
+        listeners: list[StageListener | None] = [
+            self.store,
+            self.stages,
+            self.admission,
+            metrics.StageMetrics(),
+            OutcomeLog(),
+        ]
+        self._listeners = tuple(x for x in listeners if x is not None)
+
+    # -- start --------------------------------------------------------------------------
+
+    def start(self, request: ChatRequest, *, request_id: str) -> Stage:
+        """Start the stage ``request`` asks for. Raises InvalidRequest (its upstream),
+        ShuttingDown or Overloaded (admission), StageConflict (its id runs) or
+        StoreUnavailable; no upstream call is made then."""
+        upstream = self.upstreams.resolve(request.upstream, request.base_url)
+        try:
+            self.admission.admit()
+        except (Overloaded, ShuttingDown) as refusal:
+            metrics.stage_refused(str(refusal.body["reason"]))
+            raise
+        try:
+            stage = self._new_stage(request, request_id, upstream)
+            if self.store is not None:
+                self.store.start(self._cancel_here)
+                timeouts = upstream.config
+                silence = max(timeouts.first_token_timeout, timeouts.idle_timeout)
+                self.store.claim(stage, int((silence + _CLAIM_MARGIN_SECONDS) * 1000))
+            self.stages.add(stage)
+        except BaseException:
+            self.admission.release()  # never started: nothing else will give it back
+            raise
+        stage.start()
+        return stage
+
+    def _new_stage(self, request: ChatRequest, request_id: str, upstream: Upstream) -> Stage:
+        settings = self.settings
+        messages = [{"role": "user", "content": request.user_prompt}]
+        if request.system_prompt:
+            messages.insert(0, {"role": "system", "content": request.system_prompt})
+        body = upstream.chat_body(
+            model=request.model_name,
+            messages=messages,
+            max_tokens=request.max_tokens or settings.default_max_tokens,
+            temperature=request.temperature,
+        )
+        resumable = request.resumable
+        spec = StageSpec(
+            stage_id=request.stage_id,
+            upstream=upstream.name,
+            resumable=settings.resumable_default if resumable is None else resumable,
+            request_id=request_id,
+            grace_seconds=settings.resume_grace_seconds,
+            max_events=settings.max_events,
+        )
+        relay = UpstreamRelay(upstream, body, {"X-Request-ID": request_id})
+        store = self.store
+        if store is None:
+            return Stage(spec, relay, self._listeners)
+        return Stage(spec, relay, self._listeners, store.watched_elsewhere)
+
+    # -- find and cancel ----------------------------------------------------------------
+
+    def find(self, stage_id: str) -> LocalStage | StoredStage:
+        """The stage with this id: of this process, else of the shared store. Raises
+        UnknownStage when neither has it."""
+        local = self.stages.get(stage_id)
+        if local is not None:
+            return LocalStage(local)
+        if self.store is not None:
+            return StoredStage(self.store, stage_id)
+        raise UnknownStage(stage_id)
+
+    def _cancel_here(self, stage_id: str, reason: str) -> None:
+        local = self.stages.get(stage_id)
+        if local is not None:
+            local.cancel(reason)
+
+    # -- the process's end --------------------------------------------------------------
+
+    def running(self) -> list[Stage]:
+        return self.stages.running()
+
+    def abort_running(self, failure: StageFailure) -> int:
+        """End every running stage with ``failure``; how many there were."""
+        return sum(stage.abort(failure) for stage in self.stages.running())
+
+    def close(self) -> None:
+        self.upstreams.close()
+
+
+def service_of(extensions: Mapping[str, object]) -> StageService:
+    """The service ``StageServer.init_app`` keeps in ``app.extensions``."""
+    service = extensions.get("stageserver")
+    if not isinstance(service, StageService):
+        raise RuntimeError(
+            "stageserver is not registered on this app; call StageServer(app) or "
+            "StageServer().init_app(app) first"
+        )
+    return service

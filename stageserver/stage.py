@@ -1,0 +1,356 @@
+"""A stage: one chat completion, recorded as an ordered event log that responses follow.
+
+A stage holds four things: its event log, the responses following it (subscribers), the
+grace timer of a resumable stage nobody follows, and its terminal state. Reading the
+upstream is its relay's job (``relay.py``): the stage runs the relay in a greenlet (or a
+thread) of its own and the relay drives it through a narrow interface:
+``append_chunk``, ``finish``, and raising a ``StageFailure``. A cancel or an abort is
+thrown into that greenlet, wherever it waits.
+
+Every stage ends with exactly one terminal event: ``done``, ``error`` or ``cancel``.
+
+What else happens in a stage's life is its listeners' business (``StageListener``): the
+stage is given them when it is made, calls them in that order, and knows none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .concurrency import Task, Timer, Wakeup
+from .errors import StageFailure, StageInterrupted
+from .event_log import EventLog
+from .stage_events import TERMINAL_EVENT, StageEvents
+
+log = logging.getLogger("stageserver.stage")
+
+RUNNING, DONE, ERROR, CANCELLED = "running", "done", "error", "cancelled"
+
+
+class StageListener:
+    """What a stage tells its listeners; subclasses override the hooks they need.
+
+    The hooks, called in the order the stage was given its listeners:
+
+    - ``on_start(stage)``: the stage is registered and its relay is about to start.
+    - ``on_event(stage, seq, wire)``: event number ``seq`` (its bytes, ``wire``) has been
+      added to the log. Called in the relay's greenlet for every chunk: cheap, and
+      never waiting on anything.
+    - ``on_finish(stage)``: the stage has its terminal status and event. Called once.
+
+    A listener reads the stage; it never sets anything on it.
+    """
+
+    def on_start(self, stage: Stage) -> None:
+        pass
+
+    def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
+        pass
+
+    def on_finish(self, stage: Stage) -> None:
+        pass
+
+
+class Relay(Protocol):
+    """What runs a stage (``relay.UpstreamRelay``)."""
+
+    def run(self, stage: Stage) -> None:
+        """Read the upstream into ``stage`` until it ``finish``es; raise a StageFailure."""
+
+    def unblock(self) -> None:
+        """Threads only: make a read blocked on the upstream return."""
+
+
+class Subscriber:
+    """One HTTP response following a stage. ``wake`` is set when there is news for it."""
+
+    def __init__(self) -> None:
+        self.wake = Wakeup()
+        self.client_gone = False
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a stage needs to know of its request, as plain values."""
+
+    stage_id: str
+    upstream: str
+    resumable: bool
+    request_id: str
+    grace_seconds: float
+    max_events: int
+
+
+def _nobody_elsewhere(stage_id: str) -> bool:
+    return False
+
+
+class Stage:
+    def __init__(
+        self,
+        spec: StageSpec,
+        relay: Relay,
+        listeners: Sequence[StageListener] = (),
+        watched_elsewhere: Callable[[str], bool] = _nobody_elsewhere,
+    ) -> None:
+        """``watched_elsewhere(stage_id)`` says whether a response in another worker still
+        follows the stage; a resumable stage nobody follows here waits for it."""
+        self.spec = spec
+        self.stage_id = spec.stage_id
+        self.status = RUNNING
+        self.created_at = time.time()
+        self.started = time.monotonic()
+        self.first_token_seconds: float | None = None
+        self.duration_seconds: float | None = None
+        self.text_parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.failure: StageFailure | None = None
+        self.cancel_reason: str | None = None
+        self.chunk_count = 0
+
+        self._relay = relay
+        self._listeners = tuple(listeners)
+        # Only those that want every event are called for every event.
+        self._event_listeners = tuple(
+            x for x in self._listeners if type(x).on_event is not StageListener.on_event
+        )
+        self._watched_elsewhere = watched_elsewhere
+        self._events = StageEvents(spec.stage_id)
+        self._log = EventLog(spec.max_events)
+        self._subscribers: tuple[Subscriber, ...] = ()
+        self._lock = threading.Lock()
+        self._task: Task | None = None
+        self._grace_timer: Timer | None = None
+        self._running = False
+        self._interruption: StageInterrupted | None = None
+
+    # -- what it has to say ----------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.status != RUNNING
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    @property
+    def error(self) -> str | None:
+        return None if self.failure is None else str(self.failure)
+
+    @property
+    def http_status(self) -> int:
+        return 200 if self.failure is None else self.failure.http_status
+
+    @property
+    def next_seq(self) -> int:
+        return self._log.next_seq
+
+    @property
+    def events_expired(self) -> bool:
+        return self.finished and not len(self._log)
+
+    def read(self, cursor: int) -> tuple[bytes, int, bool]:
+        """Events from sequence number ``cursor`` on, joined; the next cursor; finished?"""
+        finished = self.finished  # read before the events, so none can slip in between
+        batch, cursor = self._log.read(cursor)
+        return batch, cursor, finished
+
+    def events_since(self, seq: int) -> list[tuple[int, bytes]]:
+        return self._log.since(seq)
+
+    def drop_events(self) -> None:
+        """Forget the events of a finished stage; its status and text stay."""
+        self._log.clear()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "stage_id": self.stage_id,
+            "status": self.status,
+            "upstream": self.spec.upstream,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "error": self.error,
+            "cancel_reason": self.cancel_reason if self.status == CANCELLED else None,
+            "resumable": self.spec.resumable,
+            "events": self._log.next_seq,
+            "created_at": self.created_at,
+            "first_token_seconds": self.first_token_seconds,
+            "duration_seconds": self.duration_seconds,
+        }
+
+    # -- what the relay tells it ---------------------------------------------------------
+
+    def append_chunk(
+        self,
+        payload: bytes,
+        content: str | None,
+        finish_reason: str | None,
+        usage: dict[str, Any] | None,
+    ) -> None:
+        """One upstream chunk: its JSON ``payload`` as sent, and what it says."""
+        if content:
+            self.text_parts.append(content)
+        if finish_reason:
+            self.finish_reason = finish_reason
+        if usage:
+            self.usage = usage
+        if self.first_token_seconds is None:
+            self.first_token_seconds = time.monotonic() - self.started
+        self.chunk_count += 1
+        self._append(self._events.chunk(self._log.next_seq, payload))
+
+    def finish(self) -> None:
+        """The upstream has finished the completion: the stage is done."""
+        self._finish(DONE, {})
+
+    def raise_if_interrupted(self) -> None:
+        """Threads: an interruption that came while the relay could not be interrupted."""
+        if self._interruption is not None:
+            raise self._interruption
+
+    def _append(self, wire: bytes) -> None:
+        self._notify(self._log.append(wire), wire)
+
+    def _notify(self, seq: int, wire: bytes) -> None:
+        for listener in self._event_listeners:
+            listener.on_event(self, seq, wire)
+        for subscriber in self._subscribers:
+            subscriber.wake.set()
+
+    # -- subscribers -----------------------------------------------------------------------
+
+    def attach(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._subscribers = (*self._subscribers, subscriber)
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+                self._grace_timer = None
+
+    def detach(self, subscriber: Subscriber, *, owner: bool, disconnected: bool) -> None:
+        """A subscriber leaves. A disconnect of the stage's own client stops a stage
+        that is not resumable; a resumable one runs on for the grace period."""
+        with self._lock:
+            self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
+            if self.finished or not disconnected:
+                return
+            if not self.spec.resumable:
+                if owner:
+                    self._interrupt_locked(StageInterrupted("client disconnected"))
+                return
+            if not self._subscribers and self._grace_timer is None:
+                self._grace_timer = Timer(self.spec.grace_seconds, self._grace_expired)
+
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(self._subscribers)
+
+    def _grace_expired(self) -> None:
+        """Nobody attached here for the grace period: cancel, unless a response in another
+        worker still follows the stage."""
+        if self._watched_elsewhere(self.stage_id):
+            with self._lock:
+                if not self.finished and not self._subscribers:
+                    self._grace_timer = Timer(self.spec.grace_seconds, self._grace_expired)
+            return
+        with self._lock:
+            self._grace_timer = None
+            if self._subscribers:
+                return
+        self.cancel(f"no client re-attached within {self.spec.grace_seconds:g} s")
+
+    # -- running -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for listener in self._listeners:
+            listener.on_start(self)
+        self._task = Task(self._run, name=f"stage-{self.stage_id}")
+
+    def cancel(self, reason: str) -> bool:
+        """Stop the stage wherever it is; it ends with `cancel`. False if already finished."""
+        with self._lock:
+            return self._interrupt_locked(StageInterrupted(reason))
+
+    def abort(self, failure: StageFailure) -> bool:
+        """Stop the stage wherever it is; it ends with `error`. False if already finished."""
+        with self._lock:
+            return self._interrupt_locked(StageInterrupted(str(failure), failure))
+
+    def _interrupt_locked(self, interruption: StageInterrupted) -> bool:
+        if self.finished or self._interruption is not None:
+            return False
+        self._interruption = interruption
+        # A runner that has not begun yet sees the interruption when it does.
+        if self._running and self._task is not None:
+            if not self._task.interrupt(interruption):
+                self._relay.unblock()  # threads: wake the reader blocked on the upstream
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._task is not None:
+            self._task.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            with self._lock:
+                self._running = True
+            self.raise_if_interrupted()
+            self._relay.run(self)
+            if not self.finished:
+                self.raise_if_interrupted()
+                raise RuntimeError("the relay returned without finishing the stage")
+        except StageInterrupted as exc:
+            self._interrupted(exc)
+        except Exception as exc:
+            if self._interruption is not None:  # threads: the unblocking we caused
+                self._interrupted(self._interruption)
+            elif isinstance(exc, StageFailure):
+                self._fail(exc)
+            else:
+                log.exception("stage %s: unexpected failure", self.stage_id)
+                self._fail(StageFailure(f"internal error in stageserver (stage {self.stage_id})"))
+
+    # -- the end -------------------------------------------------------------------------
+
+    def _interrupted(self, interruption: StageInterrupted) -> None:
+        if interruption.failure is not None:
+            self._fail(interruption.failure)
+        else:
+            self._finish(CANCELLED, {"reason": interruption.reason})
+
+    def _fail(self, failure: StageFailure) -> None:
+        self._finish(ERROR, {"error": str(failure)}, failure)
+
+    def _finish(
+        self, status: str, data: dict[str, Any], failure: StageFailure | None = None
+    ) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            wire = self._events.terminal(status, self._log.next_seq, **data)
+            # The event is in the log before the stage reads as finished: a reader (which
+            # looks at the status first, then the log) never sees the end without it.
+            seq = self._log.append(wire)
+            self.status = status
+            self.failure = failure
+            self.duration_seconds = time.monotonic() - self.started
+            if status == CANCELLED:
+                self.cancel_reason = str(data["reason"])
+            self._notify(seq, wire)
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+                self._grace_timer = None
+        for listener in self._listeners:
+            listener.on_finish(self)
+
+    @property
+    def outcome(self) -> str:
+        """The terminal event's name, once finished: ``done``, ``error`` or ``cancel``."""
+        return TERMINAL_EVENT[self.status]

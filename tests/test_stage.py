@@ -1,0 +1,224 @@
+"""A stage in-process, with plain bytes: its log, its listeners, its end, its follow loop.
+
+No server and no upstream: a scripted relay plays the part of the upstream relay through
+the same narrow interface (``append_chunk``, ``finish``, raising a failure).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stageserver.errors import StageFailure, UpstreamStatusError
+from stageserver.stage import Stage, StageListener, StageSpec, Subscriber
+from stageserver.stream import LocalFeed, follow
+
+CHUNKS = [b'{"choices":[{"index":0,"delta":{"content":"a"}}]}', b'{"choices":[]}']
+
+
+class ScriptedRelay:
+    """Appends ``chunks``; then finishes, raises ``failure``, or waits until unblocked."""
+
+    def __init__(
+        self,
+        chunks: list[bytes],
+        *,
+        failure: StageFailure | None = None,
+        hold: bool = False,
+        before_chunks: float = 0.0,
+    ) -> None:
+        self.chunks = chunks
+        self.failure = failure
+        self.before_chunks = before_chunks
+        self._held = threading.Event() if hold else None
+
+    def run(self, stage: Stage) -> None:
+        time.sleep(self.before_chunks)
+        for payload in self.chunks:
+            stage.append_chunk(payload, None, None, None)
+        if self.failure is not None:
+            raise self.failure
+        if self._held is not None:
+            self._held.wait(10)
+            stage.raise_if_interrupted()
+        stage.finish()
+
+    def unblock(self) -> None:
+        if self._held is not None:
+            self._held.set()
+
+
+class Recorder(StageListener):
+    def __init__(self, name: str, calls: list[tuple[str, str, int]]) -> None:
+        self.name = name
+        self.calls = calls
+
+    def on_start(self, stage: Stage) -> None:
+        self.calls.append((self.name, "start", -1))
+
+    def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
+        self.calls.append((self.name, "event", seq))
+
+    def on_finish(self, stage: Stage) -> None:
+        self.calls.append((self.name, "finish", stage.next_seq))
+
+
+class FinishOnly(StageListener):
+    def __init__(self) -> None:
+        self.finished: list[str] = []
+
+    def on_finish(self, stage: Stage) -> None:
+        self.finished.append(stage.status)
+
+
+def spec(stage_id: str = "s", *, resumable: bool = False, grace: float = 1.0) -> StageSpec:
+    return StageSpec(stage_id, "default", resumable, "rid", grace, max_events=100)
+
+
+def run(stage: Stage) -> Stage:
+    stage.start()
+    stage.wait(5)
+    return stage
+
+
+def test_a_stage_is_its_events_as_exact_bytes() -> None:
+    stage = run(Stage(spec(), ScriptedRelay(CHUNKS)))
+    assert stage.read(0) == (
+        b'id: s-chunk-0\nevent: chat_completion_chunk\ndata: {"stage_id":"s","chunk":'
+        + CHUNKS[0]
+        + b'}\n\nid: s-chunk-1\nevent: chat_completion_chunk\ndata: {"stage_id":"s","chunk":'
+        + CHUNKS[1]
+        + b'}\n\nid: s-done-2\nevent: done\ndata: {"stage_id":"s"}\n\n',
+        3,
+        True,
+    )
+    assert (stage.status, stage.chunk_count, stage.next_seq) == ("done", 2, 3)
+    assert stage.read(2)[0] == b'id: s-done-2\nevent: done\ndata: {"stage_id":"s"}\n\n'
+
+
+def test_a_failure_ends_the_stage_with_one_error_event() -> None:
+    failure = UpstreamStatusError("upstream 'default' answered HTTP 500: boom", 500)
+    stage = run(Stage(spec("f"), ScriptedRelay(CHUNKS[:1], failure=failure)))
+    assert stage.read(1)[0] == (
+        b'id: f-error-1\nevent: error\ndata: {"stage_id":"f",'
+        b'"error":"upstream \'default\' answered HTTP 500: boom"}\n\n'
+    )
+    assert (stage.status, stage.failure, stage.http_status) == ("error", failure, 502)
+
+
+def test_a_cancel_interrupts_the_relay_and_ends_with_one_cancel_event() -> None:
+    finished = FinishOnly()
+    stage = Stage(spec("c"), ScriptedRelay(CHUNKS, hold=True), [finished])
+    stage.start()
+    assert stage.cancel("cancelled by request")
+    stage.wait(5)
+    assert stage.read(2)[0] == (
+        b'id: c-cancel-2\nevent: cancel\ndata: {"stage_id":"c","reason":"cancelled by request"}'
+        b"\n\n"
+    )
+    assert not stage.cancel("again")  # finished: nothing to cancel
+    assert finished.finished == ["cancelled"]
+
+
+def test_listeners_hear_every_hook_in_the_order_they_were_given() -> None:
+    calls: list[tuple[str, str, int]] = []
+    listeners = [Recorder("store", calls), Recorder("registry", calls), FinishOnly()]
+    run(Stage(spec(), ScriptedRelay(CHUNKS), listeners))
+    assert calls == [
+        ("store", "start", -1),
+        ("registry", "start", -1),
+        ("store", "event", 0),
+        ("registry", "event", 0),
+        ("store", "event", 1),
+        ("registry", "event", 1),
+        ("store", "event", 2),
+        ("registry", "event", 2),
+        ("store", "finish", 3),
+        ("registry", "finish", 3),
+    ]
+
+
+def test_a_relay_that_returns_without_finishing_still_ends_the_stage() -> None:
+    class Quitter(ScriptedRelay):
+        def run(self, stage: Stage) -> None:
+            stage.append_chunk(CHUNKS[0], "a", None, None)
+
+    stage = run(Stage(spec("q"), Quitter([])))
+    assert stage.status == "error"
+    assert stage.error == "internal error in stageserver (stage q)"
+
+
+def test_the_log_keeps_the_last_events_and_their_numbers() -> None:
+    bounded = StageSpec("b", "default", False, "rid", 1.0, max_events=2)
+    stage = run(Stage(bounded, ScriptedRelay(CHUNKS * 3)))
+    assert [seq for seq, _ in stage.events_since(0)] == [5, 6]
+    batch, cursor, finished = stage.read(0)
+    assert (batch.count(b"\n\n"), cursor, finished) == (2, 7, True)
+
+
+def test_a_resumable_stage_nobody_follows_is_cancelled_after_its_grace() -> None:
+    watched = [True]
+    stage = Stage(
+        spec("g", resumable=True, grace=0.05),
+        ScriptedRelay([], hold=True),
+        watched_elsewhere=lambda stage_id: watched[0],
+    )
+    stage.start()
+    subscriber = Subscriber()
+    stage.attach(subscriber)
+    stage.detach(subscriber, owner=True, disconnected=True)
+    time.sleep(0.3)  # graces pass, but a watcher elsewhere keeps it alive
+    assert stage.status == "running"
+    watched[0] = False
+    stage.wait(5)
+    assert (stage.status, stage.cancel_reason) == (
+        "cancelled",
+        "no client re-attached within 0.05 s",
+    )
+
+
+def test_the_owners_disconnect_cancels_a_stage_that_is_not_resumable() -> None:
+    stage = Stage(spec("d"), ScriptedRelay([], hold=True))
+    stage.start()
+    watcher, owner = Subscriber(), Subscriber()
+    stage.attach(watcher)
+    stage.attach(owner)
+    stage.detach(watcher, owner=False, disconnected=True)
+    assert stage.status == "running"  # a watcher's disconnect is only its own
+    stage.detach(owner, owner=True, disconnected=True)
+    stage.wait(5)
+    assert (stage.status, stage.cancel_reason) == ("cancelled", "client disconnected")
+
+
+def collect(events: Iterator[bytes]) -> list[bytes]:
+    return [piece for piece in events if piece]
+
+
+def test_follow_yields_heartbeats_while_quiet_then_the_events() -> None:
+    stage = Stage(spec("h"), ScriptedRelay(CHUNKS[:1], before_chunks=0.25))
+    stage.start()
+    pieces = collect(
+        follow(
+            LocalFeed(stage, owner=True), after_seq=-1, heartbeat_seconds=0.1, client_socket=None
+        )
+    )
+    assert pieces[0] == b": heartbeat\n\n"
+    assert b"".join(pieces).replace(b": heartbeat\n\n", b"") == stage.read(0)[0]
+    assert pieces[-1].endswith(b'id: h-done-1\nevent: done\ndata: {"stage_id":"h"}\n\n')
+
+
+@pytest.mark.parametrize("after_seq", [-1, 0, 1])
+def test_follow_resumes_after_the_given_event(after_seq: int) -> None:
+    stage = run(Stage(spec("r"), ScriptedRelay(CHUNKS)))
+    wire = b"".join(
+        follow(
+            LocalFeed(stage, owner=False),
+            after_seq=after_seq,
+            heartbeat_seconds=1.0,
+            client_socket=None,
+        )
+    )
+    assert wire == b"".join(w for seq, w in stage.events_since(0) if seq > after_seq)
