@@ -7,7 +7,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from stageserver import create_app
-from tests.fake_upstream import FakeUpstream
+from testing.fake_upstream import FakeUpstream
 
 
 @pytest.fixture(scope="session")
