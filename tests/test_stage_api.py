@@ -107,6 +107,12 @@ def test_cancel_reaches_every_watcher_and_closes_the_upstream(
         assert [e["data"] for e in terminal(events)] == [
             {"stage_id": "c", "reason": "cancelled by request"}
         ]
+    # The watcher replayed the stage from its start: the cancel's number follows the chunks.
+    cancel_number = watcher.content.count(b"event: chat_completion_chunk")
+    assert watcher.content.endswith(
+        b"id: c-cancel-%d\nevent: cancel\n" % cancel_number
+        + b'data: {"stage_id":"c","reason":"cancelled by request"}\n\n'
+    )
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
     assert wait_for_status(server.url, "c", "cancelled")["cancel_reason"] == "cancelled by request"
     again = requests.post(f"{server.url}/stages/c/cancel", timeout=5)

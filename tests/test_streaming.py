@@ -85,9 +85,38 @@ def test_ids_are_unique_and_increasing(server: Gunicorn) -> None:
 
 
 def test_heartbeats_while_waiting_for_the_first_token(server: Gunicorn) -> None:
-    events = parse_events(post_chat(server.url, stage_id="hb", model_name="fake?prefill=2").content)
+    wire = post_chat(server.url, stage_id="hb", model_name="fake?prefill=2").content
+    events = parse_events(wire)
     assert events[0] == {"comment": "heartbeat"}
     assert [e["event"] for e in terminal(events)] == ["done"]
+    # Before the first chunk, heartbeats only, each exactly this comment.
+    prefill = wire[: wire.index(b"id: hb-chunk-0\n")]
+    assert prefill == b": heartbeat\n\n" * prefill.count(b": heartbeat")
+
+
+@pytest.mark.parametrize(
+    ("model", "error_event"),
+    [
+        (
+            "fake?mode=status&status=500",
+            b"id: err-error-0\nevent: error\n"
+            rb"""data: {"stage_id":"err","error":"upstream 'default' answered HTTP 500: """
+            rb"""fake upstream failure"}"""
+            b"\n\n",
+        ),
+        (
+            "fake?mode=malformed&after=1",
+            b"id: err-error-1\nevent: error\n"
+            rb"""data: {"stage_id":"err","error":"upstream 'default' sent a chunk that is not """
+            rb"""a JSON object: '{\"id\": not json'"}"""
+            b"\n\n",
+        ),
+    ],
+)
+def test_error_event_byte_for_byte(server: Gunicorn, model: str, error_event: bytes) -> None:
+    wire = post_chat(server.url, stage_id="err", model_name=model).content
+    assert wire.endswith(error_event)
+    assert wire.count(b"event: error") == 1
 
 
 def test_utf8_split_across_upstream_reads_arrives_whole(server: Gunicorn) -> None:
