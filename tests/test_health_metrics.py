@@ -217,13 +217,6 @@ def test_one_structured_log_line_per_stage(
 # -- several gunicorn workers -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    yield server
-    server.stop()
-
-
 def _json_lines(log: str) -> list[dict[str, Any]]:
     # Only whole lines: a worker may be halfway through writing the last one.
     complete = log[: log.rfind("\n") + 1]

@@ -25,7 +25,7 @@ import requests
 from launcher.model import MODEL_NAME, default_model_path, model_answers, model_server_command
 from launcher.settings import default_threads
 from testing.fake_upstream import FakeUpstream
-from testing.servers import ROOT, Gunicorn, free_port, gunicorn_server
+from testing.servers import ROOT, Gunicorn, free_port, gunicorn_server, stop_process
 from testing.sse import chunk_text, parse_events, post_chat
 
 pytestmark = pytest.mark.llm
@@ -65,12 +65,7 @@ def model_server() -> Iterator[ModelServer]:
             time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

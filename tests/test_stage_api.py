@@ -35,13 +35,8 @@ def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
 def test_resumable_stage_survives_a_drop_and_resumes_exactly_once(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
-    stream = post_chat(
-        server.url,
-        stage_id="res",
-        model_name="fake?chunks=30&interval=0.03",
-        resumable=True,
-        open=True,
-    )
+    model = "fake?chunks=30&interval=0.03"
+    stream = post_chat(server.url, stage_id="res", model_name=model, resumable=True, open=True)
     stream.read_until(b"event: chat_completion_chunk", 4)
     stream.close()
     got = [e for e in stream.events() if "id" in e]
@@ -74,13 +69,8 @@ def test_bad_last_event_id(server: Gunicorn) -> None:
 def test_resumable_stage_nobody_reattaches_is_cancelled_after_grace(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
-    stream = post_chat(
-        server.url,
-        stage_id="grace",
-        model_name="fake?chunks=500&interval=0.05",
-        resumable=True,
-        open=True,
-    )
+    model = "fake?chunks=500&interval=0.05"
+    stream = post_chat(server.url, stage_id="grace", model_name=model, resumable=True, open=True)
     stream.read_until(b"event: chat_completion_chunk", 1)
     stream.close()
     status = wait_for_status(server.url, "grace", "cancelled")
