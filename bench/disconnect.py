@@ -15,8 +15,8 @@ import socket
 import statistics
 import time
 
-from tests.fake_upstream import FakeUpstream
-from tests.servers import Gunicorn
+from testing.fake_upstream import FakeUpstream
+from testing.servers import Gunicorn
 
 PHASES = {
     "mid-stream (chunks every 20 ms)": (

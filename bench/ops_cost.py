@@ -27,9 +27,9 @@ from typing import Any
 import requests
 
 from bench import procs
-from tests.deploy_servers import RedisServer
-from tests.fake_upstream import FakeUpstream
-from tests.servers import ROOT, Gunicorn
+from testing.fake_upstream import FakeUpstream
+from testing.servers import ROOT, Gunicorn, RedisServer
+from testing.sse import post_chat
 
 
 def timed_requests(session: requests.Session, url: str, count: int, pids: list[int]) -> str:
@@ -50,8 +50,7 @@ def timed_requests(session: requests.Session, url: str, count: int, pids: list[i
 
 
 def stage(url: str, n: int) -> None:
-    body = {"stage_id": f"ops{n}", "model_name": "fake?chunks=5", "user_prompt": "hi"}
-    requests.post(f"{url}/chat", json=body | {"stream": True}, timeout=30).raise_for_status()
+    post_chat(url, stage_id=f"ops{n}", model_name="fake?chunks=5").raise_for_status()
 
 
 def callbacks_cost(rounds: int) -> float:

@@ -16,13 +16,19 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from tests.deploy_servers import RedisServer
-from tests.servers import ROOT, Gunicorn, free_port, stop_process, wait_for_http
+from testing.servers import (
+    NGINX,
+    ROOT,
+    Gunicorn,
+    RedisServer,
+    free_port,
+    stop_process,
+    wait_for_http,
+)
 
 __all__ = ["ROOT", "Direct", "FakeUpstreamProcess", "Nginx", "Stageserver", "cpu_seconds",
            "machine", "machine_busy_seconds", "raise_nofile_limit", "rss_kb", "tree"]
 
-NGINX = "/usr/sbin/nginx"
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -114,13 +120,13 @@ def raise_nofile_limit() -> None:
 
 
 class FakeUpstreamProcess:
-    """``python -m tests.fake_upstream`` on a free port: the upstream every target reads."""
+    """``python -m testing.fake_upstream`` on a free port: the upstream every target reads."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_upstream", "--port", str(self.port)],
+            [sys.executable, "-m", "testing.fake_upstream", "--port", str(self.port)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
         )

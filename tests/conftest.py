@@ -7,7 +7,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from stageserver import create_app
-from tests.fake_upstream import FakeUpstream
+from testing.fake_upstream import FakeUpstream
+from testing.servers import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,11 @@ def app(upstream: FakeUpstream) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the module's own."""
+    server = RedisServer()
+    yield server
+    server.stop()

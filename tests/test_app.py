@@ -12,7 +12,7 @@ from flask import Flask
 
 from stageserver import ConfigError, StageServer, create_app
 from stageserver.config import SETTINGS, upstream_configs
-from tests.fake_upstream import FakeUpstream
+from testing.fake_upstream import FakeUpstream
 
 
 def test_mounted_under_a_prefix_beside_the_host_apps_routes(upstream: FakeUpstream) -> None:

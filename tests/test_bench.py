@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.servers import ROOT
+from testing.servers import ROOT
 
 
 def test_quick_bench_reports_every_target(tmp_path: Path) -> None:

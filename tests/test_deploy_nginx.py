@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.deploy_servers import Nginx
-from tests.fake_upstream import FakeUpstream, UpstreamRequest
-from tests.servers import Gunicorn
-from tests.sse_client import OpenStream, chunk_text, parse_events, terminal
+from testing.fake_upstream import FakeUpstream, UpstreamRequest
+from testing.servers import Gunicorn, Nginx, gunicorn_server
+from testing.sse import chunk_text, parse_events, post_chat, terminal
 
 MAX_BODY = 1_048_576
 
@@ -32,37 +31,19 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(fake: FakeUpstream) -> Iterator[Stack]:
-    gunicorn = Gunicorn(
-        {
-            "STAGESERVER_UPSTREAM_URL": fake.url,
-            "STAGESERVER_HEARTBEAT_SECONDS": "1",
-            "STAGESERVER_MAX_ACTIVE_STREAMS": "2",
-        }
-    )
-    try:
+    env = {
+        "STAGESERVER_UPSTREAM_URL": fake.url,
+        "STAGESERVER_HEARTBEAT_SECONDS": "1",
+        "STAGESERVER_MAX_ACTIVE_STREAMS": "2",
+    }
+    with gunicorn_server(env) as gunicorn:
         nginx = Nginx(gunicorn.port, proxy_read_timeout="3s")
-    except BaseException:
-        gunicorn.stop()
-        raise
-    yield Stack(gunicorn, nginx)
-    nginx_log = nginx.log()
-    nginx.stop()
-    gunicorn.stop()
-    assert "Traceback" not in gunicorn.log(), gunicorn.log()
+        try:
+            yield Stack(gunicorn, nginx)
+        finally:
+            nginx_log = nginx.log()
+            nginx.stop()
     assert "upstream timed out" not in nginx_log, nginx_log
-
-
-def open_stream(url: str, stage_id: str, model: str, request_id: str) -> OpenStream:
-    body: dict[str, Any] = {"stage_id": stage_id, "model_name": model, "user_prompt": "hi"}
-    response = requests.post(
-        f"{url}/chat",
-        json=body | {"stream": True},
-        headers={"X-Request-ID": request_id},
-        stream=True,
-        timeout=30,
-    )
-    assert response.status_code == 200, response.text
-    return OpenStream(response)
 
 
 def seen_by_upstream(fake: FakeUpstream, request_id: str) -> UpstreamRequest:
@@ -80,7 +61,13 @@ def chat_requests(fake: FakeUpstream) -> list[UpstreamRequest]:
 def test_first_chunk_reaches_the_client_while_the_upstream_is_still_generating(
     stack: Stack, upstream: FakeUpstream
 ) -> None:
-    stream = open_stream(stack.nginx.url, "first", "fake?chunks=200&interval=0.05", "ngx-first")
+    stream = post_chat(
+        stack.nginx.url,
+        stage_id="first",
+        model_name="fake?chunks=200&interval=0.05",
+        headers={"X-Request-ID": "ngx-first"},
+        open=True,
+    )
     stream.read_until(b"event: chat_completion_chunk")
     seen = seen_by_upstream(upstream, "ngx-first")
     # Nothing held back: the client has a chunk, and the upstream has barely started.
@@ -96,14 +83,10 @@ def test_heartbeats_keep_a_long_prefill_alive_past_nginx_read_timeout(
     stack: Stack, upstream: FakeUpstream
 ) -> None:
     # 10 s before the first token, three times nginx's 3 s proxy_read_timeout.
-    response = requests.post(
-        f"{stack.nginx.url}/chat",
-        json={
-            "stage_id": "slow",
-            "model_name": "fake?prefill=10&chunks=3",
-            "user_prompt": "hi",
-            "stream": True,
-        },
+    response = post_chat(
+        stack.nginx.url,
+        stage_id="slow",
+        model_name="fake?prefill=10&chunks=3",
         headers={"X-Request-ID": "ngx-slow"},
         timeout=60,
     )
@@ -131,7 +114,13 @@ def test_heartbeats_keep_a_long_prefill_alive_past_nginx_read_timeout(
 def test_a_client_leaving_nginx_closes_the_upstream(
     stack: Stack, upstream: FakeUpstream, stage_id: str, model: str, marker: bytes
 ) -> None:
-    stream = open_stream(stack.nginx.url, stage_id, model, f"ngx-{stage_id}")
+    stream = post_chat(
+        stack.nginx.url,
+        stage_id=stage_id,
+        model_name=model,
+        headers={"X-Request-ID": f"ngx-{stage_id}"},
+        open=True,
+    )
     stream.read_until(marker)
     seen = seen_by_upstream(upstream, f"ngx-{stage_id}")
     stream.close()
@@ -144,21 +133,19 @@ def test_a_client_leaving_nginx_closes_the_upstream(
 def test_request_id_passes_through_nginx_to_stageserver_and_the_upstream(
     stack: Stack, upstream: FakeUpstream
 ) -> None:
-    body: dict[str, Any] = {
-        "stage_id": "rid",
-        "model_name": "fake",
-        "user_prompt": "hi",
-        "stream": False,
-    }
-    given = requests.post(
-        f"{stack.nginx.url}/chat", json=body, headers={"X-Request-ID": "client-id-7"}, timeout=10
+    given = post_chat(
+        stack.nginx.url,
+        stage_id="rid",
+        stream=False,
+        headers={"X-Request-ID": "client-id-7"},
+        timeout=10,
     )
     assert given.status_code == 200
     assert given.headers["X-Request-ID"] == "client-id-7"
     assert seen_by_upstream(upstream, "client-id-7").done_sent
 
     upstream.reset()
-    made = requests.post(f"{stack.nginx.url}/chat", json=body | {"stage_id": "rid2"}, timeout=10)
+    made = post_chat(stack.nginx.url, stage_id="rid2", stream=False, timeout=10)
     assert made.status_code == 200
     request_id = made.headers["X-Request-ID"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)  # nginx's $request_id
@@ -243,15 +230,20 @@ def test_over_the_stream_limit_requests_get_503_and_running_streams_complete(
         reason="overload",
     )
     running = [
-        open_stream(url, f"held{n}", "fake?chunks=30&interval=0.05", f"ngx-held{n}")
+        post_chat(
+            url,
+            stage_id=f"held{n}",
+            model_name="fake?chunks=30&interval=0.05",
+            headers={"X-Request-ID": f"ngx-held{n}"},
+            open=True,
+        )
         for n in range(2)
     ]
     for stream in running:
         stream.read_until(b"event: chat_completion_chunk")
 
-    body: dict[str, Any] = {"model_name": "fake", "user_prompt": "hi", "stream": True}
     for n in range(3):
-        refused = requests.post(f"{url}/chat", json=body | {"stage_id": f"over{n}"}, timeout=10)
+        refused = post_chat(url, stage_id=f"over{n}", timeout=10)
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "1"
         assert refused.headers["Content-Type"] == "application/json"
@@ -273,7 +265,7 @@ def test_over_the_stream_limit_requests_get_503_and_running_streams_complete(
         stream.close()
 
     # The worker goes on serving once streams have finished.
-    after = requests.post(f"{url}/chat", json=body | {"stage_id": "after"}, timeout=10)
+    after = post_chat(url, stage_id="after", timeout=10)
     assert terminal(parse_events(after.content)) == [
         {"event": "done", "data": {"stage_id": "after"}, "id": "after-done-7"}
     ]

@@ -10,21 +10,17 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.fake_upstream import FakeUpstream
-from tests.servers import Gunicorn
-from tests.sse_client import stage_status, wait_for_status
+from testing.fake_upstream import FakeUpstream
+from testing.servers import Gunicorn, gunicorn_server
+from testing.sse import stage_status, wait_for_status
 
 
 @pytest.fixture(scope="module")
 def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
     # A long heartbeat: what notices the disconnects below is the socket watcher.
-    gunicorn = Gunicorn(
-        {"STAGESERVER_UPSTREAM_URL": fake.url, "STAGESERVER_HEARTBEAT_SECONDS": "30"}
-    )
-    yield gunicorn
-    gunicorn.stop()
-    log = gunicorn.log()
-    assert "Traceback" not in log and "ignored GeneratorExit" not in log, log
+    env = {"STAGESERVER_UPSTREAM_URL": fake.url, "STAGESERVER_HEARTBEAT_SECONDS": "30"}
+    with gunicorn_server(env, forbid=("Traceback", "ignored GeneratorExit")) as gunicorn:
+        yield gunicorn
 
 
 def open_stream(server: Gunicorn, stage_id: str, model: str, **extra: object) -> socket.socket:

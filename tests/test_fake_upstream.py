@@ -11,14 +11,12 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
 
-from tests.fake_upstream import FakeUpstream
-
-ROOT = Path(__file__).resolve().parent.parent
+from testing.fake_upstream import FakeUpstream
+from testing.servers import ROOT
 
 
 @pytest.fixture
@@ -218,7 +216,7 @@ def test_gzip_body(fake: FakeUpstream) -> None:
 
 def test_runs_as_a_process() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "tests.fake_upstream", "--port", "0", "--default", "chunks=1"]
+    cmd = [sys.executable, "-m", "testing.fake_upstream", "--port", "0", "--default", "chunks=1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.fake_upstream import FakeUpstream
-from tests.servers import ROOT, free_port, wait_for_http
-from tests.sse_client import wait_for_status
+from testing.fake_upstream import FakeUpstream
+from testing.servers import ROOT, free_port, wait_for_http
+from testing.sse import wait_for_status
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stageserver import create_app
 from stageserver.logs import JsonFormatter
-from tests.deploy_servers import RedisServer
-from tests.fake_upstream import FakeUpstream
-from tests.servers import Gunicorn, free_port
-from tests.sse_client import parse_events, terminal
+from testing.fake_upstream import FakeUpstream
+from testing.servers import RedisServer, free_port, gunicorn_server
+from testing.sse import parse_events, post_chat, terminal
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -218,13 +217,6 @@ def test_one_structured_log_line_per_stage(
 # -- several gunicorn workers -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    yield server
-    server.stop()
-
-
 def _json_lines(log: str) -> list[dict[str, Any]]:
     # Only whole lines: a worker may be halfway through writing the last one.
     complete = log[: log.rfind("\n") + 1]
@@ -241,16 +233,6 @@ def _stage_lines(log: str) -> dict[str, list[dict[str, Any]]]:
 
 def _booted(log: str) -> list[int]:
     return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", log)]
-
-
-def _post(url: str, stage_id: str, model: str) -> list[dict[str, Any]]:
-    body: dict[str, Any] = {"stage_id": stage_id, "model_name": model, "user_prompt": "hi"}
-    body["stream"] = True
-    response = requests.post(
-        f"{url}/chat", json=body, headers={"X-Request-ID": f"rid-{stage_id}"}, timeout=30
-    )
-    assert response.status_code == 200, response.text
-    return parse_events(response.content)
 
 
 @contextmanager
@@ -273,16 +255,13 @@ def _wait(predicate: Any, what: str, timeout: float = 15) -> None:
 def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
     upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:
-    server = Gunicorn(
-        {
-            "STAGESERVER_UPSTREAM_URL": upstream.url,
-            "STAGESERVER_STORE_URL": redis_server.url,
-            "STAGESERVER_LOG_FORMAT": "json",
-        },
-        workers=2,
-    )
+    env = {
+        "STAGESERVER_UPSTREAM_URL": upstream.url,
+        "STAGESERVER_STORE_URL": redis_server.url,
+        "STAGESERVER_LOG_FORMAT": "json",
+    }
     metrics_dir: Path | None = None
-    try:
+    with gunicorn_server(env, workers=2) as server:
         _wait(lambda: len(_booted(server.log())) == 2, "two workers")
         workers = _booted(server.log())
 
@@ -299,9 +278,20 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
                     for n in range(4)
                 }
                 with _stopped(stopped):
-                    runs = {sid: pool.submit(_post, server.url, sid, m) for sid, m in jobs.items()}
+                    runs = {
+                        sid: pool.submit(
+                            post_chat,
+                            server.url,
+                            stage_id=sid,
+                            model_name=model,
+                            headers={"X-Request-ID": f"rid-{sid}"},
+                        )
+                        for sid, model in jobs.items()
+                    }
                     for stage_id, run in runs.items():
-                        events = run.result()
+                        response = run.result()
+                        assert response.status_code == 200, response.text
+                        events = parse_events(response.content)
                         outcomes[stage_id] = terminal(events)[0]["event"]
                         chunks_seen[stage_id] = sum(
                             e.get("event") == "chat_completion_chunk" for e in events
@@ -364,15 +354,10 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
 
         # Both workers die mid-stream (SIGKILL: no clean-up of their own). Counters keep
         # their values; the dead workers' active streams are no longer counted.
-        held = requests.post(
-            f"{server.url}/chat",
-            json={"stage_id": "held", "model_name": "fake?chunks=1000&interval=0.02",
-                  "user_prompt": "hi", "stream": True},
-            stream=True,
-            timeout=30,
-        )  # fmt: skip
-        pieces = held.iter_content(None)  # kept: dropping it would close the connection
-        next(pieces)
+        held = post_chat(
+            server.url, stage_id="held", model_name="fake?chunks=1000&interval=0.02", open=True
+        )
+        held.read_until(b"event: chat_completion_chunk")
         live = scrape(requests.get(f"{server.url}/metrics", timeout=5).text)
         assert value(live, "stageserver_active_streams", **up) == 1
         for pid in workers:
@@ -396,7 +381,4 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
             ("stageserver_chunks_relayed_total", {}),
         ]:
             assert value(after, name, **labels, **up) == value(totals, name, **labels, **up)
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log(), server.log()
     assert metrics_dir is not None and not metrics_dir.exists(), "on_exit removed it"

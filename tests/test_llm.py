@@ -1,7 +1,7 @@
 """The real model: llama.cpp's server with SmolLM2-135M-Instruct, behind stageserver.
 
 One model server is started for the whole session; stageserver runs under gunicorn in
-front of it. The launcher (``python -m stageserver.serve``) is tested as a user runs it:
+front of it. The launcher (``python -m launcher``) is tested as a user runs it:
 its ready line, its curl line, and that it stops everything it started.
 """
 
@@ -22,16 +22,11 @@ from typing import Any
 import pytest
 import requests
 
-from stageserver.serve import (
-    MODEL_NAME,
-    default_model_path,
-    default_threads,
-    model_answers,
-    model_server_command,
-)
-from tests.fake_upstream import FakeUpstream
-from tests.servers import ROOT, Gunicorn, free_port
-from tests.sse_client import chunk_text, parse_events, post_stream
+from launcher.model import MODEL_NAME, default_model_path, model_answers, model_server_command
+from launcher.settings import default_threads
+from testing.fake_upstream import FakeUpstream
+from testing.servers import ROOT, Gunicorn, free_port, gunicorn_server, stop_process
+from testing.sse import chunk_text, parse_events, post_chat
 
 pytestmark = pytest.mark.llm
 
@@ -70,27 +65,25 @@ def model_server() -> Iterator[ModelServer]:
             time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
 def server(model_server: ModelServer) -> Iterator[Gunicorn]:
-    gunicorn = Gunicorn(
-        {"STAGESERVER_UPSTREAM_URL": model_server.url, "STAGESERVER_UPSTREAM_KIND": "llamacpp"}
-    )
-    yield gunicorn
-    gunicorn.stop()
-    assert "Traceback" not in gunicorn.log(), gunicorn.log()
+    env = {"STAGESERVER_UPSTREAM_URL": model_server.url, "STAGESERVER_UPSTREAM_KIND": "llamacpp"}
+    with gunicorn_server(env) as gunicorn:
+        yield gunicorn
 
 
-def chat(server: Gunicorn, **fields: Any) -> requests.Response:
-    body = {"model_name": MODEL_NAME, "user_prompt": SHORT_PROMPT, "temperature": 0, **fields}
-    return requests.post(f"{server.url}/chat", json=body, timeout=60)
+def chat(server: Gunicorn, *, stream: bool = False, **fields: Any) -> requests.Response:
+    """A stage of the model at temperature 0; the short prompt unless another is given."""
+    body: dict[str, Any] = {
+        "model_name": MODEL_NAME,
+        "user_prompt": SHORT_PROMPT,
+        "temperature": 0,
+        **fields,
+    }
+    return post_chat(server.url, stream=stream, open=False, timeout=60, **body)
 
 
 def chunks_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -151,13 +144,14 @@ def test_max_tokens_is_honoured(server: Gunicorn, model_server: ModelServer) -> 
 
 def test_client_disconnect_stops_the_model(server: Gunicorn, model_server: ModelServer) -> None:
     pid = model_server.proc.pid
-    stream = post_stream(
+    stream = post_chat(
         server.url,
         stage_id="llm-leave",
         model_name=MODEL_NAME,
         user_prompt=LONG_PROMPT,
         temperature=0,
         max_tokens=3000,
+        open=True,
     )
     stream.read_until(b"event: chat_completion_chunk", count=20)
     busy_from = cpu_seconds(pid)
@@ -185,7 +179,7 @@ def test_client_disconnect_stops_the_model(server: Gunicorn, model_server: Model
 
 
 class Serve:
-    """``python -m stageserver.serve`` as a user runs it; stdout and stderr go to files."""
+    """``python -m launcher`` as a user runs it; stdout and stderr go to files."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.port = free_port()
@@ -200,7 +194,7 @@ class Serve:
         }
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stageserver.serve"],
+                [sys.executable, "-m", "launcher"],
                 cwd=ROOT,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
@@ -383,8 +377,7 @@ def test_serve_with_a_configured_upstream_starts_no_model(upstream: FakeUpstream
             processes = descendants(serve.proc.pid)
             assert processes and not model_servers(processes)
             assert "MODEL" in curl
-            body = {"stage_id": "via-fake", "model_name": "fake", "user_prompt": "hi"}
-            response = requests.post(f"{url}/chat", json=body, timeout=30)
+            response = post_chat(url, stage_id="via-fake", stream=False)
             assert response.json()["text"] == "tok0 tok1 tok2 tok3 tok4 "
             assert len(fake.requests) == 1
             serve.proc.send_signal(signal.SIGTERM)

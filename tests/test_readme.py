@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from stageserver.settings import markdown_table
-from tests.servers import ROOT
+from testing.servers import ROOT
 
 README = (ROOT / "README.md").read_text()
 

@@ -8,24 +8,16 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.deploy_servers import RedisServer
-from tests.fake_upstream import FakeUpstream
-from tests.servers import ROOT, VENV_BIN, Gunicorn, free_port
-from tests.sse_client import (
+from testing.fake_upstream import FakeUpstream
+from testing.servers import ROOT, VENV_BIN, Gunicorn, RedisServer, free_port, gunicorn_server
+from testing.sse import (
     assert_resumed_exactly_once,
     parse_events,
-    post_stream,
+    post_chat,
     stage_status,
     terminal,
     wait_for_status,
 )
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +28,18 @@ def pair(fake: FakeUpstream, redis_server: RedisServer) -> Iterator[tuple[Gunico
         "STAGESERVER_HEARTBEAT_SECONDS": "1",
         "STAGESERVER_RESUME_GRACE_SECONDS": "1",
     }
-    a, b = Gunicorn(env), Gunicorn(env)
-    yield a, b
-    a.stop()
-    b.stop()
+    # forbid=(): these instances' logs have never been checked (they pass the check today).
+    with gunicorn_server(env, forbid=()) as a, gunicorn_server(env, forbid=()) as b:
+        yield a, b
 
 
 def test_cancel_through_b_stops_the_stage_on_a(
     pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
 ) -> None:
     a, b = pair
-    stream = post_stream(a.url, stage_id="x-cancel", model_name="fake?chunks=500&interval=0.05")
+    stream = post_chat(
+        a.url, stage_id="x-cancel", model_name="fake?chunks=500&interval=0.05", open=True
+    )
     stream.read_until(b"event: chat_completion_chunk")
     response = requests.post(f"{b.url}/stages/x-cancel/cancel", timeout=5)
     assert response.status_code == 202
@@ -68,9 +61,8 @@ def test_resume_through_b_gets_the_rest_exactly_once(
     pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
 ) -> None:
     a, b = pair
-    stream = post_stream(
-        a.url, stage_id="x-res", model_name="fake?chunks=40&interval=0.03", resumable=True
-    )
+    model = "fake?chunks=40&interval=0.03"
+    stream = post_chat(a.url, stage_id="x-res", model_name=model, resumable=True, open=True)
     stream.read_until(b"event: chat_completion_chunk", 5)
     stream.close()
     got = [e for e in stream.events() if "id" in e]
@@ -87,9 +79,8 @@ def test_watcher_on_b_keeps_a_resumable_stage_alive_past_the_grace(
     pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
 ) -> None:
     a, b = pair
-    stream = post_stream(
-        a.url, stage_id="x-keep", model_name="fake?chunks=60&interval=0.05", resumable=True
-    )
+    model = "fake?chunks=60&interval=0.05"
+    stream = post_chat(a.url, stage_id="x-keep", model_name=model, resumable=True, open=True)
     stream.read_until(b"event: chat_completion_chunk")
     stream.close()
     # Nobody is attached on A for 3 s (grace 1 s), but B follows the stage.
@@ -102,9 +93,8 @@ def test_resumable_stage_nobody_reattaches_is_cancelled(
     pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
 ) -> None:
     a, b = pair
-    stream = post_stream(
-        a.url, stage_id="x-grace", model_name="fake?chunks=500&interval=0.05", resumable=True
-    )
+    model = "fake?chunks=500&interval=0.05"
+    stream = post_chat(a.url, stage_id="x-grace", model_name=model, resumable=True, open=True)
     stream.read_until(b"event: chat_completion_chunk")
     stream.close()
     summary = wait_for_status(b.url, "x-grace", "cancelled")
@@ -114,14 +104,10 @@ def test_resumable_stage_nobody_reattaches_is_cancelled(
 
 def test_a_live_stage_id_is_unique_across_instances(pair: tuple[Gunicorn, Gunicorn]) -> None:
     a, b = pair
-    stream = post_stream(a.url, stage_id="x-dup", model_name="fake?prefill=30")
+    stream = post_chat(a.url, stage_id="x-dup", model_name="fake?prefill=30", open=True)
     try:
         wait_for_status(b.url, "x-dup", "running")
-        response = requests.post(
-            f"{b.url}/chat",
-            json={"stage_id": "x-dup", "model_name": "fake", "user_prompt": "hi"},
-            timeout=5,
-        )
+        response = post_chat(b.url, stage_id="x-dup", stream=False, timeout=5)
         assert response.status_code == 409
         assert response.json()["field"] == "stage_id"
     finally:
@@ -133,7 +119,9 @@ def test_redis_restart_mid_stream(
     pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:
     a, b = pair
-    stream = post_stream(a.url, stage_id="x-down", model_name="fake?chunks=500&interval=0.05")
+    stream = post_chat(
+        a.url, stage_id="x-down", model_name="fake?chunks=500&interval=0.05", open=True
+    )
     stream.read_until(b"event: chat_completion_chunk", 2)
     watcher = requests.get(f"{b.url}/stages/x-down/events", stream=True, timeout=30)
     redis_server.kill()
@@ -148,21 +136,13 @@ def test_redis_restart_mid_stream(
         assert [e["event"] for e in watcher_end] == ["error"]
         assert "the stage store (Redis) is unavailable" in watcher_end[0]["data"]["error"]
 
-        refused = requests.post(
-            f"{a.url}/chat",
-            json={"stage_id": "x-refused", "model_name": "fake", "user_prompt": "hi"},
-            timeout=10,
-        )
+        refused = post_chat(a.url, stage_id="x-refused", stream=False, timeout=10)
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "1"
     finally:
         redis_server.start()
     for server in (a, b):
-        done = requests.post(
-            f"{server.url}/chat",
-            json={"stage_id": f"x-after-{server.port}", "model_name": "fake", "user_prompt": "hi"},
-            timeout=10,
-        )
+        done = post_chat(server.url, stage_id=f"x-after-{server.port}", stream=False, timeout=10)
         assert done.status_code == 200
         assert done.json()["type"] == "text"
 

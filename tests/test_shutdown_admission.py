@@ -12,45 +12,34 @@ import requests
 from flask.testing import FlaskClient
 
 from stageserver import create_app
-from tests.deploy_servers import Nginx
-from tests.fake_upstream import FakeUpstream, UpstreamRequest
-from tests.servers import Gunicorn
-from tests.sse_client import OpenStream, chunk_text, parse_events, terminal
+from testing.fake_upstream import FakeUpstream, UpstreamRequest
+from testing.servers import Nginx, gunicorn_server
+from testing.sse import chunk_text, parse_events, post_chat, terminal
 
 SHUTDOWN_ERROR = "stageserver is shutting down; retry the stage"
-
-
-def open_stream(url: str, stage_id: str, model: str) -> OpenStream:
-    body: dict[str, Any] = {"stage_id": stage_id, "model_name": model, "stream": True}
-    body["user_prompt"] = "hi"
-    response = requests.post(
-        f"{url}/chat", json=body, headers={"X-Request-ID": stage_id}, stream=True, timeout=30
-    )
-    assert response.status_code == 200, response.text
-    return OpenStream(response)
 
 
 def seen(fake: FakeUpstream, request_id: str) -> UpstreamRequest:
     return next(r for r in fake.requests if r.headers.get("x-request-id") == request_id)
 
 
-def read_to_end(stream: OpenStream) -> list[dict[str, Any]]:
-    for piece in stream.response.iter_content(None):
-        stream.wire += piece
-    return stream.events()
-
-
 def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
     upstream: FakeUpstream,
 ) -> None:
     # graceful_timeout 6 s: streams still running 4 s after SIGTERM are aborted.
-    server = Gunicorn(
-        {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_GRACEFUL_TIMEOUT": "6"}
-    )
-    nginx = Nginx(server.port)
-    try:
-        short = open_stream(nginx.url, "short", "fake?chunks=20&interval=0.05")
-        long = open_stream(nginx.url, "long", "fake?chunks=100000&interval=0.05")
+    env = {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_GRACEFUL_TIMEOUT": "6"}
+    forbid = ("SIGKILL", "graceful timeout", "Traceback")
+    with gunicorn_server(env, forbid=forbid) as server, Nginx(server.port) as nginx:
+        short, long = (
+            post_chat(
+                nginx.url,
+                stage_id=stage_id,
+                model_name=f"fake?chunks={chunks}&interval=0.05",
+                headers={"X-Request-ID": stage_id},
+                open=True,
+            )
+            for stage_id, chunks in (("short", 20), ("long", 100000))
+        )
         for stream in (short, long):
             stream.read_until(b"event: chat_completion_chunk")
 
@@ -68,9 +57,11 @@ def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
         statuses: list[int] = []
         deadline = time.monotonic() + 5
         while 502 not in statuses and time.monotonic() < deadline:
-            late = requests.post(
-                f"{nginx.url}/chat",
-                json={"stage_id": f"late{len(statuses)}", "model_name": "fake", "user_prompt": "x"},
+            late = post_chat(
+                nginx.url,
+                stage_id=f"late{len(statuses)}",
+                user_prompt="x",
+                stream=False,
                 timeout=10,
             )
             statuses.append(late.status_code)
@@ -80,11 +71,11 @@ def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
             time.sleep(0.1)
         assert set(statuses) <= {502, 503} and statuses[-1] == 502, statuses
 
-        short_events = read_to_end(short)
+        short_events = short.read_to_end()
         assert terminal(short_events)[0]["event"] == "done"
         assert chunk_text(short_events) == "".join(f"tok{i} " for i in range(20))
 
-        long_events = read_to_end(long)
+        long_events = long.read_to_end()
         assert long_events[-1] == {
             "event": "error",
             "data": {"stage_id": "long", "error": SHUTDOWN_ERROR},
@@ -98,25 +89,25 @@ def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
 
         # The worker left on its own, before gunicorn's SIGKILL.
         assert server.proc.wait(timeout=15) == 0
-    finally:
-        nginx.stop()
-        server.stop()
     log = server.log()
     assert "aborted 1 stage(s) still running" in log
     assert "error_kind=ServerShuttingDown" in log
-    for sign in ("SIGKILL", "graceful timeout", "Traceback"):
-        assert sign not in log, log
 
 
 def test_sigint_quick_shutdown_still_ends_streams_with_the_error_event(
     upstream: FakeUpstream,
 ) -> None:
-    server = Gunicorn({"STAGESERVER_UPSTREAM_URL": upstream.url})
-    try:
-        stream = open_stream(server.url, "quick", "fake?chunks=100000&interval=0.05")
+    with gunicorn_server({"STAGESERVER_UPSTREAM_URL": upstream.url}) as server:
+        stream = post_chat(
+            server.url,
+            stage_id="quick",
+            model_name="fake?chunks=100000&interval=0.05",
+            headers={"X-Request-ID": "quick"},
+            open=True,
+        )
         stream.read_until(b"event: chat_completion_chunk")
         server.signal(signal.SIGINT)
-        events = read_to_end(stream)
+        events = stream.read_to_end()
         assert terminal(events) == [
             {
                 "event": "error",
@@ -127,9 +118,6 @@ def test_sigint_quick_shutdown_still_ends_streams_with_the_error_event(
         assert server.proc.wait(timeout=15) == 0
         record = seen(upstream, "quick")
         assert upstream.wait_for(lambda: record.client_closed_at is not None)
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log(), server.log()
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.fake_upstream import FakeUpstream
-from tests.servers import Gunicorn
-from tests.sse_client import (
+from testing.fake_upstream import FakeUpstream
+from testing.servers import Gunicorn, gunicorn_server
+from testing.sse import (
     assert_resumed_exactly_once,
     parse_events,
-    post_stream,
+    post_chat,
     stage_status,
     terminal,
     wait_for_status,
@@ -23,24 +23,20 @@ from tests.sse_client import (
 
 @pytest.fixture(scope="module")
 def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
-    gunicorn = Gunicorn(
-        {
-            "STAGESERVER_UPSTREAM_URL": fake.url,
-            "STAGESERVER_HEARTBEAT_SECONDS": "5",
-            "STAGESERVER_RESUME_GRACE_SECONDS": "1",
-        }
-    )
-    yield gunicorn
-    gunicorn.stop()
-    assert "Traceback" not in gunicorn.log(), gunicorn.log()
+    env = {
+        "STAGESERVER_UPSTREAM_URL": fake.url,
+        "STAGESERVER_HEARTBEAT_SECONDS": "5",
+        "STAGESERVER_RESUME_GRACE_SECONDS": "1",
+    }
+    with gunicorn_server(env) as gunicorn:
+        yield gunicorn
 
 
 def test_resumable_stage_survives_a_drop_and_resumes_exactly_once(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
-    stream = post_stream(
-        server.url, stage_id="res", model_name="fake?chunks=30&interval=0.03", resumable=True
-    )
+    model = "fake?chunks=30&interval=0.03"
+    stream = post_chat(server.url, stage_id="res", model_name=model, resumable=True, open=True)
     stream.read_until(b"event: chat_completion_chunk", 4)
     stream.close()
     got = [e for e in stream.events() if "id" in e]
@@ -56,21 +52,13 @@ def test_resumable_stage_survives_a_drop_and_resumes_exactly_once(
 
 
 def test_last_event_id_query_parameter_for_eventsource(server: Gunicorn) -> None:
-    requests.post(
-        f"{server.url}/chat",
-        json={"stage_id": "q", "model_name": "fake?chunks=3", "user_prompt": "x", "stream": True},
-        timeout=10,
-    )
+    post_chat(server.url, stage_id="q", model_name="fake?chunks=3", user_prompt="x", timeout=10)
     replay = requests.get(f"{server.url}/stages/q/events?last_event_id=q-chunk-2", timeout=10)
     assert [e["id"] for e in parse_events(replay.content)] == ["q-chunk-3", "q-chunk-4", "q-done-5"]
 
 
 def test_bad_last_event_id(server: Gunicorn) -> None:
-    requests.post(
-        f"{server.url}/chat",
-        json={"stage_id": "b", "model_name": "fake", "user_prompt": "x"},
-        timeout=10,
-    )
+    post_chat(server.url, stage_id="b", user_prompt="x", stream=False, timeout=10)
     response = requests.get(
         f"{server.url}/stages/b/events", headers={"Last-Event-ID": "other-chunk-1"}, timeout=10
     )
@@ -81,9 +69,8 @@ def test_bad_last_event_id(server: Gunicorn) -> None:
 def test_resumable_stage_nobody_reattaches_is_cancelled_after_grace(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
-    stream = post_stream(
-        server.url, stage_id="grace", model_name="fake?chunks=500&interval=0.05", resumable=True
-    )
+    model = "fake?chunks=500&interval=0.05"
+    stream = post_chat(server.url, stage_id="grace", model_name=model, resumable=True, open=True)
     stream.read_until(b"event: chat_completion_chunk", 1)
     stream.close()
     status = wait_for_status(server.url, "grace", "cancelled")
@@ -95,7 +82,9 @@ def test_resumable_stage_nobody_reattaches_is_cancelled_after_grace(
 def test_cancel_reaches_every_watcher_and_closes_the_upstream(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
-    owner = post_stream(server.url, stage_id="c", model_name="fake?chunks=500&interval=0.05")
+    owner = post_chat(
+        server.url, stage_id="c", model_name="fake?chunks=500&interval=0.05", open=True
+    )
     owner.read_until(b"event: chat_completion_chunk", 1)
     watcher = requests.get(f"{server.url}/stages/c/events", stream=True, timeout=10)
     response = requests.post(f"{server.url}/stages/c/cancel", timeout=5)
@@ -108,6 +97,12 @@ def test_cancel_reaches_every_watcher_and_closes_the_upstream(
         assert [e["data"] for e in terminal(events)] == [
             {"stage_id": "c", "reason": "cancelled by request"}
         ]
+    # The watcher replayed the stage from its start: the cancel's number follows the chunks.
+    cancel_number = watcher.content.count(b"event: chat_completion_chunk")
+    assert watcher.content.endswith(
+        b"id: c-cancel-%d\nevent: cancel\n" % cancel_number
+        + b'data: {"stage_id":"c","reason":"cancelled by request"}\n\n'
+    )
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
     assert wait_for_status(server.url, "c", "cancelled")["cancel_reason"] == "cancelled by request"
     again = requests.post(f"{server.url}/stages/c/cancel", timeout=5)
@@ -119,10 +114,8 @@ def test_cancel_unknown_stage(server: Gunicorn) -> None:
 
 
 def test_status_of_a_finished_stage(server: Gunicorn) -> None:
-    requests.post(
-        f"{server.url}/chat",
-        json={"stage_id": "st", "model_name": "fake?chunks=2", "user_prompt": "a b"},
-        timeout=10,
+    post_chat(
+        server.url, stage_id="st", model_name="fake?chunks=2", user_prompt="a b", stream=False
     )
     status = stage_status(server.url, "st")
     assert {k: status[k] for k in ("stage_id", "status", "text", "finish_reason", "usage")} == {

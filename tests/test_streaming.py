@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import requests
 
-from tests.fake_upstream import FakeUpstream
-from tests.servers import Gunicorn, free_port
-from tests.sse_client import chunk_text, parse_events, terminal
+from testing.fake_upstream import FakeUpstream
+from testing.servers import Gunicorn, free_port, gunicorn_server
+from testing.sse import chunk_text, parse_events, post_chat, terminal
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +21,13 @@ def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
         "strict": {"url": fake.url, "first_token_timeout": 1, "idle_timeout": 1},
         "down": {"url": f"http://127.0.0.1:{free_port()}/v1", "connect_timeout": 2},
     }
-    gunicorn = Gunicorn(
-        {
-            "STAGESERVER_UPSTREAMS": json.dumps(upstreams),
-            "STAGESERVER_HEARTBEAT_SECONDS": "0.5",
-        }
-    )
-    yield gunicorn
-    gunicorn.stop()
-    assert "Traceback" not in gunicorn.log(), gunicorn.log()
-
-
-def post_chat(server: Gunicorn, **fields: Any) -> requests.Response:
-    body = {"stage_id": "s", "model_name": "fake", "user_prompt": "hi", "stream": True, **fields}
-    return requests.post(f"{server.url}/chat", json=body, timeout=30)
+    env = {"STAGESERVER_UPSTREAMS": json.dumps(upstreams), "STAGESERVER_HEARTBEAT_SECONDS": "0.5"}
+    with gunicorn_server(env) as gunicorn:
+        yield gunicorn
 
 
 def test_stream_is_the_seeds_events_byte_for_byte(server: Gunicorn, upstream: FakeUpstream) -> None:
-    response = post_chat(server, stage_id="exact", model_name="fake?chunks=2&created=7")
+    response = post_chat(server.url, stage_id="exact", model_name="fake?chunks=2&created=7")
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     assert response.headers["Cache-Control"] == "no-cache"
@@ -68,7 +56,7 @@ def test_upstream_request_carries_the_stage_parameters(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
     post_chat(
-        server,
+        server.url,
         stage_id="params",
         system_prompt="be brief",
         max_tokens=[7, 99],
@@ -90,27 +78,56 @@ def test_upstream_request_carries_the_stage_parameters(
 
 
 def test_ids_are_unique_and_increasing(server: Gunicorn) -> None:
-    events = [e for e in parse_events(post_chat(server, stage_id="ids").content) if "id" in e]
+    events = [e for e in parse_events(post_chat(server.url, stage_id="ids").content) if "id" in e]
     seqs = [int(e["id"].rsplit("-", 1)[1]) for e in events]
     assert seqs == list(range(len(events)))
     assert len({e["id"] for e in events}) == len(events)
 
 
 def test_heartbeats_while_waiting_for_the_first_token(server: Gunicorn) -> None:
-    events = parse_events(post_chat(server, stage_id="hb", model_name="fake?prefill=2").content)
+    wire = post_chat(server.url, stage_id="hb", model_name="fake?prefill=2").content
+    events = parse_events(wire)
     assert events[0] == {"comment": "heartbeat"}
     assert [e["event"] for e in terminal(events)] == ["done"]
+    # Before the first chunk, heartbeats only, each exactly this comment.
+    prefill = wire[: wire.index(b"id: hb-chunk-0\n")]
+    assert prefill == b": heartbeat\n\n" * prefill.count(b": heartbeat")
+
+
+@pytest.mark.parametrize(
+    ("model", "error_event"),
+    [
+        (
+            "fake?mode=status&status=500",
+            b"id: err-error-0\nevent: error\n"
+            rb"""data: {"stage_id":"err","error":"upstream 'default' answered HTTP 500: """
+            rb"""fake upstream failure"}"""
+            b"\n\n",
+        ),
+        (
+            "fake?mode=malformed&after=1",
+            b"id: err-error-1\nevent: error\n"
+            rb"""data: {"stage_id":"err","error":"upstream 'default' sent a chunk that is not """
+            rb"""a JSON object: '{\"id\": not json'"}"""
+            b"\n\n",
+        ),
+    ],
+)
+def test_error_event_byte_for_byte(server: Gunicorn, model: str, error_event: bytes) -> None:
+    wire = post_chat(server.url, stage_id="err", model_name=model).content
+    assert wire.endswith(error_event)
+    assert wire.count(b"event: error") == 1
 
 
 def test_utf8_split_across_upstream_reads_arrives_whole(server: Gunicorn) -> None:
     model = "fake?text=h%C3%A9llo%20w%C3%B6rld%20%F0%9F%91%8B&chunks=4&split=1&crlf=1"
-    events = parse_events(post_chat(server, stage_id="utf8", model_name=model).content)
+    events = parse_events(post_chat(server.url, stage_id="utf8", model_name=model).content)
     assert chunk_text(events) == "héllo wörld 👋"
 
 
 @pytest.mark.parametrize("model", ["fake?multiline=1", "fake?comments=1", "fake?gzip=1"])
 def test_upstream_wire_variants_relay_the_same_text(server: Gunicorn, model: str) -> None:
-    post_chat(server, stage_id="variant", model_name=model)
+    post_chat(server.url, stage_id="variant", model_name=model)
     status = requests.get(f"{server.url}/stages/variant", timeout=5).json()
     assert (status["status"], status["text"]) == ("done", "tok0 tok1 tok2 tok3 tok4 ")
 
@@ -157,7 +174,7 @@ FAULTS = [
 def test_each_upstream_fault_ends_the_stream_with_one_error_event(
     server: Gunicorn, upstream: FakeUpstream, upstream_name: str, model: str, message: str
 ) -> None:
-    response = post_chat(server, stage_id="fault", upstream=upstream_name, model_name=model)
+    response = post_chat(server.url, stage_id="fault", upstream=upstream_name, model_name=model)
     assert response.status_code == 200
     events = parse_events(response.content)
     ends = terminal(events)
@@ -184,7 +201,7 @@ def test_non_streaming_failure_has_a_truthful_status(
     server: Gunicorn, upstream_name: str, model: str, status: int
 ) -> None:
     response = post_chat(
-        server, stage_id="nsfail", stream=False, upstream=upstream_name, model_name=model
+        server.url, stage_id="nsfail", stream=False, upstream=upstream_name, model_name=model
     )
     assert response.status_code == status
     body = response.json()
@@ -195,7 +212,7 @@ def test_non_streaming_failure_has_a_truthful_status(
 
 
 def test_non_streaming_success(server: Gunicorn) -> None:
-    response = post_chat(server, stage_id="ns", stream=False, model_name="fake?chunks=3")
+    response = post_chat(server.url, stage_id="ns", stream=False, model_name="fake?chunks=3")
     assert response.status_code == 200
     assert response.json() == {
         "stage_id": "ns-chat-final",
@@ -207,7 +224,7 @@ def test_non_streaming_success(server: Gunicorn) -> None:
 
 def test_upstream_connections_are_reused(server: Gunicorn, upstream: FakeUpstream) -> None:
     for n in range(4):
-        post_chat(server, stage_id=f"reuse{n}")
+        post_chat(server.url, stage_id=f"reuse{n}")
     assert len({r.connection_id for r in upstream.requests}) == 1
 
 
@@ -215,26 +232,14 @@ def test_upstream_connections_are_reused(server: Gunicorn, upstream: FakeUpstrea
 def test_done_is_sent_at_once_whatever_follows_done_upstream(
     server: Gunicorn, upstream: FakeUpstream, after_done: str
 ) -> None:
-    response = requests.post(
-        f"{server.url}/chat",
-        json={
-            "stage_id": "afterdone",
-            "model_name": f"fake?after_done={after_done}",
-            "user_prompt": "hi",
-            "stream": True,
-        },
-        stream=True,
-        timeout=30,
+    stream = post_chat(
+        server.url, stage_id="afterdone", model_name=f"fake?after_done={after_done}", open=True
     )
-    wire = b""
-    for piece in response.iter_content(None):
-        wire += piece
-        if b"event: done" in wire:
-            break
+    stream.read_until(b"event: done")
     if after_done == "hang":
         # done reached us while the upstream connection was still open after [DONE]
         assert upstream.requests[0].client_closed_at is None
-    response.close()
-    assert [e["event"] for e in terminal(parse_events(wire))] == ["done"]
+    stream.close()
+    assert [e["event"] for e in terminal(stream.events())] == ["done"]
     status = requests.get(f"{server.url}/stages/afterdone", timeout=5).json()
     assert status["status"] == "done"

@@ -8,7 +8,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from stageserver import create_app
-from tests.fake_upstream import FakeUpstream
+from testing.fake_upstream import FakeUpstream
 
 GOOD = {"stage_id": "v1", "model_name": "fake", "user_prompt": "hi"}
 

@@ -1,8 +1,9 @@
-"""The deployment's other real parts, for tests: nginx running the shipped
-deploy/nginx.conf, and redis-server (several gunicorn workers need the shared store).
+"""Real server processes for tests and benchmarks, each on a free loopback port: gunicorn
+running stageserver, nginx running the shipped deploy/nginx.conf, and redis-server (several
+gunicorn workers need the shared store).
 
-Both run as non-daemon children on 127.0.0.1, with every file they write in a temporary
-directory, so they work as root or not and leave nothing behind.
+nginx and redis-server run as non-daemon children with every file they write in a
+temporary directory, so they work as root or not and leave nothing behind.
 """
 
 from __future__ import annotations
@@ -13,15 +14,67 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from tests.servers import ROOT, free_port, stop_process
+import requests
 
+__all__ = [
+    "NGINX",
+    "ROOT",
+    "VENV_BIN",
+    "Gunicorn",
+    "Nginx",
+    "RedisServer",
+    "free_port",
+    "gunicorn_server",
+    "site_conf",
+    "stop_process",
+    "wait_for_http",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 SHIPPED_CONF = ROOT / "deploy" / "nginx.conf"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_http(
+    url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None:
+    """Send ``signum``; kill it if it has not exited 15 s later."""
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
@@ -39,6 +92,66 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Pat
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+class Gunicorn:
+    """stageserver under gunicorn's gevent worker, configured through the environment."""
+
+    def __init__(
+        self, env: Mapping[str, str], *, workers: int = 1, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = ROOT / ".pytest_cache" / f"gunicorn-{self.port}.log"
+        self.log_path.parent.mkdir(exist_ok=True)
+        full_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("STAGESERVER_")},
+            "STAGESERVER_BIND": f"127.0.0.1:{self.port}",
+            "STAGESERVER_WORKERS": str(workers),
+            **env,
+        }
+        # Append mode: several workers write to it at once, each line in one write.
+        self.log_path.write_bytes(b"")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_http(self.url + "/stages/-", proc=self.proc)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"gunicorn did not start:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self._log.close()
+
+
+@contextmanager
+def gunicorn_server(
+    env: Mapping[str, str], *, workers: int = 1, forbid: Sequence[str] = ("Traceback",)
+) -> Iterator[Gunicorn]:
+    """gunicorn with ``env``, stopped when the block ends. If the block did not raise, its
+    log must then contain none of ``forbid``; a failure shows the whole log. (A block that
+    raised has its own failure to show.)"""
+    server = Gunicorn(env, workers=workers)
+    try:
+        yield server
+    finally:
+        server.stop()
+    log = server.log()
+    found = [sign for sign in forbid if sign in log]
+    assert not found, f"gunicorn's log has {found}:\n{log}"
 
 
 def site_conf(upstream_port: int, listen_port: int, proxy_read_timeout: str | None) -> str:
@@ -111,6 +224,12 @@ class Nginx:
     def stop(self) -> None:
         stop_process(self.proc, signal.SIGTERM)  # nginx's fast shutdown
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Nginx:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 class RedisServer:

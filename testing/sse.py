@@ -1,12 +1,25 @@
-"""A small SSE client for tests: exact wire bytes in, events out."""
+"""A small SSE client for stageserver: a chat posted, exact wire bytes in, events out."""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal, overload
 
 import requests
+
+__all__ = [
+    "TERMINAL",
+    "OpenStream",
+    "assert_resumed_exactly_once",
+    "chunk_text",
+    "parse_events",
+    "post_chat",
+    "stage_status",
+    "terminal",
+    "wait_for_status",
+]
 
 TERMINAL = ("done", "error", "cancel")
 
@@ -52,6 +65,11 @@ class OpenStream:
             self.wire += next(self._pieces)
         return self.wire
 
+    def read_to_end(self) -> list[dict[str, Any]]:
+        for piece in self._pieces:
+            self.wire += piece
+        return self.events()
+
     def events(self) -> list[dict[str, Any]]:
         return parse_events(self.wire)
 
@@ -59,9 +77,50 @@ class OpenStream:
         self.response.close()
 
 
-def post_stream(url: str, **fields: Any) -> OpenStream:
-    body = {"model_name": "fake", "user_prompt": "hi", "stream": True, **fields}
-    return OpenStream(requests.post(f"{url}/chat", json=body, stream=True, timeout=30))
+@overload
+def post_chat(
+    base_url: str,
+    *,
+    stream: bool = True,
+    open: Literal[False] = False,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+    **fields: Any,
+) -> requests.Response: ...
+
+
+@overload
+def post_chat(
+    base_url: str,
+    *,
+    stream: bool = True,
+    open: Literal[True],
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+    **fields: Any,
+) -> OpenStream: ...
+
+
+def post_chat(
+    base_url: str,
+    *,
+    stream: bool = True,
+    open: bool = False,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+    **fields: Any,
+) -> requests.Response | OpenStream:
+    """``POST /chat`` with ``fields`` (``model_name`` "fake" and ``user_prompt`` "hi" unless
+    given) and ``"stream": stream``. Returns the whole response; with ``open``, the
+    response as it arrives, which must be a 200 (a stream to read)."""
+    body = {"model_name": "fake", "user_prompt": "hi", "stream": stream, **fields}
+    response = requests.post(
+        f"{base_url}/chat", json=body, headers=headers, stream=open, timeout=timeout
+    )
+    if not open:
+        return response
+    assert response.status_code == 200, response.text
+    return OpenStream(response)
 
 
 def stage_status(base_url: str, stage_id: str) -> dict[str, Any]:

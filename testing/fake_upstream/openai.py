@@ -1,0 +1,327 @@
+"""The OpenAI behaviour of the fake upstream: the handler that the HTTP server calls.
+
+Endpoints:
+
+* ``POST /v1/chat/completions`` (also ``/chat/completions``): streaming (SSE, one event per
+  HTTP chunk) or non-streaming chat completions, shaped by the options in the model name
+  (``options.py``): faults (an HTTP error status, a hang, a dropped connection, a malformed
+  chunk, an error object mid-stream, misbehaviour after ``[DONE]``) and wire shapes (CRLF,
+  events split at awkward places, multi-line data, comments, gzip).
+* ``GET /v1/models`` (also ``/models``): one model, ``"fake"``.
+* ``GET /health``: ``{"status":"ok"}``.
+
+``max_tokens``/``max_completion_tokens`` in the body cap the number of pieces (one token
+each; finish_reason ``"length"``). ``prompt_tokens`` is the number of whitespace-separated
+words in the messages' text; the usage chunk is sent when
+``stream_options.include_usage`` is true.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from .connection import (
+    ResponseWriter,
+    UpstreamRequest,
+    compact_json,
+    error_body,
+    response_head,
+)
+from .options import Options, pieces, resolve_options
+
+__all__ = ["respond"]
+
+_CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+_MODEL_PATHS = frozenset({"/v1/models", "/models"})
+_MODELS = {
+    "object": "list",
+    "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "fake"}],
+}
+_MALFORMED = '{"id": not json'
+_ERROR_OBJECT = '{"error":{"message":"fake upstream error object","type":"server_error"}}'
+_END = b"0\r\n\r\n"
+
+_STREAM_HEADS: dict[tuple[bool, bool], bytes] = {
+    (gz, keep): response_head(
+        200,
+        [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache"),
+            ("Transfer-Encoding", "chunked"),
+            *([("Content-Encoding", "gzip")] if gz else []),
+        ],
+        keep,
+    )
+    for gz in (False, True)
+    for keep in (False, True)
+}
+
+
+async def respond(
+    request: UpstreamRequest, response: ResponseWriter, defaults: Mapping[str, object]
+) -> bool:
+    """Answer one request, as the HTTP server's handler."""
+    method, path = request.method, request.path.split("?", 1)[0]
+    if path in _CHAT_PATHS and method == "POST":
+        return await _chat(request, response, defaults)
+    if path in _MODEL_PATHS and method == "GET":
+        return await response.send_json(200, _MODELS)
+    if path == "/health" and method == "GET":
+        return await response.send_json(200, {"status": "ok"})
+    err = error_body(f"no route for {method} {path}", 404, "invalid_request_error")
+    return await response.send_json(404, err)
+
+
+def _prompt_tokens(body: Mapping[str, Any]) -> int:
+    total = 0
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content.split())
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    total += len(part["text"].split())
+    return total
+
+
+async def _chat(
+    rec: UpstreamRequest, response: ResponseWriter, defaults: Mapping[str, object]
+) -> bool:
+    body = rec.body
+    if not isinstance(body, dict):
+        err = error_body("request body must be a JSON object", 400, "invalid_request_error")
+        return await response.send_json(400, err)
+    model_name = body.get("model")
+    base, _, query = (model_name if isinstance(model_name, str) else "fake").partition("?")
+    model = base or "fake"
+    rec.model = model
+    rec.stream = body.get("stream") is True
+    try:
+        opts, rec.options = resolve_options(defaults, query)
+    except ValueError as exc:
+        return await response.send_json(400, error_body(str(exc), 400, "invalid_request_error"))
+
+    if opts.mode == "hang":
+        await response.pause(math.inf)
+        return False
+    if opts.mode == "status":
+        if not await response.pause(opts.prefill):
+            return False
+        failure = error_body("fake upstream failure", opts.status)
+        return await response.send_json(opts.status, failure)
+
+    texts = pieces(opts)
+    finish = "stop"
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(texts):
+        texts = texts[:limit]
+        finish = "length"
+    prompt = _prompt_tokens(body)
+    usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": len(texts),
+        "total_tokens": prompt + len(texts),
+    }
+    ident = f"chatcmpl-fake-{rec.index}"
+    created = int(time.time()) if opts.created is None else opts.created
+    if not rec.stream:
+        delay = opts.prefill + opts.interval * max(len(texts) - 1, 0)
+        if not await response.pause(delay):
+            return False
+        completion = {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(texts)},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": usage,
+        }
+        drop = opts.reset if opts.mode == "drop" else None
+        keep_alive = await response.send_json(200, completion, gzip=opts.gzip, drop=drop)
+        if keep_alive:
+            rec.chunks_sent = len(texts)
+        return keep_alive
+
+    stream_options = body.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    prefix = (
+        f'{{"id":{compact_json(ident)},"object":"chat.completion.chunk","created":{created},'
+        f'"model":{compact_json(model)},"choices":'
+    )
+    stream = _ChatStream(rec, response, opts, prefix)
+    return await stream.run(texts, finish, usage if include_usage else None)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _awkward_parts(data: bytes) -> list[bytes]:
+    """Split an SSE event at awkward places: after ``data:``, between CR and LF, inside a
+    multi-byte UTF-8 character, in the middle, and before the final byte."""
+    cuts = {5, len(data) // 2, len(data) - 1}
+    first_crlf = data.find(b"\r\n")
+    if first_crlf >= 0:
+        cuts.add(first_crlf + 1)
+        cuts.add(data.rfind(b"\r\n") + 1)
+    for pos, byte in enumerate(data):
+        if byte >= 0xC0:
+            cuts.add(pos + 1)
+            break
+    edges = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+class _Wire:
+    """Per-response SSE encoder: line endings, comments, multiline data, gzip, chunk framing."""
+
+    __slots__ = ("eol", "comment", "multiline", "split", "comp", "pending", "simple")
+
+    def __init__(self, opts: Options, head: bytes) -> None:
+        self.eol = "\r\n" if opts.crlf else "\n"
+        self.comment = ": keep-alive" + self.eol if opts.comments else ""
+        self.multiline = opts.multiline
+        self.split = opts.split
+        self.comp = zlib.compressobj(6, zlib.DEFLATED, 31) if opts.gzip else None
+        self.pending = head  # response head not yet written (headers_first=0)
+        self.simple = not (opts.split or opts.gzip)  # one write per event, no transformation
+
+    def event(self, payload: str, *, pretty: bool = True) -> bytes:
+        eol = self.eol
+        if self.multiline and pretty:
+            lines = json.dumps(json.loads(payload), indent=1, ensure_ascii=False).split("\n")
+            data = "".join(f"data: {line}{eol}" for line in lines)
+        else:
+            data = f"data: {payload}{eol}"
+        return (self.comment + data + eol).encode()
+
+    def frames(self, sse: bytes) -> list[bytes]:
+        if self.comp is not None:
+            body = self.comp.compress(sse) + self.comp.flush(zlib.Z_SYNC_FLUSH)
+            if not self.split:
+                return [_chunk(body)]
+            half = len(body) // 2
+            return [_chunk(part) for part in (body[:half], body[half:]) if part]
+        if not self.split:
+            return [_chunk(sse)]
+        return [_chunk(part) for part in _awkward_parts(sse)]
+
+    def end(self) -> bytes:
+        if self.comp is None:
+            return _END
+        tail = self.comp.flush()
+        return (_chunk(tail) if tail else b"") + _END
+
+
+class _ChatStream:
+    """One streamed completion: its chunks, its fault if any, ``[DONE]`` and the end."""
+
+    def __init__(
+        self, rec: UpstreamRequest, response: ResponseWriter, opts: Options, prefix: str
+    ) -> None:
+        self.rec = rec
+        self.response = response
+        self.opts = opts
+        self.prefix = prefix  # every chunk's JSON up to its choices
+        self.head = _STREAM_HEADS[(opts.gzip, response.keep_alive)]
+        self.wire = _Wire(opts, b"" if opts.headers_first else self.head)
+
+    async def run(self, texts: list[str], finish: str, usage: dict[str, int] | None) -> bool:
+        rec, response, opts, wire, prefix = (
+            self.rec, self.response, self.opts, self.wire, self.prefix
+        )  # fmt: skip
+        rec.status = 200
+        if opts.headers_first:
+            if not await response.send(self.head):
+                return False
+            rec.headers_sent_at = time.monotonic()
+        if not await response.pause(opts.prefill):
+            return False
+
+        first_prefix = prefix + '[{"index":0,"delta":{"role":"assistant","content":'
+        next_prefix = prefix + '[{"index":0,"delta":{"content":'
+        suffix = '},"finish_reason":null}]}'
+        fault = opts.mode if opts.mode in ("drop", "malformed", "error_object") else None
+        fault_at = min(opts.after, len(texts))
+
+        for i in range(len(texts) + 1):
+            if fault is not None and i == fault_at:
+                if fault == "drop":
+                    if wire.pending and await response.send(wire.pending):
+                        rec.headers_sent_at = time.monotonic()
+                    await response.drop(opts.reset)
+                    return False
+                if fault == "malformed":
+                    if not await self.emit(wire.event(_MALFORMED, pretty=False)):
+                        return False
+                else:  # error_object: the error event, then [DONE] and a clean end
+                    if not await self.emit(wire.event(_ERROR_OBJECT)):
+                        return False
+                    return await self.finish()
+            if i == len(texts):
+                break
+            if i and not await response.pause(opts.interval):
+                return False
+            payload = (first_prefix if i == 0 else next_prefix) + compact_json(texts[i]) + suffix
+            if not await self.emit(wire.event(payload)):
+                return False
+            rec.chunks_sent += 1
+
+        delta = '{"role":"assistant"}' if not texts else "{}"
+        final = prefix + f'[{{"index":0,"delta":{delta},"finish_reason":{compact_json(finish)}}}]}}'
+        if not await self.emit(wire.event(final)):
+            return False
+        if usage is not None:
+            usage_event = prefix + f'[],"usage":{compact_json(usage)}}}'
+            if not await self.emit(wire.event(usage_event)):
+                return False
+        return await self.finish()
+
+    async def emit(self, sse: bytes) -> bool:
+        """Write one event, in frames as the wire shape wants, the head first if not sent."""
+        response, wire = self.response, self.wire
+        if wire.simple and not wire.pending:
+            return await response.send(b"%x\r\n%s\r\n" % (len(sse), sse))
+        for number, frame in enumerate(wire.frames(sse)):
+            if number and not await response.pause(0.001):
+                return False
+            head = wire.pending
+            if head:
+                wire.pending = b""
+                if not await response.send(head + frame):
+                    return False
+                self.rec.headers_sent_at = time.monotonic()
+            elif not await response.send(frame):
+                return False
+        return True
+
+    async def finish(self) -> bool:
+        """Send ``data: [DONE]`` and the terminating chunk (or misbehave per ``after_done``)."""
+        response, opts = self.response, self.opts
+        if not await self.emit(self.wire.event("[DONE]", pretty=False)):
+            return False
+        self.rec.done_sent = True
+        if opts.after_done == "hang":
+            await response.pause(math.inf)
+            return False
+        if opts.after_done == "reset":
+            await response.drop(True)
+            return False
+        return await response.send(self.wire.end()) and response.keep_alive

@@ -1,0 +1,134 @@
+"""How a fake upstream request asks for its behaviour: options in the model name.
+
+A request chooses through its model name, ``"fake?mode=drop&after=3&chunks=10"`` (parsed
+with :func:`urllib.parse.parse_qs`; per-request values win over the server-wide defaults):
+
+``chunks`` (5), ``interval`` (0 s between content chunks), ``prefill`` (0 s before the first
+chunk), ``headers_first`` (1), ``text`` (split into ``chunks`` nearly-equal pieces by
+characters; default pieces are ``"tok0 "``, ``"tok1 "``, ...), ``mode`` (``normal``, ``status``
++ ``status=<code>``, ``hang``, ``drop`` + ``after``/``reset``, ``malformed`` + ``after``,
+``error_object`` + ``after``), ``after_done`` (``hang`` | ``reset``), wire shapes ``crlf``,
+``split``, ``multiline``, ``comments``, ``gzip``, and ``created`` (a fixed timestamp).
+Unknown keys are kept in the record and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+__all__ = ["Options", "pieces", "resolve_options"]
+
+_MODES = frozenset({"normal", "status", "hang", "drop", "malformed", "error_object"})
+_AFTER_DONE = frozenset({"", "none", "hang", "reset"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def _flag(value: str) -> bool:
+    low = value.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"not a 0/1 flag: {value!r}")
+
+
+def _seconds(value: str) -> float:
+    result = float(value)
+    if math.isnan(result) or result < 0:
+        raise ValueError(f"not a duration: {value!r}")
+    return result
+
+
+def _count(value: str) -> int:
+    result = int(value)
+    if result < 0:
+        raise ValueError(f"negative count: {value!r}")
+    return result
+
+
+@dataclass
+class Options:
+    chunks: int = 5
+    interval: float = 0.0
+    prefill: float = 0.0
+    headers_first: bool = True
+    text: str | None = None
+    mode: str = "normal"
+    status: int = 500
+    after: int = 2
+    reset: bool = False
+    after_done: str = ""
+    crlf: bool = False
+    split: bool = False
+    multiline: bool = False
+    comments: bool = False
+    gzip: bool = False
+    created: int | None = None  # a fixed "created" stamp, so tests can compare exact bytes
+
+
+_CONVERTERS: dict[str, Callable[[str], object]] = {
+    "chunks": _count,
+    "interval": _seconds,
+    "prefill": _seconds,
+    "headers_first": _flag,
+    "text": str,
+    "mode": lambda v: v.strip().lower() or "normal",
+    "status": int,
+    "after": _count,
+    "reset": _flag,
+    "after_done": lambda v: v.strip().lower(),
+    "crlf": _flag,
+    "split": _flag,
+    "multiline": _flag,
+    "comments": _flag,
+    "gzip": _flag,
+    "created": int,
+}
+
+
+def resolve_options(
+    defaults: Mapping[str, object], query: str
+) -> tuple[Options, dict[str, object]]:
+    """Merge server defaults and the model-name query; return typed options and the
+    record of them. A bad value raises ValueError naming it."""
+    raw = {str(key): str(value) for key, value in defaults.items()}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        raw[key] = values[-1]
+    opts = Options()
+    extras: dict[str, object] = {}
+    for key, value in raw.items():
+        convert = _CONVERTERS.get(key)
+        if convert is None:
+            extras[key] = value
+            continue
+        try:
+            setattr(opts, key, convert(value))
+        except ValueError as exc:
+            raise ValueError(f"bad option {key}={value!r}: {exc}") from None
+    if opts.mode not in _MODES:
+        raise ValueError(f"unknown mode {opts.mode!r}")
+    if opts.after_done not in _AFTER_DONE:
+        raise ValueError(f"unknown after_done {opts.after_done!r}")
+    if not 100 <= opts.status <= 599:
+        raise ValueError(f"bad status {opts.status}")
+    if math.isinf(opts.interval):
+        raise ValueError("interval must be finite")
+    record: dict[str, object] = {name: getattr(opts, name) for name in _CONVERTERS}
+    record.update(extras)
+    return opts, record
+
+
+def pieces(opts: Options) -> list[str]:
+    """The content of the answer, one piece per chunk (one token each)."""
+    if opts.text is None:
+        return [f"tok{i} " for i in range(opts.chunks)]
+    text = opts.text
+    count = min(opts.chunks, len(text))
+    if count == 0:
+        return []
+    size = len(text)
+    return [text[i * size // count : (i + 1) * size // count] for i in range(count)]
