@@ -48,12 +48,14 @@ graceful_timeout = int(_env("GRACEFUL_TIMEOUT"))
 keepalive = int(_env("KEEPALIVE"))
 
 # Logs: access log to stdout by default (empty: none), errors to stderr. The access line
-# ends with the request id, as the stage's own log line has it. stageserver's lines go to
+# ends with the request id, as the stage's own log line has it, and the principal's name
+# ("-" when the server is open); never a key or the Authorization header. stageserver's lines go to
 # stderr too (stageserver/logs.py); STAGESERVER_LOG_FORMAT=json makes the worker's lines,
 # gunicorn's included, JSON lines (post_worker_init below).
 accesslog = _env("ACCESS_LOG") or None
 access_log_format = (
-    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'
+    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s '
+    "%({stageserver.principal}e)s"
 )
 errorlog = "-"
 loglevel = _env("LOG_LEVEL")
@@ -83,6 +85,20 @@ def on_starting(server: Any) -> None:
     path = tempfile.mkdtemp(prefix="stageserver-metrics-")
     os.environ[_METRICS_ENV] = path
     server.stageserver_metrics_dir = path
+
+
+def when_ready(server: Any) -> None:
+    """Once, in the arbiter: a server reachable from other hosts with no API keys is open
+    to anyone who reaches it. Say so (stageserver/principals.py)."""
+    if _env("API_KEYS"):
+        return
+    exposed = [a for a in bind if not a.startswith(("127.", "localhost", "[::1]", "unix:"))]
+    if exposed:
+        server.log.warning(
+            "stageserver listens on %s with no STAGESERVER_API_KEYS: anyone who reaches it "
+            "can start, read and cancel stages",
+            ", ".join(exposed),
+        )
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -10,7 +10,9 @@ from flask import Flask
 from werkzeug.exceptions import HTTPException
 
 from . import logs, shutdown
+from .auth import Authenticator, Identify
 from .config import StageSettings, apply_defaults, upstream_configs
+from .principals import key_ring
 from .service import StageService
 from .upstreams import UpstreamRegistry
 
@@ -37,14 +39,26 @@ class StageServer:
     - ``STAGESERVER_STORE_URL`` (None): Redis shared by workers and hosts.
     - ``STAGESERVER_MAX_ACTIVE_STREAMS`` (900): stages per worker; more get 503.
     - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
+    - ``STAGESERVER_API_KEYS`` (None): principals, their keys and limits (principals.py).
+    - ``STAGESERVER_CORS_ORIGINS`` (None): origins whose pages may call the API.
     - ``STAGESERVER_LOG_FORMAT`` ("text"): ``text`` or ``json``; read by ``create_app``.
 
     ``settings.SETTINGS`` holds the same list with descriptions. The values are read
     once, here: change ``app.config`` before ``init_app``, not after.
+
+    ``identify(request)``, when given, names the principal of a request from the host
+    app's own login or session (a name, or None for 401); see auth.py.
     """
 
-    def __init__(self, app: Flask | None = None, *, url_prefix: str | None = None) -> None:
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        url_prefix: str | None = None,
+        identify: Identify | None = None,
+    ) -> None:
         self.url_prefix = url_prefix
+        self.identify = identify
         if app is not None:
             self.init_app(app)
 
@@ -54,10 +68,14 @@ class StageServer:
                 "StageServer is already registered on this app; call init_app once per app"
             )
         apply_defaults(app.config, os.environ)
+        keys = key_ring(app.config["STAGESERVER_API_KEYS"], identify=self.identify is not None)
         service = StageService(
-            StageSettings.from_config(app.config), UpstreamRegistry(upstream_configs(app.config))
+            StageSettings.from_config(app.config),
+            UpstreamRegistry(upstream_configs(app.config)),
+            [keys.by_name(name) for name in keys.names()],
         )
         app.extensions["stageserver"] = service
+        app.extensions["stageserver.auth"] = Authenticator(keys, self.identify)
         from .ops import bp as ops_bp
         from .views import bp
 

@@ -8,17 +8,18 @@ what ends a stage (a chunk that is not a JSON object, an error object).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeAlias
 
 from .errors import UpstreamErrorObject, UpstreamProtocolError
+
+#: What a chunk says: the text of choice 0, its finish reason, the usage.
+ChunkRead: TypeAlias = tuple[str | None, str | None, dict[str, Any] | None]
 
 _scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
 _JSON_SPACE = " \t\n\r"
 
 
-def read_chunk(
-    payload: bytes, upstream: str
-) -> tuple[str | None, str | None, dict[str, Any] | None]:
+def read_chunk(payload: bytes, upstream: str) -> ChunkRead:
     """The content, finish reason and usage that the chunk ``payload`` carries.
 
     Raises UpstreamProtocolError for a payload that is not a JSON object, and

@@ -143,6 +143,7 @@ class StageSettings:
     max_active_streams: int
     ready_timeout: float
     store_url: str | None
+    cors_origins: frozenset[str]
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> StageSettings:
@@ -164,4 +165,33 @@ class StageSettings:
             max_active_streams=int(number("MAX_ACTIVE_STREAMS")),
             ready_timeout=number("READY_TIMEOUT"),
             store_url=str(store_url) if store_url else None,
+            cors_origins=_origins(config["STAGESERVER_CORS_ORIGINS"]),
         )
+
+
+def _origins(setting: Any) -> frozenset[str]:
+    if isinstance(setting, str):
+        try:
+            setting = json.loads(setting)
+        except ValueError as exc:
+            raise ConfigError(f"STAGESERVER_CORS_ORIGINS is not valid JSON: {exc}") from None
+    if setting is None:
+        return frozenset()
+    if not isinstance(setting, list):
+        raise ConfigError('STAGESERVER_CORS_ORIGINS must be a JSON list of origins, e.g. '
+                          '["https://app.example.com"]')
+    for origin in setting:
+        parts = urlsplit(origin) if isinstance(origin, str) else None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path
+            or parts.query
+            or origin.endswith("/")
+        ):
+            raise ConfigError(
+                f"STAGESERVER_CORS_ORIGINS: {origin!r} is not an origin: "
+                "scheme://host[:port], no path"
+            )
+    return frozenset(setting)

@@ -8,6 +8,8 @@ one mapping (``views.error_response``)::
      ├── ConfigError                  a STAGESERVER_* setting is wrong (start-up; also a ValueError)
      ├── Refusal                      no stage is run, or the stage asked for is not there
      │    ├── InvalidRequest          400 (422 when a field breaks its rule)
+     │    ├── Unauthorized            401 + WWW-Authenticate: no, or an unknown, API key
+     │    ├── RateLimited             429 + Retry-After: a principal's limit is reached
      │    ├── UnknownStage            404: unknown, expired, or not the caller's to see
      │    ├── EventsExpired           410: the status is still there, the events are not
      │    ├── StageConflict           409: a stage with this id is running
@@ -51,11 +53,22 @@ class StageServerError(Exception):
     field: str | None = None
     #: Seconds after which a retry may succeed (the ``Retry-After`` header).
     retry_after: int | None = None
+    #: Further response headers.
+    headers: dict[str, str] = {}
 
-    def __init__(self, message: str, *, field: str | None = None, **body: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after: int | None = None,
+        **body: Any,
+    ) -> None:
         super().__init__(message)
         if field is not None:
             self.field = field
+        if retry_after is not None:
+            self.retry_after = retry_after
         #: Further fields of the JSON error body, e.g. ``reason`` and ``limit``.
         self.body = body
 
@@ -82,6 +95,25 @@ class InvalidRequest(Refusal):
         else:
             super().__init__(message, fields=fields)
             self.http_status = 422
+
+
+class Unauthorized(Refusal):
+    """401; ``invalid_token`` when a key was presented (RFC 6750's error code)."""
+
+    http_status = 401
+
+    def __init__(self, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(message)
+        challenge = 'Bearer realm="stageserver"'
+        if invalid_token:
+            challenge += ', error="invalid_token"'
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class RateLimited(Refusal):
+    """429; ``limit`` names the limit, ``principal`` whose it is."""
+
+    http_status = 429
 
 
 class UnknownStage(Refusal):

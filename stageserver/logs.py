@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError
+from .principals import ANONYMOUS
 from .stage import CANCELLED, ERROR, Stage, StageListener
 
 LOG_FORMATS = ("text", "json")
@@ -64,6 +65,9 @@ class OutcomeLog(StageListener):
             "chunks": stage.chunk_count,
             "duration_ms": round((stage.duration_seconds or 0) * 1000, 1),
         }
+        principal = stage.spec.principal
+        if principal is not ANONYMOUS:
+            fields["principal"] = principal.name
         if stage.status == ERROR:
             fields["error_kind"] = type(stage.failure).__name__
             fields["error"] = stage.error
@@ -116,6 +120,7 @@ def _access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
         "bytes": atoms.get("B"),
         "duration_ms": round(micros / 1000, 1) if isinstance(micros, int) else None,
         "request_id": atoms.get("{x-request-id}o"),
+        "principal": atoms.get("{stageserver.principal}e"),
         "user_agent": atoms.get("a"),
     }
 

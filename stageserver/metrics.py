@@ -57,6 +57,7 @@ from prometheus_client import (  # noqa: E402
 )
 
 from .errors import UpstreamFailure  # noqa: E402
+from .principals import Principal  # noqa: E402
 from .stage import Stage, StageListener  # noqa: E402
 from .stage_events import TERMINAL_EVENT  # noqa: E402
 
@@ -100,6 +101,25 @@ REFUSED = Counter(
 )
 for _reason in ("overload", "shutting_down"):
     REFUSED.labels(_reason)  # present as 0 from the start, so rate() has a series
+# Per principal: its name as configured, never a secret; "anonymous" when the server is
+# open, "other" for a name a host app's identify() gave that is not configured.
+PRINCIPAL_STAGES = Counter(
+    "stageserver_principal_stages",
+    "Stages finished, by principal and outcome (done, error, cancel).",
+    ("principal", "outcome"),
+)
+PRINCIPAL_TOKENS = Counter(
+    "stageserver_principal_tokens",
+    "Tokens of finished stages, by principal and kind (prompt, completion); estimated "
+    "where the upstream reported none.",
+    ("principal", "kind"),
+)
+PRINCIPAL_REFUSED = Counter(
+    "stageserver_principal_refused",
+    "Stages refused for a principal's limit (max_streams, requests_per_minute, "
+    "tokens_per_minute) or because the limits could not be checked (store).",
+    ("principal", "limit"),
+)
 
 def exposition() -> tuple[bytes, str]:
     """The text a scrape gets, and its content type."""
@@ -139,6 +159,10 @@ def stage_refused(reason: str) -> None:
     REFUSED.labels(reason).inc()
 
 
+def limit_refused(principal: Principal, limit: str) -> None:
+    PRINCIPAL_REFUSED.labels(principal.metrics_label, limit).inc()
+
+
 class StageMetrics(StageListener):
     """Counts each stage as it starts and finishes."""
 
@@ -158,3 +182,10 @@ class StageMetrics(StageListener):
             series.chunks.inc(stage.chunk_count)
         if isinstance(stage.failure, UpstreamFailure):
             UPSTREAM_ERRORS.labels(upstream, type(stage.failure).__name__).inc()
+        label = stage.spec.principal.metrics_label
+        PRINCIPAL_STAGES.labels(label, outcome).inc()
+        usage = stage.usage or {}
+        for kind in ("prompt", "completion"):
+            tokens = usage.get(f"{kind}_tokens")
+            if isinstance(tokens, int) and tokens > 0:
+                PRINCIPAL_TOKENS.labels(label, kind).inc(tokens)

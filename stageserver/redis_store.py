@@ -1,7 +1,9 @@
 """Stages shared across workers and hosts through Redis (``STAGESERVER_STORE_URL``).
 
 A stage still runs in the worker that accepted it and is served from that worker's
-memory; Redis is a mirror, so that any worker can answer for it:
+memory; Redis is a mirror, so that any worker can answer for it. Its keys are named after
+the stage's key, its id in its principal's namespace (``alice/summary``; the bare id when
+the server is open):
 
 - ``ss:{id}`` (hash): status, owner, summary JSON, how many remote watchers are attached.
 - ``ss:{id}:log`` (stream): the events, each the exact bytes a client receives, under the
@@ -52,9 +54,9 @@ _FLUSH_DELAY = 0.005  # gather the writes of this long into one pipeline
 _READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client at least this often
 
 
-def _keys(stage_id: str) -> tuple[str, str, str, str]:
-    """The stage's hash, event log, text and live keys."""
-    base = f"ss:{stage_id}"
+def _keys(key: str) -> tuple[str, str, str, str]:
+    """The hash, event log, text and live keys of the stage with this key."""
+    base = f"ss:{key}"
     return base, f"{base}:log", f"{base}:text", f"{base}:live"
 
 
@@ -105,7 +107,7 @@ class RedisStageStore(StageListener):
         return self._redis
 
     def start(self, cancel_here: Callable[[str, str], None]) -> None:
-        """Start this process's flusher and cancel listener, once. ``cancel_here(stage_id,
+        """Start this process's flusher and cancel listener, once. ``cancel_here(key,
         reason)`` cancels a stage of this process for a request made elsewhere."""
         with self._lock:
             self._cancel_here = cancel_here
@@ -120,7 +122,7 @@ class RedisStageStore(StageListener):
         """Make ``stage`` the one live stage with its id, everywhere, and mirror it from now
         on. ``live_ms``: the longest silence a healthy stage can have. Raises
         StageConflict when one runs, StoreUnavailable when Redis cannot say."""
-        key, log_key, text_key, live_key = _keys(stage.stage_id)
+        key, log_key, text_key, live_key = _keys(stage.key)
         try:
             if not self.redis.set(live_key, self.owner, nx=True, px=live_ms):
                 raise StageConflict(stage.stage_id)
@@ -163,7 +165,7 @@ class RedisStageStore(StageListener):
             mirrored = self._mirrored.get(stage)
             if mirrored is None:
                 continue
-            key, log_key, text_key, live_key = _keys(stage.stage_id)
+            key, log_key, text_key, live_key = _keys(stage.key)
             done = stage.finished  # read before the events, so the terminal one is in them
             for seq, wire in stage.events_since(mirrored.next_seq):
                 fields: dict[str, bytes] = {"w": wire}
@@ -196,10 +198,10 @@ class RedisStageStore(StageListener):
             "summary": json.dumps(stage.summary()),
         }
 
-    def watched_elsewhere(self, stage_id: str) -> bool:
+    def watched_elsewhere(self, key: str) -> bool:
         """Whether a response in some worker follows the stage through the store."""
         try:
-            return int(self.redis.hget(_keys(stage_id)[0], "watchers") or 0) > 0
+            return int(self.redis.hget(_keys(key)[0], "watchers") or 0) > 0
         except redis.RedisError:
             return False
 
@@ -215,16 +217,16 @@ class RedisStageStore(StageListener):
                         continue
                     payload = json.loads(message["data"])
                     if self._cancel_here is not None:
-                        self._cancel_here(payload["stage_id"], payload["reason"])
+                        self._cancel_here(payload["key"], payload["reason"])
             except (redis.RedisError, OSError, ValueError) as exc:
                 log.warning("stage store cancel listener: %s; reconnecting in 1 s", exc)
                 time.sleep(1.0)
 
     # -- any worker's side ---------------------------------------------------------------
 
-    def summary(self, stage_id: str) -> dict[str, Any] | None:
+    def summary(self, stage_key: str) -> dict[str, Any] | None:
         """The stage's status as ``Stage.summary`` gives it; None if the store has none."""
-        key, log_key, text_key, _ = _keys(stage_id)
+        key, log_key, text_key, _ = _keys(stage_key)
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hget(key, "summary")
@@ -242,10 +244,10 @@ class RedisStageStore(StageListener):
             summary.update(text=(text or b"").decode(), events=events)
         return summary
 
-    def feed(self, stage_id: str) -> RemoteFeed:
+    def feed(self, stage_key: str, stage_id: str) -> RemoteFeed:
         """A feed of the stage's events. Raises UnknownStage, or EventsExpired when it
         has finished and its events are gone."""
-        key, log_key, _, _ = _keys(stage_id)
+        key, log_key, _, _ = _keys(stage_key)
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hget(key, "status")
@@ -257,18 +259,18 @@ class RedisStageStore(StageListener):
             raise UnknownStage(stage_id)
         if status != b"running" and not has_log:
             raise EventsExpired(stage_id)
-        return RemoteFeed(self, stage_id)
+        return RemoteFeed(self, stage_key, stage_id)
 
-    def request_cancel(self, stage_id: str, reason: str) -> None:
+    def request_cancel(self, stage_key: str, stage_id: str, reason: str) -> None:
         """Ask the worker running the stage to cancel it. Raises UnknownStage, or
         StageFinished when it no longer runs."""
-        key, _, _, live_key = _keys(stage_id)
+        key, _, _, live_key = _keys(stage_key)
         try:
             if not self.redis.exists(key):
                 raise UnknownStage(stage_id)
             if not self.redis.exists(live_key):
                 raise StageFinished(stage_id)
-            self.redis.publish(CANCEL_CHANNEL, json.dumps({"stage_id": stage_id, "reason": reason}))
+            self.redis.publish(CANCEL_CHANNEL, json.dumps({"key": stage_key, "reason": reason}))
         except redis.RedisError as exc:
             raise StoreUnavailable(store_unavailable_message(exc)) from None
 
@@ -277,10 +279,10 @@ class RemoteFeed:
     """The events of a stage that runs in another worker or host, read from its log in
     Redis (an ``EventFeed``, see stream.py)."""
 
-    def __init__(self, store: RedisStageStore, stage_id: str) -> None:
+    def __init__(self, store: RedisStageStore, stage_key: str, stage_id: str) -> None:
         self.stage_id = stage_id
         self._redis = store.redis
-        self._key, self._log_key, _, _ = _keys(stage_id)
+        self._key, self._log_key, _, _ = _keys(stage_key)
 
     def open(self, subscriber: Subscriber) -> None:
         try:

@@ -29,13 +29,14 @@ class StageRegistry(StageListener):
         """Register a new stage; a running stage with the same id is a conflict."""
         with self._lock:
             self._expire()
-            current = self._stages.get(stage.stage_id)
+            current = self._stages.get(stage.key)
             if current is not None and not current.finished:
                 raise StageConflict(stage.stage_id)
-            self._stages[stage.stage_id] = stage
+            self._stages[stage.key] = stage
 
-    def get(self, stage_id: str) -> Stage | None:
-        return self._stages.get(stage_id)
+    def get(self, key: str) -> Stage | None:
+        """The stage with this key (its id in its principal's namespace)."""
+        return self._stages.get(key)
 
     def running(self) -> list[Stage]:
         return [s for s in list(self._stages.values()) if not s.finished]
@@ -57,5 +58,5 @@ class StageRegistry(StageListener):
                 stage.drop_events()
         while self._expiry and self._expiry[0][0] <= now:
             _, stage = self._expiry.popleft()
-            if self._stages.get(stage.stage_id) is stage:
-                del self._stages[stage.stage_id]
+            if self._stages.get(stage.key) is stage:
+                del self._stages[stage.key]

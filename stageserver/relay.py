@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import httpx2
 
-from .chunks import read_chunk
+from .chunks import ChunkRead, read_chunk
 from .concurrency import ReadDeadline
 from .errors import FirstTokenTimeout, IdleTimeout, UpstreamProtocolError
 from .upstream_sse import SSEPayloadSplitter
@@ -35,13 +35,7 @@ class ChunkSink(Protocol):
     @property
     def chunk_count(self) -> int: ...
 
-    def append_chunk(
-        self,
-        payload: bytes,
-        content: str | None,
-        finish_reason: str | None,
-        usage: dict[str, Any] | None,
-    ) -> None: ...
+    def append_chunk(self, payload: bytes, read: ChunkRead) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -138,9 +132,9 @@ class UpstreamRelay:
                     stage.finish()
                     self._drain(reads)
                     return
-                content, finish_reason, usage = read_chunk(payload, name)
-                finished_by_upstream = finished_by_upstream or finish_reason is not None
-                stage.append_chunk(payload, content, finish_reason, usage)
+                read = read_chunk(payload, name)
+                finished_by_upstream = finished_by_upstream or read[1] is not None
+                stage.append_chunk(payload, read)
             if deadline is first_token and stage.chunk_count:
                 deadline = idle
         if finished_by_upstream and not splitter.pending():

@@ -2,16 +2,19 @@
 
 It starts a stage (admits it, claims its id, registers it, starts it), finds one (a stage
 of this process, or one that runs elsewhere and is reached through the shared store),
-and cancels one. Every refusal is an exception from ``errors.py``; turning one into HTTP
-is the views' business, and nothing here knows of Flask.
+and cancels one, always on behalf of a principal (``principals.py``): a stage belongs to
+the principal that started it, its id lives in that principal's namespace, and for any
+other principal it does not exist. Every refusal is an exception from ``errors.py``;
+turning one into HTTP is the views' business, and nothing here knows of Flask.
 
 Each stage is given its listeners when it is made. They are, in the order it calls them:
 
 1. the shared store's mirror (with ``STAGESERVER_STORE_URL``), so other workers see it;
 2. the registry of this process's stages, which forgets finished ones after their TTL;
-3. admission, which gives the stage's slot back when it ends;
-4. the Prometheus metrics;
-5. the outcome log line.
+3. admission, which gives the worker's slot back when the stage ends;
+4. the principal's limits, which give its stream slot back and count its tokens;
+5. the Prometheus metrics;
+6. the outcome log line.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ from . import metrics
 from .admission import Admission
 from .config import StageSettings
 from .errors import (
+    ConfigError,
     EventsExpired,
     Overloaded,
     ShuttingDown,
     StageFailure,
     StageFinished,
+    StageServerError,
     UnknownStage,
 )
 from .health import Readiness
+from .limits import LimitBook, LocalLimits, RedisLimits
 from .logs import OutcomeLog
+from .principals import ANONYMOUS, Principal
 from .redis_store import RedisStageStore
 from .registry import StageRegistry
 from .relay import UpstreamRelay
@@ -38,6 +45,7 @@ from .schemas import ChatRequest
 from .stage import Stage, StageListener, StageSpec
 from .stream import EventFeed, LocalFeed
 from .upstreams import Upstream, UpstreamRegistry
+from .usage import estimate_prompt_tokens
 
 # How much longer than an upstream's longest healthy silence a claim on a stage id lasts.
 _CLAIM_MARGIN_SECONDS = 30.0
@@ -66,25 +74,39 @@ class StoredStage:
     """A stage known to the shared store: it runs, or ran, in another worker or host.
     Whether it exists at all is the answer of each question put to the store."""
 
-    def __init__(self, store: RedisStageStore, stage_id: str) -> None:
+    def __init__(self, store: RedisStageStore, key: str, stage_id: str) -> None:
         self._store = store
+        self.key = key
         self.stage_id = stage_id
 
     def summary(self) -> dict[str, object]:
-        summary = self._store.summary(self.stage_id)
+        summary = self._store.summary(self.key)
         if summary is None:
             raise UnknownStage(self.stage_id)
         return summary
 
     def feed(self) -> EventFeed:
-        return self._store.feed(self.stage_id)
+        return self._store.feed(self.key, self.stage_id)
 
     def cancel(self, reason: str) -> None:
-        self._store.request_cancel(self.stage_id, reason)
+        self._store.request_cancel(self.key, self.stage_id, reason)
 
 
 class StageService:
-    def __init__(self, settings: StageSettings, upstreams: UpstreamRegistry) -> None:
+    def __init__(
+        self,
+        settings: StageSettings,
+        upstreams: UpstreamRegistry,
+        principals: list[Principal] | None = None,
+    ) -> None:
+        """``principals``: the configured ones, checked against the upstreams here."""
+        for principal in principals or ():
+            unknown = sorted((principal.upstreams or set()) - set(upstreams.names()))
+            if unknown:
+                raise ConfigError(
+                    f"STAGESERVER_API_KEYS: principal {principal.name!r} names unknown "
+                    f"upstream(s) {unknown}; configured: {', '.join(upstreams.names())}"
+                )
         self.settings = settings
         self.upstreams = upstreams
         self.readiness = Readiness(upstreams, settings.ready_timeout)
@@ -98,10 +120,14 @@ class StageService:
                 event_ttl_seconds=settings.event_ttl_seconds,
                 max_events=settings.max_events,
             )
+        self.limits: LimitBook = LocalLimits()
+        if self.store is not None:
+            self.limits = RedisLimits(lambda store=self.store: store.redis)
         listeners: list[StageListener | None] = [
             self.store,
             self.stages,
             self.admission,
+            self.limits,
             metrics.StageMetrics(),
             OutcomeLog(),
         ]
@@ -109,18 +135,37 @@ class StageService:
 
     # -- start --------------------------------------------------------------------------
 
-    def start(self, request: ChatRequest, *, request_id: str) -> Stage:
-        """Start the stage ``request`` asks for. Raises InvalidRequest (its upstream),
-        ShuttingDown or Overloaded (admission), StageConflict (its id runs) or
-        StoreUnavailable; no upstream call is made then."""
-        upstream = self.upstreams.resolve(request.upstream, request.base_url)
+    def start(
+        self, request: ChatRequest, *, request_id: str, principal: Principal = ANONYMOUS
+    ) -> Stage:
+        """Start the stage ``request`` asks for, as ``principal``'s. Raises InvalidRequest
+        (its upstream), RateLimited (the principal's limits), ShuttingDown or Overloaded
+        (this worker's admission), StageConflict (the principal runs a stage with this
+        id) or StoreUnavailable; no upstream call is made then."""
+        upstream = self.upstreams.resolve(request.upstream, request.base_url, principal.upstreams)
+        stage = self._new_stage(request, request_id, upstream, principal)
+        if principal.limits:
+            try:
+                self.limits.admit(principal, stage)
+            except StageServerError as refusal:
+                metrics.limit_refused(principal, str(refusal.body.get("limit", "store")))
+                raise
+        try:
+            self._admit(stage, upstream)
+        except BaseException:
+            if principal.limits:
+                self.limits.release(principal, stage)
+            raise
+        stage.start()
+        return stage
+
+    def _admit(self, stage: Stage, upstream: Upstream) -> None:
         try:
             self.admission.admit()
         except (Overloaded, ShuttingDown) as refusal:
             metrics.stage_refused(str(refusal.body["reason"]))
             raise
         try:
-            stage = self._new_stage(request, request_id, upstream)
             if self.store is not None:
                 self.store.start(self._cancel_here)
                 timeouts = upstream.config
@@ -130,10 +175,10 @@ class StageService:
         except BaseException:
             self.admission.release()  # never started: nothing else will give it back
             raise
-        stage.start()
-        return stage
 
-    def _new_stage(self, request: ChatRequest, request_id: str, upstream: Upstream) -> Stage:
+    def _new_stage(
+        self, request: ChatRequest, request_id: str, upstream: Upstream, principal: Principal
+    ) -> Stage:
         settings = self.settings
         messages = [{"role": "user", "content": request.user_prompt}]
         if request.system_prompt:
@@ -152,6 +197,8 @@ class StageService:
             request_id=request_id,
             grace_seconds=settings.resume_grace_seconds,
             max_events=settings.max_events,
+            principal=principal,
+            prompt_tokens_estimate=estimate_prompt_tokens(messages),
         )
         relay = UpstreamRelay(upstream, body, {"X-Request-ID": request_id})
         store = self.store
@@ -161,18 +208,19 @@ class StageService:
 
     # -- find and cancel ----------------------------------------------------------------
 
-    def find(self, stage_id: str) -> LocalStage | StoredStage:
-        """The stage with this id: of this process, else of the shared store. Raises
-        UnknownStage when neither has it."""
-        local = self.stages.get(stage_id)
+    def find(self, stage_id: str, principal: Principal = ANONYMOUS) -> LocalStage | StoredStage:
+        """``principal``'s stage with this id: of this process, else of the shared store.
+        Raises UnknownStage when neither has it, another principal's stage included."""
+        key = principal.namespace + stage_id
+        local = self.stages.get(key)
         if local is not None:
             return LocalStage(local)
         if self.store is not None:
-            return StoredStage(self.store, stage_id)
+            return StoredStage(self.store, key, stage_id)
         raise UnknownStage(stage_id)
 
-    def _cancel_here(self, stage_id: str, reason: str) -> None:
-        local = self.stages.get(stage_id)
+    def _cancel_here(self, key: str, reason: str) -> None:
+        local = self.stages.get(key)
         if local is not None:
             local.cancel(reason)
 

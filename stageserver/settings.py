@@ -81,6 +81,16 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         "Stages one worker runs at once; more get 503 with `Retry-After`. Keep it below "
         "`STAGESERVER_WORKER_CONNECTIONS`, so the refusal still gets a connection.",
     ),
+    "STAGESERVER_API_KEYS": (
+        None,
+        "Principals, their API keys and limits, as JSON or `@/path/to/keys.json` (see "
+        "Access control). Unset: the server is open to anyone who reaches it.",
+    ),
+    "STAGESERVER_CORS_ORIGINS": (
+        None,
+        'Origins whose pages may call the API from a browser, as a JSON list (`["https:'
+        '//app.example.com"]`). Unset: no CORS headers.',
+    ),
     "STAGESERVER_READY_TIMEOUT": (
         2.0,
         "Seconds `/readyz` waits for each upstream's `GET /models`.",

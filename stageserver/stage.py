@@ -16,16 +16,20 @@ stage is given them when it is made, calls them in that order, and knows none of
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .chunks import ChunkRead
 from .concurrency import Task, Timer, Wakeup
 from .errors import StageFailure, StageInterrupted
 from .event_log import EventLog
+from .principals import ANONYMOUS, Principal
 from .stage_events import TERMINAL_EVENT, StageEvents
+from .usage import final_usage
 
 log = logging.getLogger("stageserver.stage")
 
@@ -84,6 +88,9 @@ class StageSpec:
     request_id: str
     grace_seconds: float
     max_events: int
+    principal: Principal = ANONYMOUS
+    #: The prompt's tokens as ``usage.py`` estimates them, for when the upstream says not.
+    prompt_tokens_estimate: int = 0
 
 
 def _nobody_elsewhere(stage_id: str) -> bool:
@@ -98,10 +105,14 @@ class Stage:
         listeners: Sequence[StageListener] = (),
         watched_elsewhere: Callable[[str], bool] = _nobody_elsewhere,
     ) -> None:
-        """``watched_elsewhere(stage_id)`` says whether a response in another worker still
+        """``watched_elsewhere(key)`` says whether a response in another worker still
         follows the stage; a resumable stage nobody follows here waits for it."""
         self.spec = spec
         self.stage_id = spec.stage_id
+        #: The stage's id everywhere inside stageserver: its id in its principal's namespace.
+        self.key = spec.principal.namespace + spec.stage_id
+        #: Unique to this stage, not only to its key, which a later stage may reuse.
+        self.instance = f"{self.key}#{os.urandom(6).hex()}"
         self.status = RUNNING
         self.created_at = time.time()
         self.started = time.monotonic()
@@ -109,7 +120,9 @@ class Stage:
         self.duration_seconds: float | None = None
         self.text_parts: list[str] = []
         self.finish_reason: str | None = None
+        #: The upstream's usage while the stage runs; once it has ended, its final usage.
         self.usage: dict[str, Any] | None = None
+        self.content_chunks = 0
         self.failure: StageFailure | None = None
         self.cancel_reason: str | None = None
         self.chunk_count = 0
@@ -188,16 +201,12 @@ class Stage:
 
     # -- what the relay tells it ---------------------------------------------------------
 
-    def append_chunk(
-        self,
-        payload: bytes,
-        content: str | None,
-        finish_reason: str | None,
-        usage: dict[str, Any] | None,
-    ) -> None:
+    def append_chunk(self, payload: bytes, read: ChunkRead) -> None:
         """One upstream chunk: its JSON ``payload`` as sent, and what it says."""
+        content, finish_reason, usage = read
         if content:
             self.text_parts.append(content)
+            self.content_chunks += 1
         if finish_reason:
             self.finish_reason = finish_reason
         if usage:
@@ -255,7 +264,7 @@ class Stage:
     def _grace_expired(self) -> None:
         """Nobody attached here for the grace period: cancel, unless a response in another
         worker still follows the stage."""
-        if self._watched_elsewhere(self.stage_id):
+        if self._watched_elsewhere(self.key):
             with self._lock:
                 if not self.finished and not self._subscribers:
                     self._grace_timer = Timer(self.spec.grace_seconds, self._grace_expired)
@@ -334,6 +343,11 @@ class Stage:
         with self._lock:
             if self.finished:
                 return
+            self.usage = final_usage(
+                self.usage, self.spec.prompt_tokens_estimate, self.content_chunks
+            )
+            if status != ERROR:
+                data["usage"] = self.usage  # the seed's fields first; old clients ignore it
             wire = self._events.terminal(status, self._log.next_seq, **data)
             # The event is in the log before the stage reads as finished: a reader (which
             # looks at the status first, then the log) never sees the end without it.

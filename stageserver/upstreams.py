@@ -271,32 +271,37 @@ class UpstreamRegistry:
     def names(self) -> list[str]:
         return list(self._by_name)
 
-    def resolve(self, name: str | None, base_url: str | None) -> Upstream:
+    def resolve(
+        self, name: str | None, base_url: str | None, allowed: frozenset[str] | None = None
+    ) -> Upstream:
         """The upstream a request asks for, by ``name`` or, as the seed's clients do, by
-        ``base_url``; else the default. Raises InvalidRequest naming the field."""
-        configured = ", ".join(self.names()) or "none"
+        ``base_url``; else the default: the first configured (of those ``allowed``, when
+        the caller may use only some). One it may not use answers as one that does not
+        exist. Raises InvalidRequest naming the field."""
+        usable = [n for n in self._by_name if allowed is None or n in allowed]
         if name is not None:
-            upstream = self.by_name(name)
+            upstream = self.by_name(name) if name in usable else None
             if upstream is None:
+                configured = ", ".join(usable) or "none"
                 raise InvalidRequest(
                     f"unknown upstream {name!r}; configured: {configured}", field="upstream"
                 )
         elif base_url is not None:
             upstream = self.by_url(base_url)
-            if upstream is None:
+            if upstream is None or upstream.name not in usable:
                 raise InvalidRequest(
                     "base_url must be the URL of a configured upstream; the server does not "
                     "call other hosts (use 'upstream' to choose one by name)",
                     field="base_url",
                 )
         else:
-            upstream = self.default
-            if upstream is None:
+            if not usable:
                 raise InvalidRequest(
                     "no upstream is configured on this server: set STAGESERVER_UPSTREAM_URL "
                     "or STAGESERVER_UPSTREAMS",
                     field="upstream",
                 )
+            upstream = self._by_name[usable[0]]
         if base_url is not None and upstream.config.url != base_url.rstrip("/"):
             raise InvalidRequest(
                 f"base_url does not match upstream {upstream.name!r}", field="base_url"

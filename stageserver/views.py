@@ -13,11 +13,14 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from . import cors
+from .auth import authenticator_of
 from .errors import ClientGone, InvalidRequest, StageServerError
+from .principals import ANONYMOUS, Principal
 from .schemas import ChatRequest, TextStageOutput, field_errors
 from .service import StageService, service_of
 from .stage import Stage
@@ -49,13 +52,28 @@ def error_response(exc: StageServerError) -> Response:
     response = json_error(exc.http_status, str(exc), **extra)
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
+    response.headers.update(exc.headers)
     return response
 
 
 @bp.before_request
-def _limit_body() -> None:
+def _prepare() -> None:
     request.max_content_length = _service().settings.max_body_bytes
     request.environ.setdefault("stageserver.request_id", _request_id())
+    if request.method == "OPTIONS":
+        return  # a browser's preflight carries no credentials; cors.py answers it
+    principal = authenticator_of(current_app.extensions).principal(request)
+    g.stageserver_principal = principal
+    if principal is not ANONYMOUS:
+        # For the access log line: %({stageserver.principal}e)s in gunicorn.conf.py.
+        request.environ["stageserver.principal"] = principal.name
+
+
+def _principal() -> Principal:
+    principal = g.get("stageserver_principal")
+    if not isinstance(principal, Principal):
+        raise RuntimeError("no principal: the request did not pass through _prepare")
+    return principal
 
 
 def _request_id() -> str:
@@ -66,11 +84,11 @@ def _request_id() -> str:
 
 
 @bp.after_request
-def _echo_request_id(response: Response) -> Response:
+def _finish_response(response: Response) -> Response:
     request_id = request.environ.get("stageserver.request_id")
     if request_id:
         response.headers["X-Request-ID"] = request_id
-    return response
+    return cors.apply(request, response, _service().settings.cors_origins)
 
 
 bp.register_error_handler(StageServerError, error_response)
@@ -99,7 +117,11 @@ def _event_stream(events: Iterator[bytes]) -> Response:
 def chat() -> Response:
     service = _service()
     chat_request = _chat_request(service)
-    stage = service.start(chat_request, request_id=request.environ["stageserver.request_id"])
+    stage = service.start(
+        chat_request,
+        request_id=request.environ["stageserver.request_id"],
+        principal=_principal(),
+    )
     events = follow(
         LocalFeed(stage, owner=True),
         after_seq=-1,
@@ -155,7 +177,7 @@ def _final_output(stage: Stage, events: Iterator[bytes]) -> Response:
 
 @bp.get("/stages/<stage_id>")
 def stage_status(stage_id: str) -> Response:
-    return jsonify(_service().find(stage_id).summary())
+    return jsonify(_service().find(stage_id, _principal()).summary())
 
 
 @bp.get("/stages/<stage_id>/events")
@@ -171,7 +193,7 @@ def stage_events(stage_id: str) -> Response:
             )
         after_seq = seq
     service = _service()
-    feed = service.find(stage_id).feed()
+    feed = service.find(stage_id, _principal()).feed()
     return _event_stream(
         follow(
             feed,
@@ -184,7 +206,7 @@ def stage_events(stage_id: str) -> Response:
 
 @bp.post("/stages/<stage_id>/cancel")
 def cancel_stage(stage_id: str) -> Response:
-    _service().find(stage_id).cancel("cancelled by request")
+    _service().find(stage_id, _principal()).cancel("cancelled by request")
     response = jsonify({"stage_id": stage_id, "status": "cancelling"})
     response.status_code = 202
     return response

@@ -123,6 +123,17 @@ def post_chat(
     return OpenStream(response)
 
 
+def estimated_usage(completion_tokens: int, prompt_tokens: int = 5) -> dict[str, Any]:
+    """The usage a stage reports when the upstream sent none, as stageserver/usage.py
+    estimates it: by default for the prompt "hi" (1 token, and 4 for its message)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "estimated": True,
+    }
+
+
 def stage_status(base_url: str, stage_id: str) -> dict[str, Any]:
     status: dict[str, Any] = requests.get(f"{base_url}/stages/{stage_id}", timeout=5).json()
     return status

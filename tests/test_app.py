@@ -124,7 +124,8 @@ def test_finished_stage_events_expire_before_its_status(upstream: FakeUpstream) 
     body = {"model_name": "fake", "user_prompt": "hi"}
     assert client.post("/chat", json={**body, "stage_id": "old"}).status_code == 200
     assert client.get("/stages/old/events").data.endswith(
-        b'event: done\ndata: {"stage_id":"old"}\n\n'
+        b'event: done\ndata: {"stage_id":"old",'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":5,"total_tokens":6}}\n\n'
     )
     time.sleep(0.3)
     client.post("/chat", json={**body, "stage_id": "sweep1"})  # expiry is swept on add
@@ -151,4 +152,7 @@ def test_events_are_kept_while_a_client_still_reads_them(upstream: FakeUpstream)
     client.post("/chat", json={**body, "stage_id": "sweep"})  # expiry is swept on add
     wire = b"".join(pieces)
     assert wire.count(b"event: chat_completion_chunk") == 22
-    assert wire.endswith(b'event: done\ndata: {"stage_id":"slow"}\n\n')
+    assert wire.endswith(
+        b'event: done\ndata: {"stage_id":"slow",'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":20,"total_tokens":21}}\n\n'
+    )

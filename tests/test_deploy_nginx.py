@@ -98,7 +98,8 @@ def test_heartbeats_keep_a_long_prefill_alive_past_nginx_read_timeout(
     heartbeats = [e for e in events[:first_chunk] if e.get("comment") == "heartbeat"]
     assert len(heartbeats) >= 3  # one a second of silence kept nginx reading
     assert chunk_text(events) == "tok0 tok1 tok2 "
-    done = {"event": "done", "data": {"stage_id": "slow"}, "id": "slow-done-5"}
+    usage = {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+    done = {"event": "done", "data": {"stage_id": "slow", "usage": usage}, "id": "slow-done-5"}
     assert terminal(events) == [done]
     seen = seen_by_upstream(upstream, "ngx-slow")
     assert seen.done_sent and seen.client_closed_at is None
@@ -259,7 +260,14 @@ def test_over_the_stream_limit_requests_get_503_and_running_streams_complete(
     for n, stream in enumerate(running):
         events: list[dict[str, Any]] = parse_events(stream.read_until(b"event: done"))
         assert terminal(events) == [
-            {"event": "done", "data": {"stage_id": f"held{n}"}, "id": f"held{n}-done-32"}
+            {
+                "event": "done",
+                "data": {
+                    "stage_id": f"held{n}",
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 30, "total_tokens": 31},
+                },
+                "id": f"held{n}-done-32",
+            }
         ]
         assert chunk_text(events) == "".join(f"tok{i} " for i in range(30))
         stream.close()
@@ -267,7 +275,14 @@ def test_over_the_stream_limit_requests_get_503_and_running_streams_complete(
     # The worker goes on serving once streams have finished.
     after = post_chat(url, stage_id="after", timeout=10)
     assert terminal(parse_events(after.content)) == [
-        {"event": "done", "data": {"stage_id": "after"}, "id": "after-done-7"}
+        {
+            "event": "done",
+            "data": {
+                "stage_id": "after",
+                "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6},
+            },
+            "id": "after-done-7",
+        }
     ]
     metrics = requests.get(f"{url}/metrics", timeout=5).text
     refused_after = _metric(metrics, "stageserver_stages_refused_total", reason="overload")

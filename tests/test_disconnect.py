@@ -12,7 +12,7 @@ import requests
 
 from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, gunicorn_server
-from testing.sse import stage_status, wait_for_status
+from testing.sse import estimated_usage, stage_status, wait_for_status
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +95,11 @@ def test_the_cancel_is_recorded_for_watchers(server: Gunicorn, upstream: FakeUps
     replay = requests.get(f"{server.url}/stages/watched/events", timeout=10).content
     blocks = replay.decode().split("\n\n")[:-1]
     assert blocks[-1].split("\n")[1] == "event: cancel"
+    chunks = sum("event: chat_completion_chunk" in b for b in blocks)
     assert json.loads(blocks[-1].split("data: ", 1)[1]) == {
         "stage_id": "watched",
         "reason": "client disconnected",
+        "usage": estimated_usage(chunks),
     }
     assert sum("event: cancel" in b for b in blocks) == 1
 
@@ -116,4 +118,7 @@ def test_keep_alive_connection_serves_the_next_request_after_a_stream(server: Gu
                 },
                 timeout=10,
             )
-            assert response.content.endswith(b'event: done\ndata: {"stage_id":"ka%d"}\n\n' % n)
+            assert response.content.endswith(
+                b'event: done\ndata: {"stage_id":"ka%d",' % n
+                + b'"usage":{"prompt_tokens":1,"completion_tokens":5,"total_tokens":6}}\n\n'
+            )

@@ -46,7 +46,10 @@ def test_stream_under_flask_run(flask_run: str) -> None:
     )
     assert response.status_code == 200
     assert response.content.count(b"event: chat_completion_chunk") == 4
-    assert response.content.endswith(b'id: fr-done-4\nevent: done\ndata: {"stage_id":"fr"}\n\n')
+    assert response.content.endswith(
+        b'id: fr-done-4\nevent: done\ndata: {"stage_id":"fr",'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\n'
+    )
 
 
 def test_heartbeat_write_failure_cancels_during_prefill(

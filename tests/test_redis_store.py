@@ -12,6 +12,7 @@ from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, VENV_BIN, Gunicorn, RedisServer, free_port, gunicorn_server
 from testing.sse import (
     assert_resumed_exactly_once,
+    estimated_usage,
     parse_events,
     post_chat,
     stage_status,
@@ -45,8 +46,9 @@ def test_cancel_through_b_stops_the_stage_on_a(
     assert response.status_code == 202
     stream.read_until(b"event: cancel")
     stream.close()
+    chunks = stream.wire.count(b"event: chat_completion_chunk")
     assert [e["data"] for e in terminal(stream.events())] == [
-        {"stage_id": "x-cancel", "reason": "cancelled by request"}
+        {"stage_id": "x-cancel", "reason": "cancelled by request", "usage": estimated_usage(chunks)}
     ]
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
     assert not upstream.requests[0].done_sent

@@ -16,6 +16,8 @@ from stageserver.errors import StageFailure, UpstreamStatusError
 from stageserver.stage import Stage, StageListener, StageSpec, Subscriber
 from stageserver.stream import LocalFeed, follow
 
+# The scripted chunks carry no content, and the spec no prompt estimate.
+NO_USAGE = b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0,"estimated":true}'
 CHUNKS = [b'{"choices":[{"index":0,"delta":{"content":"a"}}]}', b'{"choices":[]}']
 
 
@@ -38,7 +40,7 @@ class ScriptedRelay:
     def run(self, stage: Stage) -> None:
         time.sleep(self.before_chunks)
         for payload in self.chunks:
-            stage.append_chunk(payload, None, None, None)
+            stage.append_chunk(payload, (None, None, None))
         if self.failure is not None:
             raise self.failure
         if self._held is not None:
@@ -91,12 +93,15 @@ def test_a_stage_is_its_events_as_exact_bytes() -> None:
         + CHUNKS[0]
         + b'}\n\nid: s-chunk-1\nevent: chat_completion_chunk\ndata: {"stage_id":"s","chunk":'
         + CHUNKS[1]
-        + b'}\n\nid: s-done-2\nevent: done\ndata: {"stage_id":"s"}\n\n',
+        + b'}\n\nid: s-done-2\nevent: done\ndata: {"stage_id":"s",'
+        + NO_USAGE
+        + b"}\n\n",
         3,
         True,
     )
     assert (stage.status, stage.chunk_count, stage.next_seq) == ("done", 2, 3)
-    assert stage.read(2)[0] == b'id: s-done-2\nevent: done\ndata: {"stage_id":"s"}\n\n'
+    done = b'id: s-done-2\nevent: done\ndata: {"stage_id":"s",' + NO_USAGE + b"}\n\n"
+    assert stage.read(2)[0] == done
 
 
 def test_a_failure_ends_the_stage_with_one_error_event() -> None:
@@ -116,8 +121,9 @@ def test_a_cancel_interrupts_the_relay_and_ends_with_one_cancel_event() -> None:
     assert stage.cancel("cancelled by request")
     stage.wait(5)
     assert stage.read(2)[0] == (
-        b'id: c-cancel-2\nevent: cancel\ndata: {"stage_id":"c","reason":"cancelled by request"}'
-        b"\n\n"
+        b'id: c-cancel-2\nevent: cancel\ndata: {"stage_id":"c","reason":"cancelled by request",'
+        + NO_USAGE
+        + b"}\n\n"
     )
     assert not stage.cancel("again")  # finished: nothing to cancel
     assert finished.finished == ["cancelled"]
@@ -144,7 +150,7 @@ def test_listeners_hear_every_hook_in_the_order_they_were_given() -> None:
 def test_a_relay_that_returns_without_finishing_still_ends_the_stage() -> None:
     class Quitter(ScriptedRelay):
         def run(self, stage: Stage) -> None:
-            stage.append_chunk(CHUNKS[0], "a", None, None)
+            stage.append_chunk(CHUNKS[0], ("a", None, None))
 
     stage = run(Stage(spec("q"), Quitter([])))
     assert stage.status == "error"
@@ -207,7 +213,8 @@ def test_follow_yields_heartbeats_while_quiet_then_the_events() -> None:
     )
     assert pieces[0] == b": heartbeat\n\n"
     assert b"".join(pieces).replace(b": heartbeat\n\n", b"") == stage.read(0)[0]
-    assert pieces[-1].endswith(b'id: h-done-1\nevent: done\ndata: {"stage_id":"h"}\n\n')
+    done = b'id: h-done-1\nevent: done\ndata: {"stage_id":"h",' + NO_USAGE + b"}\n\n"
+    assert pieces[-1].endswith(done)
 
 
 @pytest.mark.parametrize("after_seq", [-1, 0, 1])

@@ -13,6 +13,7 @@ from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, gunicorn_server
 from testing.sse import (
     assert_resumed_exactly_once,
+    estimated_usage,
     parse_events,
     post_chat,
     stage_status,
@@ -93,15 +94,18 @@ def test_cancel_reaches_every_watcher_and_closes_the_upstream(
 
     owner.read_until(b"event: cancel")
     owner.close()
-    for events in (parse_events(watcher.content), owner.events()):
-        assert [e["data"] for e in terminal(events)] == [
-            {"stage_id": "c", "reason": "cancelled by request"}
-        ]
     # The watcher replayed the stage from its start: the cancel's number follows the chunks.
     cancel_number = watcher.content.count(b"event: chat_completion_chunk")
+    usage = estimated_usage(cancel_number)
+    for events in (parse_events(watcher.content), owner.events()):
+        assert [e["data"] for e in terminal(events)] == [
+            {"stage_id": "c", "reason": "cancelled by request", "usage": usage}
+        ]
     assert watcher.content.endswith(
         b"id: c-cancel-%d\nevent: cancel\n" % cancel_number
-        + b'data: {"stage_id":"c","reason":"cancelled by request"}\n\n'
+        + b'data: {"stage_id":"c","reason":"cancelled by request","usage":{"prompt_tokens":5,'
+        + b'"completion_tokens":%d,"total_tokens":%d,"estimated":true}}\n\n'
+        % (cancel_number, cancel_number + 5)
     )
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
     assert wait_for_status(server.url, "c", "cancelled")["cancel_reason"] == "cancelled by request"

@@ -48,7 +48,10 @@ def test_stream_is_the_seeds_events_byte_for_byte(server: Gunicorn, upstream: Fa
         f'data: {{"stage_id":"exact","chunk":{chunk}}}\n\n'
         for n, chunk in enumerate(chunks)
     )
-    expected += 'id: exact-done-4\nevent: done\ndata: {"stage_id":"exact"}\n\n'
+    expected += (
+        'id: exact-done-4\nevent: done\ndata: {"stage_id":"exact",'
+        '"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\n'
+    )
     assert response.content == expected.encode()
 
 

@@ -1,0 +1,38 @@
+"""Browsers on other origins (``STAGESERVER_CORS_ORIGINS``, a JSON list of origins).
+
+Unset, no CORS header is ever sent, and browsers keep pages of other origins out. For an
+origin on the list, every answer of the stage API carries ``Access-Control-Allow-Origin``
+with that origin (and ``Vary: Origin``), exposes ``X-Request-ID`` and ``Retry-After``,
+and a preflight (``OPTIONS``) allows ``Authorization``, ``Content-Type``,
+``Last-Event-ID`` and ``X-Request-ID`` on ``GET`` and ``POST``. An origin not on the list
+gets no CORS header at all. Credentials (cookies) are not allowed across origins: a
+browser client sends its API key in ``Authorization``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from flask import Request, Response
+
+ALLOWED_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-ID"
+EXPOSED_HEADERS = "X-Request-ID, Retry-After"
+PREFLIGHT_MAX_AGE = "600"
+
+
+def apply(request: Request, response: Response, origins: Collection[str]) -> Response:
+    """Add the CORS headers ``request``'s origin is due, if any, to ``response``."""
+    if not origins:
+        return response
+    response.vary.add("Origin")
+    origin = request.headers.get("Origin")
+    if origin is None or origin not in origins:
+        return response
+    headers = response.headers
+    headers["Access-Control-Allow-Origin"] = origin
+    headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+    if request.method == "OPTIONS":
+        headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+        headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
+    return response
