@@ -41,6 +41,11 @@ worker_class = "gevent"
 # One worker holds at most this many streams; more are silently queued by gunicorn.
 worker_connections = int(_env("WORKER_CONNECTIONS"))
 
+# A header line may be up to 16 KiB (gunicorn's default is 8190 bytes), so that an
+# overlong Authorization header reaches stageserver and gets its JSON 401; beyond that
+# gunicorn answers 431 itself.
+limit_request_field_size = 16384
+
 # `timeout` only trips on a blocked event loop, never on a long stream under gevent.
 timeout = int(_env("TIMEOUT"))
 # On SIGTERM, streams get this long to finish before the worker is killed.

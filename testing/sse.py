@@ -134,17 +134,24 @@ def estimated_usage(completion_tokens: int, prompt_tokens: int = 5) -> dict[str,
     }
 
 
-def stage_status(base_url: str, stage_id: str) -> dict[str, Any]:
-    status: dict[str, Any] = requests.get(f"{base_url}/stages/{stage_id}", timeout=5).json()
+def stage_status(
+    base_url: str, stage_id: str, headers: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    url = f"{base_url}/stages/{stage_id}"
+    status: dict[str, Any] = requests.get(url, headers=headers, timeout=5).json()
     return status
 
 
 def wait_for_status(
-    base_url: str, stage_id: str, wanted: str, timeout: float = 10
+    base_url: str,
+    stage_id: str,
+    wanted: str,
+    timeout: float = 10,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The stage's status once it is ``wanted``; fails the test after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while (current := stage_status(base_url, stage_id)).get("status") != wanted:
+    while (current := stage_status(base_url, stage_id, headers)).get("status") != wanted:
         assert time.monotonic() < deadline, current
         time.sleep(0.02)
     return current
