@@ -43,6 +43,11 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         1000,
         "Connections each worker keeps open to each upstream at most.",
     ),
+    "STAGESERVER_UPSTREAM_TRANSPORT": (
+        "httptools",
+        "`httptools` (responses parsed by llhttp; `https` upstreams still go through httpx2) "
+        "or `httpx` (httpx2 and httpcore2 for every upstream).",
+    ),
     "STAGESERVER_HEARTBEAT_SECONDS": (
         15.0,
         "An SSE comment is sent after this many seconds without an event.",
@@ -165,6 +170,7 @@ class UpstreamConfig:
     first_token_timeout: float
     idle_timeout: float
     max_connections: int
+    transport: str = "httptools"
 
 
 def upstream_configs(config: Mapping[str, Any]) -> list[UpstreamConfig]:
@@ -209,6 +215,12 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
     if kind not in UPSTREAM_KINDS:
         raise ConfigError(f"{where}: kind {kind!r} must be one of {', '.join(UPSTREAM_KINDS)}")
 
+    transport = config["STAGESERVER_UPSTREAM_TRANSPORT"]
+    if transport not in ("httptools", "httpx"):
+        raise ConfigError(
+            f"STAGESERVER_UPSTREAM_TRANSPORT must be httptools or httpx, not {transport!r}"
+        )
+
     def seconds(field: str, key: str) -> float:
         value = spec.get(field, config[key])
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -224,6 +236,7 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
         first_token_timeout=seconds("first_token_timeout", "STAGESERVER_FIRST_TOKEN_TIMEOUT"),
         idle_timeout=seconds("idle_timeout", "STAGESERVER_IDLE_TIMEOUT"),
         max_connections=int(config["STAGESERVER_UPSTREAM_MAX_CONNECTIONS"]),
+        transport=transport,
     )
 
 

@@ -26,6 +26,8 @@ from .errors import (
     UpstreamStatusError,
     UpstreamUnavailable,
 )
+from .transport import HttpToolsTransport
+from .upstream_pool import reap
 
 # Kinds that understand OpenAI's `stream_options`; usage then arrives in a last chunk.
 _USAGE_KINDS = frozenset({"openai", "vllm", "ollama", "llamacpp"})
@@ -67,10 +69,15 @@ class Upstream:
             timeout=timeout,
             # iter_raw() hands over the bytes as they came: ask for them uncompressed.
             default_headers={"Accept-Encoding": "identity"},
-            http_client=httpx2.Client(
-                timeout=timeout, transport=ShardedTransport(cfg.max_connections)
-            ),
+            http_client=httpx2.Client(timeout=timeout, transport=self._transport()),
         )
+
+    def _transport(self) -> httpx2.BaseTransport:
+        cfg = self.config
+        # TLS stays with httpx2: see the docstring of stageserver/transport.py.
+        if cfg.transport == "httptools" and cfg.url.startswith("http:"):
+            return HttpToolsTransport(cfg.max_connections)
+        return ShardedTransport(cfg.max_connections)
 
     def chat_body(
         self,
@@ -166,6 +173,7 @@ class ShardedTransport(httpx2.BaseTransport):
         self._shards: list[httpx2.HTTPTransport] = []
         self._in_flight: list[int] = []
         self._lock = threading.Lock()
+        reap(self, gevent_active())
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         index = self._acquire()
@@ -196,6 +204,14 @@ class ShardedTransport(httpx2.BaseTransport):
     def _release(self, index: int) -> None:
         with self._lock:
             self._in_flight[index] -= 1
+
+    def sweep(self, now: float) -> None:
+        """Close the connections idle past their expiry, even when no request comes."""
+        for shard in list(self._shards):
+            pool: Any = shard._pool  # httpcore2's own expiry pass, as a request runs it
+            with pool._optional_thread_lock:
+                closing = pool._assign_requests_to_connections()
+            pool._close_connections(closing)
 
     def close(self) -> None:
         for shard in self._shards:
