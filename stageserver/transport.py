@@ -5,6 +5,9 @@ its requests through it as through httpx2's own, and gets an ``httpx2.Response``
 body is read straight from the socket and parsed by ``httptools.HttpResponseParser``
 (llhttp, in C), never by h11 or httpcore. Under gevent a read parks the greenlet on a
 libev watcher and then reads the descriptor once (see ``upstream_pool.Connection``).
+Under threads (``flask run``) the same code reads blocking sockets, each read bounded by
+the read timeout, and a thread may shut the socket down under a reader (the response's
+``extensions["network_stream"].get_extra_info("socket")``, as httpcore offers it).
 
 What it does:
 
@@ -157,9 +160,9 @@ class HttpToolsTransport(httpx2.BaseTransport):
                         raise httpx2.ReadError(str(exc)) from exc
                     raise _NoResponse(httpx2.ReadError(str(exc))) from exc
                 if not data:
-                    closed = "Server disconnected without sending a response."
                     if received:
-                        raise httpx2.RemoteProtocolError(closed)
+                        raise httpx2.RemoteProtocolError("Server disconnected mid-head.")
+                    closed = "Server disconnected without sending a response."
                     raise _NoResponse(httpx2.RemoteProtocolError(closed))
                 received = True
                 body.feed(data)
