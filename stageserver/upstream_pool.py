@@ -111,6 +111,9 @@ class Pool:
         self._slots = threading.Semaphore(max_connections)
         self._idle: dict[Origin, deque[Connection]] = {}
         self._lock = threading.Lock()
+        # A pool dropped unclosed (an app of a test, say) closes its idle connections: not
+        # in a __del__, which the garbage collector may call after the sockets' own.
+        weakref.finalize(self, _close_all, self._idle)
 
     def acquire(self, timeout: float | None) -> None:
         """A place for one request; ``release()`` it when its response is closed."""
@@ -161,6 +164,12 @@ class Pool:
 
     def close(self) -> None:
         self.sweep(float("inf"))
+
+
+def _close_all(idle: dict[Origin, deque[Connection]]) -> None:
+    for connections in idle.values():
+        while connections:
+            connections.pop().close()
 
 
 class Sweepable(Protocol):
