@@ -188,8 +188,9 @@ class HttpToolsTransport(httpx2.BaseTransport):
 class _Body(httpx2.SyncByteStream):
     """A response, from its head on: the parser's callbacks, then its body as a stream.
 
-    llhttp appends each piece of body to ``_pieces`` through ``list.append`` itself, so a
-    read costs no Python frame beyond ``__iter__``'s own loop.
+    llhttp hands each piece of body to ``list.append`` itself (``on_body``): a piece costs
+    no Python frame of its own, and ``__iter__`` yields the pieces as h11 would, one per
+    chunk, or per part of one when a chunk comes in several reads.
     """
 
     __slots__ = (
