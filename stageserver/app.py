@@ -28,6 +28,7 @@ class StageServer:
     - ``STAGESERVER_CONNECT_TIMEOUT`` (5), ``STAGESERVER_FIRST_TOKEN_TIMEOUT`` (120),
       ``STAGESERVER_IDLE_TIMEOUT`` (60): seconds, for upstreams that do not set their own.
     - ``STAGESERVER_UPSTREAM_MAX_CONNECTIONS`` (1000): per upstream, per worker.
+    - ``STAGESERVER_UPSTREAM_TRANSPORT`` ("httptools"): or "httpx", the one before it.
     - ``STAGESERVER_HEARTBEAT_SECONDS`` (15): SSE comment after this long without events.
     - ``STAGESERVER_DEFAULT_MAX_TOKENS`` (512), ``STAGESERVER_MAX_TOKENS_LIMIT`` (4096),
       ``STAGESERVER_MAX_PROMPT_CHARS`` (100000), ``STAGESERVER_MAX_BODY_BYTES`` (1 MiB).

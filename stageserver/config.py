@@ -64,6 +64,7 @@ class UpstreamConfig:
     first_token_timeout: float
     idle_timeout: float
     max_connections: int
+    transport: str = "httptools"
 
 
 def upstream_configs(config: Mapping[str, Any]) -> list[UpstreamConfig]:
@@ -114,6 +115,11 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
             raise ConfigError(f"{where}: {field} must be a positive number of seconds")
         return float(value)
 
+    transport = config["STAGESERVER_UPSTREAM_TRANSPORT"]
+    if transport not in ("httptools", "httpx"):
+        raise ConfigError(
+            f"STAGESERVER_UPSTREAM_TRANSPORT must be httptools or httpx, not {transport!r}"
+        )
     return UpstreamConfig(
         name=name,
         url=url,
@@ -123,6 +129,7 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
         first_token_timeout=seconds("first_token_timeout", "STAGESERVER_FIRST_TOKEN_TIMEOUT"),
         idle_timeout=seconds("idle_timeout", "STAGESERVER_IDLE_TIMEOUT"),
         max_connections=int(config["STAGESERVER_UPSTREAM_MAX_CONNECTIONS"]),
+        transport=transport,
     )
 
 

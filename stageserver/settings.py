@@ -37,6 +37,11 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         1000,
         "Connections each worker keeps open to each upstream at most.",
     ),
+    "STAGESERVER_UPSTREAM_TRANSPORT": (
+        "httptools",
+        "`httptools` (responses parsed by llhttp; `https` upstreams still go through httpx2) "
+        "or `httpx` (httpx2 and httpcore2 for every upstream).",
+    ),
     "STAGESERVER_HEARTBEAT_SECONDS": (
         15.0,
         "An SSE comment is sent after this many seconds without an event.",

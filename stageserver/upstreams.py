@@ -27,6 +27,8 @@ from .errors import (
     UpstreamStatusError,
     UpstreamUnavailable,
 )
+from .transport import HttpToolsTransport
+from .upstream_pool import reap
 
 
 class Upstream:
@@ -65,10 +67,15 @@ class Upstream:
             timeout=timeout,
             # iter_raw() hands over the bytes as they came: ask for them uncompressed.
             default_headers={"Accept-Encoding": "identity"},
-            http_client=httpx2.Client(
-                timeout=timeout, transport=ShardedTransport(cfg.max_connections)
-            ),
+            http_client=httpx2.Client(timeout=timeout, transport=self._transport()),
         )
+
+    def _transport(self) -> httpx2.BaseTransport:
+        cfg = self.config
+        # TLS stays with httpx2: see the docstring of stageserver/transport.py.
+        if cfg.transport == "httptools" and cfg.url.startswith("http:"):
+            return HttpToolsTransport(cfg.max_connections)
+        return ShardedTransport(cfg.max_connections)
 
     def chat_body(
         self,
@@ -164,6 +171,7 @@ class ShardedTransport(httpx2.BaseTransport):
         self._shards: list[httpx2.HTTPTransport] = []
         self._in_flight: list[int] = []
         self._lock = threading.Lock()
+        reap(self, gevent_active())
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         index = self._acquire()
@@ -194,6 +202,14 @@ class ShardedTransport(httpx2.BaseTransport):
     def _release(self, index: int) -> None:
         with self._lock:
             self._in_flight[index] -= 1
+
+    def sweep(self, now: float) -> None:
+        """Close the connections idle past their expiry, even when no request comes."""
+        for shard in list(self._shards):
+            pool: Any = shard._pool  # httpcore2's own expiry pass, as a request runs it
+            with pool._optional_thread_lock:
+                closing = pool._assign_requests_to_connections()
+            pool._close_connections(closing)
 
     def close(self) -> None:
         for shard in self._shards:

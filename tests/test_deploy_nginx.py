@@ -102,7 +102,8 @@ def test_heartbeats_keep_a_long_prefill_alive_past_nginx_read_timeout(
     done = {"event": "done", "data": {"stage_id": "slow", "usage": usage}, "id": "slow-done-5"}
     assert terminal(events) == [done]
     seen = seen_by_upstream(upstream, "ngx-slow")
-    assert seen.done_sent and seen.client_closed_at is None
+    assert upstream.wait_for(lambda: seen.done_sent)
+    assert seen.client_closed_at is None
 
 
 @pytest.mark.parametrize(
@@ -143,7 +144,9 @@ def test_request_id_passes_through_nginx_to_stageserver_and_the_upstream(
     )
     assert given.status_code == 200
     assert given.headers["X-Request-ID"] == "client-id-7"
-    assert seen_by_upstream(upstream, "client-id-7").done_sent
+    seen = seen_by_upstream(upstream, "client-id-7")
+    # The answer can reach us before the fake upstream's coroutine has noted its [DONE].
+    assert upstream.wait_for(lambda: seen.done_sent)
 
     upstream.reset()
     made = post_chat(stack.nginx.url, stage_id="rid2", stream=False, timeout=10)
