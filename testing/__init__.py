@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: real servers, proxies and browsers on loopback."""
