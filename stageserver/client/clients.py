@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from contextlib import aclosing
 from types import TracebackType
 from typing import Any, Self
@@ -19,6 +19,9 @@ from httpx_sse import EventSource
 from .errors import StageClientError, StageConnectionError, StageHTTPError, http_error, json_or_none
 from .events import StageEvent, TextStageOutput
 from .resume import SSE_HEADERS, ResumePolicy, StageStream, stage_path
+
+Events = Generator[StageEvent, None, None]
+AsyncEvents = AsyncGenerator[StageEvent, None]
 
 # Reads wait well beyond the server's heartbeat (15 s by default) before giving up.
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
@@ -90,7 +93,7 @@ class StageClient:
         temperature: float | None = None,
         resumable: bool | None = None,
         **fields: Any,
-    ) -> Iterator[StageEvent]:
+    ) -> Events:
         """Start a stage and yield its events (see the module docstring); ``fields`` go
         into the request as they are (``upstream="local"``)."""
         body = _chat_body(
@@ -106,7 +109,7 @@ class StageClient:
         )
         return self._follow(*_chat_stream(self._http, body, self._resume))
 
-    def attach(self, stage_id: str, *, last_event_id: str | None = None) -> Iterator[StageEvent]:
+    def attach(self, stage_id: str, *, last_event_id: str | None = None) -> Events:
         """Follow a stage that runs or ran: its events after ``last_event_id`` (all of
         them without it), then the live ones, resuming after drops like ``stream()``."""
         follow = StageStream(
@@ -114,8 +117,8 @@ class StageClient:
         )
         return self._follow(follow, follow.resume_request(self._http))
 
-    def _follow(self, follow: StageStream, request: httpx.Request) -> Iterator[StageEvent]:
-        while True:
+    def _follow(self, follow: StageStream, request: httpx.Request) -> Events:
+        while not follow.over():
             failure: Exception | None = None
             try:
                 response = self._http.send(request, stream=True)
@@ -131,7 +134,7 @@ class StageClient:
                     response.close()
             except (httpx.RequestError, StageHTTPError) as exc:
                 failure = exc
-            if follow.ended:
+            if follow.over():
                 return
             time.sleep(follow.delay_after(failure))
             request = follow.resume_request(self._http)
@@ -214,7 +217,7 @@ class AsyncStageClient:
         temperature: float | None = None,
         resumable: bool | None = None,
         **fields: Any,
-    ) -> AsyncIterator[StageEvent]:
+    ) -> AsyncEvents:
         body = _chat_body(
             True,
             stage_id=stage_id,
@@ -230,7 +233,7 @@ class AsyncStageClient:
 
     def attach(
         self, stage_id: str, *, last_event_id: str | None = None
-    ) -> AsyncIterator[StageEvent]:
+    ) -> AsyncEvents:
         follow = StageStream(
             stage_id, resumable=None, policy=self._resume, last_event_id=last_event_id
         )
@@ -238,8 +241,8 @@ class AsyncStageClient:
 
     async def _follow(
         self, follow: StageStream, request: httpx.Request
-    ) -> AsyncIterator[StageEvent]:
-        while True:
+    ) -> AsyncEvents:
+        while not follow.over():
             failure: Exception | None = None
             try:
                 response = await self._http.send(request, stream=True)
@@ -256,7 +259,7 @@ class AsyncStageClient:
                     await response.aclose()
             except (httpx.RequestError, StageHTTPError) as exc:
                 failure = exc
-            if follow.ended:
+            if follow.over():
                 return
             await asyncio.sleep(follow.delay_after(failure))
             request = follow.resume_request(self._http)

@@ -9,6 +9,7 @@ that brings an event starts the count again.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -52,12 +53,19 @@ class StageStream:
         self.stage_id = stage_id
         self.resumable = resumable
         self.last_event_id = last_event_id
-        self.ended = False
+        # Ids are <stage_id>-<event>-<n>: after the terminal event there is nothing to read.
+        self._ended = last_event_id is not None and bool(
+            re.fullmatch(rf"{re.escape(stage_id)}-(done|error|cancel)-\d+", last_event_id)
+        )
         self._attached_after_id = last_event_id is not None
         self._answered = False  # a stream has begun, so the stage exists
         self._policy = policy
         self._retry = policy.delay
         self._failures = 0
+
+    def over(self) -> bool:
+        """Whether the terminal event has come (or was had before attaching)."""
+        return self._ended
 
     def resume_request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
         headers = dict(SSE_HEADERS)
@@ -70,7 +78,7 @@ class StageStream:
         raises; 204 means the stage has no event after ``Last-Event-ID``."""
         if response.status_code == 204:
             if self._attached_after_id and not self._answered:
-                self.ended = True  # attached after the terminal event: nothing is left
+                self._ended = True  # attached after the terminal event: nothing is left
                 return False
             raise StreamLost(
                 f"the server says stage {self.stage_id!r} is over (204 after "
@@ -94,7 +102,7 @@ class StageStream:
             self.last_event_id = sse.id
         if event is not None:
             self._failures = 0
-            self.ended = isinstance(event, TERMINAL_EVENTS)
+            self._ended = isinstance(event, TERMINAL_EVENTS)
         return event
 
     def delay_after(self, failure: Exception | None) -> float:
