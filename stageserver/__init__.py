@@ -49,6 +49,7 @@ class StageServer:
     - ``STAGESERVER_MAX_ACTIVE_STREAMS`` (900): stages per worker; more get 503.
     - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
     - ``STAGESERVER_LOG_FORMAT`` ("text"): ``text`` or ``json``; read by ``create_app``.
+    - ``STAGESERVER_PLAYGROUND`` (None): ``/playground``; unset, on only under ``create_app``.
 
     ``config.SETTINGS`` holds the same list with descriptions.
     """
@@ -73,6 +74,9 @@ class StageServer:
         app.register_blueprint(bp, url_prefix=self.url_prefix)
         app.register_blueprint(health_bp, url_prefix=self.url_prefix)
         app.register_blueprint(metrics_bp, url_prefix=self.url_prefix)
+        from .web import register_web
+
+        register_web(app, self.url_prefix, standalone=app.import_name == __name__)
         shutdown.track(state)
 
 

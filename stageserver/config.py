@@ -95,6 +95,11 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         "text",
         "`text` (one `key=value` line per stage) or `json` (JSON lines).",
     ),
+    "STAGESERVER_PLAYGROUND": (
+        None,
+        "Serve the playground page at `/playground`. Unset: on in the standalone server "
+        "(`create_app`, `scripts/serve`), off in an app that mounts `StageServer`.",
+    ),
 }
 
 # Read by gunicorn.conf.py and scripts/serve, not by the app; listed so they are not unknown.
