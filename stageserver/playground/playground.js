@@ -113,13 +113,15 @@ function showUsage(usage) {
 }
 
 function showRaw(event) {
+  // As on the wire, with the data re-serialised compactly.
   const item = document.createElement("li");
-  const head = document.createElement("code");
-  head.textContent = `${event.id}  ${event.type}`;
-  const data = document.createElement("pre");
-  data.textContent = JSON.stringify(event.data);
-  item.append(head, data);
-  $("raw-events").append(item);
+  const wire = document.createElement("pre");
+  wire.textContent = `id: ${event.id}\nevent: ${event.type}\ndata: ${JSON.stringify(event.data)}`;
+  item.append(wire);
+  const list = $("raw-events");
+  const following = list.scrollTop + list.clientHeight >= list.scrollHeight - 8;
+  list.append(item);
+  if (following) list.scrollTop = list.scrollHeight; // unless the reader scrolled up
 }
 
 async function stop() {

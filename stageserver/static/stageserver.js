@@ -140,10 +140,11 @@ export async function streamStage(body, options = {}) {
     } catch (error) {
       if (signal?.aborted) throw signal.reason ?? error;
       if (error instanceof Fatal) throw error.error;
-      if (!answered && !(error instanceof StageError)) {
+      if (!answered) {
+        if (error instanceof StageError) throw error;
         throw new StageError(`no answer from stageserver: ${error.message}`, { cause: error });
       }
-      if (!answered || (error instanceof StageError && ![429, 503].includes(error.status))) {
+      if (error instanceof StageError && ![429, 503].includes(error.status)) {
         throw error.status ? lost(stage, `re-attaching was refused: ${error.message}`) : error;
       }
       failure = error;
