@@ -1,19 +1,8 @@
-"""What the client raises, and which error each HTTP status becomes::
+"""What the client raises, and which error each HTTP status becomes.
 
-    StageClientError              anything the client raises
-     ├── StageConnectionError     the server could not be reached, or did not answer
-     ├── StreamLost               a stream dropped before its end and cannot be resumed
-     └── StageHTTPError           an error status: .status, .message, .body, .retry_after
-          ├── InvalidRequest      400, 413, 422; .fields names each bad field
-          ├── Unauthorized        401: no API key, or a wrong one
-          ├── NotFound            404: no such stage (unknown, or expired)
-          ├── Conflict            409: the stage is still running, or already finished
-          ├── Gone                410: the stage's events expired (its status has not)
-          ├── RateLimited         429: come back after .retry_after seconds
-          └── Unavailable         503: come back after .retry_after seconds
-
-A stage that fails is not among them: that is the stage's outcome (an ``ErrorEvent``, or
-a ``TextStageOutput`` of type ``error``), not a refusal of the request.
+The tree is drawn in ``stageserver.client``'s docstring. A stage that fails is not among
+these: that is the stage's outcome (an ``ErrorEvent``, or a ``TextStageOutput`` of type
+``error``), not a refusal of the request.
 """
 
 from __future__ import annotations
