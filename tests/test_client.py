@@ -190,6 +190,22 @@ def test_a_cut_stage_that_is_not_resumable_is_lost_and_says_why(
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
 
 
+def test_a_cut_stage_left_to_the_server_default_ends_with_the_cancel_it_recorded(
+    server: Gunicorn, upstream: FakeUpstream
+) -> None:
+    with CuttingProxy(server.port) as proxy, StageClient(proxy.url) as client:
+        stream = client.stream(stage_id="dflt", model_name=LONG, user_prompt="x")
+        first = next(stream)
+        proxy.cut()
+        rest = list(stream)
+    last = rest[-1]
+    data = {"stage_id": "dflt", "reason": "client disconnected"}
+    assert last == CancelEvent(id=last.id, stage_id="dflt", data=data, reason=data["reason"])
+    ids = [e.id for e in [first, *rest]]
+    assert ids == [f"dflt-chunk-{n}" for n in range(len(ids) - 1)] + [f"dflt-cancel-{len(ids) - 1}"]
+    assert upstream.requests[0].client_closed_at is not None
+
+
 def test_breaking_out_disconnects_and_cancels_a_stage_that_is_not_resumable(
     client: StageClient, server: Gunicorn, upstream: FakeUpstream
 ) -> None:

@@ -17,9 +17,11 @@ order: ``ChunkEvent``s, then exactly one of ``DoneEvent``, ``ErrorEvent`` and
 ``GET /stages/<id>/events`` with ``Last-Event-ID`` set to the last event it received,
 waiting between attempts (the server's ``retry:``, else ``resume_delay``, doubled each
 time), so that the caller gets every event exactly once and never notices the drop. Only
-a resumable stage outlives a drop: the server cancels one that is not, and the stream
-raises ``StreamLost`` saying so. ``attach()`` follows a stage that another client
-started, the same way.
+a resumable stage outlives a drop; the server cancels one that is not. Started with
+``resumable=False``, the stream then raises ``StreamLost`` saying so; left to the
+server's default, it re-attaches all the same and yields the ``CancelEvent`` the server
+recorded, if any. ``attach()`` follows a stage that another client started, the same
+way.
 
 Stopping the iteration (``break``, or closing the generator) closes the connection at
 once. That is a disconnect, not a stop: it cancels a stage that is not resumable and

@@ -16,8 +16,10 @@
  *   stage ends. If the connection drops first, it re-attaches through
  *   GET /stages/<id>/events with the `Last-Event-ID` header, waiting the server's
  *   `retry:` (else `resume.delayMs`), doubled at each failed attempt, so every event
- *   arrives exactly once. Only a resumable stage outlives a drop: the server cancels one
- *   that is not, and resuming then reports that `cancel`.
+ *   arrives exactly once. Only a resumable stage outlives a drop; the server cancels one
+ *   that is not. Started with `resumable: false`, the promise then rejects at once; left
+ *   to the server's default, it re-attaches all the same and reports the server's
+ *   `cancel`, if there was one.
  *   options:
  *     baseUrl   where stageserver is mounted (default "/", against the page's URL)
  *     apiKey    sent as `Authorization: Bearer <apiKey>`
@@ -194,8 +196,10 @@ async function connect(request, { baseUrl, apiKey, signal, stage }, onOpen, onEv
     for (;;) {
       const { value, done } = await reader.read();
       if (done) return;
-      for (const event of parser.push(decoder.decode(value, { stream: true }))) {
-        if (onEvent({ ...event, retry: parser.retry })) {
+      const events = parser.push(decoder.decode(value, { stream: true }));
+      if (parser.retry !== null) stage.retryMs = parser.retry;
+      for (const event of events) {
+        if (onEvent(event)) {
           await reader.cancel().catch(() => {});
           return;
         }
@@ -215,7 +219,6 @@ class Fatal {
 
 /** Record one event; true once it is the terminal one. */
 function take(stage, sse, onEvent) {
-  if (sse.retry !== null) stage.retryMs = sse.retry;
   stage.lastEventId = sse.lastEventId;
   if (!STAGE_EVENTS.has(sse.type)) return false;
   let data;
