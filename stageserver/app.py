@@ -42,6 +42,7 @@ class StageServer:
     - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
     - ``STAGESERVER_API_KEYS`` (None): principals, their keys and limits (principals.py).
     - ``STAGESERVER_CORS_ORIGINS`` (None): origins whose pages may call the API.
+    - ``STAGESERVER_PLAYGROUND`` (None): ``/playground``; unset, off (``create_app`` sets it).
     - ``STAGESERVER_LOG_FORMAT`` ("text"): ``text`` or ``json``; read by ``create_app``.
 
     ``settings.SETTINGS`` holds the same list with descriptions. The values are read
@@ -79,22 +80,28 @@ class StageServer:
         app.extensions["stageserver.auth"] = Authenticator(keys, self.identify)
         from .ops import bp as ops_bp
         from .views import bp
+        from .web import register_web
 
         app.register_blueprint(bp, url_prefix=self.url_prefix)
         app.register_blueprint(ops_bp, url_prefix=self.url_prefix)
+        register_web(app, self.url_prefix)
         shutdown.track(service)
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    app = Flask("stageserver")
+    # No static folder: what stageserver serves it routes itself (web.py).
+    app = Flask("stageserver", static_folder=None)
     if test_config is not None:
         app.config.from_mapping(test_config)
+    # The standalone server shows its playground unless told otherwise.
+    if "STAGESERVER_PLAYGROUND" not in app.config and "STAGESERVER_PLAYGROUND" not in os.environ:
+        app.config["STAGESERVER_PLAYGROUND"] = True
     StageServer(app)
     # The standalone server owns its process's logging; a host app configures its own.
     logs.configure(str(app.config["STAGESERVER_LOG_FORMAT"]))
     # Routing errors (404, 405) never reach a blueprint's handlers; the standalone app
     # answers them in JSON too. A host app that mounts stageserver keeps its own.
-    from .views import http_error
+    from .http_errors import http_error
 
     app.register_error_handler(HTTPException, http_error)
     return app

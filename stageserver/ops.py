@@ -19,9 +19,11 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 
 from . import metrics, shutdown
+from .http_errors import answer_in_json
 from .service import service_of
 
 bp = Blueprint("stageserver_ops", __name__)
+answer_in_json(bp)
 
 
 @bp.get("/healthz")

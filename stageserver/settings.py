@@ -96,6 +96,11 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         'Origins whose pages may call the API from a browser, as a JSON list (`["https:'
         '//app.example.com"]`). Unset: no CORS headers.',
     ),
+    "STAGESERVER_PLAYGROUND": (
+        None,
+        "Serve the playground page at `/playground`. Unset: on in the standalone server "
+        "(`create_app`, `scripts/serve`), off in an app that mounts `StageServer`.",
+    ),
     "STAGESERVER_READY_TIMEOUT": (
         2.0,
         "Seconds `/readyz` waits for each upstream's `GET /models`.",

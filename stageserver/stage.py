@@ -45,7 +45,10 @@ class StageListener:
     - ``on_event(stage, seq, wire)``: event number ``seq`` (its bytes, ``wire``) has been
       added to the log. Called in the relay's greenlet for every chunk: cheap, and
       never waiting on anything.
-    - ``on_finish(stage)``: the stage has its terminal status and event. Called once.
+    - ``on_finish(stage)``: the stage has its terminal status and event. Called once,
+      before any client is woken for that event (and before its ``on_event``): a client
+      that has the end finds the stage's slots given back. A listener that raises here
+      is logged and skipped; the clients still get their terminal event.
 
     A listener reads the stage; it never sets anything on it.
     """
@@ -357,12 +360,17 @@ class Stage:
             self.duration_seconds = time.monotonic() - self.started
             if status == CANCELLED:
                 self.cancel_reason = str(data["reason"])
-            self._notify(seq, wire)
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
                 self._grace_timer = None
+        # Listeners first, then the clients: a client that has the terminal event finds
+        # the stage's slots given back and its metrics and log line written.
         for listener in self._listeners:
-            listener.on_finish(self)
+            try:
+                listener.on_finish(self)
+            except Exception:
+                log.exception("stage %s: a listener failed at its end", self.stage_id)
+        self._notify(seq, wire)
 
     @property
     def outcome(self) -> str:

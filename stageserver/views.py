@@ -1,33 +1,29 @@
-"""HTTP: validate the request, ask the stage service, answer as SSE or JSON.
+"""HTTP: authenticate, validate the request, ask the stage service, answer as SSE or JSON.
 
-Validation happens here; the service gets plain values, never the request. Every
-refusal and failure arrives as an exception from ``errors.py`` and leaves as JSON
-through one mapping, ``error_response``: a status, ``{"error": ...}``, the ``field`` it
-is about, and ``Retry-After`` where a retry can succeed.
+Every request of this blueprint names its principal first (``auth.py``); validation
+happens here; the service gets plain values, never the request. Every refusal and
+failure arrives as an exception from ``errors.py`` and leaves as JSON through the one
+mapping in ``http_errors.py``.
 """
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
 
 from . import cors
 from .auth import authenticator_of
-from .errors import ClientGone, InvalidRequest, StageServerError
+from .errors import ClientGone, InvalidRequest
+from .http_errors import answer_in_json
 from .principals import ANONYMOUS, Principal
 from .schemas import ChatRequest, TextStageOutput, field_errors
 from .service import StageService, service_of
 from .stage import Stage
 from .stage_events import seq_of
 from .stream import LocalFeed, follow
-
-log = logging.getLogger("stageserver.http")
 
 bp = Blueprint("stageserver", __name__)
 
@@ -36,24 +32,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def _service() -> StageService:
     return service_of(current_app.extensions)
-
-
-def json_error(status: int, message: str, **extra: Any) -> Response:
-    response = jsonify({"error": message, **extra})
-    response.status_code = status
-    return response
-
-
-def error_response(exc: StageServerError) -> Response:
-    """The one mapping from the error tree to HTTP."""
-    extra = dict(exc.body)
-    if exc.field is not None:
-        extra["field"] = exc.field
-    response = json_error(exc.http_status, str(exc), **extra)
-    if exc.retry_after is not None:
-        response.headers["Retry-After"] = str(exc.retry_after)
-    response.headers.update(exc.headers)
-    return response
 
 
 @bp.before_request
@@ -91,22 +69,7 @@ def _finish_response(response: Response) -> Response:
     return cors.apply(request, response, _service().settings.cors_origins)
 
 
-bp.register_error_handler(StageServerError, error_response)
-
-
-@bp.errorhandler(HTTPException)
-def http_error(exc: HTTPException) -> Response:
-    status = exc.code or 500
-    if status == 413:
-        limit = _service().settings.max_body_bytes
-        return json_error(413, f"request body is larger than {limit} bytes", field="body")
-    return json_error(status, exc.description or exc.name)
-
-
-@bp.errorhandler(Exception)
-def _unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error in %s %s", request.method, request.path)
-    return json_error(500, "internal error in stageserver; see the server log")
+answer_in_json(bp)
 
 
 def _event_stream(events: Iterator[bytes]) -> Response:
@@ -173,6 +136,18 @@ def _final_output(stage: Stage, events: Iterator[bytes]) -> Response:
     response = jsonify(output.model_dump())
     response.status_code = status
     return response
+
+
+@bp.get("/upstreams")
+def upstreams() -> Response:
+    """The upstreams the caller may use, by name, the default first: never a URL (it may
+    hold credentials, and says where they are) nor an API key."""
+    allowed = _principal().upstreams
+    usable = [u for u in _service().upstreams if allowed is None or u.name in allowed]
+    listed = [
+        {"name": u.name, "kind": u.config.kind, "default": n == 0} for n, u in enumerate(usable)
+    ]
+    return jsonify({"upstreams": listed})
 
 
 @bp.get("/stages/<stage_id>")

@@ -140,10 +140,10 @@ def test_listeners_hear_every_hook_in_the_order_they_were_given() -> None:
         ("registry", "event", 0),
         ("store", "event", 1),
         ("registry", "event", 1),
+        ("store", "finish", 3),  # the end first, then its event reaches anyone
+        ("registry", "finish", 3),
         ("store", "event", 2),
         ("registry", "event", 2),
-        ("store", "finish", 3),
-        ("registry", "finish", 3),
     ]
 
 

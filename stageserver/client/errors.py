@@ -1,0 +1,119 @@
+"""What the client raises, and which error each HTTP status becomes.
+
+The tree is drawn in ``stageserver.client``'s docstring. A stage that fails is not among
+these: that is the stage's outcome (an ``ErrorEvent``, or a ``TextStageOutput`` of type
+``error``), not a refusal of the request.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from typing import Any
+
+import httpx
+
+
+class StageClientError(Exception):
+    pass
+
+
+class StageConnectionError(StageClientError):
+    pass
+
+
+class StreamLost(StageClientError):
+    pass
+
+
+class StageHTTPError(StageClientError):
+    def __init__(
+        self, status: int, message: str, body: Any = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+        self.body = body
+        self.retry_after = retry_after
+
+
+class InvalidRequest(StageHTTPError):
+    @property
+    def fields(self) -> list[dict[str, str]]:
+        """``[{"field", "message"}]``, one per bad field (a 413 names ``body``)."""
+        body = self.body if isinstance(self.body, dict) else {}
+        listed = body.get("fields")
+        if isinstance(listed, list):
+            return [f for f in listed if isinstance(f, dict)]
+        if isinstance(body.get("field"), str):
+            return [{"field": body["field"], "message": self.message}]
+        return []
+
+
+class Unauthorized(StageHTTPError):
+    pass
+
+
+class NotFound(StageHTTPError):
+    pass
+
+
+class Conflict(StageHTTPError):
+    pass
+
+
+class Gone(StageHTTPError):
+    pass
+
+
+class RateLimited(StageHTTPError):
+    pass
+
+
+class Unavailable(StageHTTPError):
+    pass
+
+
+_BY_STATUS: dict[int, type[StageHTTPError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    413: InvalidRequest,
+    422: InvalidRequest,
+    429: RateLimited,
+    503: Unavailable,
+}
+
+
+def http_error(response: httpx.Response) -> StageHTTPError:
+    """The exception for an error answer whose body has been read."""
+    body = json_or_none(response.content)
+    message = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(message, str):
+        message = response.text.strip()[:500] or response.reason_phrase
+    error_class = _BY_STATUS.get(response.status_code, StageHTTPError)
+    retry_after = seconds_to_wait(response.headers.get("Retry-After"))
+    return error_class(response.status_code, message, body, retry_after)
+
+
+def json_or_none(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:
+        return None
+
+
+def seconds_to_wait(retry_after: str | None) -> float | None:
+    """``Retry-After`` is a number of seconds or an HTTP date."""
+    if not retry_after:
+        return None
+    if retry_after.strip().isdigit():
+        return float(retry_after)
+    try:
+        when = email.utils.parsedate_to_datetime(retry_after)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
