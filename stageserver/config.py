@@ -33,6 +33,17 @@ __all__ = [
 UPSTREAM_KINDS = ("openai", "ollama", "llamacpp", "vllm")
 
 
+def json_setting(key: str, value: Any) -> Any:
+    """A setting that holds JSON: given as text (the environment), parsed; given as a
+    value (``app.config``), as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key} is not valid JSON: {exc}") from None
+
+
 def parse_env_value(raw: str) -> Any:
     try:
         return json.loads(raw)
@@ -69,12 +80,7 @@ class UpstreamConfig:
 
 def upstream_configs(config: Mapping[str, Any]) -> list[UpstreamConfig]:
     """The configured upstreams, the default first. Empty when none is configured."""
-    declared = config["STAGESERVER_UPSTREAMS"]
-    if isinstance(declared, str):
-        try:
-            declared = json.loads(declared)
-        except ValueError as exc:
-            raise ConfigError(f"STAGESERVER_UPSTREAMS is not valid JSON: {exc}") from None
+    declared = json_setting("STAGESERVER_UPSTREAMS", config["STAGESERVER_UPSTREAMS"])
     if declared is None:
         if not config["STAGESERVER_UPSTREAM_URL"]:
             return []
@@ -177,11 +183,7 @@ class StageSettings:
 
 
 def _origins(setting: Any) -> frozenset[str]:
-    if isinstance(setting, str):
-        try:
-            setting = json.loads(setting)
-        except ValueError as exc:
-            raise ConfigError(f"STAGESERVER_CORS_ORIGINS is not valid JSON: {exc}") from None
+    setting = json_setting("STAGESERVER_CORS_ORIGINS", setting)
     if setting is None:
         return frozenset()
     if not isinstance(setting, list):

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import json_setting
 from .errors import ConfigError
 
 # Principal names go into stage keys, Redis keys and metric labels.
@@ -141,20 +141,16 @@ def key_ring(setting: object, *, identify: bool = False) -> KeyRing:
 
 def _load(setting: object) -> Any:
     if isinstance(setting, str):
-        text = setting.strip()
-        if not text:
+        setting = setting.strip()
+        if not setting:
             return None
-        if text.startswith("@"):
-            path = Path(text[1:])
+        if setting.startswith("@"):
+            path = Path(setting[1:])
             try:
-                text = path.read_text()
+                setting = path.read_text()
             except OSError as exc:
                 raise ConfigError(f"STAGESERVER_API_KEYS: cannot read {path}: {exc}") from None
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"STAGESERVER_API_KEYS is not valid JSON: {exc}") from None
-    return setting
+    return json_setting("STAGESERVER_API_KEYS", setting)
 
 
 def _entry(name: str, spec: object, identify: bool) -> _Entry:
