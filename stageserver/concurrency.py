@@ -155,6 +155,25 @@ class ReadDeadline(_LazyTimer):
         self._greenlet.throw(self._expired)
 
 
+class SendDeadline(_LazyTimer):
+    """Calls ``on_expiry()`` in gevent's hub when a write has lasted ``seconds``: wrap
+    each write (each yield of a response) in ``begin()`` and ``end()``. A no-op under
+    threads, where the server's own write timeouts apply. ``close()`` it when done."""
+
+    def __init__(self, seconds: float, on_expiry: Callable[[], None]) -> None:
+        super().__init__(seconds)
+        self._on_expiry = on_expiry
+        if seconds <= 0:
+            self._loop = None  # no deadline
+
+    def begin(self) -> None:
+        if self._loop is not None:
+            super().begin()
+
+    def _expire(self) -> None:
+        self._on_expiry()
+
+
 class Wakeup:
     """A flag that one waiter sleeps on: ``set()`` wakes it; ``wait(timeout)`` returns
     False when ``timeout`` seconds pass without a ``set()``.

@@ -23,6 +23,7 @@ __all__ = [
     "SETTINGS",
     "UPSTREAM_KINDS",
     "ConfigError",
+    "FollowSettings",
     "StageSettings",
     "UpstreamConfig",
     "apply_defaults",
@@ -140,10 +141,19 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
 
 
 @dataclass(frozen=True)
+class FollowSettings:
+    """How a response follows its stage (``stream.follow``)."""
+
+    heartbeat_seconds: float
+    retry_ms: int
+    send_timeout_seconds: float
+
+
+@dataclass(frozen=True)
 class StageSettings:
     """The settings a request reads, taken from ``app.config`` once, at ``init_app``."""
 
-    heartbeat_seconds: float
+    follow: FollowSettings
     default_max_tokens: int
     max_tokens_limit: int
     max_prompt_chars: int
@@ -151,11 +161,13 @@ class StageSettings:
     stage_ttl_seconds: float
     event_ttl_seconds: float
     max_events: int
+    max_event_bytes: int
     resumable_default: bool
     resume_grace_seconds: float
     max_active_streams: int
     ready_timeout: float
     store_url: str | None
+    owner_lease_seconds: float
     cors_origins: frozenset[str]
 
     @classmethod
@@ -165,7 +177,11 @@ class StageSettings:
 
         store_url = config["STAGESERVER_STORE_URL"]
         return cls(
-            heartbeat_seconds=number("HEARTBEAT_SECONDS"),
+            follow=FollowSettings(
+                heartbeat_seconds=number("HEARTBEAT_SECONDS"),
+                retry_ms=int(number("SSE_RETRY_MS")),
+                send_timeout_seconds=number("SEND_TIMEOUT_SECONDS"),
+            ),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS")),
             max_tokens_limit=int(number("MAX_TOKENS_LIMIT")),
             max_prompt_chars=int(number("MAX_PROMPT_CHARS")),
@@ -173,11 +189,13 @@ class StageSettings:
             stage_ttl_seconds=number("STAGE_TTL_SECONDS"),
             event_ttl_seconds=number("EVENT_TTL_SECONDS"),
             max_events=int(number("EVENT_LOG_MAX_EVENTS")),
+            max_event_bytes=int(number("EVENT_LOG_MAX_BYTES")),
             resumable_default=bool(config["STAGESERVER_RESUMABLE_DEFAULT"]),
             resume_grace_seconds=number("RESUME_GRACE_SECONDS"),
             max_active_streams=int(number("MAX_ACTIVE_STREAMS")),
             ready_timeout=number("READY_TIMEOUT"),
             store_url=str(store_url) if store_url else None,
+            owner_lease_seconds=number("OWNER_LEASE_SECONDS"),
             cors_origins=_origins(config["STAGESERVER_CORS_ORIGINS"]),
         )
 

@@ -30,7 +30,7 @@ one mapping (``views.error_response``)::
           │         ├── FirstTokenTimeout    no chunk within the first-token timeout (prefill)
           │         └── IdleTimeout          silent too long between chunks
           ├── ServerShuttingDown      503: stageserver is stopping
-          └── StoreWriteFailed        503: the shared store could not record the stage
+          └── LeaseLost               503: this worker lost the stage to another (fencing)
 
 Two exceptions stand outside the tree because of what they must get past:
 
@@ -227,7 +227,7 @@ class ServerShuttingDown(StageFailure):
     http_status = 503
 
 
-class StoreWriteFailed(StageFailure):
+class LeaseLost(StageFailure):
     http_status = 503
 
 

@@ -3,7 +3,8 @@
 - ``max_streams``: stages running at once. A slot is taken when a stage is admitted and
   given back the moment it ends, whatever the way (done, error, cancel, disconnect,
   grace expiry, shutdown), since the book hears of every end as one of the stage's
-  listeners. A slot is a lease: if the worker holding it dies, it lapses.
+  listeners. In Redis a slot is a lease (``leases.py``): if the worker holding it dies,
+  it lapses within ``STAGESERVER_OWNER_LEASE_SECONDS``.
 - ``requests_per_minute``: stages started in the last 60 seconds.
 - ``tokens_per_minute``: prompt plus completion tokens of the stages that ended in the
   last 60 seconds, counted from their usage (``usage.py``) once known. A stage is
@@ -31,16 +32,14 @@ from typing import Any
 
 import redis
 
-from .concurrency import Task
 from .errors import RateLimited, StoreUnavailable, store_unavailable_message
+from .leases import LeaseKeeper
 from .principals import Principal
 from .stage import Stage, StageListener
 
 log = logging.getLogger("stageserver.limits")
 
 WINDOW_SECONDS = 60
-# A slot held in Redis lapses this long after its worker last renewed it.
-SLOT_LEASE_SECONDS = 15.0
 
 
 def _refusal(principal: Principal, limit: str, retry_after: int) -> RateLimited:
@@ -217,25 +216,41 @@ def _keys(principal: Principal) -> tuple[str, str, str]:
     return f"{base}:streams", f"{base}:requests", f"{base}:tokens"
 
 
-class RedisLimits(LimitBook):
-    """The book of every worker and host, in Redis. The slots this worker holds are
-    renewed together, in one pipeline, every third of their lease."""
+class _Slot:
+    """One stage's stream slot in Redis: a lease the worker's keeper renews."""
 
-    def __init__(self, client: Any) -> None:
-        """``client``: a callable giving this process's redis-py client."""
+    __slots__ = ("key", "member")
+
+    def __init__(self, key: str, member: str) -> None:
+        self.key = key
+        self.member = member
+
+    def renew(self, pipe: Any, lease_ms: int) -> int:
+        pipe.zadd(self.key, {self.member: int(time.time() * 1000) + lease_ms}, xx=True)
+        pipe.pexpire(self.key, lease_ms * 2)
+        return 2
+
+    def renewed(self, results: list[Any]) -> None:
+        pass  # a slot that lapsed is gone; its stage runs on, uncounted
+
+
+class RedisLimits(LimitBook):
+    """The book of every worker and host, in Redis."""
+
+    def __init__(self, client: Any, leases: LeaseKeeper) -> None:
+        """``client``: a callable giving this process's redis-py client; ``leases``: the
+        keeper that renews this worker's leases, the slots among them."""
         self._client = client
+        self._leases = leases
         self._admit: Any = None
-        self._held: dict[str, Principal] = {}  # stage instance -> principal, slots held here
-        self._renewer: Task | None = None
-        self._lock = threading.Lock()
+        self._slots: dict[Stage, _Slot] = {}
 
     def admit(self, principal: Principal, stage: Stage) -> None:
         limits = principal.limits
-        lease_ms = int(SLOT_LEASE_SECONDS * 1000)
         args = [
             int(time.time() * 1000),
             stage.instance,
-            lease_ms,
+            self._leases.lease_ms,
             limits.max_streams or 0,
             limits.requests_per_minute or 0,
             limits.tokens_per_minute or 0,
@@ -250,19 +265,23 @@ class RedisLimits(LimitBook):
             raise StoreUnavailable(store_unavailable_message(exc)) from None
         if refused:
             raise _refusal(principal, refused.decode(), int(seconds))
-        with self._lock:
-            self._held[stage.instance] = principal
-            if self._renewer is None:
-                self._renewer = Task(self._renew_forever, name="stageserver-limits-renew")
+        if limits.max_streams:
+            slot = self._slots[stage] = _Slot(_keys(principal)[0], stage.instance)
+            self._leases.hold(slot)
 
     def release(self, principal: Principal, stage: Stage) -> None:
-        with self._lock:
-            self._held.pop(stage.instance, None)
+        slot = self._slots.pop(stage, None)
+        if slot is None:
+            return
+        self._leases.release(slot)
         try:
-            self._client().zrem(_keys(principal)[0], stage.instance)
+            self._client().zrem(slot.key, slot.member)
         except redis.RedisError as exc:
-            log.warning("could not give back %s's stream slot (it lapses by itself): %s",
-                        principal.name, exc)
+            log.warning(
+                "could not give back %s's stream slot (it lapses by itself): %s",
+                principal.name,
+                exc,
+            )
 
     def add_tokens(self, principal: Principal, tokens: int) -> None:
         if tokens <= 0:
@@ -275,21 +294,3 @@ class RedisLimits(LimitBook):
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not count %d tokens of %s: %s", tokens, principal.name, exc)
-
-    def _renew_forever(self) -> None:
-        while True:
-            time.sleep(SLOT_LEASE_SECONDS / 3)
-            with self._lock:
-                held = list(self._held.items())
-            if not held:
-                continue
-            expiry = int((time.time() + SLOT_LEASE_SECONDS) * 1000)
-            try:
-                pipe = self._client().pipeline(transaction=False)
-                for key, principal in held:
-                    streams = _keys(principal)[0]
-                    pipe.zadd(streams, {key: expiry}, xx=True)
-                    pipe.pexpire(streams, int(SLOT_LEASE_SECONDS * 2000))
-                pipe.execute()
-            except redis.RedisError as exc:
-                log.warning("could not renew %d stream slots: %s", len(held), exc)

@@ -1,24 +1,38 @@
 """Stages shared across workers and hosts through Redis (``STAGESERVER_STORE_URL``).
 
-A stage still runs in the worker that accepted it and is served from that worker's
-memory; Redis is a mirror, so that any worker can answer for it. Its keys are named after
-the stage's key, its id in its principal's namespace (``alice/summary``; the bare id when
-the server is open):
+A stage runs in the worker that accepted it and is served from that worker's memory;
+Redis is a mirror, so that any worker can answer for it (``redis_reader.py``). The keys
+of a stage, named after its key (its id in its principal's namespace) as a hash tag
+(``redis_conn.py``):
 
-- ``ss:{id}`` (hash): status, owner, summary JSON, how many remote watchers are attached.
-- ``ss:{id}:log`` (stream): the events, each the exact bytes a client receives, under the
-  stream id ``0-<seq+1>`` so that a ``Last-Event-ID`` maps straight onto ``XREAD``.
-- ``ss:{id}:text`` (string): the text so far, while the stage runs.
-- ``ss:{id}:live`` (string with expiry): held while the stage runs; ``SET NX`` on it is
-  what makes a stage id unique across every worker. Its expiry is refreshed with every
-  write, so a worker that dies releases its ids.
+- ``ss:{key}`` (hash): status, owner, summary JSON, remote watchers, and while in doubt
+  ``suspect_since``; ``gap`` when the store lost events it could not get back;
+- ``ss:{key}:log`` (stream): the events, each the exact bytes a client receives, under
+  the stream id ``0-<seq+1>``, so that a ``Last-Event-ID`` maps straight onto ``XREAD``;
+- ``ss:{key}:text`` (string): the text so far, while the stage runs;
+- ``ss:{key}:live`` (string): the owner's lease, held by the one stage instance that runs
+  it. ``SET NX`` on it makes a stage id unique everywhere; the worker renews it with all
+  its leases (``leases.py``); when the worker dies it lapses, and the next watcher or
+  status read ends the stage with an ``error`` event (``redis_reader.py``);
 - channel ``ss:cancel``: a cancel for a stage that runs elsewhere.
 
-The store is a listener of the stages it has claimed: for each event the relay only
-marks the stage dirty, and one flusher per process writes every dirty stage's new
-events in a single pipeline a few milliseconds later. If Redis cannot be written, each
-stage in the batch ends with an ``error`` event that says so; new stages get 503 until
-Redis answers again, and redis-py reconnects by itself.
+Writes are batched and fenced: for each event the relay only marks its stage dirty, and
+one flusher per process writes every dirty stage's new events, a few milliseconds later,
+in one pipeline of scripts. Each script writes only while this stage instance holds the
+lease. When it does not:
+
+- if the stage was declared dead meanwhile, or another stage holds the id, this worker
+  was cut off past its lease (a partition, a long pause): it stops the stage, closes its
+  upstream and writes nothing more to it (fencing);
+- if nobody noticed (the lease merely lapsed, or Redis restarted and lost it), it takes
+  the lease back and goes on: a store outage ends no healthy stream.
+
+When Redis cannot be written, nothing ends: the stages stay dirty and the flusher tries
+again every half second, while each keeps streaming to its own clients. When Redis
+answers, the mirror catches up from where Redis stands (a restart or a failover may have
+lost the last writes), from the worker's own log; events that log no longer holds are
+recorded as a gap (``gap`` in the status), and a resume that needs them gets an
+``error`` that says so, never a silent hole.
 """
 
 from __future__ import annotations
@@ -35,75 +49,150 @@ from typing import Any
 import redis
 
 from .concurrency import Task
-from .errors import (
-    EventsExpired,
-    StageConflict,
-    StageFinished,
-    StageLost,
-    StoreUnavailable,
-    StoreWriteFailed,
-    UnknownStage,
-    store_unavailable_message,
-)
-from .stage import Stage, StageListener, Subscriber
+from .errors import LeaseLost, StageConflict, StoreUnavailable, store_unavailable_message
+from .leases import LeaseKeeper
+from .redis_conn import connect, stage_keys
+from .redis_reader import StoreReader
+from .stage import Stage, StageListener
 
 log = logging.getLogger("stageserver.store")
 
 CANCEL_CHANNEL = "ss:cancel"
 _FLUSH_DELAY = 0.005  # gather the writes of this long into one pipeline
-_READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client at least this often
+_RETRY_DELAY = 0.5  # while Redis cannot be written
+
+# KEYS: hash, live. ARGV: token, lease_ms. 1: held; -1: another's, or declared dead;
+# 2: taken back after the store lost it (the flusher sends the stage whole).
+_RENEW = """
+local live = redis.call('GET', KEYS[2])
+if live == ARGV[1] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) return 1 end
+if live then return -1 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'running' then return -1 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('HDEL', KEYS[1], 'suspect_since')
+if not status then return 2 end
+return 1
+"""
+
+# KEYS: hash, log, text, live. ARGV: token, lease_ms, events Redis should hold, maxlen,
+# finished (0/1), ttl_ms, event_ttl_ms, status, summary (or ""), text mode ("", "a"
+# append, "s" set), text, gap (or ""), owner, prompt tokens, then (seq, wire, terminal)
+# per event. The summary, owner and prompt tokens are written with the summary only.
+# 1: written; -1: fenced; -2: the store lost the stage; {n}: it holds n events, not that.
+_FLUSH = """
+local live = redis.call('GET', KEYS[4])
+if live ~= ARGV[1] then
+  if live then return -1 end
+  local status = redis.call('HGET', KEYS[1], 'status')
+  if status and status ~= 'running' then return -1 end
+  redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'suspect_since')
+  if not status and ARGV[9] == '' then return -2 end
+end
+local have = 0
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
+if have ~= tonumber(ARGV[3]) then return {have} end
+for i = 15, #ARGV, 3 do
+  local id = '0-' .. (tonumber(ARGV[i]) + 1)
+  if ARGV[i + 2] == '1' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], id, 'w', ARGV[i + 1], 't', '1')
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], id, 'w', ARGV[i + 1])
+  end
+end
+if ARGV[10] == 'a' then redis.call('APPEND', KEYS[3], ARGV[11]) end
+if ARGV[10] == 's' then redis.call('SET', KEYS[3], ARGV[11]) end
+if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'gap', ARGV[12]) end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[8], 'summary', ARGV[9], 'owner', ARGV[13],
+             'prompt_tokens', ARGV[14])
+end
+if ARGV[5] == '1' then
+  redis.call('DEL', KEYS[4], KEYS[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+else
+  redis.call('PEXPIRE', KEYS[4], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]) + tonumber(ARGV[2]))
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[7]) + tonumber(ARGV[2]))
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]) + tonumber(ARGV[2]))
+end
+return 1
+"""
 
 
-def _keys(key: str) -> tuple[str, str, str, str]:
-    """The hash, event log, text and live keys of the stage with this key."""
-    base = f"ss:{key}"
-    return base, f"{base}:log", f"{base}:text", f"{base}:live"
+class _Mirror:
+    """One claimed stage: how much of it Redis holds, and its lease."""
 
+    __slots__ = ("stage", "store", "held", "next_seq", "text_parts", "lost", "gap")
 
-class _Mirrored:
-    """How much of one claimed stage has been written to Redis."""
-
-    __slots__ = ("live_ms", "next_seq", "text_parts")
-
-    def __init__(self, live_ms: int) -> None:
-        self.live_ms = live_ms
-        self.next_seq = 0
+    def __init__(self, stage: Stage, store: RedisStageStore) -> None:
+        self.stage = stage
+        self.store = store
+        self.held = 0  # events Redis holds, as far as this worker knows
+        self.next_seq = 0  # the next event of the stage to write
         self.text_parts = 0
+        self.lost = False  # the store lost the stage: write it whole
+        self.gap = ""  # what the store lost of it for good, in words; kept once known
+
+    def renew(self, pipe: Any, lease_ms: int) -> int:
+        hash_key, _, _, live_key = stage_keys(self.stage.key)
+        self.store._renew(keys=[hash_key, live_key], args=[self.stage.instance, lease_ms],
+                          client=pipe)
+        return 1
+
+    def renewed(self, results: list[Any]) -> None:
+        if results[0] == -1:
+            self.store._fence(self.stage)
+        elif results[0] == 2:
+            self.lost = True
+            self.store.mark(self.stage)
 
 
 class RedisStageStore(StageListener):
     def __init__(
-        self, url: str, *, ttl_seconds: float, event_ttl_seconds: float, max_events: int
+        self,
+        url: str,
+        *,
+        ttl_seconds: float,
+        event_ttl_seconds: float,
+        max_events: int,
+        lease_seconds: float,
     ) -> None:
         self.url = url
         self.ttl_ms = int(ttl_seconds * 1000)
         self.event_ttl_ms = int(min(event_ttl_seconds, ttl_seconds) * 1000)
         self.max_events = max_events
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.leases = LeaseKeeper(lambda: self.redis, lease_seconds)
+        self.reader = StoreReader(lambda: self.redis, self.ttl_ms, self.event_ttl_ms,
+                                  lease_seconds)
         # Any: redis-py annotates every command as returning its sync or async result.
         self._redis: Any = None
         self._pid = 0
         self._dirty: set[Stage] = set()
-        self._mirrored: dict[Stage, _Mirrored] = {}
+        self._mirrors: dict[Stage, _Mirror] = {}
         self._wake = threading.Event()  # a gevent event where threading is patched
         self._flusher: Task | None = None
         self._listener: Task | None = None
         self._cancel_here: Callable[[str, str], None] | None = None
         self._lock = threading.Lock()
+        self._failing = False
+        self._renew: Any = None
+        self._flush_script: Any = None
 
     # -- connection, per process ---------------------------------------------------------
 
     @property
     def redis(self) -> Any:
         if self._redis is None or self._pid != os.getpid():
-            self._redis = redis.Redis.from_url(
-                self.url,
-                socket_timeout=2,
-                socket_connect_timeout=2,
-                health_check_interval=10,
-            )
+            self._redis = connect(self.url)
             self._pid = os.getpid()
             self._flusher = self._listener = None
+            self._renew = self._redis.register_script(_RENEW)
+            self._flush_script = self._redis.register_script(_FLUSH)
         return self._redis
 
     def start(self, cancel_here: Callable[[str, str], None]) -> None:
@@ -118,25 +207,32 @@ class RedisStageStore(StageListener):
 
     # -- the owner's side ----------------------------------------------------------------
 
-    def claim(self, stage: Stage, live_ms: int) -> None:
-        """Make ``stage`` the one live stage with its id, everywhere, and mirror it from now
-        on. ``live_ms``: the longest silence a healthy stage can have. Raises
-        StageConflict when one runs, StoreUnavailable when Redis cannot say."""
-        key, log_key, text_key, live_key = _keys(stage.key)
+    def claim(self, stage: Stage) -> None:
+        """Make ``stage`` the one live stage with its key, everywhere, and mirror it from
+        now on. Raises StageConflict when one runs, StoreUnavailable when Redis cannot
+        say."""
+        hash_key, log_key, text_key, live_key = stage_keys(stage.key)
+        lease_ms = self.leases.lease_ms
         try:
-            if not self.redis.set(live_key, self.owner, nx=True, px=live_ms):
+            if not self.redis.set(live_key, stage.instance, nx=True, px=lease_ms):
                 raise StageConflict(stage.stage_id)
             pipe = self.redis.pipeline()
-            pipe.delete(key, log_key, text_key)
-            pipe.hset(key, mapping=self._fields(stage))
-            pipe.pexpire(key, self.ttl_ms + live_ms)
+            pipe.delete(hash_key, log_key, text_key)
+            pipe.hset(hash_key, mapping=self._fields(stage))
+            pipe.pexpire(hash_key, self.ttl_ms + lease_ms)
             pipe.execute()
         except redis.RedisError as exc:
             raise StoreUnavailable(store_unavailable_message(exc)) from None
-        self._mirrored[stage] = _Mirrored(live_ms)
+        mirror = self._mirrors[stage] = _Mirror(stage, self)
+        self.leases.hold(mirror)
 
     def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
         """For every event of a claimed stage: cheap; the flusher does the writing."""
+        self._dirty.add(stage)
+        self._wake.set()
+
+    def mark(self, stage: Stage) -> None:
+        """Have the flusher write the stage again (it is to be sent whole)."""
         self._dirty.add(stage)
         self._wake.set()
 
@@ -147,63 +243,122 @@ class RedisStageStore(StageListener):
             self._wake.clear()
             batch, self._dirty = self._dirty, set()
             try:
-                self._flush(batch)
-            except redis.RedisError as exc:
-                failure = StoreWriteFailed(store_unavailable_message(exc))
-                log.error("stage store write failed for %d stages: %s", len(batch), exc)
-                for stage in batch:
-                    # Its own error event cannot be stored either: stop mirroring it.
-                    self._mirrored.pop(stage, None)
-                    stage.abort(failure)
+                again = self._flush(batch)
+                if self._failing:
+                    log.warning("the stage store answers again; its mirror catches up")
+                self._failing = False
+            except (redis.RedisError, OSError) as exc:
+                if not self._failing:
+                    log.warning("stage store unavailable (%s); %d stages keep streaming here "
+                                "and their mirror catches up when it answers", exc, len(batch))
+                self._failing = True
+                again = batch
             except Exception:
                 log.exception("stage store flush failed")
+                again = batch
+            if again:
+                self._dirty |= again
+                time.sleep(_RETRY_DELAY)
+                self._wake.set()
 
-    def _flush(self, batch: set[Stage]) -> None:
+    def _flush(self, batch: set[Stage]) -> set[Stage]:
+        """Write the batch; return the stages to write again."""
         pipe = self.redis.pipeline(transaction=False)
-        finished = []
+        sent = []
         for stage in batch:
-            mirrored = self._mirrored.get(stage)
-            if mirrored is None:
-                continue
-            key, log_key, text_key, live_key = _keys(stage.key)
-            done = stage.finished  # read before the events, so the terminal one is in them
-            for seq, wire in stage.events_since(mirrored.next_seq):
-                fields: dict[str, bytes] = {"w": wire}
-                if done and seq == stage.next_seq - 1:
-                    fields["t"] = b"1"
-                pipe.xadd(log_key, fields, id=f"0-{seq + 1}", maxlen=self.max_events)
-            mirrored.next_seq = stage.next_seq
-            if done:
-                finished.append(stage)
-                pipe.hset(key, mapping=self._fields(stage))
-                pipe.delete(live_key, text_key)
-                pipe.pexpire(key, self.ttl_ms)
-                pipe.pexpire(log_key, self.event_ttl_ms)
-                continue
-            parts = stage.text_parts
-            if len(parts) > mirrored.text_parts:
-                pipe.append(text_key, "".join(parts[mirrored.text_parts :]))
-                mirrored.text_parts = len(parts)
-            pipe.pexpire(live_key, mirrored.live_ms)
-            pipe.pexpire(log_key, self.event_ttl_ms + mirrored.live_ms)
-            pipe.pexpire(text_key, self.event_ttl_ms + mirrored.live_ms)
-        pipe.execute()
-        for stage in finished:
-            self._mirrored.pop(stage, None)
+            mirror = self._mirrors.get(stage)
+            if mirror is not None:
+                sent.append(self._write(pipe, mirror))
+        results = pipe.execute(raise_on_error=False)
+        again: set[Stage] = set()
+        for (mirror, upto, text_parts, done), result in zip(sent, results, strict=True):
+            stage = mirror.stage
+            if result == 1:
+                mirror.held = mirror.next_seq = upto
+                mirror.text_parts, mirror.lost = text_parts, False
+                if done:
+                    self._mirrors.pop(stage, None)
+                    self.leases.release(mirror)
+            elif result == -1:
+                self._fence(stage)
+            elif result == -2:
+                mirror.lost, mirror.held = True, 0
+                self._resume_from(mirror, 0)
+                again.add(stage)
+            elif isinstance(result, list):
+                mirror.held = int(result[0])
+                self._resume_from(mirror, mirror.held)
+                again.add(stage)
+            else:  # an error of this script alone
+                again.add(stage)
+        return again
 
-    def _fields(self, stage: Stage) -> dict[str, str]:
+    def _write(self, pipe: Any, mirror: _Mirror) -> tuple[_Mirror, int, int, bool]:
+        stage = mirror.stage
+        done = stage.finished  # read before the events, so the terminal one is in them
+        events = stage.events_since(mirror.next_seq)
+        upto = events[-1][0] + 1 if events else mirror.next_seq
+        parts = stage.text_parts
+        if mirror.lost:
+            text_mode, text = "s", "".join(parts)
+        elif len(parts) > mirror.text_parts and not done:
+            text_mode, text = "a", "".join(parts[mirror.text_parts :])
+        else:
+            text_mode, text = "", ""
+        summary = json.dumps(self._summary(stage, mirror)) if done or mirror.lost else ""
+        args: list[Any] = [
+            stage.instance, self.leases.lease_ms, mirror.held, self.max_events, int(done),
+            self.ttl_ms, self.event_ttl_ms, stage.status, summary, text_mode, text, mirror.gap,
+            self.owner, stage.spec.prompt_tokens_estimate,
+        ]  # fmt: skip
+        last = stage.next_seq - 1
+        for seq, wire in events:
+            args += [seq, wire, int(done and seq == last)]
+        self._flush_script(keys=list(stage_keys(stage.key)), args=args, client=pipe)
+        return mirror, upto, len(parts), done
+
+    def _resume_from(self, mirror: _Mirror, held: int) -> None:
+        """Redis holds ``held`` events: write on from there, or from the oldest this worker
+        still has, recording what is lost between."""
+        first = mirror.stage.first_kept_seq
+        if held >= first:
+            mirror.next_seq = held
+            return
+        mirror.next_seq = first
+        lost = f"events {held} to {first - 1} were lost by the store while it was unavailable"
+        mirror.gap = f"{mirror.gap}; {lost}" if mirror.gap else lost
+
+    def _summary(self, stage: Stage, mirror: _Mirror) -> dict[str, Any]:
+        summary = stage.summary()
+        if mirror.gap:
+            summary["gap"] = mirror.gap
+        return summary
+
+    def _fields(self, stage: Stage) -> dict[str, Any]:
         return {
             "status": stage.status,
             "owner": self.owner,
             "summary": json.dumps(stage.summary()),
+            "prompt_tokens": stage.spec.prompt_tokens_estimate,
         }
+
+    def _fence(self, stage: Stage) -> None:
+        """Another holds this stage's lease now: stop it, and write nothing more of it."""
+        mirror = self._mirrors.pop(stage, None)
+        if mirror is None:
+            return
+        self.leases.release(mirror)
+        log.warning("stage %s: this worker lost its lease in the store; stopping it", stage.key)
+        stage.abort(
+            LeaseLost(
+                f"this worker ({self.owner}) lost its lease on stage {stage.stage_id!r} while "
+                "cut off from the stage store, and the stage was taken over; retry it"
+            )
+        )
 
     def watched_elsewhere(self, key: str) -> bool:
         """Whether a response in some worker follows the stage through the store."""
-        try:
-            return int(self.redis.hget(_keys(key)[0], "watchers") or 0) > 0
-        except redis.RedisError:
-            return False
+        return self.reader.watchers(key) > 0
 
     def _listen_for_cancels(self) -> None:
         """Cancels published by other workers, for stages that run here. Reconnects."""
@@ -222,108 +377,11 @@ class RedisStageStore(StageListener):
                 log.warning("stage store cancel listener: %s; reconnecting in 1 s", exc)
                 time.sleep(1.0)
 
-    # -- any worker's side ---------------------------------------------------------------
-
-    def summary(self, stage_key: str) -> dict[str, Any] | None:
-        """The stage's status as ``Stage.summary`` gives it; None if the store has none."""
-        key, log_key, text_key, _ = _keys(stage_key)
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(key, "summary")
-            pipe.get(text_key)
-            pipe.xrevrange(log_key, count=1)
-            raw, text, last = pipe.execute()
-        except redis.RedisError as exc:
-            raise StoreUnavailable(store_unavailable_message(exc)) from None
-        if raw is None:
-            return None
-        summary: dict[str, Any] = json.loads(raw)
-        if summary["status"] == "running":
-            # The summary is the one written at the claim; the text and events go on.
-            events = int(last[0][0].split(b"-")[1]) if last else 0
-            summary.update(text=(text or b"").decode(), events=events)
-        return summary
-
-    def feed(self, stage_key: str, stage_id: str) -> RemoteFeed:
-        """A feed of the stage's events. Raises UnknownStage, or EventsExpired when it
-        has finished and its events are gone."""
-        key, log_key, _, _ = _keys(stage_key)
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(key, "status")
-            pipe.exists(log_key)
-            status, has_log = pipe.execute()
-        except redis.RedisError as exc:
-            raise StoreUnavailable(store_unavailable_message(exc)) from None
-        if status is None:
-            raise UnknownStage(stage_id)
-        if status != b"running" and not has_log:
-            raise EventsExpired(stage_id)
-        return RemoteFeed(self, stage_key, stage_id)
-
     def request_cancel(self, stage_key: str, stage_id: str, reason: str) -> None:
         """Ask the worker running the stage to cancel it. Raises UnknownStage, or
         StageFinished when it no longer runs."""
-        key, _, _, live_key = _keys(stage_key)
+        self.reader.check_cancellable(stage_key, stage_id)
         try:
-            if not self.redis.exists(key):
-                raise UnknownStage(stage_id)
-            if not self.redis.exists(live_key):
-                raise StageFinished(stage_id)
             self.redis.publish(CANCEL_CHANNEL, json.dumps({"key": stage_key, "reason": reason}))
         except redis.RedisError as exc:
             raise StoreUnavailable(store_unavailable_message(exc)) from None
-
-
-class RemoteFeed:
-    """The events of a stage that runs in another worker or host, read from its log in
-    Redis (an ``EventFeed``, see stream.py)."""
-
-    def __init__(self, store: RedisStageStore, stage_key: str, stage_id: str) -> None:
-        self.stage_id = stage_id
-        self._redis = store.redis
-        self._key, self._log_key, _, _ = _keys(stage_key)
-
-    def open(self, subscriber: Subscriber) -> None:
-        try:
-            self._redis.hincrby(self._key, "watchers", 1)
-        except redis.RedisError as exc:
-            raise StageLost(store_unavailable_message(exc)) from None
-
-    def read(self, subscriber: Subscriber, cursor: int, wait: float) -> tuple[bytes, int, bool]:
-        deadline = time.monotonic() + wait
-        while True:
-            block = min(max(deadline - time.monotonic(), 0.001), _READ_BLOCK_SECONDS)
-            try:
-                reply = self._redis.xread(
-                    {self._log_key: f"0-{cursor}"}, block=int(block * 1000), count=512
-                )
-            except redis.RedisError as exc:
-                raise StageLost(store_unavailable_message(exc)) from None
-            batch = []
-            ended = False
-            for _, entries in reply or ():
-                for entry_id, fields in entries:
-                    cursor = int(entry_id.split(b"-")[1])  # the id is 0-<seq+1>
-                    batch.append(fields[b"w"])
-                    ended = ended or b"t" in fields
-            if batch or ended:
-                return b"".join(batch), cursor, ended
-            if subscriber.client_gone:
-                return b"", cursor, False
-            if not self._still_there():
-                raise StageLost("the stage expired from the store")
-            if time.monotonic() >= deadline:
-                return b"", cursor, False
-
-    def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
-        try:
-            self._redis.hincrby(self._key, "watchers", -1)
-        except redis.RedisError:
-            pass
-
-    def _still_there(self) -> bool:
-        try:
-            return bool(self._redis.exists(self._key))
-        except redis.RedisError as exc:
-            raise StageLost(store_unavailable_message(exc)) from None

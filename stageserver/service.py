@@ -47,9 +47,6 @@ from .stream import EventFeed, LocalFeed
 from .upstreams import Upstream, UpstreamRegistry
 from .usage import estimate_prompt_tokens
 
-# How much longer than an upstream's longest healthy silence a claim on a stage id lasts.
-_CLAIM_MARGIN_SECONDS = 30.0
-
 
 class LocalStage:
     """A stage that runs, or ran, in this process."""
@@ -60,10 +57,15 @@ class LocalStage:
     def summary(self) -> dict[str, object]:
         return self.stage.summary()
 
-    def feed(self) -> EventFeed:
-        if self.stage.events_expired:
-            raise EventsExpired(self.stage.stage_id)
-        return LocalFeed(self.stage, owner=False)
+    def feed(self, after_seq: int) -> EventFeed | None:
+        """The stage's events after ``after_seq``; None when it has ended and that was its
+        last event (nothing is left to send). Raises EventsExpired."""
+        stage = self.stage
+        if stage.finished and after_seq >= stage.next_seq - 1:
+            return None
+        if stage.events_expired:
+            raise EventsExpired(stage.stage_id)
+        return LocalFeed(stage, owner=False)
 
     def cancel(self, reason: str) -> None:
         if not self.stage.cancel(reason):
@@ -80,13 +82,13 @@ class StoredStage:
         self.stage_id = stage_id
 
     def summary(self) -> dict[str, object]:
-        summary = self._store.summary(self.key)
+        summary = self._store.reader.summary(self.key, self.stage_id)
         if summary is None:
             raise UnknownStage(self.stage_id)
         return summary
 
-    def feed(self) -> EventFeed:
-        return self._store.feed(self.key, self.stage_id)
+    def feed(self, after_seq: int) -> EventFeed | None:
+        return self._store.reader.feed(self.key, self.stage_id, after_seq)
 
     def cancel(self, reason: str) -> None:
         self._store.request_cancel(self.key, self.stage_id, reason)
@@ -119,10 +121,11 @@ class StageService:
                 ttl_seconds=settings.stage_ttl_seconds,
                 event_ttl_seconds=settings.event_ttl_seconds,
                 max_events=settings.max_events,
+                lease_seconds=settings.owner_lease_seconds,
             )
         self.limits: LimitBook = LocalLimits()
         if self.store is not None:
-            self.limits = RedisLimits(lambda store=self.store: store.redis)
+            self.limits = RedisLimits(lambda store=self.store: store.redis, self.store.leases)
         listeners: list[StageListener | None] = [
             self.store,
             self.stages,
@@ -151,7 +154,7 @@ class StageService:
                 metrics.limit_refused(principal, str(refusal.body.get("limit", "store")))
                 raise
         try:
-            self._admit(stage, upstream)
+            self._admit(stage)
         except BaseException:
             if principal.limits:
                 self.limits.release(principal, stage)
@@ -159,7 +162,7 @@ class StageService:
         stage.start()
         return stage
 
-    def _admit(self, stage: Stage, upstream: Upstream) -> None:
+    def _admit(self, stage: Stage) -> None:
         try:
             self.admission.admit()
         except (Overloaded, ShuttingDown) as refusal:
@@ -168,9 +171,7 @@ class StageService:
         try:
             if self.store is not None:
                 self.store.start(self._cancel_here)
-                timeouts = upstream.config
-                silence = max(timeouts.first_token_timeout, timeouts.idle_timeout)
-                self.store.claim(stage, int((silence + _CLAIM_MARGIN_SECONDS) * 1000))
+                self.store.claim(stage)
             self.stages.add(stage)
         except BaseException:
             self.admission.release()  # never started: nothing else will give it back
@@ -197,6 +198,7 @@ class StageService:
             request_id=request_id,
             grace_seconds=settings.resume_grace_seconds,
             max_events=settings.max_events,
+            max_event_bytes=settings.max_event_bytes,
             principal=principal,
             prompt_tokens_estimate=estimate_prompt_tokens(messages),
         )

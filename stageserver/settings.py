@@ -46,6 +46,15 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         15.0,
         "An SSE comment is sent after this many seconds without an event.",
     ),
+    "STAGESERVER_SEND_TIMEOUT_SECONDS": (
+        30.0,
+        "A client whose socket takes no bytes for this long counts as gone: its response "
+        "ends, and its stage is cancelled unless resumable. 0: no limit.",
+    ),
+    "STAGESERVER_SSE_RETRY_MS": (
+        3000,
+        "The `retry:` a stream starts with: how long a client waits before it reconnects.",
+    ),
     "STAGESERVER_DEFAULT_MAX_TOKENS": (512, "`max_tokens` when a request gives none."),
     "STAGESERVER_MAX_TOKENS_LIMIT": (4096, "Largest `max_tokens` a request may ask for."),
     "STAGESERVER_MAX_PROMPT_CHARS": (
@@ -68,6 +77,10 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         20_000,
         "Events kept per stage; older ones are dropped from the replay window.",
     ),
+    "STAGESERVER_EVENT_LOG_MAX_BYTES": (
+        8_388_608,
+        "Bytes of events kept per stage; older ones are dropped from the replay window.",
+    ),
     "STAGESERVER_RESUMABLE_DEFAULT": (
         False,
         "Whether a stage survives its client's disconnect when the request does not say.",
@@ -76,6 +89,12 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         None,
         "Redis URL (`redis://127.0.0.1:6379/0`) of the stage store shared by workers and "
         "hosts. Unset: stages live in the worker's memory, which allows one worker only.",
+    ),
+    "STAGESERVER_OWNER_LEASE_SECONDS": (
+        5.0,
+        "With a store: how long a stage outlives its worker's last sign of life. A worker "
+        "renews its stages' leases every third of it; when one lapses, the stage ends with "
+        "an `error` everywhere and its id and slots are free again.",
     ),
     "STAGESERVER_RESUME_GRACE_SECONDS": (
         30.0,

@@ -3,7 +3,8 @@
 An event is ``id:``, then ``event:``, then one ``data:`` line per line of data, then a blank
 line. ``id`` and ``event`` may not contain a line break: a caller-chosen value with one
 would let that caller write events of its own into the stream. A comment (``: text``) is
-ignored by clients; stageserver sends one as a heartbeat.
+ignored by clients; stageserver sends one as a heartbeat. A ``retry:`` field alone sets
+how long a client waits before it reconnects, and dispatches no event.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def encode_comment(text: str) -> bytes:
 
 
 HEARTBEAT = encode_comment("heartbeat")
+
+
+def encode_retry(milliseconds: int) -> bytes:
+    """The ``retry:`` field alone: a client's reconnection delay, no event."""
+    return b"retry: %d\n\n" % milliseconds
 
 
 def compact_json(value: Any) -> bytes:

@@ -92,6 +92,7 @@ class StageSpec:
     grace_seconds: float
     max_events: int
     principal: Principal = ANONYMOUS
+    max_event_bytes: int = 8 << 20
     #: The prompt's tokens as ``usage.py`` estimates them, for when the upstream says not.
     prompt_tokens_estimate: int = 0
 
@@ -130,7 +131,7 @@ class Stage:
         self.cancel_reason: str | None = None
         self.chunk_count = 0
 
-        self._relay = relay
+        self._relay: Relay | None = relay  # dropped at the end: it holds the request body
         self._listeners = tuple(listeners)
         # Only those that want every event are called for every event.
         self._event_listeners = tuple(
@@ -138,7 +139,7 @@ class Stage:
         )
         self._watched_elsewhere = watched_elsewhere
         self._events = StageEvents(spec.stage_id)
-        self._log = EventLog(spec.max_events)
+        self._log = EventLog(spec.max_events, spec.max_event_bytes)
         self._subscribers: tuple[Subscriber, ...] = ()
         self._lock = threading.Lock()
         self._task: Task | None = None
@@ -167,6 +168,11 @@ class Stage:
     @property
     def next_seq(self) -> int:
         return self._log.next_seq
+
+    @property
+    def first_kept_seq(self) -> int:
+        """The oldest event the log still holds; earlier ones are gone."""
+        return self._log.first_seq
 
     @property
     def events_expired(self) -> bool:
@@ -301,7 +307,7 @@ class Stage:
         self._interruption = interruption
         # A runner that has not begun yet sees the interruption when it does.
         if self._running and self._task is not None:
-            if not self._task.interrupt(interruption):
+            if not self._task.interrupt(interruption) and self._relay is not None:
                 self._relay.unblock()  # threads: wake the reader blocked on the upstream
         return True
 
@@ -314,7 +320,8 @@ class Stage:
             with self._lock:
                 self._running = True
             self.raise_if_interrupted()
-            self._relay.run(self)
+            if self._relay is not None:
+                self._relay.run(self)
             if not self.finished:
                 self.raise_if_interrupted()
                 raise RuntimeError("the relay returned without finishing the stage")
@@ -371,6 +378,14 @@ class Stage:
             except Exception:
                 log.exception("stage %s: a listener failed at its end", self.stage_id)
         self._notify(seq, wire)
+        self._settle()
+
+    def _settle(self) -> None:
+        """A finished stage keeps what it says (its status, text, usage and events), not
+        what it used to get there: that is what it costs while it stays retained."""
+        self._log.compact()
+        self.text_parts = [self.text]
+        self._relay = None
 
     @property
     def outcome(self) -> str:

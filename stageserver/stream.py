@@ -14,11 +14,20 @@ nothing is written at all. So two things watch for it:
 - under gevent, a read watcher on the client socket that wakes the response the moment
   it reads end-of-file, which takes about a millisecond.
 
+A client that stops reading (a frozen tab, a stuck proxy) is gone too: when one write
+has not been taken for ``send_timeout_seconds``, its socket is shut down under gunicorn's
+blocked ``sendall`` (which then fails the way a disconnect does, quietly), so the
+response, its greenlet and its descriptor are released.
+
 What a disconnect does to the stage is the stage's business (``Stage.detach``). Nothing
 is written after the client is gone, and nothing is yielded after ``GeneratorExit``: a
 yield there makes the server log "generator ignored GeneratorExit" and skip ``finally``,
-leaving the upstream running. A feed that cannot go on (``StageLost``) ends the response
-with an id-less ``error`` event.
+leaving the upstream running. A feed that cannot go on (``StageLost``: the store went
+away, or the events the client asks for are no longer kept) ends the response with an
+id-less ``error`` event that says so: a client never gets a silent gap.
+
+Every response starts with a ``retry:`` field, so that clients reconnect at the pace the
+operator chose (``STAGESERVER_SSE_RETRY_MS``).
 """
 
 from __future__ import annotations
@@ -29,9 +38,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from .concurrency import gevent_active
+from .concurrency import SendDeadline, gevent_active
+from .config import FollowSettings
 from .errors import ClientGone, StageLost
-from .sse import HEARTBEAT
+from .sse import HEARTBEAT, encode_retry
 from .stage import Stage, Subscriber
 from .stage_events import lost_event
 
@@ -68,7 +78,14 @@ class LocalFeed:
 
     def read(self, subscriber: Subscriber, cursor: int, wait: float) -> tuple[bytes, int, bool]:
         subscriber.wake.clear()
-        batch, cursor, finished = self.stage.read(cursor)
+        stage = self.stage
+        if cursor < stage.first_kept_seq:
+            raise StageLost(
+                f"events {cursor} to {stage.first_kept_seq - 1} of stage {self.stage_id!r} are "
+                "no longer kept (STAGESERVER_EVENT_LOG_MAX_EVENTS / _MAX_BYTES); its status is "
+                f"at /stages/{self.stage_id}"
+            )
+        batch, cursor, finished = stage.read(cursor)
         if batch or finished or subscriber.client_gone:
             return batch, cursor, finished
         subscriber.wake.wait(wait)
@@ -79,18 +96,23 @@ class LocalFeed:
 
 
 def follow(
-    feed: EventFeed, *, after_seq: int, heartbeat_seconds: float, client_socket: Any
+    feed: EventFeed, *, after_seq: int, client_socket: Any, settings: FollowSettings
 ) -> Iterator[bytes]:
     """Yield the feed's events after ``after_seq``, until the stage's terminal event."""
+    heartbeat_seconds = settings.heartbeat_seconds
+    send_timeout = settings.send_timeout_seconds if client_socket is not None else 0.0
+    send = SendDeadline(send_timeout, lambda: _give_up_on(client_socket))
     with _watched(client_socket) as subscriber:
         finished = False
+        retry = encode_retry(settings.retry_ms)
         try:
-            feed.open(subscriber)
+            feed.open(subscriber)  # attached first: the events are kept while it reads
         except StageLost as exc:
-            yield lost_event(feed.stage_id, str(exc))
+            send.close()
+            yield retry + lost_event(feed.stage_id, str(exc))
             return
         try:
-            yield b""  # gunicorn sends the headers now, before the upstream has answered
+            yield retry  # gunicorn sends the headers with it, before the upstream answers
             cursor = after_seq + 1
             while True:
                 try:
@@ -102,14 +124,25 @@ def follow(
                 if subscriber.client_gone:
                     finished = False
                     raise ClientGone()
-                if batch:
-                    yield batch
-                elif not finished:
-                    yield HEARTBEAT  # heartbeat_seconds without an event
+                send.begin()
+                # heartbeat_seconds without an event: a comment, which also finds a client
+                # that has gone where nothing else can look.
+                yield batch or (b"" if finished else HEARTBEAT)
+                send.end()
                 if finished:
                     return
         finally:
+            send.close()
             feed.close(subscriber, disconnected=not finished)
+
+
+def _give_up_on(client_socket: Any) -> None:
+    """In the hub: the client took nothing for the send timeout. Shut its socket down,
+    which fails the write gunicorn is blocked in as a disconnect would."""
+    try:
+        client_socket.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 @contextmanager

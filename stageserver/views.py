@@ -88,8 +88,8 @@ def chat() -> Response:
     events = follow(
         LocalFeed(stage, owner=True),
         after_seq=-1,
-        heartbeat_seconds=service.settings.heartbeat_seconds,
         client_socket=request.environ.get("gunicorn.socket"),
+        settings=service.settings.follow,
     )
     if chat_request.stream:
         return _event_stream(events)
@@ -168,13 +168,17 @@ def stage_events(stage_id: str) -> Response:
             )
         after_seq = seq
     service = _service()
-    feed = service.find(stage_id, _principal()).feed()
+    feed = service.find(stage_id, _principal()).feed(after_seq)
+    if feed is None:
+        # The stage has ended and the client has its last event: 204 tells an
+        # EventSource to stop reconnecting (the SSE specification's answer).
+        return Response(status=204)
     return _event_stream(
         follow(
             feed,
             after_seq=after_seq,
-            heartbeat_seconds=service.settings.heartbeat_seconds,
             client_socket=request.environ.get("gunicorn.socket"),
+            settings=service.settings.follow,
         )
     )
 

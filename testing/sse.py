@@ -24,12 +24,18 @@ __all__ = [
 TERMINAL = ("done", "error", "cancel")
 
 
+RETRY = b"retry: 3000\n\n"  # how every stream starts, with STAGESERVER_SSE_RETRY_MS's default
+
+
 def parse_events(wire: bytes) -> list[dict[str, Any]]:
-    """The complete events of an SSE body; comments are kept as {"comment": text}."""
+    """The complete events of an SSE body; comments are kept as {"comment": text}. A
+    ``retry:`` field alone dispatches no event, so none is listed for it."""
     events: list[dict[str, Any]] = []
     for block in wire.decode().split("\n\n")[:-1]:
         if block.startswith(":"):
             events.append({"comment": block[2:]})
+            continue
+        if block.startswith("retry: ") and "\n" not in block:
             continue
         fields = dict(line.split(": ", 1) for line in block.split("\n"))
         event = {"event": fields["event"], "data": json.loads(fields["data"])}

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from stageserver.config import FollowSettings
 from stageserver.errors import StageFailure, UpstreamStatusError
 from stageserver.stage import Stage, StageListener, StageSpec, Subscriber
 from stageserver.stream import LocalFeed, follow
@@ -203,16 +204,18 @@ def collect(events: Iterator[bytes]) -> list[bytes]:
     return [piece for piece in events if piece]
 
 
+def pace(heartbeat_seconds: float) -> FollowSettings:
+    return FollowSettings(heartbeat_seconds, retry_ms=1500, send_timeout_seconds=0)
+
+
 def test_follow_yields_heartbeats_while_quiet_then_the_events() -> None:
     stage = Stage(spec("h"), ScriptedRelay(CHUNKS[:1], before_chunks=0.25))
     stage.start()
     pieces = collect(
-        follow(
-            LocalFeed(stage, owner=True), after_seq=-1, heartbeat_seconds=0.1, client_socket=None
-        )
+        follow(LocalFeed(stage, owner=True), after_seq=-1, client_socket=None, settings=pace(0.1))
     )
-    assert pieces[0] == b": heartbeat\n\n"
-    assert b"".join(pieces).replace(b": heartbeat\n\n", b"") == stage.read(0)[0]
+    assert pieces[:2] == [b"retry: 1500\n\n", b": heartbeat\n\n"]
+    assert b"".join(pieces[1:]).replace(b": heartbeat\n\n", b"") == stage.read(0)[0]
     done = b'id: h-done-1\nevent: done\ndata: {"stage_id":"h",' + NO_USAGE + b"}\n\n"
     assert pieces[-1].endswith(done)
 
@@ -221,11 +224,8 @@ def test_follow_yields_heartbeats_while_quiet_then_the_events() -> None:
 def test_follow_resumes_after_the_given_event(after_seq: int) -> None:
     stage = run(Stage(spec("r"), ScriptedRelay(CHUNKS)))
     wire = b"".join(
-        follow(
-            LocalFeed(stage, owner=False),
-            after_seq=after_seq,
-            heartbeat_seconds=1.0,
-            client_socket=None,
-        )
+        follow(LocalFeed(stage, owner=False), after_seq=after_seq, client_socket=None,
+               settings=pace(1.0))
     )
-    assert wire == b"".join(w for seq, w in stage.events_since(0) if seq > after_seq)
+    rest = b"".join(w for seq, w in stage.events_since(0) if seq > after_seq)
+    assert wire == b"retry: 1500\n\n" + rest

@@ -11,7 +11,7 @@ import requests
 
 from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, free_port, gunicorn_server
-from testing.sse import chunk_text, parse_events, post_chat, terminal
+from testing.sse import RETRY, chunk_text, parse_events, post_chat, terminal
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_stream_is_the_seeds_events_byte_for_byte(server: Gunicorn, upstream: Fa
         'id: exact-done-4\nevent: done\ndata: {"stage_id":"exact",'
         '"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\n'
     )
-    assert response.content == expected.encode()
+    assert response.content == RETRY + expected.encode()
 
 
 def test_upstream_request_carries_the_stage_parameters(
@@ -92,9 +92,9 @@ def test_heartbeats_while_waiting_for_the_first_token(server: Gunicorn) -> None:
     events = parse_events(wire)
     assert events[0] == {"comment": "heartbeat"}
     assert [e["event"] for e in terminal(events)] == ["done"]
-    # Before the first chunk, heartbeats only, each exactly this comment.
+    # Before the first chunk, the retry field, then heartbeats only, each exactly this.
     prefill = wire[: wire.index(b"id: hb-chunk-0\n")]
-    assert prefill == b": heartbeat\n\n" * prefill.count(b": heartbeat")
+    assert prefill == RETRY + b": heartbeat\n\n" * prefill.count(b": heartbeat")
 
 
 @pytest.mark.parametrize(
