@@ -138,11 +138,20 @@ def follow(
 
 def _give_up_on(client_socket: Any) -> None:
     """In the hub: the client took nothing for the send timeout. Shut its socket down,
-    which fails the write gunicorn is blocked in as a disconnect would."""
+    so that the write gunicorn is blocked in fails with EPIPE, as a disconnect's does.
+
+    Through an unpatched socket on the same descriptor: gevent's own ``shutdown`` would
+    instead throw EBADF ("closed in another greenlet") into that write, which gunicorn
+    logs as an error with its traceback."""
+    from gevent import monkey
+
+    raw = monkey.get_original("socket", "socket")(fileno=client_socket.fileno())
     try:
-        client_socket.shutdown(socket.SHUT_RDWR)
+        raw.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+    finally:
+        raw.detach()  # the descriptor stays gunicorn's to close
 
 
 @contextmanager

@@ -132,6 +132,10 @@ class Gunicorn:
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
+    def worker_pids(self) -> list[int]:
+        """The workers gunicorn has booted, in order (the newest last)."""
+        return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", self.log())]
+
     def stop(self) -> None:
         stop_process(self.proc)
         self._log.close()
@@ -234,16 +238,18 @@ class Nginx:
 
 class RedisServer:
     """A throwaway redis-server: no persistence, loopback only. ``kill()`` and ``start()``
-    again on the same port make a restart."""
+    again on the same port make a restart. ``replica_of``: a port to replicate."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, replica_of: int | None = None) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = Path(tempfile.mkdtemp(prefix="stageserver-redis-"))
+        self._replica_of = replica_of
         self.start()
 
     def start(self) -> None:
         log = self.dir / "redis.log"
+        replica = ["--replicaof", "127.0.0.1", str(self._replica_of)] if self._replica_of else []
         self.proc = subprocess.Popen(
             [
                 REDIS_SERVER,
@@ -253,6 +259,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", str(self.dir),
                 "--logfile", str(log),
+                *replica,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -268,4 +275,89 @@ class RedisServer:
 
     def stop(self) -> None:
         stop_process(self.proc, signal.SIGTERM)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+REDIS_SENTINEL = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
+
+
+class SentinelGroup:
+    """Debian's redis-server and redis-sentinel on loopback: one primary, one replica and
+    three sentinels watching them as ``mymaster`` (quorum 2, a primary is down after 1 s
+    of silence). ``url`` is the ``redis+sentinel://`` form stageserver takes."""
+
+    SERVICE = "mymaster"
+
+    def __init__(self) -> None:
+        self.primary = RedisServer()
+        self.replica = RedisServer(replica_of=self.primary.port)
+        self.dir = Path(tempfile.mkdtemp(prefix="stageserver-sentinel-"))
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.ports = [free_port() for _ in range(3)]
+        try:
+            for port in self.ports:
+                self.sentinels.append(self._sentinel(port))
+        except BaseException:
+            self.stop()
+            raise
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        self.url = f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+        self._wait_until_ready()
+
+    def _wait_until_ready(self) -> None:
+        """The replica in sync, and every sentinel knowing it: a failover can happen."""
+        import redis
+
+        deadline = time.monotonic() + 30
+        replica = redis.Redis(port=self.replica.port, socket_timeout=2)
+        try:
+            while True:
+                link = replica.info("replication").get("master_link_status")
+                known = [
+                    redis.Redis(port=port, socket_timeout=2).execute_command(  # type: ignore[no-untyped-call]
+                        "SENTINEL", "REPLICAS", self.SERVICE
+                    )
+                    for port in self.ports
+                ]
+                if link == "up" and all(known):
+                    return
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"sentinels not ready: link {link}, replicas {known}")
+                time.sleep(0.2)
+        finally:
+            replica.close()
+
+    def _sentinel(self, port: int) -> subprocess.Popen[bytes]:
+        conf = self.dir / f"sentinel-{port}.conf"  # sentinel rewrites it: its own file
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"logfile {self.dir / f'sentinel-{port}.log'}\n"
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary.port} 2\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+            f"sentinel failover-timeout {self.SERVICE} 5000\n"
+            f"sentinel parallel-syncs {self.SERVICE} 1\n"
+        )
+        proc = subprocess.Popen(
+            [REDIS_SENTINEL, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        _wait_for_port(port, proc, "redis-sentinel", self.dir / f"sentinel-{port}.log")
+        return proc
+
+    def primary_port(self) -> int:
+        """The port the sentinels now name as the primary's."""
+        import redis
+
+        client = redis.Redis(port=self.ports[0], socket_timeout=2)
+        try:
+            _, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+        return int(port)
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            stop_process(proc, signal.SIGTERM)
+        self.replica.stop()
+        self.primary.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
