@@ -14,6 +14,7 @@ import pytest
 
 from stageserver.config import FollowSettings
 from stageserver.errors import StageFailure, UpstreamStatusError
+from stageserver.event_log import EventLog
 from stageserver.stage import Stage, StageListener, StageSpec, Subscriber
 from stageserver.stream import LocalFeed, follow
 
@@ -229,3 +230,30 @@ def test_follow_resumes_after_the_given_event(after_seq: int) -> None:
     )
     rest = b"".join(w for seq, w in stage.events_since(0) if seq > after_seq)
     assert wire == b"retry: 1500\n\n" + rest
+
+
+def test_the_log_is_bounded_in_bytes_and_keeps_the_newest() -> None:
+    log = EventLog(max_events=100, max_bytes=25)
+    for n in range(3):
+        assert log.append(b"event-%03d\n" % n) == n  # 10 bytes each
+    assert (log.first_seq, log.next_seq, len(log)) == (1, 3, 2)  # 30 > 25: the oldest went
+    assert log.append(b"x" * 40) == 3  # larger than the bound: it alone stays
+    assert (log.first_seq, log.read(0)) == (3, (b"x" * 40, 4))
+
+
+@pytest.mark.parametrize("cursor", [0, 2, 3, 5, 6, 9])
+def test_a_compacted_log_reads_as_it_did(cursor: int) -> None:
+    log = EventLog(max_events=4, max_bytes=1 << 20)
+    for n in range(6):
+        log.append(b"e%d;" % n)  # events 2 to 5 stay
+    before = (log.read(cursor), log.since(cursor), log.first_seq, log.next_seq, len(log))
+    log.compact()
+    assert (log.read(cursor), log.since(cursor), log.first_seq, log.next_seq, len(log)) == before
+    with pytest.raises(RuntimeError, match="a compacted log takes no more events"):
+        log.append(b"late")
+
+
+def test_a_finished_stage_keeps_its_answer_not_its_request() -> None:
+    stage = run(Stage(spec("k"), ScriptedRelay(CHUNKS)))
+    assert (stage.text_parts, stage.read(0)[1]) == ([stage.text], 3)
+    assert stage.cancel("late") is False  # nothing left to interrupt, nothing to fail on
