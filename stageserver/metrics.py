@@ -28,6 +28,8 @@ Metrics (labels in brackets):
   failure; kind is the failure's class in stageserver/errors.py, an ``UpstreamFailure``
   (``UpstreamUnavailable``, ``FirstTokenTimeout``, ...). Shutdown, store and internal
   errors are not counted.
+- ``stageserver_open_responses``: HTTP responses following a stage now (each holds a
+  greenlet and a descriptor), summed over live workers.
 - ``stageserver_stages_refused_total`` [reason]: ``/chat`` answered 503 before a stage
   started; reason is ``overload`` or ``shutting_down``.
 """
@@ -87,6 +89,11 @@ ACTIVE = Gauge(
     "stageserver_active_streams",
     "Stages running now (from start to finish), summed over live workers.",
     ("upstream",),
+    multiprocess_mode="livesum",
+)
+OPEN_RESPONSES = Gauge(
+    "stageserver_open_responses",
+    "HTTP responses following a stage now, summed over live workers.",
     multiprocess_mode="livesum",
 )
 UPSTREAM_ERRORS = Counter(

@@ -25,6 +25,10 @@ So, in each worker (``install``, from gunicorn.conf.py's ``post_worker_init``):
 4. When the worker leaves its loop, gunicorn's ``worker_exit`` calls
    ``close_upstreams``: the pooled idle upstream connections are closed too.
 
+A worker that gunicorn retires after ``max_requests`` gets no signal: it stops accepting
+and waits ``graceful_timeout`` for its connections. It is treated as a SIGTERM: the same
+steps 1 to 4, from the moment it is retired.
+
 SIGINT and SIGQUIT are gunicorn's quick shutdown: the worker exits 0.1 s later. Their
 hook (``worker_int``) aborts every running stage at once, so the error events are at
 least written before the process goes.
@@ -34,11 +38,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 import weakref
 from collections.abc import Sized
 from typing import Any, Protocol
 
-from .concurrency import Timer
+from .concurrency import Task, Timer
 from .errors import ServerShuttingDown, StageFailure
 
 log = logging.getLogger("stageserver.shutdown")
@@ -48,6 +53,8 @@ SHUTDOWN_MESSAGE = "stageserver is shutting down; retry the stage"
 # gunicorn's once-a-second check see the worker idle.
 _ABORT_LEAD_SECONDS = 2.0
 _MIN_ABORT_DELAY = 0.5
+# How often a worker looks whether gunicorn has retired it (max_requests).
+_RETIREMENT_CHECK_SECONDS = 0.5
 
 
 
@@ -115,16 +122,32 @@ def install(worker: Any) -> None:
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        # A signal handler may run inside the gevent hub: begin() only sets a flag and
+        # A signal handler may run inside the gevent hub: _retire only sets flags and
         # schedules a timer, the way gunicorn's own handle_quit spawns a greenlet.
-        begin(graceful_timeout)
-        worker.cfg.set("keepalive", 0)
+        _retire(worker, graceful_timeout)
         if callable(previous):
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     # As gunicorn does for its own handler: a SIGTERM must not interrupt system calls.
     signal.siginterrupt(signal.SIGTERM, False)
+    Task(lambda: _on_retirement(worker, graceful_timeout), name="stageserver-retirement")
+
+
+def _on_retirement(worker: Any, graceful_timeout: float) -> None:
+    """A worker that retires without a signal (``max_requests`` reached) stops accepting
+    and gives its open connections ``graceful_timeout``, then kills them: the same end as
+    a SIGTERM's, which must get the same care (the streams still running are ended with
+    the shutdown error event, not cut)."""
+    while worker.alive:
+        time.sleep(_RETIREMENT_CHECK_SECONDS)
+    _retire(worker, graceful_timeout)
+
+
+def _retire(worker: Any, graceful_timeout: float) -> None:
+    begin(graceful_timeout)
+    # Each connection closes as its response ends, instead of idling until it is killed.
+    worker.cfg.set("keepalive", 0)
 
 
 def _announce(delay: float) -> None:

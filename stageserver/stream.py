@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from .concurrency import SendDeadline, gevent_active
 from .config import FollowSettings
 from .errors import ClientGone, StageLost
+from .metrics import OPEN_RESPONSES
 from .sse import HEARTBEAT, encode_retry
 from .stage import Stage, Subscriber
 from .stage_events import lost_event
@@ -159,9 +160,11 @@ def _watched(client_socket: Any) -> Iterator[Subscriber]:
     """A subscriber for one response, told when its client goes away."""
     subscriber = Subscriber()
     watcher = DisconnectWatcher.start(client_socket, subscriber)
+    OPEN_RESPONSES.inc()
     try:
         yield subscriber
     finally:
+        OPEN_RESPONSES.dec()
         if watcher is not None:
             watcher.stop()
         subscriber.wake.close()

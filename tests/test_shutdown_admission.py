@@ -94,6 +94,39 @@ def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
     assert "error_kind=ServerShuttingDown" in log
 
 
+def test_a_worker_retired_after_max_requests_ends_its_streams_with_the_error_event(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gunicorn retires a worker after max_requests without a signal; the streams it still
+    # holds get the same end as on SIGTERM, and a new worker takes over.
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--max-requests 3")
+    settings = {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_GRACEFUL_TIMEOUT": "4"}
+    with gunicorn_server(settings) as server:
+        long = post_chat(
+            server.url, stage_id="retired", model_name="fake?chunks=100000&interval=0.05",
+            headers={"X-Request-ID": "retired"}, open=True,
+        )  # fmt: skip
+        long.read_until(b"event: chat_completion_chunk")
+        for n in range(2):  # requests 2 and 3: the worker is retired
+            assert post_chat(server.url, stage_id=f"r{n}", stream=False).status_code == 200
+        events = long.read_to_end()
+        assert terminal(events) == [
+            {
+                "event": "error",
+                "data": {"stage_id": "retired", "error": SHUTDOWN_ERROR},
+                "id": f"retired-error-{len(events) - 1}",
+            }
+        ]
+        record = seen(upstream, "retired")
+        assert upstream.wait_for(lambda: record.client_closed_at is not None)
+        deadline = time.monotonic() + 15
+        while len(server.worker_pids()) < 2:
+            assert time.monotonic() < deadline, "no new worker"
+            time.sleep(0.1)
+        assert post_chat(server.url, stage_id="after", stream=False).status_code == 200
+    assert "Worker graceful timeout" not in server.log()
+
+
 def test_sigint_quick_shutdown_still_ends_streams_with_the_error_event(
     upstream: FakeUpstream,
 ) -> None:
