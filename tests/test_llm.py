@@ -114,6 +114,26 @@ def test_streamed_stage_relays_the_models_chunks_then_done(server: Gunicorn) -> 
     assert status["text"] == text
 
 
+def test_usage_is_estimated_where_the_model_reports_none(server: Gunicorn) -> None:
+    """llama-cpp-python ignores stream_options.include_usage: stageserver estimates."""
+    events = parse_events(chat(server, stage_id="llm-usage", stream=True, max_tokens=16).content)
+    content_chunks = sum(
+        bool((chunk["choices"] or [{}])[0].get("delta", {}).get("content"))
+        for chunk in chunks_of(events)
+    )
+    # "What is the capital of France?": 30 characters, 8 tokens, + 4 for the message.
+    usage = {
+        "prompt_tokens": 12,
+        "completion_tokens": content_chunks,
+        "total_tokens": 12 + content_chunks,
+        "estimated": True,
+    }
+    assert 0 < content_chunks <= 16
+    assert events[-1]["data"] == {"stage_id": "llm-usage", "usage": usage}
+    status = requests.get(f"{server.url}/stages/llm-usage", timeout=5).json()
+    assert status["usage"] == usage
+
+
 def test_non_streamed_stage_returns_the_text(server: Gunicorn) -> None:
     response = chat(server, stage_id="llm-plain", max_tokens=24)
     assert response.status_code == 200
