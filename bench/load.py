@@ -235,6 +235,7 @@ class LoadGenerator:
         server_pid: int | None,
         upstream_pid: int | None,
         profile: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.profile = profile
         self.loop = asyncio.get_running_loop()
@@ -248,9 +249,10 @@ class LoadGenerator:
         self.upstream_pid = upstream_pid
         kind = "stageserver" if target.startswith("stageserver") else "openai"
         self.chunk_marker, self.done_marker, self.fail_markers = _MARKERS[kind]
+        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self._head = (
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
         ).encode()
         self._stageserver = kind == "stageserver"
         self._openai_body = json.dumps(
@@ -447,9 +449,11 @@ async def run(
     server_pid: int | None = None,
     upstream_pid: int | None = None,
     profile: str | None = None,
+    api_key: str | None = None,
 ) -> Result:
     gen = LoadGenerator(
         profile=profile,
+        api_key=api_key,
         port=port,
         target=target,
         path=path,
@@ -475,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-pid", type=int, help="the target's master process")
     parser.add_argument("--upstream-pid", type=int, help="the fake upstream's process")
     parser.add_argument("--profile", help="py-spy the server over the window, to this file")
+    parser.add_argument("--api-key", help="sent as Authorization: Bearer")
     args = parser.parse_args(argv)
     procs.raise_nofile_limit()
     result = asyncio.run(
@@ -488,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server_pid=args.server_pid,
             upstream_pid=args.upstream_pid,
             profile=args.profile,
+            api_key=args.api_key,
         )
     )
     json.dump(asdict(result), sys.stdout)

@@ -9,6 +9,7 @@ a window of a few seconds at low concurrency.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -156,11 +157,24 @@ class Stageserver:
 
     name = "stageserver"
     path = "/chat"
+    # The key of the one principal a ``keys`` target has: a secret of the benchmark only.
+    API_KEY = "bench-key-0123456789"
 
-    def __init__(self, upstream_url: str, *, shared_store: bool = False) -> None:
+    def __init__(
+        self,
+        upstream_url: str,
+        *,
+        shared_store: bool = False,
+        keys: bool = False,
+        transport: str | None = None,
+        root: Path = ROOT,
+    ) -> None:
         """``shared_store``: with a redis-server of its own as the stage store, to see
         what mirroring every event into Redis costs the relay. The server CPU measured
-        is still gunicorn's alone; redis-server's own is not in it."""
+        is still gunicorn's alone; redis-server's own is not in it. ``keys``: one
+        principal, with an API key and limits high enough never to refuse (what
+        checking them costs). ``transport``: ``STAGESERVER_UPSTREAM_TRANSPORT``.
+        ``root``: a checkout of another revision, to run it side by side."""
         env = {
             "STAGESERVER_UPSTREAM_URL": upstream_url,
             "STAGESERVER_WORKER_CONNECTIONS": "3000",
@@ -171,7 +185,14 @@ class Stageserver:
         self._redis = RedisServer() if shared_store else None
         if self._redis is not None:
             env["STAGESERVER_STORE_URL"] = self._redis.url
-        self._server = Gunicorn(env, workers=1)
+        self.api_key = self.API_KEY if keys else None
+        if keys:
+            limits = {"max_streams": 100_000, "requests_per_minute": 10_000_000,
+                      "tokens_per_minute": 10_000_000_000}
+            env["STAGESERVER_API_KEYS"] = json.dumps({"bench": {"key": self.API_KEY, **limits}})
+        if transport is not None:
+            env["STAGESERVER_UPSTREAM_TRANSPORT"] = transport
+        self._server = Gunicorn(env, workers=1, root=root)
         self.port = self._server.port
         self.pid = self._server.proc.pid
 
@@ -251,6 +272,19 @@ class Nginx:
 
     def stop(self) -> None:
         _stop(self.proc, signal.SIGQUIT)  # nginx's graceful stop
+
+
+def checkout(revision: str) -> Path:
+    """A checkout of ``revision`` beside this one (made once, kept under bench/results):
+    its server runs with this checkout's virtualenv."""
+    path = ROOT / "bench" / "results" / "checkouts" / revision
+    if not (path / "wsgi.py").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "--force", str(path), revision],
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+    return path
 
 
 class Direct:

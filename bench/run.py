@@ -27,9 +27,28 @@ from typing import Any
 from . import procs
 from .load import Shape
 
-TARGETS = ("stageserver", "direct", "nginx", "stageserver+redis")
-# stageserver+redis (the shared stage store on) is asked for by name: --targets.
-DEFAULT_TARGETS = TARGETS[:3]
+TARGETS = ("stageserver", "direct", "nginx")
+DEFAULT_TARGETS = TARGETS
+# stageserver takes variants, asked for by name in --targets: "+redis" (the shared stage
+# store), "+keys" (an API key and limits, held in Redis with +redis), "+httpx" (the
+# upstream transport before httptools), and "@<git revision>" (that revision's code, run
+# from a checkout of it, side by side with this one): stageserver+redis+keys,
+# stageserver@a548dc4.
+STAGESERVER_VARIANTS = frozenset({"redis", "keys", "httpx"})
+
+
+def check_target(target: str) -> str | None:
+    """What is wrong with a target's name, or None."""
+    name, _, revision = target.partition("@")
+    base, *variants = name.split("+")
+    if base not in TARGETS:
+        return f"unknown target {target!r}; choose from {', '.join(TARGETS)}"
+    unknown = set(variants) - STAGESERVER_VARIANTS
+    if (variants or revision) and base != "stageserver":
+        return f"{target!r}: only stageserver takes variants"
+    if unknown:
+        return f"{target!r}: unknown variant(s) {sorted(unknown)}"
+    return None
 RESULTS = Path(__file__).resolve().parent / "results"
 # Metrics where the median of repeated runs is reported.
 _NUMBERS = (
@@ -48,15 +67,19 @@ _NUMBERS = (
 
 
 def _start(target: str, upstream: procs.FakeUpstreamProcess, workdir: Path) -> Any:
-    if target == "stageserver":
-        return procs.Stageserver(upstream.url)
-    if target == "stageserver+redis":
-        return procs.Stageserver(upstream.url, shared_store=True)
     if target == "nginx":
         return procs.Nginx(upstream.port, workdir / "nginx")
     if target == "direct":
         return procs.Direct(upstream.port)
-    raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    name, _, revision = target.partition("@")
+    variants = set(name.split("+")[1:])
+    return procs.Stageserver(
+        upstream.url,
+        shared_store="redis" in variants,
+        keys="keys" in variants,
+        transport="httpx" if "httpx" in variants else None,
+        root=procs.checkout(revision) if revision else procs.ROOT,
+    )
 
 
 def measure(
@@ -85,6 +108,8 @@ def measure(
     ]  # fmt: skip
     if server.pid is not None:
         cmd += ["--server-pid", str(server.pid)]
+    if getattr(server, "api_key", None):
+        cmd += ["--api-key", server.api_key]
     if profile is not None:
         cmd += ["--profile", str(profile)]
     limit = duration + shape.seconds * 5 + 60
@@ -127,7 +152,8 @@ def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["added_ttft_p50_ms"] = round(row["ttft_p50_ms"] - floor, 2)
         else:
             row["added_ttft_p50_ms"] = None
-    rows.sort(key=lambda r: (r["concurrency"], TARGETS.index(r["target"])))
+    order = list(dict.fromkeys(r["target"] for r in runs))  # as asked for
+    rows.sort(key=lambda r: (r["concurrency"], order.index(r["target"])))
     return rows
 
 
@@ -172,7 +198,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (cpu, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for number, target in enumerate(TARGETS):
+    for number, target in enumerate(dict.fromkeys(r["target"] for r in rows)):
         color = f"C{number}"  # a target keeps its colour in both plots
         mine = [r for r in rows if r["target"] == target]
         if not mine:
@@ -248,9 +274,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.concurrency, args.chunks, args.interval = [10], 5, 0.01
         args.duration, args.repeat, args.slow = 1.0, 1, 0
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.targets) - set(TARGETS)
-    if unknown:
-        parser.error(f"unknown target(s) {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    for target in args.targets:
+        if (problem := check_target(target)) is not None:
+            parser.error(problem)
     return args
 
 
@@ -271,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     upstream = procs.FakeUpstreamProcess()
     runs: list[dict[str, Any]] = []
     slow_runs: list[dict[str, Any]] = []
-    profile_path: Path | None = None
+    profiles: list[Path] = []
     try:
         for rep in range(args.repeat):
             for level in args.concurrency:
@@ -292,12 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )  # fmt: skip
                 slow_runs.append(result)
                 _progress(result)
-        if args.profile and "stageserver" in args.targets and args.concurrency:
-            profile_path = out / f"{stamp}-profile-c{max(args.concurrency)}.txt"
-            measure(
-                "stageserver", upstream, concurrency=max(args.concurrency), shape=shape,
-                duration=args.duration, workdir=out, profile=profile_path,
-            )  # fmt: skip
+        profiled = [t for t in args.targets if t.startswith("stageserver")]
+        if args.profile and args.concurrency and profiled:
+            for target in profiled:  # each stageserver variant asked for, in a run of its own
+                name = target.replace("@", "-at-").replace("+", "-")
+                profile_path = out / f"{stamp}-profile-{name}-c{max(args.concurrency)}.txt"
+                measure(
+                    target, upstream, concurrency=max(args.concurrency), shape=shape,
+                    duration=args.duration, workdir=out, profile=profile_path,
+                )  # fmt: skip
+                profiles.append(profile_path)
     finally:
         upstream.stop()
 
@@ -326,13 +356,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "slow_runs": slow_runs,
         "chart": str(png),
-        "profile": str(profile_path) if profile_path else None,
+        "profiles": [str(path) for path in profiles],
     }
     (out / f"{stamp}.json").write_text(json.dumps(summary, indent=1))
     (out / f"{stamp}.md").write_text(text + "\n")
     print(f"\nresults: {out / stamp}.json, .md; chart: {png}")
-    if profile_path is not None:
-        print(f"profile (py-spy, collapsed stacks): {profile_path}")
+    for path in profiles:
+        print(f"profile (py-spy, collapsed stacks): {path}")
     return 0
 
 

@@ -98,8 +98,14 @@ class Gunicorn:
     """stageserver under gunicorn's gevent worker, configured through the environment."""
 
     def __init__(
-        self, env: Mapping[str, str], *, workers: int = 1, port: int | None = None
+        self,
+        env: Mapping[str, str],
+        *,
+        workers: int = 1,
+        port: int | None = None,
+        root: Path = ROOT,
     ) -> None:
+        """``root``: the checkout to run (another revision's, for a benchmark)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = ROOT / ".pytest_cache" / f"gunicorn-{self.port}.log"
@@ -115,7 +121,7 @@ class Gunicorn:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
+            cwd=root,
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
