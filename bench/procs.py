@@ -9,11 +9,12 @@ a window of a few seconds at low concurrency.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from testing.servers import (
@@ -157,12 +158,17 @@ class Stageserver:
     name = "stageserver"
     path = "/chat"
 
-    def __init__(self, upstream_url: str, *, shared_store: bool = False) -> None:
+    def __init__(
+        self, upstream_url: str, *, shared_store: bool = False, replicas: Sequence[str] = ()
+    ) -> None:
         """``shared_store``: with a redis-server of its own as the stage store, to see
         what mirroring every event into Redis costs the relay. The server CPU measured
-        is still gunicorn's alone; redis-server's own is not in it."""
+        is still gunicorn's alone; redis-server's own is not in it. ``replicas``: more
+        URLs of the upstream, which is then a pool (``upstream_url`` and these), to see
+        what choosing a replica for each stage costs."""
+        pool = {"default": {"urls": [upstream_url, *replicas]}}
         env = {
-            "STAGESERVER_UPSTREAM_URL": upstream_url,
+            "STAGESERVER_UPSTREAMS": json.dumps(pool),
             "STAGESERVER_WORKER_CONNECTIONS": "3000",
             "STAGESERVER_UPSTREAM_MAX_CONNECTIONS": "3000",
             "STAGESERVER_MAX_ACTIVE_STREAMS": "2900",

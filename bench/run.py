@@ -27,8 +27,9 @@ from typing import Any
 from . import procs
 from .load import Shape
 
-TARGETS = ("stageserver", "direct", "nginx", "stageserver+redis")
-# stageserver+redis (the shared stage store on) is asked for by name: --targets.
+TARGETS = ("stageserver", "direct", "nginx", "stageserver+redis", "stageserver+pool")
+# Asked for by name (--targets): stageserver+redis, the shared stage store on, and
+# stageserver+pool, the upstream a pool of two replicas (two fake upstream processes).
 DEFAULT_TARGETS = TARGETS[:3]
 RESULTS = Path(__file__).resolve().parent / "results"
 # Metrics where the median of repeated runs is reported.
@@ -47,11 +48,20 @@ _NUMBERS = (
 )
 
 
-def _start(target: str, upstream: procs.FakeUpstreamProcess, workdir: Path) -> Any:
+def _start(
+    target: str,
+    upstream: procs.FakeUpstreamProcess,
+    workdir: Path,
+    replica: procs.FakeUpstreamProcess | None = None,
+) -> Any:
     if target == "stageserver":
         return procs.Stageserver(upstream.url)
     if target == "stageserver+redis":
         return procs.Stageserver(upstream.url, shared_store=True)
+    if target == "stageserver+pool":
+        if replica is None:
+            raise ValueError("stageserver+pool needs a second fake upstream, its other replica")
+        return procs.Stageserver(upstream.url, replicas=[replica.url])
     if target == "nginx":
         return procs.Nginx(upstream.port, workdir / "nginx")
     if target == "direct":
@@ -68,9 +78,12 @@ def measure(
     duration: float,
     workdir: Path,
     profile: Path | None = None,
+    replica: procs.FakeUpstreamProcess | None = None,
 ) -> dict[str, Any]:
-    """One load run against a fresh server; the load generator's result, as a dict."""
-    server = _start(target, upstream, workdir)
+    """One load run against a fresh server; the load generator's result, as a dict.
+    ``replica``: the pool's second replica (stageserver+pool); the upstream CPU reported
+    is the first one's only."""
+    server = _start(target, upstream, workdir, replica)
     cmd = [
         sys.executable, "-m", "bench.load",
         "--port", str(server.port),
@@ -269,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     upstream = procs.FakeUpstreamProcess()
+    replica = procs.FakeUpstreamProcess() if "stageserver+pool" in args.targets else None
     runs: list[dict[str, Any]] = []
     slow_runs: list[dict[str, Any]] = []
     profile_path: Path | None = None
@@ -278,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for target in args.targets:
                     result = measure(
                         target, upstream, concurrency=level, shape=shape,
-                        duration=args.duration, workdir=out,
+                        duration=args.duration, workdir=out, replica=replica,
                     )  # fmt: skip
                     result["repeat"] = rep
                     runs.append(result)
@@ -288,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for target in args.targets:
                 result = measure(
                     target, upstream, concurrency=args.slow, shape=slow_shape,
-                    duration=args.duration, workdir=out,
+                    duration=args.duration, workdir=out, replica=replica,
                 )  # fmt: skip
                 slow_runs.append(result)
                 _progress(result)
@@ -300,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
     finally:
         upstream.stop()
+        if replica is not None:
+            replica.stop()
 
     rows = median_rows(runs)
     slow_rows = median_rows(slow_runs)
