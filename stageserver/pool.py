@@ -222,13 +222,17 @@ class Attempt:
     """One try of a stage at one replica: a lease, in flight until ``release()``."""
 
     __slots__ = (
-        "pool", "replica", "started", "trial", "number", "timeout", "budget_bound",
-        "outcome", "_released",
+        "pool", "replica", "upstream", "name", "url", "config", "started", "trial", "number",
+        "timeout", "budget_bound", "outcome", "_released",
     )  # fmt: skip
 
     def __init__(self, pool: UpstreamPool, replica: Replica, started: float, trial: bool) -> None:
         self.pool = pool
         self.replica = replica
+        self.upstream: Upstream = replica.upstream  # the replica's client
+        self.name = pool.name  # its upstream's
+        self.url = replica.url  # without credentials
+        self.config: UpstreamConfig = pool.config  # its upstream's
         self.started = started
         self.trial = trial
         self.number = 1  # of the stage's attempts, from 1
@@ -238,22 +242,6 @@ class Attempt:
         self.budget_bound = True
         self.outcome: str | None = None  # "ok" once it has served the first chunk
         self._released = False
-
-    @property
-    def upstream(self) -> Upstream:
-        return self.replica.upstream
-
-    @property
-    def name(self) -> str:
-        return self.pool.name
-
-    @property
-    def url(self) -> str:
-        return self.replica.url
-
-    @property
-    def config(self) -> UpstreamConfig:
-        return self.pool.config
 
     @property
     def served(self) -> bool:

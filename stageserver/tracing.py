@@ -43,10 +43,11 @@ from .pool import Attempt
 from .stage import DONE, ERROR, Stage, StageListener
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry.trace import Span
+    from opentelemetry.trace import Span, SpanKind
 
 TRACING_MODES = ("otlp", "memory", "off")
 _ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -161,14 +162,21 @@ class Tracing(StageListener):
         self._kinds = dict(kinds)
         self._stages: dict[object, _StageSpan] = {}  # by stage, while it runs
 
-    def _genai(self, model: str, upstream: str) -> dict[str, Any]:
+    def _start(
+        self, model: str, upstream: str, parent: Context | None, kind: SpanKind,
+        attributes: dict[str, Any],
+    ) -> Span:  # fmt: skip
+        """A span ``chat {model}`` with the GenAI attributes, and ``attributes``."""
         provider = self._kinds.get(upstream, "openai")
-        return {
+        genai = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": provider,
             "gen_ai.system": provider,
             "gen_ai.request.model": model,
         }
+        return self._tracer.start_span(
+            f"chat {model}", context=parent, kind=kind, attributes={**genai, **attributes}
+        )
 
     # -- the stage's span -----------------------------------------------------------------
 
@@ -180,17 +188,12 @@ class Tracing(StageListener):
         parent = None
         if spec.traceparent:
             parent = TraceContextTextMapPropagator().extract({"traceparent": spec.traceparent})
-        attributes = self._genai(spec.model, spec.upstream)
-        attributes.update(
-            {
-                "stageserver.stage_id": stage.stage_id,
-                "stageserver.request_id": spec.request_id,
-                "stageserver.upstream.requested": spec.upstream,
-            }
-        )
-        span = self._tracer.start_span(
-            f"chat {spec.model}", context=parent, kind=SpanKind.INTERNAL, attributes=attributes
-        )
+        attributes = {
+            "stageserver.stage_id": stage.stage_id,
+            "stageserver.request_id": spec.request_id,
+            "stageserver.upstream.requested": spec.upstream,
+        }
+        span = self._start(spec.model, spec.upstream, parent, SpanKind.INTERNAL, attributes)
         self._stages[stage] = _StageSpan(span)
 
     def on_finish(self, stage: Stage) -> None:
@@ -237,18 +240,13 @@ class Tracing(StageListener):
         parent = None if state is None else set_span_in_context(state.span)
         requested = stage.spec.model if isinstance(stage, Stage) else ""
         model = attempt.config.model_for(requested)
-        attributes = self._genai(model, attempt.name)
-        attributes.update(_server(attempt.url))
-        attributes.update(
-            {
-                "stageserver.upstream": attempt.name,
-                "stageserver.replica": attempt.url,
-                "stageserver.attempt": attempt.number,
-            }
-        )
-        span = self._tracer.start_span(
-            f"chat {model}", context=parent, kind=SpanKind.CLIENT, attributes=attributes
-        )
+        attributes = {
+            **_server(attempt.url),
+            "stageserver.upstream": attempt.name,
+            "stageserver.replica": attempt.url,
+            "stageserver.attempt": attempt.number,
+        }
+        span = self._start(model, attempt.name, parent, SpanKind.CLIENT, attributes)
         return _AttemptSpan(span, state)
 
     def shutdown(self) -> None:
