@@ -151,12 +151,11 @@ class UpstreamRelay:
         response: httpx2.Response | None = None
         outcome = "ok"
         try:
+            upstream = attempt.upstream
+            body, headers = self._body(upstream), trace.headers(self._headers)
             try:
                 with first_token:
-                    upstream = attempt.upstream
-                    response = upstream.open_stream(
-                        self._body(upstream), trace.headers(self._headers)
-                    )
+                    response = upstream.open_stream(body, headers)
             except BaseException as exc:
                 if first_token.fired(exc):
                     raise self._first_token_timeout(attempt) from None
