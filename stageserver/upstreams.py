@@ -290,6 +290,10 @@ class UpstreamRegistry:
         #: The default upstream's first replica (None when nothing is configured).
         self.default: Upstream | None = next(iter(self._replicas.values()), (None,))[0]
 
+    def __iter__(self) -> Iterator[Upstream]:
+        """Every replica of every upstream: each client of this process."""
+        return (upstream for replicas in self._replicas.values() for upstream in replicas)
+
     def replicas(self, name: str) -> tuple[Upstream, ...]:
         return self._replicas[name]
 
@@ -370,6 +374,5 @@ class UpstreamRegistry:
         return order
 
     def close(self) -> None:
-        for replicas in self._replicas.values():
-            for upstream in replicas:
-                upstream.close()
+        for upstream in self:
+            upstream.close()

@@ -18,6 +18,7 @@ from typing import Any
 
 import requests
 
+from stageserver import create_app
 from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, free_port, gunicorn_server
 from testing.sse import chunk_text, parse_events, post_chat, stage_status, terminal
@@ -329,3 +330,26 @@ def test_a_disconnect_during_failover_closes_every_attempt() -> None:
                 lambda: in_flight(gunicorn, "slow", *(r.url for r in pair)) == [0, 0],
                 "in-flight back to 0",
             )
+
+
+def test_readyz_names_the_replicas_that_are_down(upstream: FakeUpstream) -> None:
+    down, gone = refused_url(), [refused_url(), refused_url()]
+    app = create_app(
+        {"STAGESERVER_UPSTREAMS": {"pair": {"urls": [upstream.url, down]}, "gone": {"urls": gone}}}
+    )
+    try:
+        response = app.test_client().get("/readyz")
+        assert response.status_code == 503  # "gone" has no replica that answers
+        reports = response.json["upstreams"]  # type: ignore[index]
+        assert reports["pair"]["ok"] is True
+        assert reports["pair"]["replicas"][upstream.url]["ok"] is True
+        assert reports["pair"]["replicas"][down] == {"ok": False, "error": "could not connect"}
+        assert reports["gone"] == {
+            "ok": False,
+            "replicas": {url: {"ok": False, "error": "could not connect"} for url in gone},
+        }
+        # The probe is the pools' active health check: what did not answer is ejected.
+        pools = app.extensions["stageserver"].pools
+        assert [r.ejected_until is None for r in pools["pair"].replicas] == [True, False]
+    finally:
+        app.extensions["stageserver"].close()
