@@ -81,7 +81,8 @@ class _OneChunk:
 
 def _callbacks_in_this_process(rounds: int) -> float:
     from stageserver.metrics import StageMetrics
-    from stageserver.stage import Stage, StageSpec
+    from stageserver.stage import Stage
+    from stageserver.stage_spec import StageSpec
 
     spec = StageSpec("s", "default", False, "r", 1.0, 100)
     stages = [Stage(spec, _OneChunk()) for _ in range(rounds)]

@@ -14,7 +14,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from testing.servers import (
@@ -167,6 +168,7 @@ class Stageserver:
         shared_store: bool = False,
         keys: bool = False,
         transport: str | None = None,
+        replicas: Sequence[str] = (),
         root: Path = ROOT,
     ) -> None:
         """``shared_store``: with a redis-server of its own as the stage store, to see
@@ -174,9 +176,16 @@ class Stageserver:
         is still gunicorn's alone; redis-server's own is not in it. ``keys``: one
         principal, with an API key and limits high enough never to refuse (what
         checking them costs). ``transport``: ``STAGESERVER_UPSTREAM_TRANSPORT``.
-        ``root``: a checkout of another revision, to run it side by side."""
+        ``replicas``: more URLs of the upstream, which is then a pool (``upstream_url``
+        and these), to see what choosing a replica for each stage costs. ``root``: a
+        checkout of another revision, to run it side by side."""
+        upstream = (
+            {"STAGESERVER_UPSTREAMS": json.dumps({"default": {"urls": [upstream_url, *replicas]}})}
+            if replicas
+            else {"STAGESERVER_UPSTREAM_URL": upstream_url}  # what every revision reads
+        )
         env = {
-            "STAGESERVER_UPSTREAM_URL": upstream_url,
+            **upstream,
             "STAGESERVER_WORKER_CONNECTIONS": "3000",
             "STAGESERVER_UPSTREAM_MAX_CONNECTIONS": "3000",
             "STAGESERVER_MAX_ACTIVE_STREAMS": "2900",
@@ -275,9 +284,10 @@ class Nginx:
 
 
 def checkout(revision: str) -> Path:
-    """A checkout of ``revision`` beside this one (made once, kept under bench/results):
-    its server runs with this checkout's virtualenv."""
-    path = ROOT / "bench" / "results" / "checkouts" / revision
+    """A checkout of ``revision``, made once in the temporary directory (outside this
+    tree, where tools would read it as this project's code): its server runs with this
+    checkout's virtualenv."""
+    path = Path(tempfile.gettempdir()) / "stageserver-checkouts" / revision
     if not (path / "wsgi.py").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(

@@ -31,10 +31,10 @@ TARGETS = ("stageserver", "direct", "nginx")
 DEFAULT_TARGETS = TARGETS
 # stageserver takes variants, asked for by name in --targets: "+redis" (the shared stage
 # store), "+keys" (an API key and limits, held in Redis with +redis), "+httpx" (the
-# upstream transport before httptools), and "@<git revision>" (that revision's code, run
-# from a checkout of it, side by side with this one): stageserver+redis+keys,
-# stageserver@a548dc4.
-STAGESERVER_VARIANTS = frozenset({"redis", "keys", "httpx"})
+# upstream transport before httptools), "+pool" (the upstream a pool of two replicas: two
+# fake upstream processes), and "@<git revision>" (that revision's code, run from a
+# checkout of it, side by side with this one): stageserver+redis+keys, stageserver@a548dc4.
+STAGESERVER_VARIANTS = frozenset({"redis", "keys", "httpx", "pool"})
 
 
 def check_target(target: str) -> str | None:
@@ -66,7 +66,12 @@ _NUMBERS = (
 )
 
 
-def _start(target: str, upstream: procs.FakeUpstreamProcess, workdir: Path) -> Any:
+def _start(
+    target: str,
+    upstream: procs.FakeUpstreamProcess,
+    workdir: Path,
+    replica: procs.FakeUpstreamProcess | None = None,
+) -> Any:
     if target == "nginx":
         return procs.Nginx(upstream.port, workdir / "nginx")
     if target == "direct":
@@ -78,6 +83,7 @@ def _start(target: str, upstream: procs.FakeUpstreamProcess, workdir: Path) -> A
         shared_store="redis" in variants,
         keys="keys" in variants,
         transport="httpx" if "httpx" in variants else None,
+        replicas=[replica.url] if "pool" in variants and replica is not None else [],
         root=procs.checkout(revision) if revision else procs.ROOT,
     )
 
@@ -91,9 +97,12 @@ def measure(
     duration: float,
     workdir: Path,
     profile: Path | None = None,
+    replica: procs.FakeUpstreamProcess | None = None,
 ) -> dict[str, Any]:
-    """One load run against a fresh server; the load generator's result, as a dict."""
-    server = _start(target, upstream, workdir)
+    """One load run against a fresh server; the load generator's result, as a dict.
+    ``replica``: the pool's second replica (stageserver+pool); the upstream CPU reported
+    is the first one's only."""
+    server = _start(target, upstream, workdir, replica)
     cmd = [
         sys.executable, "-m", "bench.load",
         "--port", str(server.port),
@@ -295,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     upstream = procs.FakeUpstreamProcess()
+    pooled = any("+pool" in target for target in args.targets)
+    replica = procs.FakeUpstreamProcess() if pooled else None
     runs: list[dict[str, Any]] = []
     slow_runs: list[dict[str, Any]] = []
     profiles: list[Path] = []
@@ -304,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for target in args.targets:
                     result = measure(
                         target, upstream, concurrency=level, shape=shape,
-                        duration=args.duration, workdir=out,
+                        duration=args.duration, workdir=out, replica=replica,
                     )  # fmt: skip
                     result["repeat"] = rep
                     runs.append(result)
@@ -314,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for target in args.targets:
                 result = measure(
                     target, upstream, concurrency=args.slow, shape=slow_shape,
-                    duration=args.duration, workdir=out,
+                    duration=args.duration, workdir=out, replica=replica,
                 )  # fmt: skip
                 slow_runs.append(result)
                 _progress(result)
@@ -325,11 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profile_path = out / f"{stamp}-profile-{name}-c{max(args.concurrency)}.txt"
                 measure(
                     target, upstream, concurrency=max(args.concurrency), shape=shape,
-                    duration=args.duration, workdir=out, profile=profile_path,
+                    duration=args.duration, workdir=out, profile=profile_path, replica=replica,
                 )  # fmt: skip
                 profiles.append(profile_path)
     finally:
         upstream.stop()
+        if replica is not None:
+            replica.stop()
 
     rows = median_rows(runs)
     slow_rows = median_rows(slow_runs)

@@ -14,6 +14,7 @@ from .auth import Authenticator, Identify
 from .config import StageSettings, apply_defaults, upstream_configs
 from .principals import key_ring
 from .service import StageService
+from .tracing import start_tracing
 from .upstreams import UpstreamRegistry
 
 
@@ -24,7 +25,8 @@ class StageServer:
 
     - ``STAGESERVER_UPSTREAM_URL`` (None), ``STAGESERVER_UPSTREAM_KIND`` ("openai"),
       ``STAGESERVER_UPSTREAM_API_KEY`` (""): one upstream, named ``default``.
-    - ``STAGESERVER_UPSTREAMS`` (None): several named upstreams, as a dict or JSON.
+    - ``STAGESERVER_UPSTREAMS`` (None): several named upstreams, as a dict or JSON;
+      each a pool of replicas, with its models, retries and fallbacks (config.py).
     - ``STAGESERVER_CONNECT_TIMEOUT`` (5), ``STAGESERVER_FIRST_TOKEN_TIMEOUT`` (120),
       ``STAGESERVER_IDLE_TIMEOUT`` (60): seconds, for upstreams that do not set their own.
     - ``STAGESERVER_UPSTREAM_MAX_CONNECTIONS`` (1000): per upstream, per worker.
@@ -44,6 +46,9 @@ class StageServer:
     - ``STAGESERVER_CORS_ORIGINS`` (None): origins whose pages may call the API.
     - ``STAGESERVER_PLAYGROUND`` (None): ``/playground``; unset, off (``create_app`` sets it).
     - ``STAGESERVER_LOG_FORMAT`` ("text"): ``text`` or ``json``; read by ``create_app``.
+    - ``STAGESERVER_TRACING`` (None: ``otlp`` if ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set,
+      else ``off``), ``STAGESERVER_TRACING_FILE`` (None): OpenTelemetry traces
+      (tracing.py).
 
     ``settings.SETTINGS`` holds the same list with descriptions. The values are read
     once, here: change ``app.config`` before ``init_app``, not after.
@@ -71,10 +76,12 @@ class StageServer:
             )
         apply_defaults(app.config, os.environ)
         keys = key_ring(app.config["STAGESERVER_API_KEYS"], identify=self.identify is not None)
+        configs = upstream_configs(app.config)
         service = StageService(
             StageSettings.from_config(app.config),
-            UpstreamRegistry(upstream_configs(app.config)),
+            UpstreamRegistry(configs),
             [keys.by_name(name) for name in keys.names()],
+            start_tracing(app.config, os.environ, {cfg.name: cfg.kind for cfg in configs}),
         )
         app.extensions["stageserver"] = service
         app.extensions["stageserver.auth"] = Authenticator(keys, self.identify)

@@ -44,7 +44,9 @@ def read_chunk(payload: bytes, upstream: str) -> ChunkRead:
             content = text if content is None else content + text
         if choice.get("finish_reason"):
             finish_reason = choice["finish_reason"]
-    return content, finish_reason, chunk.get("usage") or None
+    usage = chunk.get("usage")
+    # Taken only as an object: anything else an upstream sends there says nothing usable.
+    return content, finish_reason, usage if isinstance(usage, dict) and usage else None
 
 
 def _parse(payload: bytes) -> Any:

@@ -174,6 +174,28 @@ class SendDeadline(_LazyTimer):
         self._on_expiry()
 
 
+class FirstTokenDeadline(ReadDeadline):
+    """A ``ReadDeadline`` that counts from its first wait, not from each: it bounds the
+    time from an attempt's request to its first chunk, over all the reads before it
+    (response headers, SSE comments), and still fires only while a read waits."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self._began = -1.0
+
+    def __enter__(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            if self._began < 0:
+                self._began = loop.now()
+            self.since = self._began
+            if self._timer is None:
+                import gevent
+
+                self._greenlet = gevent.getcurrent()
+                self._arm(max(0.0, self._began + self.seconds - loop.now()))
+
+
 class Wakeup:
     """A flag that one waiter sleeps on: ``set()`` wakes it; ``wait(timeout)`` returns
     False when ``timeout`` seconds pass without a ``set()``.

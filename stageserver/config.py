@@ -21,6 +21,7 @@ from .settings import PROCESS_SETTINGS, SETTINGS
 __all__ = [
     "PROCESS_SETTINGS",
     "SETTINGS",
+    "UPSTREAM_FIELDS",
     "UPSTREAM_KINDS",
     "ConfigError",
     "FollowSettings",
@@ -69,6 +70,7 @@ def apply_defaults(config: MutableMapping[str, Any], environ: Mapping[str, str])
 @dataclass(frozen=True)
 class UpstreamConfig:
     name: str
+    #: The first replica's URL: where the upstream is named by one URL (base_url, logs).
     url: str
     kind: str
     api_key: str
@@ -77,6 +79,41 @@ class UpstreamConfig:
     idle_timeout: float
     max_connections: int
     transport: str = "httptools"
+    #: The replicas of this upstream, ``url`` first; a pool of one when it has one URL.
+    urls: tuple[str, ...] = ()
+    #: Model names that select this upstream when a request names no upstream.
+    models: tuple[str, ...] = ()
+    #: Attempts after the first, before the first chunk, for a stage routed here.
+    retries: int = 2
+    #: Upstreams tried in order once this one's replicas are exhausted.
+    fallbacks: tuple[str, ...] = ()
+    #: Stages per replica per worker at most; None: no limit.
+    max_in_flight: int | None = None
+    #: Seconds one attempt may take to its first chunk; 0: ``first_token_timeout``.
+    attempt_timeout: float = 0.0
+    #: Failures in a row that eject a replica for a cool-down.
+    eject_after: int = 3
+
+    def model_for(self, requested: str) -> str:
+        """The model name to send here for a request that names ``requested``: that one
+        when this upstream lists it or lists none; else the first it lists (a fallback
+        that serves another model under its own name)."""
+        if not self.models or requested in self.models:
+            return requested
+        return self.models[0]
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            object.__setattr__(self, "urls", (self.url,))
+        if not self.attempt_timeout:
+            object.__setattr__(self, "attempt_timeout", self.first_token_timeout)
+
+
+#: The fields an upstream of ``STAGESERVER_UPSTREAMS`` may set.
+UPSTREAM_FIELDS = (
+    "url", "urls", "kind", "api_key", "models", "retries", "fallbacks", "max_in_flight",
+    "connect_timeout", "first_token_timeout", "attempt_timeout", "idle_timeout", "eject_after",
+)  # fmt: skip
 
 
 def upstream_configs(config: Mapping[str, Any]) -> list[UpstreamConfig]:
@@ -97,27 +134,26 @@ def upstream_configs(config: Mapping[str, Any]) -> list[UpstreamConfig]:
             "STAGESERVER_UPSTREAMS must be a JSON object of named upstreams, e.g. "
             '{"local": {"url": "http://127.0.0.1:11434/v1", "kind": "ollama"}}'
         )
-    return [_upstream_config(name, spec, config) for name, spec in declared.items()]
+    configs = [_upstream_config(name, spec, config) for name, spec in declared.items()]
+    _check_fallbacks(configs)
+    return configs
 
 
 def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> UpstreamConfig:
     where = f"upstream {name!r}"
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected an object with at least a 'url'")
-    allowed = {"url", "kind", "api_key", "connect_timeout", "first_token_timeout", "idle_timeout"}
+    allowed = set(UPSTREAM_FIELDS)
     extra = set(spec) - allowed
     if extra:
         raise ConfigError(f"{where}: unknown field(s) {sorted(extra)}; allowed: {sorted(allowed)}")
-    url = str(spec.get("url") or "").rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: url {url!r} must be an absolute http(s) URL")
+    urls = _urls(where, spec)
     kind = spec.get("kind", "openai")
     if kind not in UPSTREAM_KINDS:
         raise ConfigError(f"{where}: kind {kind!r} must be one of {', '.join(UPSTREAM_KINDS)}")
 
-    def seconds(field: str, key: str) -> float:
-        value = spec.get(field, config[key])
+    def seconds(field: str, default: Any) -> float:
+        value = spec.get(field, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}: {field} must be a positive number of seconds")
         return float(value)
@@ -127,17 +163,95 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
         raise ConfigError(
             f"STAGESERVER_UPSTREAM_TRANSPORT must be httptools or httpx, not {transport!r}"
         )
+
+    def count(field: str, default: int, least: int) -> int:
+        value = spec.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{where}: {field} must be a whole number from {least} up")
+        return value
+
+    first_token = seconds("first_token_timeout", config["STAGESERVER_FIRST_TOKEN_TIMEOUT"])
+    attempt = seconds("attempt_timeout", first_token)
+    if attempt > first_token:
+        raise ConfigError(
+            f"{where}: attempt_timeout ({attempt:g} s) must not exceed first_token_timeout "
+            f"({first_token:g} s): an attempt never outlasts the stage's first-token budget"
+        )
     return UpstreamConfig(
         name=name,
-        url=url,
+        url=urls[0],
+        urls=urls,
         kind=kind,
         api_key=str(spec.get("api_key") or ""),
-        connect_timeout=seconds("connect_timeout", "STAGESERVER_CONNECT_TIMEOUT"),
-        first_token_timeout=seconds("first_token_timeout", "STAGESERVER_FIRST_TOKEN_TIMEOUT"),
-        idle_timeout=seconds("idle_timeout", "STAGESERVER_IDLE_TIMEOUT"),
+        connect_timeout=seconds("connect_timeout", config["STAGESERVER_CONNECT_TIMEOUT"]),
+        first_token_timeout=first_token,
+        idle_timeout=seconds("idle_timeout", config["STAGESERVER_IDLE_TIMEOUT"]),
         max_connections=int(config["STAGESERVER_UPSTREAM_MAX_CONNECTIONS"]),
         transport=transport,
+        models=_names(where, "models", spec.get("models", []), "model names"),
+        retries=count("retries", 2, 0),
+        fallbacks=_names(where, "fallbacks", spec.get("fallbacks", []), "upstream names"),
+        max_in_flight=None if spec.get("max_in_flight") is None else count("max_in_flight", 1, 1),
+        attempt_timeout=attempt,
+        eject_after=count("eject_after", 3, 1),
     )
+
+
+def _urls(where: str, spec: dict[str, Any]) -> tuple[str, ...]:
+    """``url`` (a pool of one) or ``urls`` (its replicas), each an absolute http(s) URL."""
+    if "url" in spec and "urls" in spec:
+        raise ConfigError(f"{where}: give url (one replica) or urls (several), not both")
+    if "urls" in spec:
+        given = spec["urls"]
+        if not isinstance(given, list) or not given:
+            raise ConfigError(f"{where}: urls must be a non-empty list of URLs")
+        label = "urls: entry"
+    else:
+        given, label = [spec.get("url")], "url"
+    urls: list[str] = []
+    for raw in given:
+        url = raw.rstrip("/") if isinstance(raw, str) else str(raw or "")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}: {label} {url!r} must be an absolute http(s) URL")
+        if url in urls:
+            raise ConfigError(f"{where}: urls lists {url!r} twice")
+        urls.append(url)
+    return tuple(urls)
+
+
+def _names(where: str, field: str, value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: {field} must be a list of {what} (non-empty strings)")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: {field} lists a name twice: {value}")
+    return tuple(value)
+
+
+def _check_fallbacks(configs: list[UpstreamConfig]) -> None:
+    """Every fallback is a configured upstream, and following fallbacks never leads back
+    to where it started (a route is the upstream, then its fallbacks' routes, in order)."""
+    by_name = {c.name: c for c in configs}
+    for cfg in configs:
+        for fallback in cfg.fallbacks:
+            if fallback not in by_name:
+                raise ConfigError(
+                    f"upstream {cfg.name!r}: fallbacks: unknown upstream {fallback!r}; "
+                    f"configured: {', '.join(by_name)}"
+                )
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        for fallback in by_name[name].fallbacks:
+            if fallback in path:
+                cycle = " -> ".join((*path[path.index(fallback) :], fallback))
+                raise ConfigError(
+                    f"upstream {path[0]!r}: fallbacks: a cycle, {cycle}; a fallback may not "
+                    "lead back to an upstream before it"
+                )
+            visit(fallback, (*path, fallback))
+
+    for cfg in configs:
+        visit(cfg.name, (cfg.name,))
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,19 @@ one mapping (``views.error_response``)::
      └── StageFailure                 the stage ends with an `error` event (502 unstreamed)
           ├── UpstreamFailure         the upstream's fault; counted per kind in /metrics
           │    ├── UpstreamUnavailable       connection refused, DNS, TLS: nothing answered
-          │    ├── UpstreamStatusError       the upstream answered HTTP 4xx/5xx
-          │    ├── UpstreamProtocolError     dropped mid-stream, a chunk that is not JSON
+          │    ├── UpstreamStatusError       the upstream answered HTTP 4xx/5xx (and maybe
+          │    │                             Retry-After)
+          │    ├── UpstreamProtocolError     dropped mid-stream (``dropped``), a chunk that is
+          │    │                             not JSON
           │    ├── UpstreamErrorObject       the upstream streamed an error object
-          │    └── UpstreamTimeout           504
-          │         ├── ConnectTimeout
-          │         ├── FirstTokenTimeout    no chunk within the first-token timeout (prefill)
-          │         └── IdleTimeout          silent too long between chunks
+          │    ├── UpstreamTimeout           504
+          │    │    ├── ConnectTimeout
+          │    │    ├── FirstTokenTimeout    no chunk within the first-token timeout (prefill)
+          │    │    └── IdleTimeout          silent too long between chunks
+          │    ├── AllAttemptsFailed         several attempts (replicas, fallbacks) failed
+          │    │                             before the first chunk; each is named
+          │    └── NoReplicaAvailable        503: nothing could be tried: every replica is
+          │                                  at its max_in_flight or held by a Retry-After
           ├── ServerShuttingDown      503: stageserver is stopping
           └── LeaseLost               503: this worker lost the stage to another (fencing)
 
@@ -194,13 +200,23 @@ class UpstreamUnavailable(UpstreamFailure):
 
 
 class UpstreamStatusError(UpstreamFailure):
-    def __init__(self, message: str, upstream_status: int) -> None:
+    def __init__(
+        self, message: str, upstream_status: int, upstream_retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.upstream_status = upstream_status
+        #: Seconds the upstream asked not to be called for (its ``Retry-After``), if it
+        #: said; not ``retry_after``, which is what stageserver tells its own caller.
+        self.upstream_retry_after = upstream_retry_after
 
 
 class UpstreamProtocolError(UpstreamFailure):
-    pass
+    def __init__(self, message: str, *, dropped: bool = False) -> None:
+        super().__init__(message)
+        #: The connection dropped, or the body ended, before the stream finished: a
+        #: reset, where the other protocol errors are a malformed answer. (A flag, not a
+        #: subclass, so that /metrics keeps counting both as UpstreamProtocolError.)
+        self.dropped = dropped
 
 
 class UpstreamErrorObject(UpstreamFailure):
@@ -221,6 +237,24 @@ class FirstTokenTimeout(UpstreamTimeout):
 
 class IdleTimeout(UpstreamTimeout):
     pass
+
+
+class AllAttemptsFailed(UpstreamFailure):
+    """Several attempts failed before the first chunk; the message names each one's
+    upstream, replica and outcome, then the last error. Its HTTP status is the last
+    attempt's (504 when that one timed out)."""
+
+    def __init__(self, message: str, last: StageFailure) -> None:
+        super().__init__(message)
+        self.http_status = last.http_status
+        self.last = last
+
+
+class NoReplicaAvailable(UpstreamFailure):
+    """No attempt could be made: every replica the stage may use is at its
+    ``max_in_flight`` in this worker, or asked (Retry-After) not to be called yet."""
+
+    http_status = 503
 
 
 class ServerShuttingDown(StageFailure):

@@ -1,11 +1,15 @@
 """Whether this worker's upstreams answer: the check behind ``/readyz`` (``ops.py``).
 
-``Readiness.check`` asks every configured upstream for ``GET <url>/models`` (through the
-upstream's own client, so with its API key and connection pool) within
-``STAGESERVER_READY_TIMEOUT``. Every upstream must answer, not only the default, because a
-request may name any of them. The result is kept for ``READY_CACHE_SECONDS`` per worker,
-and concurrent requests wait for the check in progress instead of starting their own, so
-polling every second costs each upstream at most one ``/models`` per second per worker.
+``Readiness.check`` asks every replica of every configured upstream for ``GET
+<url>/models`` (through the replica's own client, so with its API key and connection
+pool) within ``STAGESERVER_READY_TIMEOUT``, all in parallel. Every upstream must have at
+least one replica that answers, not only the default, because a request may name any of
+them. Each answer is also the pools' active health check (``pool.py``): a replica that
+answers is readmitted, one that does not is ejected.
+
+The result is kept for ``READY_CACHE_SECONDS`` per worker, and concurrent requests wait
+for the check in progress instead of starting their own, so polling every second costs
+each replica at most one ``/models`` per second per worker.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ import httpx2
 import openai
 
 from .concurrency import Task
-from .upstreams import Upstream, UpstreamRegistry
+from .pool import Replica, UpstreamPool
+from .route import Pools
+from .upstreams import Upstream
 
 READY_CACHE_SECONDS = 1.0
+
 
 class Readiness:
     """One app's upstream checks, cached for ``READY_CACHE_SECONDS``."""
 
-    def __init__(self, upstreams: UpstreamRegistry, timeout: float) -> None:
-        self._upstreams = upstreams
+    def __init__(self, pools: Pools, timeout: float) -> None:
+        self._pools = pools
         self._timeout = timeout
         self._lock = threading.Lock()
         self._checked_at = -float("inf")
@@ -48,21 +55,33 @@ class Readiness:
             return self._result
 
     def _probe_all(self) -> dict[str, dict[str, Any]]:
-        reports: dict[str, dict[str, Any]] = {}
-        upstreams = list(self._upstreams)
+        """Each upstream's report: for a pool of one, its replica's (``ok``, and
+        ``latency_ms`` or ``error``); for several, ``ok`` (one replica answered at least)
+        and ``replicas``, each replica's report by URL."""
+        answers: dict[Replica, dict[str, Any]] = {}
 
-        def run(upstream: Upstream) -> None:
-            reports[upstream.name] = probe(upstream, self._timeout)
+        def run(pool: UpstreamPool, replica: Replica) -> None:
+            answer = probe(replica.upstream, self._timeout)
+            pool.probed(replica, bool(answer["ok"]))
+            answers[replica] = answer
 
-        # In parallel: one slow upstream must not make the others' answer late.
-        tasks = [Task(partial(run, u), name=f"ready-{u.name}") for u in upstreams]
+        # In parallel: one slow replica must not make the others' answer late.
+        tasks = [
+            Task(partial(run, pool, replica), name=f"ready-{pool.name}")
+            for pool in self._pools
+            for replica in pool.replicas
+        ]
         for task in tasks:
             task.join(self._timeout + 1.0)
-        for upstream in upstreams:
-            reports.setdefault(
-                upstream.name, {"ok": False, "error": "the check did not finish in time"}
-            )
-        return {u.name: reports[u.name] for u in upstreams}
+        late = {"ok": False, "error": "the check did not finish in time"}
+        reports: dict[str, dict[str, Any]] = {}
+        for pool in self._pools:
+            each = {r.url: answers.get(r, late) for r in pool.replicas}
+            if len(each) == 1:
+                reports[pool.name] = next(iter(each.values()))
+            else:
+                reports[pool.name] = {"ok": any(r["ok"] for r in each.values()), "replicas": each}
+        return reports
 
 
 def probe(upstream: Upstream, timeout: float) -> dict[str, Any]:

@@ -9,6 +9,11 @@ without parsing the message:
     [2026-11-25 10:00:00 +0000] [4242] [INFO] stageserver.stage: stage_id=s1 outcome=done \
 upstream=default request_id=7f0c... ttft_ms=12.3 chunks=5 duration_ms=40.1
 
+  ``upstream`` is the upstream that served the stage (a fallback's name when one did).
+  A stage that failed over also gets ``replica`` (the one that served) and ``attempts``
+  (each attempt's upstream, replica and outcome); one served by its first attempt logs
+  just as before pools.
+
 - ``json``: one JSON object per line, the same fields as keys, plus ``time``, ``level``,
   ``logger``, ``pid`` and ``message``. In a gunicorn worker, gunicorn's own lines too;
   an access line gets ``method``, ``path``, ``status``, ``bytes``, ``duration_ms``,
@@ -59,12 +64,17 @@ class OutcomeLog(StageListener):
         fields: dict[str, Any] = {
             "stage_id": stage.stage_id,
             "outcome": stage.outcome,
-            "upstream": stage.spec.upstream,
+            "upstream": stage.upstream,  # the one that served, a fallback maybe
             "request_id": stage.spec.request_id,
             "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
             "chunks": stage.chunk_count,
             "duration_ms": round((stage.duration_seconds or 0) * 1000, 1),
         }
+        if len(stage.attempts) > 1:  # it failed over: which replica served, after what
+            fields["replica"] = None if stage.served_by is None else stage.served_by.replica
+            fields["attempts"] = ", ".join(
+                f"{a.upstream} {a.replica} {a.outcome}" for a in stage.attempts
+            )
         principal = stage.spec.principal
         if principal is not ANONYMOUS:
             fields["principal"] = principal.name

@@ -32,6 +32,23 @@ Metrics (labels in brackets):
   greenlet and a descriptor), summed over live workers.
 - ``stageserver_stages_refused_total`` [reason]: ``/chat`` answered 503 before a stage
   started; reason is ``overload`` or ``shutting_down``.
+
+The families above count a stage under the upstream its request resolved to, whichever
+replica or fallback served it (the active-stream gauge must go down under the label it
+went up under). Per replica, kept by the pools (``ReplicaMetrics``, a ``PoolEvents``), with
+labels upstream and replica (the replica's URL without credentials; configuration bounds
+how many there are):
+
+- ``stageserver_replica_requests_total``: attempts begun on the replica.
+- ``stageserver_replica_failures_total`` [+ kind]: attempts that failed, and streams that
+  failed after their first chunk; kind is the attempt's outcome (``refused``, ``reset``,
+  ``http_500``, ``first_token_timeout``, ``idle_timeout``, ...).
+- ``stageserver_replica_ejections_total``: times passive health (or the readiness probe)
+  took the replica out for a cool-down.
+- ``stageserver_replica_in_flight``: attempts and streams on the replica now, summed over
+  live workers.
+- ``stageserver_replica_time_to_first_token_seconds``: histogram, from an attempt's
+  request to its first chunk.
 """
 
 from __future__ import annotations
@@ -59,6 +76,7 @@ from prometheus_client import (  # noqa: E402
 )
 
 from .errors import UpstreamFailure  # noqa: E402
+from .pool import PoolEvents, Replica  # noqa: E402
 from .principals import Principal  # noqa: E402
 from .stage import Stage, StageListener  # noqa: E402
 from .stage_events import TERMINAL_EVENT  # noqa: E402
@@ -68,11 +86,12 @@ STAGES = Counter(
     "Stages finished, by upstream and outcome (done, error, cancel).",
     ("upstream", "outcome"),
 )
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TIME_TO_FIRST_TOKEN = Histogram(
     "stageserver_time_to_first_token_seconds",
     "Seconds from a stage's start to its first upstream chunk.",
     ("upstream",),
-    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+    buckets=_TTFT_BUCKETS,
 )
 STREAM_DURATION = Histogram(
     "stageserver_stream_duration_seconds",
@@ -127,6 +146,34 @@ PRINCIPAL_REFUSED = Counter(
     "tokens_per_minute) or because the limits could not be checked (store).",
     ("principal", "limit"),
 )
+
+_REPLICA = ("upstream", "replica")
+REPLICA_REQUESTS = Counter(
+    "stageserver_replica_requests", "Attempts begun on each upstream replica.", _REPLICA
+)
+REPLICA_FAILURES = Counter(
+    "stageserver_replica_failures",
+    "Failed attempts and streams on each upstream replica, by kind (the attempt's outcome).",
+    (*_REPLICA, "kind"),
+)
+REPLICA_EJECTIONS = Counter(
+    "stageserver_replica_ejections",
+    "Times each upstream replica was ejected for a cool-down.",
+    _REPLICA,
+)
+REPLICA_IN_FLIGHT = Gauge(
+    "stageserver_replica_in_flight",
+    "Attempts and streams on each upstream replica now, summed over live workers.",
+    _REPLICA,
+    multiprocess_mode="livesum",
+)
+REPLICA_TTFT = Histogram(
+    "stageserver_replica_time_to_first_token_seconds",
+    "Seconds from an attempt's request to its first chunk, per upstream replica.",
+    _REPLICA,
+    buckets=_TTFT_BUCKETS,
+)
+
 
 def exposition() -> tuple[bytes, str]:
     """The text a scrape gets, and its content type."""
@@ -196,3 +243,51 @@ class StageMetrics(StageListener):
             tokens = usage.get(f"{kind}_tokens")
             if isinstance(tokens, int) and tokens > 0:
                 PRINCIPAL_TOKENS.labels(label, kind).inc(tokens)
+
+
+class _ReplicaSeries:
+    __slots__ = ("requests", "in_flight", "ttft", "ejections", "failures", "labels")
+
+    def __init__(self, replica: Replica) -> None:
+        self.labels = (replica.pool, replica.url)
+        self.requests = REPLICA_REQUESTS.labels(*self.labels)
+        self.in_flight = REPLICA_IN_FLIGHT.labels(*self.labels)
+        self.ttft = REPLICA_TTFT.labels(*self.labels)
+        self.ejections = REPLICA_EJECTIONS.labels(*self.labels)
+        self.failures: dict[str, Counter] = {}
+
+
+class ReplicaMetrics(PoolEvents):
+    """The per-replica families, kept as the pools report attempts."""
+
+    def __init__(self) -> None:
+        self._series: dict[Replica, _ReplicaSeries] = {}
+
+    def _for(self, replica: Replica) -> _ReplicaSeries:
+        series = self._series.get(replica)
+        if series is None:
+            series = self._series[replica] = _ReplicaSeries(replica)
+        return series
+
+    def on_lease(self, replica: Replica) -> None:
+        series = self._for(replica)
+        series.requests.inc()
+        series.in_flight.inc()
+
+    def on_outcome(self, replica: Replica, outcome: str, seconds: float) -> None:
+        series = self._for(replica)
+        if outcome == "ok":
+            series.ttft.observe(seconds)
+        elif outcome != "cancelled":
+            failures = series.failures.get(outcome)
+            if failures is None:
+                failures = series.failures[outcome] = REPLICA_FAILURES.labels(
+                    *series.labels, outcome
+                )
+            failures.inc()
+
+    def on_ejected(self, replica: Replica) -> None:
+        self._for(replica).ejections.inc()
+
+    def on_release(self, replica: Replica) -> None:
+        self._for(replica).in_flight.dec()

@@ -3,11 +3,13 @@
 - ``GET /healthz``: 200 ``{"status":"ok"}`` whenever the worker's event loop answers. It
   touches nothing else, so it costs what an empty Flask response costs.
 - ``GET /readyz``: whether this worker can serve stages now: 200 when every configured
-  upstream answers (``health.Readiness``); 503 when one does not, when none is
-  configured, or when the worker is shutting down. The body says which upstream failed
-  and how::
+  upstream has a replica that answers (``health.Readiness``); 503 when one has none,
+  when none is configured, or when the worker is shutting down. The body says which
+  upstream (and which replica of a pool) failed, and how::
 
-      {"status": "ready", "upstreams": {"default": {"ok": true, "latency_ms": 1.9}}}
+      {"status": "ready", "upstreams": {"default": {"ok": true, "latency_ms": 1.9},
+       "gpu": {"ok": true, "replicas": {"http://10.0.0.1:8000/v1": {"ok": true, ...},
+                                        "http://10.0.0.2:8000/v1": {"ok": false, ...}}}}}
 
 - ``GET /metrics``: Prometheus's text format (``metrics.py``).
 """

@@ -1,28 +1,44 @@
 """The relay: one stage's upstream request, read to its end and handed to the stage.
 
-``UpstreamRelay.run`` sends the request through the upstream's OpenAI client, reads the
-body as it comes (``iter_raw``, so the chunk's bytes reach the client unchanged), splits
-it into SSE payloads, has each chunk read (``chunks.py``) and appends it to the stage.
-Two deadlines bound a silent upstream: the first-token timeout, from the request to the
-first chunk, and the idle timeout between chunks. Each raises its own ``StageFailure``,
-as does every other way an upstream can fail (``errors.py``).
+``UpstreamRelay.run`` asks the stage's route (``route.py``) for an attempt, a lease on one
+replica, sends the request through that replica's OpenAI client, reads the body as it
+comes (``iter_raw``, so the chunk's bytes reach the client unchanged), splits it into SSE
+payloads, has each chunk read (``chunks.py``) and appends it to the stage. It is the one
+place that reads an upstream's body.
+
+Before the first chunk, an attempt that fails in a way worth another (``fails_over``:
+refused, reset, 5xx, 429, its first-token deadline) is recorded on the stage and the
+route's next attempt begins. Nothing has reached the client yet: it sees heartbeats, then
+the one stream of the attempt that served. After the first chunk the relay never
+retries: a failure ends the stage with its error event, and no content comes twice.
+
+Two deadlines bound a silent upstream: each attempt's first-token deadline (its
+upstream's ``attempt_timeout``, never more than the stage's budget has left), from its
+request to its first chunk, and the serving upstream's idle timeout between chunks. Each
+raises its own ``StageFailure``, as does every other way an upstream can fail
+(``errors.py``).
 
 After ``[DONE]`` the stage is finished at once and the body is then read to its end, for
-at most a second, so that the connection goes back to the pool. However the relay ends,
-it closes the upstream response: that close is what tells the upstream to stop.
+at most a second, so that the connection goes back to the pool. However an attempt ends,
+the relay closes its response (the close is what tells the upstream to stop) and
+releases its lease. Attempts run one at a time, so a cancel during failover, thrown into
+the relay wherever it waits, finds one attempt open, and closes it.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import httpx2
 
 from .chunks import ChunkRead, read_chunk
-from .concurrency import ReadDeadline
-from .errors import FirstTokenTimeout, IdleTimeout, UpstreamProtocolError
+from .concurrency import FirstTokenDeadline, ReadDeadline
+from .errors import FirstTokenTimeout, IdleTimeout, StageFailure, UpstreamProtocolError
+from .pool import Attempt
+from .route import Route, fails_over, outcome_of
 from .upstream_sse import SSEPayloadSplitter
 from .upstreams import Upstream
 
@@ -35,6 +51,8 @@ class ChunkSink(Protocol):
     @property
     def chunk_count(self) -> int: ...
 
+    def record_attempt(self, upstream: str, replica: str, outcome: str, ms: float) -> None: ...
+
     def append_chunk(self, payload: bytes, read: ChunkRead) -> None: ...
 
     def finish(self) -> None: ...
@@ -42,35 +60,75 @@ class ChunkSink(Protocol):
     def raise_if_interrupted(self) -> None: ...
 
 
+class AttemptTrace(Protocol):
+    """One attempt's span (``tracing.py``), or nothing when tracing is off."""
+
+    def headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The request's headers, with this attempt's ``traceparent``."""
+
+    def served(self, payload: bytes) -> None:
+        """The attempt's first chunk, as the upstream sent it."""
+
+    def end(self, outcome: str) -> None: ...
+
+
+class AttemptTracer(Protocol):
+    def attempt(self, stage: object, attempt: Attempt) -> AttemptTrace: ...
+
+
+class _NoTrace:
+    def headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        return headers
+
+    def served(self, payload: bytes) -> None:
+        pass
+
+    def end(self, outcome: str) -> None:
+        pass
+
+
+class NoTracing:
+    """Tracing off: nothing is started, nothing is sent."""
+
+    _trace = _NoTrace()
+
+    def attempt(self, stage: object, attempt: Attempt) -> AttemptTrace:
+        return self._trace
+
+
+NO_TRACING = NoTracing()
+
+
 class UpstreamRelay:
     def __init__(
-        self, upstream: Upstream, body: dict[str, Any], headers: Mapping[str, str]
+        self,
+        route: Route,
+        body: Callable[[Upstream], dict[str, Any]],
+        headers: Mapping[str, str],
+        tracer: AttemptTracer = NO_TRACING,
     ) -> None:
-        self.upstream = upstream
+        """``body(upstream)``: the request body for an attempt at that upstream."""
+        self.route = route
         self._body = body
         self._headers = headers
+        self._tracer = tracer
         self._response: httpx2.Response | None = None
 
     def run(self, stage: ChunkSink) -> None:
-        response: httpx2.Response | None = None
-        first_token = ReadDeadline(self.upstream.config.first_token_timeout)
-        try:
+        route = self.route
+        last: StageFailure | None = None
+        while (attempt := route.next_attempt()) is not None:
             try:
-                with first_token:
-                    response = self.upstream.open_stream(self._body, self._headers)
-            except BaseException as exc:
-                if first_token.fired(exc):
-                    raise FirstTokenTimeout(self.upstream.first_token_message()) from None
-                raise
-            self._response = response
-            stage.raise_if_interrupted()
-            self._relay(stage, response, first_token)
-        finally:
-            first_token.close()
-            if response is not None:
-                # Closing is what tells the upstream to stop generating.
-                response.close()
-            self._response = None
+                self._attempt(stage, attempt)
+                return
+            except StageFailure as failure:
+                outcome = outcome_of(failure)
+                if attempt.served or not fails_over(outcome):
+                    raise
+                last = failure
+                if attempt.budget_bound and outcome == "first_token_timeout":
+                    break  # the stage's budget is spent
+        raise route.give_up(last)
 
     def unblock(self) -> None:
         """Threads: shut the socket down under the thread blocked reading it."""
@@ -85,31 +143,94 @@ class UpstreamRelay:
             except OSError:
                 pass
 
+    def _attempt(self, stage: ChunkSink, attempt: Attempt) -> None:
+        """One attempt, to the stage's end or to its failure, which it records."""
+        trace = self._tracer.attempt(stage, attempt)
+        began = time.monotonic()
+        first_token = FirstTokenDeadline(attempt.timeout)
+        response: httpx2.Response | None = None
+        outcome = "ok"
+        try:
+            upstream = attempt.upstream
+            body, headers = self._body(upstream), trace.headers(self._headers)
+            try:
+                with first_token:
+                    response = upstream.open_stream(body, headers)
+            except BaseException as exc:
+                if first_token.fired(exc):
+                    raise self._first_token_timeout(attempt) from None
+                raise
+            self._response = response
+            stage.raise_if_interrupted()
+            self._relay(stage, attempt, trace, response, first_token, began)
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            if not attempt.served:
+                stage.record_attempt(
+                    attempt.name, attempt.url, outcome, (time.monotonic() - began) * 1000
+                )
+            attempt.resolve(outcome, getattr(exc, "upstream_retry_after", None))
+            raise
+        finally:
+            first_token.close()
+            if response is not None:
+                # Closing is what tells the upstream to stop generating.
+                response.close()
+            self._response = None
+            attempt.release()
+            trace.end(outcome)
+
+    def _served(
+        self, stage: ChunkSink, attempt: Attempt, trace: AttemptTrace, payload: bytes, began: float
+    ) -> None:
+        """The attempt has its first chunk: from now on nothing is retried."""
+        attempt.resolve("ok")
+        stage.record_attempt(attempt.name, attempt.url, "ok", (time.monotonic() - began) * 1000)
+        trace.served(payload)
+
+    def _first_token_timeout(self, attempt: Attempt) -> FirstTokenTimeout:
+        if attempt.budget_bound:
+            return FirstTokenTimeout(self.route.first_token_message())
+        return FirstTokenTimeout(
+            f"upstream {attempt.name!r} at {attempt.url} sent no first token within "
+            f"{attempt.timeout:g} s (its attempt_timeout)"
+        )
+
     def _relay(
-        self, stage: ChunkSink, response: httpx2.Response, first_token: ReadDeadline
+        self,
+        stage: ChunkSink,
+        attempt: Attempt,
+        trace: AttemptTrace,
+        response: httpx2.Response,
+        first_token: ReadDeadline,
+        began: float,
     ) -> None:
         if response.headers.get("content-encoding", "identity") != "identity":
             reads = response.iter_bytes()  # decodes what the upstream compressed anyway
         else:
             reads = response.iter_raw()
-        idle = ReadDeadline(self.upstream.config.idle_timeout)
+        idle = ReadDeadline(attempt.config.idle_timeout)
         try:
-            self._relay_reads(stage, reads, first_token, idle)
+            self._relay_reads(stage, attempt, trace, reads, first_token, idle, began)
         finally:
             idle.close()
 
     def _relay_reads(
         self,
         stage: ChunkSink,
+        attempt: Attempt,
+        trace: AttemptTrace,
         reads: Iterator[bytes],
         first_token: ReadDeadline,
         idle: ReadDeadline,
+        began: float,
     ) -> None:
-        upstream = self.upstream
+        upstream = attempt.upstream
         name = upstream.name
         deadline = first_token
         splitter = SSEPayloadSplitter()
         finished_by_upstream = False
+        served = False  # a local: it is read for every chunk
         while True:
             try:
                 with deadline:
@@ -117,22 +238,28 @@ class UpstreamRelay:
             except BaseException as exc:
                 if deadline.fired(exc) or isinstance(exc, httpx2.ReadTimeout):
                     if deadline is first_token:
-                        raise FirstTokenTimeout(upstream.first_token_message()) from None
+                        raise self._first_token_timeout(attempt) from None
                     raise IdleTimeout(upstream.idle_message()) from None
                 if isinstance(exc, httpx2.TransportError):
                     raise UpstreamProtocolError(
                         f"upstream {name!r} dropped the connection mid-stream after "
-                        f"{stage.chunk_count} chunks: {exc or type(exc).__name__}"
+                        f"{stage.chunk_count} chunks: {exc or type(exc).__name__}",
+                        dropped=True,
                     ) from None
                 raise
             if raw is None:
                 break
             for payload in splitter.feed(raw):
                 if payload == b"[DONE]":
+                    if not served:
+                        self._served(stage, attempt, trace, payload, began)
                     stage.finish()
                     self._drain(reads)
                     return
                 read = read_chunk(payload, name)
+                if not served:
+                    served = True
+                    self._served(stage, attempt, trace, payload, began)
                 finished_by_upstream = finished_by_upstream or read[1] is not None
                 stage.append_chunk(payload, read)
             if deadline is first_token and stage.chunk_count:
@@ -142,7 +269,8 @@ class UpstreamRelay:
             return
         raise UpstreamProtocolError(
             f"upstream {name!r} ended the stream after {stage.chunk_count} chunks "
-            "without finishing it"
+            "without finishing it",
+            dropped=True,
         )
 
     def _drain(self, reads: Iterator[bytes]) -> None:

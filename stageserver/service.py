@@ -14,12 +14,18 @@ Each stage is given its listeners when it is made. They are, in the order it cal
 3. admission, which gives the worker's slot back when the stage ends;
 4. the principal's limits, which give its stream slot back and count its tokens;
 5. the Prometheus metrics;
-6. the outcome log line.
+6. the stage's trace span (with tracing on), ended when the stage ends, client or not;
+7. the outcome log line.
+
+A stage's relay gets the stage's route (``route.py``): the pool of the upstream the
+request resolved to, then its fallbacks'. The pools (one per upstream, in this worker)
+report each attempt to the per-replica metrics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from . import metrics
 from .admission import Admission
@@ -40,10 +46,13 @@ from .logs import OutcomeLog
 from .principals import ANONYMOUS, Principal
 from .redis_store import RedisStageStore
 from .registry import StageRegistry
-from .relay import UpstreamRelay
+from .relay import NO_TRACING, AttemptTracer, UpstreamRelay
+from .route import Pools
 from .schemas import ChatRequest
-from .stage import Stage, StageListener, StageSpec
+from .stage import Stage, StageListener
+from .stage_spec import StageSpec
 from .stream import EventFeed, LocalFeed
+from .tracing import Tracing
 from .upstreams import Upstream, UpstreamRegistry
 from .usage import estimate_prompt_tokens
 
@@ -100,8 +109,10 @@ class StageService:
         settings: StageSettings,
         upstreams: UpstreamRegistry,
         principals: list[Principal] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
-        """``principals``: the configured ones, checked against the upstreams here."""
+        """``principals``: the configured ones, checked against the upstreams here.
+        ``tracing``: None when traces are off (``tracing.start_tracing``)."""
         for principal in principals or ():
             unknown = sorted((principal.upstreams or set()) - set(upstreams.names()))
             if unknown:
@@ -111,7 +122,10 @@ class StageService:
                 )
         self.settings = settings
         self.upstreams = upstreams
-        self.readiness = Readiness(upstreams, settings.ready_timeout)
+        self.pools = Pools(upstreams, metrics.ReplicaMetrics())
+        self.tracing = tracing
+        self._tracer: AttemptTracer = NO_TRACING if tracing is None else tracing
+        self.readiness = Readiness(self.pools, settings.ready_timeout)
         self.admission = Admission(settings.max_active_streams)
         self.stages = StageRegistry(settings.stage_ttl_seconds, settings.event_ttl_seconds)
         self.store: RedisStageStore | None = None
@@ -132,6 +146,7 @@ class StageService:
             self.admission,
             self.limits,
             metrics.StageMetrics(),
+            tracing,
             OutcomeLog(),
         ]
         self._listeners = tuple(x for x in listeners if x is not None)
@@ -139,14 +154,22 @@ class StageService:
     # -- start --------------------------------------------------------------------------
 
     def start(
-        self, request: ChatRequest, *, request_id: str, principal: Principal = ANONYMOUS
+        self,
+        request: ChatRequest,
+        *,
+        request_id: str,
+        principal: Principal = ANONYMOUS,
+        traceparent: str | None = None,
     ) -> Stage:
-        """Start the stage ``request`` asks for, as ``principal``'s. Raises InvalidRequest
+        """Start the stage ``request`` asks for, as ``principal``'s, continuing the trace
+        of ``traceparent`` (the request's header) if traces are on. Raises InvalidRequest
         (its upstream), RateLimited (the principal's limits), ShuttingDown or Overloaded
         (this worker's admission), StageConflict (the principal runs a stage with this
         id) or StoreUnavailable; no upstream call is made then."""
-        upstream = self.upstreams.resolve(request.upstream, request.base_url, principal.upstreams)
-        stage = self._new_stage(request, request_id, upstream, principal)
+        upstream = self.upstreams.resolve(
+            request.upstream, request.base_url, principal.upstreams, request.model_name
+        )
+        stage = self._new_stage(request, request_id, upstream, principal, traceparent)
         if principal.limits:
             try:
                 self.limits.admit(principal, stage)
@@ -178,18 +201,29 @@ class StageService:
             raise
 
     def _new_stage(
-        self, request: ChatRequest, request_id: str, upstream: Upstream, principal: Principal
+        self,
+        request: ChatRequest,
+        request_id: str,
+        upstream: Upstream,
+        principal: Principal,
+        traceparent: str | None,
     ) -> Stage:
         settings = self.settings
         messages = [{"role": "user", "content": request.user_prompt}]
         if request.system_prompt:
             messages.insert(0, {"role": "system", "content": request.system_prompt})
-        body = upstream.chat_body(
-            model=request.model_name,
-            messages=messages,
-            max_tokens=request.max_tokens or settings.default_max_tokens,
-            temperature=request.temperature,
-        )
+        max_tokens = request.max_tokens or settings.default_max_tokens
+
+        def body(replica: Upstream) -> dict[str, Any]:
+            """The request for one attempt: each upstream kind has its own fields, and a
+            fallback may serve the stage under another model name."""
+            return replica.chat_body(
+                model=replica.config.model_for(request.model_name),
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=request.temperature,
+            )
+
         resumable = request.resumable
         spec = StageSpec(
             stage_id=request.stage_id,
@@ -201,8 +235,11 @@ class StageService:
             max_event_bytes=settings.max_event_bytes,
             principal=principal,
             prompt_tokens_estimate=estimate_prompt_tokens(messages),
+            model=request.model_name,
+            traceparent=traceparent,
         )
-        relay = UpstreamRelay(upstream, body, {"X-Request-ID": request_id})
+        route = self.pools.route(upstream.name)
+        relay = UpstreamRelay(route, body, {"X-Request-ID": request_id}, self._tracer)
         store = self.store
         if store is None:
             return Stage(spec, relay, self._listeners)
@@ -237,6 +274,8 @@ class StageService:
 
     def close(self) -> None:
         self.upstreams.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
 def service_of(extensions: Mapping[str, object]) -> StageService:

@@ -25,7 +25,10 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         None,
         'Several named upstreams, as JSON: `{"name": {"url": ..., "kind": ..., '
         '"api_key": ..., "connect_timeout": ..., "first_token_timeout": ..., '
-        '"idle_timeout": ...}}`. The first is the default. Replaces the single-URL keys.',
+        '"idle_timeout": ...}}`, each a pool of replicas with `"urls": [...]` and '
+        "optionally `models`, `retries`, `fallbacks`, `max_in_flight`, `attempt_timeout`, "
+        "`eject_after` (see Upstream pools). The first is the default. Replaces the "
+        "single-URL keys.",
     ),
     "STAGESERVER_CONNECT_TIMEOUT": (5.0, "Seconds to connect to an upstream."),
     "STAGESERVER_FIRST_TOKEN_TIMEOUT": (
@@ -127,6 +130,17 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "STAGESERVER_LOG_FORMAT": (
         "text",
         "`text` (one `key=value` line per stage) or `json` (JSON lines).",
+    ),
+    "STAGESERVER_TRACING": (
+        None,
+        "OpenTelemetry traces: `otlp` (to `OTEL_EXPORTER_OTLP_ENDPOINT`), `memory` (kept "
+        "in the worker, for tests) or `off`. Unset: `otlp` when `OTEL_EXPORTER_OTLP_ENDPOINT` "
+        "is set, else `off`.",
+    ),
+    "STAGESERVER_TRACING_FILE": (
+        None,
+        "With `STAGESERVER_TRACING=memory`: a file each finished span is appended to, as a "
+        "JSON line (how a test reads a gunicorn worker's spans).",
     ),
 }
 

@@ -4,6 +4,7 @@ A stage holds four things: its event log, the responses following it (subscriber
 grace timer of a resumable stage nobody follows, and its terminal state. Reading the
 upstream is its relay's job (``relay.py``): the stage runs the relay in a greenlet (or a
 thread) of its own and the relay drives it through a narrow interface:
+``record_attempt`` (each attempt at an upstream replica, and which one served it),
 ``append_chunk``, ``finish``, and raising a ``StageFailure``. A cancel or an abort is
 thrown into that greenlet, wherever it waits.
 
@@ -20,15 +21,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .chunks import ChunkRead
 from .concurrency import Task, Timer, Wakeup
 from .errors import StageFailure, StageInterrupted
 from .event_log import EventLog
-from .principals import ANONYMOUS, Principal
 from .stage_events import TERMINAL_EVENT, StageEvents
+from .stage_spec import AttemptRecord, StageSpec
 from .usage import final_usage
 
 log = logging.getLogger("stageserver.stage")
@@ -81,22 +81,6 @@ class Subscriber:
         self.client_gone = False
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """Everything a stage needs to know of its request, as plain values."""
-
-    stage_id: str
-    upstream: str
-    resumable: bool
-    request_id: str
-    grace_seconds: float
-    max_events: int
-    principal: Principal = ANONYMOUS
-    max_event_bytes: int = 8 << 20
-    #: The prompt's tokens as ``usage.py`` estimates them, for when the upstream says not.
-    prompt_tokens_estimate: int = 0
-
-
 def _nobody_elsewhere(stage_id: str) -> bool:
     return False
 
@@ -130,6 +114,9 @@ class Stage:
         self.failure: StageFailure | None = None
         self.cancel_reason: str | None = None
         self.chunk_count = 0
+        self.attempts: list[AttemptRecord] = []
+        #: The attempt that served the first chunk; None while none has.
+        self.served_by: AttemptRecord | None = None
 
         self._relay: Relay | None = relay  # dropped at the end: it holds the request body
         self._listeners = tuple(listeners)
@@ -191,11 +178,16 @@ class Stage:
         """Forget the events of a finished stage; its status and text stay."""
         self._log.clear()
 
+    @property
+    def upstream(self) -> str:
+        """The upstream that served it (maybe a fallback); else the one it resolved to."""
+        return self.spec.upstream if self.served_by is None else self.served_by.upstream
+
     def summary(self) -> dict[str, Any]:
         return {
             "stage_id": self.stage_id,
             "status": self.status,
-            "upstream": self.spec.upstream,
+            "upstream": self.upstream,
             "text": self.text,
             "finish_reason": self.finish_reason,
             "usage": self.usage,
@@ -206,9 +198,17 @@ class Stage:
             "created_at": self.created_at,
             "first_token_seconds": self.first_token_seconds,
             "duration_seconds": self.duration_seconds,
+            "attempts": [vars(a) for a in self.attempts],
         }
 
     # -- what the relay tells it ---------------------------------------------------------
+
+    def record_attempt(self, upstream: str, replica: str, outcome: str, ms: float) -> None:
+        """An attempt has served the first chunk (``ok``) or failed before it."""
+        record = AttemptRecord(upstream, replica, outcome, round(ms, 1))
+        self.attempts.append(record)
+        if outcome == "ok":
+            self.served_by = record
 
     def append_chunk(self, payload: bytes, read: ChunkRead) -> None:
         """One upstream chunk: its JSON ``payload`` as sent, and what it says."""

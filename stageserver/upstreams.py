@@ -1,16 +1,23 @@
-"""The configured upstreams: one OpenAI client each per process, and how a stage calls one.
+"""The configured upstreams: one OpenAI client per replica per process, how a stage calls
+one, and which upstream a request asks for (``UpstreamRegistry.resolve``).
 
-A client is built lazily in the process that uses it (gunicorn forks workers after the
-app module is imported by none of them, but a mounted app may be created earlier), so
-each worker owns its connection pool and connections are reused across stages.
+An upstream is a pool of replicas (``urls``; one ``url`` is a pool of one). Each replica is
+an ``Upstream`` of its own, named after its upstream, with its own client; choosing among
+them is ``pool.py``'s business. A client is built lazily in the process that uses it
+(gunicorn forks workers after the app module is imported by none of them, but a mounted
+app may be created earlier), so each worker owns its connection pools and connections
+are reused across stages.
 """
 
 from __future__ import annotations
 
+import email.utils
 import os
 import select
 import threading
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -115,6 +122,7 @@ class Upstream:
             raise UpstreamStatusError(
                 f"upstream {self.name!r} answered HTTP {exc.status_code}: {_detail(exc)}",
                 exc.status_code,
+                retry_after_seconds(exc.response.headers.get("retry-after")),
             ) from None
         except openai.APITimeoutError as exc:
             if isinstance(exc.__cause__, httpx2.ConnectTimeout):
@@ -255,6 +263,21 @@ def _unpatch_idle_check() -> None:
     utils.select = SimpleNamespace(poll=poll, select=select_, POLLIN=select.POLLIN)
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header's seconds from now (it is seconds, or an HTTP date); None
+    when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 def _detail(exc: openai.APIStatusError) -> str:
     body = exc.body
     if isinstance(body, dict) and isinstance(body.get("message"), str):
@@ -270,31 +293,57 @@ def _cause(exc: BaseException) -> str:
 
 
 class UpstreamRegistry:
+    """The configured upstreams, each with one ``Upstream`` (a client) per replica. A
+    replica's ``config`` is its upstream's, with ``url`` its own."""
+
     def __init__(self, configs: list[UpstreamConfig]) -> None:
-        self._by_name = {cfg.name: Upstream(cfg) for cfg in configs}
-        self._by_url = {up.config.url: up for up in self._by_name.values()}
-        self.default: Upstream | None = next(iter(self._by_name.values()), None)
+        self._configs = {cfg.name: cfg for cfg in configs}
+        self._replicas = {
+            cfg.name: tuple(Upstream(replace(cfg, url=url)) for url in cfg.urls)
+            for cfg in configs
+        }
+        self._by_url = {url: cfg.name for cfg in configs for url in cfg.urls}
+        #: The default upstream's first replica (None when nothing is configured).
+        self.default: Upstream | None = next(iter(self._replicas.values()), (None,))[0]
 
     def __iter__(self) -> Iterator[Upstream]:
-        return iter(self._by_name.values())
+        """Every replica of every upstream: each client of this process."""
+        return (upstream for replicas in self._replicas.values() for upstream in replicas)
+
+    def replicas(self, name: str) -> tuple[Upstream, ...]:
+        return self._replicas[name]
+
+    def config(self, name: str) -> UpstreamConfig:
+        return self._configs[name]
 
     def by_name(self, name: str) -> Upstream | None:
-        return self._by_name.get(name)
+        """The upstream called ``name``, as its first replica (its name, config, body)."""
+        replicas = self._replicas.get(name)
+        return replicas[0] if replicas else None
 
     def by_url(self, url: str) -> Upstream | None:
-        return self._by_url.get(url.rstrip("/"))
+        """The upstream one of whose replicas is at ``url``."""
+        name = self._by_url.get(url.rstrip("/"))
+        return None if name is None else self.by_name(name)
 
     def names(self) -> list[str]:
-        return list(self._by_name)
+        return list(self._configs)
 
     def resolve(
-        self, name: str | None, base_url: str | None, allowed: frozenset[str] | None = None
+        self,
+        name: str | None,
+        base_url: str | None,
+        allowed: frozenset[str] | None = None,
+        model: str | None = None,
     ) -> Upstream:
-        """The upstream a request asks for, by ``name`` or, as the seed's clients do, by
-        ``base_url``; else the default: the first configured (of those ``allowed``, when
-        the caller may use only some). One it may not use answers as one that does not
-        exist. Raises InvalidRequest naming the field."""
-        usable = [n for n in self._by_name if allowed is None or n in allowed]
+        """The upstream a request asks for, as its first replica: by ``name`` or, as the
+        seed's clients do, by ``base_url`` (any replica's URL names its upstream); else the
+        first upstream whose ``models`` lists ``model``; else the default, the first
+        configured. Only those ``allowed`` count, when the caller may use only some: one
+        it may not use answers as one that does not exist. (The fallbacks of the upstream
+        it gets are the operator's routing, and are used whatever ``allowed`` says; see
+        ``route``.) Raises InvalidRequest naming the field."""
+        usable = [n for n in self._configs if allowed is None or n in allowed]
         if name is not None:
             upstream = self.by_name(name) if name in usable else None
             if upstream is None:
@@ -317,13 +366,29 @@ class UpstreamRegistry:
                     "or STAGESERVER_UPSTREAMS",
                     field="upstream",
                 )
-            upstream = self._by_name[usable[0]]
-        if base_url is not None and upstream.config.url != base_url.rstrip("/"):
+            listing = next((n for n in usable if model in self._configs[n].models), usable[0])
+            upstream = self._replicas[listing][0]
+        if base_url is not None and base_url.rstrip("/") not in upstream.config.urls:
             raise InvalidRequest(
                 f"base_url does not match upstream {upstream.name!r}", field="base_url"
             )
         return upstream
 
+    def route(self, name: str) -> list[str]:
+        """The upstreams a stage routed to ``name`` may use, in order: ``name``, then each
+        of its fallbacks with that one's own fallbacks after it; each upstream once.
+        ``config.py`` has refused unknown names and cycles."""
+        order: list[str] = []
+
+        def add(upstream: str) -> None:
+            if upstream not in order:
+                order.append(upstream)
+                for fallback in self._configs[upstream].fallbacks:
+                    add(fallback)
+
+        add(name)
+        return order
+
     def close(self) -> None:
-        for upstream in self._by_name.values():
+        for upstream in self:
             upstream.close()

@@ -84,6 +84,7 @@ def chat() -> Response:
         chat_request,
         request_id=request.environ["stageserver.request_id"],
         principal=_principal(),
+        traceparent=request.headers.get("traceparent"),
     )
     events = follow(
         LocalFeed(stage, owner=True),

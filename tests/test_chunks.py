@@ -22,6 +22,8 @@ from stageserver.errors import UpstreamErrorObject, UpstreamProtocolError
         (b'{"choices":[{"index":1,"delta":{"content":"other"}}]}', (None, None, None)),
         (b'{"choices":[{"delta":{"content":"no index"}}]}', ("no index", None, None)),
         (b'{"choices":null,"usage":null}', (None, None, None)),
+        (b'{"choices":[],"usage":"x"}', (None, None, None)),
+        (b'{"choices":[],"usage":[1]}', (None, None, None)),
         (b'  {"choices":[]}  ', (None, None, None)),
     ],
 )

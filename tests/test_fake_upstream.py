@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -156,6 +157,26 @@ def test_status_mode(fake: FakeUpstream) -> None:
         assert resp.getheader("Content-Type") == "application/json"
         error = json.loads(resp.read())["error"]
         assert error == {"message": "fake upstream failure", "type": "server_error", "code": 503}
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("retry_after", ["2", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_status_mode_sends_retry_after(fake: FakeUpstream, retry_after: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    try:
+        options = {"mode": "status", "status": 429, "retry_after": retry_after}
+        query = urllib.parse.urlencode(options)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": f"fake?{query}"}))
+        resp = conn.getresponse()
+        assert (resp.status, resp.getheader("Retry-After")) == (429, retry_after)
+        assert json.loads(resp.read())["error"]["code"] == 429
+        # Without the option, no Retry-After; server-wide defaults work the same way.
+        fake.defaults.update({"mode": "status", "status": "503"})
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "fake"}))
+        resp = conn.getresponse()
+        assert (resp.status, resp.getheader("Retry-After")) == (503, None)
+        resp.read()
     finally:
         conn.close()
 

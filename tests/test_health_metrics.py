@@ -308,6 +308,15 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
         assert files
         metrics_dir = Path(files[0]).parent
 
+        # A stage's relay gives its replica back after its end, once the upstream's body
+        # has been read out: wait for that, so that the two scrapes see one state.
+        _wait(
+            lambda: not any(
+                v for (name, _), v in scrape(requests.get(f"{server.url}/metrics").text).items()
+                if name == "stageserver_replica_in_flight"
+            ),
+            "every replica given back",
+        )
         for stopped in workers:  # a scrape answered by each worker in turn
             with _stopped(stopped):
                 scrapes.append(scrape(requests.get(f"{server.url}/metrics", timeout=5).text))

@@ -45,12 +45,19 @@ def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
 
         server.signal(signal.SIGTERM)
 
-        # Not ready any more: 503, or no connection once the worker stops accepting.
-        try:
-            ready = requests.get(f"{server.url}/readyz", timeout=5)
-            assert (ready.status_code, ready.json()) == (503, {"status": "shutting_down"})
-        except requests.ConnectionError:
-            pass
+        # Not ready any more, as soon as the worker has the signal the master passes on:
+        # 503, or no connection once the worker stops accepting.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                ready = requests.get(f"{server.url}/readyz", timeout=5)
+            except requests.ConnectionError:
+                break
+            if ready.status_code == 503:
+                assert ready.json() == {"status": "shutting_down"}
+                break
+            assert time.monotonic() < deadline, "still ready 5 s after SIGTERM"
+            time.sleep(0.02)
 
         # New stages are refused: 503 from a worker still finishing, then nginx's 502
         # once no worker accepts connections any more.

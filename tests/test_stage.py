@@ -15,7 +15,8 @@ import pytest
 from stageserver.config import FollowSettings
 from stageserver.errors import StageFailure, UpstreamStatusError
 from stageserver.event_log import EventLog
-from stageserver.stage import Stage, StageListener, StageSpec, Subscriber
+from stageserver.stage import Stage, StageListener, Subscriber
+from stageserver.stage_spec import StageSpec
 from stageserver.stream import LocalFeed, follow
 
 # The scripted chunks carry no content, and the spec no prompt estimate.

@@ -307,12 +307,18 @@ class ResponseWriter:
             conn.writer.close()
 
     async def send_json(
-        self, code: int, obj: object, *, gzip: bool = False, drop: bool | None = None
+        self,
+        code: int,
+        obj: object,
+        *,
+        gzip: bool = False,
+        drop: bool | None = None,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> bool:
-        """A whole JSON answer; with ``drop``, half of its body and then ``drop(drop)``.
-        True when the connection may serve another request."""
+        """A whole JSON answer, with ``headers`` besides its own; with ``drop``, half of its
+        body and then ``drop(drop)``. True when the connection may serve another request."""
         payload = compact_json(obj).encode()
-        headers = [("Content-Type", "application/json")]
+        headers = [("Content-Type", "application/json"), *headers]
         if gzip:
             comp = zlib.compressobj(6, zlib.DEFLATED, 31)
             payload = comp.compress(payload) + comp.flush()

@@ -119,7 +119,8 @@ async def _chat(
         if not await response.pause(opts.prefill):
             return False
         failure = error_body("fake upstream failure", opts.status)
-        return await response.send_json(opts.status, failure)
+        extra = [("Retry-After", opts.retry_after)] if opts.retry_after else []
+        return await response.send_json(opts.status, failure, headers=extra)
 
     texts = pieces(opts)
     finish = "stop"

@@ -6,7 +6,8 @@ with :func:`urllib.parse.parse_qs`; per-request values win over the server-wide 
 ``chunks`` (5), ``interval`` (0 s between content chunks), ``prefill`` (0 s before the first
 chunk), ``headers_first`` (1), ``text`` (split into ``chunks`` nearly-equal pieces by
 characters; default pieces are ``"tok0 "``, ``"tok1 "``, ...), ``mode`` (``normal``, ``status``
-+ ``status=<code>``, ``hang``, ``drop`` + ``after``/``reset``, ``malformed`` + ``after``,
++ ``status=<code>`` and optionally ``retry_after=<seconds or HTTP date>``, sent as the
+``Retry-After`` header), ``hang``, ``drop`` + ``after``/``reset``, ``malformed`` + ``after``,
 ``error_object`` + ``after``), ``after_done`` (``hang`` | ``reset``), wire shapes ``crlf``,
 ``split``, ``multiline``, ``comments``, ``gzip``, and ``created`` (a fixed timestamp).
 Unknown keys are kept in the record and otherwise ignored.
@@ -43,6 +44,12 @@ def _seconds(value: str) -> float:
     return result
 
 
+def _header_value(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError(f"not a header value: {value!r}")
+    return value.strip()
+
+
 def _count(value: str) -> int:
     result = int(value)
     if result < 0:
@@ -59,6 +66,7 @@ class Options:
     text: str | None = None
     mode: str = "normal"
     status: int = 500
+    retry_after: str = ""  # the Retry-After header of a status answer; empty: none
     after: int = 2
     reset: bool = False
     after_done: str = ""
@@ -78,6 +86,7 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "text": str,
     "mode": lambda v: v.strip().lower() or "normal",
     "status": int,
+    "retry_after": _header_value,
     "after": _count,
     "reset": _flag,
     "after_done": lambda v: v.strip().lower(),
