@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from . import cors
 from .auth import authenticator_of
+from .bodies import json_object
 from .errors import ClientGone, InvalidRequest
 from .http_errors import answer_in_json
 from .principals import ANONYMOUS, Principal
@@ -97,9 +98,8 @@ def chat() -> Response:
 
 
 def _chat_request(service: StageService) -> ChatRequest:
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object", field="body")
+    # Any Content-Type: curl -d sends a form type. The body's size limit is _prepare's.
+    body = json_object(request.get_data(cache=False))
     settings = service.settings
     try:
         return ChatRequest.model_validate(
