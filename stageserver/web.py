@@ -25,12 +25,14 @@ from typing import Any
 from flask import Blueprint, Flask, Response, send_from_directory
 
 from .errors import ConfigError
+from .http_errors import answer_in_json
 
 STATIC_DIR = Path(__file__).parent / "static"
 PLAYGROUND_DIR = Path(__file__).parent / "playground"
 
 client_bp = Blueprint("stageserver_web", __name__)
 playground_bp = Blueprint("stageserver_playground", __name__)
+answer_in_json(playground_bp)  # a missing file is a JSON 404, in a host app too
 
 
 def register_web(app: Flask, url_prefix: str | None) -> None:
