@@ -52,6 +52,10 @@ from .web import PLAYGROUND_DIR
 
 VERSION = "0.1.0"
 _REF = "#/components/schemas/{model}"
+CHAT_EXAMPLE = {
+    "stage_id": "summary-1", "model_name": "smollm2", "user_prompt": "Name three colours.",
+    "system_prompt": "Answer briefly.", "stream": True, "max_tokens": [64], "resumable": False,
+}
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     TextStageOutput, ErrorBody, StageStatus, Cancelling, UpstreamList, Health, Readiness,
     ChunkData, DoneData, ErrorData, CancelData,
@@ -251,7 +255,8 @@ def _stage_api(settings: StageSettings, bearer_required: bool) -> dict[str, Any]
     paths: dict[str, dict[str, dict[str, Any]]] = {
         "/chat": {"post": {
             "operationId": "chat", "summary": "Start a stage",
-            "requestBody": {"required": True, "content": _json("ChatRequest")},
+            "requestBody": {"required": True, "content": {"application/json": {
+                **_json("ChatRequest")["application/json"], "example": CHAT_EXAMPLE}}},
             "responses": chat_responses,
         }},
         "/upstreams": {"get": {

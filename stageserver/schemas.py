@@ -29,19 +29,12 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
 )
-from pydantic.config import JsonDict
 
 STAGE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 STAGE_ID_RULE = "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"
 # The limits validation takes from its context when the caller gives none.
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 DEFAULT_MAX_PROMPT_CHARS = 100_000
-
-
-CHAT_EXAMPLE: JsonDict = {
-    "stage_id": "summary-1", "model_name": "smollm2", "user_prompt": "Name three colours.",
-    "system_prompt": "Answer briefly.", "stream": True, "max_tokens": [64], "resumable": False,
-}
 
 
 def number_or_list(item: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +56,7 @@ class ChatRequest(BaseModel):
     (``max_tokens_limit``, ``max_prompt_chars``), the document from ``openapi.py``."""
 
     # The seed's clients may send fields of their own; they are ignored, as FastAPI did.
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [CHAT_EXAMPLE]})
+    model_config = ConfigDict(extra="ignore")
 
     stage_id: Annotated[StrictStr, Field(pattern=STAGE_ID_PATTERN)]
     model_name: Annotated[StrictStr, Field(min_length=1, max_length=256)]
