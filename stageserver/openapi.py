@@ -157,8 +157,8 @@ def _event(name: str, data: str, kind: str | None, description: str) -> dict[str
 # -- responses -------------------------------------------------------------------------------
 
 
-def _json(model: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": _REF.format(model=model)}}}
+def _json(model: str, **media: Any) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": _REF.format(model=model)}, **media}}
 
 
 def _either(*models: str) -> dict[str, Any]:
@@ -255,8 +255,8 @@ def _stage_api(settings: StageSettings, bearer_required: bool) -> dict[str, Any]
     paths: dict[str, dict[str, dict[str, Any]]] = {
         "/chat": {"post": {
             "operationId": "chat", "summary": "Start a stage",
-            "requestBody": {"required": True, "content": {"application/json": {
-                **_json("ChatRequest")["application/json"], "example": CHAT_EXAMPLE}}},
+            "requestBody": {"required": True,
+                            "content": _json("ChatRequest", example=CHAT_EXAMPLE)},
             "responses": chat_responses,
         }},
         "/upstreams": {"get": {

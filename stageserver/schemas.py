@@ -125,6 +125,10 @@ class ChatRequest(BaseModel):
 
 
 class TextStageOutput(BaseModel):
+    """The seed's answer when not streaming: every field always there, ``null`` or not."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
     stage_id: str
     type: Literal["text", "error"]
     text: str | None = None
@@ -235,7 +239,7 @@ class StageStatus(BaseModel):
 class Cancelling(BaseModel):
     """``POST /stages/<id>/cancel``: accepted; the stage ends with ``cancel``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     stage_id: str
     status: Literal["cancelling"] = "cancelling"
