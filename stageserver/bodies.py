@@ -34,8 +34,10 @@ from .errors import InvalidRequest
 
 MAX_DEPTH = 64
 
-# A JSON string (the unrolled form: linear, no backtracking), and what is not a bracket.
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string, or an unterminated one to the end of the text: a match that cannot fail
+# once begun, so the scan stays linear (a pattern that must find the closing quote would
+# retry from every quote of a body of '"\\' repeated: quadratic).
+_STRING = re.compile(r'"[^"\\]*(?:\\(?:.|\Z)[^"\\]*)*(?:"|\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
@@ -44,7 +46,7 @@ _KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
 
 def json_object(raw: bytes) -> dict[str, Any]:
     """``raw`` as a JSON object; raises InvalidRequest naming what is wrong with it."""
-    if not raw.strip():
+    if not raw.strip(b" \t\r\n"):  # JSON's whitespace
         _refuse("is empty: send a JSON object")
     text = _text(raw)
     if _deeper_than(text, MAX_DEPTH):
@@ -58,7 +60,8 @@ def json_object(raw: bytes) -> dict[str, Any]:
             parse_constant=_constant,
         )
     except json.JSONDecodeError as exc:
-        _refuse(f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        what = exc.msg.removesuffix(" at")  # "Unterminated string starting at"
+        _refuse(f"is not valid JSON: {what} at line {exc.lineno} column {exc.colno}")
     if _SURROGATE_ESCAPE.search(text):
         _check_surrogates(value)
     if not isinstance(value, dict):

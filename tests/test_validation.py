@@ -84,6 +84,11 @@ DEEP = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under the body limit
          "column 2"),
         (b'{"a": 1,\n "b": }', "is not valid JSON: Expecting value at line 2 column 7"),
         (b'{"a": 1} {"b": 2}', "is not valid JSON: Extra data at line 1 column 10"),
+        (b'{"a": "x', "is not valid JSON: Unterminated string starting at line 1 column 7"),
+        # a scan that retried from every quote would take hours over these
+        (b'"\\' * 500_000, "is not valid JSON: Unterminated string starting at line 1 column 1"),
+        (b'["' + b'\\"' * 500_000, "is not valid JSON: Unterminated string starting at line 1 "
+         "column 2"),
         # deep nesting: refused before parsing, without recursion
         (DEEP, "nests deeper than 64 levels"),
         (b'{"a": ' + b"[" * 64 + b"]" * 64 + b"}", "nests deeper than 64 levels"),
