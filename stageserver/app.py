@@ -85,12 +85,14 @@ class StageServer:
         )
         app.extensions["stageserver"] = service
         app.extensions["stageserver.auth"] = Authenticator(keys, self.identify)
+        from .apidocs import bp as docs_bp
         from .ops import bp as ops_bp
         from .views import bp
         from .web import register_web
 
         app.register_blueprint(bp, url_prefix=self.url_prefix)
         app.register_blueprint(ops_bp, url_prefix=self.url_prefix)
+        app.register_blueprint(docs_bp, url_prefix=self.url_prefix)
         register_web(app, self.url_prefix)
         shutdown.track(service)
 

@@ -38,6 +38,11 @@ class Authenticator:
     def open(self) -> bool:
         return not self._keys and self._identify is None
 
+    @property
+    def bearer_required(self) -> bool:
+        """Whether a request must carry a bearer key: keys, and no ``identify`` to ask."""
+        return bool(self._keys) and self._identify is None
+
     def principal(self, request: Request) -> Principal:
         """The request's principal; raises Unauthorized."""
         if self.open:

@@ -1,7 +1,8 @@
 """Browsers on other origins (``STAGESERVER_CORS_ORIGINS``, a JSON list of origins).
 
 Unset, no CORS header is ever sent, and browsers keep pages of other origins out. For an
-origin on the list, every answer of the stage API carries ``Access-Control-Allow-Origin``
+origin on the list, every answer of the stage API (and the browser client,
+``/static/stageserver.js``, which such a page imports) carries ``Access-Control-Allow-Origin``
 with that origin (and ``Vary: Origin``), exposes ``X-Request-ID`` and ``Retry-After``,
 and a preflight (``OPTIONS``) allows ``Authorization``, ``Content-Type``,
 ``Last-Event-ID`` and ``X-Request-ID`` on ``GET`` and ``POST``. An origin not on the list

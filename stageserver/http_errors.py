@@ -16,13 +16,15 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .errors import StageServerError
+from .schemas import ErrorBody
 from .service import service_of
 
 log = logging.getLogger("stageserver.http")
 
 
 def json_error(status: int, message: str, **extra: Any) -> Response:
-    response = jsonify({"error": message, **extra})
+    # Built from the model the OpenAPI document shows: a field it does not know fails here.
+    response = jsonify(ErrorBody(error=message, **extra).body())
     response.status_code = status
     return response
 
@@ -43,7 +45,10 @@ def http_error(exc: HTTPException) -> Response:
     if status == 413:
         limit = service_of(current_app.extensions).settings.max_body_bytes
         return json_error(413, f"request body is larger than {limit} bytes", field="body")
-    return json_error(status, exc.description or exc.name)
+    response = json_error(status, exc.description or exc.name)
+    # Its own headers, such as a 405's Allow (RFC 9110 requires it), the body being ours.
+    response.headers.update((k, v) for k, v in exc.get_headers() if k.lower() != "content-type")
+    return response
 
 
 def unexpected(exc: Exception) -> Response:

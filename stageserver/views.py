@@ -8,6 +8,7 @@ mapping in ``http_errors.py``.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 
@@ -16,11 +17,21 @@ from pydantic import ValidationError
 
 from . import cors
 from .auth import authenticator_of
+from .bodies import json_object
 from .errors import ClientGone, InvalidRequest
 from .http_errors import answer_in_json
 from .principals import ANONYMOUS, Principal
-from .schemas import ChatRequest, TextStageOutput, field_errors
-from .service import StageService, service_of
+from .schemas import (
+    STAGE_ID_PATTERN,
+    STAGE_ID_RULE,
+    Cancelling,
+    ChatRequest,
+    TextStageOutput,
+    UpstreamList,
+    UpstreamName,
+    field_errors,
+)
+from .service import LocalStage, StageService, StoredStage, service_of
 from .stage import Stage
 from .stage_events import seq_of
 from .stream import LocalFeed, follow
@@ -28,6 +39,7 @@ from .stream import LocalFeed, follow
 bp = Blueprint("stageserver", __name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_STAGE_ID = re.compile(STAGE_ID_PATTERN)
 
 
 def _service() -> StageService:
@@ -98,9 +110,8 @@ def chat() -> Response:
 
 
 def _chat_request(service: StageService) -> ChatRequest:
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object", field="body")
+    # Any Content-Type: curl -d sends a form type. The body's size limit is _prepare's.
+    body = json_object(request.get_data(cache=False))
     settings = service.settings
     try:
         return ChatRequest.model_validate(
@@ -111,9 +122,20 @@ def _chat_request(service: StageService) -> ChatRequest:
             },
         )
     except ValidationError as exc:
-        errors = field_errors(exc)
-        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        raise InvalidRequest(f"invalid request: {summary}", fields=errors) from None
+        raise _invalid(field_errors(exc)) from None
+
+
+def _invalid(errors: list[dict[str, str]]) -> InvalidRequest:
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return InvalidRequest(f"invalid request: {summary}", fields=errors)
+
+
+def _stage(stage_id: str) -> LocalStage | StoredStage:
+    """The caller's stage. An id that no stage can have is a 422 naming the field, as
+    in /chat, before anything is looked up."""
+    if not _STAGE_ID.fullmatch(stage_id):
+        raise _invalid([{"field": "stage_id", "message": STAGE_ID_RULE}])
+    return _service().find(stage_id, _principal())
 
 
 def _final_output(stage: Stage, events: Iterator[bytes]) -> Response:
@@ -146,18 +168,20 @@ def upstreams() -> Response:
     allowed = _principal().upstreams
     usable = [u for u in _service().upstreams if allowed is None or u.name in allowed]
     listed = [
-        {"name": u.name, "kind": u.config.kind, "default": n == 0} for n, u in enumerate(usable)
+        UpstreamName(name=u.name, kind=u.config.kind, default=n == 0) for n, u in enumerate(usable)
     ]
-    return jsonify({"upstreams": listed})
+    return jsonify(UpstreamList(upstreams=listed).model_dump())
 
 
 @bp.get("/stages/<stage_id>")
 def stage_status(stage_id: str) -> Response:
-    return jsonify(_service().find(stage_id, _principal()).summary())
+    # Built by Stage.summary(); tests/test_openapi.py holds it to the StageStatus model.
+    return jsonify(_stage(stage_id).summary())
 
 
 @bp.get("/stages/<stage_id>/events")
 def stage_events(stage_id: str) -> Response:
+    stage = _stage(stage_id)
     last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
     after_seq = -1
     if last_event_id:
@@ -169,7 +193,7 @@ def stage_events(stage_id: str) -> Response:
             )
         after_seq = seq
     service = _service()
-    feed = service.find(stage_id, _principal()).feed(after_seq)
+    feed = stage.feed(after_seq)
     if feed is None:
         # The stage has ended and the client has its last event: 204 tells an
         # EventSource to stop reconnecting (the SSE specification's answer).
@@ -186,7 +210,7 @@ def stage_events(stage_id: str) -> Response:
 
 @bp.post("/stages/<stage_id>/cancel")
 def cancel_stage(stage_id: str) -> Response:
-    _service().find(stage_id, _principal()).cancel("cancelled by request")
-    response = jsonify({"stage_id": stage_id, "status": "cancelling"})
+    _stage(stage_id).cancel("cancelled by request")
+    response = jsonify(Cancelling(stage_id=stage_id).model_dump())
     response.status_code = 202
     return response

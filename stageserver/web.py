@@ -4,7 +4,8 @@
   (``stageserver/static``). Served whenever stageserver is registered, playground or not:
   browser clients need it, and it is public code. Its rule is the exact path, which
   Flask matches before any ``/static/<path:filename>``, so a host app's own static
-  folder cannot hide it.
+  folder cannot hide it. Pages of the origins in ``STAGESERVER_CORS_ORIGINS`` may import
+  it from here (``cors.py``).
 - ``GET /playground`` and ``GET /playground/<file>``: a page for a person trying the
   server (``stageserver/playground``), only when ``STAGESERVER_PLAYGROUND`` is on. Unset,
   it is on in the standalone server (``create_app`` sets it, and ``scripts/serve`` runs
@@ -22,15 +23,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Response, send_from_directory
+from flask import Blueprint, Flask, Response, current_app, request, send_from_directory
 
+from . import cors
 from .errors import ConfigError
+from .http_errors import answer_in_json
+from .service import service_of
 
 STATIC_DIR = Path(__file__).parent / "static"
 PLAYGROUND_DIR = Path(__file__).parent / "playground"
 
 client_bp = Blueprint("stageserver_web", __name__)
 playground_bp = Blueprint("stageserver_playground", __name__)
+answer_in_json(playground_bp)  # a missing file is a JSON 404, in a host app too
 
 
 def register_web(app: Flask, url_prefix: str | None) -> None:
@@ -54,6 +59,13 @@ def playground_enabled(config: Mapping[str, Any]) -> bool:
 @client_bp.get("/static/stageserver.js")
 def client_module() -> Response:
     return send_from_directory(STATIC_DIR, "stageserver.js", mimetype="text/javascript")
+
+
+@client_bp.after_request
+def _cross_origin(response: Response) -> Response:
+    # A browser fetches a module script with CORS: a page of a listed origin can import
+    # the client from here only with the same headers as the API's (cors.py).
+    return cors.apply(request, response, service_of(current_app.extensions).settings.cors_origins)
 
 
 @playground_bp.get("/playground")

@@ -20,7 +20,7 @@ from testing.browser import WatchedBrowser, watched_browser
 from testing.fake_upstream import FakeUpstream
 from testing.proxy import CuttingProxy
 from testing.servers import ROOT, Gunicorn, gunicorn_server
-from testing.sse import estimated_usage, wait_for_status
+from testing.sse import estimated_usage, stage_status, wait_for_status
 
 LONG = "fake?chunks=500&interval=0.05"
 SCREENSHOT = ROOT / "docs" / "playground.png"
@@ -308,13 +308,70 @@ def test_the_playground_stop_button_cancels_the_stage(
 def test_the_playground_is_in_keyboard_order(browser: WatchedBrowser, server: Gunicorn) -> None:
     page = browser.page
     page.goto(f"{server.url}/playground")
-    page.get_by_label("Upstream").focus()
+    page.get_by_label("API key").focus()
     order = []
-    for _ in range(8):
+    for _ in range(9):
         order.append(page.evaluate("document.activeElement.id"))
         page.keyboard.press("Tab")
     fields = ["upstream", "model", "system-prompt", "user-prompt", "temperature", "max-tokens"]
-    assert order == [*fields, "resumable", "start"]
+    assert order == ["api-key", *fields, "resumable", "start"]
+
+
+CAROL = "carol-secret-key-3"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(fake: FakeUpstream) -> Iterator[Gunicorn]:
+    env = {
+        "STAGESERVER_UPSTREAMS": json.dumps({"first": {"url": fake.url},
+                                             "second": {"url": fake.url}}),
+        "STAGESERVER_API_KEYS": json.dumps({"carol": {"key": CAROL, "upstreams": ["second"]}}),
+    }
+    with gunicorn_server(env) as gunicorn:
+        yield gunicorn
+
+
+def test_the_playground_takes_an_api_key_and_says_plainly_when_it_is_refused(
+    browser: WatchedBrowser, keyed_server: Gunicorn
+) -> None:
+    browser.allow_console_error(r"status of 401 \(UNAUTHORIZED\)")  # Chromium logs every 4xx
+    page = browser.page
+    page.goto(f"{keyed_server.url}/playground")
+    key, problem = page.get_by_label("API key"), page.locator("#api-key-problem")
+    assert key.get_attribute("type") == "password"
+    expect(problem).to_have_text("This server requires an API key: enter it here.")
+    expect(page.get_by_label("Upstream")).to_have_value("")
+
+    key.fill("not-a-known-key")
+    key.press("Tab")  # the keyboard's way: the key is read when it changes
+    expect(problem).to_have_text("The server refused this API key (401): unknown API key")
+
+    key.fill(CAROL)
+    key.press("Tab")
+    expect(problem).to_have_text("")
+    # GET /upstreams lists only the upstreams this key may use.
+    expect(page.locator("#upstream option")).to_have_text(["second (openai, default)"])
+    page.get_by_label("Model").fill("fake?chunks=3")
+    page.get_by_label("User prompt").press("Control+Enter")
+    expect(page.get_by_role("status")).to_have_text("Done.")
+    assert page.locator("#answer").inner_text() == "tok0 tok1 tok2 "
+    status = stage_status(keyed_server.url, stage_of(page), {"Authorization": f"Bearer {CAROL}"})
+    assert (status["status"], status["upstream"]) == ("done", "second")
+
+    # Kept for the page's life only: in no storage, no URL, no cookie, nothing shown.
+    kept = page.evaluate("[localStorage.length, sessionStorage.length, document.cookie]")
+    assert kept == [0, 0, ""]
+    assert CAROL not in page.url
+    assert CAROL not in page.content()
+    assert CAROL not in page.locator("body").inner_text()
+
+    key.fill("")
+    key.press("Tab")
+    page.get_by_label("User prompt").press("Control+Enter")
+    expect(page.get_by_role("status")).to_have_text(
+        "Failed: this server requires an API key: send 'Authorization: Bearer <key>'")
+    expect(problem).to_have_text("This server requires an API key: enter it here.")
+    assert CAROL not in keyed_server.log()
 
 
 PLAYGROUND_TEXT = (

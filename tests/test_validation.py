@@ -34,6 +34,9 @@ def post(client: FlaskClient, **changes: Any) -> Any:
         ({"max_tokens": 0}, "max_tokens", "must be from 1 to 4096 (got 0)"),
         ({"max_tokens": [5000]}, "max_tokens", "must be from 1 to 4096 (got 5000)"),
         ({"max_tokens": []}, "max_tokens", "must not be an empty list"),
+        ({"max_tokens": [None]}, "max_tokens", "must not be a list that starts with null"),
+        ({"temperature": [None, 1]}, "temperature", "must not be a list that starts with null"),
+        ({"max_tokens": [[1]]}, "max_tokens", "Input should be a valid integer"),
         ({"max_tokens": "5"}, "max_tokens", "Input should be a valid integer"),
         ({"max_tokens": 1.5}, "max_tokens", "Input should be a valid integer"),
         ({"temperature": 2.5}, "temperature", "must be from 0 to 2 (got 2.5)"),
@@ -64,11 +67,81 @@ def test_every_bad_field_is_named_at_once(client: FlaskClient) -> None:
     ]
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"text"', b"{"])
-def test_body_that_is_not_a_json_object(client: FlaskClient, raw: bytes) -> None:
+DEEP = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under the body limit
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"", "is empty: send a JSON object"),
+        (b" \r\n", "is empty: send a JSON object"),
+        (b"not json", "is not valid JSON: Expecting value at line 1 column 1"),
+        (b"[1, 2]", "must be a JSON object, not an array"),
+        (b'"text"', "must be a JSON object, not a string"),
+        (b"3", "must be a JSON object, not a number"),
+        (b"null", "must be a JSON object, not null"),
+        (b"{", "is not valid JSON: Expecting property name enclosed in double quotes at line 1 "
+         "column 2"),
+        (b'{"a": 1,\n "b": }', "is not valid JSON: Expecting value at line 2 column 7"),
+        (b'{"a": 1} {"b": 2}', "is not valid JSON: Extra data at line 1 column 10"),
+        (b'{"a": "x', "is not valid JSON: Unterminated string starting at line 1 column 7"),
+        # a scan that retried from every quote would take hours over these
+        (b'"\\' * 500_000, "is not valid JSON: Unterminated string starting at line 1 column 1"),
+        (b'["' + b'\\"' * 500_000, "is not valid JSON: Unterminated string starting at line 1 "
+         "column 2"),
+        # deep nesting: refused before parsing, without recursion
+        (DEEP, "nests deeper than 64 levels"),
+        (b'{"a": ' + b"[" * 64 + b"]" * 64 + b"}", "nests deeper than 64 levels"),
+        # overlong numbers
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "has a number too long to parse (5000 digits)"),
+        (b'{"max_tokens": -' + b"1" * 4301 + b"}", "has a number too long to parse (4301 digits)"),
+        (b'{"temperature": 1e400}', "has a number too large to parse (1e400)"),
+        # bad encodings
+        (b'{"user_prompt": "caf\xe9"}', "is not UTF-8 (byte 0xe9 at offset 20)"),
+        (b'{"a": "\xff"}', "is not UTF-8 (byte 0xff at offset 7)"),
+        (b'{"a": "\xc3"}', "is not UTF-8 (byte 0xc3 at offset 7)"),
+        (b'{"a": "\xed\xa0\x80"}', "is not UTF-8 (byte 0xed at offset 7)"),  # a raw surrogate
+        ('{"a": "b"}'.encode("utf-16-le"), "is not UTF-8 (it looks like UTF-16-LE)"),
+        ('{"a": "b"}'.encode("utf-16"), "is not UTF-8 (it looks like UTF-16)"),
+        ('{"a": "b"}'.encode("utf-32-be"), "is not UTF-8 (it looks like UTF-32-BE)"),
+        (b'{"user_prompt": "\\ud800"}',
+         "has a lone surrogate (\\ud800), which is not a Unicode character"),
+        (b'{"a": ["\\udfff x"]}',
+         "has a lone surrogate (\\udfff), which is not a Unicode character"),
+        # NaN and Infinity
+        (b'{"temperature": NaN}', "contains NaN or Infinity, which JSON does not allow"),
+        (b'{"temperature": Infinity}', "contains NaN or Infinity, which JSON does not allow"),
+        (b'{"a": [-Infinity]}', "contains NaN or Infinity, which JSON does not allow"),
+        # duplicate keys, at any depth
+        (b'{"stage_id": "a", "stage_id": "b"}', "has the key 'stage_id' twice"),
+        (b'{"a": {"x": 1, "y": 2, "x": 3}}', "has the key 'x' twice"),
+        (b'{"' + b"k" * 50 + b'": 1, "' + b"k" * 50 + b'": 2}',
+         "has the key '" + "k" * 40 + "...' twice"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_says_what_is_wrong(
+    client: FlaskClient, upstream: FakeUpstream, raw: bytes, problem: str
+) -> None:
     response = client.post("/chat", data=raw, content_type="application/json")
     assert response.status_code == 400
-    assert response.get_json() == {"error": "request body must be a JSON object", "field": "body"}
+    assert response.get_json() == {"error": f"request body {problem}", "field": "body"}
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": ' + b"[" * 63 + b"]" * 63 + b"}",  # 64 levels, the object included
+        b'\xef\xbb\xbf{"a": 1}',  # a UTF-8 byte order mark, which RFC 8259 lets us ignore
+        '{"a": "caf\u00e9 \U0001f600"}'.encode(),
+        b'{"a": "\\ud83d\\ude00", "b": "\\\\ud800"}',  # a surrogate pair; an escaped backslash
+        b'{"a": "' + b"[" * 100 + b'", "b": "\\"' + b"{" * 100 + b'"}',  # in strings: no nesting
+    ],
+)
+def test_bodies_that_are_strict_json_objects_are_read(client: FlaskClient, raw: bytes) -> None:
+    response = client.post("/chat", data=raw, content_type="application/json")
+    assert response.status_code == 422  # read, then refused for its missing fields
+    assert response.get_json()["fields"][0] == {"field": "stage_id", "message": "Field required"}
 
 
 def test_json_without_content_type_is_accepted(client: FlaskClient) -> None:

@@ -5,6 +5,7 @@ const baseUrl = new URL("..", import.meta.url).href; // where stageserver is mou
 const $ = (id) => document.getElementById(id);
 const buttons = { start: $("start"), stop: $("stop"), drop: $("drop") };
 let running = null; // { stageId, lastEventId, drop }
+let listing = 0; // the latest listing of the upstreams; an earlier one under way is dropped
 
 $("stage-form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -18,12 +19,41 @@ $("user-prompt").addEventListener("keydown", (event) => {
 });
 buttons.stop.addEventListener("click", stop);
 buttons.drop.addEventListener("click", drop);
+$("api-key").addEventListener("change", listUpstreams);
 listUpstreams();
+
+/** The API key typed in, if any: read from its field each time, stored nowhere else. */
+function apiKey() {
+  return $("api-key").value.trim() || undefined;
+}
+
+/** Next to the key's field: the server's 401, plainly, or nothing (null). */
+function keyRefused(message) {
+  let text = "";
+  if (message) {
+    text = apiKey()
+      ? `The server refused this API key (401): ${message}`
+      : "This server requires an API key: enter it here.";
+  }
+  $("api-key-problem").textContent = text;
+}
 
 async function listUpstreams() {
   const select = $("upstream");
+  const key = apiKey();
+  const call = ++listing;
   try {
-    const response = await fetch(new URL("upstreams", baseUrl));
+    const response = await fetch(new URL("upstreams", baseUrl), {
+      headers: key ? { Authorization: `Bearer ${key}` } : {},
+    });
+    if (call !== listing) return;
+    select.replaceChildren();
+    if (response.status === 401) {
+      keyRefused((await response.json()).error);
+      select.append(new Option("the API key is needed first", ""));
+      return;
+    }
+    keyRefused(null);
     const { upstreams } = await response.json();
     for (const { name, kind, default: isDefault } of upstreams) {
       const label = `${name} (${kind}${isDefault ? ", default" : ""})`;
@@ -67,6 +97,7 @@ async function start() {
   try {
     const result = await streamStage(request(stageId), {
       baseUrl,
+      apiKey: apiKey(),
       onConnect: (connection) => {
         running.drop = connection.drop;
         log(connection.kind === "chat"
@@ -83,6 +114,7 @@ async function start() {
     say({ done: "Done.", error: `Error: ${result.error}`, cancelled: `Cancelled: ${result.reason}` }[
       result.status]);
   } catch (error) {
+    if (error.status === 401) keyRefused(error.message);
     say(`Failed: ${error.message}`);
   } finally {
     running = null;
@@ -128,9 +160,10 @@ async function stop() {
   if (!running) return;
   const { stageId } = running;
   try {
-    await cancelStage(stageId, { baseUrl });
+    await cancelStage(stageId, { baseUrl, apiKey: apiKey() });
     log(`POST /stages/${stageId}/cancel: cancelling.`);
   } catch (error) {
+    if (error.status === 401) keyRefused(error.message);
     log(`Stop failed: ${error.message}`);
   }
 }
