@@ -205,10 +205,17 @@ class UpstreamRelay:
         first_token: ReadDeadline,
         began: float,
     ) -> None:
+        reads: Iterator[bytes]
         if response.headers.get("content-encoding", "identity") != "identity":
             reads = response.iter_bytes()  # decodes what the upstream compressed anyway
         else:
-            reads = response.iter_raw()
+            # The transport's own stream (``Response.stream``, httpx's public attribute):
+            # iter_raw() would add two generators and a list to every read. Closing the
+            # response still closes it.
+            stream = response.stream
+            if not isinstance(stream, httpx2.SyncByteStream):
+                raise TypeError("the upstream client answered with an async stream")
+            reads = iter(stream)
         idle = ReadDeadline(attempt.config.idle_timeout)
         try:
             self._relay_reads(stage, attempt, trace, reads, first_token, idle, began)

@@ -16,6 +16,7 @@ stage is given them when it is made, calls them in that order, and knows none of
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -81,6 +82,20 @@ class Subscriber:
         self.client_gone = False
 
 
+# Every process's stage instances are told apart by a random prefix of its own, drawn
+# again in a forked child, and a counter: no system call for each stage.
+_INSTANCE_PREFIX = os.urandom(6).hex() + "."
+_instances = itertools.count()
+
+
+def _new_instance_prefix() -> None:
+    global _INSTANCE_PREFIX
+    _INSTANCE_PREFIX = os.urandom(6).hex() + "."
+
+
+os.register_at_fork(after_in_child=_new_instance_prefix)
+
+
 def _nobody_elsewhere(stage_id: str) -> bool:
     return False
 
@@ -100,7 +115,7 @@ class Stage:
         #: The stage's id everywhere inside stageserver: its id in its principal's namespace.
         self.key = spec.principal.namespace + spec.stage_id
         #: Unique to this stage, not only to its key, which a later stage may reuse.
-        self.instance = f"{self.key}#{os.urandom(6).hex()}"
+        self.instance = f"{self.key}#{_INSTANCE_PREFIX}{next(_instances)}"
         self.status = RUNNING
         self.created_at = time.time()
         self.started = time.monotonic()
