@@ -5,8 +5,9 @@
 
 One process under gevent, as a worker runs: for each transport an ``Upstream`` (the
 openai client as stages use it), ``--streams`` concurrent streams from the fake upstream
-(``python -m testing.fake_upstream``, its own process) read with ``iter_raw()`` to the end,
-as the stage reads them. Each round runs, for every transport in turn (the order
+(``python -m testing.fake_upstream``, its own process) read to the end as the stage reads
+them: a transport named ``NAME:stream`` is read through ``iter(response.stream)``, the
+transport's own stream (what the relay does), ``NAME`` through ``iter_raw()``. Each round runs, for every transport in turn (the order
 alternating between rounds), a long workload (``--chunks`` chunks per stream,
 ``--interval`` apart, so each arrives in a read of its own) and a short one (1 chunk).
 The process's CPU time over each workload gives CPU = requests × a + chunks × b; the two
@@ -54,17 +55,19 @@ def measure(url: str, args: argparse.Namespace) -> dict[str, list[tuple[float, f
     upstreams = {
         name: Upstream(
             UpstreamConfig(
-                name, url, "openai", "", 5.0, 30.0, 30.0, args.streams * 2, transport=name
+                name, url, "openai", "", 5.0, 30.0, 30.0, args.streams * 2,
+                transport=name.partition(":")[0],
             )
         )
         for name in names
-    }
+    }  # fmt: skip
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for number in range(args.rounds + 1):
         order = names if number % 2 == 0 else names[::-1]
         for name in order:
-            long_cpu, long_chunks = workload(upstreams[name], args, args.chunks)
-            short_cpu, short_chunks = workload(upstreams[name], args, 1)
+            direct = name.endswith(":stream")
+            long_cpu, long_chunks = workload(upstreams[name], args, args.chunks, direct)
+            short_cpu, short_chunks = workload(upstreams[name], args, 1, direct)
             per_chunk = (long_cpu - short_cpu) / (long_chunks - short_chunks)
             per_request = (short_cpu - per_chunk * short_chunks) / args.streams
             if number:  # round 0 warms up: connections, imports, caches
@@ -74,7 +77,9 @@ def measure(url: str, args: argparse.Namespace) -> dict[str, list[tuple[float, f
     return results
 
 
-def workload(upstream: Any, args: argparse.Namespace, chunks: int) -> tuple[float, int]:
+def workload(
+    upstream: Any, args: argparse.Namespace, chunks: int, direct: bool
+) -> tuple[float, int]:
     """CPU seconds of this process to read ``--streams`` streams; chunks read in all."""
     import gevent
 
@@ -86,7 +91,7 @@ def workload(upstream: Any, args: argparse.Namespace, chunks: int) -> tuple[floa
         response = upstream.open_stream(body, {})
         try:
             n = 0
-            for _ in response.iter_raw():
+            for _ in iter(response.stream) if direct else response.iter_raw():
                 n += 1
             counts.append(n)
         finally:
