@@ -85,8 +85,13 @@ class Snapshot:
 class WorkerProbe:
     """A gunicorn instance's (newest) worker, seen from outside."""
 
-    def __init__(self, server: Gunicorn, upstream_port: int, store_ports: Collection[int] = ()):
+    def __init__(
+        self, server: Gunicorn, upstream_port: int, store_ports: Collection[int] = (),
+        name: str = "",
+    ) -> None:  # fmt: skip
+        """``name``: how the table tells this worker from another's, if there are two."""
         self.server = server
+        self.name = name
         self.upstream_port = upstream_port
         self.store_ports = set(store_ports)
         self.pid = server.worker_pids()[-1]
@@ -196,13 +201,17 @@ def settle(
     time.sleep(SETTLE_SECONDS)
     greenlets = descriptors = rss = 0
     kinds: Counter[str] = Counter()
+    details = []
     for probe in probes:
         greenlets += probe.greenlets()
         count, by_kind, rss_delta = probe.leftover()
         descriptors += count
         kinds.update(by_kind)
         rss += rss_delta
-    detail = ", ".join(f"{k} {v:+d}" for k, v in sorted(kinds.items()) if v)
+        mine = ", ".join(f"{k} {v:+d}" for k, v in sorted(by_kind.items()) if v)
+        if mine:
+            details.append(f"{probe.name}: {mine}" if probe.name else mine)
+    detail = "; ".join(details)
     outcome.leftover = Leftover(
         greenlets, descriptors, detail, rss, upstream_connections(), SETTLE_SECONDS
     )

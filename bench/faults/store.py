@@ -47,7 +47,9 @@ def _pair(
     b = Gunicorn(env)
     stack.callback(b.stop)
     warm(a, b)
-    return a, b, WorkerProbe(a, fake.port, store_ports), WorkerProbe(b, fake.port, store_ports)
+    return a, b, WorkerProbe(a, fake.port, store_ports, "A"), WorkerProbe(
+        b, fake.port, store_ports, "B"
+    )
 
 
 def owner_sigkill(quick: bool) -> Outcome:
