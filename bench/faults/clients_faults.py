@@ -12,16 +12,7 @@ from testing.servers import Gunicorn
 from testing.sse import post_chat, stage_status
 
 from .clients import EventSourceClient, chat, raw_chat, read_to_close, status_of
-from .harness import (
-    LoadMeter,
-    Outcome,
-    WorkerProbe,
-    check_logs,
-    fault_settings,
-    settle,
-    wait_until,
-    warm,
-)
+from .harness import Outcome, WorkerProbe, start_rig, wait_until
 
 _LONG = "fake?chunks=2000&interval=0.05"
 _FROZEN_TTL = 2
@@ -45,15 +36,13 @@ def frozen_clients(quick: bool) -> Outcome:
         # Each stage's log bounded to 1 MiB (the relay reads on while its client is
         # frozen: 40 logs of the default 8 MiB would be 320 MB), and finished stages kept
         # 2 s, not 600: their text, 16 KB a chunk, is what the TTL keeps, not a leak.
-        server = Gunicorn(fault_settings(
-            fake.url, STAGESERVER_EVENT_LOG_MAX_BYTES=str(1 << 20),
+        rig = start_rig(
+            stack, fake.url, fake.port, lambda: fake.open_connections,
+            STAGESERVER_EVENT_LOG_MAX_BYTES=str(1 << 20),
             STAGESERVER_STAGE_TTL_SECONDS=str(_FROZEN_TTL),
             STAGESERVER_EVENT_TTL_SECONDS=str(_FROZEN_TTL),
-        ))  # fmt: skip
-        stack.callback(server.stop)
-        warm(server)
-        probe = WorkerProbe(server, fake.port)
-        meter = LoadMeter()
+        )  # fmt: skip
+        server, probe = rig.server, rig.probe
         rss: list[int] = []
         for number in range(2):
             released = _freeze(out, server, fake, probe, [f"fz{number}-{i}" for i in range(n)])
@@ -73,9 +62,7 @@ def frozen_clients(quick: bool) -> Outcome:
             f"every upstream closed; RSS {', '.join(f'{r / 1024:+.0f} MB' for r in rss)} "
             f"after rounds 1, 2 ({'the high-water mark of round 1, reused' if reused else 'grew'})"
         )
-        settle(out, [probe], lambda: fake.open_connections)
-        out.other_load = meter.cores()
-        check_logs(out, server)
+        rig.finish(out)
     return out
 
 
@@ -111,11 +98,9 @@ def eventsource_after_end(quick: bool) -> Outcome:
     n = 5 if quick else 20
     watch_seconds = 5.0
     with FakeUpstream() as fake, ExitStack() as stack:
-        server = Gunicorn(fault_settings(fake.url))  # the access log on: requests counted
-        stack.callback(server.stop)
-        warm(server)
-        probe = WorkerProbe(server, fake.port)
-        meter = LoadMeter()
+        # The access log on, as by default: the requests are counted in it.
+        rig = start_rig(stack, fake.url, fake.port, lambda: fake.open_connections)
+        server = rig.server
         ids = [f"es-{i}" for i in range(n)]
         stages = [chat(server.url, stage_id, "fake?chunks=20&interval=0.05") for stage_id in ids]
         for stage in stages:
@@ -146,9 +131,7 @@ def eventsource_after_end(quick: bool) -> Outcome:
             f"{'/'.join(sorted(set(map(str, after))))} request after the end (204) and stopped; "
             f"{watch_seconds:g} s watched"
         )
-        settle(out, [probe], lambda: fake.open_connections)
-        out.other_load = meter.cores()
-        check_logs(out, server)
+        rig.finish(out)
     return out
 
 
@@ -158,11 +141,8 @@ def half_close(quick: bool) -> Outcome:
     out = Outcome("half-close (SHUT_WR)")
     n = 5 if quick else 20
     with FakeUpstream() as fake, ExitStack() as stack:
-        server = Gunicorn(fault_settings(fake.url))
-        stack.callback(server.stop)
-        warm(server)
-        probe = WorkerProbe(server, fake.port)
-        meter = LoadMeter()
+        rig = start_rig(stack, fake.url, fake.port, lambda: fake.open_connections)
+        server = rig.server
         fake.reset()
         ids = [f"hc-{i}" for i in range(n)]
         socks = [raw_chat(server.port, stage_id, _LONG) for stage_id in ids]
@@ -185,7 +165,5 @@ def half_close(quick: bool) -> Outcome:
             f"terminal event written; {closed}/{n} connections closed by the server; "
             f"{called} upstream calls made, all closed"
         )
-        settle(out, [probe], lambda: fake.open_connections)
-        out.other_load = meter.cores()
-        check_logs(out, server)
+        rig.finish(out)
     return out

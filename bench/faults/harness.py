@@ -24,7 +24,8 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,3 +274,56 @@ def warm(*servers: Gunicorn) -> None:
         if response.status_code != 200:
             raise RuntimeError(f"the warm-up stage failed: {response.status_code} {response.text}")
         requests.get(f"{server.url}/metrics", timeout=10)
+
+
+@dataclass
+class Rig:
+    """A fault's gunicorn instances, warmed up, a probe on each one's worker, and the
+    machine's other load counted from the moment they were ready."""
+
+    servers: list[Gunicorn]
+    probes: list[WorkerProbe]
+    upstream_connections: Callable[[], int]
+    meter: LoadMeter
+
+    @property
+    def server(self) -> Gunicorn:
+        return self.servers[0]
+
+    @property
+    def probe(self) -> WorkerProbe:
+        return self.probes[0]
+
+    def settle(self, outcome: Outcome) -> None:
+        settle(outcome, self.probes, self.upstream_connections)
+
+    def finish(
+        self, outcome: Outcome, *, settled: bool = False, logs: Sequence[Gunicorn] | None = None
+    ) -> None:
+        """What is left over (unless ``settled`` already), the other load, and no
+        traceback in the ``logs`` of the servers (all of them by default)."""
+        if not settled:
+            self.settle(outcome)
+        outcome.other_load = self.meter.cores()
+        check_logs(outcome, *(self.servers if logs is None else logs))
+
+
+def start_rig(
+    stack: ExitStack, upstream_url: str, upstream_port: int,
+    upstream_connections: Callable[[], int], *, names: Sequence[str] = ("",),
+    store_ports: Collection[int] = (), **settings: str,
+) -> Rig:  # fmt: skip
+    """One gunicorn instance per name (stopped with ``stack``), with ``fault_settings``
+    and ``settings``, each warmed up and probed."""
+    env = fault_settings(upstream_url, **settings)
+    servers = []
+    for _ in names:
+        server = Gunicorn(env)
+        stack.callback(server.stop)
+        servers.append(server)
+    warm(*servers)
+    probes = [
+        WorkerProbe(server, upstream_port, store_ports, name)
+        for server, name in zip(servers, names, strict=True)
+    ]
+    return Rig(servers, probes, upstream_connections, LoadMeter())

@@ -10,11 +10,10 @@ import requests
 from stageserver.shutdown import SHUTDOWN_MESSAGE
 from stageserver.upstream_pool import KEEPALIVE_EXPIRY, SWEEP_SECONDS
 from testing.fake_upstream import FakeUpstream
-from testing.servers import Gunicorn
 from testing.sse import post_chat
 
 from .clients import chat, one_terminal
-from .harness import LoadMeter, Outcome, WorkerProbe, check_logs, fault_settings, settle, warm
+from .harness import Outcome, start_rig
 from .swarm import run_swarm
 
 _RETIRING = "Autorestarting worker after current request."
@@ -29,12 +28,9 @@ def worker_restart(quick: bool) -> Outcome:
     with FakeUpstream() as fake, ExitStack() as stack:
         # A few requests before the streams (the start-up probe, the warm-up stage and
         # scrape), then the n streams: the worker retires a few requests after them.
-        env = {**fault_settings(fake.url), "GUNICORN_CMD_ARGS": f"--max-requests {n + 10}"}
-        server = Gunicorn(env)
-        stack.callback(server.stop)
-        warm(server)
-        probe = WorkerProbe(server, fake.port)
-        meter = LoadMeter()
+        rig = start_rig(stack, fake.url, fake.port, lambda: fake.open_connections,
+                        GUNICORN_CMD_ARGS=f"--max-requests {n + 10}")
+        server, probe = rig.server, rig.probe
         streams = [chat(server.url, f"wr-{i}", "fake?chunks=2000&interval=0.05") for i in range(n)]
         for stream in streams:
             stream.first_chunk.wait(10)
@@ -66,9 +62,7 @@ def worker_restart(quick: bool) -> Outcome:
             f"`error`; {len(chats)} upstreams closed; the new worker "
             + ("serves" if serves else "does not serve")
         )
-        settle(out, [probe], lambda: fake.open_connections)
-        out.other_load = meter.cores()
-        check_logs(out, server)
+        rig.finish(out)
     return out
 
 
@@ -79,11 +73,9 @@ def burst_then_quiet(quick: bool) -> Outcome:
     out = Outcome("burst then quiet")
     n = 50 if quick else 300
     with FakeUpstream() as fake, ExitStack() as stack:
-        server = Gunicorn(fault_settings(fake.url, STAGESERVER_ACCESS_LOG=""))
-        stack.callback(server.stop)
-        warm(server)
-        probe = WorkerProbe(server, fake.port)
-        meter = LoadMeter()
+        rig = start_rig(stack, fake.url, fake.port, lambda: fake.open_connections,
+                        STAGESERVER_ACCESS_LOG="")
+        server, probe = rig.server, rig.probe
         started = time.monotonic()
         result = run_swarm(server.port, streams=n, concurrency=n, chunks=20, interval=0.05)
         peak = fake.connections_opened
@@ -105,7 +97,5 @@ def burst_then_quiet(quick: bool) -> Outcome:
             f"baseline {'never' if fell is None else f'{fell:.1f} s after the last stream'} "
             f"(keep-alive expiry {KEEPALIVE_EXPIRY:g} s + reaper period {SWEEP_SECONDS:g} s)"
         )
-        settle(out, [probe], lambda: fake.open_connections)
-        out.other_load = meter.cores()
-        check_logs(out, server)
+        rig.finish(out)
     return out

@@ -17,19 +17,9 @@ from typing import Any
 import requests
 
 from bench import procs
-from testing.servers import Gunicorn
 from testing.sse import post_chat
 
-from .harness import (
-    SETTLE_SECONDS,
-    LoadMeter,
-    Outcome,
-    WorkerProbe,
-    check_logs,
-    fault_settings,
-    settle,
-    warm,
-)
+from .harness import SETTLE_SECONDS, Outcome, start_rig
 from .swarm import run_swarm
 
 _CHURN_TTL = 5  # seconds: a round's finished stages are gone before the next is measured
@@ -55,15 +45,12 @@ def churn(quick: bool) -> Outcome:
         stack.callback(upstream.stop)
         # Finished stages retained for 5 s, not the default 600 s: what is measured is
         # what churn leaves behind, not what the TTLs keep on purpose (see stage-memory).
-        server = Gunicorn(fault_settings(
-            upstream.url, STAGESERVER_ACCESS_LOG="", STAGESERVER_MAX_ACTIVE_STREAMS="900",
-            STAGESERVER_STAGE_TTL_SECONDS=str(_CHURN_TTL),
+        rig = start_rig(
+            stack, upstream.url, upstream.port, lambda: _upstream_open(upstream),
+            STAGESERVER_ACCESS_LOG="", STAGESERVER_STAGE_TTL_SECONDS=str(_CHURN_TTL),
             STAGESERVER_EVENT_TTL_SECONDS=str(_CHURN_TTL),
-        ))  # fmt: skip
-        stack.callback(server.stop)
-        warm(server)
-        probe = WorkerProbe(server, upstream.port)
-        meter = LoadMeter()
+        )  # fmt: skip
+        server, probe = rig.server, rig.probe
         rss: list[int] = []
         fds: list[int] = []
         rounds: list[str] = []
@@ -73,7 +60,7 @@ def churn(quick: bool) -> Outcome:
                 interval=0.005, drop_fraction=0.3, seed=number, prefix=f"c{number}",
             )  # fmt: skip
             out.check(not result.problems, f"round {number + 1}: {dict(result.problems)}")
-            settle(out, [probe], lambda: _upstream_open(upstream))
+            rig.settle(out)
             # One stage, so that the registry forgets the round's stages (it sweeps when
             # a stage is added); then what the worker holds.
             post_chat(server.url, stage_id=f"sweep-{number}", stream=False)
@@ -99,8 +86,7 @@ def churn(quick: bool) -> Outcome:
             f"after rounds 1, 2, 3; descriptors above the baseline after each: "
             f"{', '.join(f'{d:+d}' for d in fds)}."
         )
-        out.other_load = meter.cores()
-        check_logs(out, server)
+        rig.finish(out, settled=True)
     return out
 
 
@@ -113,20 +99,14 @@ def stage_memory(quick: bool) -> Outcome:
     upstream = procs.FakeUpstreamProcess()
     with ExitStack() as stack:
         stack.callback(upstream.stop)
-        server = Gunicorn(fault_settings(upstream.url, STAGESERVER_ACCESS_LOG=""))
-        stack.callback(server.stop)
-        warm(server)
-        probe = WorkerProbe(server, upstream.port)
-        meter = LoadMeter()
-        result = run_swarm(server.port, streams=stages, concurrency=100, chunks=30,
+        rig = start_rig(stack, upstream.url, upstream.port, lambda: _upstream_open(upstream),
+                        STAGESERVER_ACCESS_LOG="")
+        result = run_swarm(rig.server.port, streams=stages, concurrency=100, chunks=30,
                            interval=0.005, prefix="fs")
         out.check(result.done == stages, f"{stages - result.done} stages did not end with done")
-        settle(out, [probe], lambda: _upstream_open(upstream))
+        rig.finish(out)
         assert out.leftover is not None
         per_stage = out.leftover.rss_kb * 1024 / stages
-        running = probe.greenlets()
-        out.other_load = meter.cores()
-        check_logs(out, server)
     cost = _in_process(1000 if quick else stages)
     settled, unsettled = cost["settled"], cost["unsettled"]
     out.happened = (
@@ -135,7 +115,7 @@ def stage_memory(quick: bool) -> Outcome:
     )
     out.lines += [
         f"A finished stage while retained: {per_stage / 1024:.1f} KB of the worker's RSS "
-        f"({stages:,} stages of 30 chunks, {running} still running after settling). Counted "
+        f"({stages:,} stages of 30 chunks, none left running). Counted "
         f"in-process by tracemalloc ({cost['stages']:,} stages, the same chunks): "
         f"{settled['with_events_bytes'] / 1024:.1f} KB while its events are replayable "
         f"(their bytes: {settled['event_bytes'] / 1024:.1f} KB), "
@@ -145,7 +125,8 @@ def stage_memory(quick: bool) -> Outcome:
         f"{unsettled['with_events_bytes'] / 1024:.1f} KB and "
         f"{unsettled['status_only_bytes'] / 1024:.1f} KB.",
         "Where a retained stage's bytes were allocated (tracemalloc, per stage): "
-        + ", ".join(f"`{where}` {size} B" for where, size in settled["top_with_events"]) + ".",
+        + "; ".join(f"{size} B at `{where}` (`{line}`)"
+                    for where, line, size in settled["top_with_events"]) + ".",
     ]
     return out
 

@@ -23,6 +23,7 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import linecache  # noqa: E402
 import sys  # noqa: E402
 import tracemalloc  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -110,18 +111,26 @@ def measure(kind: type[Stage], stages: int, chunks: int) -> dict[str, Any]:
         "with_events_bytes": round(with_events / stages),
         "status_only_bytes": round(status_only / stages),
         "event_bytes": wire,  # the events' own bytes, as a client receives them
-        "top_with_events": top,
-        "top_status_only": top_status,
+        "top_with_events": _named(top),
+        "top_status_only": _named(top_status),
     }
 
 
-def _top(stats: list[tracemalloc.StatisticDiff], stages: int) -> list[tuple[str, int]]:
-    """Where the bytes per stage were allocated: file:line, bytes; the largest first."""
+def _top(stats: list[tracemalloc.StatisticDiff], stages: int) -> list[tuple[str, int, int]]:
+    """Where the bytes per stage were allocated, the largest first: file, line, bytes."""
     return [
-        (f"{stat.traceback[0].filename.rsplit('/', 1)[-1]}:{stat.traceback[0].lineno}",
-         round(stat.size_diff / stages))
+        (stat.traceback[0].filename, stat.traceback[0].lineno, round(stat.size_diff / stages))
         for stat in stats[:8]
         if stat.size_diff / stages >= 16
+    ]
+
+
+def _named(top: list[tuple[str, int, int]]) -> list[tuple[str, str, int]]:
+    """file:line, the line itself, bytes (read once tracemalloc is off: reading costs too).
+    Lines of this file are the stage's request: its spec, and the stage object itself."""
+    return [
+        (f"{path.rsplit('/', 1)[-1]}:{line}", linecache.getline(path, line).strip(), size)
+        for path, line, size in top
     ]
 
 

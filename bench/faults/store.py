@@ -8,11 +8,11 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
 
 from testing.fake_upstream import FakeUpstream
-from testing.servers import Gunicorn, RedisServer, SentinelGroup
+from testing.servers import RedisServer, SentinelGroup
 from testing.sse import post_chat, stage_status
 
 from .clients import (
@@ -24,32 +24,15 @@ from .clients import (
     status_of,
     watch,
 )
-from .harness import (
-    LoadMeter,
-    Outcome,
-    WorkerProbe,
-    check_logs,
-    fault_settings,
-    settle,
-    wait_until,
-    warm,
-)
+from .harness import Outcome, Rig, start_rig, wait_until
 
 
-def _pair(
-    stack: ExitStack, fake: FakeUpstream, store_url: str, store_ports: set[int]
-) -> tuple[Gunicorn, Gunicorn, WorkerProbe, WorkerProbe]:
-    """Instances A and B on the store (stopped with ``stack``), warmed up, with a probe on
-    each worker."""
-    env = fault_settings(fake.url, STAGESERVER_STORE_URL=store_url)
-    a = Gunicorn(env)
-    stack.callback(a.stop)
-    b = Gunicorn(env)
-    stack.callback(b.stop)
-    warm(a, b)
-    return a, b, WorkerProbe(a, fake.port, store_ports, "A"), WorkerProbe(
-        b, fake.port, store_ports, "B"
-    )
+def _pair(stack: ExitStack, fake: FakeUpstream, store_url: str, store_ports: set[int]) -> Rig:
+    """Instances A and B sharing the store."""
+    return start_rig(
+        stack, fake.url, fake.port, lambda: fake.open_connections, names=("A", "B"),
+        store_ports=store_ports, STAGESERVER_STORE_URL=store_url,
+    )  # fmt: skip
 
 
 def owner_sigkill(quick: bool) -> Outcome:
@@ -60,8 +43,8 @@ def owner_sigkill(quick: bool) -> Outcome:
     with FakeUpstream() as fake, ExitStack() as stack:
         redis = RedisServer()
         stack.callback(redis.stop)
-        a, b, probe_a, probe_b = _pair(stack, fake, redis.url, {redis.port})
-        meter = LoadMeter()
+        rig = _pair(stack, fake, redis.url, {redis.port})
+        (a, b), (probe_a, _) = rig.servers, rig.probes
         for stage_id in ids:
             start_and_leave(a.url, stage_id, "fake?chunks=2000&interval=0.05")
         watchers = [watch(b.url, stage_id) for stage_id in ids]
@@ -92,9 +75,7 @@ def owner_sigkill(quick: bool) -> Outcome:
             f"{errors}/{n} statuses `error`; {reused}/{n} ids reusable"
         )
         probe_a.follow_new_worker()
-        settle(out, [probe_a, probe_b], lambda: fake.open_connections)
-        out.other_load = meter.cores()
-        check_logs(out, b)  # A's log has the SIGKILL itself
+        rig.finish(out, logs=[b])  # A's log has the SIGKILL itself
     return out
 
 
@@ -119,18 +100,15 @@ def redis_restart(quick: bool) -> Outcome:
     with FakeUpstream() as fake, ExitStack() as stack:
         redis = RedisServer()
         stack.callback(redis.stop)
-        a, b, probe_a, probe_b = _pair(stack, fake, redis.url, {redis.port})
-        meter = LoadMeter()
+        rig = _pair(stack, fake, redis.url, {redis.port})
 
         def outage() -> None:
             redis.kill()
             time.sleep(1.5)
             redis.start()
 
-        _store_fault(out, a, b, "rr", 5 if quick else 20, 60, outage, resume_within=15)
-        settle(out, [probe_a, probe_b], lambda: fake.open_connections)
-        out.other_load = meter.cores()
-        check_logs(out, a, b)
+        _store_fault(out, rig, "rr", 5 if quick else 20, 60, outage, resume_within=15)
+        rig.finish(out)
     return out
 
 
@@ -141,8 +119,7 @@ def sentinel_failover(quick: bool) -> Outcome:
         group = SentinelGroup()
         stack.callback(group.stop)
         ports = {group.primary.port, group.replica.port, *group.ports}
-        a, b, probe_a, probe_b = _pair(stack, fake, group.url, ports)
-        meter = LoadMeter()
+        rig = _pair(stack, fake, group.url, ports)
         promoted: list[float] = []
 
         def failover() -> None:
@@ -153,14 +130,12 @@ def sentinel_failover(quick: bool) -> Outcome:
             took = wait_until(lambda: _promoted(group), 30, 0.1)
             promoted.append(-1.0 if took is None else took)
 
-        _store_fault(out, a, b, "fo", 5 if quick else 20, 80, failover, resume_within=30)
+        _store_fault(out, rig, "fo", 5 if quick else 20, 80, failover, resume_within=30)
         wait_until(lambda: bool(promoted), 30)
         out.check(bool(promoted) and promoted[0] >= 0, "the sentinels did not promote the replica")
         if promoted and promoted[0] >= 0:
             out.happened += f"; the replica promoted {promoted[0]:.1f} s after the kill"
-        settle(out, [probe_a, probe_b], lambda: fake.open_connections)
-        out.other_load = meter.cores()
-        check_logs(out, a, b)
+        rig.finish(out)
     return out
 
 
@@ -172,12 +147,13 @@ def _promoted(group: SentinelGroup) -> bool:
 
 
 def _store_fault(
-    out: Outcome, a: Gunicorn, b: Gunicorn, prefix: str, n: int, chunks: int,
-    fault: Any, *, resume_within: float,
+    out: Outcome, rig: Rig, prefix: str, n: int, chunks: int, fault: Callable[[], None], *,
+    resume_within: float,
 ) -> None:  # fmt: skip
     """``n`` streams on A; ``fault()``; each local stream must go on to ``done``; then a
     client that had its first five events resumes through B: the rest, exactly once (or
     an error that says what was lost)."""
+    a, b = rig.servers
     ids = [f"{prefix}-{i}" for i in range(n)]
     model = f"fake?chunks={chunks}&interval=0.05"
     streams = [chat(a.url, stage_id, model) for stage_id in ids]
