@@ -41,7 +41,8 @@ def row(out: Outcome) -> list[str]:
     descriptors = f"{left.descriptors:+d}" + (f" ({left.detail})" if left.detail else "")
     return [
         out.fault, out.happened, ttt, str(left.greenlets), descriptors,
-        f"{left.rss_kb / 1024:+.1f} MB", str(left.upstream_connections), _load(out),
+        f"{round(left.rss_kb / 1024, 1) + 0.0:+.1f} MB", str(left.upstream_connections),
+        _load(out),
     ]  # fmt: skip
 
 

@@ -139,17 +139,19 @@ def raw_chat(port: int, stage_id: str, model: str, *, rcvbuf: int | None = None)
     return sock
 
 
-def read_to_close(sock: socket.socket, timeout: float) -> bool:
-    """Read until the server closes the connection; whether it did within ``timeout``."""
+def read_to_close(sock: socket.socket, timeout: float) -> bytes | None:
+    """What the server sent until it closed the connection; None if it did not close it
+    within ``timeout``."""
     sock.settimeout(timeout)
+    got = bytearray()
     try:
-        while sock.recv(1 << 20):
-            pass
+        while piece := sock.recv(1 << 20):
+            got += piece
     except ConnectionResetError:
-        return True  # closed with data unread: a reset
+        pass  # closed with data unread: a reset
     except OSError:
-        return False
-    return True
+        return None
+    return bytes(got)
 
 
 class EventSourceClient(threading.Thread):

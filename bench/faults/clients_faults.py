@@ -78,7 +78,7 @@ def _freeze(
             lambda: _cancelled_by_disconnect(server.url, ids) and probe.greenlets() == 0, 60, 0.1
         )
         out.check(released is not None, "not every frozen client was let go within 60 s")
-        closed = sum(read_to_close(sock, 10) for sock in socks)
+        closed = sum(read_to_close(sock, 10) is not None for sock in socks)
         out.check(closed == len(ids), f"{len(ids) - closed} frozen connections left open")
     finally:
         for sock in socks:
@@ -155,15 +155,19 @@ def half_close(quick: bool) -> Outcome:
             30,
         )
         out.time_to_terminal = gone
+        out.check(gone is not None, "a stage ran on, or an upstream stayed open, for 30 s")
         cancelled = _cancelled_by_disconnect(server.url, ids)
         out.check(cancelled, "not every stage was cancelled as `client disconnected`")
-        closed = sum(read_to_close(sock, 10) for sock in socks)
+        answers = [read_to_close(sock, 10) for sock in socks]
+        closed = sum(a is not None for a in answers)
         out.check(closed == n, f"{n - closed} half-closed connections were not closed")
+        quiet = sum(a is not None and b"\nevent: " not in a for a in answers)
+        out.check(quiet == n, f"{n - quiet} half-closed clients were sent an event")
         called = len(fake.requests)
         out.happened = (
-            f"{n if cancelled else '?'}/{n} stages cancelled (`client disconnected`), no "
-            f"terminal event written; {closed}/{n} connections closed by the server; "
-            f"{called} upstream calls made, all closed"
+            f"{n if cancelled else '?'}/{n} stages cancelled (`client disconnected`); "
+            f"{closed}/{n} connections closed by the server, {quiet}/{n} with no event "
+            f"written; {called}/{n} had called the upstream by then: all closed"
         )
         rig.finish(out)
     return out

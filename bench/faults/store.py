@@ -187,8 +187,7 @@ def _store_fault(
         exact += problem is None
         lost += said_what
         out.check(problem is None or said_what, f"resume of {stage_id} through B: {problem}")
-    seen = "" if reached is None else f"; B had every stage `done` {reached:.1f} s after that"
     out.happened = (
-        f"{done}/{n} local streams went on to `done`{seen}; resumes through B: {exact}/{n} "
+        f"{done}/{n} local streams went on to `done`; resumes through B: {exact}/{n} "
         f"exactly once, {lost} told what was lost"
     )
