@@ -161,7 +161,7 @@ class EventSourceClient(threading.Thread):
     response ends, it waits the last ``retry:`` and connects again with ``Last-Event-ID``;
     a 204 (or any status but 200) makes it stop for good. A page would also stop on its
     own at the ``done`` event; this one does not, which is the case under test. It gives
-    up after ``watch_seconds`` past the stage's end, or on ``stop()``.
+    up ``watch_seconds`` after the stage's end.
     """
 
     def __init__(self, url: str, stage_id: str, watch_seconds: float) -> None:
@@ -175,14 +175,10 @@ class EventSourceClient(threading.Thread):
         self.ended_at: float | None = None  # the stage's terminal event arrived
         self.stopped_at: float | None = None  # a 204, or any status but 200
         self.failure: str | None = None
-        self._halt = threading.Event()
         self.start()
 
-    def stop(self) -> None:
-        self._halt.set()
-
     def run(self) -> None:
-        while not self._halt.is_set():
+        while True:
             if self.ended_at is not None and time.monotonic() - self.ended_at > self.watch_seconds:
                 return
             headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
@@ -198,7 +194,7 @@ class EventSourceClient(threading.Thread):
                     self._read(response.iter_content(None))
             except requests.RequestException as exc:
                 self.failure = f"{type(exc).__name__}: {exc}"
-            self._halt.wait(self.retry)
+            time.sleep(self.retry)
 
     def _read(self, pieces: Any) -> None:
         buf = b""

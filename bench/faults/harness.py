@@ -52,7 +52,6 @@ class Leftover:
     detail: str  # the descriptors above the baseline, by kind, e.g. "redis +3"
     rss_kb: int
     upstream_connections: int
-    settled_seconds: float
 
 
 @dataclass
@@ -75,12 +74,10 @@ class Outcome:
 
 @dataclass
 class Snapshot:
+    """A worker's descriptors, by kind, and its RSS."""
+
     kinds: Counter[str]
     rss_kb: int
-
-    @property
-    def total(self) -> int:
-        return sum(self.kinds.values())
 
 
 class WorkerProbe:
@@ -213,9 +210,7 @@ def settle(
         if mine:
             details.append(f"{probe.name}: {mine}" if probe.name else mine)
     detail = "; ".join(details)
-    outcome.leftover = Leftover(
-        greenlets, descriptors, detail, rss, upstream_connections(), SETTLE_SECONDS
-    )
+    outcome.leftover = Leftover(greenlets, descriptors, detail, rss, upstream_connections())
     outcome.check(greenlets == 0, f"{greenlets} responses or stages still open after settling")
     leaked = {k: v for k, v in kinds.items() if v > 0 and k != "redis"}  # redis: its pool
     outcome.check(not leaked, f"descriptors left above the baseline: {leaked}")
