@@ -283,3 +283,16 @@ class ClientGone(ConnectionResetError):
 
     def __init__(self) -> None:
         super().__init__(errno.ECONNRESET, "client disconnected")
+
+
+def forget_frames(exc: BaseException | None) -> None:
+    """Drop the tracebacks of ``exc`` and of the exceptions chained to it, keeping their
+    class and message: the frames hold whatever they were raised through."""
+    pending, seen = [exc], set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        pending += [exc.__cause__, exc.__context__]

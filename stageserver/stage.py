@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from .chunks import ChunkRead
 from .concurrency import Task, Timer, Wakeup
-from .errors import StageFailure, StageInterrupted
+from .errors import StageFailure, StageInterrupted, forget_frames
 from .event_log import EventLog
 from .stage_events import TERMINAL_EVENT, StageEvents
 from .stage_spec import AttemptRecord, StageSpec
@@ -401,6 +401,11 @@ class Stage:
         self._log.compact()
         self.text_parts = [self.text]
         self._relay = None
+        # The exception that ended it (a failure, or a cancel thrown into the relay) keeps
+        # the frames it was raised through, and they hold the stage: a cycle that only a
+        # full collection frees, long after the registry has dropped the stage.
+        forget_frames(self.failure)
+        forget_frames(self._interruption)
 
     @property
     def outcome(self) -> str:

@@ -147,6 +147,22 @@ def test_keep_alive_reuses_connection(fake: FakeUpstream) -> None:
     assert fake.connections_opened == 1
 
 
+def test_open_connections_are_counted_until_closed(fake: FakeUpstream) -> None:
+    fake.reset()
+    kept = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    asking = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    try:
+        kept.request("POST", "/v1/chat/completions", _chat_request("fake").split(b"\r\n\r\n")[1])
+        kept.getresponse().read()  # answered; the connection stays open, idle
+        assert fake.open_connections == 1
+        asking.request("GET", "/_fake/connections")  # the asking connection is not counted
+        assert json.loads(asking.getresponse().read()) == {"open": 1, "opened": 2}
+    finally:
+        kept.close()
+        asking.close()
+    assert fake.wait_for(lambda: fake.open_connections == 0)
+
+
 def test_status_mode(fake: FakeUpstream) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
     try:

@@ -6,8 +6,10 @@ the same narrow interface (``append_chunk``, ``finish``, raising a failure).
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -258,3 +260,28 @@ def test_a_finished_stage_keeps_its_answer_not_its_request() -> None:
     stage = run(Stage(spec("k"), ScriptedRelay(CHUNKS)))
     assert (stage.text_parts, stage.read(0)[1]) == ([stage.text], 3)
     assert stage.cancel("late") is False  # nothing left to interrupt, nothing to fail on
+
+
+@pytest.mark.parametrize("end", ["error", "cancel"])
+def test_a_stage_ended_by_an_exception_is_freed_without_the_cyclic_collector(end: str) -> None:
+    """The exception that ended a stage stays (its class and message), not the frames it
+    was raised through: those hold the stage, in a cycle that only a full collection
+    frees, long after the registry has let go of the stage, its text and its events."""
+    gc.disable()  # no collector: only reference counts free the stage
+    try:
+        if end == "error":
+            failing = ScriptedRelay(CHUNKS, failure=UpstreamStatusError("x", 500))
+            stage = run(Stage(spec("e"), failing))
+            del failing
+            assert stage.error == "x"
+        else:
+            stage = Stage(spec("c"), ScriptedRelay(CHUNKS, hold=True))
+            stage.start()
+            stage.cancel("cancelled by request")
+            stage.wait(5)
+        assert stage.outcome == end
+        freed = weakref.ref(stage)
+        del stage
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -270,6 +270,9 @@ class ResponseWriter:
         if conn.closed or conn.self_closed:
             return False
         writer = conn.writer
+        if writer.transport.is_closing():  # lost under a write: asyncio only logs more
+            conn.mark_closed()
+            return False
         writer.write(data)
         if writer.transport.get_write_buffer_size():  # the socket took less than all of it
             try:

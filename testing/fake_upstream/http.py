@@ -7,8 +7,10 @@ It knows nothing of what it serves.
 
 One event loop serves every connection (no thread per connection), so it holds thousands
 of slow streams. Control endpoints, never recorded nor handed to the handler:
-``GET /_fake/requests`` (the records as JSON), ``POST /_fake/reset`` (forget them) and
-``GET|POST /_fake/defaults`` (read, or merge a JSON object into, the server-wide defaults).
+``GET /_fake/requests`` (the records as JSON), ``POST /_fake/reset`` (forget them),
+``GET|POST /_fake/defaults`` (read, or merge a JSON object into, the server-wide defaults)
+and ``GET /_fake/connections`` (``{"open", "opened"}``: the client connections open now,
+the asking one not counted, and opened since the last reset).
 
 The seam is one call per recorded request::
 
@@ -95,6 +97,11 @@ class HttpServer:
     @property
     def requests(self) -> list[UpstreamRequest]:
         return list(self._records)
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now: a relay's pooled ones as well as those answering."""
+        return len(self._conns)
 
     def reset(self) -> None:
         """Forget all records and zero ``connections_opened`` (indices and ids keep counting)."""
@@ -234,7 +241,7 @@ class HttpServer:
             path = req.target.split("?", 1)[0]
             if path.startswith("/_fake/"):
                 control = ResponseWriter(conn, self._slots, None, keep_alive)
-                if not await self._control(control, req.method, path, req.body):
+                if not await self._control(control, req.method, path, req.body, conn):
                     return
                 continue
             if not await self._answer(conn, req, keep_alive):
@@ -272,11 +279,16 @@ class HttpServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
 
-    async def _control(self, response: ResponseWriter, method: str, path: str, raw: bytes) -> bool:
+    async def _control(
+        self, response: ResponseWriter, method: str, path: str, raw: bytes, conn: Connection
+    ) -> bool:
         obj: object
         code = 200
         if path == "/_fake/requests" and method == "GET":
             obj = [dataclasses.asdict(rec) for rec in self.requests]
+        elif path == "/_fake/connections" and method == "GET":
+            others = len(self._conns - {conn})
+            obj = {"open": others, "opened": self.connections_opened}
         elif path == "/_fake/reset" and method == "POST":
             self.reset()
             obj = {"status": "ok"}
