@@ -38,6 +38,10 @@ if workers > 1 and not _env("STORE_URL"):
         "STAGESERVER_STORE_URL=redis://HOST:6379/0 (or run one worker)"
     )
 worker_class = "gevent"
+# gevent records each greenlet's spawning stack and tree by default, for debugging: two
+# greenlets a stream, and gunicorn's own per connection. Off, each spawn is cheaper and
+# smaller. Set GEVENT_TRACK_GREENLET_TREE=true to have it back.
+os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "false")
 # One worker holds at most this many streams; more are silently queued by gunicorn.
 worker_connections = int(_env("WORKER_CONNECTIONS"))
 

@@ -7,9 +7,10 @@ One process under gevent, as a worker runs: for each transport an ``Upstream`` (
 openai client as stages use it), ``--streams`` concurrent streams from the fake upstream
 (``python -m testing.fake_upstream``, its own process) read to the end as the stage reads
 them: a transport named ``NAME:stream`` is read through ``iter(response.stream)``, the
-transport's own stream (what the relay does), ``NAME`` through ``iter_raw()``. Each round runs, for every transport in turn (the order
-alternating between rounds), a long workload (``--chunks`` chunks per stream,
-``--interval`` apart, so each arrives in a read of its own) and a short one (1 chunk).
+transport's own stream (what the relay does), ``NAME`` through ``iter_raw()``. Each round
+runs, for every transport in turn (the order alternating between rounds), a long
+workload (``--chunks`` chunks per stream, ``--interval`` apart, so each arrives in a read
+of its own) and a short one (1 chunk).
 The process's CPU time over each workload gives CPU = requests × a + chunks × b; the two
 workloads give ``a`` (µs per request) and ``b`` (µs per chunk). A warm-up round is not
 counted; the medians over ``--rounds`` are. Compare transports within one run only.

@@ -99,6 +99,22 @@ class NoTracing:
 NO_TRACING = NoTracing()
 
 
+def _body_of(
+    response: httpx2.Response,
+) -> tuple[Iterator[bytes], Callable[[], None], socket.socket | None]:
+    """What the relay keeps of a response: its body's reads, what closes it, its socket."""
+    network = response.extensions.get("network_stream")
+    sock = network.get_extra_info("socket") if network is not None else None
+    if response.headers.get("content-encoding", "identity") != "identity":
+        return response.iter_bytes(), response.close, sock  # the response decodes
+    # The transport's own stream (``Response.stream``, httpx's public attribute):
+    # iter_raw() would add two generators and a list to every read.
+    stream = response.stream
+    if not isinstance(stream, httpx2.SyncByteStream):
+        raise TypeError("the upstream client answered with an async stream")
+    return iter(stream), stream.close, sock
+
+
 class UpstreamRelay:
     def __init__(
         self,
@@ -112,7 +128,7 @@ class UpstreamRelay:
         self._body = body
         self._headers = headers
         self._tracer = tracer
-        self._response: httpx2.Response | None = None
+        self._socket: socket.socket | None = None  # threads: the one to shut down
 
     def run(self, stage: ChunkSink) -> None:
         route = self.route
@@ -132,11 +148,7 @@ class UpstreamRelay:
 
     def unblock(self) -> None:
         """Threads: shut the socket down under the thread blocked reading it."""
-        response = self._response
-        if response is None:
-            return
-        stream = response.extensions.get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
+        sock = self._socket
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -148,7 +160,7 @@ class UpstreamRelay:
         trace = self._tracer.attempt(stage, attempt)
         began = time.monotonic()
         first_token = FirstTokenDeadline(attempt.timeout)
-        response: httpx2.Response | None = None
+        close: Callable[[], None] | None = None
         outcome = "ok"
         try:
             upstream = attempt.upstream
@@ -160,9 +172,16 @@ class UpstreamRelay:
                 if first_token.fired(exc):
                     raise self._first_token_timeout(attempt) from None
                 raise
-            self._response = response
+            try:
+                reads, close, self._socket = _body_of(response)
+            except BaseException:
+                response.close()
+                raise
+            # The response is let go: only its body is read from here on, and its request
+            # and both sets of headers would be kept for the stage's whole life.
+            del response
             stage.raise_if_interrupted()
-            self._relay(stage, attempt, trace, response, first_token, began)
+            self._relay(stage, attempt, trace, reads, first_token, began)
         except BaseException as exc:
             outcome = outcome_of(exc)
             if not attempt.served:
@@ -173,10 +192,9 @@ class UpstreamRelay:
             raise
         finally:
             first_token.close()
-            if response is not None:
-                # Closing is what tells the upstream to stop generating.
-                response.close()
-            self._response = None
+            if close is not None:
+                close()  # what tells the upstream to stop generating
+            self._socket = None
             attempt.release()
             trace.end(outcome)
 
@@ -201,21 +219,10 @@ class UpstreamRelay:
         stage: ChunkSink,
         attempt: Attempt,
         trace: AttemptTrace,
-        response: httpx2.Response,
+        reads: Iterator[bytes],
         first_token: ReadDeadline,
         began: float,
     ) -> None:
-        reads: Iterator[bytes]
-        if response.headers.get("content-encoding", "identity") != "identity":
-            reads = response.iter_bytes()  # decodes what the upstream compressed anyway
-        else:
-            # The transport's own stream (``Response.stream``, httpx's public attribute):
-            # iter_raw() would add two generators and a list to every read. Closing the
-            # response still closes it.
-            stream = response.stream
-            if not isinstance(stream, httpx2.SyncByteStream):
-                raise TypeError("the upstream client answered with an async stream")
-            reads = iter(stream)
         idle = ReadDeadline(attempt.config.idle_timeout)
         try:
             self._relay_reads(stage, attempt, trace, reads, first_token, idle, began)

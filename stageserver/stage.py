@@ -1,12 +1,10 @@
 """A stage: one chat completion, recorded as an ordered event log that responses follow.
 
-A stage holds four things: its event log, the responses following it (subscribers), the
-grace timer of a resumable stage nobody follows, and its terminal state. Reading the
-upstream is its relay's job (``relay.py``): the stage runs the relay in a greenlet (or a
-thread) of its own and the relay drives it through a narrow interface:
-``record_attempt`` (each attempt at an upstream replica, and which one served it),
-``append_chunk``, ``finish``, and raising a ``StageFailure``. A cancel or an abort is
-thrown into that greenlet, wherever it waits.
+A stage holds its event log, the responses following it (subscribers), the grace timer
+of a resumable stage nobody follows, and its terminal state. It runs its relay
+(``relay.py``) in a greenlet (or a thread) of its own, which drives it through a narrow
+interface: ``record_attempt``, ``append_chunk``, ``finish``, and raising a
+``StageFailure``. A cancel or an abort is thrown into that greenlet, wherever it waits.
 
 Every stage ends with exactly one terminal event: ``done``, ``error`` or ``cancel``.
 
@@ -16,9 +14,7 @@ stage is given them when it is made, calls them in that order, and knows none of
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +25,7 @@ from .concurrency import Task, Timer, Wakeup
 from .errors import StageFailure, StageInterrupted, forget_frames
 from .event_log import EventLog
 from .stage_events import TERMINAL_EVENT, StageEvents
-from .stage_spec import AttemptRecord, StageSpec
+from .stage_spec import AttemptRecord, StageSpec, instance_of
 from .usage import final_usage
 
 log = logging.getLogger("stageserver.stage")
@@ -82,31 +78,22 @@ class Subscriber:
         self.client_gone = False
 
 
-# Every process's stage instances are told apart by a random prefix of its own, drawn
-# again in a forked child, and a counter: no system call for each stage.
-_INSTANCE_PREFIX = os.urandom(6).hex() + "."
-_instances = itertools.count()
-
-
-def _new_instance_prefix() -> None:
-    global _INSTANCE_PREFIX
-    _INSTANCE_PREFIX = os.urandom(6).hex() + "."
-
-
-os.register_at_fork(after_in_child=_new_instance_prefix)
-
-
-def _nobody_elsewhere(stage_id: str) -> bool:
-    return False
-
-
 class Stage:
+    # Slots: a stage is one of thousands alive at once, and no one adds to it.
+    __slots__ = (
+        "spec", "stage_id", "key", "instance", "status", "created_at", "started", "usage",
+        "first_token_seconds", "duration_seconds", "text_parts", "finish_reason", "failure",
+        "content_chunks", "cancel_reason", "chunk_count", "attempts", "served_by", "_relay",
+        "_listeners", "_event_listeners", "_watched_elsewhere", "_events", "_log", "_lock",
+        "_subscribers", "_task", "_grace_timer", "_running", "_interruption", "__weakref__",
+    )  # fmt: skip
+
     def __init__(
         self,
         spec: StageSpec,
         relay: Relay,
         listeners: Sequence[StageListener] = (),
-        watched_elsewhere: Callable[[str], bool] = _nobody_elsewhere,
+        watched_elsewhere: Callable[[str], bool] = lambda key: False,
     ) -> None:
         """``watched_elsewhere(key)`` says whether a response in another worker still
         follows the stage; a resumable stage nobody follows here waits for it."""
@@ -115,7 +102,7 @@ class Stage:
         #: The stage's id everywhere inside stageserver: its id in its principal's namespace.
         self.key = spec.principal.namespace + spec.stage_id
         #: Unique to this stage, not only to its key, which a later stage may reuse.
-        self.instance = f"{self.key}#{_INSTANCE_PREFIX}{next(_instances)}"
+        self.instance = instance_of(self.key)
         self.status = RUNNING
         self.created_at = time.time()
         self.started = time.monotonic()

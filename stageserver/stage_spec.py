@@ -1,7 +1,9 @@
-"""What a stage is given and what it keeps of its attempts, as plain values."""
+"""What a stage is given, what it keeps of its attempts, and what tells it apart."""
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass
 
 from .principals import ANONYMOUS, Principal
@@ -34,3 +36,23 @@ class AttemptRecord:
     replica: str
     outcome: str
     ms: float
+
+
+# Every process's stage instances are told apart by a random prefix of its own, drawn
+# again in a forked child, and a counter: no system call for each stage.
+_prefix = os.urandom(6).hex() + "."
+_instances = itertools.count()
+
+
+def _new_prefix() -> None:
+    global _prefix
+    _prefix = os.urandom(6).hex() + "."
+
+
+os.register_at_fork(after_in_child=_new_prefix)
+
+
+def instance_of(key: str) -> str:
+    """An id for a new stage with this key, unique everywhere and at any time: a later
+    stage may reuse the key, never this."""
+    return f"{key}#{_prefix}{next(_instances)}"

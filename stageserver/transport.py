@@ -44,6 +44,7 @@ returned as it came, and ``response.iter_bytes()`` decodes it (httpx2 does, abov
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from collections.abc import Iterator
@@ -120,9 +121,9 @@ class HttpToolsTransport(httpx2.BaseTransport):
             if self._cooperative:
                 from gevent import socket as gsocket
 
-                sock = gsocket.create_connection(address, timeout)
+                sock = _connect_to(gsocket, address, timeout)
             else:
-                sock = socket.create_connection(address, timeout)
+                sock = _connect_to(socket, address, timeout)
         except TimeoutError as exc:
             raise httpx2.ConnectTimeout(str(exc) or "timed out connecting") from exc
         except OSError as exc:
@@ -183,6 +184,25 @@ class HttpToolsTransport(httpx2.BaseTransport):
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _connect_to(sockets: Any, address: tuple[str, int], timeout: float | None) -> Any:
+    """A connected socket of the ``sockets`` module (gevent's or the standard one). An
+    address that is an IP literal needs no resolver: under gevent that is a trip through
+    its thread pool (and a greenlet waiting for a thread) for each new connection."""
+    host, port = address
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return sockets.create_connection(address, timeout)
+    sock = sockets.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class _Body(httpx2.SyncByteStream):

@@ -85,7 +85,11 @@ answer_in_json(bp)
 
 
 def _event_stream(events: Iterator[bytes]) -> Response:
-    return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
+    # Passed through: gunicorn iterates and closes our generator itself, without werkzeug's
+    # two layers around it (a frame each on every write and on a parked response's stack).
+    return Response(
+        events, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True
+    )
 
 
 @bp.post("/chat")

@@ -32,7 +32,8 @@ from typing import Any  # noqa: E402
 from stageserver.chunks import read_chunk  # noqa: E402
 from stageserver.registry import StageRegistry  # noqa: E402
 from stageserver.settings import SETTINGS  # noqa: E402
-from stageserver.stage import Stage, StageSpec  # noqa: E402
+from stageserver.stage import Stage  # noqa: E402
+from stageserver.stage_spec import StageSpec  # noqa: E402
 
 
 class ScriptedRelay:
