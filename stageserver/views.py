@@ -196,7 +196,6 @@ def stage_events(stage_id: str) -> Response:
                 field="Last-Event-ID",
             )
         after_seq = seq
-    service = _service()
     feed = stage.feed(after_seq)
     if feed is None:
         # The stage has ended and the client has its last event: 204 tells an
@@ -207,7 +206,7 @@ def stage_events(stage_id: str) -> Response:
             feed,
             after_seq=after_seq,
             client_socket=request.environ.get("gunicorn.socket"),
-            settings=service.settings.follow,
+            settings=_service().settings.follow,
         )
     )
 
