@@ -47,11 +47,20 @@ def _package(raw: str) -> str:
     return parts[0].removesuffix(".py")
 
 
+# Both layouts' names: the relay inside Stage (before the lifecycle issue) and the relay in
+# relay.py, so that profiles of older revisions group the same way.
 _CHUNK_WORK = frozenset(
-    {"Stage._take_chunk", "_parse_chunk", "Stage._append_chunk", "Stage._append",
+    {"Stage._take_chunk", "_parse_chunk", "Stage._append_chunk", "Stage.append_chunk",
+     "read_chunk", "StageEvents.chunk", "Stage._append", "Stage._notify", "EventLog.append",
      "encode_event", "SSEPayloadSplitter.feed"}
 )
-_BODY_READ = frozenset({"h11", "httpcore2", "httpx2", "contextlib"})
+_BODY_READ = frozenset({"h11", "httpcore2", "httpx2", "contextlib", "httptools"})
+_BODY_READ_FRAMES = frozenset(
+    {"Stage._relay_reads", "UpstreamRelay._relay_reads", "_Body.__iter__", "_Body.feed",
+     "Connection.read"}
+)
+_DRAIN = frozenset({"Stage._drain", "UpstreamRelay._drain"})
+_FOLLOW = frozenset({"follow_stage", "follow", "LocalFeed.read", "Response.write", "write_chunk"})
 
 
 def phase(raw_frames: list[str]) -> str:
@@ -65,18 +74,18 @@ def phase(raw_frames: list[str]) -> str:
         return "per stream: the openai client builds and sends the upstream request"
     if names & _CHUNK_WORK:
         return "per chunk: split, parse the chunk's JSON, encode the event, append, wake"
-    if "Stage._drain" in names:
+    if names & _DRAIN:
         return "per stream: read the body's end after [DONE]"
-    if "Stage._relay_reads" in names or _package(raw_frames[-1]) in _BODY_READ or innermost in (
+    if names & _BODY_READ_FRAMES or _package(raw_frames[-1]) in _BODY_READ or innermost in (
         "SocketMixin.recv",
         "SyncStream.read",
     ):
-        return "per chunk: read the upstream body (httpx, httpcore, h11, gevent's recv)"
-    if names & {"follow_stage", "Response.write", "write_chunk"}:
+        return "per chunk: read the upstream body (transport, gevent's recv)"
+    if names & _FOLLOW:
         return "per chunk: follow the log, write to the client (gunicorn, gevent's send)"
     if names & {"Flask.__call__", "Flask.wsgi_app"}:
         return "per stream: the Flask view (validation, Stage, admission, metrics)"
-    if names & {"Stage._run", "Stage._finish"}:
+    if names & {"Stage._run", "Stage._finish", "Stage._settle"}:
         return "per stream: stage start and finish, log line"
     if names & {"AsyncWorker.handle_request", "AsyncWorker.handle"}:
         return "per stream: gunicorn reads and parses the request"

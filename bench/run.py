@@ -32,9 +32,11 @@ DEFAULT_TARGETS = TARGETS
 # stageserver takes variants, asked for by name in --targets: "+redis" (the shared stage
 # store), "+keys" (an API key and limits, held in Redis with +redis), "+httpx" (the
 # upstream transport before httptools), "+pool" (the upstream a pool of two replicas: two
-# fake upstream processes), and "@<git revision>" (that revision's code, run from a
+# fake upstream processes), "+replicas" (a pool of two replicas that are one fake
+# upstream at two URLs, its /v1 and its root, so that only stageserver's side differs
+# from one plain upstream), and "@<git revision>" (that revision's code, run from a
 # checkout of it, side by side with this one): stageserver+redis+keys, stageserver@a548dc4.
-STAGESERVER_VARIANTS = frozenset({"redis", "keys", "httpx", "pool"})
+STAGESERVER_VARIANTS = frozenset({"redis", "keys", "httpx", "pool", "replicas"})
 
 
 def check_target(target: str) -> str | None:
@@ -78,12 +80,15 @@ def _start(
         return procs.Direct(upstream.port)
     name, _, revision = target.partition("@")
     variants = set(name.split("+")[1:])
+    replicas = [replica.url] if "pool" in variants and replica is not None else []
+    if "replicas" in variants:
+        replicas.append(upstream.base)
     return procs.Stageserver(
         upstream.url,
         shared_store="redis" in variants,
         keys="keys" in variants,
         transport="httpx" if "httpx" in variants else None,
-        replicas=[replica.url] if "pool" in variants and replica is not None else [],
+        replicas=replicas,
         root=procs.checkout(revision) if revision else procs.ROOT,
     )
 
