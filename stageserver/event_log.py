@@ -59,17 +59,20 @@ class EventLog:
             self._first_seq += 1
         return seq
 
-    def read(self, cursor: int) -> tuple[bytes, int]:
-        """The events from number ``cursor`` on, joined, and the cursor after them."""
+    def read(self, cursor: int, end: int) -> tuple[bytes, int]:
+        """The events from number ``cursor`` up to (not including) ``end``, joined, and
+        the cursor after them."""
         events = self._events
         start = max(cursor - self._first_seq, 0)
+        stop = max(end - self._first_seq, 0)
         if isinstance(events, list):
-            rest = events[start:]
+            rest = events[start:stop]
             return b"".join(rest), self._first_seq + start + len(rest)
         joined, ends = events
-        if start >= len(ends):
+        stop = min(stop, len(ends))
+        if start >= stop:
             return b"", self._first_seq + start
-        return joined[ends[start - 1] if start else 0 :], self._first_seq + len(ends)
+        return joined[ends[start - 1] if start else 0 : ends[stop - 1]], self._first_seq + stop
 
     def since(self, seq: int) -> list[tuple[int, bytes]]:
         """(number, event) pairs from ``seq`` on, as far as the log reaches back."""

@@ -18,8 +18,9 @@ of a stage, named after its key (its id in its principal's namespace) as a hash 
 
 Writes are batched and fenced: for each event the relay only marks its stage dirty, and
 one flusher per process writes every dirty stage's new events, a few milliseconds later,
-in one pipeline of scripts. Each script writes only while this stage instance holds the
-lease. When it does not:
+in one pipeline of scripts; a stage's end is written at once, before its clients hear of
+it, so that its id is free when they do. Each script writes only while this stage
+instance holds the lease. When it does not:
 
 - if the stage was declared dead meanwhile, or another stage holds the id, this worker
   was cut off past its lease (a partition, a long pause): it stops the stage, closes its
@@ -230,6 +231,22 @@ class RedisStageStore(StageListener):
         """For every event of a claimed stage: cheap; the flusher does the writing."""
         self._dirty.add(stage)
         self._wake.set()
+
+    def on_finish(self, stage: Stage) -> None:
+        """Write the end now, before any client is woken for it: a client that has the
+        terminal event may start a stage with the same id at once, on any host, and the
+        id is free. While Redis fails, the flusher writes it when Redis answers."""
+        if self._failing or stage not in self._mirrors:
+            return
+        try:
+            # Twice at most: the flusher may have a write of this stage in flight, and
+            # then Redis answers how many events it holds and the second write goes on.
+            for _ in range(2):
+                if not self._flush({stage}):
+                    return
+        except (redis.RedisError, OSError) as exc:
+            log.warning("stage %s: its end is written when the store answers (%s)",
+                        stage.key, exc)
 
     def mark(self, stage: Stage) -> None:
         """Have the flusher write the stage again (it is to be sent whole)."""

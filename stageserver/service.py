@@ -9,13 +9,16 @@ turning one into HTTP is the views' business, and nothing here knows of Flask.
 
 Each stage is given its listeners when it is made. They are, in the order it calls them:
 
-1. the shared store's mirror (with ``STAGESERVER_STORE_URL``), so other workers see it;
-2. the registry of this process's stages, which forgets finished ones after their TTL;
-3. admission, which gives the worker's slot back when the stage ends;
-4. the principal's limits, which give its stream slot back and count its tokens;
-5. the Prometheus metrics;
-6. the stage's trace span (with tracing on), ended when the stage ends, client or not;
-7. the outcome log line.
+1. the registry of this process's stages, which forgets finished ones after their TTL;
+2. admission, which gives the worker's slot back when the stage ends;
+3. the principal's limits, which give its stream slot back and count its tokens;
+4. the Prometheus metrics;
+5. the stage's trace span (with tracing on), ended when the stage ends, client or not;
+6. the outcome log line;
+7. the shared store's mirror (with ``STAGESERVER_STORE_URL``), so other workers see it.
+   Last, because it writes the stage's end and waits for Redis: while it waits, a
+   client that was woken before may already read the terminal event in the log, and
+   it must then find every other listener done.
 
 A stage's relay gets the stage's route (``route.py``): the pool of the upstream the
 request resolved to, then its fallbacks'. The pools (one per upstream, in this worker)
@@ -141,13 +144,13 @@ class StageService:
         if self.store is not None:
             self.limits = RedisLimits(lambda store=self.store: store.redis, self.store.leases)
         listeners: list[StageListener | None] = [
-            self.store,
             self.stages,
             self.admission,
             self.limits,
             metrics.StageMetrics(),
             tracing,
             OutcomeLog(),
+            self.store,
         ]
         self._listeners = tuple(x for x in listeners if x is not None)
 

@@ -43,9 +43,10 @@ class StageListener:
       added to the log. Called in the relay's greenlet for every chunk: cheap, and
       never waiting on anything.
     - ``on_finish(stage)``: the stage has its terminal status and event. Called once,
-      before any client is woken for that event (and before its ``on_event``): a client
-      that has the end finds the stage's slots given back. A listener that raises here
-      is logged and skipped; the clients still get their terminal event.
+      before any client can read that event (and before its ``on_event``), even while
+      one of them waits on I/O: a client that has the end finds the stage's slots given
+      back and its id free. A listener that raises here is logged and skipped; the
+      clients still get their terminal event.
 
     A listener reads the stage; it never sets anything on it.
     """
@@ -85,7 +86,8 @@ class Stage:
         "first_token_seconds", "duration_seconds", "text_parts", "finish_reason", "failure",
         "content_chunks", "cancel_reason", "chunk_count", "attempts", "served_by", "_relay",
         "_listeners", "_event_listeners", "_watched_elsewhere", "_events", "_log", "_lock",
-        "_subscribers", "_task", "_grace_timer", "_running", "_interruption", "__weakref__",
+        "_subscribers", "_told", "_task", "_grace_timer", "_running", "_interruption",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -130,6 +132,10 @@ class Stage:
         self._events = StageEvents(spec.stage_id)
         self._log = EventLog(spec.max_events, spec.max_event_bytes)
         self._subscribers: tuple[Subscriber, ...] = ()
+        # The events the subscribers have been told of. The terminal one is in the log
+        # while the listeners' on_finish runs, which may wait (on Redis): no subscriber
+        # reads it before they are through.
+        self._told = 0
         self._lock = threading.Lock()
         self._task: Task | None = None
         self._grace_timer: Timer | None = None
@@ -169,9 +175,9 @@ class Stage:
 
     def read(self, cursor: int) -> tuple[bytes, int, bool]:
         """Events from sequence number ``cursor`` on, joined; the next cursor; finished?"""
-        finished = self.finished  # read before the events, so none can slip in between
-        batch, cursor = self._log.read(cursor)
-        return batch, cursor, finished
+        told = self._told
+        batch, cursor = self._log.read(cursor, told)
+        return batch, cursor, self.finished and told == self._log.next_seq
 
     def events_since(self, seq: int) -> list[tuple[int, bytes]]:
         return self._log.since(seq)
@@ -240,6 +246,7 @@ class Stage:
         self._notify(self._log.append(wire), wire)
 
     def _notify(self, seq: int, wire: bytes) -> None:
+        self._told = seq + 1
         for listener in self._event_listeners:
             listener.on_event(self, seq, wire)
         for subscriber in self._subscribers:

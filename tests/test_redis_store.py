@@ -119,6 +119,19 @@ def test_a_live_stage_id_is_unique_across_instances(pair: tuple[Gunicorn, Gunico
         stream.close()
 
 
+@pytest.mark.parametrize("model", ["fake?chunks=2", "fake?mode=status&status=500"])
+def test_a_finished_stage_id_is_free_on_every_host_once_its_client_has_the_end(
+    pair: tuple[Gunicorn, Gunicorn], model: str
+) -> None:
+    a, b = pair
+    hosts = [a, b]
+    for round_ in range(10):  # the id passes from host to host, each reusing it at once
+        here = hosts[round_ % 2]
+        response = post_chat(here.url, stage_id="x-again", model_name=model, timeout=5)
+        assert response.status_code == 200, (round_, response.text)
+        assert terminal(parse_events(response.content))[0]["event"] in ("done", "error")
+
+
 def test_a_redis_restart_ends_no_healthy_stream_and_the_mirror_catches_up(
     pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:

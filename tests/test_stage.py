@@ -152,6 +152,26 @@ def test_listeners_hear_every_hook_in_the_order_they_were_given() -> None:
     ]
 
 
+class ReadsAtItsEnd(StageListener):
+    """What a subscriber would read while this listener's on_finish runs (it may wait)."""
+
+    def __init__(self) -> None:
+        self.read: tuple[bytes, int, bool] | None = None
+
+    def on_finish(self, stage: Stage) -> None:
+        self.read = stage.read(0)
+
+
+def test_no_subscriber_reads_the_end_before_the_listeners_are_through() -> None:
+    listener = ReadsAtItsEnd()
+    stage = run(Stage(spec(), ScriptedRelay(CHUNKS), [listener]))
+    assert listener.read is not None
+    chunks, cursor, finished = listener.read
+    assert (cursor, finished, chunks.count(b"event: chat_completion_chunk")) == (2, False, 2)
+    assert b"event: done" not in chunks
+    assert stage.read(0)[1:] == (3, True)
+
+
 def test_a_relay_that_returns_without_finishing_still_ends_the_stage() -> None:
     class Quitter(ScriptedRelay):
         def run(self, stage: Stage) -> None:
@@ -241,17 +261,20 @@ def test_the_log_is_bounded_in_bytes_and_keeps_the_newest() -> None:
         assert log.append(b"event-%03d\n" % n) == n  # 10 bytes each
     assert (log.first_seq, log.next_seq, len(log)) == (1, 3, 2)  # 30 > 25: the oldest went
     assert log.append(b"x" * 40) == 3  # larger than the bound: it alone stays
-    assert (log.first_seq, log.read(0)) == (3, (b"x" * 40, 4))
+    assert (log.first_seq, log.read(0, log.next_seq)) == (3, (b"x" * 40, 4))
 
 
+@pytest.mark.parametrize("end", [1, 4, 6, 7])
 @pytest.mark.parametrize("cursor", [0, 2, 3, 5, 6, 9])
-def test_a_compacted_log_reads_as_it_did(cursor: int) -> None:
+def test_a_compacted_log_reads_as_it_did(cursor: int, end: int) -> None:
     log = EventLog(max_events=4, max_bytes=1 << 20)
     for n in range(6):
         log.append(b"e%d;" % n)  # events 2 to 5 stay
-    before = (log.read(cursor), log.since(cursor), log.first_seq, log.next_seq, len(log))
+    before = (log.read(cursor, end), log.since(cursor), log.first_seq, log.next_seq, len(log))
+    assert before[0][0] == b"".join(b"e%d;" % n for n in range(max(cursor, 2), min(end, 6)))
     log.compact()
-    assert (log.read(cursor), log.since(cursor), log.first_seq, log.next_seq, len(log)) == before
+    after = (log.read(cursor, end), log.since(cursor), log.first_seq, log.next_seq, len(log))
+    assert after == before
     with pytest.raises(RuntimeError, match="a compacted log takes no more events"):
         log.append(b"late")
 
