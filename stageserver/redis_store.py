@@ -209,9 +209,8 @@ class RedisStageStore(StageListener):
     # -- the owner's side ----------------------------------------------------------------
 
     def claim(self, stage: Stage) -> None:
-        """Make ``stage`` the one live stage with its key, everywhere, and mirror it from
-        now on. Raises StageConflict when one runs, StoreUnavailable when Redis cannot
-        say."""
+        """Make ``stage`` the one live stage with its key, everywhere, and mirror it.
+        Raises StageConflict when one runs, StoreUnavailable when Redis cannot say."""
         hash_key, log_key, text_key, live_key = stage_keys(stage.key)
         lease_ms = self.leases.lease_ms
         try:
@@ -229,18 +228,15 @@ class RedisStageStore(StageListener):
 
     def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
         """For every event of a claimed stage: cheap; the flusher does the writing."""
-        self._dirty.add(stage)
-        self._wake.set()
+        self.mark(stage)
 
     def on_finish(self, stage: Stage) -> None:
-        """Write the end now, before any client is woken for it: a client that has the
-        terminal event may start a stage with the same id at once, on any host, and the
-        id is free. While Redis fails, the flusher writes it when Redis answers."""
+        """Write the end now, before any client can read it, so that its id is free on
+        every host when one does. While Redis fails, the flusher writes it later."""
         if self._failing or stage not in self._mirrors:
             return
         try:
-            # Twice at most: the flusher may have a write of this stage in flight, and
-            # then Redis answers how many events it holds and the second write goes on.
+            # Twice at most: a write of the flusher's in flight makes the first resync.
             for _ in range(2):
                 if not self._flush({stage}):
                     return

@@ -42,11 +42,10 @@ class StageListener:
     - ``on_event(stage, seq, wire)``: event number ``seq`` (its bytes, ``wire``) has been
       added to the log. Called in the relay's greenlet for every chunk: cheap, and
       never waiting on anything.
-    - ``on_finish(stage)``: the stage has its terminal status and event. Called once,
-      before any client can read that event (and before its ``on_event``), even while
-      one of them waits on I/O: a client that has the end finds the stage's slots given
-      back and its id free. A listener that raises here is logged and skipped; the
-      clients still get their terminal event.
+    - ``on_finish(stage)``: the stage has its terminal status and event. Called once; no
+      client reads that event (nor is its ``on_event`` called) before every listener's
+      ``on_finish`` has returned, even one that waits on I/O. One that raises is logged
+      and skipped; the clients still get their terminal event.
 
     A listener reads the stage; it never sets anything on it.
     """
@@ -85,9 +84,8 @@ class Stage:
         "spec", "stage_id", "key", "instance", "status", "created_at", "started", "usage",
         "first_token_seconds", "duration_seconds", "text_parts", "finish_reason", "failure",
         "content_chunks", "cancel_reason", "chunk_count", "attempts", "served_by", "_relay",
-        "_listeners", "_event_listeners", "_watched_elsewhere", "_events", "_log", "_lock",
-        "_subscribers", "_told", "_task", "_grace_timer", "_running", "_interruption",
-        "__weakref__",
+        "_listeners", "_event_listeners", "_watched_elsewhere", "_events", "_log", "_lock", "_told",
+        "_subscribers", "_task", "_grace_timer", "_running", "_interruption", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -132,9 +130,8 @@ class Stage:
         self._events = StageEvents(spec.stage_id)
         self._log = EventLog(spec.max_events, spec.max_event_bytes)
         self._subscribers: tuple[Subscriber, ...] = ()
-        # The events the subscribers have been told of. The terminal one is in the log
-        # while the listeners' on_finish runs, which may wait (on Redis): no subscriber
-        # reads it before they are through.
+        # The events told to subscribers: the end is in the log while on_finish runs,
+        # which may wait (on Redis), and no subscriber reads it before that is through.
         self._told = 0
         self._lock = threading.Lock()
         self._task: Task | None = None
@@ -231,7 +228,8 @@ class Stage:
         if self.first_token_seconds is None:
             self.first_token_seconds = time.monotonic() - self.started
         self.chunk_count += 1
-        self._append(self._events.chunk(self._log.next_seq, payload))
+        wire = self._events.chunk(self._log.next_seq, payload)
+        self._notify(self._log.append(wire), wire)
 
     def finish(self) -> None:
         """The upstream has finished the completion: the stage is done."""
@@ -241,9 +239,6 @@ class Stage:
         """Threads: an interruption that came while the relay could not be interrupted."""
         if self._interruption is not None:
             raise self._interruption
-
-    def _append(self, wire: bytes) -> None:
-        self._notify(self._log.append(wire), wire)
 
     def _notify(self, seq: int, wire: bytes) -> None:
         self._told = seq + 1
@@ -280,8 +275,7 @@ class Stage:
         return bool(self._subscribers)
 
     def _grace_expired(self) -> None:
-        """Nobody attached here for the grace period: cancel, unless a response in another
-        worker still follows the stage."""
+        """Nobody attached here for the grace period: cancel, unless one follows elsewhere."""
         if self._watched_elsewhere(self.key):
             with self._lock:
                 if not self.finished and not self._subscribers:
@@ -368,8 +362,8 @@ class Stage:
             if status != ERROR:
                 data["usage"] = self.usage  # the seed's fields first; old clients ignore it
             wire = self._events.terminal(status, self._log.next_seq, **data)
-            # The event is in the log before the stage reads as finished: a reader (which
-            # looks at the status first, then the log) never sees the end without it.
+            # The event is in the log before the stage reads as finished: the store (which
+            # looks at the status first, then the log) never writes the end without it.
             seq = self._log.append(wire)
             self.status = status
             self.failure = failure
@@ -395,9 +389,8 @@ class Stage:
         self._log.compact()
         self.text_parts = [self.text]
         self._relay = None
-        # The exception that ended it (a failure, or a cancel thrown into the relay) keeps
-        # the frames it was raised through, and they hold the stage: a cycle that only a
-        # full collection frees, long after the registry has dropped the stage.
+        # The exception that ended it keeps the frames it went through, which hold the
+        # stage: a cycle only a full collection frees, long after the registry dropped it.
         forget_frames(self.failure)
         forget_frames(self._interruption)
 
