@@ -16,9 +16,8 @@ Each stage is given its listeners when it is made. They are, in the order it cal
 5. the stage's trace span (with tracing on), ended when the stage ends, client or not;
 6. the outcome log line;
 7. the shared store's mirror (with ``STAGESERVER_STORE_URL``), so other workers see it.
-   Last, because it writes the stage's end and waits for Redis: while it waits, a
-   client that was woken before may already read the terminal event in the log, and
-   it must then find every other listener done.
+   Last: it writes the stage's end to Redis at once, and a client of another worker
+   that reads the end there must find every other listener done.
 
 A stage's relay gets the stage's route (``route.py``): the pool of the upstream the
 request resolved to, then its fallbacks'. The pools (one per upstream, in this worker)
