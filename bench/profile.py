@@ -56,8 +56,8 @@ _CHUNK_WORK = frozenset(
 )
 _BODY_READ = frozenset({"h11", "httpcore2", "httpx2", "contextlib", "httptools"})
 _BODY_READ_FRAMES = frozenset(
-    {"Stage._relay_reads", "UpstreamRelay._relay_reads", "_Body.__iter__", "_Body.feed",
-     "Connection.read"}
+    {"Stage._relay_reads", "UpstreamRelay._relay_reads", "UpstreamRelay._relay",
+     "_Body.__iter__", "_Body.feed", "Connection.read"}
 )
 _DRAIN = frozenset({"Stage._drain", "UpstreamRelay._drain"})
 _FOLLOW = frozenset({"follow_stage", "follow", "LocalFeed.read", "Response.write", "write_chunk"})

@@ -160,6 +160,7 @@ class UpstreamRelay:
         trace = self._tracer.attempt(stage, attempt)
         began = time.monotonic()
         first_token = FirstTokenDeadline(attempt.timeout)
+        idle = ReadDeadline(attempt.config.idle_timeout)
         close: Callable[[], None] | None = None
         outcome = "ok"
         try:
@@ -181,7 +182,7 @@ class UpstreamRelay:
             # and both sets of headers would be kept for the stage's whole life.
             del response
             stage.raise_if_interrupted()
-            self._relay(stage, attempt, trace, reads, first_token, began)
+            self._relay(stage, attempt, trace, reads, first_token, idle, began)
         except BaseException as exc:
             outcome = outcome_of(exc)
             if not attempt.served:
@@ -192,6 +193,7 @@ class UpstreamRelay:
             raise
         finally:
             first_token.close()
+            idle.close()
             if close is not None:
                 close()  # what tells the upstream to stop generating
             self._socket = None
@@ -215,21 +217,6 @@ class UpstreamRelay:
         )
 
     def _relay(
-        self,
-        stage: ChunkSink,
-        attempt: Attempt,
-        trace: AttemptTrace,
-        reads: Iterator[bytes],
-        first_token: ReadDeadline,
-        began: float,
-    ) -> None:
-        idle = ReadDeadline(attempt.config.idle_timeout)
-        try:
-            self._relay_reads(stage, attempt, trace, reads, first_token, idle, began)
-        finally:
-            idle.close()
-
-    def _relay_reads(
         self,
         stage: ChunkSink,
         attempt: Attempt,
