@@ -329,6 +329,10 @@ class UpstreamRegistry:
     def names(self) -> list[str]:
         return list(self._configs)
 
+    def usable(self, allowed: frozenset[str] | None) -> list[str]:
+        """The upstreams a caller allowed only ``allowed`` (None: all) may use, in order."""
+        return [n for n in self._configs if allowed is None or n in allowed]
+
     def resolve(
         self,
         name: str | None,
@@ -343,7 +347,7 @@ class UpstreamRegistry:
         it may not use answers as one that does not exist. (The fallbacks of the upstream
         it gets are the operator's routing, and are used whatever ``allowed`` says; see
         ``route``.) Raises InvalidRequest naming the field."""
-        usable = [n for n in self._configs if allowed is None or n in allowed]
+        usable = self.usable(allowed)
         if name is not None:
             upstream = self.by_name(name) if name in usable else None
             if upstream is None:

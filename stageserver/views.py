@@ -169,10 +169,10 @@ def _final_output(stage: Stage, events: Iterator[bytes]) -> Response:
 def upstreams() -> Response:
     """The upstreams the caller may use, by name, the default first: never a URL (it may
     hold credentials, and says where they are) nor an API key."""
-    allowed = _principal().upstreams
-    usable = [u for u in _service().upstreams if allowed is None or u.name in allowed]
+    registry = _service().upstreams
     listed = [
-        UpstreamName(name=u.name, kind=u.config.kind, default=n == 0) for n, u in enumerate(usable)
+        UpstreamName(name=name, kind=registry.config(name).kind, default=n == 0)
+        for n, name in enumerate(registry.usable(_principal().upstreams))
     ]
     return jsonify(UpstreamList(upstreams=listed).model_dump())
 

@@ -24,7 +24,8 @@ def get(client: FlaskClient, path: str) -> tuple[int, str | None, bytes]:
 
 def test_upstreams_are_listed_by_name_without_urls_or_keys() -> None:
     upstreams = {
-        "local": {"url": "http://user:pw@127.0.0.1:11434/v1", "kind": "ollama"},
+        "local": {"urls": ["http://user:pw@127.0.0.1:11434/v1", "http://127.0.0.1:11435/v1"],
+                  "kind": "ollama"},  # a pool of two replicas: one upstream
         "openai": {"url": "https://api.openai.com/v1", "kind": "openai", "api_key": "sk-key"},
     }
     app = create_app({"STAGESERVER_UPSTREAMS": json.dumps(upstreams)})
