@@ -16,12 +16,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from flask import Blueprint, Response, current_app, jsonify
 
 from . import metrics, shutdown
 from .http_errors import answer_in_json
+from .schemas import Readiness as ReadinessBody
+from .schemas import UpstreamCheck
 from .service import service_of
 
 bp = Blueprint("stageserver_ops", __name__)
@@ -36,16 +36,18 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response:
     if shutdown.shutting_down():
-        response = jsonify({"status": "shutting_down"})
+        response = jsonify(ReadinessBody(status="shutting_down", error=None).body())
         response.status_code = 503
         return response
     ready, upstreams = service_of(current_app.extensions).readiness.check()
-    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "upstreams": upstreams}
-    if not upstreams:
-        body["error"] = (
+    body = ReadinessBody(
+        status="ready" if ready else "not_ready",
+        upstreams={name: UpstreamCheck(**report) for name, report in upstreams.items()},
+        error=None if upstreams else (
             "no upstream is configured: set STAGESERVER_UPSTREAM_URL or STAGESERVER_UPSTREAMS"
-        )
-    response = jsonify(body)
+        ),
+    )
+    response = jsonify(body.body())
     response.status_code = 200 if ready else 503
     return response
 

@@ -291,10 +291,18 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
-class UpstreamCheck(_Sparse):
+class ReplicaCheck(_Sparse):
     ok: bool
     latency_ms: float | None = None
     error: str | None = None
+
+
+class UpstreamCheck(ReplicaCheck):
+    """An upstream's check: its replica's; for a pool of several, ``ok`` when one answered."""
+
+    replicas: dict[str, ReplicaCheck] | None = Field(
+        None, description="A pool of several replicas: each one's check, by its URL."
+    )
 
 
 class Readiness(_Sparse):

@@ -215,7 +215,8 @@ def test_every_summary_and_event_the_server_sends_holds_to_its_model(
 def test_health_readiness_and_upstreams_hold_to_their_models(upstream: FakeUpstream) -> None:
     ready = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url}).test_client()
     unready = create_app({"STAGESERVER_UPSTREAMS": {
-        "up": {"url": upstream.url}, "down": {"url": "http://127.0.0.1:9/v1"}}}).test_client()
+        "up": {"url": upstream.url}, "down": {"url": "http://127.0.0.1:9/v1"},
+        "pool": {"urls": [upstream.url, "http://127.0.0.1:9/v2"]}}}).test_client()
     none = create_app().test_client()
     holds(Health, ready.get("/healthz").data)
     answers = [ready.get("/readyz"), unready.get("/readyz"), none.get("/readyz")]
