@@ -34,6 +34,12 @@ class StageRegistry(StageListener):
                 raise StageConflict(stage.stage_id)
             self._stages[stage.key] = stage
 
+    def discard(self, stage: Stage) -> None:
+        """Forget a stage that was added but never started."""
+        with self._lock:
+            if self._stages.get(stage.key) is stage:
+                del self._stages[stage.key]
+
     def get(self, key: str) -> Stage | None:
         """The stage with this key (its id in its principal's namespace)."""
         return self._stages.get(key)

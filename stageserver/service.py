@@ -1,6 +1,6 @@
 """The stage service: the one owner of a stage's life in a process.
 
-It starts a stage (admits it, claims its id, registers it, starts it), finds one (a stage
+It starts a stage (admits it, registers it, claims its id, starts it), finds one (a stage
 of this process, or one that runs elsewhere and is reached through the shared store),
 and cancels one, always on behalf of a principal (``principals.py``): a stage belongs to
 the principal that started it, its id lives in that principal's namespace, and for any
@@ -194,11 +194,14 @@ class StageService:
             metrics.stage_refused(str(refusal.body["reason"]))
             raise
         try:
+            # This process's stages first: the store's claim would take over the keys of
+            # one that still runs here (Redis may have lost its lease) and end it.
+            self.stages.add(stage)
             if self.store is not None:
                 self.store.start(self._cancel_here)
                 self.store.claim(stage)
-            self.stages.add(stage)
         except BaseException:
+            self.stages.discard(stage)  # if it got in
             self.admission.release()  # never started: nothing else will give it back
             raise
 

@@ -132,6 +132,22 @@ def test_a_finished_stage_id_is_free_on_every_host_once_its_client_has_the_end(
         assert terminal(parse_events(response.content))[0]["event"] in ("done", "error")
 
 
+def test_an_id_that_runs_here_is_not_claimed_again_after_redis_lost_it(
+    pair: tuple[Gunicorn, Gunicorn], redis_server: RedisServer
+) -> None:
+    a, _ = pair
+    # In its prefill: no event to write, so nothing gives the lease back to Redis soon.
+    stream = post_chat(a.url, stage_id="x-lost", model_name="fake?prefill=2&chunks=3", open=True)
+    redis_server.kill()
+    redis_server.start()  # empty: the stage's lease and keys are gone
+    again = post_chat(a.url, stage_id="x-lost", stream=False, timeout=10)
+    assert again.status_code == 409
+    assert again.json()["field"] == "stage_id"
+    # The running stage kept its lease: it ends as it would have, and its id is free then.
+    assert [e["event"] for e in terminal(stream.read_to_end())] == ["done"]
+    assert post_chat(a.url, stage_id="x-lost", stream=False, timeout=10).status_code == 200
+
+
 def test_a_redis_restart_ends_no_healthy_stream_and_the_mirror_catches_up(
     pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:
