@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import select
 import sys
 import threading
 from collections.abc import Callable
@@ -21,6 +22,17 @@ from typing import Any
 def gevent_active() -> bool:
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and bool(monkey.is_module_patched("socket"))
+
+
+def real_poll() -> Callable[[], Any]:
+    """``select.poll`` as the C library has it, even when gevent patched it: a
+    zero-timeout poll never blocks, and gevent's costs a trip through its hub."""
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return select.poll
+    poll: Callable[[], Any] = monkey.get_original("select", "poll")
+    return poll
 
 
 class Task:

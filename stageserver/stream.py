@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from .concurrency import SendDeadline, gevent_active
+from .concurrency import SendDeadline, gevent_active, real_poll
 from .config import FollowSettings
 from .errors import ClientGone, StageLost
 from .metrics import OPEN_RESPONSES
@@ -216,8 +216,6 @@ class DisconnectWatcher:
 
 
 def _poll_readable(fd: int) -> bool:
-    from gevent import monkey
-
-    poll = monkey.get_original("select", "poll")()
+    poll = real_poll()()
     poll.register(fd, select.POLLIN)
     return bool(poll.poll(0))

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import httpx2
 
+from .concurrency import real_poll
+
 # Below the 5 s idle timeout common to upstream servers, so that a pooled connection is
 # not reused just as the upstream closes it.
 KEEPALIVE_EXPIRY = 4.0
@@ -34,17 +36,6 @@ SWEEP_SECONDS = 1.0
 READ_SIZE = 65536
 
 Origin = tuple[bytes, int]
-
-
-def real_poll() -> Callable[[], Any]:
-    """``select.poll`` as the C library has it, even when gevent patched it: a
-    zero-timeout poll never blocks, and gevent's costs a trip through its hub."""
-    try:
-        from gevent import monkey
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return select.poll
-    poll: Callable[[], Any] = monkey.get_original("select", "poll")
-    return poll
 
 
 class Connection:

@@ -25,7 +25,7 @@ import httpcore2._utils
 import httpx2
 import openai
 
-from .concurrency import gevent_active
+from .concurrency import gevent_active, real_poll
 from .config import UpstreamConfig
 from .errors import (
     ConnectTimeout,
@@ -35,7 +35,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .transport import HttpToolsTransport
-from .upstream_pool import reap
+from .upstream_pool import KEEPALIVE_EXPIRY, reap
 
 
 class Upstream:
@@ -171,9 +171,7 @@ class ShardedTransport(httpx2.BaseTransport):
         self._limits = httpx2.Limits(
             max_connections=min(max_connections, self.SHARD_SIZE),
             max_keepalive_connections=min(max_connections, self.SHARD_SIZE),
-            # Below the 5 s idle timeout common to upstream servers, so that a pooled
-            # connection is not reused just as the upstream closes it.
-            keepalive_expiry=4.0,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
         )
         self._ssl_context = httpx2.create_ssl_context()  # one for all: each costs ~50 ms
         self._shards: list[httpx2.HTTPTransport] = []
@@ -259,8 +257,8 @@ def _unpatch_idle_check() -> None:
         return
     from gevent import monkey
 
-    poll, select_ = monkey.get_original("select", ["poll", "select"])
-    utils.select = SimpleNamespace(poll=poll, select=select_, POLLIN=select.POLLIN)
+    select_ = monkey.get_original("select", "select")
+    utils.select = SimpleNamespace(poll=real_poll(), select=select_, POLLIN=select.POLLIN)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
