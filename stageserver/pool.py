@@ -55,7 +55,8 @@ DOWN = frozenset({"refused", "connect_timeout", "reset", "first_token_timeout", 
 _ANSWERED = frozenset({"ok", "protocol_error", "error_object"})
 
 
-def _unhealthy(outcome: str) -> bool:
+def unhealthy(outcome: str) -> bool:
+    """Whether an attempt that ended so says its replica is down (``DOWN``, or a 5xx)."""
     return outcome in DOWN or outcome.startswith("http_5")
 
 
@@ -189,7 +190,7 @@ class UpstreamPool:
             if retry_after:
                 held = now + min(retry_after, MAX_HOLD_SECONDS)
                 replica.held_until = max(replica.held_until, held)
-            if _unhealthy(outcome):
+            if unhealthy(outcome):
                 if trial or replica.ejected_until is None:  # else: ejected already
                     replica.failures += 1
                     if trial or replica.failures >= self.config.eject_after:

@@ -34,7 +34,7 @@ from .errors import (
     UpstreamStatusError,
     UpstreamUnavailable,
 )
-from .pool import DOWN, Attempt, Clock, PoolEvents, Replica, UpstreamPool
+from .pool import Attempt, Clock, PoolEvents, Replica, UpstreamPool, unhealthy
 from .upstreams import UpstreamRegistry
 
 
@@ -63,7 +63,7 @@ def fails_over(outcome: str) -> bool:
     """Whether an attempt that ended so before the first chunk is worth another: the
     replica is down or busy. Any other 4xx is the caller's error, and a malformed answer
     or an error object would most likely come again."""
-    return outcome in DOWN or outcome == "http_429" or outcome.startswith("http_5")
+    return unhealthy(outcome) or outcome == "http_429"
 
 
 class Route:
