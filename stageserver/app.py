@@ -80,7 +80,7 @@ class StageServer:
         service = StageService(
             StageSettings.from_config(app.config),
             UpstreamRegistry(configs),
-            [keys.by_name(name) for name in keys.names()],
+            keys.principals(),
             start_tracing(app.config, os.environ, {cfg.name: cfg.kind for cfg in configs}),
         )
         app.extensions["stageserver"] = service

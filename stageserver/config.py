@@ -301,7 +301,8 @@ class StageSettings:
             max_prompt_chars=int(number("MAX_PROMPT_CHARS")),
             max_body_bytes=int(number("MAX_BODY_BYTES")),
             stage_ttl_seconds=number("STAGE_TTL_SECONDS"),
-            event_ttl_seconds=number("EVENT_TTL_SECONDS"),
+            # Events outlive no stage: not longer than its status.
+            event_ttl_seconds=min(number("EVENT_TTL_SECONDS"), number("STAGE_TTL_SECONDS")),
             max_events=int(number("EVENT_LOG_MAX_EVENTS")),
             max_event_bytes=int(number("EVENT_LOG_MAX_BYTES")),
             resumable_default=bool(config["STAGESERVER_RESUMABLE_DEFAULT"]),

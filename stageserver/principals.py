@@ -83,8 +83,9 @@ class KeyRing:
     def __bool__(self) -> bool:
         return bool(self._entries)
 
-    def names(self) -> list[str]:
-        return list(self._entries)
+    def principals(self) -> list[Principal]:
+        """Every configured principal."""
+        return [entry.principal for entry in self._entries.values()]
 
     def by_secret(self, secret: str) -> Principal | None:
         digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()

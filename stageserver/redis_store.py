@@ -164,7 +164,7 @@ class RedisStageStore(StageListener):
     ) -> None:
         self.url = url
         self.ttl_ms = int(ttl_seconds * 1000)
-        self.event_ttl_ms = int(min(event_ttl_seconds, ttl_seconds) * 1000)
+        self.event_ttl_ms = int(event_ttl_seconds * 1000)  # StageSettings: at most the TTL
         self.max_events = max_events
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = LeaseKeeper(lambda: self.redis, lease_seconds)

@@ -19,7 +19,7 @@ from .stage import Stage, StageListener
 class StageRegistry(StageListener):
     def __init__(self, ttl_seconds: float, event_ttl_seconds: float) -> None:
         self.ttl_seconds = ttl_seconds
-        self.event_ttl_seconds = min(event_ttl_seconds, ttl_seconds)
+        self.event_ttl_seconds = event_ttl_seconds  # StageSettings: at most ttl_seconds
         self._stages: dict[str, Stage] = {}
         self._expiry: deque[tuple[float, Stage]] = deque()
         self._event_expiry: deque[tuple[float, Stage]] = deque()

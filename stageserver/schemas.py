@@ -30,11 +30,13 @@ from pydantic import (
     field_validator,
 )
 
+from .settings import SETTINGS
+
 STAGE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 STAGE_ID_RULE = "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"
-# The limits validation takes from its context when the caller gives none.
-DEFAULT_MAX_TOKENS_LIMIT = 4096
-DEFAULT_MAX_PROMPT_CHARS = 100_000
+# The limits validation takes from its context when the caller gives none: the settings'.
+DEFAULT_MAX_TOKENS_LIMIT: int = SETTINGS["STAGESERVER_MAX_TOKENS_LIMIT"][0]
+DEFAULT_MAX_PROMPT_CHARS: int = SETTINGS["STAGESERVER_MAX_PROMPT_CHARS"][0]
 
 
 def number_or_list(item: dict[str, Any]) -> dict[str, Any]:
