@@ -86,6 +86,8 @@ def _text(raw: bytes) -> str:
 def _deeper_than(text: str, limit: int) -> bool:
     """Whether the brackets outside strings nest deeper than ``limit``. A body that is
     not JSON may be judged either way; the parser then says what is wrong with it."""
+    if text.count("[") + text.count("{") <= limit:
+        return False  # those in strings included: the common case, without the scan
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
     if brackets.count("[") + brackets.count("{") <= limit:
         return False
