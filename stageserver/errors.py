@@ -169,8 +169,13 @@ class ShuttingDown(Refusal):
 
 
 class StoreUnavailable(Refusal):
+    """503: Redis did not answer; ``cause`` is what went wrong."""
+
     http_status = 503
     retry_after = 1
+
+    def __init__(self, cause: BaseException | str) -> None:
+        super().__init__(store_unavailable_message(cause))
 
 
 def store_unavailable_message(cause: BaseException | str) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from .errors import RateLimited, StoreUnavailable, store_unavailable_message
+from .errors import RateLimited, StoreUnavailable
 from .leases import LeaseKeeper
 from .principals import Principal
 from .stage import Stage, StageListener
@@ -262,7 +262,7 @@ class RedisLimits(LimitBook):
                 self._admit = redis_client.register_script(_ADMIT)
             refused, seconds = self._admit(keys=_keys(principal), args=args, client=redis_client)
         except redis.RedisError as exc:
-            raise StoreUnavailable(store_unavailable_message(exc)) from None
+            raise StoreUnavailable(exc) from None
         if refused:
             raise _refusal(principal, refused.decode(), int(seconds))
         if limits.max_streams:

@@ -52,10 +52,6 @@ return 1
 """
 
 
-def _unavailable(exc: Exception) -> StoreUnavailable:
-    return StoreUnavailable(store_unavailable_message(exc))
-
-
 def _held(top: list[Any]) -> int:
     """How many events a log holds, from its last entry (``0-<seq+1>``)."""
     return int(top[0][0].split(b"-")[1]) if top else 0
@@ -92,7 +88,7 @@ class StoreReader:
             pipe.xrevrange(log_key, count=1)
             (raw, gap), text, top = pipe.execute()
         except redis.RedisError as exc:
-            raise _unavailable(exc) from None
+            raise StoreUnavailable(exc) from None
         if raw is None:
             return None
         summary: dict[str, Any] = json.loads(raw)
@@ -114,7 +110,7 @@ class StoreReader:
             pipe.exists(log_key)
             status, raw, has_log = pipe.execute()
         except redis.RedisError as exc:
-            raise _unavailable(exc) from None
+            raise StoreUnavailable(exc) from None
         if status is None:
             raise UnknownStage(stage_id)
         if status != b"running":
@@ -131,7 +127,7 @@ class StoreReader:
             self.check_owner(stage_key, stage_id)
             status = self.redis.hget(hash_key, "status")
         except redis.RedisError as exc:
-            raise _unavailable(exc) from None
+            raise StoreUnavailable(exc) from None
         if status is None:
             raise UnknownStage(stage_id)
         if status != b"running":

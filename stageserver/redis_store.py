@@ -50,7 +50,7 @@ from typing import Any
 import redis
 
 from .concurrency import Task
-from .errors import LeaseLost, StageConflict, StoreUnavailable, store_unavailable_message
+from .errors import LeaseLost, StageConflict, StoreUnavailable
 from .leases import LeaseKeeper
 from .redis_conn import connect, stage_keys
 from .redis_reader import StoreReader
@@ -222,7 +222,7 @@ class RedisStageStore(StageListener):
             pipe.pexpire(hash_key, self.ttl_ms + lease_ms)
             pipe.execute()
         except redis.RedisError as exc:
-            raise StoreUnavailable(store_unavailable_message(exc)) from None
+            raise StoreUnavailable(exc) from None
         mirror = self._mirrors[stage] = _Mirror(stage, self)
         self.leases.hold(mirror)
 
@@ -397,4 +397,4 @@ class RedisStageStore(StageListener):
         try:
             self.redis.publish(CANCEL_CHANNEL, json.dumps({"key": stage_key, "reason": reason}))
         except redis.RedisError as exc:
-            raise StoreUnavailable(store_unavailable_message(exc)) from None
+            raise StoreUnavailable(exc) from None
