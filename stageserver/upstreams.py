@@ -11,11 +11,9 @@ are reused across stages.
 
 from __future__ import annotations
 
-import email.utils
 import os
 import select
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from types import SimpleNamespace
@@ -34,6 +32,7 @@ from .errors import (
     UpstreamStatusError,
     UpstreamUnavailable,
 )
+from .retry_after import retry_after_seconds
 from .transport import HttpToolsTransport
 from .upstream_pool import KEEPALIVE_EXPIRY, reap
 
@@ -259,21 +258,6 @@ def _unpatch_idle_check() -> None:
 
     select_ = monkey.get_original("select", "select")
     utils.select = SimpleNamespace(poll=real_poll(), select=select_, POLLIN=select.POLLIN)
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` header's seconds from now (it is seconds, or an HTTP date); None
-    when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _detail(exc: openai.APIStatusError) -> str:

@@ -23,8 +23,9 @@ from stageserver.errors import (
     UpstreamUnavailable,
 )
 from stageserver.pool import Attempt, PoolEvents, Replica, without_credentials
+from stageserver.retry_after import retry_after_seconds
 from stageserver.route import Pools, Route, fails_over, outcome_of
-from stageserver.upstreams import UpstreamRegistry, retry_after_seconds
+from stageserver.upstreams import UpstreamRegistry
 
 A, B, C = "http://10.0.0.1:8000/v1", "http://10.0.0.2:8000/v1", "http://10.0.0.3:8000/v1"
 

@@ -7,12 +7,12 @@ these: that is the stage's outcome (an ``ErrorEvent``, or a ``TextStageOutput`` 
 
 from __future__ import annotations
 
-import email.utils
 import json
-import time
 from typing import Any
 
 import httpx
+
+from ..retry_after import retry_after_seconds
 
 
 class StageClientError(Exception):
@@ -95,7 +95,7 @@ def http_error(response: httpx.Response) -> StageHTTPError:
     if not isinstance(message, str):
         message = response.text.strip()[:500] or response.reason_phrase
     error_class = _BY_STATUS.get(response.status_code, StageHTTPError)
-    retry_after = seconds_to_wait(response.headers.get("Retry-After"))
+    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
     return error_class(response.status_code, message, body, retry_after)
 
 
@@ -104,16 +104,3 @@ def json_or_none(content: bytes) -> Any:
         return json.loads(content)
     except ValueError:
         return None
-
-
-def seconds_to_wait(retry_after: str | None) -> float | None:
-    """``Retry-After`` is a number of seconds or an HTTP date."""
-    if not retry_after:
-        return None
-    if retry_after.strip().isdigit():
-        return float(retry_after)
-    try:
-        when = email.utils.parsedate_to_datetime(retry_after)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
