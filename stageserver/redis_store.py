@@ -28,12 +28,11 @@ instance holds the lease. When it does not:
 - if nobody noticed (the lease merely lapsed, or Redis restarted and lost it), it takes
   the lease back and goes on: a store outage ends no healthy stream.
 
-When Redis cannot be written, nothing ends: the stages stay dirty and the flusher tries
-again every half second, while each keeps streaming to its own clients. When Redis
-answers, the mirror catches up from where Redis stands (a restart or a failover may have
-lost the last writes), from the worker's own log; events that log no longer holds are
-recorded as a gap (``gap`` in the status), and a resume that needs them gets an
-``error`` that says so, never a silent hole.
+When Redis cannot be written, nothing ends: the stages stay dirty, the flusher tries again
+every half second, and each keeps streaming to its own clients. When Redis answers, the
+mirror catches up from where Redis stands (a restart or a failover may have lost the last
+writes), from the worker's own log; what that log no longer holds is recorded as a
+``gap``, and a resume that needs it gets an ``error`` that says so, never a silent hole.
 """
 
 from __future__ import annotations
@@ -148,7 +147,7 @@ class _Mirror:
         if results[0] == -1:
             self.store._fence(self.stage)
         elif results[0] == 2:
-            self.lost = True
+            self.store._lost(self)
             self.store.mark(self.stage)
 
 
@@ -236,10 +235,7 @@ class RedisStageStore(StageListener):
         if self._failing or stage not in self._mirrors:
             return
         try:
-            # Twice at most: a write of the flusher's in flight makes the first resync.
-            for _ in range(2):
-                if not self._flush({stage}):
-                    return
+            self._flush({stage})
         except (redis.RedisError, OSError) as exc:
             log.warning("stage %s: its end is written when the store answers (%s)",
                         stage.key, exc)
@@ -275,7 +271,16 @@ class RedisStageStore(StageListener):
                 self._wake.set()
 
     def _flush(self, batch: set[Stage]) -> set[Stage]:
-        """Write the batch; return the stages to write again."""
+        """Write the batch; return the stages to write again later. One that found Redis
+        elsewhere than expected (a restart, a write in flight) is written again at once."""
+        resynced, failed = self._write_batch(batch)
+        if resynced:
+            again, failed_again = self._write_batch(resynced)
+            failed |= again | failed_again
+        return failed
+
+    def _write_batch(self, batch: set[Stage]) -> tuple[set[Stage], set[Stage]]:
+        """Write the batch in one pipeline: the stages resynced, and those that failed."""
         pipe = self.redis.pipeline(transaction=False)
         sent = []
         for stage in batch:
@@ -283,7 +288,8 @@ class RedisStageStore(StageListener):
             if mirror is not None:
                 sent.append(self._write(pipe, mirror))
         results = pipe.execute(raise_on_error=False)
-        again: set[Stage] = set()
+        resynced: set[Stage] = set()
+        failed: set[Stage] = set()
         for (mirror, upto, text_parts, done), result in zip(sent, results, strict=True):
             stage = mirror.stage
             if result == 1:
@@ -295,16 +301,15 @@ class RedisStageStore(StageListener):
             elif result == -1:
                 self._fence(stage)
             elif result == -2:
-                mirror.lost, mirror.held = True, 0
-                self._resume_from(mirror, 0)
-                again.add(stage)
+                self._lost(mirror)
+                resynced.add(stage)
             elif isinstance(result, list):
                 mirror.held = int(result[0])
                 self._resume_from(mirror, mirror.held)
-                again.add(stage)
+                resynced.add(stage)
             else:  # an error of this script alone
-                again.add(stage)
-        return again
+                failed.add(stage)
+        return resynced, failed
 
     def _write(self, pipe: Any, mirror: _Mirror) -> tuple[_Mirror, int, int, bool]:
         stage = mirror.stage
@@ -330,6 +335,10 @@ class RedisStageStore(StageListener):
         self._flush_script(keys=list(stage_keys(stage.key)), args=args, client=pipe)
         return mirror, upto, len(parts), done
 
+    def _lost(self, mirror: _Mirror) -> None:
+        mirror.lost, mirror.held = True, 0  # Redis restarted empty: write the stage whole
+        self._resume_from(mirror, 0)
+
     def _resume_from(self, mirror: _Mirror, held: int) -> None:
         """Redis holds ``held`` events: write on from there, or from the oldest this worker
         still has, recording what is lost between."""
@@ -348,12 +357,8 @@ class RedisStageStore(StageListener):
         return summary
 
     def _fields(self, stage: Stage) -> dict[str, Any]:
-        return {
-            "status": stage.status,
-            "owner": self.owner,
-            "summary": json.dumps(stage.summary()),
-            "prompt_tokens": stage.spec.prompt_tokens_estimate,
-        }
+        return {"status": stage.status, "owner": self.owner, "summary": json.dumps(stage.summary()),
+                "prompt_tokens": stage.spec.prompt_tokens_estimate}
 
     def _fence(self, stage: Stage) -> None:
         """Another holds this stage's lease now: stop it, and write nothing more of it."""
@@ -362,12 +367,9 @@ class RedisStageStore(StageListener):
             return
         self.leases.release(mirror)
         log.warning("stage %s: this worker lost its lease in the store; stopping it", stage.key)
-        stage.abort(
-            LeaseLost(
-                f"this worker ({self.owner}) lost its lease on stage {stage.stage_id!r} while "
-                "cut off from the stage store, and the stage was taken over; retry it"
-            )
-        )
+        stage.abort(LeaseLost(
+            f"this worker ({self.owner}) lost its lease on stage {stage.stage_id!r} while "
+            "cut off from the stage store, and the stage was taken over; retry it"))
 
     def watched_elsewhere(self, key: str) -> bool:
         """Whether a response in some worker follows the stage through the store."""
@@ -381,10 +383,8 @@ class RedisStageStore(StageListener):
                 pubsub.subscribe(CANCEL_CHANNEL)
                 while True:
                     message = pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    payload = json.loads(message["data"])
-                    if self._cancel_here is not None:
+                    if message is not None and self._cancel_here is not None:
+                        payload = json.loads(message["data"])
                         self._cancel_here(payload["key"], payload["reason"])
             except (redis.RedisError, OSError, ValueError) as exc:
                 log.warning("stage store cancel listener: %s; reconnecting in 1 s", exc)
