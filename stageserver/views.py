@@ -34,7 +34,7 @@ from .schemas import (
 from .service import LocalStage, StageService, StoredStage, service_of
 from .stage import Stage
 from .stage_events import seq_of
-from .stream import LocalFeed, follow
+from .stream import EventFeed, LocalFeed, follow
 
 bp = Blueprint("stageserver", __name__)
 
@@ -92,6 +92,16 @@ def _event_stream(events: Iterator[bytes]) -> Response:
     )
 
 
+def _follow(feed: EventFeed, after_seq: int) -> Iterator[bytes]:
+    """The events this response sends: the one follow loop, on this request's socket."""
+    return follow(
+        feed,
+        after_seq=after_seq,
+        client_socket=request.environ.get("gunicorn.socket"),
+        settings=_service().settings.follow,
+    )
+
+
 @bp.post("/chat")
 def chat() -> Response:
     service = _service()
@@ -102,12 +112,7 @@ def chat() -> Response:
         principal=_principal(),
         traceparent=request.headers.get("traceparent"),
     )
-    events = follow(
-        LocalFeed(stage, owner=True),
-        after_seq=-1,
-        client_socket=request.environ.get("gunicorn.socket"),
-        settings=service.settings.follow,
-    )
+    events = _follow(LocalFeed(stage, owner=True), after_seq=-1)
     if chat_request.stream:
         return _event_stream(events)
     return _final_output(stage, events)
@@ -201,14 +206,7 @@ def stage_events(stage_id: str) -> Response:
         # The stage has ended and the client has its last event: 204 tells an
         # EventSource to stop reconnecting (the SSE specification's answer).
         return Response(status=204)
-    return _event_stream(
-        follow(
-            feed,
-            after_seq=after_seq,
-            client_socket=request.environ.get("gunicorn.socket"),
-            settings=_service().settings.follow,
-        )
-    )
+    return _event_stream(_follow(feed, after_seq))
 
 
 @bp.post("/stages/<stage_id>/cancel")
