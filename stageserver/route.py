@@ -142,11 +142,14 @@ class Pools:
         self, registry: UpstreamRegistry, events: PoolEvents | None = None,
         clock: Clock = time.monotonic,
     ) -> None:  # fmt: skip
-        self._registry = registry
         self._clock = clock
         self._pools = {
             name: UpstreamPool(registry.config(name), registry.replicas(name), events, clock)
             for name in registry.names()
+        }
+        # Each upstream's pools in fallback order, worked out once: the config is fixed.
+        self._orders = {
+            name: tuple(self._pools[n] for n in registry.route(name)) for name in self._pools
         }
 
     def __iter__(self) -> Iterator[UpstreamPool]:
@@ -157,4 +160,4 @@ class Pools:
 
     def route(self, name: str) -> Route:
         """A stage's route from the upstream ``name``: see ``UpstreamRegistry.route``."""
-        return Route([self._pools[n] for n in self._registry.route(name)], self._clock)
+        return Route(self._orders[name], self._clock)
