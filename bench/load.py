@@ -36,8 +36,11 @@ from . import procs
 
 _MARKERS = {
     # target kind -> (one chunk, the normal end, abnormal ends)
-    "stageserver": (b"event: chat_completion_chunk\n", b"event: done\n",
-                    (b"event: error\n", b"event: cancel\n")),
+    "stageserver": (
+        b"event: chat_completion_chunk\n",
+        b"event: done\n",
+        (b"event: error\n", b"event: cancel\n"),
+    ),
     "openai": (b"data: {", b"data: [DONE]", ()),
 }
 
@@ -411,7 +414,8 @@ class LoadGenerator:
         # Whatever else kept the machine's cores busy meanwhile: a number well above zero
         # means the run shared the CPUs and its latencies are not to be trusted.
         ours = (own_a - own_b) + sum(
-            a - b for a, b in ((server_a, server_b), (upstream_a, upstream_b))
+            a - b
+            for a, b in ((server_a, server_b), (upstream_a, upstream_b))
             if a is not None and b is not None
         )
         res.other_cpu_cores = round(max(0.0, busy_a - busy_b - ours) / self.duration, 2)

@@ -80,9 +80,9 @@ class _OneChunk:
 
 
 def _callbacks_in_this_process(rounds: int) -> float:
-    from stageserver.metrics import StageMetrics
-    from stageserver.stage import Stage
-    from stageserver.stage_spec import StageSpec
+    from stageserver.stages.spec import StageSpec
+    from stageserver.stages.stage import Stage
+    from stageserver.telemetry.metrics import StageMetrics
 
     spec = StageSpec("s", "default", False, "r", 1.0, 100)
     stages = [Stage(spec, _OneChunk()) for _ in range(rounds)]
@@ -118,12 +118,16 @@ def main() -> None:
                 list(pool.map(lambda n: stage(server.url, n), range(args.stages)))
             pids = procs.tree(server.proc.pid)
             print(f"{args.workers} worker(s), {args.stages} stages run before the scrapes")
-            print(f"{'endpoint':<10} {'median ms':>10} {'p95 ms':>8} {'server µs/req':>14} "
-                  f"{'bytes':>8}")
+            print(
+                f"{'endpoint':<10} {'median ms':>10} {'p95 ms':>8} {'server µs/req':>14} "
+                f"{'bytes':>8}"
+            )
             with requests.Session() as session:
                 for path in ("/healthz", "/readyz", "/metrics"):
-                    print(f"{path:<10} " + timed_requests(session, server.url + path,
-                                                          args.requests, pids))
+                    print(
+                        f"{path:<10} "
+                        + timed_requests(session, server.url + path, args.requests, pids)
+                    )
             fake.reset()
             with requests.Session() as session:
                 deadline = time.monotonic() + 3
@@ -133,8 +137,10 @@ def main() -> None:
                     polls += 1
                     time.sleep(0.1)
             models = sum(r.path.endswith("/models") for r in fake.requests)
-            print(f"/readyz polled {polls} times in 3 s: the upstream got {models} GET /models "
-                  f"({args.workers} worker(s))")
+            print(
+                f"/readyz polled {polls} times in 3 s: the upstream got {models} GET /models "
+                f"({args.workers} worker(s))"
+            )
         finally:
             server.stop()
             if redis is not None:

@@ -16,10 +16,10 @@ import time
 
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="pool-cost-"))
 
-from stageserver import metrics  # noqa: E402  (after the variable: multiprocess mode)
 from stageserver.config import apply_defaults, upstream_configs  # noqa: E402
-from stageserver.route import Pools  # noqa: E402
-from stageserver.upstreams import UpstreamRegistry  # noqa: E402
+from stageserver.telemetry import metrics  # noqa: E402  (after the variable: multiprocess mode)
+from stageserver.upstream.clients import UpstreamRegistry  # noqa: E402
+from stageserver.upstream.route import ReplicaSets  # noqa: E402
 
 STAGES = 20_000
 
@@ -29,7 +29,7 @@ def per_stage_us(replicas: int) -> float:
     urls = [f"http://127.0.0.1:{9000 + n}/v1" for n in range(replicas)]
     config = {"STAGESERVER_UPSTREAMS": {"default": {"urls": urls}}}
     apply_defaults(config, {})
-    pools = Pools(UpstreamRegistry(upstream_configs(config)), metrics.ReplicaMetrics())
+    pools = ReplicaSets(UpstreamRegistry(upstream_configs(config)), metrics.ReplicaMetrics())
     best = float("inf")
     for _ in range(5):
         started = time.perf_counter()
@@ -45,8 +45,10 @@ def per_stage_us(replicas: int) -> float:
 def main() -> None:
     for replicas in (1, 2, 8):
         cost = per_stage_us(replicas)
-        print(f"{replicas} replica(s): {cost:.1f} µs per stage, {cost / 52:.2f} µs per chunk "
-              "of a 52-chunk stream")
+        print(
+            f"{replicas} replica(s): {cost:.1f} µs per stage, {cost / 52:.2f} µs per chunk "
+            "of a 52-chunk stream"
+        )
 
 
 if __name__ == "__main__":

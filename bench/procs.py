@@ -28,8 +28,19 @@ from testing.servers import (
     wait_for_http,
 )
 
-__all__ = ["ROOT", "Direct", "FakeUpstreamProcess", "Nginx", "Stageserver", "cpu_seconds",
-           "machine", "machine_busy_seconds", "raise_nofile_limit", "rss_kb", "tree"]
+__all__ = [
+    "ROOT",
+    "Direct",
+    "FakeUpstreamProcess",
+    "Nginx",
+    "Stageserver",
+    "cpu_seconds",
+    "machine",
+    "machine_busy_seconds",
+    "raise_nofile_limit",
+    "rss_kb",
+    "tree",
+]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -40,8 +51,9 @@ def tree(pid: int) -> list[int]:
     for parent in found:  # grows while it is walked: breadth first
         for task in _listdir(f"/proc/{parent}/task"):
             with contextlib.suppress(OSError):
-                found.extend(int(c) for c in Path(f"/proc/{parent}/task/{task}/children")
-                             .read_text().split())
+                found.extend(
+                    int(c) for c in Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+                )
     return found
 
 
@@ -196,8 +208,11 @@ class Stageserver:
             env["STAGESERVER_STORE_URL"] = self._redis.url
         self.api_key = self.API_KEY if keys else None
         if keys:
-            limits = {"max_streams": 100_000, "requests_per_minute": 10_000_000,
-                      "tokens_per_minute": 10_000_000_000}
+            limits = {
+                "max_streams": 100_000,
+                "requests_per_minute": 10_000_000,
+                "tokens_per_minute": 10_000_000_000,
+            }
             env["STAGESERVER_API_KEYS"] = json.dumps({"bench": {"key": self.API_KEY, **limits}})
         if transport is not None:
             env["STAGESERVER_UPSTREAM_TRANSPORT"] = transport
@@ -288,7 +303,7 @@ def checkout(revision: str) -> Path:
     tree, where tools would read it as this project's code): its server runs with this
     checkout's virtualenv."""
     path = Path(tempfile.gettempdir()) / "stageserver-checkouts" / revision
-    if not (path / "wsgi.py").exists():
+    if not (path / "stageserver").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             ["git", "worktree", "add", "--detach", "--force", str(path), revision],

@@ -50,14 +50,30 @@ def _package(raw: str) -> str:
 # Both layouts' names: the relay inside Stage (before the lifecycle issue) and the relay in
 # relay.py, so that profiles of older revisions group the same way.
 _CHUNK_WORK = frozenset(
-    {"Stage._take_chunk", "_parse_chunk", "Stage._append_chunk", "Stage.append_chunk",
-     "read_chunk", "StageEvents.chunk", "Stage._append", "Stage._notify", "EventLog.append",
-     "encode_event", "SSEPayloadSplitter.feed"}
+    {
+        "Stage._take_chunk",
+        "_parse_chunk",
+        "Stage._append_chunk",
+        "Stage.append_chunk",
+        "read_chunk",
+        "StageEvents.chunk",
+        "Stage._append",
+        "Stage._notify",
+        "EventLog.append",
+        "encode_event",
+        "SSEPayloadSplitter.feed",
+    }
 )
 _BODY_READ = frozenset({"h11", "httpcore2", "httpx2", "contextlib", "httptools"})
 _BODY_READ_FRAMES = frozenset(
-    {"Stage._relay_reads", "UpstreamRelay._relay_reads", "UpstreamRelay._relay",
-     "_Body.__iter__", "_Body.feed", "Connection.read"}
+    {
+        "Stage._relay_reads",
+        "UpstreamRelay._relay_reads",
+        "UpstreamRelay._relay",
+        "_Body.__iter__",
+        "_Body.feed",
+        "Connection.read",
+    }
 )
 _DRAIN = frozenset({"Stage._drain", "UpstreamRelay._drain"})
 _FOLLOW = frozenset({"follow_stage", "follow", "LocalFeed.read", "Response.write", "write_chunk"})
@@ -76,9 +92,14 @@ def phase(raw_frames: list[str]) -> str:
         return "per chunk: split, parse the chunk's JSON, encode the event, append, wake"
     if names & _DRAIN:
         return "per stream: read the body's end after [DONE]"
-    if names & _BODY_READ_FRAMES or _package(raw_frames[-1]) in _BODY_READ or innermost in (
-        "SocketMixin.recv",
-        "SyncStream.read",
+    if (
+        names & _BODY_READ_FRAMES
+        or _package(raw_frames[-1]) in _BODY_READ
+        or innermost
+        in (
+            "SocketMixin.recv",
+            "SyncStream.read",
+        )
     ):
         return "per chunk: read the upstream body (transport, gevent's recv)"
     if names & _FOLLOW:

@@ -51,6 +51,8 @@ def check_target(target: str) -> str | None:
     if unknown:
         return f"{target!r}: unknown variant(s) {sorted(unknown)}"
     return None
+
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # Metrics where the median of repeated runs is reported.
 _NUMBERS = (
@@ -128,9 +130,7 @@ def measure(
         cmd += ["--profile", str(profile)]
     limit = duration + shape.seconds * 5 + 60
     try:
-        done = subprocess.run(
-            cmd, cwd=procs.ROOT, capture_output=True, timeout=limit, check=False
-        )
+        done = subprocess.run(cmd, cwd=procs.ROOT, capture_output=True, timeout=limit, check=False)
     finally:
         server.stop()
     if done.returncode != 0:

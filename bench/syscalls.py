@@ -38,11 +38,25 @@ def per_chunk(revision: str | None, concurrency: int, shape: Shape) -> dict[str,
         worker = procs.tree(server.pid)[-1]
         load = subprocess.Popen(
             [
-                sys.executable, "-m", "bench.load",
-                "--port", str(server.port), "--target", "stageserver", "--path", server.path,
-                "--concurrency", str(concurrency), "--chunks", str(shape.chunks),
-                "--interval", str(shape.interval), "--prefill", str(shape.prefill),
-                "--duration", str(_WARM_UP + _COUNTED + 1),
+                sys.executable,
+                "-m",
+                "bench.load",
+                "--port",
+                str(server.port),
+                "--target",
+                "stageserver",
+                "--path",
+                server.path,
+                "--concurrency",
+                str(concurrency),
+                "--chunks",
+                str(shape.chunks),
+                "--interval",
+                str(shape.interval),
+                "--prefill",
+                str(shape.prefill),
+                "--duration",
+                str(_WARM_UP + _COUNTED + 1),
             ],  # fmt: skip
             cwd=procs.ROOT,
             stdout=subprocess.PIPE,
@@ -75,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     procs.raise_nofile_limit()
     shape = Shape(chunks=args.chunks, interval=args.interval, prefill=0.0)
-    print(f"system calls per relayed chunk, {args.concurrency} streams of {args.chunks} "
-          f"chunks {args.interval} s apart, 1 gevent worker")
+    print(
+        f"system calls per relayed chunk, {args.concurrency} streams of {args.chunks} "
+        f"chunks {args.interval} s apart, 1 gevent worker"
+    )
     print("| revision | " + " | ".join(KINDS) + " | chunks/s |")
     print("|---|" + "---:|" * (len(KINDS) + 1))
     for revision in args.revisions.split(","):

@@ -50,7 +50,7 @@ def main() -> None:
 
 def measure(url: str, args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
     from stageserver.config import UpstreamConfig
-    from stageserver.upstreams import Upstream
+    from stageserver.upstream.clients import Upstream
 
     names = args.transports.split(",")
     upstreams = {

@@ -9,13 +9,14 @@ from typing import Any
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
-from . import logs, shutdown
-from .auth import Authenticator, Identify
+from . import shutdown
 from .config import StageSettings, apply_defaults, upstream_configs
+from .manager import StageManager
 from .principals import key_ring
-from .service import StageService
-from .tracing import start_tracing
-from .upstreams import UpstreamRegistry
+from .telemetry import logs
+from .telemetry.tracing import start_tracing
+from .upstream.clients import UpstreamRegistry
+from .web.auth import Authenticator, Identify
 
 
 class StageServer:
@@ -77,7 +78,7 @@ class StageServer:
         apply_defaults(app.config, os.environ)
         keys = key_ring(app.config["STAGESERVER_API_KEYS"], identify=self.identify is not None)
         configs = upstream_configs(app.config)
-        service = StageService(
+        service = StageManager(
             StageSettings.from_config(app.config),
             UpstreamRegistry(configs),
             keys.principals(),
@@ -85,10 +86,10 @@ class StageServer:
         )
         app.extensions["stageserver"] = service
         app.extensions["stageserver.auth"] = Authenticator(keys, self.identify)
-        from .apidocs import bp as docs_bp
-        from .ops import bp as ops_bp
-        from .views import bp
-        from .web import register_web
+        from .web.apidocs import bp as docs_bp
+        from .web.browser import register_web
+        from .web.ops import bp as ops_bp
+        from .web.views import bp
 
         app.register_blueprint(bp, url_prefix=self.url_prefix)
         app.register_blueprint(ops_bp, url_prefix=self.url_prefix)
@@ -110,7 +111,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     logs.configure(str(app.config["STAGESERVER_LOG_FORMAT"]))
     # Routing errors (404, 405) never reach a blueprint's handlers; the standalone app
     # answers them in JSON too. A host app that mounts stageserver keeps its own.
-    from .http_errors import http_error
+    from .web.errors import http_error
 
     app.register_error_handler(HTTPException, http_error)
     return app

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import select
 import sys
 import threading
 from collections.abc import Callable
@@ -24,15 +23,48 @@ def gevent_active() -> bool:
     return monkey is not None and bool(monkey.is_module_patched("socket"))
 
 
-def real_poll() -> Callable[[], Any]:
-    """``select.poll`` as the C library has it, even when gevent patched it: a
-    zero-timeout poll never blocks, and gevent's costs a trip through its hub."""
+def original(module: str, name: str) -> Any:
+    """``module.name`` as the standard library has it, even when gevent patched it."""
     try:
         from gevent import monkey
     except ImportError:  # pragma: no cover - gevent is a dependency
-        return select.poll
-    poll: Callable[[], Any] = monkey.get_original("select", "poll")
+        return getattr(__import__(module), name)
+    return monkey.get_original(module, name)
+
+
+def real_poll() -> Callable[[], Any]:
+    """``select.poll`` as the C library has it, even when gevent patched it: a
+    zero-timeout poll never blocks, and gevent's costs a trip through its hub."""
+    poll: Callable[[], Any] = original("select", "poll")
     return poll
+
+
+def cooperative_socket_module() -> Any:
+    """gevent's ``socket`` module: its sockets park the greenlet, not the worker."""
+    from gevent import socket as gevent_socket
+
+    return gevent_socket
+
+
+def read_watcher(fd: int) -> tuple[Any, Callable[[Any], None]]:
+    """A libev watcher of ``fd`` becoming readable in gevent's loop, and the hub's
+    ``wait``, which parks the calling greenlet until the watcher fires. The watcher is
+    the caller's to ``start(callback)`` instead, to ``stop()`` and to ``close()``."""
+    import gevent
+
+    hub = gevent.get_hub()
+    return hub.loop.io(fd, 1), hub.wait  # 1: readable
+
+
+def every(seconds: float, fn: Callable[[], None]) -> Any:
+    """Under gevent, run ``fn`` in a new greenlet every ``seconds``, on a timer that never
+    keeps the worker's loop alive (``ref=False``): for sweeps that live as long as the
+    process. The caller keeps the timer it returns."""
+    import gevent
+
+    timer = gevent.get_hub().loop.timer(seconds, seconds, ref=False)
+    timer.start(gevent.spawn, fn)
+    return timer
 
 
 class Task:
@@ -280,4 +312,3 @@ class Timer:
             self._greenlet.kill(block=False)
         elif self._timer is not None:
             self._timer.cancel()
-

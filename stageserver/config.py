@@ -320,8 +320,10 @@ def _origins(setting: Any) -> frozenset[str]:
     if setting is None:
         return frozenset()
     if not isinstance(setting, list):
-        raise ConfigError('STAGESERVER_CORS_ORIGINS must be a JSON list of origins, e.g. '
-                          '["https://app.example.com"]')
+        raise ConfigError(
+            "STAGESERVER_CORS_ORIGINS must be a JSON list of origins, e.g. "
+            '["https://app.example.com"]'
+        )
     for origin in setting:
         parts = urlsplit(origin) if isinstance(origin, str) else None
         if (

@@ -146,8 +146,7 @@ class StageConflict(Refusal):
 
     def __init__(self, stage_id: str) -> None:
         super().__init__(
-            f"stage {stage_id!r} is still running; wait for it, cancel it, or use another "
-            "stage_id"
+            f"stage {stage_id!r} is still running; wait for it, cancel it, or use another stage_id"
         )
 
 

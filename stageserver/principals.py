@@ -44,8 +44,10 @@ class Limits:
     tokens_per_minute: int | None = None
 
     def __bool__(self) -> bool:
-        return any(v is not None for v in (self.max_streams, self.requests_per_minute,
-                                            self.tokens_per_minute))
+        return any(
+            v is not None
+            for v in (self.max_streams, self.requests_per_minute, self.tokens_per_minute)
+        )
 
 
 @dataclass(frozen=True)
@@ -181,8 +183,9 @@ def _entry(name: str, spec: object, identify: bool) -> _Entry:
     limits = {}
     for field in _LIMIT_FIELDS:
         value = spec.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise ConfigError(f"{where}: {field} must be a whole number of at least 1")
         limits[field] = value
     upstreams = spec.get("upstreams")
@@ -197,3 +200,14 @@ def _entry(name: str, spec: object, identify: bool) -> _Entry:
         metrics_label=name,
     )
     return _Entry(principal, digest)
+
+
+def check_upstreams(principals: list[Principal], upstreams: list[str]) -> None:
+    """Every upstream a principal may use is configured; else a ConfigError naming it."""
+    for principal in principals:
+        unknown = sorted((principal.upstreams or set()) - set(upstreams))
+        if unknown:
+            raise ConfigError(
+                f"STAGESERVER_API_KEYS: principal {principal.name!r} names unknown "
+                f"upstream(s) {unknown}; configured: {', '.join(upstreams)}"
+            )

@@ -71,9 +71,9 @@ class ChatRequest(BaseModel):
     max_tokens: Annotated[
         StrictInt | None, WithJsonSchema(max_tokens_schema(DEFAULT_MAX_TOKENS_LIMIT))
     ] = None
-    temperature: Annotated[
-        StrictFloat | StrictInt | None, WithJsonSchema(TEMPERATURE_SCHEMA)
-    ] = None
+    temperature: Annotated[StrictFloat | StrictInt | None, WithJsonSchema(TEMPERATURE_SCHEMA)] = (
+        None
+    )
     upstream: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     base_url: StrictStr | None = None
     resumable: StrictBool | None = None

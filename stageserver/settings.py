@@ -166,8 +166,7 @@ PROCESS_SETTINGS: dict[str, tuple[Any, str]] = {
     ),
     "STAGESERVER_EMBEDDED_CONTEXT": (
         8192,
-        "`scripts/serve`: the embedded model's context, in tokens "
-        "(prompt and answer together).",
+        "`scripts/serve`: the embedded model's context, in tokens (prompt and answer together).",
     ),
     "STAGESERVER_EMBEDDED_THREADS": (
         0,
@@ -184,4 +183,3 @@ def markdown_table() -> str:
         shown = "unset" if default is None else f"`{json.dumps(default)}`"
         rows.append(f"| `{key}` | {shown} | {description} |")
     return "\n".join(rows)
-

@@ -57,9 +57,8 @@ _MIN_ABORT_DELAY = 0.5
 _RETIREMENT_CHECK_SECONDS = 0.5
 
 
-
 class Stoppable(Protocol):
-    """What shutdown needs of an app's stage service (``service.StageService``)."""
+    """What shutdown needs of an app's stage service (``service.StageManager``)."""
 
     def running(self) -> Sized: ...
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import requests
 
+from stageserver.launcher.supervisor import GUNICORN_ARGS
+
 __all__ = [
     "NGINX",
     "ROOT",
@@ -120,7 +122,7 @@ class Gunicorn:
         self.log_path.write_bytes(b"")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+            [str(VENV_BIN / "python"), "-m", "gunicorn", *gunicorn_args(root)],
             cwd=root,
             env=full_env,
             stdout=self._log,
@@ -367,3 +369,11 @@ class SentinelGroup:
         self.replica.stop()
         self.primary.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def gunicorn_args(root: Path) -> tuple[str, ...]:
+    """gunicorn's config and app in the checkout ``root``: the package's own, or, in a
+    revision from before the package held them, the files at its top."""
+    if (root / "stageserver" / "gunicorn_conf.py").exists():
+        return GUNICORN_ARGS
+    return ("-c", "gunicorn.conf.py", "wsgi:app")

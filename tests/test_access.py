@@ -56,19 +56,30 @@ def chat(client: FlaskClient, secret: str | None, stage_id: str, **fields: Any) 
 @pytest.mark.parametrize(
     ("header", "message", "challenge"),
     [
-        (None, "this server requires an API key: send 'Authorization: Bearer <key>'",
-         'Bearer realm="stageserver"'),
+        (
+            None,
+            "this server requires an API key: send 'Authorization: Bearer <key>'",
+            'Bearer realm="stageserver"',
+        ),
         ("", "malformed Authorization header: expected 'Bearer <key>'", "invalid_token"),
         ("Bearer", "malformed Authorization header: expected 'Bearer <key>'", "invalid_token"),
         ("Bearer ", "malformed Authorization header: expected 'Bearer <key>'", "invalid_token"),
-        ("Basic YWxpY2U6eA==", "malformed Authorization header: expected 'Bearer <key>'",
-         "invalid_token"),
-        ("Bearer " + "k" * 10_000, "malformed Authorization header: expected 'Bearer <key>'",
-         "invalid_token"),
-        ("Bearer clé-secrète", "malformed Authorization header: expected 'Bearer <key>'",
-         "invalid_token"),
-        ("Bearer a b", "malformed Authorization header: expected 'Bearer <key>'",
-         "invalid_token"),
+        (
+            "Basic YWxpY2U6eA==",
+            "malformed Authorization header: expected 'Bearer <key>'",
+            "invalid_token",
+        ),
+        (
+            "Bearer " + "k" * 10_000,
+            "malformed Authorization header: expected 'Bearer <key>'",
+            "invalid_token",
+        ),
+        (
+            "Bearer clé-secrète",
+            "malformed Authorization header: expected 'Bearer <key>'",
+            "invalid_token",
+        ),
+        ("Bearer a b", "malformed Authorization header: expected 'Bearer <key>'", "invalid_token"),
         ("Bearer not-a-known-key", "unknown API key", "invalid_token"),
     ],
 )
@@ -76,10 +87,18 @@ def test_a_request_without_a_valid_key_gets_401(
     keyed: FlaskClient, upstream: FakeUpstream, header: str | None, message: str, challenge: str
 ) -> None:
     headers = {} if header is None else {"Authorization": header}
-    for method, path in (("POST", "/chat"), ("GET", "/stages/x"), ("GET", "/stages/x/events"),
-                         ("POST", "/stages/x/cancel")):
-        response = keyed.open(path, method=method, headers=headers,
-                              json={"stage_id": "x", "model_name": "fake", "user_prompt": "x"})
+    for method, path in (
+        ("POST", "/chat"),
+        ("GET", "/stages/x"),
+        ("GET", "/stages/x/events"),
+        ("POST", "/stages/x/cancel"),
+    ):
+        response = keyed.open(
+            path,
+            method=method,
+            headers=headers,
+            json={"stage_id": "x", "model_name": "fake", "user_prompt": "x"},
+        )
         assert response.status_code == 401, (method, path)
         assert response.get_json() == {"error": message}
         assert challenge in response.headers["WWW-Authenticate"]
@@ -96,15 +115,22 @@ def test_health_and_metrics_stay_open(keyed: FlaskClient) -> None:
 def test_a_stage_is_its_principals_alone(keyed: FlaskClient) -> None:
     assert chat(keyed, ALICE, "mine").status_code == 200
     unknown = keyed.get("/stages/nobody", headers=auth(BOB))
-    for method, path in (("GET", "/stages/{}"), ("GET", "/stages/{}/events"),
-                         ("POST", "/stages/{}/cancel")):
+    for method, path in (
+        ("GET", "/stages/{}"),
+        ("GET", "/stages/{}/events"),
+        ("POST", "/stages/{}/cancel"),
+    ):
         theirs = keyed.open(path.format("mine"), method=method, headers=auth(BOB))
         never = keyed.open(path.format("nobody"), method=method, headers=auth(BOB))
         assert (theirs.status_code, never.status_code) == (404, 404)
-        assert theirs.get_json() == {"error": "no stage 'mine' (unknown, or expired)",
-                                     "field": "stage_id"}
-        assert never.get_json() == {**unknown.get_json(), "error":
-                                    "no stage 'nobody' (unknown, or expired)"}
+        assert theirs.get_json() == {
+            "error": "no stage 'mine' (unknown, or expired)",
+            "field": "stage_id",
+        }
+        assert never.get_json() == {
+            **unknown.get_json(),
+            "error": "no stage 'nobody' (unknown, or expired)",
+        }
     assert keyed.get("/stages/mine", headers=auth(ALICE)).get_json()["status"] == "done"
 
 
@@ -166,9 +192,7 @@ def test_a_principal_uses_only_its_upstreams(keyed: FlaskClient, upstream: FakeU
     assert chat(keyed, ALICE, "a1", upstream="first").status_code == 200
 
 
-def test_usage_is_in_done_cancel_and_the_status(
-    keyed: FlaskClient, upstream: FakeUpstream
-) -> None:
+def test_usage_is_in_done_cancel_and_the_status(keyed: FlaskClient, upstream: FakeUpstream) -> None:
     done = parse_events(chat(keyed, BOB, "u1", stream=True, model_name="fake?chunks=3").data)
     assert terminal(done)[0]["data"] == {
         "stage_id": "u1",
@@ -178,8 +202,9 @@ def test_usage_is_in_done_cancel_and_the_status(
     assert status["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
 
     # Cancelled mid-stream: no usage chunk came; what was generated is estimated.
-    streaming = chat(keyed, ALICE, "u2", stream=True, model_name="fake?chunks=500&interval=0.01",
-                     buffered=False)
+    streaming = chat(
+        keyed, ALICE, "u2", stream=True, model_name="fake?chunks=500&interval=0.01", buffered=False
+    )
     pieces = streaming.iter_encoded()
     wire = b""
     while wire.count(b"event: chat_completion_chunk") < 3:
@@ -192,8 +217,12 @@ def test_usage_is_in_done_cancel_and_the_status(
     assert terminal(events)[0]["data"] == {
         "stage_id": "u2",
         "reason": "cancelled by request",
-        "usage": {"prompt_tokens": 6, "completion_tokens": chunks, "total_tokens": 6 + chunks,
-                  "estimated": True},
+        "usage": {
+            "prompt_tokens": 6,
+            "completion_tokens": chunks,
+            "total_tokens": 6 + chunks,
+            "estimated": True,
+        },
     }
 
 
@@ -201,8 +230,11 @@ def test_cors_for_listed_origins_only(keyed: FlaskClient) -> None:
     allowed = {"Origin": "http://127.0.0.1:9999"}
     preflight = keyed.options(
         "/chat",
-        headers={**allowed, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type"},
+        headers={
+            **allowed,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
     )
     assert preflight.status_code == 200
     assert preflight.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:9999"
@@ -220,8 +252,9 @@ def test_cors_for_listed_origins_only(keyed: FlaskClient) -> None:
 
 def test_identify_lets_the_host_app_name_the_principal(upstream: FakeUpstream) -> None:
     host = Flask("host")
-    host.config.update(STAGESERVER_UPSTREAM_URL=upstream.url,
-                       STAGESERVER_API_KEYS={"dana": {"max_streams": 3}})
+    host.config.update(
+        STAGESERVER_UPSTREAM_URL=upstream.url, STAGESERVER_API_KEYS={"dana": {"max_streams": 3}}
+    )
 
     def identify(request: Request) -> str | None:
         return request.headers.get("X-Signed-In-As")
@@ -249,23 +282,25 @@ def test_identify_lets_the_host_app_name_the_principal(upstream: FakeUpstream) -
         ({"a b": {"key": "k" * 8}}, "principal name 'a b' must be 1 to 64 characters"),
         ({"other": {"key": "k" * 8}}, "'other' is reserved"),
         ({"a": {"key": "k" * 8}, "b": {"key": "k" * 8}}, "'a' and 'b' have the same key"),
-        ({"a": {"key": "k" * 8, "upstreams": ["elsewhere"]}},
-         r"principal 'a' names unknown upstream\(s\) \['elsewhere'\]"),
+        (
+            {"a": {"key": "k" * 8, "upstreams": ["elsewhere"]}},
+            r"principal 'a' names unknown upstream\(s\) \['elsewhere'\]",
+        ),
         ("@/nonexistent/keys.json", "STAGESERVER_API_KEYS: cannot read /nonexistent/keys.json"),
     ],
 )
 def test_malformed_keys_stop_start_up_and_never_show_a_secret(keys: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
-        create_app({"STAGESERVER_UPSTREAM_URL": "http://127.0.0.1:9/v1",
-                    "STAGESERVER_API_KEYS": keys})
+        create_app(
+            {"STAGESERVER_UPSTREAM_URL": "http://127.0.0.1:9/v1", "STAGESERVER_API_KEYS": keys}
+        )
     assert "kkkkkkkk" not in str(caught.value)
 
 
 def test_keys_from_a_file(tmp_path: Any, upstream: FakeUpstream) -> None:
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"ci": {"key": "ci-secret-123"}}))
-    app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url,
-                      "STAGESERVER_API_KEYS": f"@{path}"})
+    app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_API_KEYS": f"@{path}"})
     client = app.test_client()
     body = {"stage_id": "f", "model_name": "fake", "user_prompt": "hi"}
     assert client.post("/chat", json=body).status_code == 401

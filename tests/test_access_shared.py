@@ -48,9 +48,10 @@ def env(fake: FakeUpstream, redis_server: RedisServer, **extra: str) -> dict[str
 
 @pytest.fixture(scope="module")
 def pair(fake: FakeUpstream, redis_server: RedisServer) -> Iterator[tuple[Gunicorn, Gunicorn]]:
-    with gunicorn_server(env(fake, redis_server)) as a, gunicorn_server(
-        env(fake, redis_server)
-    ) as b:
+    with (
+        gunicorn_server(env(fake, redis_server)) as a,
+        gunicorn_server(env(fake, redis_server)) as b,
+    ):
         yield a, b
         for server in (a, b):  # no secret reaches a log line
             log = server.log()
@@ -66,16 +67,24 @@ def held(url: str, who: str, stage_id: str, **fields: Any) -> OpenStream:
 def test_another_principal_sees_no_stage_on_any_host(pair: tuple[Gunicorn, Gunicorn]) -> None:
     a, b = pair
     assert post_chat(a.url, stage_id="iso", headers=as_("alice")).status_code == 200
-    for method, path in (("GET", "/stages/{}"), ("GET", "/stages/{}/events"),
-                         ("POST", "/stages/{}/cancel")):
+    for method, path in (
+        ("GET", "/stages/{}"),
+        ("GET", "/stages/{}/events"),
+        ("POST", "/stages/{}/cancel"),
+    ):
         for server in (a, b):
-            theirs = requests.request(method, server.url + path.format("iso"),
-                                      headers=as_("bob"), timeout=5)
+            theirs = requests.request(
+                method, server.url + path.format("iso"), headers=as_("bob"), timeout=5
+            )
             assert theirs.status_code == 404
-            assert theirs.json() == {"error": "no stage 'iso' (unknown, or expired)",
-                                     "field": "stage_id"}
-    assert requests.get(f"{b.url}/stages/iso", headers=as_("alice"), timeout=5).json()[
-        "status"] == "done"
+            assert theirs.json() == {
+                "error": "no stage 'iso' (unknown, or expired)",
+                "field": "stage_id",
+            }
+    assert (
+        requests.get(f"{b.url}/stages/iso", headers=as_("alice"), timeout=5).json()["status"]
+        == "done"
+    )
 
 
 def test_stage_ids_are_namespaced_on_every_host(pair: tuple[Gunicorn, Gunicorn]) -> None:
@@ -112,8 +121,7 @@ def test_max_streams_holds_across_instances(
         assert len(upstream.requests) == 2  # refused before any upstream call
     finally:
         for stage_id, server in (("s1", a), ("s2", b)):
-            requests.post(f"{server.url}/stages/{stage_id}/cancel", headers=as_("alice"),
-                          timeout=5)
+            requests.post(f"{server.url}/stages/{stage_id}/cancel", headers=as_("alice"), timeout=5)
         for stream in streams:
             stream.close()
 
@@ -173,8 +181,10 @@ def test_each_way_a_stage_ends_gives_its_slot_back(
 
 
 def test_a_shutdown_gives_the_slot_back(fake: FakeUpstream, redis_server: RedisServer) -> None:
-    with gunicorn_server(env(fake, redis_server, STAGESERVER_GRACEFUL_TIMEOUT="3")) as going, \
-            gunicorn_server(env(fake, redis_server)) as staying:
+    with (
+        gunicorn_server(env(fake, redis_server, STAGESERVER_GRACEFUL_TIMEOUT="3")) as going,
+        gunicorn_server(env(fake, redis_server)) as staying,
+    ):
         stream = held(going.url, "solo", "sd", model_name="fake?chunks=100000&interval=0.05")
         stream.read_until(b"event: chat_completion_chunk")
         going.signal(signal.SIGTERM)
@@ -187,7 +197,10 @@ def test_tokens_per_minute_counts_the_upstreams_usage(pair: tuple[Gunicorn, Guni
     # The fake upstream reports 1 prompt token ("hi") and one per chunk: 6 each.
     first = post_chat(a.url, stage_id="t1", headers=as_("tok"), model_name="fake?chunks=5")
     assert terminal(parse_events(first.content))[0]["data"]["usage"] == {
-        "prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
+        "prompt_tokens": 1,
+        "completion_tokens": 5,
+        "total_tokens": 6,
+    }
     assert post_chat(b.url, stage_id="t2", headers=as_("tok")).status_code == 200  # 6 < 10
     refused = post_chat(a.url, stage_id="t3", headers=as_("tok"))  # 12 >= 10
     assert refused.status_code == 429
@@ -216,8 +229,9 @@ def test_limits_fail_closed_when_redis_is_down(
 
 def raw_request(port: int, header: bytes) -> tuple[int, dict[str, Any], str]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"GET /stages/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" + header
-                     + b"\r\n")
+        sock.sendall(
+            b"GET /stages/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" + header + b"\r\n"
+        )
         wire = b""
         while piece := sock.recv(65536):
             wire += piece
@@ -252,6 +266,7 @@ def test_logs_and_metrics_name_the_principal_never_the_key(
 ) -> None:
     a, _ = pair
     post_chat(a.url, stage_id="logged", headers={**as_("bob"), "X-Request-ID": "rid-logged"})
+
     def line_with(*parts: str) -> str:
         deadline = time.monotonic() + 5
         while True:

@@ -323,8 +323,9 @@ CAROL = "carol-secret-key-3"
 @pytest.fixture(scope="module")
 def keyed_server(fake: FakeUpstream) -> Iterator[Gunicorn]:
     env = {
-        "STAGESERVER_UPSTREAMS": json.dumps({"first": {"url": fake.url},
-                                             "second": {"url": fake.url}}),
+        "STAGESERVER_UPSTREAMS": json.dumps(
+            {"first": {"url": fake.url}, "second": {"url": fake.url}}
+        ),
         "STAGESERVER_API_KEYS": json.dumps({"carol": {"key": CAROL, "upstreams": ["second"]}}),
     }
     with gunicorn_server(env) as gunicorn:
@@ -369,7 +370,8 @@ def test_the_playground_takes_an_api_key_and_says_plainly_when_it_is_refused(
     key.press("Tab")
     page.get_by_label("User prompt").press("Control+Enter")
     expect(page.get_by_role("status")).to_have_text(
-        "Failed: this server requires an API key: send 'Authorization: Bearer <key>'")
+        "Failed: this server requires an API key: send 'Authorization: Bearer <key>'"
+    )
     expect(problem).to_have_text("This server requires an API key: enter it here.")
     assert CAROL not in keyed_server.log()
 

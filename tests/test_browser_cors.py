@@ -22,8 +22,10 @@ from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, gunicorn_server
 
 KEY = "cors-secret-key-1"
-PAGE = b'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>another origin' \
-       b'</title><link rel="icon" href="data:,"></head><body></body></html>'
+PAGE = (
+    b'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>another origin'
+    b'</title><link rel="icon" href="data:,"></head><body></body></html>'
+)
 
 # In the page: stream a stage from stageserver with the module and the key, then read a
 # status with an X-Request-ID of its own.
@@ -106,9 +108,17 @@ def test_a_page_of_a_listed_origin_streams_a_stage_with_its_key(
         got = browser.page.evaluate(STREAM, {"server": server.url, "key": KEY})
     # POST /chat with Authorization and a JSON body is preflighted: the preflight passed.
     assert got == {
-        "ids": ["cors-1-chunk-0", "cors-1-chunk-1", "cors-1-chunk-2", "cors-1-chunk-3",
-                "cors-1-chunk-4", "cors-1-done-5"],
-        "status": "done", "text": "tok0 tok1 tok2 ", "requestId": "cors-request-7",
+        "ids": [
+            "cors-1-chunk-0",
+            "cors-1-chunk-1",
+            "cors-1-chunk-2",
+            "cors-1-chunk-3",
+            "cors-1-chunk-4",
+            "cors-1-done-5",
+        ],
+        "status": "done",
+        "text": "tok0 tok1 tok2 ",
+        "requestId": "cors-request-7",
         "stage": "done",
     }
     assert '"OPTIONS /chat HTTP/1.1" 200' in server.log()
@@ -127,10 +137,18 @@ def test_a_page_of_another_origin_is_refused_by_the_browser(
         cdp = browser.page.context.new_cdp_session(browser.page)
         asked: dict[str, str] = {}
         answered: dict[str, dict[str, str]] = {}
-        cdp.on("Network.requestWillBeSent", lambda event: asked.update({
-            event["requestId"]: f"{event['request']['method']} {event['request']['url']}"}))
-        cdp.on("Network.responseReceivedExtraInfo", lambda event: answered.update({
-            event["requestId"]: {k.lower(): v for k, v in event["headers"].items()}}))
+        cdp.on(
+            "Network.requestWillBeSent",
+            lambda event: asked.update(
+                {event["requestId"]: f"{event['request']['method']} {event['request']['url']}"}
+            ),
+        )
+        cdp.on(
+            "Network.responseReceivedExtraInfo",
+            lambda event: answered.update(
+                {event["requestId"]: {k.lower(): v for k, v in event["headers"].items()}}
+            ),
+        )
         cdp.send("Network.enable")
         browser.page.goto(f"{other}/")
         got = browser.page.evaluate(REFUSED, {"server": server.url, "key": KEY})
@@ -138,8 +156,11 @@ def test_a_page_of_another_origin_is_refused_by_the_browser(
     assert got["chat"] == "TypeError: Failed to fetch"
     assert got["status"] == "TypeError: Failed to fetch"
     assert got["module"].startswith("TypeError: Failed to fetch dynamically imported module")
-    headers = {asked[request].replace(server.url, ""): answer
-               for request, answer in answered.items() if server.url in asked[request]}
+    headers = {
+        asked[request].replace(server.url, ""): answer
+        for request, answer in answered.items()
+        if server.url in asked[request]
+    }
     # The preflight of the POST, the status, the module: none may be read by that page.
     assert set(headers) == {"OPTIONS /chat", "GET /stages/cors-1", "GET /static/stageserver.js"}
     assert [h for h in headers.values() if "access-control-allow-origin" in h] == []

@@ -55,7 +55,10 @@ def test_docs_show_every_operation_and_try_it_out_works_under_a_prefix(
         expect(status).to_have_text("200")
         expect(chat.locator(".request-url")).to_contain_text(f"{server.url}{PREFIX}/chat")
     # The document's example, sent with the key: a stage of that principal, done.
-    answer = requests.get(f"{server.url}{PREFIX}/stages/summary-1", timeout=5,
-                          headers={"Authorization": f"Bearer {KEY}"})
+    answer = requests.get(
+        f"{server.url}{PREFIX}/stages/summary-1",
+        timeout=5,
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
     assert answer.json().get("status") == "done", answer.text
     assert upstream.requests[0].body["max_tokens"] == 64

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from stageserver.chunks import read_chunk
 from stageserver.errors import UpstreamErrorObject, UpstreamProtocolError
+from stageserver.upstream.chunks import read_chunk
 
 
 @pytest.mark.parametrize(

@@ -92,9 +92,7 @@ def test_heartbeats_keep_a_long_prefill_alive_past_nginx_read_timeout(
     )
     assert response.status_code == 200
     events = parse_events(response.content)
-    first_chunk = next(
-        i for i, e in enumerate(events) if e.get("event") == "chat_completion_chunk"
-    )
+    first_chunk = next(i for i, e in enumerate(events) if e.get("event") == "chat_completion_chunk")
     heartbeats = [e for e in events[:first_chunk] if e.get("comment") == "heartbeat"]
     assert len(heartbeats) >= 3  # one a second of silence kept nginx reading
     assert chunk_text(events) == "tok0 tok1 tok2 "
@@ -210,8 +208,10 @@ def test_body_limit_is_the_apps_and_over_it_nginx_answers_like_the_app(stack: St
     # (which would reset the connection under the answer): send it none.
     app_status, _, app_payload = _post_raw(stack.gunicorn.port, too_big, send_body=False)
     assert (status, app_status) == (413, 413)
-    assert payload == app_payload == (
-        b'{"error":"request body is larger than 1048576 bytes","field":"body"}\n'
+    assert (
+        payload
+        == app_payload
+        == (b'{"error":"request body is larger than 1048576 bytes","field":"body"}\n')
     )
     assert headers["content-type"] == "application/json"
     assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])

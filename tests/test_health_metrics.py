@@ -23,7 +23,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from stageserver import create_app
-from stageserver.logs import JsonFormatter
+from stageserver.telemetry.logs import JsonFormatter
 from testing.fake_upstream import FakeUpstream
 from testing.servers import RedisServer, free_port, gunicorn_server
 from testing.sse import parse_events, post_chat, terminal
@@ -120,8 +120,7 @@ def test_readyz_without_any_upstream_is_503() -> None:
     assert response.json == {
         "status": "not_ready",
         "upstreams": {},
-        "error": "no upstream is configured: set STAGESERVER_UPSTREAM_URL or "
-        "STAGESERVER_UPSTREAMS",
+        "error": "no upstream is configured: set STAGESERVER_UPSTREAM_URL or STAGESERVER_UPSTREAMS",
     }
 
 
@@ -209,7 +208,7 @@ def test_one_structured_log_line_per_stage(
     assert err.getMessage() == (
         "stage_id=log-err outcome=error upstream=default request_id=rid-log-err ttft_ms=- "
         f"chunks=0 duration_ms={err.duration_ms} error_kind=UpstreamStatusError "  # type: ignore[attr-defined]
-        'error="upstream \'default\' answered HTTP 503: fake upstream failure"'
+        "error=\"upstream 'default' answered HTTP 503: fake upstream failure\""
     )
     assert json.loads(JsonFormatter().format(err))["ttft_ms"] is None
 
@@ -273,8 +272,9 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
         with ThreadPoolExecutor(4) as pool:
             for batch, (serving, stopped) in enumerate([workers, workers[::-1]]):
                 jobs = {
-                    f"b{batch}-{n}": "fake?mode=status&status=500" if n == 3 else
-                    "fake?chunks=5&interval=0.02"
+                    f"b{batch}-{n}": "fake?mode=status&status=500"
+                    if n == 3
+                    else "fake?chunks=5&interval=0.02"
                     for n in range(4)
                 }
                 with _stopped(stopped):
@@ -311,9 +311,12 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
         # A stage's relay gives its replica back after its end, once the upstream's body
         # has been read out: wait for that, so that the two scrapes see one state.
         _wait(
-            lambda: not any(
-                v for (name, _), v in scrape(requests.get(f"{server.url}/metrics").text).items()
-                if name == "stageserver_replica_in_flight"
+            lambda: (
+                not any(
+                    v
+                    for (name, _), v in scrape(requests.get(f"{server.url}/metrics").text).items()
+                    if name == "stageserver_replica_in_flight"
+                )
             ),
             "every replica given back",
         )
@@ -351,14 +354,15 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
         up = {"upstream": "default"}
         assert value(totals, "stageserver_stages_total", outcome="done", **up) == done
         assert value(totals, "stageserver_stages_total", outcome="error", **up) == failed
-        assert value(
-            totals, "stageserver_upstream_errors_total", kind="UpstreamStatusError", **up
-        ) == failed
+        assert (
+            value(totals, "stageserver_upstream_errors_total", kind="UpstreamStatusError", **up)
+            == failed
+        )
         assert value(totals, "stageserver_chunks_relayed_total", **up) == sum(chunks_seen.values())
         assert value(totals, "stageserver_time_to_first_token_seconds_count", **up) == done
-        assert value(
-            totals, "stageserver_stream_duration_seconds_count", outcome="done", **up
-        ) == done
+        assert (
+            value(totals, "stageserver_stream_duration_seconds_count", outcome="done", **up) == done
+        )
         assert value(totals, "stageserver_active_streams", **up) == 0
 
         # Both workers die mid-stream (SIGKILL: no clean-up of their own). Counters keep

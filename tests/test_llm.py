@@ -1,7 +1,7 @@
 """The real model: llama.cpp's server with SmolLM2-135M-Instruct, behind stageserver.
 
 One model server is started for the whole session; stageserver runs under gunicorn in
-front of it. The launcher (``python -m launcher``) is tested as a user runs it:
+front of it. The launcher (``stageserver serve``) is tested as a user runs it:
 its ready line, its curl line, and that it stops everything it started.
 """
 
@@ -22,8 +22,13 @@ from typing import Any
 import pytest
 import requests
 
-from launcher.model import MODEL_NAME, default_model_path, model_answers, model_server_command
-from launcher.settings import default_threads
+from stageserver.launcher.model import (
+    MODEL_NAME,
+    default_model_path,
+    model_answers,
+    model_server_command,
+)
+from stageserver.launcher.settings import default_threads
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, Gunicorn, free_port, gunicorn_server, stop_process
 from testing.sse import chunk_text, parse_events, post_chat
@@ -199,7 +204,7 @@ def test_client_disconnect_stops_the_model(server: Gunicorn, model_server: Model
 
 
 class Serve:
-    """``python -m launcher`` as a user runs it; stdout and stderr go to files."""
+    """``python -m stageserver serve`` as a user runs it; stdout and stderr go to files."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.port = free_port()
@@ -214,7 +219,7 @@ class Serve:
         }
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "launcher"],
+                [sys.executable, "-m", "stageserver", "serve"],
                 cwd=ROOT,
                 env=full_env,
                 stdin=subprocess.DEVNULL,

@@ -41,14 +41,13 @@ def env(fake: FakeUpstream, store_url: str, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def pair(
-    upstream: FakeUpstream, redis_server: RedisServer
-) -> Iterator[tuple[Gunicorn, Gunicorn]]:
+def pair(upstream: FakeUpstream, redis_server: RedisServer) -> Iterator[tuple[Gunicorn, Gunicorn]]:
     # A worker killed on purpose leaves no traceback, but its instance's log is not
     # checked: the SIGKILL is the point.
-    with gunicorn_server(env(upstream, redis_server.url), forbid=()) as a, gunicorn_server(
-        env(upstream, redis_server.url)
-    ) as b:
+    with (
+        gunicorn_server(env(upstream, redis_server.url), forbid=()) as a,
+        gunicorn_server(env(upstream, redis_server.url)) as b,
+    ):
         yield a, b
 
 
@@ -184,8 +183,10 @@ def test_a_half_closed_client_counts_as_gone(fake: FakeUpstream, upstream: FakeU
     """Decided: a client that shuts its sending side (SHUT_WR) after its request is gone,
     as nginx treats it; the stage is cancelled like any disconnect's."""
     with gunicorn_server({"STAGESERVER_UPSTREAM_URL": fake.url}) as server:
-        body = b'{"stage_id":"half","model_name":"fake?chunks=2000&interval=0.05",' \
-               b'"user_prompt":"hi","stream":true}'
+        body = (
+            b'{"stage_id":"half","model_name":"fake?chunks=2000&interval=0.05",'
+            b'"user_prompt":"hi","stream":true}'
+        )
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(
                 b"POST /chat HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"

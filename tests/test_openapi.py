@@ -18,7 +18,6 @@ from openapi_spec_validator import validate
 from pydantic import BaseModel, ValidationError
 
 from stageserver import StageServer, create_app
-from stageserver.apidocs import SWAGGER_UI
 from stageserver.schemas import (
     CancelData,
     Cancelling,
@@ -31,6 +30,7 @@ from stageserver.schemas import (
     StageStatus,
     UpstreamList,
 )
+from stageserver.web.apidocs import SWAGGER_UI
 from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, RedisServer, gunicorn_server
 from testing.sse import parse_events, post_chat, wait_for_status
@@ -82,13 +82,24 @@ def test_the_document_is_valid_and_names_every_route(
     assert doc["servers"] == [{"url": "/"}]
     assert operations(doc) == routes(app)
     assert ("get", "/playground") in routes(app) or config.get("STAGESERVER_PLAYGROUND") is False
-    for path in ("/chat", "/upstreams", "/stages/{stage_id}", "/stages/{stage_id}/events",
-                 "/stages/{stage_id}/cancel"):
+    for path in (
+        "/chat",
+        "/upstreams",
+        "/stages/{stage_id}",
+        "/stages/{stage_id}/events",
+        "/stages/{stage_id}/cancel",
+    ):
         for operation in doc["paths"][path].values():
             assert operation["security"] == bearer
             assert operation["responses"]["401"]["headers"]["WWW-Authenticate"]["required"]
-    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
-                 "/static/stageserver.js"):
+    for path in (
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+        "/static/stageserver.js",
+    ):
         assert doc["paths"][path]["get"]["security"] == []
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
 
@@ -108,8 +119,13 @@ def test_under_a_prefix_the_servers_reach_every_operation(upstream: FakeUpstream
 
 
 def test_the_app_limits_are_in_the_schema_of_a_chat(upstream: FakeUpstream) -> None:
-    app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url,
-                      "STAGESERVER_MAX_TOKENS_LIMIT": 10, "STAGESERVER_MAX_PROMPT_CHARS": 5})
+    app = create_app(
+        {
+            "STAGESERVER_UPSTREAM_URL": upstream.url,
+            "STAGESERVER_MAX_TOKENS_LIMIT": 10,
+            "STAGESERVER_MAX_PROMPT_CHARS": 5,
+        }
+    )
     chat = document(app)["components"]["schemas"]["ChatRequest"]["properties"]
     assert chat["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 10}
     assert chat["user_prompt"]["maxLength"] == chat["system_prompt"]["maxLength"] == 5
@@ -118,16 +134,40 @@ def test_the_app_limits_are_in_the_schema_of_a_chat(upstream: FakeUpstream) -> N
 @pytest.mark.parametrize(
     "changes",
     [
-        {}, {"max_tokens": 64}, {"max_tokens": [64]}, {"max_tokens": [64, "anything"]},
-        {"max_tokens": 64.0}, {"max_tokens": None}, {"max_tokens": 0}, {"max_tokens": 4097},
-        {"max_tokens": []}, {"max_tokens": [None]}, {"max_tokens": "64"}, {"max_tokens": True},
-        {"max_tokens": 1.5}, {"max_tokens": [[64]]}, {"temperature": 0.5},
-        {"temperature": [2]}, {"temperature": [2.5]}, {"temperature": -0.1},
-        {"temperature": [None]}, {"temperature": "0.5"}, {"stage_id": "a b"},
-        {"stage_id": "x" * 129}, {"stage_id": "ok\n"}, {"stage_id": 5}, {"model_name": ""},
-        {"model_name": "m" * 257}, {"user_prompt": None}, {"system_prompt": None},
-        {"stream": 1}, {"stream": None}, {"resumable": None}, {"upstream": ""},
-        {"base_url": None}, {"unknown": "ignored"},
+        {},
+        {"max_tokens": 64},
+        {"max_tokens": [64]},
+        {"max_tokens": [64, "anything"]},
+        {"max_tokens": 64.0},
+        {"max_tokens": None},
+        {"max_tokens": 0},
+        {"max_tokens": 4097},
+        {"max_tokens": []},
+        {"max_tokens": [None]},
+        {"max_tokens": "64"},
+        {"max_tokens": True},
+        {"max_tokens": 1.5},
+        {"max_tokens": [[64]]},
+        {"temperature": 0.5},
+        {"temperature": [2]},
+        {"temperature": [2.5]},
+        {"temperature": -0.1},
+        {"temperature": [None]},
+        {"temperature": "0.5"},
+        {"stage_id": "a b"},
+        {"stage_id": "x" * 129},
+        {"stage_id": "ok\n"},
+        {"stage_id": 5},
+        {"model_name": ""},
+        {"model_name": "m" * 257},
+        {"user_prompt": None},
+        {"system_prompt": None},
+        {"stream": 1},
+        {"stream": None},
+        {"resumable": None},
+        {"upstream": ""},
+        {"base_url": None},
+        {"unknown": "ignored"},
     ],
 )
 def test_the_schema_of_a_chat_accepts_what_the_model_accepts(
@@ -162,7 +202,9 @@ def events_of(wire: bytes) -> dict[str, list[dict[str, Any]]]:
 
 
 EVENT_MODELS: dict[str, type[BaseModel]] = {
-    "chat_completion_chunk": ChunkData, "done": DoneData, "error": ErrorData,
+    "chat_completion_chunk": ChunkData,
+    "done": DoneData,
+    "error": ErrorData,
     "cancel": CancelData,
 }
 
@@ -182,8 +224,13 @@ def test_every_summary_and_event_the_server_sends_holds_to_its_model(
     running, done, failed or cancelled, validates against the model the document shows."""
     a, b = pair
     seen: dict[str, int] = {}
-    running = post_chat(a.url, open=True, stage_id="m-run", model_name="fake?chunks=400&"
-                        "interval=0.01", resumable=True)
+    running = post_chat(
+        a.url,
+        open=True,
+        stage_id="m-run",
+        model_name="fake?chunks=400&interval=0.01",
+        resumable=True,
+    )
     running.read_until(b"event: chat_completion_chunk", 3)
     for server in (a, b):
         holds(StageStatus, requests.get(f"{server.url}/stages/m-run", timeout=5).content)
@@ -193,11 +240,16 @@ def test_every_summary_and_event_the_server_sends_holds_to_its_model(
     running.read_to_end()
     wire = [running.wire]
     wire.append(post_chat(a.url, stage_id="m-done", model_name="fake?chunks=3").content)
-    wire.append(post_chat(a.url, stage_id="m-fail", model_name="fake?mode=status&status=500"
-                          ).content)
+    wire.append(
+        post_chat(a.url, stage_id="m-fail", model_name="fake?mode=status&status=500").content
+    )
     wire.append(post_chat(a.url, stage_id="m-drop", model_name="fake?mode=drop&after=2").content)
-    for stage_id, status in (("m-run", "cancelled"), ("m-done", "done"), ("m-fail", "error"),
-                             ("m-drop", "error")):
+    for stage_id, status in (
+        ("m-run", "cancelled"),
+        ("m-done", "done"),
+        ("m-fail", "error"),
+        ("m-drop", "error"),
+    ):
         for server in (a, b):
             summary = wait_for_status(server.url, stage_id, status)
             holds(StageStatus, summary)
@@ -214,9 +266,15 @@ def test_every_summary_and_event_the_server_sends_holds_to_its_model(
 
 def test_health_readiness_and_upstreams_hold_to_their_models(upstream: FakeUpstream) -> None:
     ready = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url}).test_client()
-    unready = create_app({"STAGESERVER_UPSTREAMS": {
-        "up": {"url": upstream.url}, "down": {"url": "http://127.0.0.1:9/v1"},
-        "pool": {"urls": [upstream.url, "http://127.0.0.1:9/v2"]}}}).test_client()
+    unready = create_app(
+        {
+            "STAGESERVER_UPSTREAMS": {
+                "up": {"url": upstream.url},
+                "down": {"url": "http://127.0.0.1:9/v1"},
+                "pool": {"urls": [upstream.url, "http://127.0.0.1:9/v2"]},
+            }
+        }
+    ).test_client()
     none = create_app().test_client()
     holds(Health, ready.get("/healthz").data)
     answers = [ready.get("/readyz"), unready.get("/readyz"), none.get("/readyz")]
@@ -224,7 +282,8 @@ def test_health_readiness_and_upstreams_hold_to_their_models(upstream: FakeUpstr
     for answer in answers:
         holds(Readiness, answer.data)
     assert {"ok": False, "error": "could not connect"} in answers[1].get_json()[
-        "upstreams"].values()
+        "upstreams"
+    ].values()
     holds(UpstreamList, unready.get("/upstreams").data)
 
 
@@ -245,13 +304,18 @@ def test_docs_serves_swagger_ui_from_the_package_only(client: Any) -> None:
 
 def test_an_id_no_stage_can_have_is_a_422_naming_the_field(client: Any) -> None:
     rule = "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"
-    for method, path in (("GET", "/stages/{}"), ("GET", "/stages/{}/events"),
-                         ("POST", "/stages/{}/cancel")):
+    for method, path in (
+        ("GET", "/stages/{}"),
+        ("GET", "/stages/{}/events"),
+        ("POST", "/stages/{}/cancel"),
+    ):
         for stage_id in ("a b", "x" * 129, "caf%C3%A9", "a%0A"):
             answer = client.open(path.format(stage_id), method=method)
             assert answer.status_code == 422, (method, path, stage_id)
-            assert answer.get_json() == {"error": f"invalid request: stage_id: {rule}",
-                                         "fields": [{"field": "stage_id", "message": rule}]}
+            assert answer.get_json() == {
+                "error": f"invalid request: stage_id: {rule}",
+                "fields": [{"field": "stage_id", "message": rule}],
+            }
 
 
 def test_a_405_says_which_methods_are_allowed(client: Any) -> None:
@@ -262,10 +326,15 @@ def test_a_405_says_which_methods_are_allowed(client: Any) -> None:
 
 
 def test_a_last_event_id_of_another_stage_is_a_400(client: Any) -> None:
-    assert client.post("/chat", json={"stage_id": "l1", "model_name": "fake",
-                                      "user_prompt": "x"}).status_code == 200
+    assert (
+        client.post(
+            "/chat", json={"stage_id": "l1", "model_name": "fake", "user_prompt": "x"}
+        ).status_code
+        == 200
+    )
     answer = client.get("/stages/l1/events", headers={"Last-Event-ID": "l2-chunk-1"})
     assert answer.status_code == 400
-    assert answer.get_json() == {"error": "Last-Event-ID 'l2-chunk-1' is not an event id of "
-                                 "stage 'l1'", "field": "Last-Event-ID"}
-
+    assert answer.get_json() == {
+        "error": "Last-Event-ID 'l2-chunk-1' is not an event id of stage 'l1'",
+        "field": "Last-Event-ID",
+    }

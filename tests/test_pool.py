@@ -1,4 +1,4 @@
-"""Pools, routes and their configuration, in-process: which replica an attempt gets, how
+"""ReplicaSets, routes and their configuration, in-process: which replica an attempt gets, how
 health ejects and readmits replicas, what a stage ends with when its attempts run out.
 
 No upstream is called here: the pools are given a clock of the test's own, and the
@@ -22,10 +22,15 @@ from stageserver.errors import (
     UpstreamStatusError,
     UpstreamUnavailable,
 )
-from stageserver.pool import Attempt, PoolEvents, Replica, without_credentials
 from stageserver.retry_after import retry_after_seconds
-from stageserver.route import Pools, Route, fails_over, outcome_of
-from stageserver.upstreams import UpstreamRegistry
+from stageserver.upstream.clients import UpstreamRegistry
+from stageserver.upstream.replicas import (
+    Replica,
+    ReplicaAttempt,
+    ReplicaEvents,
+    without_credentials,
+)
+from stageserver.upstream.route import ReplicaSets, Route, fails_over, outcome_of
 
 A, B, C = "http://10.0.0.1:8000/v1", "http://10.0.0.2:8000/v1", "http://10.0.0.3:8000/v1"
 
@@ -38,7 +43,7 @@ class Clock:
         return self.now
 
 
-class Events(PoolEvents):
+class Events(ReplicaEvents):
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
         self.in_flight = 0
@@ -62,9 +67,9 @@ def configs(upstreams: dict[str, Any], **settings: Any) -> list[UpstreamConfig]:
     return upstream_configs(config)
 
 
-def pools(upstreams: dict[str, Any]) -> tuple[Pools, Clock, Events]:
+def pools(upstreams: dict[str, Any]) -> tuple[ReplicaSets, Clock, Events]:
     clock, events = Clock(), Events()
-    made = Pools(UpstreamRegistry(configs(upstreams)), events, clock)
+    made = ReplicaSets(UpstreamRegistry(configs(upstreams)), events, clock)
     for pool in made:
         pool._rng = random.Random(7)
     return made, clock, events
@@ -75,13 +80,13 @@ def until(replica: Replica) -> float | None:
     return replica.ejected_until
 
 
-def attempt(route: Route) -> Attempt:
+def attempt(route: Route) -> ReplicaAttempt:
     got = route.next_attempt()
     assert got is not None
     return got
 
 
-def fail(pools_: Pools, name: str, outcome: str = "refused") -> Attempt:
+def fail(pools_: ReplicaSets, name: str, outcome: str = "refused") -> ReplicaAttempt:
     """One stage whose only attempt fails so, released at once."""
     got = attempt(pools_.route(name))
     got.resolve(outcome)

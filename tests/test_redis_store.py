@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from stageserver.launcher.supervisor import GUNICORN_ARGS
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, VENV_BIN, Gunicorn, RedisServer, free_port, gunicorn_server
 from testing.sse import (
@@ -192,7 +193,7 @@ def test_a_redis_restart_ends_no_healthy_stream_and_the_mirror_catches_up(
 
 def test_several_workers_without_a_store_refuse_to_start() -> None:
     result = subprocess.run(
-        [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+        [str(VENV_BIN / "python"), "-m", "gunicorn", *GUNICORN_ARGS],
         cwd=ROOT,
         env={
             "PATH": "/usr/bin:/bin",

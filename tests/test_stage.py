@@ -16,10 +16,11 @@ import pytest
 
 from stageserver.config import FollowSettings
 from stageserver.errors import StageFailure, UpstreamStatusError
-from stageserver.event_log import EventLog
-from stageserver.stage import Stage, StageListener, Subscriber
-from stageserver.stage_spec import StageSpec
-from stageserver.stream import LocalFeed, follow
+from stageserver.stages.feeds import LocalFeed
+from stageserver.stages.log import EventLog
+from stageserver.stages.spec import StageSpec
+from stageserver.stages.stage import Stage, StageListener, Subscriber
+from stageserver.web.follow import follow
 
 # The scripted chunks carry no content, and the spec no prompt estimate.
 NO_USAGE = b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0,"estimated":true}'
@@ -248,8 +249,12 @@ def test_follow_yields_heartbeats_while_quiet_then_the_events() -> None:
 def test_follow_resumes_after_the_given_event(after_seq: int) -> None:
     stage = run(Stage(spec("r"), ScriptedRelay(CHUNKS)))
     wire = b"".join(
-        follow(LocalFeed(stage, owner=False), after_seq=after_seq, client_socket=None,
-               settings=pace(1.0))
+        follow(
+            LocalFeed(stage, owner=False),
+            after_seq=after_seq,
+            client_socket=None,
+            settings=pace(1.0),
+        )
     )
     rest = b"".join(w for seq, w in stage.events_since(0) if seq > after_seq)
     assert wire == b"retry: 1500\n\n" + rest

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from stageserver import ConfigError, create_app
-from stageserver.tracing import tracing_mode
+from stageserver.telemetry.tracing import tracing_mode
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, Gunicorn, gunicorn_server
 from testing.sse import parse_events, post_chat, terminal, wait_for_status

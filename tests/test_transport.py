@@ -24,8 +24,8 @@ import pytest
 import requests
 
 from stageserver.config import ConfigError, apply_defaults, upstream_configs
-from stageserver.transport import HttpToolsTransport
-from stageserver.upstreams import ShardedTransport
+from stageserver.upstream.transport.httptools import HttpToolsTransport
+from stageserver.upstream.transport.sharded import ShardedTransport
 from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn
 from testing.sse import parse_events, terminal

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stageserver.upstream_sse import SSEPayloadSplitter
+from stageserver.upstream.sse import SSEPayloadSplitter
 
 BODY = 'data: {"a":"é👋"}\n\n: keep-alive\n\nevent: x\nid: 7\ndata: [DONE]\n\n'.encode()
 

@@ -80,15 +80,20 @@ DEEP = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under the body limit
         (b'"text"', "must be a JSON object, not a string"),
         (b"3", "must be a JSON object, not a number"),
         (b"null", "must be a JSON object, not null"),
-        (b"{", "is not valid JSON: Expecting property name enclosed in double quotes at line 1 "
-         "column 2"),
+        (
+            b"{",
+            "is not valid JSON: Expecting property name enclosed in double quotes at line 1 "
+            "column 2",
+        ),
         (b'{"a": 1,\n "b": }', "is not valid JSON: Expecting value at line 2 column 7"),
         (b'{"a": 1} {"b": 2}', "is not valid JSON: Extra data at line 1 column 10"),
         (b'{"a": "x', "is not valid JSON: Unterminated string starting at line 1 column 7"),
         # a scan that retried from every quote would take hours over these
         (b'"\\' * 500_000, "is not valid JSON: Unterminated string starting at line 1 column 1"),
-        (b'["' + b'\\"' * 500_000, "is not valid JSON: Unterminated string starting at line 1 "
-         "column 2"),
+        (
+            b'["' + b'\\"' * 500_000,
+            "is not valid JSON: Unterminated string starting at line 1 column 2",
+        ),
         # deep nesting: refused before parsing, without recursion
         (DEEP, "nests deeper than 64 levels"),
         (b'{"a": ' + b"[" * 64 + b"]" * 64 + b"}", "nests deeper than 64 levels"),
@@ -104,10 +109,14 @@ DEEP = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under the body limit
         ('{"a": "b"}'.encode("utf-16-le"), "is not UTF-8 (it looks like UTF-16-LE)"),
         ('{"a": "b"}'.encode("utf-16"), "is not UTF-8 (it looks like UTF-16)"),
         ('{"a": "b"}'.encode("utf-32-be"), "is not UTF-8 (it looks like UTF-32-BE)"),
-        (b'{"user_prompt": "\\ud800"}',
-         "has a lone surrogate (\\ud800), which is not a Unicode character"),
-        (b'{"a": ["\\udfff x"]}',
-         "has a lone surrogate (\\udfff), which is not a Unicode character"),
+        (
+            b'{"user_prompt": "\\ud800"}',
+            "has a lone surrogate (\\ud800), which is not a Unicode character",
+        ),
+        (
+            b'{"a": ["\\udfff x"]}',
+            "has a lone surrogate (\\udfff), which is not a Unicode character",
+        ),
         # NaN and Infinity
         (b'{"temperature": NaN}', "contains NaN or Infinity, which JSON does not allow"),
         (b'{"temperature": Infinity}', "contains NaN or Infinity, which JSON does not allow"),
@@ -115,8 +124,10 @@ DEEP = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under the body limit
         # duplicate keys, at any depth
         (b'{"stage_id": "a", "stage_id": "b"}', "has the key 'stage_id' twice"),
         (b'{"a": {"x": 1, "y": 2, "x": 3}}', "has the key 'x' twice"),
-        (b'{"' + b"k" * 50 + b'": 1, "' + b"k" * 50 + b'": 2}',
-         "has the key '" + "k" * 40 + "...' twice"),
+        (
+            b'{"' + b"k" * 50 + b'": 1, "' + b"k" * 50 + b'": 2}',
+            "has the key '" + "k" * 40 + "...' twice",
+        ),
     ],
 )
 def test_a_body_that_is_not_a_json_object_says_what_is_wrong(

@@ -10,7 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from stageserver import ConfigError, StageServer, create_app
-from stageserver.web import PLAYGROUND_DIR, STATIC_DIR
+from stageserver.web.browser import PLAYGROUND_DIR, STATIC_DIR
 
 UPSTREAM = {"STAGESERVER_UPSTREAM_URL": "http://127.0.0.1:1/v1"}
 MODULE = (STATIC_DIR / "stageserver.js").read_bytes()
@@ -24,8 +24,10 @@ def get(client: FlaskClient, path: str) -> tuple[int, str | None, bytes]:
 
 def test_upstreams_are_listed_by_name_without_urls_or_keys() -> None:
     upstreams = {
-        "local": {"urls": ["http://user:pw@127.0.0.1:11434/v1", "http://127.0.0.1:11435/v1"],
-                  "kind": "ollama"},  # a pool of two replicas: one upstream
+        "local": {
+            "urls": ["http://user:pw@127.0.0.1:11434/v1", "http://127.0.0.1:11435/v1"],
+            "kind": "ollama",
+        },  # a pool of two replicas: one upstream
         "openai": {"url": "https://api.openai.com/v1", "kind": "openai", "api_key": "sk-key"},
     }
     app = create_app({"STAGESERVER_UPSTREAMS": json.dumps(upstreams)})

@@ -29,8 +29,16 @@ FAULTS: dict[str, Callable[[bool], Outcome]] = {
     "stage-memory": memory.stage_memory,
 }
 
-_COLUMNS = ("fault", "what happened", "time to terminal", "greenlets left", "descriptors left",
-            "RSS delta", "upstream connections left", "other load")
+_COLUMNS = (
+    "fault",
+    "what happened",
+    "time to terminal",
+    "greenlets left",
+    "descriptors left",
+    "RSS delta",
+    "upstream connections left",
+    "other load",
+)
 
 
 def row(out: Outcome) -> list[str]:
@@ -107,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "ok" if not out.problems else f"{len(out.problems)} problem(s)"
         print(f"  {verdict} in {time.monotonic() - started:.0f} s: {out.happened}", flush=True)
     command = "python -m bench.faults" + " ".join(
-        [""] + (["--quick"] if args.quick else []) + ([f"--only {','.join(args.only)}"]
-                                                      if args.only != list(FAULTS) else [])
+        [""]
+        + (["--quick"] if args.quick else [])
+        + ([f"--only {','.join(args.only)}"] if args.only != list(FAULTS) else [])
     )
     text = report(outcomes, command)
     print("\n" + text)

@@ -53,8 +53,10 @@ def frozen_clients(quick: bool) -> Outcome:
             time.sleep(_FROZEN_TTL + 0.5)
             post_chat(server.url, stage_id=f"sweep-{number}", stream=False)
             rss.append(probe.leftover()[2])
-        reused = out.check(rss[1] <= rss[0] + max(rss[0], 0) * 0.1 + 1024,
-                           f"round 2 grew the worker's RSS further: {rss}")
+        reused = out.check(
+            rss[1] <= rss[0] + max(rss[0], 0) * 0.1 + 1024,
+            f"round 2 grew the worker's RSS further: {rss}",
+        )
         out.happened = (
             f"2 × {n}: every stage cancelled (`client disconnected`) "
             f"{'never' if out.time_to_terminal is None else f'{out.time_to_terminal:.1f} s'} "
@@ -150,8 +152,10 @@ def half_close(quick: bool) -> Outcome:
             stack.callback(sock.close)
             sock.shutdown(socket.SHUT_WR)
         gone = wait_until(
-            lambda: all(status_of(server.url, i) == "cancelled" for i in ids)
-            and all(r.client_closed_at is not None for r in fake.requests),
+            lambda: (
+                all(status_of(server.url, i) == "cancelled" for i in ids)
+                and all(r.client_closed_at is not None for r in fake.requests)
+            ),
             30,
         )
         out.time_to_terminal = gone

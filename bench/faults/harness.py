@@ -32,7 +32,7 @@ from pathlib import Path
 import requests
 
 from bench import procs
-from stageserver.upstream_pool import KEEPALIVE_EXPIRY, SWEEP_SECONDS
+from stageserver.upstream.transport.connections import KEEPALIVE_EXPIRY, SWEEP_SECONDS
 from testing.servers import Gunicorn
 
 # The wait before what is left over is read: past the upstream pool's keep-alive expiry
@@ -162,8 +162,11 @@ def _socket_peers(pid: int) -> dict[int, tuple[int, int, str]]:
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
                 cols = line.split()
                 local, remote, state, inode = cols[1], cols[2], cols[3], int(cols[9])
-                peers[inode] = (int(local.rsplit(":", 1)[1], 16),
-                                int(remote.rsplit(":", 1)[1], 16), state)
+                peers[inode] = (
+                    int(local.rsplit(":", 1)[1], 16),
+                    int(remote.rsplit(":", 1)[1], 16),
+                    state,
+                )
     return peers
 
 
@@ -253,9 +256,7 @@ def fault_settings(upstream_url: str, **extra: str) -> dict[str, str]:
 def check_logs(outcome: Outcome, *servers: Gunicorn) -> None:
     for server in servers:
         tracebacks = server.log().count("Traceback")
-        outcome.check(
-            tracebacks == 0, f"{tracebacks} tracebacks in {server.log_path}"
-        )
+        outcome.check(tracebacks == 0, f"{tracebacks} tracebacks in {server.log_path}")
 
 
 def warm(*servers: Gunicorn) -> None:
@@ -263,8 +264,11 @@ def warm(*servers: Gunicorn) -> None:
     (its upstream client, its store connection, the metrics collector) is in the
     baseline."""
     for server in servers:
-        body = {"stage_id": f"warm-{os.urandom(4).hex()}", "model_name": "fake",
-                "user_prompt": "hi"}
+        body = {
+            "stage_id": f"warm-{os.urandom(4).hex()}",
+            "model_name": "fake",
+            "user_prompt": "hi",
+        }
         response = requests.post(f"{server.url}/chat", json=body, timeout=30)
         if response.status_code != 200:
             raise RuntimeError(f"the warm-up stage failed: {response.status_code} {response.text}")

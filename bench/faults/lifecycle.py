@@ -8,7 +8,7 @@ from contextlib import ExitStack
 import requests
 
 from stageserver.shutdown import SHUTDOWN_MESSAGE
-from stageserver.upstream_pool import KEEPALIVE_EXPIRY, SWEEP_SECONDS
+from stageserver.upstream.transport.connections import KEEPALIVE_EXPIRY, SWEEP_SECONDS
 from testing.fake_upstream import FakeUpstream
 from testing.sse import post_chat
 
@@ -28,8 +28,13 @@ def worker_restart(quick: bool) -> Outcome:
     with FakeUpstream() as fake, ExitStack() as stack:
         # A few requests before the streams (the start-up probe, the warm-up stage and
         # scrape), then the n streams: the worker retires a few requests after them.
-        rig = start_rig(stack, fake.url, fake.port, lambda: fake.open_connections,
-                        GUNICORN_CMD_ARGS=f"--max-requests {n + 10}")
+        rig = start_rig(
+            stack,
+            fake.url,
+            fake.port,
+            lambda: fake.open_connections,
+            GUNICORN_CMD_ARGS=f"--max-requests {n + 10}",
+        )
         server, probe = rig.server, rig.probe
         streams = [chat(server.url, f"wr-{i}", "fake?chunks=2000&interval=0.05") for i in range(n)]
         for stream in streams:
@@ -73,8 +78,9 @@ def burst_then_quiet(quick: bool) -> Outcome:
     out = Outcome("burst then quiet")
     n = 50 if quick else 300
     with FakeUpstream() as fake, ExitStack() as stack:
-        rig = start_rig(stack, fake.url, fake.port, lambda: fake.open_connections,
-                        STAGESERVER_ACCESS_LOG="")
+        rig = start_rig(
+            stack, fake.url, fake.port, lambda: fake.open_connections, STAGESERVER_ACCESS_LOG=""
+        )
         server, probe = rig.server, rig.probe
         started = time.monotonic()
         result = run_swarm(server.port, streams=n, concurrency=n, chunks=20, interval=0.05)
@@ -86,10 +92,14 @@ def burst_then_quiet(quick: bool) -> Outcome:
                 break
             time.sleep(0.1)
         bound = KEEPALIVE_EXPIRY + SWEEP_SECONDS
-        out.check(result.done == n, f"{n - result.done} streams did not end with done: "
-                                    f"{dict(result.problems)}")
-        out.check(fell is not None and fell <= bound + 1.0,
-                  f"descriptors not back to the baseline within {bound + 1.0:g} s: {fell}")
+        out.check(
+            result.done == n,
+            f"{n - result.done} streams did not end with done: {dict(result.problems)}",
+        )
+        out.check(
+            fell is not None and fell <= bound + 1.0,
+            f"descriptors not back to the baseline within {bound + 1.0:g} s: {fell}",
+        )
         out.time_to_terminal = fell  # here: until the worker let go of everything
         out.happened = (
             f"{result.done}/{n} done in {result.last_end - started:.1f} s over {peak} upstream "

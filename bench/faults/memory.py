@@ -99,10 +99,16 @@ def stage_memory(quick: bool) -> Outcome:
     upstream = procs.FakeUpstreamProcess()
     with ExitStack() as stack:
         stack.callback(upstream.stop)
-        rig = start_rig(stack, upstream.url, upstream.port, lambda: _upstream_open(upstream),
-                        STAGESERVER_ACCESS_LOG="")
-        result = run_swarm(rig.server.port, streams=stages, concurrency=100, chunks=30,
-                           interval=0.005, prefix="fs")
+        rig = start_rig(
+            stack,
+            upstream.url,
+            upstream.port,
+            lambda: _upstream_open(upstream),
+            STAGESERVER_ACCESS_LOG="",
+        )
+        result = run_swarm(
+            rig.server.port, streams=stages, concurrency=100, chunks=30, interval=0.005, prefix="fs"
+        )
         out.check(result.done == stages, f"{stages - result.done} stages did not end with done")
         rig.finish(out)
         assert out.leftover is not None
@@ -125,8 +131,10 @@ def stage_memory(quick: bool) -> Outcome:
         f"{unsettled['with_events_bytes'] / 1024:.1f} KB and "
         f"{unsettled['status_only_bytes'] / 1024:.1f} KB.",
         "Where a retained stage's bytes were allocated (tracemalloc, per stage): "
-        + "; ".join(f"{size} B at `{where}` (`{line}`)"
-                    for where, line, size in settled["top_with_events"]) + ".",
+        + "; ".join(
+            f"{size} B at `{where}` (`{line}`)" for where, line, size in settled["top_with_events"]
+        )
+        + ".",
     ]
     return out
 

@@ -29,11 +29,11 @@ import tracemalloc  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
-from stageserver.chunks import read_chunk  # noqa: E402
-from stageserver.registry import StageRegistry  # noqa: E402
 from stageserver.settings import SETTINGS  # noqa: E402
-from stageserver.stage import Stage  # noqa: E402
-from stageserver.stage_spec import StageSpec  # noqa: E402
+from stageserver.stages.registry import StageRegistry  # noqa: E402
+from stageserver.stages.spec import StageSpec  # noqa: E402
+from stageserver.stages.stage import Stage  # noqa: E402
+from stageserver.upstream.chunks import read_chunk  # noqa: E402
 
 
 class ScriptedRelay:
@@ -80,8 +80,9 @@ def payloads(index: int, chunks: int) -> list[bytes]:
 
 
 def measure(kind: type[Stage], stages: int, chunks: int) -> dict[str, Any]:
-    registry = StageRegistry(SETTINGS["STAGESERVER_STAGE_TTL_SECONDS"][0],
-                             SETTINGS["STAGESERVER_EVENT_TTL_SECONDS"][0])
+    registry = StageRegistry(
+        SETTINGS["STAGESERVER_STAGE_TTL_SECONDS"][0], SETTINGS["STAGESERVER_EVENT_TTL_SECONDS"][0]
+    )
     kept: list[Stage] = []
     gc.collect()
     tracemalloc.start(1)

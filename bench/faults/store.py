@@ -64,8 +64,7 @@ def owner_sigkill(quick: bool) -> Outcome:
         errors = sum(s.get("status") == "error" and named in s.get("error", "") for s in statuses)
         out.check(errors == n, f"{n - errors} statuses on B are not the owner's death")
         reused = sum(
-            post_chat(b.url, stage_id=stage_id, stream=False).status_code == 200
-            for stage_id in ids
+            post_chat(b.url, stage_id=stage_id, stream=False).status_code == 200 for stage_id in ids
         )
         out.check(reused == n, f"{n - reused} ids could not be used again")
         ends = [w.ended_at for w in watchers if w.ended_at is not None]
@@ -181,8 +180,10 @@ def _store_fault(
         resumed = watch(b.url, stage_id, before[-1]["id"])
         resumed.join(30)
         problem = resumed_exactly_once(stage_id, before, resumed.events(), chunks)
-        said_what = problem is not None and problem.startswith("ended with error") and (
-            "lost" in problem or "not in the stage store" in problem
+        said_what = (
+            problem is not None
+            and problem.startswith("ended with error")
+            and ("lost" in problem or "not in the stage store" in problem)
         )
         exact += problem is None
         lost += said_what

@@ -1,0 +1,102 @@
+"""mkdocs hooks: the tables that mirror code are generated from it, at build time.
+
+- ``<!-- settings-table -->``: every ``STAGESERVER_*`` setting, its default and its meaning,
+  from ``stageserver.settings`` (``SETTINGS`` and ``PROCESS_SETTINGS``).
+- ``<!-- metrics-list -->``: every Prometheus metric family, from the collectors defined
+  in ``stageserver/telemetry/metrics.py`` (their names, types, label names and help).
+- ``<!-- changes -->``: ``CHANGES.md`` at the repository's root, so the history has one
+  source and the site still shows it.
+
+Named in ``mkdocs.yml`` (``hooks: [docs/hooks.py]``); ``tests/test_docs.py`` checks that
+what it writes lists every setting and every metric.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SETTINGS_MARKER = "<!-- settings-table -->"
+METRICS_MARKER = "<!-- metrics-list -->"
+CHANGES_MARKER = "<!-- changes -->"
+
+
+def _importable() -> None:
+    """Let ``stageserver`` be imported from this checkout, where it may not be installed.
+    (mkdocs restores ``sys.path`` after loading a hook, so this runs at each call.)"""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+def settings_table() -> str:
+    """The configuration table: one row per key of ``SETTINGS`` and ``PROCESS_SETTINGS``."""
+    _importable()
+    from stageserver.settings import markdown_table
+
+    return markdown_table()
+
+
+def metric_families(module: ModuleType | None = None) -> list[tuple[str, str, list[str], str]]:
+    """``(name, type, label names, help)`` of each prometheus_client collector defined at
+    the top level of ``module`` (``stageserver.telemetry.metrics``), in definition order.
+
+    The name is the one a query uses: a counter's with its ``_total``.
+    """
+    from prometheus_client.metrics import MetricWrapperBase
+
+    if module is None:
+        _importable()
+        from stageserver.telemetry import metrics
+
+        module = metrics
+    families = []
+    for value in vars(module).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        kind = str(value._type)
+        name = str(value._name)
+        if kind == "counter":
+            name += "_total"
+        labels = [str(label) for label in value._labelnames]
+        families.append((name, kind, labels, str(value._documentation)))
+    return families
+
+
+def metrics_table() -> str:
+    """The metrics table: every family of ``stageserver/telemetry/metrics.py``."""
+    rows = ["| metric | type | labels | what |", "| --- | --- | --- | --- |"]
+    for name, kind, labels, text in metric_families():
+        shown = ", ".join(labels) if labels else "–"
+        escaped = text.replace("|", "\\|")
+        rows.append(f"| `{name}` | {kind} | {shown} | {escaped} |")
+    return "\n".join(rows)
+
+
+def changes() -> str:
+    """``CHANGES.md`` without its first heading (the page has its own title), its links
+    into ``docs/`` made relative to the page, which is in ``docs/`` itself."""
+    text = (ROOT / "CHANGES.md").read_text()
+    first, _, rest = text.partition("\n")
+    if first.startswith("# "):
+        text = rest
+    return text.replace("](docs/", "](")
+
+
+def render(markdown: str) -> str:
+    """``markdown`` with each marker replaced by what it stands for."""
+    if SETTINGS_MARKER in markdown:
+        markdown = markdown.replace(SETTINGS_MARKER, settings_table())
+    if METRICS_MARKER in markdown:
+        markdown = markdown.replace(METRICS_MARKER, metrics_table())
+    if CHANGES_MARKER in markdown:
+        markdown = markdown.replace(CHANGES_MARKER, changes())
+    return markdown
+
+
+def on_page_markdown(markdown: str, **kwargs: Any) -> str:
+    """mkdocs' hook: called with each page's Markdown before it is rendered."""
+    return render(markdown)

@@ -1,0 +1,7 @@
+"""``python -m stageserver``: the ``stageserver`` command (``cli.py``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,305 @@
+"""The stage service: the one owner of a stage's life in a process.
+
+It starts a stage (admits it, registers it, claims its id, starts it), finds one (a stage
+of this process, or one that runs elsewhere and is reached through the shared store),
+and cancels one, always on behalf of a principal (``principals.py``): a stage belongs to
+the principal that started it, its id lives in that principal's namespace, and for any
+other principal it does not exist. Every refusal is an exception from ``errors.py``;
+turning one into HTTP is the views' business, and nothing here knows of Flask.
+
+Each stage is given its listeners when it is made. They are, in the order it calls them:
+
+1. the registry of this process's stages, which forgets finished ones after their TTL;
+2. admission, which gives the worker's slot back when the stage ends;
+3. the principal's limits, which give its stream slot back and count its tokens;
+4. the Prometheus metrics;
+5. the stage's trace span (with tracing on), ended when the stage ends, client or not;
+6. the outcome log line;
+7. the shared store's mirror (with ``STAGESERVER_STORE_URL``), so other workers see it.
+   Last: it writes the stage's end to Redis at once, and a client of another worker
+   that reads the end there must find every other listener done.
+
+A stage's relay gets the stage's route (``route.py``): the pool of the upstream the
+request resolved to, then its fallbacks'. The pools (one per upstream, in this worker)
+report each attempt to the per-replica metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .config import StageSettings
+from .errors import (
+    ConfigError,
+    EventsExpired,
+    Overloaded,
+    ShuttingDown,
+    StageFailure,
+    StageFinished,
+    StageServerError,
+    UnknownStage,
+)
+from .policy.admission import Admission
+from .policy.limits import LimitBook, LocalLimits
+from .principals import ANONYMOUS, Principal, check_upstreams
+from .schemas import ChatRequest
+from .stages.feeds import EventFeed, LocalFeed
+from .stages.registry import StageRegistry
+from .stages.spec import StageSpec
+from .stages.stage import Stage, StageListener
+from .stages.usage import estimate_prompt_tokens
+from .telemetry import metrics
+from .telemetry.logs import OutcomeLog
+from .telemetry.tracing import Tracing
+from .upstream.clients import Upstream, UpstreamRegistry
+from .upstream.health import ReadinessProbe
+from .upstream.relay import NO_TRACING, AttemptTracer, UpstreamRelay
+from .upstream.route import ReplicaSets
+
+if TYPE_CHECKING:
+    from .store.mirror import RedisStageStore
+
+
+class LocalStage:
+    """A stage that runs, or ran, in this process."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+
+    def summary(self) -> dict[str, object]:
+        return self.stage.summary()
+
+    def feed(self, after_seq: int) -> EventFeed | None:
+        """The stage's events after ``after_seq``; None when it has ended and that was its
+        last event (nothing is left to send). Raises EventsExpired."""
+        stage = self.stage
+        if stage.finished and after_seq >= stage.next_seq - 1:
+            return None
+        if stage.events_expired:
+            raise EventsExpired(stage.stage_id)
+        return LocalFeed(stage, owner=False)
+
+    def cancel(self, reason: str) -> None:
+        if not self.stage.cancel(reason):
+            raise StageFinished(self.stage.stage_id)
+
+
+class StoredStage:
+    """A stage known to the shared store: it runs, or ran, in another worker or host.
+    Whether it exists at all is the answer of each question put to the store."""
+
+    def __init__(self, store: RedisStageStore, key: str, stage_id: str) -> None:
+        self._store = store
+        self.key = key
+        self.stage_id = stage_id
+
+    def summary(self) -> dict[str, object]:
+        summary = self._store.reader.summary(self.key, self.stage_id)
+        if summary is None:
+            raise UnknownStage(self.stage_id)
+        return summary
+
+    def feed(self, after_seq: int) -> EventFeed | None:
+        return self._store.reader.feed(self.key, self.stage_id, after_seq)
+
+    def cancel(self, reason: str) -> None:
+        self._store.request_cancel(self.key, self.stage_id, reason)
+
+
+class StageManager:
+    def __init__(
+        self,
+        settings: StageSettings,
+        upstreams: UpstreamRegistry,
+        principals: list[Principal] | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        """``principals``: the configured ones, checked against the upstreams here.
+        ``tracing``: None when traces are off (``tracing.start_tracing``)."""
+        check_upstreams(principals or [], upstreams.names())
+        self.settings = settings
+        self.upstreams = upstreams
+        self.pools = ReplicaSets(upstreams, metrics.ReplicaMetrics())
+        self.tracing = tracing
+        self._tracer: AttemptTracer = NO_TRACING if tracing is None else tracing
+        self.readiness = ReadinessProbe(self.pools, settings.ready_timeout)
+        self.admission = Admission(settings.max_active_streams)
+        self.stages = StageRegistry(settings.stage_ttl_seconds, settings.event_ttl_seconds)
+        self.store: RedisStageStore | None = None
+        self.limits: LimitBook = LocalLimits()
+        if settings.store_url:
+            self.store, self.limits = _shared_store(settings, self._cancel_here)
+        listeners: list[StageListener | None] = [
+            self.stages,
+            self.admission,
+            self.limits,
+            metrics.StageMetrics(),
+            tracing,
+            OutcomeLog(),
+            self.store,
+        ]
+        self._listeners = tuple(x for x in listeners if x is not None)
+
+    # -- start --------------------------------------------------------------------------
+
+    def start(
+        self,
+        request: ChatRequest,
+        *,
+        request_id: str,
+        principal: Principal = ANONYMOUS,
+        traceparent: str | None = None,
+    ) -> Stage:
+        """Start the stage ``request`` asks for, as ``principal``'s, continuing the trace
+        of ``traceparent`` (the request's header) if traces are on. Raises InvalidRequest
+        (its upstream), RateLimited (the principal's limits), ShuttingDown or Overloaded
+        (this worker's admission), StageConflict (the principal runs a stage with this
+        id) or StoreUnavailable; no upstream call is made then."""
+        upstream = self.upstreams.resolve(
+            request.upstream, request.base_url, principal.upstreams, request.model_name
+        )
+        stage = self._new_stage(request, request_id, upstream, principal, traceparent)
+        if principal.limits:
+            try:
+                self.limits.admit(principal, stage)
+            except StageServerError as refusal:
+                metrics.limit_refused(principal, str(refusal.body.get("limit", "store")))
+                raise
+        try:
+            self._admit(stage)
+        except BaseException:
+            if principal.limits:
+                self.limits.release(principal, stage)
+            raise
+        stage.start()
+        return stage
+
+    def _admit(self, stage: Stage) -> None:
+        try:
+            self.admission.admit()
+        except (Overloaded, ShuttingDown) as refusal:
+            metrics.stage_refused(str(refusal.body["reason"]))
+            raise
+        try:
+            # This process's stages first: the store's claim would take over the keys of
+            # one that still runs here (Redis may have lost its lease) and end it.
+            self.stages.add(stage)
+            if self.store is not None:
+                self.store.claim(stage)
+        except BaseException:
+            self.stages.discard(stage)  # if it got in
+            self.admission.release()  # never started: nothing else will give it back
+            raise
+
+    def _new_stage(
+        self,
+        request: ChatRequest,
+        request_id: str,
+        upstream: Upstream,
+        principal: Principal,
+        traceparent: str | None,
+    ) -> Stage:
+        settings = self.settings
+        messages = [{"role": "user", "content": request.user_prompt}]
+        if request.system_prompt:
+            messages.insert(0, {"role": "system", "content": request.system_prompt})
+        max_tokens = request.max_tokens or settings.default_max_tokens
+
+        def body(replica: Upstream) -> dict[str, Any]:
+            """The request for one attempt: each upstream kind has its own fields, and a
+            fallback may serve the stage under another model name."""
+            return replica.chat_body(
+                model=replica.config.model_for(request.model_name),
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=request.temperature,
+            )
+
+        resumable = request.resumable
+        spec = StageSpec(
+            stage_id=request.stage_id,
+            upstream=upstream.name,
+            resumable=settings.resumable_default if resumable is None else resumable,
+            request_id=request_id,
+            grace_seconds=settings.resume_grace_seconds,
+            max_events=settings.max_events,
+            max_event_bytes=settings.max_event_bytes,
+            principal=principal,
+            prompt_tokens_estimate=estimate_prompt_tokens(messages),
+            model=request.model_name,
+            traceparent=traceparent,
+        )
+        route = self.pools.route(upstream.name)
+        relay = UpstreamRelay(route, body, {"X-Request-ID": request_id}, self._tracer)
+        store = self.store
+        if store is None:
+            return Stage(spec, relay, self._listeners)
+        return Stage(spec, relay, self._listeners, store.watched_elsewhere)
+
+    # -- find and cancel ----------------------------------------------------------------
+
+    def find(self, stage_id: str, principal: Principal = ANONYMOUS) -> LocalStage | StoredStage:
+        """``principal``'s stage with this id: of this process, else of the shared store.
+        Raises UnknownStage when neither has it, another principal's stage included."""
+        key = principal.namespace + stage_id
+        local = self.stages.get(key)
+        if local is not None:
+            return LocalStage(local)
+        if self.store is not None:
+            return StoredStage(self.store, key, stage_id)
+        raise UnknownStage(stage_id)
+
+    def _cancel_here(self, key: str, reason: str) -> None:
+        local = self.stages.get(key)
+        if local is not None:
+            local.cancel(reason)
+
+    # -- the process's end --------------------------------------------------------------
+
+    def running(self) -> list[Stage]:
+        return self.stages.running()
+
+    def abort_running(self, failure: StageFailure) -> int:
+        """End every running stage with ``failure``; how many there were."""
+        return sum(stage.abort(failure) for stage in self.stages.running())
+
+    def close(self) -> None:
+        self.upstreams.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
+
+
+def _shared_store(
+    settings: StageSettings, cancel_here: Callable[[str, str], None]
+) -> tuple[RedisStageStore, LimitBook]:
+    """The Redis store and the limits kept in it. Imported here, not above: redis is an
+    optional dependency (``pip install 'stageserver[redis]'``)."""
+    try:
+        from .policy.shared_limits import RedisLimits
+        from .store.mirror import RedisStageStore
+    except ImportError as exc:
+        raise ConfigError(
+            f"STAGESERVER_STORE_URL needs the redis package ({exc}); "
+            "pip install 'stageserver[redis]'"
+        ) from None
+    store = RedisStageStore(
+        settings.store_url or "",
+        ttl_seconds=settings.stage_ttl_seconds,
+        event_ttl_seconds=settings.event_ttl_seconds,
+        max_events=settings.max_events,
+        lease_seconds=settings.owner_lease_seconds,
+        cancel_here=cancel_here,
+    )
+    return store, RedisLimits(lambda: store.redis, store.leases)
+
+
+def manager_of(extensions: Mapping[str, object]) -> StageManager:
+    """The service ``StageServer.init_app`` keeps in ``app.extensions``."""
+    service = extensions.get("stageserver")
+    if not isinstance(service, StageManager):
+        raise RuntimeError(
+            "stageserver is not registered on this app; call StageServer(app) or "
+            "StageServer().init_app(app) first"
+        )
+    return service

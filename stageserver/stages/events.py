@@ -1,0 +1,65 @@
+"""A stage's events as a client receives them: their names, their ids, their bytes.
+
+The seed's events, each encoded by the one SSE encoder (``sse.encode_event``):
+
+- ``chat_completion_chunk`` ``{"stage_id", "chunk"}``: ``chunk`` is the upstream's chunk,
+  spliced in as the upstream sent it;
+- one terminal event: ``done`` ``{"stage_id"}``, ``error`` ``{"stage_id", "error"}`` or
+  ``cancel`` ``{"stage_id", "reason"}``.
+
+Every event of a stage has the id ``<stage_id>-<kind>-<seq>``, ``kind`` being ``chunk``
+or the terminal event's name and ``seq`` one counter for the whole stage, so ids are
+unique and increasing and a ``Last-Event-ID`` names a place in the stage's log. Ids are
+made and read here only.
+
+One more event is not a stage's: when a response can no longer follow a stage (the shared
+store went away, the stage expired from it), that response alone ends with an ``error``
+event without an id, so that a client's ``Last-Event-ID`` still points at the last event
+it really received.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..sse import compact_json, encode_event
+
+CHUNK_EVENT = "chat_completion_chunk"
+# A stage's final status, and the event that announces it.
+TERMINAL_EVENT = {"done": "done", "error": "error", "cancelled": "cancel"}
+
+
+class StageEvents:
+    """The encoder of one stage's events."""
+
+    __slots__ = ("stage_id", "_chunk_data_prefix", "_chunk_id_prefix")
+
+    def __init__(self, stage_id: str) -> None:
+        self.stage_id = stage_id
+        self._chunk_data_prefix = b'{"stage_id":' + compact_json(stage_id) + b',"chunk":'
+        self._chunk_id_prefix = f"{stage_id}-chunk-"
+
+    def chunk(self, seq: int, payload: bytes) -> bytes:
+        """A ``chat_completion_chunk`` event around the upstream chunk's JSON ``payload``."""
+        return encode_event(
+            CHUNK_EVENT, self._chunk_data_prefix + payload + b"}", self._chunk_id_prefix + str(seq)
+        )
+
+    def terminal(self, status: str, seq: int, **data: Any) -> bytes:
+        """The event that ends the stage with ``status`` (``done``, ``error``, ``cancelled``)."""
+        event = TERMINAL_EVENT[status]
+        body = compact_json({"stage_id": self.stage_id, **data})
+        return encode_event(event, body, f"{self.stage_id}-{event}-{seq}")
+
+
+def seq_of(event_id: str, stage_id: str) -> int | None:
+    """The sequence number in one of ``stage_id``'s event ids; None if it is not one."""
+    prefix, _, seq = event_id.rpartition("-")
+    if not seq.isdigit() or not prefix.startswith(f"{stage_id}-"):
+        return None
+    return int(seq)
+
+
+def lost_event(stage_id: str, message: str) -> bytes:
+    """The id-less ``error`` that ends one response which cannot follow its stage further."""
+    return encode_event("error", compact_json({"stage_id": stage_id, "error": message}))

@@ -1,0 +1,403 @@
+"""A stage: one chat completion, recorded as an ordered event log that responses follow.
+
+A stage holds its event log, the responses following it (subscribers), the grace timer
+of a resumable stage nobody follows, and its terminal state. It runs its relay
+(``relay.py``) in a greenlet (or a thread) of its own, which drives it through a narrow
+interface: ``record_attempt``, ``append_chunk``, ``finish``, and raising a
+``StageFailure``. A cancel or an abort is thrown into that greenlet, wherever it waits.
+
+Every stage ends with exactly one terminal event: ``done``, ``error`` or ``cancel``.
+
+What else happens in a stage's life is its listeners' business (``StageListener``): the
+stage is given them when it is made, calls them in that order, and knows none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeAlias
+
+from ..concurrency import Task, Timer, Wakeup
+from ..errors import StageFailure, StageInterrupted, forget_frames
+from .events import TERMINAL_EVENT, StageEvents
+from .log import EventLog
+from .spec import AttemptRecord, StageSpec, instance_of
+from .usage import final_usage
+
+log = logging.getLogger("stageserver.stage")
+
+#: What an upstream chunk says (``upstream/chunks.py`` reads it): the text of choice 0,
+#: its finish reason, the usage.
+ChunkRead: TypeAlias = tuple[str | None, str | None, dict[str, Any] | None]
+
+RUNNING, DONE, ERROR, CANCELLED = "running", "done", "error", "cancelled"
+
+
+class StageListener:
+    """What a stage tells its listeners; subclasses override the hooks they need.
+
+    The hooks, called in the order the stage was given its listeners:
+
+    - ``on_start(stage)``: the stage is registered and its relay is about to start.
+    - ``on_event(stage, seq, wire)``: event number ``seq`` (its bytes, ``wire``) has been
+      added to the log. Called in the relay's greenlet for every chunk: cheap, and
+      never waiting on anything.
+    - ``on_finish(stage)``: the stage has its terminal status and event. Called once; no
+      client reads that event (nor is its ``on_event`` called) before every listener's
+      ``on_finish`` has returned, even one that waits on I/O. One that raises is logged
+      and skipped; the clients still get their terminal event.
+
+    A listener reads the stage; it never sets anything on it.
+    """
+
+    def on_start(self, stage: Stage) -> None:
+        pass
+
+    def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
+        pass
+
+    def on_finish(self, stage: Stage) -> None:
+        pass
+
+
+class Relay(Protocol):
+    """What runs a stage (``relay.UpstreamRelay``)."""
+
+    def run(self, stage: Stage) -> None:
+        """Read the upstream into ``stage`` until it ``finish``es; raise a StageFailure."""
+
+    def unblock(self) -> None:
+        """Threads only: make a read blocked on the upstream return."""
+
+
+class Subscriber:
+    """One HTTP response following a stage. ``wake`` is set when there is news for it."""
+
+    def __init__(self) -> None:
+        self.wake = Wakeup()
+        self.client_gone = False
+
+
+class Stage:
+    # Slots: a stage is one of thousands alive at once, and no one adds to it.
+    __slots__ = (
+        "spec", "stage_id", "key", "instance", "status", "created_at", "started", "usage",
+        "first_token_seconds", "duration_seconds", "text_parts", "finish_reason", "failure",
+        "content_chunks", "cancel_reason", "chunk_count", "attempts", "served_by", "_relay",
+        "_listeners", "_event_listeners", "_watched_elsewhere", "_events", "_log", "_lock", "_told",
+        "_subscribers", "_task", "_grace_timer", "_running", "_interruption", "__weakref__",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        spec: StageSpec,
+        relay: Relay,
+        listeners: Sequence[StageListener] = (),
+        watched_elsewhere: Callable[[str], bool] = lambda key: False,
+    ) -> None:
+        """``watched_elsewhere(key)`` says whether a response in another worker still
+        follows the stage; a resumable stage nobody follows here waits for it."""
+        self.spec = spec
+        self.stage_id = spec.stage_id
+        #: The stage's id everywhere inside stageserver: its id in its principal's namespace.
+        self.key = spec.principal.namespace + spec.stage_id
+        #: Unique to this stage, not only to its key, which a later stage may reuse.
+        self.instance = instance_of(self.key)
+        self.status = RUNNING
+        self.created_at = time.time()
+        self.started = time.monotonic()
+        self.first_token_seconds: float | None = None
+        self.duration_seconds: float | None = None
+        self.text_parts: list[str] = []
+        self.finish_reason: str | None = None
+        #: The upstream's usage while the stage runs; once it has ended, its final usage.
+        self.usage: dict[str, Any] | None = None
+        self.content_chunks = 0
+        self.failure: StageFailure | None = None
+        self.cancel_reason: str | None = None
+        self.chunk_count = 0
+        self.attempts: list[AttemptRecord] = []
+        #: The attempt that served the first chunk; None while none has.
+        self.served_by: AttemptRecord | None = None
+
+        self._relay: Relay | None = relay  # dropped at the end: it holds the request body
+        self._listeners = tuple(listeners)
+        # Only those that want every event are called for every event.
+        self._event_listeners = tuple(
+            x for x in self._listeners if type(x).on_event is not StageListener.on_event
+        )
+        self._watched_elsewhere = watched_elsewhere
+        self._events = StageEvents(spec.stage_id)
+        self._log = EventLog(spec.max_events, spec.max_event_bytes)
+        self._subscribers: tuple[Subscriber, ...] = ()
+        # The events told to subscribers: the end is in the log while on_finish runs,
+        # which may wait (on Redis), and no subscriber reads it before that is through.
+        self._told = 0
+        self._lock = threading.Lock()
+        self._task: Task | None = None
+        self._grace_timer: Timer | None = None
+        self._running = False
+        self._interruption: StageInterrupted | None = None
+
+    # -- what it has to say ----------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.status != RUNNING
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    @property
+    def error(self) -> str | None:
+        return None if self.failure is None else str(self.failure)
+
+    @property
+    def http_status(self) -> int:
+        return 200 if self.failure is None else self.failure.http_status
+
+    @property
+    def next_seq(self) -> int:
+        return self._log.next_seq
+
+    @property
+    def first_kept_seq(self) -> int:
+        """The oldest event the log still holds; earlier ones are gone."""
+        return self._log.first_seq
+
+    @property
+    def events_expired(self) -> bool:
+        return self.finished and not len(self._log)
+
+    def read(self, cursor: int) -> tuple[bytes, int, bool]:
+        """Events from sequence number ``cursor`` on, joined; the next cursor; finished?"""
+        told = self._told
+        batch, cursor = self._log.read(cursor, told)
+        return batch, cursor, self.finished and told == self._log.next_seq
+
+    def events_since(self, seq: int) -> list[tuple[int, bytes]]:
+        return self._log.since(seq)
+
+    def drop_events(self) -> None:
+        """Forget the events of a finished stage; its status and text stay."""
+        self._log.clear()
+
+    @property
+    def upstream(self) -> str:
+        """The upstream that served it (maybe a fallback); else the one it resolved to."""
+        return self.spec.upstream if self.served_by is None else self.served_by.upstream
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "stage_id": self.stage_id,
+            "status": self.status,
+            "upstream": self.upstream,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "error": self.error,
+            "cancel_reason": self.cancel_reason if self.status == CANCELLED else None,
+            "resumable": self.spec.resumable,
+            "events": self._log.next_seq,
+            "created_at": self.created_at,
+            "first_token_seconds": self.first_token_seconds,
+            "duration_seconds": self.duration_seconds,
+            "attempts": [vars(a) for a in self.attempts],
+        }
+
+    # -- what the relay tells it ---------------------------------------------------------
+
+    def record_attempt(self, upstream: str, replica: str, outcome: str, ms: float) -> None:
+        """An attempt has served the first chunk (``ok``) or failed before it."""
+        record = AttemptRecord(upstream, replica, outcome, round(ms, 1))
+        self.attempts.append(record)
+        if outcome == "ok":
+            self.served_by = record
+
+    def append_chunk(self, payload: bytes, read: ChunkRead) -> None:
+        """One upstream chunk: its JSON ``payload`` as sent, and what it says."""
+        content, finish_reason, usage = read
+        if content:
+            self.text_parts.append(content)
+            self.content_chunks += 1
+        if finish_reason:
+            self.finish_reason = finish_reason
+        if usage:
+            self.usage = usage
+        if self.first_token_seconds is None:
+            self.first_token_seconds = time.monotonic() - self.started
+        self.chunk_count += 1
+        wire = self._events.chunk(self._log.next_seq, payload)
+        self._notify(self._log.append(wire), wire)
+
+    def finish(self) -> None:
+        """The upstream has finished the completion: the stage is done."""
+        self._finish(DONE, {})
+
+    def raise_if_interrupted(self) -> None:
+        """Threads: an interruption that came while the relay could not be interrupted."""
+        if self._interruption is not None:
+            raise self._interruption
+
+    def _notify(self, seq: int, wire: bytes) -> None:
+        self._told = seq + 1
+        for listener in self._event_listeners:
+            listener.on_event(self, seq, wire)
+        for subscriber in self._subscribers:
+            subscriber.wake.set()
+
+    # -- subscribers -----------------------------------------------------------------------
+
+    def attach(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._subscribers = (*self._subscribers, subscriber)
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+                self._grace_timer = None
+
+    def detach(self, subscriber: Subscriber, *, owner: bool, disconnected: bool) -> None:
+        """A subscriber leaves. A disconnect of the stage's own client stops a stage
+        that is not resumable; a resumable one runs on for the grace period."""
+        with self._lock:
+            self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
+            if self.finished or not disconnected:
+                return
+            if not self.spec.resumable:
+                if owner:
+                    self._interrupt_locked(StageInterrupted("client disconnected"))
+                return
+            if not self._subscribers and self._grace_timer is None:
+                self._grace_timer = Timer(self.spec.grace_seconds, self._grace_expired)
+
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(self._subscribers)
+
+    def _grace_expired(self) -> None:
+        """Nobody attached here for the grace period: cancel, unless one follows elsewhere."""
+        if self._watched_elsewhere(self.key):
+            with self._lock:
+                if not self.finished and not self._subscribers:
+                    self._grace_timer = Timer(self.spec.grace_seconds, self._grace_expired)
+            return
+        with self._lock:
+            self._grace_timer = None
+            if self._subscribers:
+                return
+        self.cancel(f"no client re-attached within {self.spec.grace_seconds:g} s")
+
+    # -- running -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for listener in self._listeners:
+            listener.on_start(self)
+        self._task = Task(self._run, name=f"stage-{self.stage_id}")
+
+    def cancel(self, reason: str) -> bool:
+        """Stop the stage wherever it is; it ends with `cancel`. False if already finished."""
+        with self._lock:
+            return self._interrupt_locked(StageInterrupted(reason))
+
+    def abort(self, failure: StageFailure) -> bool:
+        """Stop the stage wherever it is; it ends with `error`. False if already finished."""
+        with self._lock:
+            return self._interrupt_locked(StageInterrupted(str(failure), failure))
+
+    def _interrupt_locked(self, interruption: StageInterrupted) -> bool:
+        if self.finished or self._interruption is not None:
+            return False
+        self._interruption = interruption
+        # A runner that has not begun yet sees the interruption when it does.
+        if self._running and self._task is not None:
+            if not self._task.interrupt(interruption) and self._relay is not None:
+                self._relay.unblock()  # threads: wake the reader blocked on the upstream
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._task is not None:
+            self._task.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            with self._lock:
+                self._running = True
+            self.raise_if_interrupted()
+            if self._relay is not None:
+                self._relay.run(self)
+            if not self.finished:
+                self.raise_if_interrupted()
+                raise RuntimeError("the relay returned without finishing the stage")
+        except StageInterrupted as exc:
+            self._interrupted(exc)
+        except Exception as exc:
+            if self._interruption is not None:  # threads: the unblocking we caused
+                self._interrupted(self._interruption)
+            elif isinstance(exc, StageFailure):
+                self._fail(exc)
+            else:
+                log.exception("stage %s: unexpected failure", self.stage_id)
+                self._fail(StageFailure(f"internal error in stageserver (stage {self.stage_id})"))
+
+    # -- the end -------------------------------------------------------------------------
+
+    def _interrupted(self, interruption: StageInterrupted) -> None:
+        if interruption.failure is not None:
+            self._fail(interruption.failure)
+        else:
+            self._finish(CANCELLED, {"reason": interruption.reason})
+
+    def _fail(self, failure: StageFailure) -> None:
+        self._finish(ERROR, {"error": str(failure)}, failure)
+
+    def _finish(
+        self, status: str, data: dict[str, Any], failure: StageFailure | None = None
+    ) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.usage = final_usage(
+                self.usage, self.spec.prompt_tokens_estimate, self.content_chunks
+            )
+            if status != ERROR:
+                data["usage"] = self.usage  # the seed's fields first; old clients ignore it
+            wire = self._events.terminal(status, self._log.next_seq, **data)
+            # The event is in the log before the stage reads as finished: the store (which
+            # looks at the status first, then the log) never writes the end without it.
+            seq = self._log.append(wire)
+            self.status = status
+            self.failure = failure
+            self.duration_seconds = time.monotonic() - self.started
+            if status == CANCELLED:
+                self.cancel_reason = str(data["reason"])
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+                self._grace_timer = None
+        # Listeners first, then the clients: a client that has the terminal event finds
+        # the stage's slots given back and its metrics and log line written.
+        for listener in self._listeners:
+            try:
+                listener.on_finish(self)
+            except Exception:
+                log.exception("stage %s: a listener failed at its end", self.stage_id)
+        self._notify(seq, wire)
+        self._settle()
+
+    def _settle(self) -> None:
+        """A finished stage keeps what it says (its status, text, usage and events), not
+        what it used to get there: that is what it costs while it stays retained."""
+        self._log.compact()
+        self.text_parts = [self.text]
+        self._relay = None
+        # The exception that ended it keeps the frames it went through, which hold the
+        # stage: a cycle only a full collection frees, long after the registry dropped it.
+        forget_frames(self.failure)
+        forget_frames(self._interruption)
+
+    @property
+    def outcome(self) -> str:
+        """The terminal event's name, once finished: ``done``, ``error`` or ``cancel``."""
+        return TERMINAL_EVENT[self.status]

@@ -1,0 +1,412 @@
+"""Stages shared across workers and hosts through Redis (``STAGESERVER_STORE_URL``).
+
+A stage runs in the worker that accepted it and is served from that worker's memory;
+Redis is a mirror, so that any worker can answer for it (``redis_reader.py``). The keys
+of a stage, named after its key (its id in its principal's namespace) as a hash tag
+(``redis_conn.py``):
+
+- ``ss:{key}`` (hash): status, owner, summary JSON, remote watchers, and while in doubt
+  ``suspect_since``; ``gap`` when the store lost events it could not get back;
+- ``ss:{key}:log`` (stream): the events, each the exact bytes a client receives, under
+  the stream id ``0-<seq+1>``, so that a ``Last-Event-ID`` maps straight onto ``XREAD``;
+- ``ss:{key}:text`` (string): the text so far, while the stage runs;
+- ``ss:{key}:live`` (string): the owner's lease, held by the one stage instance that runs
+  it. ``SET NX`` on it makes a stage id unique everywhere; the worker renews it with all
+  its leases (``leases.py``); when the worker dies it lapses, and the next watcher or
+  status read ends the stage with an ``error`` event (``redis_reader.py``);
+- channel ``ss:cancel``: a cancel for a stage that runs elsewhere.
+
+Writes are batched and fenced: for each event the relay only marks its stage dirty, and
+one flusher per process writes every dirty stage's new events, a few milliseconds later,
+in one pipeline of scripts; a stage's end is written at once, before its clients hear of
+it, so that its id is free when they do. Each script writes only while this stage
+instance holds the lease. When it does not:
+
+- if the stage was declared dead meanwhile, or another stage holds the id, this worker
+  was cut off past its lease (a partition, a long pause): it stops the stage, closes its
+  upstream and writes nothing more to it (fencing);
+- if nobody noticed (the lease merely lapsed, or Redis restarted and lost it), it takes
+  the lease back and goes on: a store outage ends no healthy stream.
+
+When Redis cannot be written, nothing ends: the stages stay dirty, the flusher tries again
+every half second, and each keeps streaming to its own clients. When Redis answers, the
+mirror catches up from where Redis stands (a restart or a failover may have lost the last
+writes), from the worker's own log; what that log no longer holds is recorded as a
+``gap``, and a resume that needs it gets an ``error`` that says so, never a silent hole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from ..concurrency import Task
+from ..errors import LeaseLost, StageConflict, StoreUnavailable
+from ..stages.stage import Stage, StageListener
+from .connection import connect, stage_keys
+from .leases import LeaseKeeper
+from .reader import StoreReader
+
+log = logging.getLogger("stageserver.store")
+
+CANCEL_CHANNEL = "ss:cancel"
+_FLUSH_DELAY = 0.005  # gather the writes of this long into one pipeline
+_RETRY_DELAY = 0.5  # while Redis cannot be written
+
+# KEYS: hash, live. ARGV: token, lease_ms. 1: held; -1: another's, or declared dead;
+# 2: taken back after the store lost it (the flusher sends the stage whole).
+_RENEW = """
+local live = redis.call('GET', KEYS[2])
+if live == ARGV[1] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) return 1 end
+if live then return -1 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'running' then return -1 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('HDEL', KEYS[1], 'suspect_since')
+if not status then return 2 end
+return 1
+"""
+
+# KEYS: hash, log, text, live. ARGV: token, lease_ms, events Redis should hold, maxlen,
+# finished (0/1), ttl_ms, event_ttl_ms, status, summary (or ""), text mode ("", "a"
+# append, "s" set), text, gap (or ""), owner, prompt tokens, then (seq, wire, terminal)
+# per event. The summary, owner and prompt tokens are written with the summary only.
+# 1: written; -1: fenced; -2: the store lost the stage; {n}: it holds n events, not that.
+_FLUSH = """
+local live = redis.call('GET', KEYS[4])
+if live ~= ARGV[1] then
+  if live then return -1 end
+  local status = redis.call('HGET', KEYS[1], 'status')
+  if status and status ~= 'running' then return -1 end
+  redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'suspect_since')
+  if not status and ARGV[9] == '' then return -2 end
+end
+local have = 0
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
+if have ~= tonumber(ARGV[3]) then return {have} end
+for i = 15, #ARGV, 3 do
+  local id = '0-' .. (tonumber(ARGV[i]) + 1)
+  if ARGV[i + 2] == '1' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], id, 'w', ARGV[i + 1], 't', '1')
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], id, 'w', ARGV[i + 1])
+  end
+end
+if ARGV[10] == 'a' then redis.call('APPEND', KEYS[3], ARGV[11]) end
+if ARGV[10] == 's' then redis.call('SET', KEYS[3], ARGV[11]) end
+if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'gap', ARGV[12]) end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[8], 'summary', ARGV[9], 'owner', ARGV[13],
+             'prompt_tokens', ARGV[14])
+end
+if ARGV[5] == '1' then
+  redis.call('DEL', KEYS[4], KEYS[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+else
+  redis.call('PEXPIRE', KEYS[4], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]) + tonumber(ARGV[2]))
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[7]) + tonumber(ARGV[2]))
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]) + tonumber(ARGV[2]))
+end
+return 1
+"""
+
+
+class _Mirror:
+    """One claimed stage: how much of it Redis holds, and its lease."""
+
+    __slots__ = ("stage", "store", "held", "next_seq", "text_parts", "lost", "gap")
+
+    def __init__(self, stage: Stage, store: RedisStageStore) -> None:
+        self.stage = stage
+        self.store = store
+        self.held = 0  # events Redis holds, as far as this worker knows
+        self.next_seq = 0  # the next event of the stage to write
+        self.text_parts = 0
+        self.lost = False  # the store lost the stage: write it whole
+        self.gap = ""  # what the store lost of it for good, in words; kept once known
+
+    def renew(self, pipe: Any, lease_ms: int) -> int:
+        hash_key, _, _, live_key = stage_keys(self.stage.key)
+        self.store._renew(
+            keys=[hash_key, live_key], args=[self.stage.instance, lease_ms], client=pipe
+        )
+        return 1
+
+    def renewed(self, results: list[Any]) -> None:
+        if results[0] == -1:
+            self.store._fence(self.stage)
+        elif results[0] == 2:
+            self.store._lost(self)
+            self.store.mark(self.stage)
+
+
+class RedisStageStore(StageListener):
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_seconds: float,
+        event_ttl_seconds: float,
+        max_events: int,
+        lease_seconds: float,
+        cancel_here: Callable[[str, str], None],
+    ) -> None:
+        """``cancel_here(key, reason)`` cancels a stage of this process for a request made
+        elsewhere: the cancel listener calls it."""
+        self.url = url
+        self.ttl_ms = int(ttl_seconds * 1000)
+        self.event_ttl_ms = int(event_ttl_seconds * 1000)  # StageSettings: at most the TTL
+        self.max_events = max_events
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.leases = LeaseKeeper(lambda: self.redis, lease_seconds)
+        self.reader = StoreReader(lambda: self.redis, self.ttl_ms, self.event_ttl_ms, lease_seconds)
+        # Any: redis-py annotates every command as returning its sync or async result.
+        self._redis: Any = None
+        self._pid = 0
+        self._dirty: set[Stage] = set()
+        self._mirrors: dict[Stage, _Mirror] = {}
+        self._wake = threading.Event()  # a gevent event where threading is patched
+        self._flusher: Task | None = None
+        self._listener: Task | None = None
+        self._cancel_here = cancel_here
+        self._lock = threading.Lock()
+        self._failing = False
+        self._renew: Any = None
+        self._flush_script: Any = None
+
+    # -- connection, per process ---------------------------------------------------------
+
+    @property
+    def redis(self) -> Any:
+        """This process's client. The first use in a process (a worker forked after the
+        app was made has its own) connects, and starts the process's flusher and cancel
+        listener: once per process, not per stage."""
+        if self._redis is None or self._pid != os.getpid():
+            with self._lock:
+                if self._redis is None or self._pid != os.getpid():
+                    self._start_in_this_process()
+        return self._redis
+
+    def _start_in_this_process(self) -> None:
+        client = connect(self.url)
+        self._renew = client.register_script(_RENEW)
+        self._flush_script = client.register_script(_FLUSH)
+        self._redis, self._pid = client, os.getpid()
+        self._flusher = Task(self._flush_forever, name="stageserver-store-flush")
+        self._listener = Task(self._listen_for_cancels, name="stageserver-store-cancel")
+
+    # -- the owner's side ----------------------------------------------------------------
+
+    def claim(self, stage: Stage) -> None:
+        """Make ``stage`` the one live stage with its key, everywhere, and mirror it.
+        Raises StageConflict when one runs, StoreUnavailable when Redis cannot say."""
+        hash_key, log_key, text_key, live_key = stage_keys(stage.key)
+        lease_ms = self.leases.lease_ms
+        try:
+            if not self.redis.set(live_key, stage.instance, nx=True, px=lease_ms):
+                raise StageConflict(stage.stage_id)
+            pipe = self.redis.pipeline()
+            pipe.delete(hash_key, log_key, text_key)
+            pipe.hset(hash_key, mapping=self._fields(stage))
+            pipe.pexpire(hash_key, self.ttl_ms + lease_ms)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
+        mirror = self._mirrors[stage] = _Mirror(stage, self)
+        self.leases.hold(mirror)
+
+    def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
+        """For every event of a claimed stage: cheap; the flusher does the writing."""
+        self.mark(stage)
+
+    def on_finish(self, stage: Stage) -> None:
+        """Write the end now, before any client can read it, so that its id is free on
+        every host when one does. While Redis fails, the flusher writes it later."""
+        if self._failing or stage not in self._mirrors:
+            return
+        try:
+            self._flush({stage})
+        except (redis.RedisError, OSError) as exc:
+            log.warning("stage %s: its end is written when the store answers (%s)", stage.key, exc)
+
+    def mark(self, stage: Stage) -> None:
+        """Have the flusher write the stage again (it is to be sent whole)."""
+        self._dirty.add(stage)
+        self._wake.set()
+
+    def _flush_forever(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(_FLUSH_DELAY)
+            self._wake.clear()
+            batch, self._dirty = self._dirty, set()
+            try:
+                again = self._flush(batch)
+                if self._failing:
+                    log.warning("the stage store answers again; its mirror catches up")
+                self._failing = False
+            except (redis.RedisError, OSError) as exc:
+                if not self._failing:
+                    log.warning(
+                        "stage store unavailable (%s); %d stages keep streaming here "
+                        "and their mirror catches up when it answers",
+                        exc,
+                        len(batch),
+                    )
+                self._failing = True
+                again = batch
+            except Exception:
+                log.exception("stage store flush failed")
+                again = batch
+            if again:
+                self._dirty |= again
+                time.sleep(_RETRY_DELAY)
+                self._wake.set()
+
+    def _flush(self, batch: set[Stage]) -> set[Stage]:
+        """Write the batch; return the stages to write again later. One that found Redis
+        elsewhere than expected (a restart, a write in flight) is written again at once."""
+        resynced, failed = self._write_batch(batch)
+        if resynced:
+            again, failed_again = self._write_batch(resynced)
+            failed |= again | failed_again
+        return failed
+
+    def _write_batch(self, batch: set[Stage]) -> tuple[set[Stage], set[Stage]]:
+        """Write the batch in one pipeline: the stages resynced, and those that failed."""
+        pipe = self.redis.pipeline(transaction=False)
+        sent = []
+        for stage in batch:
+            mirror = self._mirrors.get(stage)
+            if mirror is not None:
+                sent.append(self._write(pipe, mirror))
+        results = pipe.execute(raise_on_error=False)
+        resynced: set[Stage] = set()
+        failed: set[Stage] = set()
+        for (mirror, upto, text_parts, done), result in zip(sent, results, strict=True):
+            stage = mirror.stage
+            if result == 1:
+                mirror.held = mirror.next_seq = upto
+                mirror.text_parts, mirror.lost = text_parts, False
+                if done:
+                    self._mirrors.pop(stage, None)
+                    self.leases.release(mirror)
+            elif result == -1:
+                self._fence(stage)
+            elif result == -2:
+                self._lost(mirror)
+                resynced.add(stage)
+            elif isinstance(result, list):
+                mirror.held = int(result[0])
+                self._resume_from(mirror, mirror.held)
+                resynced.add(stage)
+            else:  # an error of this script alone
+                failed.add(stage)
+        return resynced, failed
+
+    def _write(self, pipe: Any, mirror: _Mirror) -> tuple[_Mirror, int, int, bool]:
+        stage = mirror.stage
+        done = stage.finished  # read before the events, so the terminal one is in them
+        events = stage.events_since(mirror.next_seq)
+        upto = events[-1][0] + 1 if events else mirror.next_seq
+        parts = stage.text_parts
+        if mirror.lost:
+            text_mode, text = "s", "".join(parts)
+        elif len(parts) > mirror.text_parts and not done:
+            text_mode, text = "a", "".join(parts[mirror.text_parts :])
+        else:
+            text_mode, text = "", ""
+        summary = json.dumps(self._summary(stage, mirror)) if done or mirror.lost else ""
+        args: list[Any] = [
+            stage.instance, self.leases.lease_ms, mirror.held, self.max_events, int(done),
+            self.ttl_ms, self.event_ttl_ms, stage.status, summary, text_mode, text, mirror.gap,
+            self.owner, stage.spec.prompt_tokens_estimate,
+        ]  # fmt: skip
+        last = stage.next_seq - 1
+        for seq, wire in events:
+            args += [seq, wire, int(done and seq == last)]
+        self._flush_script(keys=list(stage_keys(stage.key)), args=args, client=pipe)
+        return mirror, upto, len(parts), done
+
+    def _lost(self, mirror: _Mirror) -> None:
+        mirror.lost, mirror.held = True, 0  # Redis restarted empty: write the stage whole
+        self._resume_from(mirror, 0)
+
+    def _resume_from(self, mirror: _Mirror, held: int) -> None:
+        """Redis holds ``held`` events: write on from there, or from the oldest this worker
+        still has, recording what is lost between."""
+        first = mirror.stage.first_kept_seq
+        if held >= first:
+            mirror.next_seq = held
+            return
+        mirror.next_seq = first
+        lost = f"events {held} to {first - 1} were lost by the store while it was unavailable"
+        mirror.gap = f"{mirror.gap}; {lost}" if mirror.gap else lost
+
+    def _summary(self, stage: Stage, mirror: _Mirror) -> dict[str, Any]:
+        summary = stage.summary()
+        if mirror.gap:
+            summary["gap"] = mirror.gap
+        return summary
+
+    def _fields(self, stage: Stage) -> dict[str, Any]:
+        return {
+            "status": stage.status,
+            "owner": self.owner,
+            "summary": json.dumps(stage.summary()),
+            "prompt_tokens": stage.spec.prompt_tokens_estimate,
+        }
+
+    def _fence(self, stage: Stage) -> None:
+        """Another holds this stage's lease now: stop it, and write nothing more of it."""
+        mirror = self._mirrors.pop(stage, None)
+        if mirror is None:
+            return
+        self.leases.release(mirror)
+        log.warning("stage %s: this worker lost its lease in the store; stopping it", stage.key)
+        stage.abort(
+            LeaseLost(
+                f"this worker ({self.owner}) lost its lease on stage {stage.stage_id!r} while "
+                "cut off from the stage store, and the stage was taken over; retry it"
+            )
+        )
+
+    def watched_elsewhere(self, key: str) -> bool:
+        """Whether a response in some worker follows the stage through the store."""
+        return self.reader.watchers(key) > 0
+
+    def _listen_for_cancels(self) -> None:
+        """Cancels published by other workers, for stages that run here. Reconnects."""
+        while True:
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CANCEL_CHANNEL)
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        payload = json.loads(message["data"])
+                        self._cancel_here(payload["key"], payload["reason"])
+            except (redis.RedisError, OSError, ValueError) as exc:
+                log.warning("stage store cancel listener: %s; reconnecting in 1 s", exc)
+                time.sleep(1.0)
+
+    def request_cancel(self, stage_key: str, stage_id: str, reason: str) -> None:
+        """Ask the worker running the stage to cancel it. Raises UnknownStage, or
+        StageFinished when it no longer runs."""
+        self.reader.check_cancellable(stage_key, stage_id)
+        try:
+            self.redis.publish(CANCEL_CHANNEL, json.dumps({"key": stage_key, "reason": reason}))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None

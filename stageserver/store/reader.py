@@ -1,0 +1,249 @@
+"""Reading stages of other workers and hosts from the shared store (see redis_store.py).
+
+Any worker answers for any stage: its status, its events (``RemoteFeed``, which the one
+follow loop in stream.py reads), and a cancel. It also notices a stage whose owner has
+died: its lease (``ss:{key}:live``) gone while the stage still says ``running``. The
+first reader that sees that marks the stage ``suspect_since``; one that still sees it
+half a lease later ends the stage for everyone, in one script: an ``error`` event at the
+end of its log, naming the worker that stopped, and the status ``error``. Half a lease
+leaves an owner that was only cut off from Redis the time to take its lease back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from ..errors import (
+    EventsExpired,
+    StageFinished,
+    StageLost,
+    StoreUnavailable,
+    UnknownStage,
+    store_unavailable_message,
+)
+from ..stages.events import StageEvents
+from ..stages.stage import Subscriber
+from ..stages.usage import final_usage
+from .connection import stage_keys
+
+_READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client and the owner this often
+
+# KEYS: hash, log, text, live. ARGV: events the log holds, the error event, the summary,
+# ttl_ms, event_ttl_ms. 1 if the stage was ended here; 0 if anything changed meanwhile.
+_DECLARE_DEAD = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local have = 0
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
+if have ~= tonumber(ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], '0-' .. (have + 1), 'w', ARGV[2], 't', '1')
+redis.call('HSET', KEYS[1], 'status', 'error', 'summary', ARGV[3])
+redis.call('HDEL', KEYS[1], 'suspect_since')
+redis.call('DEL', KEYS[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return 1
+"""
+
+
+def _held(top: list[Any]) -> int:
+    """How many events a log holds, from its last entry (``0-<seq+1>``)."""
+    return int(top[0][0].split(b"-")[1]) if top else 0
+
+
+class StoreReader:
+    def __init__(
+        self, client: Callable[[], Any], ttl_ms: int, event_ttl_ms: int, lease_seconds: float
+    ) -> None:
+        self._client = client
+        self.ttl_ms = ttl_ms
+        self.event_ttl_ms = event_ttl_ms
+        self.lease_seconds = lease_seconds
+        self._declare: Any = None
+
+    @property
+    def redis(self) -> Any:
+        return self._client()
+
+    def watchers(self, key: str) -> int:
+        try:
+            return int(self.redis.hget(stage_keys(key)[0], "watchers") or 0)
+        except redis.RedisError:
+            return 0
+
+    def summary(self, stage_key: str, stage_id: str) -> dict[str, Any] | None:
+        """The stage's status as ``Stage.summary`` gives it; None if the store has none."""
+        try:
+            self.check_owner(stage_key, stage_id)
+            hash_key, log_key, text_key, _ = stage_keys(stage_key)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hmget(hash_key, "summary", "gap")
+            pipe.get(text_key)
+            pipe.xrevrange(log_key, count=1)
+            (raw, gap), text, top = pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
+        if raw is None:
+            return None
+        summary: dict[str, Any] = json.loads(raw)
+        if summary["status"] == "running":
+            # The summary is the one written at the claim; the text and events go on.
+            summary.update(text=(text or b"").decode(), events=_held(top))
+        if gap:
+            summary["gap"] = gap.decode()
+        return summary
+
+    def feed(self, stage_key: str, stage_id: str, after_seq: int) -> RemoteFeed | None:
+        """A feed of the stage's events after ``after_seq``; None when the stage has ended
+        and that was its last event. Raises UnknownStage, EventsExpired."""
+        hash_key, log_key, _, _ = stage_keys(stage_key)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(hash_key, "status")
+            pipe.hget(hash_key, "summary")
+            pipe.exists(log_key)
+            status, raw, has_log = pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
+        if status is None:
+            raise UnknownStage(stage_id)
+        if status != b"running":
+            if after_seq >= int(json.loads(raw)["events"]) - 1:
+                return None
+            if not has_log:
+                raise EventsExpired(stage_id)
+        return RemoteFeed(self, stage_key, stage_id)
+
+    def check_cancellable(self, stage_key: str, stage_id: str) -> None:
+        """Raises UnknownStage, or StageFinished when the stage no longer runs."""
+        hash_key, _, _, _ = stage_keys(stage_key)
+        try:
+            self.check_owner(stage_key, stage_id)
+            status = self.redis.hget(hash_key, "status")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
+        if status is None:
+            raise UnknownStage(stage_id)
+        if status != b"running":
+            raise StageFinished(stage_id)
+
+    def check_owner(self, stage_key: str, stage_id: str) -> None:
+        """If the running stage's owner has lost its lease for half a lease, end the stage
+        (see the module docstring). Raises redis.RedisError."""
+        hash_key, log_key, text_key, live_key = stage_keys(stage_key)
+        redis_client = self.redis
+        pipe = redis_client.pipeline(transaction=False)
+        pipe.exists(live_key)
+        pipe.hmget(hash_key, "status", "suspect_since", "owner", "summary", "prompt_tokens")
+        pipe.xrevrange(log_key, count=1)
+        pipe.get(text_key)
+        live, (status, suspect_since, owner, raw, prompt), top, text = pipe.execute()
+        if live or status != b"running":
+            return
+        now = int(time.time() * 1000)
+        if suspect_since is None:
+            redis_client.hsetnx(hash_key, "suspect_since", now)
+            return
+        if now - int(suspect_since) < self.lease_seconds * 500:
+            return
+        held = _held(top)
+        worker = (owner or b"?").decode()
+        message = (
+            f"the worker that ran stage {stage_id!r} ({worker}) stopped: its lease lapsed "
+            f"{self.lease_seconds:g} s after its last sign of life; retry the stage"
+        )
+        summary = json.loads(raw)
+        summary.update(
+            status="error",
+            error=message,
+            text=(text or b"").decode(),
+            events=held + 1,
+            usage=final_usage(None, int(prompt or 0), held),
+        )
+        wire = StageEvents(stage_id).terminal("error", held, error=message)
+        if self._declare is None:
+            self._declare = redis_client.register_script(_DECLARE_DEAD)
+        self._declare(
+            keys=[hash_key, log_key, text_key, live_key],
+            args=[held, wire, json.dumps(summary), self.ttl_ms, self.event_ttl_ms],
+            client=redis_client,
+        )
+
+
+class RemoteFeed:
+    """The events of a stage that runs in another worker or host, read from its log in
+    Redis (an ``EventFeed``, see stream.py)."""
+
+    def __init__(self, reader: StoreReader, stage_key: str, stage_id: str) -> None:
+        self.stage_id = stage_id
+        self._reader = reader
+        self._redis = reader.redis
+        self._stage_key = stage_key
+        self._key, self._log_key, _, _ = stage_keys(stage_key)
+
+    def open(self, subscriber: Subscriber) -> None:
+        try:
+            self._redis.hincrby(self._key, "watchers", 1)
+        except redis.RedisError as exc:
+            raise StageLost(store_unavailable_message(exc)) from None
+
+    def read(self, subscriber: Subscriber, cursor: int, wait: float) -> tuple[bytes, int, bool]:
+        deadline = time.monotonic() + wait
+        while True:
+            block = min(max(deadline - time.monotonic(), 0.001), _READ_BLOCK_SECONDS)
+            try:
+                reply = self._redis.xread(
+                    {self._log_key: f"0-{cursor}"}, block=int(block * 1000), count=512
+                )
+            except redis.RedisError as exc:
+                raise StageLost(store_unavailable_message(exc)) from None
+            batch = []
+            ended = False
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    seq = int(entry_id.split(b"-")[1]) - 1  # the id is 0-<seq+1>
+                    if seq != cursor:
+                        self._gap(cursor, seq)
+                    cursor = seq + 1
+                    batch.append(fields[b"w"])
+                    ended = ended or b"t" in fields
+            if batch or ended:
+                return b"".join(batch), cursor, ended
+            if subscriber.client_gone:
+                return b"", cursor, False
+            self._still_there()
+            if time.monotonic() >= deadline:
+                return b"", cursor, False
+
+    def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
+        try:
+            self._redis.hincrby(self._key, "watchers", -1)
+        except redis.RedisError:
+            pass
+
+    def _gap(self, cursor: int, seq: int) -> None:
+        """The log skips from ``cursor`` to ``seq``: say so, never pass over it."""
+        try:
+            gap = self._redis.hget(self._key, "gap")
+        except redis.RedisError:
+            gap = None
+        raise StageLost(
+            f"events {cursor} to {seq - 1} of stage {self.stage_id!r} are not in the stage "
+            f"store ({gap.decode() if gap else 'no longer kept'}); its status is at "
+            f"/stages/{self.stage_id}"
+        )
+
+    def _still_there(self) -> None:
+        try:
+            self._reader.check_owner(self._stage_key, self.stage_id)
+            there = self._redis.exists(self._key)
+        except redis.RedisError as exc:
+            raise StageLost(store_unavailable_message(exc)) from None
+        if not there:
+            raise StageLost("the stage expired from the store")

@@ -1,0 +1,293 @@
+"""Prometheus metrics (served at ``/metrics`` by ``ops.py``), kept by a stage listener.
+
+Under gunicorn each worker counts its own stages, and a scrape reaches one worker only.
+prometheus_client's multiprocess mode makes the answer right whichever worker gives it:
+every process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` and a scrape
+adds up the files of all of them, live or dead (so counters never go back when a worker
+is replaced). gunicorn.conf.py creates that directory before the workers fork, removes
+the live-gauge files of a worker that exits, and deletes the directory at the end. The
+variable must be set before prometheus_client is first imported, which is why the
+metrics below are created at import, in the worker, after the fork.
+
+Without the variable (``flask run``, the Flask test client) the process's default
+registry is served, with prometheus_client's process and GC metrics besides ours.
+
+Metrics (labels in brackets):
+
+- ``stageserver_stages_total`` [upstream, outcome]: stages finished; outcome is the
+  terminal event, ``done``, ``error`` or ``cancel``.
+- ``stageserver_time_to_first_token_seconds`` [upstream]: histogram, from the stage's
+  start to its first chunk; stages that got no chunk are not observed.
+- ``stageserver_stream_duration_seconds`` [upstream, outcome]: histogram, from the
+  stage's start to its terminal event.
+- ``stageserver_chunks_relayed_total`` [upstream]: upstream chunks relayed, added when
+  their stage finishes (a long stream shows up at its end).
+- ``stageserver_active_streams`` [upstream]: stages running now, from start to finish,
+  summed over live workers. The admission limit applies to the same count, per worker.
+- ``stageserver_upstream_errors_total`` [upstream, kind]: stages ended by an upstream
+  failure; kind is the failure's class in stageserver/errors.py, an ``UpstreamFailure``
+  (``UpstreamUnavailable``, ``FirstTokenTimeout``, ...). Shutdown, store and internal
+  errors are not counted.
+- ``stageserver_open_responses``: HTTP responses following a stage now (each holds a
+  greenlet and a descriptor), summed over live workers.
+- ``stageserver_stages_refused_total`` [reason]: ``/chat`` answered 503 before a stage
+  started; reason is ``overload`` or ``shutting_down``.
+
+The families above count a stage under the upstream its request resolved to, whichever
+replica or fallback served it (the active-stream gauge must go down under the label it
+went up under). Per replica, kept by the pools (``ReplicaMetrics``, a ``ReplicaEvents``), with
+labels upstream and replica (the replica's URL without credentials; configuration bounds
+how many there are):
+
+- ``stageserver_replica_requests_total``: attempts begun on the replica.
+- ``stageserver_replica_failures_total`` [+ kind]: attempts that failed, and streams that
+  failed after their first chunk; kind is the attempt's outcome (``refused``, ``reset``,
+  ``http_500``, ``first_token_timeout``, ``idle_timeout``, ...).
+- ``stageserver_replica_ejections_total``: times passive health (or the readiness probe)
+  took the replica out for a cool-down.
+- ``stageserver_replica_in_flight``: attempts and streams on the replica now, summed over
+  live workers.
+- ``stageserver_replica_time_to_first_token_seconds``: histogram, from an attempt's
+  request to its first chunk.
+"""
+
+from __future__ import annotations
+
+import os
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_multiproc_dir = os.environ.get(MULTIPROC_ENV)
+if _multiproc_dir and not os.path.isdir(_multiproc_dir):
+    raise RuntimeError(
+        f"{MULTIPROC_ENV}={_multiproc_dir!r} is not a directory: create it (empty) before "
+        "the server starts, or unset it; gunicorn.conf.py makes one when it is unset"
+    )
+
+# Imported after the check: prometheus_client picks its value storage at import time.
+from prometheus_client import (  # noqa: E402
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from ..errors import UpstreamFailure  # noqa: E402
+from ..principals import Principal  # noqa: E402
+from ..stages.events import TERMINAL_EVENT  # noqa: E402
+from ..stages.stage import Stage, StageListener  # noqa: E402
+from ..upstream.replicas import Replica, ReplicaEvents  # noqa: E402
+
+STAGES = Counter(
+    "stageserver_stages",
+    "Stages finished, by upstream and outcome (done, error, cancel).",
+    ("upstream", "outcome"),
+)
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "stageserver_time_to_first_token_seconds",
+    "Seconds from a stage's start to its first upstream chunk.",
+    ("upstream",),
+    buckets=_TTFT_BUCKETS,
+)
+STREAM_DURATION = Histogram(
+    "stageserver_stream_duration_seconds",
+    "Seconds from a stage's start to its terminal event, by upstream and outcome.",
+    ("upstream", "outcome"),
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+)
+CHUNKS = Counter(
+    "stageserver_chunks_relayed",
+    "Upstream chunks relayed to clients, counted when their stage finishes.",
+    ("upstream",),
+)
+ACTIVE = Gauge(
+    "stageserver_active_streams",
+    "Stages running now (from start to finish), summed over live workers.",
+    ("upstream",),
+    multiprocess_mode="livesum",
+)
+OPEN_RESPONSES = Gauge(
+    "stageserver_open_responses",
+    "HTTP responses following a stage now, summed over live workers.",
+    multiprocess_mode="livesum",
+)
+UPSTREAM_ERRORS = Counter(
+    "stageserver_upstream_errors",
+    "Stages ended by an upstream failure, by kind (the class in stageserver/errors.py).",
+    ("upstream", "kind"),
+)
+REFUSED = Counter(
+    "stageserver_stages_refused",
+    "Requests for a stage answered 503 before it started, by reason.",
+    ("reason",),
+)
+for _reason in ("overload", "shutting_down"):
+    REFUSED.labels(_reason)  # present as 0 from the start, so rate() has a series
+# Per principal: its name as configured, never a secret; "anonymous" when the server is
+# open, "other" for a name a host app's identify() gave that is not configured.
+PRINCIPAL_STAGES = Counter(
+    "stageserver_principal_stages",
+    "Stages finished, by principal and outcome (done, error, cancel).",
+    ("principal", "outcome"),
+)
+PRINCIPAL_TOKENS = Counter(
+    "stageserver_principal_tokens",
+    "Tokens of finished stages, by principal and kind (prompt, completion); estimated "
+    "where the upstream reported none.",
+    ("principal", "kind"),
+)
+PRINCIPAL_REFUSED = Counter(
+    "stageserver_principal_refused",
+    "Stages refused for a principal's limit (max_streams, requests_per_minute, "
+    "tokens_per_minute) or because the limits could not be checked (store).",
+    ("principal", "limit"),
+)
+
+_REPLICA = ("upstream", "replica")
+REPLICA_REQUESTS = Counter(
+    "stageserver_replica_requests", "Attempts begun on each upstream replica.", _REPLICA
+)
+REPLICA_FAILURES = Counter(
+    "stageserver_replica_failures",
+    "Failed attempts and streams on each upstream replica, by kind (the attempt's outcome).",
+    (*_REPLICA, "kind"),
+)
+REPLICA_EJECTIONS = Counter(
+    "stageserver_replica_ejections",
+    "Times each upstream replica was ejected for a cool-down.",
+    _REPLICA,
+)
+REPLICA_IN_FLIGHT = Gauge(
+    "stageserver_replica_in_flight",
+    "Attempts and streams on each upstream replica now, summed over live workers.",
+    _REPLICA,
+    multiprocess_mode="livesum",
+)
+REPLICA_TTFT = Histogram(
+    "stageserver_replica_time_to_first_token_seconds",
+    "Seconds from an attempt's request to its first chunk, per upstream replica.",
+    _REPLICA,
+    buckets=_TTFT_BUCKETS,
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text a scrape gets, and its content type."""
+    if _multiproc_dir:
+        # A fresh registry per scrape is prometheus_client's documented way: the
+        # collector reads every process's files each time.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=_multiproc_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class _UpstreamSeries:
+    """One upstream's labelled series, looked up once: ``labels()`` costs as much as the
+    update itself, and a stage makes seven updates. Creating them all at once also shows
+    every outcome as 0 from the upstream's first stage on."""
+
+    def __init__(self, upstream: str) -> None:
+        self.active = ACTIVE.labels(upstream)
+        self.chunks = CHUNKS.labels(upstream)
+        self.ttft = TIME_TO_FIRST_TOKEN.labels(upstream)
+        self.stages = {o: STAGES.labels(upstream, o) for o in TERMINAL_EVENT.values()}
+        self.duration = {o: STREAM_DURATION.labels(upstream, o) for o in TERMINAL_EVENT.values()}
+
+
+_series: dict[str, _UpstreamSeries] = {}
+
+
+def _for(upstream: str) -> _UpstreamSeries:
+    series = _series.get(upstream)
+    if series is None:
+        series = _series[upstream] = _UpstreamSeries(upstream)
+    return series
+
+
+def stage_refused(reason: str) -> None:
+    REFUSED.labels(reason).inc()
+
+
+def limit_refused(principal: Principal, limit: str) -> None:
+    PRINCIPAL_REFUSED.labels(principal.metrics_label, limit).inc()
+
+
+class StageMetrics(StageListener):
+    """Counts each stage as it starts and finishes."""
+
+    def on_start(self, stage: Stage) -> None:
+        _for(stage.spec.upstream).active.inc()
+
+    def on_finish(self, stage: Stage) -> None:
+        upstream = stage.spec.upstream
+        series = _for(upstream)
+        outcome = stage.outcome
+        series.active.dec()
+        series.stages[outcome].inc()
+        series.duration[outcome].observe(stage.duration_seconds or 0.0)
+        if stage.first_token_seconds is not None:
+            series.ttft.observe(stage.first_token_seconds)
+        if stage.chunk_count:
+            series.chunks.inc(stage.chunk_count)
+        if isinstance(stage.failure, UpstreamFailure):
+            UPSTREAM_ERRORS.labels(upstream, type(stage.failure).__name__).inc()
+        label = stage.spec.principal.metrics_label
+        PRINCIPAL_STAGES.labels(label, outcome).inc()
+        usage = stage.usage or {}
+        for kind in ("prompt", "completion"):
+            tokens = usage.get(f"{kind}_tokens")
+            if isinstance(tokens, int) and tokens > 0:
+                PRINCIPAL_TOKENS.labels(label, kind).inc(tokens)
+
+
+class _ReplicaSeries:
+    __slots__ = ("requests", "in_flight", "ttft", "ejections", "failures", "labels")
+
+    def __init__(self, replica: Replica) -> None:
+        self.labels = (replica.pool, replica.url)
+        self.requests = REPLICA_REQUESTS.labels(*self.labels)
+        self.in_flight = REPLICA_IN_FLIGHT.labels(*self.labels)
+        self.ttft = REPLICA_TTFT.labels(*self.labels)
+        self.ejections = REPLICA_EJECTIONS.labels(*self.labels)
+        self.failures: dict[str, Counter] = {}
+
+
+class ReplicaMetrics(ReplicaEvents):
+    """The per-replica families, kept as the pools report attempts."""
+
+    def __init__(self) -> None:
+        self._series: dict[Replica, _ReplicaSeries] = {}
+
+    def _for(self, replica: Replica) -> _ReplicaSeries:
+        series = self._series.get(replica)
+        if series is None:
+            series = self._series[replica] = _ReplicaSeries(replica)
+        return series
+
+    def on_lease(self, replica: Replica) -> None:
+        series = self._for(replica)
+        series.requests.inc()
+        series.in_flight.inc()
+
+    def on_outcome(self, replica: Replica, outcome: str, seconds: float) -> None:
+        series = self._for(replica)
+        if outcome == "ok":
+            series.ttft.observe(seconds)
+        elif outcome != "cancelled":
+            failures = series.failures.get(outcome)
+            if failures is None:
+                failures = series.failures[outcome] = REPLICA_FAILURES.labels(
+                    *series.labels, outcome
+                )
+            failures.inc()
+
+    def on_ejected(self, replica: Replica) -> None:
+        self._for(replica).ejections.inc()
+
+    def on_release(self, replica: Replica) -> None:
+        self._for(replica).in_flight.dec()

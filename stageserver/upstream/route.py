@@ -1,0 +1,163 @@
+"""A stage's route: the upstream it resolved to, then its fallbacks, and its attempts.
+
+The relay asks the route for an attempt (``pool.Attempt``: a lease on one replica),
+never for a URL. An attempt that fails before the first chunk in a way worth another
+(``fails_over``: refused, reset, a 5xx or 429, its own first-token timeout) is followed by
+the next: another replica of the same upstream, then the fallbacks' replicas, in order,
+until the retries or the first-token budget run out. Nothing has reached the client
+before the first chunk, so the client sees one stream; after it, nothing is retried.
+
+- **Retries and budget** are those of the upstream the request resolved to: at most
+  ``retries`` attempts after the first, all within its ``first_token_timeout`` of the
+  first one's start. Each attempt may take its own upstream's ``attempt_timeout`` (by
+  default that upstream's ``first_token_timeout``), never more than the budget has left.
+- **Each replica at most once** per stage: a retry on the replica that just failed mostly
+  fails again. So a pool of one without fallbacks makes one attempt, as before pools,
+  and its failure reads as it always did.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+from ..errors import (
+    AllAttemptsFailed,
+    ConnectTimeout,
+    FirstTokenTimeout,
+    IdleTimeout,
+    NoReplicaAvailable,
+    StageFailure,
+    StageInterrupted,
+    UpstreamErrorObject,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamUnavailable,
+)
+from .clients import UpstreamRegistry
+from .replicas import Clock, Replica, ReplicaAttempt, ReplicaEvents, ReplicaSet, unhealthy
+
+
+def outcome_of(failure: BaseException) -> str:
+    """An attempt's outcome, as ``/stages``, the metrics and the traces name it."""
+    if isinstance(failure, UpstreamStatusError):
+        return f"http_{failure.upstream_status}"
+    if isinstance(failure, ConnectTimeout):
+        return "connect_timeout"
+    if isinstance(failure, FirstTokenTimeout):
+        return "first_token_timeout"
+    if isinstance(failure, IdleTimeout):
+        return "idle_timeout"
+    if isinstance(failure, UpstreamUnavailable):
+        return "refused"
+    if isinstance(failure, UpstreamProtocolError):
+        return "reset" if failure.dropped else "protocol_error"
+    if isinstance(failure, UpstreamErrorObject):
+        return "error_object"
+    if isinstance(failure, StageInterrupted):
+        return "cancelled"
+    return "error"
+
+
+def fails_over(outcome: str) -> bool:
+    """Whether an attempt that ended so before the first chunk is worth another: the
+    replica is down or busy. Any other 4xx is the caller's error, and a malformed answer
+    or an error object would most likely come again."""
+    return unhealthy(outcome) or outcome == "http_429"
+
+
+class Route:
+    """The pools a stage may use, in order, and the attempts it has made at them."""
+
+    def __init__(self, pools: Sequence[ReplicaSet], clock: Clock = time.monotonic) -> None:
+        self.pools = tuple(pools)
+        primary = self.pools[0].config
+        self.name = primary.name
+        self.retries = primary.retries
+        self.budget = primary.first_token_timeout
+        self._clock = clock
+        self._deadline: float | None = None
+        self._attempts: list[ReplicaAttempt] = []
+        self._tried: list[Replica] = []
+
+    def next_attempt(self) -> ReplicaAttempt | None:
+        """The next attempt, or None when the retries, the budget or the replicas are spent."""
+        now = self._clock()
+        if self._deadline is None:
+            self._deadline = now + self.budget
+        left = self._deadline - now
+        if len(self._attempts) > self.retries or left <= 0:
+            return None
+        attempt = next(filter(None, (pool.lease(self._tried) for pool in self.pools)), None)
+        if attempt is None and not self._attempts:
+            leases = (pool.lease(self._tried, last_resort=True) for pool in self.pools)
+            attempt = next(filter(None, leases), None)
+        if attempt is None:
+            return None
+        self._attempts.append(attempt)
+        self._tried.append(attempt.replica)
+        attempt.number = len(self._attempts)
+        attempt.budget_bound = left <= attempt.timeout
+        attempt.timeout = min(attempt.timeout, left)
+        return attempt
+
+    def first_token_message(self) -> str:
+        return f"upstream {self.name!r} sent no first token within {self.budget:g} s"
+
+    def give_up(self, last: StageFailure | None) -> StageFailure:
+        """What the stage ends with when no attempt follows ``last``, the last failure
+        (None: no attempt could be made at all)."""
+        if last is None:
+            return NoReplicaAvailable(self._unavailable())
+        attempts = self._attempts
+        if len(attempts) <= 1:
+            return last
+        tried = "; ".join(f"{a.name!r} at {a.url}: {a.outcome}" for a in attempts)
+        if isinstance(last, FirstTokenTimeout) and attempts[-1].budget_bound:
+            message = f"{self.first_token_message()}, over {len(attempts)} attempts ({tried})"
+        else:
+            message = (
+                f"upstream {self.name!r}: all {len(attempts)} attempts failed before the "
+                f"first token ({tried}); the last: {last}"
+            )
+        return AllAttemptsFailed(message, last)
+
+    def _unavailable(self) -> str:
+        now = self._clock()
+        reasons = []
+        for pool in self.pools:
+            for r in pool.replicas:
+                if r.held_until > now:
+                    why = f"asked to wait {r.held_until - now:.0f} s more (Retry-After)"
+                else:
+                    why = f"runs {r.in_flight} stages, its max_in_flight"
+                reasons.append(f"{pool.name!r} at {r.url} {why}")
+        return f"no replica can take the stage now: {'; '.join(reasons)}; retry shortly"
+
+
+class ReplicaSets:
+    """This worker's pools, one per configured upstream; ``route`` makes a stage's."""
+
+    def __init__(
+        self, registry: UpstreamRegistry, events: ReplicaEvents | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:  # fmt: skip
+        self._clock = clock
+        self._pools = {
+            name: ReplicaSet(registry.config(name), registry.replicas(name), events, clock)
+            for name in registry.names()
+        }
+        # Each upstream's pools in fallback order, worked out once: the config is fixed.
+        self._orders = {
+            name: tuple(self._pools[n] for n in registry.route(name)) for name in self._pools
+        }
+
+    def __iter__(self) -> Iterator[ReplicaSet]:
+        return iter(self._pools.values())
+
+    def __getitem__(self, name: str) -> ReplicaSet:
+        return self._pools[name]
+
+    def route(self, name: str) -> Route:
+        """A stage's route from the upstream ``name``: see ``UpstreamRegistry.route``."""
+        return Route(self._orders[name], self._clock)

@@ -1,3 +1,0 @@
-from stageserver import create_app
-
-app = create_app()
