@@ -1,4 +1,4 @@
-"""The Python client of stageserver's HTTP API, on httpx and httpx-sse::
+"""The Python client of stageserver's HTTP API, on httpx and httpx-sse:
 
     from stageserver.client import ChunkEvent, StageClient
 
@@ -31,7 +31,7 @@ in ``contextlib.aclosing`` to close it at once.
 
 A stage that fails is not an exception: its ``error`` event is an ``ErrorEvent``, and
 ``run()`` returns a ``TextStageOutput`` of type ``error``. Exceptions are for requests
-that the server refused or that did not get through::
+that the server refused or that did not get through:
 
     StageClientError              anything the client raises
      ├── StageConnectionError     the server could not be reached, or did not answer

@@ -16,18 +16,21 @@ from ..retry_after import retry_after_seconds
 
 
 class StageClientError(Exception):
-    pass
+    """Anything the client raises."""
 
 
 class StageConnectionError(StageClientError):
-    pass
+    """The server could not be reached, or did not answer."""
 
 
 class StreamLost(StageClientError):
-    pass
+    """A stream dropped before its end and cannot be resumed."""
 
 
 class StageHTTPError(StageClientError):
+    """An error status: ``status``, ``message``, the JSON ``body`` (or None) and
+    ``retry_after`` (seconds, from the ``Retry-After`` header, or None)."""
+
     def __init__(
         self, status: int, message: str, body: Any = None, retry_after: float | None = None
     ) -> None:
@@ -39,6 +42,8 @@ class StageHTTPError(StageClientError):
 
 
 class InvalidRequest(StageHTTPError):
+    """400, 413, 422: the request was refused; ``fields`` names each bad field."""
+
     @property
     def fields(self) -> list[dict[str, str]]:
         """``[{"field", "message"}]``, one per bad field (a 413 names ``body``)."""
@@ -52,27 +57,29 @@ class InvalidRequest(StageHTTPError):
 
 
 class Unauthorized(StageHTTPError):
-    pass
+    """401: no API key, or a wrong one."""
 
 
 class NotFound(StageHTTPError):
-    pass
+    """404: no such stage (unknown, expired, or another principal's)."""
 
 
 class Conflict(StageHTTPError):
-    pass
+    """409: the stage is still running, or already finished."""
 
 
 class Gone(StageHTTPError):
-    pass
+    """410: the stage's events expired (its status has not)."""
 
 
 class RateLimited(StageHTTPError):
-    pass
+    """429: a limit of the caller's principal; come back after ``retry_after``
+    seconds."""
 
 
 class Unavailable(StageHTTPError):
-    pass
+    """503: the server is overloaded, shutting down or without its store; come back
+    after ``retry_after`` seconds."""
 
 
 _BY_STATUS: dict[int, type[StageHTTPError]] = {
