@@ -71,6 +71,10 @@ class StageServer:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
+        """Register stageserver on ``app``: read its settings (once), register the
+        blueprint under ``url_prefix`` and keep the state in
+        ``app.extensions["stageserver"]``. Raises ``RuntimeError`` on a second call for
+        the same app, and ``ConfigError`` for a configuration it refuses."""
         if "stageserver" in app.extensions:
             raise RuntimeError(
                 "StageServer is already registered on this app; call init_app once per app"
@@ -99,6 +103,10 @@ class StageServer:
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """The standalone server (``stageserver.wsgi:app``): a Flask app with ``StageServer``
+    at its root, the playground on unless ``STAGESERVER_PLAYGROUND`` says otherwise, the
+    process's logging set up (``STAGESERVER_LOG_FORMAT``), and 404 and 405 answered in
+    JSON. ``test_config`` goes into ``app.config`` first."""
     # No static folder: what stageserver serves it routes itself (web.py).
     app = Flask("stageserver", static_folder=None)
     if test_config is not None:
