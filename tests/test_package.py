@@ -73,13 +73,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     """``python -m build``: the sdist, and the wheel built from it, into ``<tmp>/dist``."""
     work = tmp_path_factory.mktemp("package")
     dist = work / "dist"
-    subprocess.run(
+    build = subprocess.run(
         [sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)],
         cwd=work,
-        check=True,
         capture_output=True,
+        text=True,
         timeout=600,
     )
+    assert build.returncode == 0, f"python -m build failed:\n{build.stdout}\n{build.stderr}"
     examples = work / "examples"
     shutil.copytree(
         ROOT / "examples", examples, ignore=shutil.ignore_patterns(".venv", "__pycache__")
@@ -289,7 +290,9 @@ def test_the_example_app_streams_a_stage_to_a_signed_in_user(
     assert [request.body["model"] for request in upstream.requests] == [MODEL]
 
 
-def test_the_example_apps_token_is_a_login_too(example_app: RunningServer) -> None:
+def test_the_example_apps_token_is_a_login_too(
+    example_app: RunningServer, upstream: FakeUpstream
+) -> None:
     login = requests.post(f"{example_app.url}/login", json=ALICE, timeout=5)
     assert login.status_code == 200
     token = login.json()["token"]
@@ -298,6 +301,7 @@ def test_the_example_apps_token_is_a_login_too(example_app: RunningServer) -> No
     response = requests.post(f"{example_app.url}/llm/chat", json=body, headers=headers, timeout=30)
     assert response.status_code == 200, response.text
     assert [event["event"] for event in parse_events(response.content)] == EVENTS
+    assert len(upstream.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -412,7 +416,7 @@ print(json.dumps({"events": events, "loaded": loaded}))
 
 
 def test_the_client_only_install_streams_from_the_example_app(
-    built: Built, client_venv: Venv, example_app: RunningServer
+    built: Built, client_venv: Venv, example_app: RunningServer, upstream: FakeUpstream
 ) -> None:
     argv = ("-c", CLIENT_STREAM, example_app.url, MODEL, ",".join(SERVER_PACKAGES))
     report = json.loads(client_venv.run("python", *argv, cwd=built.examples).stdout)
@@ -424,12 +428,14 @@ def test_the_client_only_install_streams_from_the_example_app(
         ),
         ["DoneEvent", "client-1-done-5", "client-1", None],
     ]
+    assert len(upstream.requests) == 1
 
 
 def test_the_example_client_script_streams_the_answer(
-    built: Built, client_venv: Venv, example_app: RunningServer
+    built: Built, client_venv: Venv, example_app: RunningServer, upstream: FakeUpstream
 ) -> None:
     env = {"EXAMPLE_URL": example_app.url, "EXAMPLE_MODEL": MODEL}
     result = client_venv.run("python", "client.py", "Say hi", cwd=built.examples, env=env)
     assert result.stdout == TEXT + "\n"
     assert result.stderr == ""
+    assert [request.body["messages"][-1]["content"] for request in upstream.requests] == ["Say hi"]
