@@ -84,8 +84,12 @@ def workload(
     """CPU seconds of this process to read ``--streams`` streams; chunks read in all."""
     import gevent
 
+    from stageserver.schemas import ChatRequest
+    from stageserver.upstream.request_body import RequestBody
+
     model = f"fake?chunks={chunks}&interval={args.interval}"
-    body = upstream.chat_body(model=model, messages=[], max_tokens=chunks, temperature=None)
+    request = ChatRequest(stage_id="bench", model_name=model, user_prompt="", max_tokens=chunks)
+    body = RequestBody(request, chunks)(upstream)
     counts: list[int] = []
 
     def stream() -> None:

@@ -82,13 +82,13 @@ class StageServer:
         apply_defaults(app.config, os.environ)
         keys = key_ring(app.config["STAGESERVER_API_KEYS"], identify=self.identify is not None)
         configs = upstream_configs(app.config)
-        service = StageManager(
+        manager = StageManager(
             StageSettings.from_config(app.config),
             UpstreamRegistry(configs),
             keys.principals(),
             start_tracing(app.config, os.environ, {cfg.name: cfg.kind for cfg in configs}),
         )
-        app.extensions["stageserver"] = service
+        app.extensions["stageserver"] = manager
         app.extensions["stageserver.auth"] = Authenticator(keys, self.identify)
         from .web.apidocs import bp as docs_bp
         from .web.browser import register_web
@@ -99,7 +99,7 @@ class StageServer:
         app.register_blueprint(ops_bp, url_prefix=self.url_prefix)
         app.register_blueprint(docs_bp, url_prefix=self.url_prefix)
         register_web(app, self.url_prefix)
-        shutdown.track(service)
+        shutdown.track(manager)
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:

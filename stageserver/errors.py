@@ -55,6 +55,9 @@ from typing import Any
 
 class StageServerError(Exception):
     http_status = 500
+    #: The ``reason`` label under which /metrics counts a refusal
+    #: (``stageserver_stages_refused_total``, ``stageserver_principal_refused_total``).
+    metric_reason = "error"
     #: The request field the error is about, named as the caller spelled it.
     field: str | None = None
     #: Seconds after which a retry may succeed (the ``Retry-After`` header).
@@ -121,6 +124,10 @@ class RateLimited(Refusal):
 
     http_status = 429
 
+    def __init__(self, message: str, *, retry_after: int, limit: str, principal: str) -> None:
+        super().__init__(message, retry_after=retry_after, limit=limit, principal=principal)
+        self.metric_reason = limit
+
 
 class UnknownStage(Refusal):
     http_status = 404
@@ -160,11 +167,19 @@ class StageFinished(Refusal):
 class Overloaded(Refusal):
     http_status = 503
     retry_after = 1
+    metric_reason = "overload"
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message, reason=self.metric_reason, limit=limit)
 
 
 class ShuttingDown(Refusal):
     http_status = 503
     retry_after = 1
+    metric_reason = "shutting_down"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=self.metric_reason)
 
 
 class StoreUnavailable(Refusal):
@@ -172,6 +187,7 @@ class StoreUnavailable(Refusal):
 
     http_status = 503
     retry_after = 1
+    metric_reason = "store"
 
     def __init__(self, cause: BaseException | str) -> None:
         super().__init__(store_unavailable_message(cause))
@@ -192,7 +208,23 @@ class StageLost(StageServerError):
 
 
 class StageFailure(StageServerError):
+    """A stage's end in error. When it ends an attempt at an upstream replica, it also says
+    how that attempt went (``outcome``: the name ``/stages``, the metrics and the traces
+    give it) and what that says of the replica (``replica_down``: it did not answer in
+    time, or answered 5xx; ``replica_answered``: it is up, whatever it said). Neither:
+    it says nothing of the replica (stageserver's own failure)."""
+
     http_status = 502
+    outcome = "error"
+    replica_down = False
+    replica_answered = False
+
+    @property
+    def worth_another_replica(self) -> bool:
+        """Before the first chunk: whether another replica may do better (this one is
+        down or busy). Any other 4xx is the caller's error, and a malformed answer or an
+        error object would most likely come again."""
+        return self.replica_down
 
 
 class UpstreamFailure(StageFailure):
@@ -200,7 +232,10 @@ class UpstreamFailure(StageFailure):
 
 
 class UpstreamUnavailable(UpstreamFailure):
-    pass
+    """Nothing answered: connection refused, DNS, TLS."""
+
+    outcome = "refused"
+    replica_down = True
 
 
 class UpstreamStatusError(UpstreamFailure):
@@ -212,6 +247,13 @@ class UpstreamStatusError(UpstreamFailure):
         #: Seconds the upstream asked not to be called for (its ``Retry-After``), if it
         #: said; not ``retry_after``, which is what stageserver tells its own caller.
         self.upstream_retry_after = upstream_retry_after
+        self.outcome = f"http_{upstream_status}"
+        self.replica_down = upstream_status >= 500
+        self.replica_answered = not self.replica_down
+
+    @property
+    def worth_another_replica(self) -> bool:
+        return self.replica_down or self.upstream_status == 429  # busy
 
 
 class UpstreamProtocolError(UpstreamFailure):
@@ -221,10 +263,14 @@ class UpstreamProtocolError(UpstreamFailure):
         #: reset, where the other protocol errors are a malformed answer. (A flag, not a
         #: subclass, so that /metrics keeps counting both as UpstreamProtocolError.)
         self.dropped = dropped
+        self.outcome = "reset" if dropped else "protocol_error"
+        self.replica_down = dropped
+        self.replica_answered = not dropped
 
 
 class UpstreamErrorObject(UpstreamFailure):
-    pass
+    outcome = "error_object"
+    replica_answered = True
 
 
 class UpstreamTimeout(UpstreamFailure):
@@ -232,15 +278,18 @@ class UpstreamTimeout(UpstreamFailure):
 
 
 class ConnectTimeout(UpstreamTimeout):
-    pass
+    outcome = "connect_timeout"
+    replica_down = True
 
 
 class FirstTokenTimeout(UpstreamTimeout):
-    pass
+    outcome = "first_token_timeout"
+    replica_down = True
 
 
 class IdleTimeout(UpstreamTimeout):
-    pass
+    outcome = "idle_timeout"
+    replica_down = True
 
 
 class AllAttemptsFailed(UpstreamFailure):
@@ -276,10 +325,20 @@ class StageInterrupted(BaseException):
     """Thrown into a stage's runner to stop it: the stage is cancelled with ``reason``, or,
     when ``failure`` is given, ends with that error instead."""
 
+    outcome = "cancelled"
+
     def __init__(self, reason: str, failure: StageFailure | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.failure = failure
+
+
+def outcome_of(exc: BaseException) -> str:
+    """How an attempt that ``exc`` ended is named in ``/stages``, the metrics and the
+    traces: the failure's own ``outcome``; ``error`` for anything unforeseen."""
+    if isinstance(exc, StageFailure | StageInterrupted):
+        return exc.outcome
+    return "error"
 
 
 class ClientGone(ConnectionResetError):

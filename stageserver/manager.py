@@ -1,4 +1,4 @@
-"""The stage service: the one owner of a stage's life in a process.
+"""The stage manager: the one owner of a stage's life in a process.
 
 It starts a stage (admits it, registers it, claims its id, starts it), finds one (a stage
 of this process, or one that runs elsewhere and is reached through the shared store),
@@ -27,7 +27,7 @@ report each attempt to the per-replica metrics.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .config import StageSettings
 from .errors import (
@@ -43,11 +43,11 @@ from .errors import (
 from .policy.admission import Admission
 from .policy.limits import LimitBook, LocalLimits
 from .principals import ANONYMOUS, Principal, check_upstreams
-from .schemas import ChatRequest
+from .schemas import ChatRequest, TextStageOutput
 from .stages.feeds import EventFeed, LocalFeed
 from .stages.registry import StageRegistry
 from .stages.spec import StageSpec
-from .stages.stage import Stage, StageListener
+from .stages.stage import DONE, ERROR, Stage, StageListener
 from .stages.usage import estimate_prompt_tokens
 from .telemetry import metrics
 from .telemetry.logs import OutcomeLog
@@ -55,6 +55,7 @@ from .telemetry.tracing import Tracing
 from .upstream.clients import Upstream, UpstreamRegistry
 from .upstream.health import ReadinessProbe
 from .upstream.relay import NO_TRACING, AttemptTracer, UpstreamRelay
+from .upstream.request_body import RequestBody
 from .upstream.route import ReplicaSets
 
 if TYPE_CHECKING:
@@ -83,6 +84,31 @@ class LocalStage:
     def cancel(self, reason: str) -> None:
         if not self.stage.cancel(reason):
             raise StageFinished(self.stage.stage_id)
+
+
+class StartedStage(LocalStage):
+    """The stage a request has just started, as that request's response sees it."""
+
+    def starter_feed(self) -> EventFeed:
+        """The events of the response that started the stage, from the first: its client's
+        disconnect cancels the stage (or starts its resume grace)."""
+        return LocalFeed(self.stage, owner=True)
+
+    def output(self) -> tuple[TextStageOutput, int]:
+        """The seed's answer for a stage that has ended, and its HTTP status: 200 with the
+        text, else its error (the failure's status) or its cancel (409)."""
+        stage = self.stage
+        if stage.status == DONE:
+            return TextStageOutput(
+                stage_id=f"{stage.stage_id}-chat-final", type="text", text=stage.text
+            ), 200
+        if stage.status == ERROR:
+            error, status = stage.error, stage.http_status
+        else:
+            error, status = f"cancelled: {stage.cancel_reason}", 409
+        return TextStageOutput(
+            stage_id=f"{stage.stage_id}-chat-error", type="error", error=error
+        ), status
 
 
 class StoredStage:
@@ -150,7 +176,7 @@ class StageManager:
         request_id: str,
         principal: Principal = ANONYMOUS,
         traceparent: str | None = None,
-    ) -> Stage:
+    ) -> StartedStage:
         """Start the stage ``request`` asks for, as ``principal``'s, continuing the trace
         of ``traceparent`` (the request's header) if traces are on. Raises InvalidRequest
         (its upstream), RateLimited (the principal's limits), ShuttingDown or Overloaded
@@ -164,7 +190,7 @@ class StageManager:
             try:
                 self.limits.admit(principal, stage)
             except StageServerError as refusal:
-                metrics.limit_refused(principal, str(refusal.body.get("limit", "store")))
+                metrics.limit_refused(principal, refusal.metric_reason)
                 raise
         try:
             self._admit(stage)
@@ -173,13 +199,13 @@ class StageManager:
                 self.limits.release(principal, stage)
             raise
         stage.start()
-        return stage
+        return StartedStage(stage)
 
     def _admit(self, stage: Stage) -> None:
         try:
             self.admission.admit()
         except (Overloaded, ShuttingDown) as refusal:
-            metrics.stage_refused(str(refusal.body["reason"]))
+            metrics.stage_refused(refusal.metric_reason)
             raise
         try:
             # This process's stages first: the store's claim would take over the keys of
@@ -201,21 +227,7 @@ class StageManager:
         traceparent: str | None,
     ) -> Stage:
         settings = self.settings
-        messages = [{"role": "user", "content": request.user_prompt}]
-        if request.system_prompt:
-            messages.insert(0, {"role": "system", "content": request.system_prompt})
-        max_tokens = request.max_tokens or settings.default_max_tokens
-
-        def body(replica: Upstream) -> dict[str, Any]:
-            """The request for one attempt: each upstream kind has its own fields, and a
-            fallback may serve the stage under another model name."""
-            return replica.chat_body(
-                model=replica.config.model_for(request.model_name),
-                messages=messages,
-                max_tokens=max_tokens,
-                temperature=request.temperature,
-            )
-
+        body = RequestBody(request, settings.default_max_tokens)
         resumable = request.resumable
         spec = StageSpec(
             stage_id=request.stage_id,
@@ -226,7 +238,7 @@ class StageManager:
             max_events=settings.max_events,
             max_event_bytes=settings.max_event_bytes,
             principal=principal,
-            prompt_tokens_estimate=estimate_prompt_tokens(messages),
+            prompt_tokens_estimate=estimate_prompt_tokens(body.messages),
             model=request.model_name,
             traceparent=traceparent,
         )
@@ -295,11 +307,11 @@ def _shared_store(
 
 
 def manager_of(extensions: Mapping[str, object]) -> StageManager:
-    """The service ``StageServer.init_app`` keeps in ``app.extensions``."""
-    service = extensions.get("stageserver")
-    if not isinstance(service, StageManager):
+    """The manager ``StageServer.init_app`` keeps in ``app.extensions``."""
+    manager = extensions.get("stageserver")
+    if not isinstance(manager, StageManager):
         raise RuntimeError(
             "stageserver is not registered on this app; call StageServer(app) or "
             "StageServer().init_app(app) first"
         )
-    return service
+    return manager

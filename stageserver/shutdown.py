@@ -58,7 +58,7 @@ _RETIREMENT_CHECK_SECONDS = 0.5
 
 
 class Stoppable(Protocol):
-    """What shutdown needs of an app's stage service (``service.StageManager``)."""
+    """What shutdown needs of an app's stage manager (``manager.StageManager``)."""
 
     def running(self) -> Sized: ...
 

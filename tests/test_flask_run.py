@@ -23,7 +23,14 @@ def flask_run(fake: FakeUpstream) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGESERVER_")}
     env.update(STAGESERVER_UPSTREAM_URL=fake.url, STAGESERVER_HEARTBEAT_SECONDS="0.2")
     proc = subprocess.Popen(
-        [Path(sys.executable).parent / "flask", "--app", "stageserver.wsgi", "run", "--port", str(port)],
+        [
+            Path(sys.executable).parent / "flask",
+            "--app",
+            "stageserver.wsgi",
+            "run",
+            "--port",
+            str(port),
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -16,11 +16,17 @@ import pytest
 from stageserver.config import ConfigError, UpstreamConfig, apply_defaults, upstream_configs
 from stageserver.errors import (
     AllAttemptsFailed,
+    ConnectTimeout,
     FirstTokenTimeout,
     InvalidRequest,
     NoReplicaAvailable,
+    StageFailure,
+    StageInterrupted,
+    UpstreamErrorObject,
+    UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamUnavailable,
+    outcome_of,
 )
 from stageserver.retry_after import retry_after_seconds
 from stageserver.upstream.clients import UpstreamRegistry
@@ -30,7 +36,7 @@ from stageserver.upstream.replicas import (
     ReplicaEvents,
     without_credentials,
 )
-from stageserver.upstream.route import ReplicaSets, Route, fails_over, outcome_of
+from stageserver.upstream.route import ReplicaSets, Route
 
 A, B, C = "http://10.0.0.1:8000/v1", "http://10.0.0.2:8000/v1", "http://10.0.0.3:8000/v1"
 
@@ -86,10 +92,33 @@ def attempt(route: Route) -> ReplicaAttempt:
     return got
 
 
+def failure(outcome: str, retry_after: float | None = None) -> BaseException:
+    """The failure that ends an attempt with ``outcome``, as the relay would get it."""
+    if outcome.startswith("http_"):
+        status = int(outcome.removeprefix("http_"))
+        return UpstreamStatusError(f"answered HTTP {status}", status, retry_after)
+    return {
+        "refused": UpstreamUnavailable("could not reach"),
+        "connect_timeout": ConnectTimeout("no connection"),
+        "reset": UpstreamProtocolError("dropped", dropped=True),
+        "protocol_error": UpstreamProtocolError("not JSON"),
+        "error_object": UpstreamErrorObject("an error chunk"),
+        "first_token_timeout": FirstTokenTimeout("no first token"),
+        "cancelled": StageInterrupted("cancelled"),
+    }[outcome]
+
+
+def report(got: ReplicaAttempt, outcome: str, retry_after: float | None = None) -> None:
+    if outcome == "ok":
+        got.served_first_chunk()
+    else:
+        got.failed(failure(outcome, retry_after))
+
+
 def fail(pools_: ReplicaSets, name: str, outcome: str = "refused") -> ReplicaAttempt:
     """One stage whose only attempt fails so, released at once."""
     got = attempt(pools_.route(name))
-    got.resolve(outcome)
+    report(got, outcome)
     got.release()
     return got
 
@@ -110,7 +139,7 @@ def test_failures_in_a_row_eject_a_replica_for_a_growing_cool_down() -> None:
         clock.now = until(replica) or 0.0
         trial = attempt(made.route("one"))
         assert trial.trial and replica.trial
-        trial.resolve("http_502")
+        report(trial, "http_502")
         trial.release()
         assert until(replica) == clock.now + cool_down
     assert sum(c[0] == "ejected" for c in events.calls) == 8
@@ -121,7 +150,7 @@ def test_a_half_open_replica_gets_exactly_one_trial_and_success_readmits_it() ->
     made, clock, _ = pools({"pair": {"urls": [A, B], "eject_after": 1}})
     first = attempt(made.route("pair"))
     a = first.replica
-    first.resolve("reset")
+    report(first, "reset")
     first.release()
     assert until(a) == clock.now + 5
 
@@ -135,7 +164,7 @@ def test_a_half_open_replica_gets_exactly_one_trial_and_success_readmits_it() ->
     assert trial.replica is a and trial.trial
     for _ in range(10):  # its one trial is out: the others go to B
         assert attempt(made.route("pair")).replica is not a
-    trial.resolve("ok")
+    report(trial, "ok")
     trial.release()
     assert (until(a), a.ejections, a.failures, a.trial) == (None, 0, 0, False)
 
@@ -156,7 +185,7 @@ def test_a_cancelled_trial_lets_the_next_stage_try() -> None:
     fail(made, "one")
     clock.now += 5
     trial = attempt(made.route("one"))
-    trial.resolve("cancelled")
+    report(trial, "cancelled")
     trial.release()
     assert not replica.trial and until(replica) is not None
     assert attempt(made.route("one")).trial
@@ -203,7 +232,7 @@ def test_load_goes_to_the_replica_with_fewer_stages_in_flight() -> None:
 def test_retry_after_holds_the_replica_until_then() -> None:
     made, clock, _ = pools({"pair": {"urls": [A, B]}})
     first = attempt(made.route("pair"))
-    first.resolve("http_429", retry_after=2)
+    report(first, "http_429", retry_after=2)
     first.release()
     held = first.replica
     assert held.ejected_until is None  # busy is not down
@@ -216,7 +245,7 @@ def test_retry_after_holds_the_replica_until_then() -> None:
     assert attempt(made.route("pair")).replica is held
 
     fail_long = attempt(made.route("pair"))
-    fail_long.resolve("http_503", retry_after=86400)
+    report(fail_long, "http_503", retry_after=86400)
     assert fail_long.replica.held_until == clock.now + 300  # at most 300 s
 
 
@@ -244,7 +273,7 @@ def test_all_ejected_still_tries_the_one_whose_cool_down_ends_first() -> None:
     route = made.route("pair")
     last_resort = attempt(route)
     assert last_resort.replica is a and not last_resort.trial
-    last_resort.resolve("refused")
+    report(last_resort, "refused")
     assert route.next_attempt() is None  # only a first attempt gets a last resort
     assert until(a) == 1005.0  # a failure while ejected changes nothing
 
@@ -264,7 +293,7 @@ def test_a_route_tries_each_replica_once_then_the_fallbacks_in_order() -> None:
     seen = []
     while (got := route.next_attempt()) is not None:
         seen.append((got.name, got.number))
-        got.resolve("refused")
+        report(got, "refused")
     assert seen == [("gpu", 1), ("gpu", 2), ("spare", 3), ("hosted", 4)]
 
 
@@ -301,14 +330,14 @@ def test_what_a_stage_ends_with_when_its_attempts_run_out() -> None:
     route = made.route("gpu")
     one = attempt(route)
     refused = UpstreamUnavailable("could not reach")
-    one.resolve(outcome_of(refused))
+    one.failed(refused)
     assert route.give_up(refused) is refused  # one attempt: its own failure, as before pools
     two = attempt(route)
     status = UpstreamStatusError("upstream 'gpu' answered HTTP 500: boom", 500)
-    two.resolve(outcome_of(status))
+    two.failed(status)
     three = attempt(route)
     timeout = FirstTokenTimeout(route.first_token_message())
-    three.resolve(outcome_of(timeout))
+    three.failed(timeout)
     failure = route.give_up(timeout)
     assert isinstance(failure, AllAttemptsFailed) and failure.http_status == 504
     assert str(failure) == (
@@ -332,7 +361,10 @@ def test_what_a_stage_ends_with_when_its_attempts_run_out() -> None:
     ],
 )  # fmt: skip
 def test_which_outcomes_fail_over(outcome: str, again: bool) -> None:
-    assert fails_over(outcome) is again
+    ended = failure(outcome)
+    assert outcome_of(ended) == outcome  # each failure names its own outcome
+    worth = isinstance(ended, StageFailure) and ended.worth_another_replica
+    assert worth is again
 
 
 # -- resolving a request ------------------------------------------------------------------

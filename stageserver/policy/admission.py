@@ -38,15 +38,13 @@ class Admission(StageListener):
             if shutdown.shutting_down():
                 raise ShuttingDown(
                     "stageserver is shutting down and takes no new stages; retry on another "
-                    "instance",
-                    reason="shutting_down",
+                    "instance"
                 )
             if self.active >= self.limit:
                 raise Overloaded(
                     f"this stageserver worker is running its limit of {self.limit} active "
                     f"streams (STAGESERVER_MAX_ACTIVE_STREAMS); retry in "
                     f"{Overloaded.retry_after} s",
-                    reason="overload",
                     limit=self.limit,
                 )
             self.active += 1

@@ -80,30 +80,6 @@ class Upstream:
             return HttpToolsTransport(cfg.max_connections)
         return ShardedTransport(cfg.max_connections)
 
-    def chat_body(
-        self,
-        *,
-        model: str,
-        messages: list[dict[str, str]],
-        max_tokens: int,
-        temperature: float | None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "stream": True,
-        }
-        if temperature is not None:
-            body["temperature"] = temperature
-        # Every kind takes it (llama-cpp-python ignores it); usage then comes in a last chunk.
-        body["stream_options"] = {"include_usage": True}
-        if self.config.kind == "ollama":
-            # Ollama's OpenAI endpoint ignores max_tokens on some versions; OpenAI itself
-            # rejects unknown fields, so only this kind gets it.
-            body["options"] = {"num_predict": max_tokens}
-        return body
-
     def open_stream(self, body: dict[str, Any], headers: Mapping[str, str]) -> httpx2.Response:
         """Send the request; return the response with its body still unread."""
         try:

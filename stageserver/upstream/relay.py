@@ -6,8 +6,9 @@ comes (``iter_raw``, so the chunk's bytes reach the client unchanged), splits it
 payloads, has each chunk read (``chunks.py``) and appends it to the stage. It is the one
 place that reads an upstream's body.
 
-Before the first chunk, an attempt that fails in a way worth another (``fails_over``:
-refused, reset, 5xx, 429, its first-token deadline) is recorded on the stage and the
+Before the first chunk, an attempt that fails in a way worth another
+(``StageFailure.worth_another_replica``: refused, reset, 5xx, 429, its first-token
+deadline) is recorded on the stage and the
 route's next attempt begins. Nothing has reached the client yet: it sees heartbeats, then
 the one stream of the attempt that served. After the first chunk the relay never
 retries: a failure ends the stage with its error event, and no content comes twice.
@@ -35,12 +36,18 @@ from typing import Any, Protocol
 import httpx2
 
 from ..concurrency import FirstTokenDeadline, ReadDeadline
-from ..errors import FirstTokenTimeout, IdleTimeout, StageFailure, UpstreamProtocolError
+from ..errors import (
+    FirstTokenTimeout,
+    IdleTimeout,
+    StageFailure,
+    UpstreamProtocolError,
+    outcome_of,
+)
 from ..stages.stage import ChunkRead
 from .chunks import read_chunk
 from .clients import Upstream
 from .replicas import ReplicaAttempt
-from .route import Route, fails_over, outcome_of
+from .route import Route
 from .sse import SSEPayloadSplitter
 
 _DRAIN_SECONDS = 1.0
@@ -139,11 +146,10 @@ class UpstreamRelay:
                 self._attempt(stage, attempt)
                 return
             except StageFailure as failure:
-                outcome = outcome_of(failure)
-                if attempt.served or not fails_over(outcome):
+                if attempt.served or not failure.worth_another_replica:
                     raise
                 last = failure
-                if attempt.budget_bound and outcome == "first_token_timeout":
+                if attempt.budget_bound and isinstance(failure, FirstTokenTimeout):
                     break  # the stage's budget is spent
         raise route.give_up(last)
 
@@ -190,7 +196,7 @@ class UpstreamRelay:
                 stage.record_attempt(
                     attempt.name, attempt.url, outcome, (time.monotonic() - began) * 1000
                 )
-            attempt.resolve(outcome, getattr(exc, "upstream_retry_after", None))
+            attempt.failed(exc)
             raise
         finally:
             first_token.close()
@@ -210,7 +216,7 @@ class UpstreamRelay:
         began: float,
     ) -> None:
         """The attempt has its first chunk: from now on nothing is retried."""
-        attempt.resolve("ok")
+        attempt.served_first_chunk()
         stage.record_attempt(attempt.name, attempt.url, "ok", (time.monotonic() - began) * 1000)
         trace.served(payload)
 

@@ -1,4 +1,4 @@
-"""Upstream pools: the replicas of each upstream, which one an attempt gets, their health.
+"""The replicas of each upstream, which one an attempt gets, their health.
 
 One ``ReplicaSet`` per configured upstream, per worker: its state (stages in flight,
 failures, cool-downs) is this process's view. A stage does not ask for a URL. Its relay
@@ -39,6 +39,7 @@ from collections.abc import Callable, Container, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from ..config import UpstreamConfig
+from ..errors import StageFailure, UpstreamStatusError, outcome_of
 from .clients import Upstream
 
 Clock = Callable[[], float]
@@ -46,18 +47,8 @@ Clock = Callable[[], float]
 COOL_DOWN_SECONDS = 5.0
 MAX_COOL_DOWN_SECONDS = 300.0
 MAX_HOLD_SECONDS = 300.0
-
-#: Outcomes (``route.outcome_of``) that say a replica is down, rather than that it answered.
-DOWN = frozenset({"refused", "connect_timeout", "reset", "first_token_timeout", "idle_timeout"})
-
-
-#: Outcomes that say it answered: it is up, whatever it said.
-_ANSWERED = frozenset({"ok", "protocol_error", "error_object"})
-
-
-def unhealthy(outcome: str) -> bool:
-    """Whether an attempt that ended so says its replica is down (``DOWN``, or a 5xx)."""
-    return outcome in DOWN or outcome.startswith("http_5")
+#: What an attempt's end says of its replica (None: nothing).
+_DOWN, _UP = "down", "up"
 
 
 def without_credentials(url: str) -> str:
@@ -181,7 +172,13 @@ class ReplicaSet:
 
     # -- what an attempt reports ---------------------------------------------------------
 
-    def _resolve(self, attempt: ReplicaAttempt, outcome: str, retry_after: float | None) -> None:
+    def _resolve(
+        self,
+        attempt: ReplicaAttempt,
+        outcome: str,
+        verdict: str | None,
+        retry_after: float | None = None,
+    ) -> None:
         with self._lock:
             now = self._clock()
             replica = attempt.replica
@@ -192,14 +189,13 @@ class ReplicaSet:
             if retry_after:
                 held = now + min(retry_after, MAX_HOLD_SECONDS)
                 replica.held_until = max(replica.held_until, held)
-            if unhealthy(outcome):
+            if verdict == _DOWN:
                 if trial or replica.ejected_until is None:  # else: ejected already
                     replica.failures += 1
                     if trial or replica.failures >= self.config.eject_after:
                         self._eject(replica, now)
-            elif outcome in _ANSWERED or outcome.startswith("http_"):
+            elif verdict == _UP:
                 self._answered(replica)
-            # else (cancelled, or stageserver's own error): it says nothing of the replica
 
     def _release(self, attempt: ReplicaAttempt) -> None:
         with self._lock:
@@ -250,12 +246,23 @@ class ReplicaAttempt:
     def served(self) -> bool:
         return self.outcome == "ok"
 
-    def resolve(self, outcome: str, retry_after: float | None = None) -> None:
-        """Report how it went: ``ok`` at the first chunk, else how it failed. The serving
-        attempt may report again, when its stream fails later."""
+    def served_first_chunk(self) -> None:
+        """Report that it served the stage's first chunk: its replica is up."""
+        self.outcome = "ok"
+        self.pool._resolve(self, "ok", _UP)
+
+    def failed(self, exc: BaseException) -> None:
+        """Report how it failed: the failure names its outcome and says what it tells of
+        the replica (``errors.StageFailure``). The serving attempt may fail later too."""
+        outcome = outcome_of(exc)
         if self.outcome != "ok":
             self.outcome = outcome
-        self.pool._resolve(self, outcome, retry_after)
+        if isinstance(exc, StageFailure):
+            verdict = _DOWN if exc.replica_down else _UP if exc.replica_answered else None
+        else:
+            verdict = None  # cancelled, or stageserver's own error: nothing of the replica
+        retry_after = exc.upstream_retry_after if isinstance(exc, UpstreamStatusError) else None
+        self.pool._resolve(self, outcome, verdict, retry_after)
 
     def release(self) -> None:
         if not self._released:

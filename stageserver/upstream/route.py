@@ -1,11 +1,12 @@
 """A stage's route: the upstream it resolved to, then its fallbacks, and its attempts.
 
-The relay asks the route for an attempt (``pool.Attempt``: a lease on one replica),
-never for a URL. An attempt that fails before the first chunk in a way worth another
-(``fails_over``: refused, reset, a 5xx or 429, its own first-token timeout) is followed by
-the next: another replica of the same upstream, then the fallbacks' replicas, in order,
-until the retries or the first-token budget run out. Nothing has reached the client
-before the first chunk, so the client sees one stream; after it, nothing is retried.
+The relay asks the route for an attempt (``replicas.ReplicaAttempt``: a lease on one
+replica), never for a URL. An attempt that fails before the first chunk in a way worth
+another (``StageFailure.worth_another_replica``: refused, reset, a 5xx or 429, its own
+first-token timeout) is followed by the next: another replica of the same upstream, then
+the fallbacks' replicas, in order, until the retries or the first-token budget run out.
+Nothing has reached the client before the first chunk, so the client sees one stream;
+after it, nothing is retried.
 
 - **Retries and budget** are those of the upstream the request resolved to: at most
   ``retries`` attempts after the first, all within its ``first_token_timeout`` of the
@@ -23,47 +24,12 @@ from collections.abc import Iterator, Sequence
 
 from ..errors import (
     AllAttemptsFailed,
-    ConnectTimeout,
     FirstTokenTimeout,
-    IdleTimeout,
     NoReplicaAvailable,
     StageFailure,
-    StageInterrupted,
-    UpstreamErrorObject,
-    UpstreamProtocolError,
-    UpstreamStatusError,
-    UpstreamUnavailable,
 )
 from .clients import UpstreamRegistry
-from .replicas import Clock, Replica, ReplicaAttempt, ReplicaEvents, ReplicaSet, unhealthy
-
-
-def outcome_of(failure: BaseException) -> str:
-    """An attempt's outcome, as ``/stages``, the metrics and the traces name it."""
-    if isinstance(failure, UpstreamStatusError):
-        return f"http_{failure.upstream_status}"
-    if isinstance(failure, ConnectTimeout):
-        return "connect_timeout"
-    if isinstance(failure, FirstTokenTimeout):
-        return "first_token_timeout"
-    if isinstance(failure, IdleTimeout):
-        return "idle_timeout"
-    if isinstance(failure, UpstreamUnavailable):
-        return "refused"
-    if isinstance(failure, UpstreamProtocolError):
-        return "reset" if failure.dropped else "protocol_error"
-    if isinstance(failure, UpstreamErrorObject):
-        return "error_object"
-    if isinstance(failure, StageInterrupted):
-        return "cancelled"
-    return "error"
-
-
-def fails_over(outcome: str) -> bool:
-    """Whether an attempt that ended so before the first chunk is worth another: the
-    replica is down or busy. Any other 4xx is the caller's error, and a malformed answer
-    or an error object would most likely come again."""
-    return unhealthy(outcome) or outcome == "http_429"
+from .replicas import Clock, Replica, ReplicaAttempt, ReplicaEvents, ReplicaSet
 
 
 class Route:

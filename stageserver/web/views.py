@@ -1,7 +1,7 @@
-"""HTTP: authenticate, validate the request, ask the stage service, answer as SSE or JSON.
+"""HTTP: authenticate, validate the request, ask the stage manager, answer as SSE or JSON.
 
 Every request of this blueprint names its principal first (``auth.py``); validation
-happens here; the service gets plain values, never the request. Every refusal and
+happens here; the manager gets plain values, never the request. Every refusal and
 failure arrives as an exception from ``errors.py`` and leaves as JSON through the one
 mapping in ``http_errors.py``.
 """
@@ -16,21 +16,19 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import ValidationError
 
 from ..errors import ClientGone, InvalidRequest
-from ..manager import LocalStage, StageManager, StoredStage, manager_of
+from ..manager import LocalStage, StageManager, StartedStage, StoredStage, manager_of
 from ..principals import ANONYMOUS, Principal
 from ..schemas import (
     STAGE_ID_PATTERN,
     STAGE_ID_RULE,
     Cancelling,
     ChatRequest,
-    TextStageOutput,
     UpstreamList,
     UpstreamName,
     field_errors,
 )
 from ..stages.events import seq_of
-from ..stages.feeds import EventFeed, LocalFeed
-from ..stages.stage import Stage
+from ..stages.feeds import EventFeed
 from . import cors
 from .auth import authenticator_of
 from .bodies import json_object
@@ -43,13 +41,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _STAGE_ID = re.compile(STAGE_ID_PATTERN)
 
 
-def _service() -> StageManager:
+def _manager() -> StageManager:
     return manager_of(current_app.extensions)
 
 
 @bp.before_request
 def _prepare() -> None:
-    request.max_content_length = _service().settings.max_body_bytes
+    request.max_content_length = _manager().settings.max_body_bytes
     request.environ.setdefault("stageserver.request_id", _request_id())
     if request.method == "OPTIONS":
         return  # a browser's preflight carries no credentials; cors.py answers it
@@ -79,7 +77,7 @@ def _finish_response(response: Response) -> Response:
     request_id = request.environ.get("stageserver.request_id")
     if request_id:
         response.headers["X-Request-ID"] = request_id
-    return cors.apply(request, response, _service().settings.cors_origins)
+    return cors.apply(request, response, _manager().settings.cors_origins)
 
 
 answer_in_json(bp)
@@ -99,30 +97,30 @@ def _follow(feed: EventFeed, after_seq: int) -> Iterator[bytes]:
         feed,
         after_seq=after_seq,
         client_socket=request.environ.get("gunicorn.socket"),
-        settings=_service().settings.follow,
+        settings=_manager().settings.follow,
     )
 
 
 @bp.post("/chat")
 def chat() -> Response:
-    service = _service()
-    chat_request = _chat_request(service)
-    stage = service.start(
+    manager = _manager()
+    chat_request = _chat_request(manager)
+    started = manager.start(
         chat_request,
         request_id=request.environ["stageserver.request_id"],
         principal=_principal(),
         traceparent=request.headers.get("traceparent"),
     )
-    events = _follow(LocalFeed(stage, owner=True), after_seq=-1)
+    events = _follow(started.starter_feed(), after_seq=-1)
     if chat_request.stream:
         return _event_stream(events)
-    return _final_output(stage, events)
+    return _final_output(started, events)
 
 
-def _chat_request(service: StageManager) -> ChatRequest:
+def _chat_request(manager: StageManager) -> ChatRequest:
     # Any Content-Type: curl -d sends a form type. The body's size limit is _prepare's.
     body = json_object(request.get_data(cache=False))
-    settings = service.settings
+    settings = manager.settings
     try:
         return ChatRequest.model_validate(
             body,
@@ -145,27 +143,17 @@ def _stage(stage_id: str) -> LocalStage | StoredStage:
     in /chat, before anything is looked up."""
     if not _STAGE_ID.fullmatch(stage_id):
         raise _invalid([{"field": "stage_id", "message": STAGE_ID_RULE}])
-    return _service().find(stage_id, _principal())
+    return _manager().find(stage_id, _principal())
 
 
-def _final_output(stage: Stage, events: Iterator[bytes]) -> Response:
+def _final_output(started: StartedStage, events: Iterator[bytes]) -> Response:
     """Wait for the stage, still noticing a client that leaves, and answer the seed's way."""
     try:
         for _ in events:
             pass
     except ClientGone:
         return Response(status=499)  # nobody reads this; the stage has been cancelled
-    if stage.status == "done":
-        output = TextStageOutput(
-            stage_id=f"{stage.stage_id}-chat-final", type="text", text=stage.text
-        )
-        status = 200
-    else:
-        reason = stage.error if stage.status == "error" else f"cancelled: {stage.cancel_reason}"
-        output = TextStageOutput(
-            stage_id=f"{stage.stage_id}-chat-error", type="error", error=reason
-        )
-        status = stage.http_status if stage.status == "error" else 409
+    output, status = started.output()
     response = jsonify(output.model_dump())
     response.status_code = status
     return response
@@ -175,7 +163,7 @@ def _final_output(stage: Stage, events: Iterator[bytes]) -> Response:
 def upstreams() -> Response:
     """The upstreams the caller may use, by name, the default first: never a URL (it may
     hold credentials, and says where they are) nor an API key."""
-    registry = _service().upstreams
+    registry = _manager().upstreams
     listed = [
         UpstreamName(name=name, kind=registry.config(name).kind, default=n == 0)
         for n, name in enumerate(registry.usable(_principal().upstreams))
