@@ -6,7 +6,7 @@ Run it on its own with ``create_app()``, or mount it into an existing Flask app:
     StageServer(app, url_prefix="/llm")
 
 The package imports the server only when one of these names is used, so that
-``stageserver.settings`` (read by gunicorn.conf.py before gevent patches anything) and
+``stageserver.settings`` (read by gunicorn_conf.py before gevent patches anything) and
 ``stageserver.client`` (for callers) import nothing of it.
 """
 

@@ -33,14 +33,19 @@ class StageServer:
     - ``STAGESERVER_UPSTREAM_MAX_CONNECTIONS`` (1000): per upstream, per worker.
     - ``STAGESERVER_UPSTREAM_TRANSPORT`` ("httptools"): or "httpx", the one before it.
     - ``STAGESERVER_HEARTBEAT_SECONDS`` (15): SSE comment after this long without events.
+    - ``STAGESERVER_SEND_TIMEOUT_SECONDS`` (30): a client that takes no bytes this long
+      is gone. ``STAGESERVER_SSE_RETRY_MS`` (3000): the ``retry:`` a stream starts with.
     - ``STAGESERVER_DEFAULT_MAX_TOKENS`` (512), ``STAGESERVER_MAX_TOKENS_LIMIT`` (4096),
       ``STAGESERVER_MAX_PROMPT_CHARS`` (100000), ``STAGESERVER_MAX_BODY_BYTES`` (1 MiB).
     - ``STAGESERVER_STAGE_TTL_SECONDS`` (600), ``STAGESERVER_EVENT_TTL_SECONDS`` (60),
-      ``STAGESERVER_EVENT_LOG_MAX_EVENTS`` (20000): how long a finished stage's status
-      and its events stay readable, and how many events a stage keeps.
+      ``STAGESERVER_EVENT_LOG_MAX_EVENTS`` (20000), ``STAGESERVER_EVENT_LOG_MAX_BYTES``
+      (8 MiB): how long a finished stage's status and its events stay readable, and how
+      many events a stage keeps.
     - ``STAGESERVER_RESUMABLE_DEFAULT`` (False), ``STAGESERVER_RESUME_GRACE_SECONDS``
       (30): whether a stage outlives its client's disconnect, and for how long.
-    - ``STAGESERVER_STORE_URL`` (None): Redis shared by workers and hosts.
+    - ``STAGESERVER_STORE_URL`` (None): Redis shared by workers and hosts;
+      ``STAGESERVER_OWNER_LEASE_SECONDS`` (5): how long a stage outlives its worker's
+      last sign of life there.
     - ``STAGESERVER_MAX_ACTIVE_STREAMS`` (900): stages per worker; more get 503.
     - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
     - ``STAGESERVER_API_KEYS`` (None): principals, their keys and limits (principals.py).
@@ -51,8 +56,9 @@ class StageServer:
       else ``off``), ``STAGESERVER_TRACING_FILE`` (None): OpenTelemetry traces
       (tracing.py).
 
-    ``settings.SETTINGS`` holds the same list with descriptions. The values are read
-    once, here: change ``app.config`` before ``init_app``, not after.
+    ``settings.SETTINGS`` holds the same list with descriptions (the configuration page
+    of the docs is made from it; ``tests/test_docs.py`` holds this list to it). The
+    values are read once, here: change ``app.config`` before ``init_app``, not after.
 
     ``identify(request)``, when given, names the principal of a request from the host
     app's own login or session (a name, or None for 401); see auth.py.
@@ -107,7 +113,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     at its root, the playground on unless ``STAGESERVER_PLAYGROUND`` says otherwise, the
     process's logging set up (``STAGESERVER_LOG_FORMAT``), and 404 and 405 answered in
     JSON. ``test_config`` goes into ``app.config`` first."""
-    # No static folder: what stageserver serves it routes itself (web.py).
+    # No static folder: what stageserver serves it routes itself (web/browser.py).
     app = Flask("stageserver", static_folder=None)
     if test_config is not None:
         app.config.from_mapping(test_config)

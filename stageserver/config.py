@@ -120,6 +120,11 @@ def upstream_configs(config: Mapping[str, Any]) -> list[UpstreamConfig]:
     """The configured upstreams, the default first. Empty when none is configured."""
     declared = json_setting("STAGESERVER_UPSTREAMS", config["STAGESERVER_UPSTREAMS"])
     if declared is None:
+        kind = config["STAGESERVER_UPSTREAM_KIND"]
+        if kind not in UPSTREAM_KINDS:  # refused even while no URL uses it: a typo is a typo
+            raise ConfigError(
+                f"STAGESERVER_UPSTREAM_KIND: {kind!r} must be one of {', '.join(UPSTREAM_KINDS)}"
+            )
         if not config["STAGESERVER_UPSTREAM_URL"]:
             return []
         declared = {

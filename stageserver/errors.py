@@ -2,7 +2,7 @@
 
 Each error carries what HTTP needs (its status, the field it is about, ``Retry-After``,
 any extra fields of the JSON body); only the views turn one into a response, through
-one mapping (``views.error_response``)::
+one mapping (``web/errors.py``)::
 
     StageServerError
      ├── ConfigError                  a STAGESERVER_* setting is wrong (start-up; also a ValueError)

@@ -186,7 +186,7 @@ class FieldError(BaseModel):
 
 
 class ErrorBody(_Sparse):
-    """Every refusal (``http_errors.py``): what is wrong, and the field it is about."""
+    """Every refusal (``web/errors.py``): what is wrong, and the field it is about."""
 
     error: str = Field(description="What is wrong, in words a caller can act on.")
     field: str | None = Field(
@@ -315,7 +315,7 @@ class Readiness(_Sparse):
     error: str | None = Field(None, description="When no upstream is configured.")
 
 
-# -- the data of each event of a stage (stage_events.py) -------------------------------------
+# -- the data of each event of a stage (stages/events.py) -------------------------------------
 
 
 class ChunkData(BaseModel):

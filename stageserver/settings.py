@@ -1,6 +1,6 @@
 """Every ``STAGESERVER_*`` setting, its default and what it means: the one table.
 
-Standard library only, and imported by nothing heavy: ``gunicorn.conf.py`` reads its
+Standard library only, and imported by nothing heavy: ``gunicorn_conf.py`` reads its
 defaults from here in gunicorn's arbiter, before gevent patches the workers, where
 importing the server (and with it ``ssl``) would break every HTTPS upstream.
 """
@@ -144,7 +144,7 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     ),
 }
 
-# Read by gunicorn.conf.py and scripts/serve, not by the app; listed so they are not unknown.
+# Read by gunicorn_conf.py and `stageserver serve`, not by the app; listed so they are not unknown.
 PROCESS_SETTINGS: dict[str, tuple[Any, str]] = {
     "STAGESERVER_BIND": ("127.0.0.1:8000", "gunicorn: address to listen on."),
     "STAGESERVER_WORKERS": (1, "gunicorn: worker processes."),

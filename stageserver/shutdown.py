@@ -6,7 +6,7 @@ listening sockets, sends SIGTERM to each worker and SIGKILLs whatever is left
 second and then waits for its open connections to end. A SIGKILL runs no ``finally``: a
 stream still open then is cut without an event, and its upstream is left generating.
 
-So, in each worker (``install``, from gunicorn.conf.py's ``post_worker_init``):
+So, in each worker (``install``, from gunicorn_conf.py's ``post_worker_init``):
 
 1. On SIGTERM, ``begin``: ``shutting_down()`` turns true, so a new ``/chat`` that still
    reaches this worker (a kept-alive connection, or the second before the worker stops

@@ -116,3 +116,16 @@ def test_changes_are_on_the_site_from_their_one_source() -> None:
     assert "<!-- changes -->" not in page
     assert "## The work on the relay" in page
     assert "](docs/" not in page
+
+
+def test_the_extension_docstring_names_every_setting_it_reads() -> None:
+    """StageServer's docstring is the API reference's list of keys: none may be missing."""
+    from stageserver.app import StageServer
+
+    doc = StageServer.__doc__ or ""
+    assert [key for key in SETTINGS if f"``{key}``" not in doc] == []
+
+
+def test_the_metrics_docstring_names_every_family() -> None:
+    doc = ast.get_docstring(ast.parse(Path(metrics.__file__).read_text())) or ""
+    assert sorted(n for n in metric_names_in_source() if f"``{n}``" not in doc) == []

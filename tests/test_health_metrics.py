@@ -303,7 +303,7 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
                     )
                     lines = _stage_lines(server.log())
                     assert {lines[sid][0]["pid"] for sid in batch_ids} == {serving}
-        # The directory gunicorn.conf.py made: the one holding these workers' files.
+        # The directory gunicorn_conf.py made: the one holding these workers' files.
         files = glob.glob(f"{tempfile.gettempdir()}/stageserver-metrics-*/*_{workers[0]}.db")
         assert files
         metrics_dir = Path(files[0]).parent

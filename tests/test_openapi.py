@@ -220,7 +220,7 @@ def test_every_summary_and_event_the_server_sends_holds_to_its_model(
     pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
 ) -> None:
     """Stage.summary() builds the status from a dict; the events' data come from
-    stage_events.py: each, from the stage's own worker and through Redis from another,
+    stages/events.py: each, from the stage's own worker and through Redis from another,
     running, done, failed or cancelled, validates against the model the document shows."""
     a, b = pair
     seen: dict[str, int] = {}

@@ -366,8 +366,9 @@ def test_stageserver_check_prints_the_settings_but_no_secret(
                 "STAGESERVER_UPSTREAM_URL": "http://127.0.0.1:9/v1",
                 "STAGESERVER_UPSTREAM_KIND": "nope",
             },
-            "kind 'nope' must be one of",
+            "STAGESERVER_UPSTREAM_KIND: 'nope' must be one of",
         ),
+        ({"STAGESERVER_UPSTREAM_KIND": "nope"}, "STAGESERVER_UPSTREAM_KIND: 'nope' must be one of"),
         (
             {"STAGESERVER_UPSTREAM_URL": "http://127.0.0.1:9/v1", "STAGESERVER_WORKERS": "2"},
             "STAGESERVER_WORKERS=2 needs a shared stage store",

@@ -8,7 +8,7 @@ host) lets go of everything within one lease, while a live one never loses a lea
 slow second.
 
 A ``Lease`` adds its renewal commands to the pipeline and is told their results: the
-stage's ownership learns there whether another worker holds it now (see redis_store.py).
+stage's ownership learns there whether another worker holds it now (see mirror.py).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Stages shared across workers and hosts through Redis (``STAGESERVER_STORE_URL``).
 
 A stage runs in the worker that accepted it and is served from that worker's memory;
-Redis is a mirror, so that any worker can answer for it (``redis_reader.py``). The keys
+Redis is a mirror, so that any worker can answer for it (``reader.py``). The keys
 of a stage, named after its key (its id in its principal's namespace) as a hash tag
-(``redis_conn.py``):
+(``connection.py``):
 
 - ``ss:{key}`` (hash): status, owner, summary JSON, remote watchers, and while in doubt
   ``suspect_since``; ``gap`` when the store lost events it could not get back;
@@ -13,7 +13,7 @@ of a stage, named after its key (its id in its principal's namespace) as a hash 
 - ``ss:{key}:live`` (string): the owner's lease, held by the one stage instance that runs
   it. ``SET NX`` on it makes a stage id unique everywhere; the worker renews it with all
   its leases (``leases.py``); when the worker dies it lapses, and the next watcher or
-  status read ends the stage with an ``error`` event (``redis_reader.py``);
+  status read ends the stage with an ``error`` event (``reader.py``);
 - channel ``ss:cancel``: a cancel for a stage that runs elsewhere.
 
 Writes are batched and fenced: for each event the relay only marks its stage dirty, and

@@ -1,7 +1,7 @@
-"""Reading stages of other workers and hosts from the shared store (see redis_store.py).
+"""Reading stages of other workers and hosts from the shared store (see mirror.py).
 
 Any worker answers for any stage: its status, its events (``RemoteFeed``, which the one
-follow loop in stream.py reads), and a cancel. It also notices a stage whose owner has
+follow loop in web/follow.py reads), and a cancel. It also notices a stage whose owner has
 died: its lease (``ss:{key}:live``) gone while the stage still says ``running``. The
 first reader that sees that marks the stage ``suspect_since``; one that still sees it
 half a lease later ends the stage for everyone, in one script: an ``error`` event at the
@@ -178,7 +178,7 @@ class StoreReader:
 
 class RemoteFeed:
     """The events of a stage that runs in another worker or host, read from its log in
-    Redis (an ``EventFeed``, see stream.py)."""
+    Redis (an ``EventFeed``, see stages/feeds.py)."""
 
     def __init__(self, reader: StoreReader, stage_key: str, stage_id: str) -> None:
         self.stage_id = stage_id

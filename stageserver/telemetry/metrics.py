@@ -4,7 +4,7 @@ Under gunicorn each worker counts its own stages, and a scrape reaches one worke
 prometheus_client's multiprocess mode makes the answer right whichever worker gives it:
 every process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` and a scrape
 adds up the files of all of them, live or dead (so counters never go back when a worker
-is replaced). gunicorn.conf.py creates that directory before the workers fork, removes
+is replaced). ``gunicorn_conf.py`` creates that directory before the workers fork, removes
 the live-gauge files of a worker that exits, and deletes the directory at the end. The
 variable must be set before prometheus_client is first imported, which is why the
 metrics below are created at import, in the worker, after the fork.
@@ -32,6 +32,11 @@ Metrics (labels in brackets):
   greenlet and a descriptor), summed over live workers.
 - ``stageserver_stages_refused_total`` [reason]: ``/chat`` answered 503 before a stage
   started; reason is ``overload`` or ``shutting_down``.
+- ``stageserver_principal_stages_total`` [principal, outcome],
+  ``stageserver_principal_tokens_total`` [principal, kind] and
+  ``stageserver_principal_refused_total`` [principal, limit]: per principal (its name,
+  ``anonymous`` when the server is open), the stages it finished, the tokens they used
+  (prompt, completion) and the stages its limits refused.
 
 The families above count a stage under the upstream its request resolved to, whichever
 replica or fallback served it (the active-stream gauge must go down under the label it
@@ -60,7 +65,7 @@ _multiproc_dir = os.environ.get(MULTIPROC_ENV)
 if _multiproc_dir and not os.path.isdir(_multiproc_dir):
     raise RuntimeError(
         f"{MULTIPROC_ENV}={_multiproc_dir!r} is not a directory: create it (empty) before "
-        "the server starts, or unset it; gunicorn.conf.py makes one when it is unset"
+        "the server starts, or unset it; gunicorn_conf.py makes one when it is unset"
     )
 
 # Imported after the check: prometheus_client picks its value storage at import time.

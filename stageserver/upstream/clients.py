@@ -3,7 +3,7 @@ one, and which upstream a request asks for (``UpstreamRegistry.resolve``).
 
 An upstream is a pool of replicas (``urls``; one ``url`` is a pool of one). Each replica is
 an ``Upstream`` of its own, named after its upstream, with its own client; choosing among
-them is ``pool.py``'s business. A client is built lazily in the process that uses it
+them is ``replicas.py``'s business. A client is built lazily in the process that uses it
 (gunicorn forks workers after the app module is imported by none of them, but a mounted
 app may be created earlier), so each worker owns its connection pools and connections
 are reused across stages.

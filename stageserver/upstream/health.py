@@ -4,7 +4,7 @@
 <url>/models`` (through the replica's own client, so with its API key and connection
 pool) within ``STAGESERVER_READY_TIMEOUT``, all in parallel. Every upstream must have at
 least one replica that answers, not only the default, because a request may name any of
-them. Each answer is also the pools' active health check (``pool.py``): a replica that
+them. Each answer is also the pools' active health check (``replicas.py``): a replica that
 answers is readmitted, one that does not is ejected.
 
 The result is kept for ``READY_CACHE_SECONDS`` per worker, and concurrent requests wait

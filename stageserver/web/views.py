@@ -3,7 +3,7 @@
 Every request of this blueprint names its principal first (``auth.py``); validation
 happens here; the manager gets plain values, never the request. Every refusal and
 failure arrives as an exception from ``errors.py`` and leaves as JSON through the one
-mapping in ``http_errors.py``.
+mapping in ``errors.py``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _prepare() -> None:
     principal = authenticator_of(current_app.extensions).principal(request)
     g.stageserver_principal = principal
     if principal is not ANONYMOUS:
-        # For the access log line: %({stageserver.principal}e)s in gunicorn.conf.py.
+        # For the access log line: %({stageserver.principal}e)s in gunicorn_conf.py.
         request.environ["stageserver.principal"] = principal.name
 
 

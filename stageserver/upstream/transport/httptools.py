@@ -4,7 +4,7 @@
 its requests through it as through httpx2's own, and gets an ``httpx2.Response`` whose
 body is read straight from the socket and parsed by ``httptools.HttpResponseParser``
 (llhttp, in C), never by h11 or httpcore. Under gevent a read parks the greenlet on a
-libev watcher and then reads the descriptor once (see ``upstream_pool.Connection``).
+libev watcher and then reads the descriptor once (see ``connections.Connection``).
 Under threads (``flask run``) the same code reads blocking sockets, each read bounded by
 the read timeout, and a thread may shut the socket down under a reader (the response's
 ``extensions["network_stream"].get_extra_info("socket")``, as httpcore offers it).
@@ -15,7 +15,7 @@ What it does:
   ``httpx2.UnsupportedProtocol``: stageserver sends those through the httpx2 transport
   (``sharded.ShardedTransport``), which has the certificate handling, SNI and ALPN
   right already, and where TLS costs more per chunk than the parsing saved here.
-- Keep-alive: a connection goes back to its pool (``upstream_pool.Pool``) only when its
+- Keep-alive: a connection goes back to its pool (``connections.ConnectionPool``) only when its
   response body was read to its end and llhttp says the connection may stay open. A
   response closed before its end closes its socket: that close is what tells an upstream
   to stop generating. So does a read interrupted by gevent (a timeout or a cancel thrown

@@ -25,7 +25,7 @@ class ShardedTransport(httpx2.BaseTransport):
     walk costs more than relaying the stream's chunks. Here a request goes to the first
     pool with fewer than ``SHARD_SIZE`` requests in flight (the least busy one when all
     are full), so that a walk stays short, and light traffic keeps reusing the
-    connections of the first pool. ReplicaSets are made as the load needs them; together they
+    connections of the first pool. Pools are made as the load needs them; together they
     hold at most ``max_connections``.
     """
 
