@@ -374,7 +374,7 @@ def test_stageserver_check_prints_the_settings_but_no_secret(
             "STAGESERVER_WORKERS=2 needs a shared stage store",
         ),
     ],
-    ids=["unknown-key", "bad-kind", "workers-without-store"],
+    ids=["unknown-key", "bad-kind", "bad-kind-without-url", "workers-without-store"],
 )
 def test_stageserver_check_refuses_a_bad_setting(
     built: Built, server_venv: Venv, env: dict[str, str], named: str
