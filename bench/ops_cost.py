@@ -72,7 +72,7 @@ class _OneChunk:
     """A relay whose upstream says one word and ends: a stage to finish for real."""
 
     def run(self, stage: Any) -> None:
-        stage.append_chunk(b"{}", ("word", "stop", None))
+        stage.append_chunk(b"{}", ("word", "stop", None, None))
         stage.finish()
 
     def unblock(self) -> None:

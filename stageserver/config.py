@@ -283,6 +283,7 @@ class StageSettings:
     max_event_bytes: int
     resumable_default: bool
     resume_grace_seconds: float
+    background_max_seconds: float
     max_active_streams: int
     ready_timeout: float
     store_url: str | None
@@ -312,6 +313,7 @@ class StageSettings:
             max_event_bytes=int(number("EVENT_LOG_MAX_BYTES")),
             resumable_default=bool(config["STAGESERVER_RESUMABLE_DEFAULT"]),
             resume_grace_seconds=number("RESUME_GRACE_SECONDS"),
+            background_max_seconds=number("BACKGROUND_MAX_SECONDS"),
             max_active_streams=int(number("MAX_ACTIVE_STREAMS")),
             ready_timeout=number("READY_TIMEOUT"),
             store_url=str(store_url) if store_url else None,

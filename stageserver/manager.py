@@ -27,7 +27,7 @@ report each attempt to the per-replica metrics.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import StageSettings
 from .errors import (
@@ -43,11 +43,10 @@ from .errors import (
 from .policy.admission import Admission
 from .policy.limits import LimitBook, LocalLimits
 from .principals import ANONYMOUS, Principal, check_upstreams
-from .schemas import ChatRequest, TextStageOutput
 from .stages.feeds import EventFeed, LocalFeed
 from .stages.registry import StageRegistry
-from .stages.spec import StageSpec
-from .stages.stage import DONE, ERROR, Stage, StageListener
+from .stages.spec import StageRequest, StageSpec
+from .stages.stage import Stage, StageListener
 from .stages.usage import estimate_prompt_tokens
 from .telemetry import metrics
 from .telemetry.logs import OutcomeLog
@@ -94,21 +93,9 @@ class StartedStage(LocalStage):
         disconnect cancels the stage (or starts its resume grace)."""
         return LocalFeed(self.stage, owner=True)
 
-    def output(self) -> tuple[TextStageOutput, int]:
-        """The seed's answer for a stage that has ended, and its HTTP status: 200 with the
-        text, else its error (the failure's status) or its cancel (409)."""
-        stage = self.stage
-        if stage.status == DONE:
-            return TextStageOutput(
-                stage_id=f"{stage.stage_id}-chat-final", type="text", text=stage.text
-            ), 200
-        if stage.status == ERROR:
-            error, status = stage.error, stage.http_status
-        else:
-            error, status = f"cancelled: {stage.cancel_reason}", 409
-        return TextStageOutput(
-            stage_id=f"{stage.stage_id}-chat-error", type="error", error=error
-        ), status
+    def answer(self) -> tuple[dict[str, Any], int]:
+        """The whole answer of a stage that has ended, in its dialect, and its status."""
+        return self.stage.answer()
 
 
 class StoredStage:
@@ -171,7 +158,7 @@ class StageManager:
 
     def start(
         self,
-        request: ChatRequest,
+        request: StageRequest,
         *,
         request_id: str,
         principal: Principal = ANONYMOUS,
@@ -183,7 +170,7 @@ class StageManager:
         (this worker's admission), StageConflict (the principal runs a stage with this
         id) or StoreUnavailable; no upstream call is made then."""
         upstream = self.upstreams.resolve(
-            request.upstream, request.base_url, principal.upstreams, request.model_name
+            request.upstream, request.base_url, principal.upstreams, request.conversation.model
         )
         stage = self._new_stage(request, request_id, upstream, principal, traceparent)
         if principal.limits:
@@ -220,14 +207,15 @@ class StageManager:
 
     def _new_stage(
         self,
-        request: ChatRequest,
+        request: StageRequest,
         request_id: str,
         upstream: Upstream,
         principal: Principal,
         traceparent: str | None,
     ) -> Stage:
         settings = self.settings
-        body = RequestBody(request, settings.default_max_tokens)
+        conversation = request.conversation
+        body = RequestBody(conversation, settings.default_max_tokens)
         resumable = request.resumable
         spec = StageSpec(
             stage_id=request.stage_id,
@@ -238,16 +226,20 @@ class StageManager:
             max_events=settings.max_events,
             max_event_bytes=settings.max_event_bytes,
             principal=principal,
-            prompt_tokens_estimate=estimate_prompt_tokens(body.messages),
-            model=request.model_name,
+            prompt_tokens_estimate=estimate_prompt_tokens(conversation.messages),
+            model=conversation.model,
             traceparent=traceparent,
+            conversation=conversation,
+            detached=request.detached,
+            max_seconds=settings.background_max_seconds if request.detached else 0.0,
         )
         route = self.pools.route(upstream.name)
         relay = UpstreamRelay(route, body, {"X-Request-ID": request_id}, self._tracer)
+        dialect = None if request.dialect is None else request.dialect(request.stage_id)
         store = self.store
         if store is None:
-            return Stage(spec, relay, self._listeners)
-        return Stage(spec, relay, self._listeners, store.watched_elsewhere)
+            return Stage(spec, relay, self._listeners, dialect=dialect)
+        return Stage(spec, relay, self._listeners, store.watched_elsewhere, dialect)
 
     # -- find and cancel ----------------------------------------------------------------
 

@@ -103,6 +103,12 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         30.0,
         "How long a resumable stage runs on with nobody attached before it is cancelled.",
     ),
+    "STAGESERVER_BACKGROUND_MAX_SECONDS": (
+        3600.0,
+        "The longest a background response (`/v1/responses` with `background: true`) may "
+        "run with nobody attached; then it fails. Its principal's `max_streams` counts it "
+        "while it runs.",
+    ),
     "STAGESERVER_MAX_ACTIVE_STREAMS": (
         900,
         "Stages one worker runs at once; more get 503 with `Retry-After`. Keep it below "

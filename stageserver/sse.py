@@ -2,9 +2,17 @@
 
 An event is ``id:``, then ``event:``, then one ``data:`` line per line of data, then a blank
 line. ``id`` and ``event`` may not contain a line break: a caller-chosen value with one
-would let that caller write events of its own into the stream. A comment (``: text``) is
-ignored by clients; stageserver sends one as a heartbeat. A ``retry:`` field alone sets
-how long a client waits before it reconnects, and dispatches no event.
+would let that caller write events of its own into the stream.
+
+Two kinds of line end no block, so that they join the block of the next event:
+
+- the heartbeat, a comment line (``: heartbeat``), which every client ignores;
+- the ``retry:`` line a stream starts with (how long a client waits to reconnect).
+
+A blank line after either would make a block of its own, and common clients dispatch
+such a block as an event with empty data: ``httpx-sse`` (and so ``stageserver.client``)
+and the ``openai`` SDK's decoder do for a lone ``retry:`` block, and for any block once
+an ``id:`` has been seen; ``json.loads("")`` then fails. A stream never sends one.
 """
 
 from __future__ import annotations
@@ -30,15 +38,17 @@ def encode_event(event: str, data: bytes, event_id: str | None = None) -> bytes:
 
 
 def encode_comment(text: str) -> bytes:
-    return b"".join(b": " + line.encode() + b"\n" for line in text.splitlines() or [""]) + b"\n"
+    """Comment lines that end no block: they join the next event's, and dispatch nothing."""
+    return b"".join(b": " + line.encode() + b"\n" for line in text.splitlines() or [""])
 
 
 HEARTBEAT = encode_comment("heartbeat")
 
 
 def encode_retry(milliseconds: int) -> bytes:
-    """The ``retry:`` field alone: a client's reconnection delay, no event."""
-    return b"retry: %d\n\n" % milliseconds
+    """The ``retry:`` line: a client's reconnection delay. It ends no block: it joins the
+    block of the first event, and dispatches nothing of its own."""
+    return b"retry: %d\n" % milliseconds
 
 
 def compact_json(value: Any) -> bytes:

@@ -24,21 +24,26 @@ __all__ = [
 TERMINAL = ("done", "error", "cancel")
 
 
-RETRY = b"retry: 3000\n\n"  # how every stream starts, with STAGESERVER_SSE_RETRY_MS's default
+RETRY = b"retry: 3000\n"  # how every stream starts, with STAGESERVER_SSE_RETRY_MS's default
+HEARTBEAT = b": heartbeat\n"  # a comment line, ending no block
 
 
 def parse_events(wire: bytes) -> list[dict[str, Any]]:
-    """The complete events of an SSE body; comments are kept as {"comment": text}. A
-    ``retry:`` field alone dispatches no event, so none is listed for it."""
+    """The complete events of an SSE body, in order. A comment line is listed as
+    {"comment": text} where it stands; a ``retry:`` line is no event. A block that would
+    dispatch an event without data (what breaks httpx-sse's and the openai SDK's users)
+    fails the parse."""
     events: list[dict[str, Any]] = []
     for block in wire.decode().split("\n\n")[:-1]:
-        if block.startswith(":"):
-            events.append({"comment": block[2:]})
-            continue
-        if block.startswith("retry: ") and "\n" not in block:
-            continue
-        fields = dict(line.split(": ", 1) for line in block.split("\n"))
-        event = {"event": fields["event"], "data": json.loads(fields["data"])}
+        fields: dict[str, str] = {}
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                events.append({"comment": line[2:]})
+            elif not line.startswith("retry: "):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+        assert "data" in fields, f"a block that dispatches no data: {block!r}"
+        event: dict[str, Any] = {"event": fields["event"], "data": json.loads(fields["data"])}
         if "id" in fields:
             event["id"] = fields["id"]
         events.append(event)

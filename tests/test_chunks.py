@@ -13,18 +13,32 @@ from stageserver.upstream.chunks import read_chunk
 @pytest.mark.parametrize(
     ("payload", "read"),
     [
-        (b'{"choices":[{"index":0,"delta":{"content":"h\xc3\xa9"}}]}', ("hé", None, None)),
-        (b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}', (None, "stop", None)),
+        (
+            b'{"choices":[{"index":0,"delta":{"content":"h\xc3\xa9"}}]}',
+            ("h\u00e9", None, None, {"content": "h\u00e9"}),
+        ),
+        (
+            b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}',
+            (None, "stop", None, {}),
+        ),
         (
             b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
-            (None, None, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}),
+            (None, None, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, None),
         ),
-        (b'{"choices":[{"index":1,"delta":{"content":"other"}}]}', (None, None, None)),
-        (b'{"choices":[{"delta":{"content":"no index"}}]}', ("no index", None, None)),
-        (b'{"choices":null,"usage":null}', (None, None, None)),
-        (b'{"choices":[],"usage":"x"}', (None, None, None)),
-        (b'{"choices":[],"usage":[1]}', (None, None, None)),
-        (b'  {"choices":[]}  ', (None, None, None)),
+        (b'{"choices":[{"index":1,"delta":{"content":"other"}}]}', (None, None, None, None)),
+        (
+            b'{"choices":[{"delta":{"content":"no index"}}]}',
+            ("no index", None, None, {"content": "no index"}),
+        ),
+        (
+            b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c1"}]}}]}',
+            (None, None, None, {"tool_calls": [{"index": 0, "id": "c1"}]}),
+        ),
+        (b'{"choices":[{"index":0,"delta":{"content":7}}]}', (None, None, None, {"content": 7})),
+        (b'{"choices":null,"usage":null}', (None, None, None, None)),
+        (b'{"choices":[],"usage":"x"}', (None, None, None, None)),
+        (b'{"choices":[],"usage":[1]}', (None, None, None, None)),
+        (b'  {"choices":[]}  ', (None, None, None, None)),
     ],
 )
 def test_what_a_chunk_says(payload: bytes, read: tuple[Any, ...]) -> None:

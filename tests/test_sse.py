@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stageserver.sse import compact_json, encode_comment, encode_event
+from stageserver.sse import compact_json, encode_comment, encode_event, encode_retry
 
 
 @pytest.mark.parametrize(
@@ -35,9 +35,10 @@ def test_line_breaks_in_id_or_event_are_refused(event: str, event_id: str) -> No
         encode_event(event, b"{}", event_id)
 
 
-def test_comment() -> None:
-    assert encode_comment("heartbeat") == b": heartbeat\n\n"
-    assert encode_comment("a\nb") == b": a\n: b\n\n"
+def test_comment_and_retry_lines_end_no_block() -> None:
+    assert encode_comment("heartbeat") == b": heartbeat\n"
+    assert encode_comment("a\nb") == b": a\n: b\n"
+    assert encode_retry(1500) == b"retry: 1500\n"
 
 
 def test_compact_json_keeps_unicode() -> None:

@@ -46,7 +46,7 @@ class ScriptedRelay:
     def run(self, stage: Stage) -> None:
         time.sleep(self.before_chunks)
         for payload in self.chunks:
-            stage.append_chunk(payload, (None, None, None))
+            stage.append_chunk(payload, (None, None, None, None))
         if self.failure is not None:
             raise self.failure
         if self._held is not None:
@@ -176,7 +176,7 @@ def test_no_subscriber_reads_the_end_before_the_listeners_are_through() -> None:
 def test_a_relay_that_returns_without_finishing_still_ends_the_stage() -> None:
     class Quitter(ScriptedRelay):
         def run(self, stage: Stage) -> None:
-            stage.append_chunk(CHUNKS[0], ("a", None, None))
+            stage.append_chunk(CHUNKS[0], ("a", None, None, None))
 
     stage = run(Stage(spec("q"), Quitter([])))
     assert stage.status == "error"
@@ -239,8 +239,8 @@ def test_follow_yields_heartbeats_while_quiet_then_the_events() -> None:
     pieces = collect(
         follow(LocalFeed(stage, owner=True), after_seq=-1, client_socket=None, settings=pace(0.1))
     )
-    assert pieces[:2] == [b"retry: 1500\n\n", b": heartbeat\n\n"]
-    assert b"".join(pieces[1:]).replace(b": heartbeat\n\n", b"") == stage.read(0)[0]
+    assert pieces[:2] == [b"retry: 1500\n", b": heartbeat\n"]
+    assert b"".join(pieces[1:]).replace(b": heartbeat\n", b"") == stage.read(0)[0]
     done = b'id: h-done-1\nevent: done\ndata: {"stage_id":"h",' + NO_USAGE + b"}\n\n"
     assert pieces[-1].endswith(done)
 
@@ -257,7 +257,7 @@ def test_follow_resumes_after_the_given_event(after_seq: int) -> None:
         )
     )
     rest = b"".join(w for seq, w in stage.events_since(0) if seq > after_seq)
-    assert wire == b"retry: 1500\n\n" + rest
+    assert wire == b"retry: 1500\n" + rest
 
 
 def test_the_log_is_bounded_in_bytes_and_keeps_the_newest() -> None:

@@ -11,7 +11,7 @@ import requests
 
 from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, free_port, gunicorn_server
-from testing.sse import RETRY, chunk_text, parse_events, post_chat, terminal
+from testing.sse import HEARTBEAT, RETRY, chunk_text, parse_events, post_chat, terminal
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,9 @@ def test_heartbeats_while_waiting_for_the_first_token(server: Gunicorn) -> None:
     events = parse_events(wire)
     assert events[0] == {"comment": "heartbeat"}
     assert [e["event"] for e in terminal(events)] == ["done"]
-    # Before the first chunk, the retry field, then heartbeats only, each exactly this.
+    # Before the first chunk, the retry line, then heartbeat lines only, none ending a block.
     prefill = wire[: wire.index(b"id: hb-chunk-0\n")]
-    assert prefill == RETRY + b": heartbeat\n\n" * prefill.count(b": heartbeat")
+    assert prefill == RETRY + HEARTBEAT * prefill.count(HEARTBEAT)
 
 
 @pytest.mark.parametrize(

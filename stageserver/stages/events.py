@@ -1,4 +1,5 @@
-"""A stage's events as a client receives them: their names, their ids, their bytes.
+"""The seed's dialect: a stage's events as a ``POST /chat`` client receives them, their
+names, their ids, their bytes.
 
 The seed's events, each encoded by the one SSE encoder (``sse.encode_event``):
 
@@ -23,15 +24,17 @@ from __future__ import annotations
 from typing import Any
 
 from ..sse import compact_json, encode_event
+from .dialect import Ending, register
 
 CHUNK_EVENT = "chat_completion_chunk"
 # A stage's final status, and the event that announces it.
 TERMINAL_EVENT = {"done": "done", "error": "error", "cancelled": "cancel"}
 
 
-class StageEvents:
-    """The encoder of one stage's events."""
+class SeedDialect:
+    """The seed's events (``POST /chat``), each encoded by the one SSE encoder."""
 
+    name = "seed"
     __slots__ = ("stage_id", "_chunk_data_prefix", "_chunk_id_prefix")
 
     def __init__(self, stage_id: str) -> None:
@@ -39,17 +42,63 @@ class StageEvents:
         self._chunk_data_prefix = b'{"stage_id":' + compact_json(stage_id) + b',"chunk":'
         self._chunk_id_prefix = f"{stage_id}-chunk-"
 
-    def chunk(self, seq: int, payload: bytes) -> bytes:
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "stage_id": self.stage_id}
+
+    def opening(self, seq: int) -> list[bytes]:
+        return []
+
+    def chunk(self, seq: int, payload: bytes, read: Any) -> list[bytes]:
         """A ``chat_completion_chunk`` event around the upstream chunk's JSON ``payload``."""
-        return encode_event(
-            CHUNK_EVENT, self._chunk_data_prefix + payload + b"}", self._chunk_id_prefix + str(seq)
-        )
+        return [
+            encode_event(
+                CHUNK_EVENT,
+                self._chunk_data_prefix + payload + b"}",
+                self._chunk_id_prefix + str(seq),
+            )
+        ]
+
+    def ending(self, seq: int, ending: Ending) -> list[bytes]:
+        return [self.terminal(ending.status, seq, **_terminal_data(ending))]
 
     def terminal(self, status: str, seq: int, **data: Any) -> bytes:
         """The event that ends the stage with ``status`` (``done``, ``error``, ``cancelled``)."""
         event = TERMINAL_EVENT[status]
         body = compact_json({"stage_id": self.stage_id, **data})
         return encode_event(event, body, f"{self.stage_id}-{event}-{seq}")
+
+    def answer(self, ending: Ending) -> tuple[dict[str, Any], int]:
+        """The seed's ``TextStageOutput``: 200 with the text, else its error (the failure's
+        status) or its cancel (409)."""
+        if ending.status == "done":
+            return {
+                "error": None,
+                "stage_id": f"{self.stage_id}-chat-final",
+                "text": ending.text,
+                "type": "text",
+            }, 200
+        if ending.status == "error":
+            status = 502 if ending.failure is None else ending.failure.http_status
+            error = ending.error
+        else:
+            error, status = f"cancelled: {ending.reason}", 409
+        return {
+            "error": error,
+            "stage_id": f"{self.stage_id}-chat-error",
+            "text": None,
+            "type": "error",
+        }, status
+
+
+def _terminal_data(ending: Ending) -> dict[str, Any]:
+    if ending.status == "error":
+        return {"error": ending.error}
+    if ending.status == "cancelled":
+        return {"reason": ending.reason, "usage": ending.usage}
+    return {"usage": ending.usage}
+
+
+register(SeedDialect.name, lambda record: SeedDialect(str(record["stage_id"])))
 
 
 def seq_of(event_id: str, stage_id: str) -> int | None:

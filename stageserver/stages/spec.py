@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..principals import ANONYMOUS, Principal
+from .conversation import Conversation
+from .dialect import Dialect
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,30 @@ class StageSpec:
     prompt_tokens_estimate: int = 0
     model: str = ""
     traceparent: str | None = None  # the request's W3C trace context, if it sent one
+    #: What it asks its upstream for (kept for a later request that continues it).
+    conversation: Conversation | None = None
+    #: Runs with nobody attached (a background response): a client's leaving, or
+    #: nobody's coming, never stops it; ``max_seconds`` bounds it instead.
+    detached: bool = False
+    #: Seconds it may run at most; 0: no bound.
+    max_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """A stage as a view asks for it, in whatever dialect: plain values, validated."""
+
+    stage_id: str
+    conversation: Conversation
+    #: The upstream asked for by name, or by its URL; neither: by the model, else the default.
+    upstream: str | None = None
+    base_url: str | None = None
+    #: None: ``STAGESERVER_RESUMABLE_DEFAULT``.
+    resumable: bool | None = None
+    #: Runs with nobody attached, bounded by ``STAGESERVER_BACKGROUND_MAX_SECONDS``.
+    detached: bool = False
+    #: Makes the stage's dialect from its id; None: the seed's.
+    dialect: Callable[[str], Dialect] | None = None
 
 
 @dataclass(frozen=True)

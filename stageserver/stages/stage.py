@@ -22,7 +22,8 @@ from typing import Any, Protocol, TypeAlias
 
 from ..concurrency import Task, Timer, Wakeup
 from ..errors import StageFailure, StageInterrupted, forget_frames
-from .events import TERMINAL_EVENT, StageEvents
+from .dialect import Dialect, Ending
+from .events import TERMINAL_EVENT, SeedDialect
 from .log import EventLog
 from .spec import AttemptRecord, StageSpec, instance_of
 from .usage import final_usage
@@ -30,8 +31,9 @@ from .usage import final_usage
 log = logging.getLogger("stageserver.stage")
 
 #: What an upstream chunk says (``upstream/chunks.py`` reads it): the text of choice 0,
-#: its finish reason, the usage.
-ChunkRead: TypeAlias = tuple[str | None, str | None, dict[str, Any] | None]
+#: its finish reason, the usage, and choice 0's whole delta (a dialect may render it:
+#: role, content, tool calls).
+ChunkRead: TypeAlias = tuple[str | None, str | None, dict[str, Any] | None, dict[str, Any] | None]
 
 RUNNING, DONE, ERROR, CANCELLED = "running", "done", "error", "cancelled"
 
@@ -86,9 +88,10 @@ class Stage:
     __slots__ = (
         "spec", "stage_id", "key", "instance", "status", "created_at", "started", "usage",
         "first_token_seconds", "duration_seconds", "text_parts", "finish_reason", "failure",
-        "content_chunks", "cancel_reason", "chunk_count", "attempts", "served_by", "_relay",
-        "_listeners", "_event_listeners", "_watched_elsewhere", "_events", "_log", "_lock", "_told",
-        "_subscribers", "_task", "_grace_timer", "_running", "_interruption", "__weakref__",
+        "content_chunks", "cancel_reason", "chunk_count", "attempts", "served_by", "dialect",
+        "_relay", "_listeners", "_event_listeners", "_watched_elsewhere", "_log", "_lock",
+        "_told", "_subscribers", "_task", "_grace_timer", "_runtime_timer", "_running",
+        "_interruption", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -97,9 +100,11 @@ class Stage:
         relay: Relay,
         listeners: Sequence[StageListener] = (),
         watched_elsewhere: Callable[[str], bool] = lambda key: False,
+        dialect: Dialect | None = None,
     ) -> None:
         """``watched_elsewhere(key)`` says whether a response in another worker still
-        follows the stage; a resumable stage nobody follows here waits for it."""
+        follows the stage; a resumable stage nobody follows here waits for it.
+        ``dialect``: how its events read (``dialect.py``); the seed's by default."""
         self.spec = spec
         self.stage_id = spec.stage_id
         #: The stage's id everywhere inside stageserver: its id in its principal's namespace.
@@ -130,7 +135,7 @@ class Stage:
             x for x in self._listeners if type(x).on_event is not StageListener.on_event
         )
         self._watched_elsewhere = watched_elsewhere
-        self._events = StageEvents(spec.stage_id)
+        self.dialect: Dialect = SeedDialect(spec.stage_id) if dialect is None else dialect
         self._log = EventLog(spec.max_events, spec.max_event_bytes)
         self._subscribers: tuple[Subscriber, ...] = ()
         # The events told to subscribers: the end is in the log while on_finish runs,
@@ -139,6 +144,7 @@ class Stage:
         self._lock = threading.Lock()
         self._task: Task | None = None
         self._grace_timer: Timer | None = None
+        self._runtime_timer: Timer | None = None
         self._running = False
         self._interruption: StageInterrupted | None = None
 
@@ -220,7 +226,7 @@ class Stage:
 
     def append_chunk(self, payload: bytes, read: ChunkRead) -> None:
         """One upstream chunk: its JSON ``payload`` as sent, and what it says."""
-        content, finish_reason, usage = read
+        content, finish_reason, usage, _ = read
         if content:
             self.text_parts.append(content)
             self.content_chunks += 1
@@ -231,12 +237,12 @@ class Stage:
         if self.first_token_seconds is None:
             self.first_token_seconds = time.monotonic() - self.started
         self.chunk_count += 1
-        wire = self._events.chunk(self._log.next_seq, payload)
-        self._notify(self._log.append(wire), wire)
+        for wire in self.dialect.chunk(self._log.next_seq, payload, read):
+            self._notify(self._log.append(wire), wire)
 
     def finish(self) -> None:
         """The upstream has finished the completion: the stage is done."""
-        self._finish(DONE, {})
+        self._finish(DONE)
 
     def raise_if_interrupted(self) -> None:
         """Threads: an interruption that came while the relay could not be interrupted."""
@@ -264,7 +270,7 @@ class Stage:
         that is not resumable; a resumable one runs on for the grace period."""
         with self._lock:
             self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
-            if self.finished or not disconnected:
+            if self.finished or not disconnected or self.spec.detached:
                 return
             if not self.spec.resumable:
                 if owner:
@@ -295,7 +301,19 @@ class Stage:
     def start(self) -> None:
         for listener in self._listeners:
             listener.on_start(self)
+        for wire in self.dialect.opening(self._log.next_seq):
+            self._notify(self._log.append(wire), wire)
+        if self.spec.max_seconds:
+            self._runtime_timer = Timer(self.spec.max_seconds, self._overran)
         self._task = Task(self._run, name=f"stage-{self.stage_id}")
+
+    def _overran(self) -> None:
+        self.abort(
+            StageFailure(
+                f"stage {self.stage_id!r} ran longer than its limit of "
+                f"{self.spec.max_seconds:g} s (STAGESERVER_BACKGROUND_MAX_SECONDS)"
+            )
+        )
 
     def cancel(self, reason: str) -> bool:
         """Stop the stage wherever it is; it ends with `cancel`. False if already finished."""
@@ -348,13 +366,13 @@ class Stage:
         if interruption.failure is not None:
             self._fail(interruption.failure)
         else:
-            self._finish(CANCELLED, {"reason": interruption.reason})
+            self._finish(CANCELLED, reason=interruption.reason)
 
     def _fail(self, failure: StageFailure) -> None:
-        self._finish(ERROR, {"error": str(failure)}, failure)
+        self._finish(ERROR, failure=failure)
 
     def _finish(
-        self, status: str, data: dict[str, Any], failure: StageFailure | None = None
+        self, status: str, *, failure: StageFailure | None = None, reason: str | None = None
     ) -> None:
         with self._lock:
             if self.finished:
@@ -362,20 +380,23 @@ class Stage:
             self.usage = final_usage(
                 self.usage, self.spec.prompt_tokens_estimate, self.content_chunks
             )
-            if status != ERROR:
-                data["usage"] = self.usage  # the seed's fields first; old clients ignore it
-            wire = self._events.terminal(status, self._log.next_seq, **data)
-            # The event is in the log before the stage reads as finished: the store (which
-            # looks at the status first, then the log) never writes the end without it.
-            seq = self._log.append(wire)
-            self.status = status
             self.failure = failure
-            self.duration_seconds = time.monotonic() - self.started
             if status == CANCELLED:
-                self.cancel_reason = str(data["reason"])
-            if self._grace_timer is not None:
-                self._grace_timer.cancel()
-                self._grace_timer = None
+                self.cancel_reason = reason
+            ending = self._ending(status)
+            first = self._log.next_seq
+            # The events are in the log before the stage reads as finished: the store
+            # (which looks at the status first, then the log) never writes the end
+            # without them.
+            ends = self.dialect.ending(first, ending)
+            for wire in ends:
+                self._log.append(wire)
+            self.status = status
+            self.duration_seconds = time.monotonic() - self.started
+            for timer in (self._grace_timer, self._runtime_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._grace_timer = self._runtime_timer = None
         # Listeners first, then the clients: a client that has the terminal event finds
         # the stage's slots given back and its metrics and log line written.
         for listener in self._listeners:
@@ -383,8 +404,25 @@ class Stage:
                 listener.on_finish(self)
             except Exception:
                 log.exception("stage %s: a listener failed at its end", self.stage_id)
-        self._notify(seq, wire)
+        for seq, wire in enumerate(ends, first):
+            self._notify(seq, wire)
         self._settle()
+
+    def _ending(self, status: str) -> Ending:
+        failure = self.failure
+        return Ending(
+            status=status,
+            usage=self.usage or {},
+            text=self.text,
+            finish_reason=self.finish_reason,
+            failure=failure,
+            error=None if failure is None else str(failure),
+            reason=self.cancel_reason,
+        )
+
+    def answer(self) -> tuple[dict[str, Any], int]:
+        """The whole answer of a finished stage, in its dialect, and its HTTP status."""
+        return self.dialect.answer(self._ending(self.status))
 
     def _settle(self) -> None:
         """A finished stage keeps what it says (its status, text, usage and events), not

@@ -15,17 +15,21 @@ cancelled before the upstream's last chunk), it is estimated and carries
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from .conversation import message_text
 
 _CHARS_PER_TOKEN = 4
 _TOKENS_PER_MESSAGE = 4
 
 
-def estimate_prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
-    return sum(
-        -(-len(m.get("content", "")) // _CHARS_PER_TOKEN) + _TOKENS_PER_MESSAGE for m in messages
-    )
+def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """The prompt's tokens, estimated from its characters: the text of each message, and
+    the arguments of an assistant's tool calls."""
+    chars = [len(message_text(m)) + len(json.dumps(m.get("tool_calls") or "")) for m in messages]
+    return sum(-(-n // _CHARS_PER_TOKEN) + _TOKENS_PER_MESSAGE for n in chars)
 
 
 def final_usage(

@@ -50,6 +50,7 @@ import redis
 
 from ..concurrency import Task
 from ..errors import LeaseLost, StageConflict, StoreUnavailable
+from ..stages.conversation import conversation_record
 from ..stages.stage import Stage, StageListener
 from .connection import connect, stage_keys
 from .leases import LeaseKeeper
@@ -77,8 +78,9 @@ return 1
 
 # KEYS: hash, log, text, live. ARGV: token, lease_ms, events Redis should hold, maxlen,
 # finished (0/1), ttl_ms, event_ttl_ms, status, summary (or ""), text mode ("", "a"
-# append, "s" set), text, gap (or ""), owner, prompt tokens, then (seq, wire, terminal)
-# per event. The summary, owner and prompt tokens are written with the summary only.
+# append, "s" set), text, gap (or ""), owner, prompt tokens, answer (or ""), then (seq,
+# wire, terminal) per event. The summary, owner and prompt tokens are written with the
+# summary only, the answer (the finished stage's, in its dialect) with the end only.
 # 1: written; -1: fenced; -2: the store lost the stage; {n}: it holds n events, not that.
 _FLUSH = """
 local live = redis.call('GET', KEYS[4])
@@ -94,7 +96,7 @@ local have = 0
 local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
 if have ~= tonumber(ARGV[3]) then return {have} end
-for i = 15, #ARGV, 3 do
+for i = 16, #ARGV, 3 do
   local id = '0-' .. (tonumber(ARGV[i]) + 1)
   if ARGV[i + 2] == '1' then
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], id, 'w', ARGV[i + 1], 't', '1')
@@ -109,6 +111,7 @@ if ARGV[9] ~= '' then
   redis.call('HSET', KEYS[1], 'status', ARGV[8], 'summary', ARGV[9], 'owner', ARGV[13],
              'prompt_tokens', ARGV[14])
 end
+if ARGV[15] ~= '' then redis.call('HSET', KEYS[1], 'answer', ARGV[15]) end
 if ARGV[5] == '1' then
   redis.call('DEL', KEYS[4], KEYS[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -329,10 +332,11 @@ class RedisStageStore(StageListener):
         else:
             text_mode, text = "", ""
         summary = json.dumps(self._summary(stage, mirror)) if done or mirror.lost else ""
+        answer = json.dumps(stage.answer()) if done else ""
         args: list[Any] = [
             stage.instance, self.leases.lease_ms, mirror.held, self.max_events, int(done),
             self.ttl_ms, self.event_ttl_ms, stage.status, summary, text_mode, text, mirror.gap,
-            self.owner, stage.spec.prompt_tokens_estimate,
+            self.owner, stage.spec.prompt_tokens_estimate, answer,
         ]  # fmt: skip
         last = stage.next_seq - 1
         for seq, wire in events:
@@ -367,6 +371,8 @@ class RedisStageStore(StageListener):
             "owner": self.owner,
             "summary": json.dumps(stage.summary()),
             "prompt_tokens": stage.spec.prompt_tokens_estimate,
+            # What another host needs to end the stage in its dialect, or continue it.
+            "record": json.dumps(stage_record(stage)),
         }
 
     def _fence(self, stage: Stage) -> None:
@@ -410,3 +416,12 @@ class RedisStageStore(StageListener):
             self.redis.publish(CANCEL_CHANNEL, json.dumps({"key": stage_key, "reason": reason}))
         except redis.RedisError as exc:
             raise StoreUnavailable(exc) from None
+
+
+def stage_record(stage: Stage) -> dict[str, Any]:
+    """A stage's request as the store keeps it: its dialect's record, and its conversation."""
+    conversation = stage.spec.conversation
+    return {
+        "dialect": stage.dialect.record(),
+        "conversation": None if conversation is None else conversation_record(conversation),
+    }

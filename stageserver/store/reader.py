@@ -26,7 +26,7 @@ from ..errors import (
     UnknownStage,
     store_unavailable_message,
 )
-from ..stages.events import StageEvents
+from ..stages.dialect import Ending, dialect_of
 from ..stages.stage import Subscriber
 from ..stages.usage import final_usage
 from .connection import stage_keys
@@ -42,12 +42,19 @@ local have = 0
 local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
 if have ~= tonumber(ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[2], '0-' .. (have + 1), 'w', ARGV[2], 't', '1')
-redis.call('HSET', KEYS[1], 'status', 'error', 'summary', ARGV[3])
+for i = 6, #ARGV do
+  have = have + 1
+  if i == #ARGV then
+    redis.call('XADD', KEYS[2], '0-' .. have, 'w', ARGV[i], 't', '1')
+  else
+    redis.call('XADD', KEYS[2], '0-' .. have, 'w', ARGV[i])
+  end
+end
+redis.call('HSET', KEYS[1], 'status', 'error', 'summary', ARGV[2], 'answer', ARGV[5])
 redis.call('HDEL', KEYS[1], 'suspect_since')
 redis.call('DEL', KEYS[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
@@ -140,10 +147,12 @@ class StoreReader:
         redis_client = self.redis
         pipe = redis_client.pipeline(transaction=False)
         pipe.exists(live_key)
-        pipe.hmget(hash_key, "status", "suspect_since", "owner", "summary", "prompt_tokens")
+        pipe.hmget(
+            hash_key, "status", "suspect_since", "owner", "summary", "prompt_tokens", "record"
+        )
         pipe.xrevrange(log_key, count=1)
         pipe.get(text_key)
-        live, (status, suspect_since, owner, raw, prompt), top, text = pipe.execute()
+        live, (status, suspect_since, owner, raw, prompt, record), top, text = pipe.execute()
         if live or status != b"running":
             return
         now = int(time.time() * 1000)
@@ -159,21 +168,47 @@ class StoreReader:
             f"{self.lease_seconds:g} s after its last sign of life; retry the stage"
         )
         summary = json.loads(raw)
+        usage = final_usage(None, int(prompt or 0), held)
+        ending = Ending("error", usage, text=(text or b"").decode(), error=message)
+        dialect = dialect_of(json.loads(record)["dialect"])
+        wires = dialect.ending(held, ending)
         summary.update(
-            status="error",
-            error=message,
-            text=(text or b"").decode(),
-            events=held + 1,
-            usage=final_usage(None, int(prompt or 0), held),
+            status="error", error=message, text=ending.text, events=held + len(wires), usage=usage
         )
-        wire = StageEvents(stage_id).terminal("error", held, error=message)
         if self._declare is None:
             self._declare = redis_client.register_script(_DECLARE_DEAD)
         self._declare(
             keys=[hash_key, log_key, text_key, live_key],
-            args=[held, wire, json.dumps(summary), self.ttl_ms, self.event_ttl_ms],
+            args=[
+                held,
+                json.dumps(summary),
+                self.ttl_ms,
+                self.event_ttl_ms,
+                json.dumps(dialect.answer(ending)),
+                *wires,
+            ],  # fmt: skip
             client=redis_client,
         )
+
+    def answer(self, stage_key: str) -> tuple[dict[str, Any], int] | None:
+        """The whole answer of a finished stage, in its dialect, and its HTTP status; None
+        while it runs, or if the store has no such stage. Raises StoreUnavailable."""
+        try:
+            raw = self.redis.hget(stage_keys(stage_key)[0], "answer")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
+        if raw is None:
+            return None
+        body, status = json.loads(raw)
+        return body, int(status)
+
+    def record(self, stage_key: str) -> dict[str, Any] | None:
+        """The stage's request as its owner wrote it (``mirror.stage_record``)."""
+        try:
+            raw = self.redis.hget(stage_keys(stage_key)[0], "record")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
+        return None if raw is None else dict(json.loads(raw))
 
 
 class RemoteFeed:

@@ -18,7 +18,8 @@ _JSON_SPACE = " \t\n\r"
 
 
 def read_chunk(payload: bytes, upstream: str) -> ChunkRead:
-    """The content, finish reason and usage that the chunk ``payload`` carries.
+    """The content, finish reason, usage and choice-0 delta that the chunk ``payload``
+    carries (``stages.stage.ChunkRead``).
 
     Raises UpstreamProtocolError for a payload that is not a JSON object, and
     UpstreamErrorObject for an error object; ``upstream`` names the upstream in both."""
@@ -34,17 +35,21 @@ def read_chunk(payload: bytes, upstream: str) -> ChunkRead:
         )
     content: str | None = None
     finish_reason: str | None = None
+    delta: dict[str, Any] | None = None
     for choice in chunk.get("choices") or ():
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             continue
-        text = (choice.get("delta") or {}).get("content")
-        if text:
-            content = text if content is None else content + text
+        given = choice.get("delta")
+        if isinstance(given, dict):
+            delta = given if delta is None else {**delta, **given}
+            text = given.get("content")
+            if text and isinstance(text, str):
+                content = text if content is None else content + text
         if choice.get("finish_reason"):
             finish_reason = choice["finish_reason"]
     usage = chunk.get("usage")
     # Taken only as an object: anything else an upstream sends there says nothing usable.
-    return content, finish_reason, usage if isinstance(usage, dict) and usage else None
+    return content, finish_reason, usage if isinstance(usage, dict) and usage else None, delta
 
 
 def _parse(payload: bytes) -> Any:

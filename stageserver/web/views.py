@@ -27,8 +27,10 @@ from ..schemas import (
     UpstreamName,
     field_errors,
 )
+from ..stages.conversation import Conversation
 from ..stages.events import seq_of
 from ..stages.feeds import EventFeed
+from ..stages.spec import StageRequest
 from . import cors
 from .auth import authenticator_of
 from .bodies import json_object
@@ -106,7 +108,7 @@ def chat() -> Response:
     manager = _manager()
     chat_request = _chat_request(manager)
     started = manager.start(
-        chat_request,
+        _stage_request(chat_request),
         request_id=request.environ["stageserver.request_id"],
         principal=_principal(),
         traceparent=request.headers.get("traceparent"),
@@ -133,6 +135,23 @@ def _chat_request(manager: StageManager) -> ChatRequest:
         raise _invalid(field_errors(exc)) from None
 
 
+def _stage_request(chat_request: ChatRequest) -> StageRequest:
+    conversation = Conversation.of_prompts(
+        chat_request.model_name,
+        chat_request.user_prompt,
+        chat_request.system_prompt,
+        max_tokens=chat_request.max_tokens,
+        temperature=chat_request.temperature,
+    )
+    return StageRequest(
+        chat_request.stage_id,
+        conversation,
+        upstream=chat_request.upstream,
+        base_url=chat_request.base_url,
+        resumable=chat_request.resumable,
+    )
+
+
 def _invalid(errors: list[dict[str, str]]) -> InvalidRequest:
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return InvalidRequest(f"invalid request: {summary}", fields=errors)
@@ -153,8 +172,8 @@ def _final_output(started: StartedStage, events: Iterator[bytes]) -> Response:
             pass
     except ClientGone:
         return Response(status=499)  # nobody reads this; the stage has been cancelled
-    output, status = started.output()
-    response = jsonify(output.model_dump())
+    body, status = started.answer()
+    response = jsonify(body)
     response.status_code = status
     return response
 

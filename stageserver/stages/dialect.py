@@ -1,0 +1,73 @@
+"""Dialects: how a stage's events read on the wire.
+
+A dialect turns what the upstream sends into the events a client reads, and is chosen
+when the stage starts: the seed's (``events.SeedDialect``, for ``POST /chat``), Chat
+Completions' or Responses' (``openai_api/``). The stage's log stores the rendered events,
+so every host replays the same bytes, and a resume is an index into the log whatever the
+dialect. No view or listener branches on a dialect's name: each asks the stage's dialect.
+
+A dialect is one object per stage, with state of its own (a Responses stream opens its
+output item once). Every method returns the events it renders, each a complete SSE block;
+each takes one sequence number of the log, in order, from the ``seq`` it is given.
+
+Another host may need to end a stage whose owner died: ``record()`` is what it needs to
+make the same dialect again (``dialect_of``), written with the stage's record in the
+shared store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import StageFailure
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a stage ended, as its dialect renders it."""
+
+    status: str  # "done", "error" or "cancelled"
+    usage: Mapping[str, Any]
+    text: str = ""
+    finish_reason: str | None = None
+    failure: StageFailure | None = None  # with "error"
+    error: str | None = None  # with "error": the failure's message
+    reason: str | None = None  # with "cancelled"
+
+
+class Dialect(Protocol):
+    #: The dialect's name: a label in /metrics and the logs, and the key of ``dialect_of``.
+    name: str
+
+    def record(self) -> dict[str, Any]:
+        """What makes this dialect again elsewhere (JSON): ``dialect_of(record)``."""
+
+    def opening(self, seq: int) -> list[bytes]:
+        """The events that open the stream, before any chunk."""
+
+    def chunk(self, seq: int, payload: bytes, read: Any) -> list[bytes]:
+        """The events of one upstream chunk: its JSON ``payload`` as sent, and what it
+        says (``stage.ChunkRead``). May be none."""
+
+    def ending(self, seq: int, ending: Ending) -> list[bytes]:
+        """The events that end the stream; the last is its terminal event."""
+
+    def answer(self, ending: Ending) -> tuple[dict[str, Any], int]:
+        """The whole answer of a stage that was not streamed, and its HTTP status."""
+
+
+_FACTORIES: dict[str, Callable[[Mapping[str, Any]], Dialect]] = {}
+
+
+def register(name: str, factory: Callable[[Mapping[str, Any]], Dialect]) -> None:
+    """Make ``dialect_of`` know the dialect ``name``: each dialect's module registers its
+    own, once, when it is imported."""
+    _FACTORIES[name] = factory
+
+
+def dialect_of(record: Mapping[str, Any]) -> Dialect:
+    """The dialect a ``record()`` describes. Raises LookupError for one this process does
+    not know (its module was never imported)."""
+    return _FACTORIES[str(record["name"])](record)
