@@ -101,11 +101,13 @@ class StageServer:
         from .web.apidocs import bp as docs_bp
         from .web.browser import register_web
         from .web.ops import bp as ops_bp
+        from .web.v1 import bp as v1_bp
         from .web.views import bp
 
         app.register_blueprint(bp, url_prefix=self.url_prefix)
         app.register_blueprint(ops_bp, url_prefix=self.url_prefix)
         app.register_blueprint(docs_bp, url_prefix=self.url_prefix)
+        app.register_blueprint(v1_bp, url_prefix=f"{self.url_prefix or ''}/v1")
         register_web(app, self.url_prefix)
         shutdown.track(manager)
 

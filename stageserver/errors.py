@@ -64,6 +64,8 @@ class StageServerError(Exception):
     retry_after: int | None = None
     #: Further response headers.
     headers: dict[str, str] = {}
+    #: A machine-readable code, as OpenAI's error bodies carry one (``/v1``).
+    code: str | None = None
 
     def __init__(
         self,
@@ -96,20 +98,30 @@ class Refusal(StageServerError):
 class InvalidRequest(Refusal):
     """400; with ``fields`` (one entry per bad field), 422."""
 
+    code = "invalid_value"
+
     def __init__(
-        self, message: str, *, field: str | None = None, fields: list[dict[str, str]] | None = None
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        fields: list[dict[str, str]] | None = None,
+        code: str | None = None,
     ) -> None:
         if fields is None:
             super().__init__(message, field=field)
         else:
             super().__init__(message, fields=fields)
             self.http_status = 422
+        if code is not None:
+            self.code = code
 
 
 class Unauthorized(Refusal):
     """401; ``invalid_token`` when a key was presented (RFC 6750's error code)."""
 
     http_status = 401
+    code = "invalid_api_key"
 
     def __init__(self, message: str, *, invalid_token: bool = False) -> None:
         super().__init__(message)
@@ -123,6 +135,7 @@ class RateLimited(Refusal):
     """429; ``limit`` names the limit, ``principal`` whose it is."""
 
     http_status = 429
+    code = "rate_limit_exceeded"
 
     def __init__(self, message: str, *, retry_after: int, limit: str, principal: str) -> None:
         super().__init__(message, retry_after=retry_after, limit=limit, principal=principal)
@@ -132,6 +145,7 @@ class RateLimited(Refusal):
 class UnknownStage(Refusal):
     http_status = 404
     field = "stage_id"
+    code = "not_found"
 
     def __init__(self, stage_id: str) -> None:
         super().__init__(f"no stage {stage_id!r} (unknown, or expired)")

@@ -26,6 +26,8 @@ report each attempt to the per-replica metrics.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +68,7 @@ class LocalStage:
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
+        self.stage_id = stage.stage_id
 
     def summary(self) -> dict[str, object]:
         return self.stage.summary()
@@ -84,6 +87,24 @@ class LocalStage:
         if not self.stage.cancel(reason):
             raise StageFinished(self.stage.stage_id)
 
+    @property
+    def running(self) -> bool:
+        return not self.stage.finished
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the stage's end; whether it has ended."""
+        self.stage.wait(timeout)
+        return self.stage.finished
+
+    def answer(self) -> tuple[dict[str, Any], int] | None:
+        """The whole answer of the stage in its dialect, and its HTTP status; None while
+        it runs."""
+        return self.stage.answer() if self.stage.finished else None
+
+    def record(self) -> dict[str, Any]:
+        """Its request: its dialect's record, its conversation (``Stage.record``)."""
+        return self.stage.record()
+
 
 class StartedStage(LocalStage):
     """The stage a request has just started, as that request's response sees it."""
@@ -94,7 +115,7 @@ class StartedStage(LocalStage):
         return LocalFeed(self.stage, owner=True)
 
     def answer(self) -> tuple[dict[str, Any], int]:
-        """The whole answer of a stage that has ended, in its dialect, and its status."""
+        """The whole answer, once the request has followed the stage to its end."""
         return self.stage.answer()
 
 
@@ -118,6 +139,29 @@ class StoredStage:
 
     def cancel(self, reason: str) -> None:
         self._store.request_cancel(self.key, self.stage_id, reason)
+
+    @property
+    def running(self) -> bool:
+        return self.summary()["status"] == "running"
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the stage's end, asking the store every
+        50 ms; whether it has ended."""
+        deadline = time.monotonic() + timeout
+        while self.running:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def answer(self) -> tuple[dict[str, Any], int] | None:
+        return self._store.reader.answer(self.key)
+
+    def record(self) -> dict[str, Any]:
+        record = self._store.reader.record(self.key)
+        if record is None:
+            raise UnknownStage(self.stage_id)
+        return record
 
 
 class StageManager:
@@ -153,6 +197,9 @@ class StageManager:
             self.store,
         ]
         self._listeners = tuple(x for x in listeners if x is not None)
+        #: Idempotency keys without a shared store: (principal, key) -> (stage id, until).
+        self._idempotency: dict[tuple[str, str], tuple[str, float]] = {}
+        self._idempotency_lock = threading.Lock()
 
     # -- start --------------------------------------------------------------------------
 
@@ -253,6 +300,47 @@ class StageManager:
         if self.store is not None:
             return StoredStage(self.store, key, stage_id)
         raise UnknownStage(stage_id)
+
+    def idempotent(self, principal: Principal, key: str, stage_id: str) -> str | None:
+        """Claim the idempotency key ``key`` of ``principal`` for the stage ``stage_id``,
+        for the stage TTL; the stage that claimed it before, if one did (a retried
+        request). In the shared store when there is one, so a retry may land anywhere."""
+        if self.store is not None:
+            return self.store.claim_idempotency(
+                principal.namespace + key, stage_id, self.settings.stage_ttl_seconds
+            )
+        now = time.monotonic()
+        with self._idempotency_lock:
+            held = self._idempotency.get((principal.name, key))
+            if held is not None and held[1] > now:
+                return held[0]
+            self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] > now}
+            self._idempotency[(principal.name, key)] = (
+                stage_id,
+                now + self.settings.stage_ttl_seconds,
+            )
+        return None
+
+    def release_idempotency(self, principal: Principal, key: str, stage_id: str) -> None:
+        """Let ``key`` go, if ``stage_id`` holds it: its stage was refused."""
+        if self.store is not None:
+            self.store.release_idempotency(principal.namespace + key, stage_id)
+            return
+        with self._idempotency_lock:
+            held = self._idempotency.get((principal.name, key))
+            if held is not None and held[0] == stage_id:
+                del self._idempotency[(principal.name, key)]
+
+    def forget(self, stage_id: str, principal: Principal = ANONYMOUS) -> None:
+        """Forget ``principal``'s finished stage with this id, here and in the shared
+        store: its status, events and answer. Raises UnknownStage."""
+        found = self.find(stage_id, principal)
+        if isinstance(found, LocalStage):
+            self.stages.discard(found.stage)
+        else:
+            found.summary()  # UnknownStage where the store has none
+        if self.store is not None:
+            self.store.forget(principal.namespace + stage_id)
 
     def _cancel_here(self, key: str, reason: str) -> None:
         local = self.stages.get(key)

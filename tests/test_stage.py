@@ -16,11 +16,13 @@ import pytest
 
 from stageserver.config import FollowSettings
 from stageserver.errors import StageFailure, UpstreamStatusError
+from stageserver.sse import encode_retry
+from stageserver.stages.events import lost_event
 from stageserver.stages.feeds import LocalFeed
 from stageserver.stages.log import EventLog
 from stageserver.stages.spec import StageSpec
 from stageserver.stages.stage import Stage, StageListener, Subscriber
-from stageserver.web.follow import follow
+from stageserver.web.follow import Framing, follow
 
 # The scripted chunks carry no content, and the spec no prompt estimate.
 NO_USAGE = b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0,"estimated":true}'
@@ -229,6 +231,9 @@ def collect(events: Iterator[bytes]) -> list[bytes]:
     return [piece for piece in events if piece]
 
 
+SEED_FRAMING = Framing(encode_retry(1500), lost_event)
+
+
 def pace(heartbeat_seconds: float) -> FollowSettings:
     return FollowSettings(heartbeat_seconds, retry_ms=1500, send_timeout_seconds=0)
 
@@ -237,7 +242,13 @@ def test_follow_yields_heartbeats_while_quiet_then_the_events() -> None:
     stage = Stage(spec("h"), ScriptedRelay(CHUNKS[:1], before_chunks=0.25))
     stage.start()
     pieces = collect(
-        follow(LocalFeed(stage, owner=True), after_seq=-1, client_socket=None, settings=pace(0.1))
+        follow(
+            LocalFeed(stage, owner=True),
+            after_seq=-1,
+            client_socket=None,
+            settings=pace(0.1),
+            framing=SEED_FRAMING,
+        )
     )
     assert pieces[:2] == [b"retry: 1500\n", b": heartbeat\n"]
     assert b"".join(pieces[1:]).replace(b": heartbeat\n", b"") == stage.read(0)[0]
@@ -254,6 +265,7 @@ def test_follow_resumes_after_the_given_event(after_seq: int) -> None:
             after_seq=after_seq,
             client_socket=None,
             settings=pace(1.0),
+            framing=SEED_FRAMING,
         )
     )
     rest = b"".join(w for seq, w in stage.events_since(0) if seq > after_seq)

@@ -35,7 +35,8 @@ class StageRegistry(StageListener):
             self._stages[stage.key] = stage
 
     def discard(self, stage: Stage) -> None:
-        """Forget a stage that was added but never started."""
+        """Forget a stage: one that was added but never started, or one forgotten on
+        request (a deleted response)."""
         with self._lock:
             if self._stages.get(stage.key) is stage:
                 del self._stages[stage.key]

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeAlias
 
 from ..concurrency import Task, Timer, Wakeup
 from ..errors import StageFailure, StageInterrupted, forget_frames
+from .conversation import conversation_record
 from .dialect import Dialect, Ending
 from .events import TERMINAL_EVENT, SeedDialect
 from .log import EventLog
@@ -419,6 +420,14 @@ class Stage:
             error=None if failure is None else str(failure),
             reason=self.cancel_reason,
         )
+
+    def record(self) -> dict[str, Any]:
+        """Its request, as JSON for another host: its dialect's record, its conversation."""
+        conversation = self.spec.conversation
+        return {
+            "dialect": self.dialect.record(),
+            "conversation": None if conversation is None else conversation_record(conversation),
+        }
 
     def answer(self) -> tuple[dict[str, Any], int]:
         """The whole answer of a finished stage, in its dialect, and its HTTP status."""

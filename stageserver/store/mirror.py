@@ -50,7 +50,6 @@ import redis
 
 from ..concurrency import Task
 from ..errors import LeaseLost, StageConflict, StoreUnavailable
-from ..stages.conversation import conversation_record
 from ..stages.stage import Stage, StageListener
 from .connection import connect, stage_keys
 from .leases import LeaseKeeper
@@ -372,7 +371,7 @@ class RedisStageStore(StageListener):
             "summary": json.dumps(stage.summary()),
             "prompt_tokens": stage.spec.prompt_tokens_estimate,
             # What another host needs to end the stage in its dialect, or continue it.
-            "record": json.dumps(stage_record(stage)),
+            "record": json.dumps(stage.record()),
         }
 
     def _fence(self, stage: Stage) -> None:
@@ -388,6 +387,33 @@ class RedisStageStore(StageListener):
                 "cut off from the stage store, and the stage was taken over; retry it"
             )
         )
+
+    def claim_idempotency(self, key: str, stage_id: str, ttl_seconds: float) -> str | None:
+        """Claim an idempotency key (``principal/key``) for ``stage_id``; the stage id that
+        holds it already, if one does. Raises StoreUnavailable."""
+        name = _idempotency_key(key)
+        try:
+            if self.redis.set(name, stage_id, nx=True, px=int(ttl_seconds * 1000)):
+                return None
+            held = self.redis.get(name)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
+        return None if held is None else bytes(held).decode()
+
+    def release_idempotency(self, key: str, stage_id: str) -> None:
+        name = _idempotency_key(key)
+        try:
+            if self.redis.get(name) == stage_id.encode():
+                self.redis.delete(name)
+        except redis.RedisError as exc:
+            log.warning("idempotency key of a refused stage kept until it expires: %s", exc)
+
+    def forget(self, key: str) -> None:
+        """Delete a finished stage's keys: every host forgets it. Raises StoreUnavailable."""
+        try:
+            self.redis.delete(*stage_keys(key))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
 
     def watched_elsewhere(self, key: str) -> bool:
         """Whether a response in some worker follows the stage through the store."""
@@ -418,10 +444,6 @@ class RedisStageStore(StageListener):
             raise StoreUnavailable(exc) from None
 
 
-def stage_record(stage: Stage) -> dict[str, Any]:
-    """A stage's request as the store keeps it: its dialect's record, and its conversation."""
-    conversation = stage.spec.conversation
-    return {
-        "dialect": stage.dialect.record(),
-        "conversation": None if conversation is None else conversation_record(conversation),
-    }
+def _idempotency_key(key: str) -> str:
+    """The Redis key of an idempotency key (``principal/key``): in the principal's slot."""
+    return f"ss:{{{key.partition('/')[0]}}}:idem:{key}"

@@ -61,3 +61,65 @@ def answer_in_json(bp: Blueprint) -> None:
     bp.register_error_handler(StageServerError, error_response)
     bp.register_error_handler(HTTPException, http_error)
     bp.register_error_handler(Exception, unexpected)
+
+
+# -- /v1: OpenAI's error bodies -----------------------------------------------------------
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error_response(
+    status: int, message: str, param: str | None, code: str | None
+) -> Response:
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    response = jsonify({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    response.status_code = status
+    return response
+
+
+def openai_refusal(exc: StageServerError) -> Response:
+    """A refusal or failure on ``/v1``: its status (a validation error is 400, as OpenAI
+    answers one), its ``param``, its ``code``, and the headers it needs."""
+    param = exc.field
+    fields = exc.body.get("fields")
+    if param is None and isinstance(fields, list) and fields:
+        param = str(fields[0].get("field"))
+    status = 400 if exc.http_status == 422 else exc.http_status
+    response = openai_error_response(status, str(exc), param, exc.code)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    response.headers.update(exc.headers)
+    return response
+
+
+def openai_http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    if status == 413:
+        limit = manager_of(current_app.extensions).settings.max_body_bytes
+        message = f"request body is larger than {limit} bytes"
+        return openai_error_response(413, message, "body", "request_too_large")
+    response = openai_error_response(status, exc.description or exc.name, None, None)
+    response.headers.update((k, v) for k, v in exc.get_headers() if k.lower() != "content-type")
+    return response
+
+
+def openai_unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error in %s %s", request.method, request.path)
+    return openai_error_response(
+        500, "internal error in stageserver; see the server log", None, "internal_error"
+    )
+
+
+def answer_in_openai_json(bp: Blueprint) -> None:
+    """Have ``bp``'s errors answered in OpenAI's shape."""
+    bp.register_error_handler(StageServerError, openai_refusal)
+    bp.register_error_handler(HTTPException, openai_http_error)
+    bp.register_error_handler(Exception, openai_unexpected)

@@ -27,30 +27,45 @@ leaving the upstream running. A feed that cannot go on (``StageLost``: the store
 away, or the events the client asks for are no longer kept) ends the response with an
 id-less ``error`` event that says so: a client never gets a silent gap.
 
-Every response starts with a ``retry:`` field, so that clients reconnect at the pace the
-operator chose (``STAGESERVER_SSE_RETRY_MS``).
+A seed response starts with a ``retry:`` line, so that clients reconnect at the pace the
+operator chose (``STAGESERVER_SSE_RETRY_MS``); a ``/v1`` one with nothing (``Framing``).
 """
 
 from __future__ import annotations
 
 import select
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from ..concurrency import SendDeadline, gevent_active, original, read_watcher, real_poll
 from ..config import FollowSettings
 from ..errors import ClientGone, StageLost
-from ..sse import HEARTBEAT, encode_retry
-from ..stages.events import lost_event
+from ..sse import HEARTBEAT
 from ..stages.feeds import EventFeed
 from ..stages.stage import Subscriber
 from ..telemetry.metrics import OPEN_RESPONSES
 
 
+@dataclass(frozen=True)
+class Framing:
+    """What a response sends besides its stage's events, as its API frames a stream: its
+    first bytes (the seed's ``retry:`` line; nothing on ``/v1``), and the event that ends
+    a response which cannot follow its stage further, from the stage's id and why."""
+
+    preamble: bytes
+    lost: Callable[[str, str], bytes]
+
+
 def follow(
-    feed: EventFeed, *, after_seq: int, client_socket: Any, settings: FollowSettings
+    feed: EventFeed,
+    *,
+    after_seq: int,
+    client_socket: Any,
+    settings: FollowSettings,
+    framing: Framing,
 ) -> Iterator[bytes]:
     """Yield the feed's events after ``after_seq``, until the stage's terminal event."""
     heartbeat_seconds = settings.heartbeat_seconds
@@ -58,22 +73,22 @@ def follow(
     send = SendDeadline(send_timeout, lambda: _give_up_on(client_socket))
     with _watched(client_socket) as subscriber:
         finished = False
-        retry = encode_retry(settings.retry_ms)
+        preamble = framing.preamble
         try:
             feed.open(subscriber)  # attached first: the events are kept while it reads
         except StageLost as exc:
             send.close()
-            yield retry + lost_event(feed.stage_id, str(exc))
+            yield preamble + framing.lost(feed.stage_id, str(exc))
             return
         try:
-            yield retry  # gunicorn sends the headers with it, before the upstream answers
+            yield preamble  # gunicorn sends the headers with it, before the upstream answers
             cursor = after_seq + 1
             while True:
                 try:
                     batch, cursor, finished = feed.read(subscriber, cursor, heartbeat_seconds)
                 except StageLost as exc:
                     finished = True  # this response ends; the stage is not its to stop
-                    yield lost_event(feed.stage_id, str(exc))
+                    yield framing.lost(feed.stage_id, str(exc))
                     return
                 if subscriber.client_gone:
                     finished = False

@@ -9,15 +9,13 @@ mapping in ``errors.py``.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
 from ..errors import ClientGone, InvalidRequest
-from ..manager import LocalStage, StageManager, StartedStage, StoredStage, manager_of
-from ..principals import ANONYMOUS, Principal
+from ..manager import LocalStage, StageManager, StartedStage, StoredStage
 from ..schemas import (
     STAGE_ID_PATTERN,
     STAGE_ID_RULE,
@@ -27,95 +25,41 @@ from ..schemas import (
     UpstreamName,
     field_errors,
 )
+from ..sse import encode_retry
 from ..stages.conversation import Conversation
-from ..stages.events import seq_of
-from ..stages.feeds import EventFeed
+from ..stages.events import lost_event, seq_of
 from ..stages.spec import StageRequest
-from . import cors
-from .auth import authenticator_of
+from . import context
 from .bodies import json_object
 from .errors import answer_in_json
-from .follow import follow
+from .follow import Framing
 
 bp = Blueprint("stageserver", __name__)
+bp.before_request(context.prepare)
+bp.after_request(context.finish)
+answer_in_json(bp)
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _STAGE_ID = re.compile(STAGE_ID_PATTERN)
 
 
-def _manager() -> StageManager:
-    return manager_of(current_app.extensions)
-
-
-@bp.before_request
-def _prepare() -> None:
-    request.max_content_length = _manager().settings.max_body_bytes
-    request.environ.setdefault("stageserver.request_id", _request_id())
-    if request.method == "OPTIONS":
-        return  # a browser's preflight carries no credentials; cors.py answers it
-    principal = authenticator_of(current_app.extensions).principal(request)
-    g.stageserver_principal = principal
-    if principal is not ANONYMOUS:
-        # For the access log line: %({stageserver.principal}e)s in gunicorn_conf.py.
-        request.environ["stageserver.principal"] = principal.name
-
-
-def _principal() -> Principal:
-    principal = g.get("stageserver_principal")
-    if not isinstance(principal, Principal):
-        raise RuntimeError("no principal: the request did not pass through _prepare")
-    return principal
-
-
-def _request_id() -> str:
-    given = request.headers.get("X-Request-ID", "")
-    if given and len(given) <= 128 and given.isprintable():
-        return given
-    return uuid.uuid4().hex
-
-
-@bp.after_request
-def _finish_response(response: Response) -> Response:
-    request_id = request.environ.get("stageserver.request_id")
-    if request_id:
-        response.headers["X-Request-ID"] = request_id
-    return cors.apply(request, response, _manager().settings.cors_origins)
-
-
-answer_in_json(bp)
-
-
-def _event_stream(events: Iterator[bytes]) -> Response:
-    # Passed through: gunicorn iterates and closes our generator itself, without werkzeug's
-    # two layers around it (a frame each on every write and on a parked response's stack).
-    return Response(
-        events, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True
-    )
-
-
-def _follow(feed: EventFeed, after_seq: int) -> Iterator[bytes]:
-    """The events this response sends: the one follow loop, on this request's socket."""
-    return follow(
-        feed,
-        after_seq=after_seq,
-        client_socket=request.environ.get("gunicorn.socket"),
-        settings=_manager().settings.follow,
-    )
+def _framing() -> Framing:
+    """The seed's: a ``retry:`` line first, and its id-less ``error`` for a lost stage."""
+    return Framing(encode_retry(context.manager().settings.follow.retry_ms), lost_event)
 
 
 @bp.post("/chat")
 def chat() -> Response:
-    manager = _manager()
+    manager = context.manager()
     chat_request = _chat_request(manager)
     started = manager.start(
         _stage_request(chat_request),
-        request_id=request.environ["stageserver.request_id"],
-        principal=_principal(),
+        request_id=context.request_id(),
+        principal=context.principal(),
         traceparent=request.headers.get("traceparent"),
     )
-    events = _follow(started.starter_feed(), after_seq=-1)
+    events = context.follow_here(started.starter_feed(), -1, _framing())
     if chat_request.stream:
-        return _event_stream(events)
+        return context.event_stream(events)
     return _final_output(started, events)
 
 
@@ -162,7 +106,7 @@ def _stage(stage_id: str) -> LocalStage | StoredStage:
     in /chat, before anything is looked up."""
     if not _STAGE_ID.fullmatch(stage_id):
         raise _invalid([{"field": "stage_id", "message": STAGE_ID_RULE}])
-    return _manager().find(stage_id, _principal())
+    return context.manager().find(stage_id, context.principal())
 
 
 def _final_output(started: StartedStage, events: Iterator[bytes]) -> Response:
@@ -182,10 +126,10 @@ def _final_output(started: StartedStage, events: Iterator[bytes]) -> Response:
 def upstreams() -> Response:
     """The upstreams the caller may use, by name, the default first: never a URL (it may
     hold credentials, and says where they are) nor an API key."""
-    registry = _manager().upstreams
+    registry = context.manager().upstreams
     listed = [
         UpstreamName(name=name, kind=registry.config(name).kind, default=n == 0)
-        for n, name in enumerate(registry.usable(_principal().upstreams))
+        for n, name in enumerate(registry.usable(context.principal().upstreams))
     ]
     return jsonify(UpstreamList(upstreams=listed).model_dump())
 
@@ -214,7 +158,7 @@ def stage_events(stage_id: str) -> Response:
         # The stage has ended and the client has its last event: 204 tells an
         # EventSource to stop reconnecting (the SSE specification's answer).
         return Response(status=204)
-    return _event_stream(_follow(feed, after_seq))
+    return context.event_stream(context.follow_here(feed, after_seq, _framing()))
 
 
 @bp.post("/stages/<stage_id>/cancel")

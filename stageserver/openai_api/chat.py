@@ -1,0 +1,167 @@
+"""The Chat Completions dialect: a stage as ``POST /v1/chat/completions`` streams it.
+
+Each upstream chunk becomes one ``data: {chat.completion.chunk}`` block, with no
+``event:``, ``id:`` or ``retry:`` line (the JavaScript SDK wraps named events; the
+Python SDK's decoder fails on ``id:`` and a lone ``retry:``). The chunk's ``id``,
+``created`` and ``model`` are the stage's, the same in every chunk whichever upstream
+or replica served it: upstream ids collide across servers. The ``delta`` is the
+upstream's, with its ``role`` sent once. Then:
+
+- ``done``: the usage chunk (``choices: []``) only when ``stream_options.include_usage``
+  asked for it, then ``data: [DONE]``;
+- ``error``: ``data: {"error": {"message", "type", "code", "param"}}``, and no ``[DONE]``;
+- ``cancelled`` (a cancel from another request; a client that leaves reads nothing):
+  the same error form, with ``code: "cancelled"``.
+
+Without ``stream``, the answer is one ``chat.completion``, its tool calls assembled from
+the deltas.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..sse import compact_json
+from ..stages.dialect import Ending, register
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class ChatCompletionsDialect:
+    name = "chat.completions"
+
+    def __init__(
+        self, stage_id: str, model: str, *, include_usage: bool, created: int | None = None
+    ) -> None:
+        self.stage_id = stage_id
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time()) if created is None else created
+        self._head = (
+            b'{"id":' + compact_json(stage_id) + b',"object":"chat.completion.chunk","created":'
+            + str(self.created).encode() + b',"model":' + compact_json(model)
+        )  # fmt: skip
+        self._role_sent = False
+        #: The tool calls so far, by index: id, name, arguments (for the whole answer).
+        self._tool_calls: dict[int, dict[str, Any]] = {}
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "stage_id": self.stage_id,
+            "model": self.model,
+            "include_usage": self.include_usage,
+            "created": self.created,
+        }
+
+    def opening(self, seq: int) -> list[bytes]:
+        return []
+
+    def chunk(self, seq: int, payload: bytes, read: Any) -> list[bytes]:
+        delta: dict[str, Any] | None = read[3]
+        finish_reason: str | None = read[1]
+        if delta is None and finish_reason is None:
+            return []  # the usage chunk, or one for another choice: told at the end
+        delta = dict(delta or {})
+        if self._role_sent:
+            delta.pop("role", None)
+        elif delta or finish_reason is None:
+            delta["role"] = "assistant"
+            self._role_sent = True
+        for call in delta.get("tool_calls") or ():
+            if isinstance(call, Mapping):
+                self._add_tool_call(call)
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return [b"data: " + self._head + b',"choices":[' + compact_json(choice) + b"]}\n\n"]
+
+    def _add_tool_call(self, call: Mapping[str, Any]) -> None:
+        index = call.get("index", 0)
+        if not isinstance(index, int):
+            return
+        known = self._tool_calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+        function = call.get("function")
+        if isinstance(call.get("id"), str):
+            known["id"] = call["id"]
+        if isinstance(function, Mapping):
+            if isinstance(function.get("name"), str):
+                known["name"] += function["name"]
+            if isinstance(function.get("arguments"), str):
+                known["arguments"] += function["arguments"]
+
+    def ending(self, seq: int, ending: Ending) -> list[bytes]:
+        if ending.status == "done":
+            events = []
+            if self.include_usage:
+                usage = {"choices": [], "usage": chat_usage(ending.usage)}
+                events.append(b"data: " + self._head + b"," + compact_json(usage)[1:] + b"\n\n")
+            return [*events, DONE_EVENT]
+        return [b"data: " + compact_json(self._error(ending)) + b"\n\n"]
+
+    def _error(self, ending: Ending) -> dict[str, Any]:
+        if ending.status == "cancelled":
+            return openai_error(f"cancelled: {ending.reason}", "cancelled", "cancelled")
+        outcome = getattr(ending.failure, "outcome", "error")
+        return openai_error(ending.error or "the stage failed", "server_error", outcome)
+
+    def answer(self, ending: Ending) -> tuple[dict[str, Any], int]:
+        if ending.status == "cancelled":
+            return self._error(ending), 409
+        if ending.status == "error":
+            status = 502 if ending.failure is None else ending.failure.http_status
+            return self._error(ending), status
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": ending.text or None,
+            "refusal": None,
+        }
+        if self._tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+                for _, call in sorted(self._tool_calls.items())
+            ]
+        finish = ending.finish_reason or ("tool_calls" if self._tool_calls else "stop")
+        return {
+            "id": self.stage_id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            ],
+            "usage": chat_usage(ending.usage),
+        }, 200
+
+
+def chat_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's usage as Chat Completions reports it."""
+    prompt = int(usage.get("prompt_tokens", 0))
+    completion = int(usage.get("completion_tokens", 0))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": int(usage.get("total_tokens", prompt + completion)),
+    }
+
+
+def openai_error(
+    message: str, kind: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+register(
+    ChatCompletionsDialect.name,
+    lambda record: ChatCompletionsDialect(
+        str(record["stage_id"]),
+        str(record["model"]),
+        include_usage=bool(record["include_usage"]),
+        created=int(record["created"]),
+    ),
+)

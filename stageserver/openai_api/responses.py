@@ -1,0 +1,367 @@
+"""The Responses dialect: a stage as ``/v1/responses`` streams it, and its Response.
+
+Every event is one SSE block named by its ``type`` (``event: response.output_text.delta``),
+with no ``id:`` or ``retry:`` line. ``sequence_number`` is the event's place in the
+stage's log: a resume with ``starting_after=N`` is an index into the log, on any host.
+In OpenAI's order:
+
+- ``response.created``, ``response.in_progress``;
+- for text: ``output_item.added`` (a message), ``content_part.added``,
+  ``output_text.delta``..., and at its end ``output_text.done``, ``content_part.done``,
+  ``output_item.done``;
+- for each tool call: ``output_item.added`` (a ``function_call``),
+  ``function_call_arguments.delta``..., ``function_call_arguments.done``,
+  ``output_item.done``;
+- then ``response.completed``, or ``response.incomplete`` (``incomplete_details.reason:
+  "max_output_tokens"``) when the upstream stopped at the token limit.
+
+A failure is an ``error`` event carrying the code both flat (``code``, ``message``,
+``param``) and nested (``error: {...}``), since clients read one or the other, then
+``response.failed``. A cancel ends the stream with ``response.cancelled``, carrying the
+Response: an extension of stageserver's (OpenAI's SDKs have no such event; the Python SDK
+keeps an unknown event's ``type``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..sse import compact_json, encode_event
+from ..stages.dialect import Ending, register
+
+#: What a Response echoes of its request (``ResponseRequest``), besides its model.
+ECHOED = (
+    "instructions", "max_output_tokens", "metadata", "parallel_tool_calls",
+    "previous_response_id", "store", "temperature", "text", "tool_choice", "tools",
+    "top_p", "truncation", "user", "service_tier", "background", "prompt_cache_key",
+    "safety_identifier",
+)  # fmt: skip
+
+_DEFAULTS: dict[str, Any] = {
+    "instructions": None,
+    "max_output_tokens": None,
+    "metadata": {},
+    "parallel_tool_calls": True,
+    "previous_response_id": None,
+    "store": True,
+    "temperature": 1.0,
+    "text": {"format": {"type": "text"}},
+    "tool_choice": "auto",
+    "tools": [],
+    "top_p": 1.0,
+    "truncation": "disabled",
+    "user": None,
+    "service_tier": "auto",
+    "background": False,
+    "prompt_cache_key": None,
+    "safety_identifier": None,
+}
+
+
+class ResponsesDialect:
+    name = "responses"
+
+    def __init__(
+        self,
+        stage_id: str,
+        model: str,
+        echo: Mapping[str, Any],
+        *,
+        replayable: bool = False,
+        created_at: float | None = None,
+    ) -> None:
+        """``echo``: the request's fields; ``replayable``: it may be streamed again (it
+        was created with ``background`` and ``stream``)."""
+        self.stage_id = stage_id
+        self.model = model
+        self.replayable = replayable
+        #: The request's fields the Response echoes; the defaults for the rest.
+        self.echo = {name: echo.get(name, _DEFAULTS[name]) for name in ECHOED}
+        for name in ECHOED:
+            if self.echo[name] is None and _DEFAULTS[name] is not None:
+                self.echo[name] = _DEFAULTS[name]
+        self.created_at = int(time.time()) if created_at is None else created_at
+        #: The output items so far, in order; the message's text and the calls' arguments
+        #: grow as deltas come.
+        self.output: list[dict[str, Any]] = []
+        self._text_item: dict[str, Any] | None = None  # the message being written
+        self._calls: dict[int, dict[str, Any]] = {}  # the tool calls being written, by index
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "stage_id": self.stage_id,
+            "model": self.model,
+            "echo": self.echo,
+            "replayable": self.replayable,
+            "created_at": self.created_at,
+        }
+
+    # -- the Response ---------------------------------------------------------------------
+
+    def response(
+        self,
+        status: str,
+        *,
+        usage: Mapping[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        incomplete: str | None = None,
+    ) -> dict[str, Any]:
+        """The Response as it stands, with ``status``."""
+        return {
+            "id": self.stage_id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": error,
+            "incomplete_details": None if incomplete is None else {"reason": incomplete},
+            "model": self.model,
+            "output": [dict(item) for item in self.output],
+            "usage": None if usage is None else response_usage(usage),
+            **self.echo,
+            "reasoning": None,
+        }
+
+    def in_progress(self, text: str) -> dict[str, Any]:
+        """The Response of a stage that runs elsewhere, from the text it has delivered."""
+        response = self.response("in_progress")
+        if text:
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            response["output"] = [
+                {
+                    "id": f"msg_{self.stage_id}_0",
+                    "type": "message",
+                    "status": "in_progress",
+                    "role": "assistant",
+                    "content": [part],
+                }
+            ]
+        return response
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _event(self, seq: int, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": seq, **fields}
+        return encode_event(kind, compact_json(data))
+
+    def opening(self, seq: int) -> list[bytes]:
+        response = self.response("in_progress")
+        return [
+            self._event(seq, "response.created", response=response),
+            self._event(seq + 1, "response.in_progress", response=response),
+        ]
+
+    def chunk(self, seq: int, payload: bytes, read: Any) -> list[bytes]:
+        content: str | None = read[0]
+        delta: dict[str, Any] | None = read[3]
+        events: list[bytes] = []
+        if content:
+            events += self._text_delta(seq, content)
+        calls = delta.get("tool_calls") if delta else None
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, Mapping):
+                    events += self._call_delta(seq + len(events), call)
+        return events
+
+    def _text_delta(self, seq: int, text: str) -> list[bytes]:
+        events = []
+        item = self._text_item
+        if item is None:
+            events += self._close_calls(seq)
+            index = len(self.output)
+            item = {
+                "id": f"msg_{self.stage_id}_{index}",
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            self.output.append(item)
+            self._text_item = item
+            events.append(
+                self._event(
+                    seq + len(events),
+                    "response.output_item.added",
+                    output_index=index,
+                    item={**item, "content": []},
+                )  # fmt: skip
+            )
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            item["content"].append(part)
+            events.append(
+                self._event(
+                    seq + len(events),
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    part=dict(part),
+                )  # fmt: skip
+            )
+        part = item["content"][0]
+        part["text"] += text
+        events.append(
+            self._event(
+                seq + len(events),
+                "response.output_text.delta",
+                item_id=item["id"],
+                output_index=self.output.index(item),
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )  # fmt: skip
+        )
+        return events
+
+    def _call_delta(self, seq: int, call: Mapping[str, Any]) -> list[bytes]:
+        index = call.get("index", 0)
+        if not isinstance(index, int):
+            return []
+        function = call.get("function") if isinstance(call.get("function"), Mapping) else {}
+        assert isinstance(function, Mapping)
+        events = []
+        item = self._calls.get(index)
+        if item is None:
+            events += self._close_text(seq)
+            output_index = len(self.output)
+            call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{index}"
+            item = {
+                "id": f"fc_{self.stage_id}_{output_index}",
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": call_id,
+                "name": function.get("name") or "",
+                "arguments": "",
+            }
+            self.output.append(item)
+            self._calls[index] = item
+            events.append(
+                self._event(
+                    seq + len(events),
+                    "response.output_item.added",
+                    output_index=output_index,
+                    item=dict(item),
+                )  # fmt: skip
+            )
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            item["arguments"] += arguments
+            events.append(
+                self._event(
+                    seq + len(events),
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=self.output.index(item),
+                    delta=arguments,
+                )  # fmt: skip
+            )
+        return events
+
+    def _close_text(self, seq: int) -> list[bytes]:
+        item, self._text_item = self._text_item, None
+        if item is None:
+            return []
+        index = self.output.index(item)
+        part = item["content"][0]
+        item["status"] = "completed"
+        common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return [
+            self._event(seq, "response.output_text.done", **common, text=part["text"], logprobs=[]),
+            self._event(seq + 1, "response.content_part.done", **common, part=dict(part)),
+            self._event(seq + 2, "response.output_item.done", output_index=index, item=_copy(item)),
+        ]
+
+    def _close_calls(self, seq: int) -> list[bytes]:
+        events: list[bytes] = []
+        for item in self._calls.values():
+            if item["status"] != "in_progress":
+                continue
+            index = self.output.index(item)
+            item["status"] = "completed"
+            events.append(
+                self._event(
+                    seq + len(events),
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )  # fmt: skip
+            )
+            events.append(
+                self._event(
+                    seq + len(events),
+                    "response.output_item.done",
+                    output_index=index,
+                    item=dict(item),
+                )  # fmt: skip
+            )
+        return events
+
+    def ending(self, seq: int, ending: Ending) -> list[bytes]:
+        if ending.status == "cancelled":
+            response = self.final(ending)
+            return [self._event(seq, "response.cancelled", response=response)]
+        if ending.status == "error":
+            error = response_error(ending)
+            flat = {"code": error["code"], "message": error["message"], "param": None}
+            response = self.final(ending)
+            return [
+                self._event(seq, "error", **flat, error={"type": "server_error", **flat}),
+                self._event(seq + 1, "response.failed", response=response),
+            ]
+        events = self._close_text(seq)
+        events += self._close_calls(seq + len(events))
+        response = self.final(ending)
+        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        return [*events, self._event(seq + len(events), kind, response=response)]
+
+    def final(self, ending: Ending) -> dict[str, Any]:
+        """The Response of a stage that ended so."""
+        if ending.status == "cancelled":
+            return self.response("cancelled", usage=ending.usage)
+        if ending.status == "error":
+            return self.response("failed", usage=ending.usage, error=response_error(ending))
+        if ending.finish_reason == "length":
+            return self.response("incomplete", usage=ending.usage, incomplete="max_output_tokens")
+        return self.response("completed", usage=ending.usage)
+
+    def answer(self, ending: Ending) -> tuple[dict[str, Any], int]:
+        return self.final(ending), 200
+
+
+def _copy(item: dict[str, Any]) -> dict[str, Any]:
+    return {**item, "content": [dict(part) for part in item.get("content", ())]}
+
+
+def response_error(ending: Ending) -> dict[str, Any]:
+    outcome = getattr(ending.failure, "outcome", "error")
+    return {"code": "server_error" if outcome == "error" else outcome, "message": ending.error}
+
+
+def response_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's usage as a Response reports it."""
+    prompt = int(usage.get("prompt_tokens", 0))
+    completion = int(usage.get("completion_tokens", 0))
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": int(usage.get("total_tokens", prompt + completion)),
+    }
+
+
+register(
+    ResponsesDialect.name,
+    lambda record: ResponsesDialect(
+        str(record["stage_id"]),
+        str(record["model"]),
+        record["echo"],
+        replayable=bool(record["replayable"]),
+        created_at=record["created_at"],
+    ),
+)

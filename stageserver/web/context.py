@@ -1,0 +1,84 @@
+"""What every API request of stageserver shares, whichever blueprint serves it: the
+manager, the request's principal (decided first, ``auth.py``) and id, and its answer as
+an event stream that follows a stage."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+from flask import Response, current_app, g, request
+
+from ..manager import StageManager, manager_of
+from ..principals import ANONYMOUS, Principal
+from ..stages.feeds import EventFeed
+from . import cors
+from .auth import authenticator_of
+from .follow import Framing, follow
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def manager() -> StageManager:
+    return manager_of(current_app.extensions)
+
+
+def prepare() -> None:
+    """Before each request: its body's limit, its id, and its principal (or a 401)."""
+    request.max_content_length = manager().settings.max_body_bytes
+    request.environ.setdefault("stageserver.request_id", _request_id())
+    if request.method == "OPTIONS":
+        return  # a browser's preflight carries no credentials; cors.py answers it
+    principal = authenticator_of(current_app.extensions).principal(request)
+    g.stageserver_principal = principal
+    if principal is not ANONYMOUS:
+        # For the access log line: %({stageserver.principal}e)s in gunicorn_conf.py.
+        request.environ["stageserver.principal"] = principal.name
+
+
+def finish(response: Response) -> Response:
+    """After each request: its id, and what CORS allows."""
+    request_id = request.environ.get("stageserver.request_id")
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+    return cors.apply(request, response, manager().settings.cors_origins)
+
+
+def principal() -> Principal:
+    found = g.get("stageserver_principal")
+    if not isinstance(found, Principal):
+        raise RuntimeError("no principal: the request did not pass through prepare()")
+    return found
+
+
+def request_id() -> str:
+    return str(request.environ["stageserver.request_id"])
+
+
+def _request_id() -> str:
+    given = request.headers.get("X-Request-ID", "")
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def event_stream(events: Iterator[bytes], headers: dict[str, str] | None = None) -> Response:
+    # Passed through: gunicorn iterates and closes our generator itself, without werkzeug's
+    # two layers around it (a frame each on every write and on a parked response's stack).
+    return Response(
+        events,
+        mimetype="text/event-stream",
+        headers={**SSE_HEADERS, **(headers or {})},
+        direct_passthrough=True,
+    )
+
+
+def follow_here(feed: EventFeed, after_seq: int, framing: Framing) -> Iterator[bytes]:
+    """The events this response sends: the one follow loop, on this request's socket."""
+    return follow(
+        feed,
+        after_seq=after_seq,
+        client_socket=request.environ.get("gunicorn.socket"),
+        settings=manager().settings.follow,
+        framing=framing,
+    )
