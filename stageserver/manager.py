@@ -279,6 +279,8 @@ class StageManager:
             conversation=conversation,
             detached=request.detached,
             max_seconds=settings.background_max_seconds if request.detached else 0.0,
+            keep_seconds=request.keep_seconds,
+            keep_events_seconds=request.keep_events_seconds,
         )
         route = self.pools.route(upstream.name)
         relay = UpstreamRelay(route, body, {"X-Request-ID": request_id}, self._tracer)

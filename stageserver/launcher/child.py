@@ -11,7 +11,9 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+#: Where the ``stageserver`` package is imported from: a child imports the same one,
+#: whether it is installed or run from a checkout.
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
@@ -37,10 +39,10 @@ class Child:
         self.name = name
         self.tail: collections.deque[str] = collections.deque(maxlen=25)
         self._partial = b""
+        path = [PACKAGE_PARENT, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
         self.proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
-            env=dict(env),
+            env={**env, "PYTHONPATH": os.pathsep.join(path)},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.STDOUT if capture else None,

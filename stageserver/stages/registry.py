@@ -50,9 +50,13 @@ class StageRegistry(StageListener):
 
     def on_finish(self, stage: Stage) -> None:
         now = time.monotonic()
+        # A stage that is to be kept longer only holds back the ones behind it in the
+        # queue: they are kept a little longer, never dropped sooner.
+        keep = max(self.ttl_seconds, stage.spec.keep_seconds)
+        keep_events = min(keep, max(self.event_ttl_seconds, stage.spec.keep_events_seconds))
         with self._lock:
-            self._expiry.append((now + self.ttl_seconds, stage))
-            self._event_expiry.append((now + self.event_ttl_seconds, stage))
+            self._expiry.append((now + keep, stage))
+            self._event_expiry.append((now + keep_events, stage))
 
     def _expire(self) -> None:
         now = time.monotonic()

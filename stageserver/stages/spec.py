@@ -35,6 +35,10 @@ class StageSpec:
     detached: bool = False
     #: Seconds it may run at most; 0: no bound.
     max_seconds: float = 0.0
+    #: Seconds its status and its events are kept after its end, at least (the settings'
+    #: TTLs when longer): what its API promises (a response's, for instance).
+    keep_seconds: float = 0.0
+    keep_events_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class StageRequest:
     detached: bool = False
     #: Makes the stage's dialect from its id; None: the seed's.
     dialect: Callable[[str], Dialect] | None = None
+    #: Seconds its status and its events are kept after its end, at least.
+    keep_seconds: float = 0.0
+    keep_events_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,10 @@ _TOKENS_PER_MESSAGE = 4
 def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     """The prompt's tokens, estimated from its characters: the text of each message, and
     the arguments of an assistant's tool calls."""
-    chars = [len(message_text(m)) + len(json.dumps(m.get("tool_calls") or "")) for m in messages]
+    chars = [
+        len(message_text(m)) + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
+        for m in messages
+    ]
     return sum(-(-n // _CHARS_PER_TOKEN) + _TOKENS_PER_MESSAGE for n in chars)
 
 

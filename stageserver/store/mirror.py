@@ -222,7 +222,7 @@ class RedisStageStore(StageListener):
             pipe = self.redis.pipeline()
             pipe.delete(hash_key, log_key, text_key)
             pipe.hset(hash_key, mapping=self._fields(stage))
-            pipe.pexpire(hash_key, self.ttl_ms + lease_ms)
+            pipe.pexpire(hash_key, self._ttls_ms(stage)[0] + lease_ms)
             pipe.execute()
         except redis.RedisError as exc:
             raise StoreUnavailable(exc) from None
@@ -334,7 +334,7 @@ class RedisStageStore(StageListener):
         answer = json.dumps(stage.answer()) if done else ""
         args: list[Any] = [
             stage.instance, self.leases.lease_ms, mirror.held, self.max_events, int(done),
-            self.ttl_ms, self.event_ttl_ms, stage.status, summary, text_mode, text, mirror.gap,
+            *self._ttls_ms(stage), stage.status, summary, text_mode, text, mirror.gap,
             self.owner, stage.spec.prompt_tokens_estimate, answer,
         ]  # fmt: skip
         last = stage.next_seq - 1
@@ -342,6 +342,12 @@ class RedisStageStore(StageListener):
             args += [seq, wire, int(done and seq == last)]
         self._flush_script(keys=list(stage_keys(stage.key)), args=args, client=pipe)
         return mirror, upto, len(parts), done
+
+    def _ttls_ms(self, stage: Stage) -> tuple[int, int]:
+        """How long its status and its events are kept after its end, in ms."""
+        spec = stage.spec
+        ttl = max(self.ttl_ms, int(spec.keep_seconds * 1000))
+        return ttl, min(ttl, max(self.event_ttl_ms, int(spec.keep_events_seconds * 1000)))
 
     def _lost(self, mirror: _Mirror) -> None:
         mirror.lost, mirror.held = True, 0  # Redis restarted empty: write the stage whole

@@ -70,6 +70,8 @@ class OutcomeLog(StageListener):
             "chunks": stage.chunk_count,
             "duration_ms": round((stage.duration_seconds or 0) * 1000, 1),
         }
+        if stage.dialect.name != "seed":  # the seed's lines stay as they were
+            fields["dialect"] = stage.dialect.name
         if len(stage.attempts) > 1:  # it failed over: which replica served, after what
             fields["replica"] = None if stage.served_by is None else stage.served_by.replica
             fields["attempts"] = ", ".join(

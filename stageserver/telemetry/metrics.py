@@ -16,6 +16,8 @@ Metrics (labels in brackets):
 
 - ``stageserver_stages_total`` [upstream, outcome]: stages finished; outcome is the
   terminal event, ``done``, ``error`` or ``cancel``.
+- ``stageserver_dialect_stages_total`` [dialect, outcome]: the same stages by the API that
+  served them: ``seed`` (``/chat``), ``chat.completions`` or ``responses`` (``/v1``).
 - ``stageserver_time_to_first_token_seconds`` [upstream]: histogram, from the stage's
   start to its first chunk; stages that got no chunk are not observed.
 - ``stageserver_stream_duration_seconds`` [upstream, outcome]: histogram, from the
@@ -90,6 +92,11 @@ STAGES = Counter(
     "stageserver_stages",
     "Stages finished, by upstream and outcome (done, error, cancel).",
     ("upstream", "outcome"),
+)
+DIALECT_STAGES = Counter(
+    "stageserver_dialect_stages",
+    "Stages finished, by dialect (seed, chat.completions, responses) and outcome.",
+    ("dialect", "outcome"),
 )
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TIME_TO_FIRST_TOKEN = Histogram(
@@ -241,6 +248,7 @@ class StageMetrics(StageListener):
             series.chunks.inc(stage.chunk_count)
         if isinstance(stage.failure, UpstreamFailure):
             UPSTREAM_ERRORS.labels(upstream, type(stage.failure).__name__).inc()
+        DIALECT_STAGES.labels(stage.dialect.name, outcome).inc()
         label = stage.spec.principal.metrics_label
         PRINCIPAL_STAGES.labels(label, outcome).inc()
         usage = stage.usage or {}

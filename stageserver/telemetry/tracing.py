@@ -198,6 +198,7 @@ class Tracing(StageListener):
             "stageserver.stage_id": stage.stage_id,
             "stageserver.request_id": spec.request_id,
             "stageserver.upstream.requested": spec.upstream,
+            "stageserver.dialect": stage.dialect.name,
         }
         span = self._start(spec.model, spec.upstream, parent, SpanKind.INTERNAL, attributes)
         self._stages[stage] = _StageSpan(span)

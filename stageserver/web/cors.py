@@ -4,9 +4,11 @@ Unset, no CORS header is ever sent, and browsers keep pages of other origins out
 origin on the list, every answer of the stage API (and the browser client,
 ``/static/stageserver.js``, which such a page imports) carries ``Access-Control-Allow-Origin``
 with that origin (and ``Vary: Origin``), exposes ``X-Request-ID`` and ``Retry-After``,
-and a preflight (``OPTIONS``) allows ``Authorization``, ``Content-Type``,
-``Last-Event-ID`` and ``X-Request-ID`` on ``GET`` and ``POST``. An origin not on the list
-gets no CORS header at all. Credentials (cookies) are not allowed across origins: a
+and ``X-Stage-Id``, and a preflight (``OPTIONS``) allows ``Authorization``,
+``Content-Type``, ``Last-Event-ID`` and ``X-Request-ID`` on ``GET``, ``POST`` and
+``DELETE``, and the headers OpenAI's SDKs send (``x-stainless-*``, ``OpenAI-*``,
+``Idempotency-Key``) when the preflight asks for them. An origin not on the list gets no
+CORS header at all. Credentials (cookies) are not allowed across origins: a
 browser client sends its API key in ``Authorization``.
 """
 
@@ -17,7 +19,10 @@ from collections.abc import Collection
 from flask import Request, Response
 
 ALLOWED_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-ID"
-EXPOSED_HEADERS = "X-Request-ID, Retry-After"
+#: What else a preflight may ask for: the headers of OpenAI's SDKs.
+SDK_HEADERS = frozenset({"idempotency-key", "openai-organization", "openai-project"})
+SDK_HEADER_PREFIXES = ("x-stainless-", "openai-")
+EXPOSED_HEADERS = "X-Request-ID, Retry-After, X-Stage-Id"
 PREFLIGHT_MAX_AGE = "600"
 
 
@@ -33,7 +38,19 @@ def apply(request: Request, response: Response, origins: Collection[str]) -> Res
     headers["Access-Control-Allow-Origin"] = origin
     headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
     if request.method == "OPTIONS":
-        headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+        headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        headers["Access-Control-Allow-Headers"] = _allowed(request)
         headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
     return response
+
+
+def _allowed(request: Request) -> str:
+    """The headers a preflight may send: the API's, and those of the SDKs it asks for."""
+    asked = request.headers.get("Access-Control-Request-Headers", "")
+    sdk = [
+        name.strip()
+        for name in asked.split(",")
+        if name.strip().lower() in SDK_HEADERS
+        or name.strip().lower().startswith(SDK_HEADER_PREFIXES)
+    ]
+    return ", ".join([ALLOWED_HEADERS, *sdk])

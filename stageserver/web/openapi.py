@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document of an app's stageserver: ``GET /openapi.json``, shown at ``/docs``.
 
-One source: every schema in it is generated from the pydantic models of ``schemas.py``,
+One source: every schema in it is generated from the pydantic models of ``schemas.py``
+(and, for ``/v1``, of ``openai_api/requests.py``: ``openapi_v1.py``),
 the ones the server validates requests with and builds its answers from. Written here by
 hand is only what pydantic cannot know: the paths, each one's statuses and headers, the
 auth scheme, and how the event stream is described. ``build`` makes the document once per
@@ -48,6 +49,7 @@ from ..schemas import (
     UpstreamList,
     max_tokens_schema,
 )
+from . import openapi_v1
 from .browser import PLAYGROUND_DIR
 
 VERSION = "0.1.0"
@@ -134,6 +136,7 @@ def _schemas(settings: StageSettings) -> dict[str, Any]:
     chat["max_tokens"].update(max_tokens_schema(settings.max_tokens_limit))
     for prompt in ("user_prompt", "system_prompt"):
         chat[prompt]["maxLength"] = settings.max_prompt_chars
+    schemas.update(openapi_v1.schemas())
     schemas["StageEvent"] = {
         "description": STREAM,
         "oneOf": [
@@ -378,13 +381,14 @@ def _stage_api(settings: StageSettings, bearer_required: bool) -> dict[str, Any]
                 },
             }
         },
+        **openapi_v1.paths(),
     }
     request_id = _header(
         "The request's id (see the description above).", {"type": "string", "minLength": 1}, True
     )
-    for item in paths.values():
+    for path, item in paths.items():
         for operation in item.values():
-            operation["tags"] = ["stages"]
+            operation["tags"] = ["openai" if path.startswith("/v1/") else "stages"]
             # Without keys, or with a host app's identify(), a request may come without it.
             operation["security"] = [{"bearerAuth": []}] + ([] if bearer_required else [{}])
             operation["responses"] = {
