@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import requests
+from openai import OpenAI
 
 from stageserver.launcher.model import (
     MODEL_NAME,
@@ -327,6 +328,12 @@ def test_serve_starts_the_model_and_stageserver_and_sigterm_stops_both() -> None
         events = parse_events(response.content)
         assert events[-1]["event"] == "done"
         assert chunk_text(events).strip()
+
+        # The openai SDK line it prints, run as printed: the model answers through /v1.
+        sdk = next(line.strip() for line in serve.out().splitlines() if "OpenAI(" in line)
+        completion = eval(sdk, {"OpenAI": OpenAI})  # noqa: S307 - our own printed line
+        assert completion.object == "chat.completion"
+        assert completion.choices[0].message.content.strip()
 
         serve.proc.send_signal(signal.SIGTERM)
         assert serve.wait() == 0

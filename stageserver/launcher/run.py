@@ -46,11 +46,17 @@ def ready_message(url: str, upstream: str, model_name: str) -> str:
     }
     data = json.dumps(request, separators=(",", ":"))
     curl = f"curl -N {url}/chat -H 'Content-Type: application/json' -d {shlex.quote(data)}"
+    sdk = (
+        f'OpenAI(base_url="{url}/v1", api_key="none").chat.completions.create('
+        f'model="{model_name}", messages=[{{"role": "user", "content": "Hi!"}}])'
+    )
     return (
         f"stageserver is ready: {url}\n"
         f"  upstream: {upstream}\n"
         "Try it (each stage needs a new stage_id while the last one runs):\n"
         f"  {curl}\n"
+        "Or with the openai SDK (pip install openai; from openai import OpenAI):\n"
+        f"  {sdk}\n"
         "Ctrl-C stops everything.\n"
     )
 
