@@ -281,3 +281,75 @@ def test_runs_as_a_process() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_tool_calls_stream_as_deltas_then_whole(fake: FakeUpstream) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    _, chunks, complete = _stream(
+        fake.port,
+        'fake?tool_calls=2&chunks=2&tool_args={"a":1}',
+        tools=tools,
+        stream_options={"include_usage": True},
+    )
+    assert complete
+    events = [json.loads(chunk.removeprefix(b"data: ")) for chunk in chunks[:-1]]
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    index = fake.requests[0].index
+    deltas = [e["choices"][0]["delta"] for e in events[:-2]]
+    assert deltas == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": f"call_fake_{index}_0",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ],
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"a'}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '":1}'}}]},
+        {
+            "tool_calls": [
+                {
+                    "index": 1,
+                    "id": f"call_fake_{index}_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ]
+        },
+        {"tool_calls": [{"index": 1, "function": {"arguments": '{"a'}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": '":1}'}}]},
+    ]
+    assert events[-2]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]
+    assert events[-1]["usage"] == {"prompt_tokens": 0, "completion_tokens": 6, "total_tokens": 6}
+    assert fake.requests[0].chunks_sent == 6
+
+    # Not streamed, and without tools in the request: the calls whole, named by index.
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    try:
+        body = json.dumps({"model": "fake?tool_calls=1", "messages": []})
+        conn.request("POST", "/v1/chat/completions", body)
+        completion = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    assert completion["choices"] == [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": f"call_fake_{fake.requests[1].index}_0",
+                        "type": "function",
+                        "function": {"name": "tool0", "arguments": '{"city":"Paris","call":0}'},
+                    }
+                ],
+            },
+            "finish_reason": "tool_calls",
+        }
+    ]

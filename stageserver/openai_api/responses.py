@@ -338,8 +338,12 @@ def _copy(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def response_error(ending: Ending) -> dict[str, Any]:
+    """The Response's ``error``, the ``error`` event's code with it. Its ``code`` is one
+    of OpenAI's (the SDK's ``ResponseError.code`` is a closed list: a code of ours, such as
+    the outcome ``reset``, fails its validation); the message says what happened."""
     outcome = getattr(ending.failure, "outcome", "error")
-    return {"code": "server_error" if outcome == "error" else outcome, "message": ending.error}
+    code = "rate_limit_exceeded" if outcome == "http_429" else "server_error"
+    return {"code": code, "message": ending.error or "the response failed"}
 
 
 def response_usage(usage: Mapping[str, Any]) -> dict[str, Any]:

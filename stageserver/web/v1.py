@@ -54,6 +54,10 @@ answer_in_openai_json(bp)
 
 #: How long a cancel or a delete waits for the response to end before it answers.
 CANCEL_WAIT_SECONDS = 5.0
+#: A response is kept at least this long after its end, as OpenAI keeps one; the events
+#: of one that can be streamed again (background + stream) at least ``KEEP_EVENTS``.
+KEEP_RESPONSE_SECONDS = 600.0
+KEEP_EVENTS_SECONDS = 300.0
 _RESPONSE_ID = re.compile(r"^resp_[0-9a-f]{32}$")
 
 
@@ -158,6 +162,8 @@ def create_response() -> Response:
                 resumable=False,
                 detached=body.background,
                 dialect=lambda sid: ResponsesDialect(sid, model, echo, replayable=replayable),
+                keep_seconds=KEEP_RESPONSE_SECONDS,
+                keep_events_seconds=KEEP_EVENTS_SECONDS if replayable else 0.0,
             ),
             request_id=context.request_id(),
             principal=principal,
@@ -238,11 +244,17 @@ def _response(response_id: str) -> LocalStage | StoredStage:
 
 def _as_it_stands(found: LocalStage | StoredStage) -> dict[str, Any]:
     """The Response: its final one once it has ended, else as far as it has come."""
+    if isinstance(found, LocalStage):
+        # Asked of the stage itself: a StartedStage's answer() is the answer as if it had
+        # ended (its request follows it to the end first), "completed" with no output.
+        if not isinstance(found.stage.dialect, ResponsesDialect):
+            raise UnknownStage(found.stage_id)
+        if found.stage.finished:
+            return found.stage.answer()[0]
+        return found.stage.dialect.response("in_progress")
     answer = found.answer()
     if answer is not None:
         return answer[0]
-    if isinstance(found, LocalStage) and isinstance(found.stage.dialect, ResponsesDialect):
-        return found.stage.dialect.response("in_progress")
     dialect = dialect_of(found.record()["dialect"])
     if not isinstance(dialect, ResponsesDialect):
         raise UnknownStage(found.stage_id)

@@ -10,6 +10,9 @@ Endpoints:
 * ``GET /v1/models`` (also ``/models``): one model, ``"fake"``.
 * ``GET /health``: ``{"status":"ok"}``.
 
+With the option ``tool_calls=N``, the answer is N function tool calls (``tool_calls``
+deltas, then finish_reason ``"tool_calls"``) instead of text.
+
 ``max_tokens``/``max_completion_tokens`` in the body cap the number of pieces (one token
 each; finish_reason ``"length"``). ``prompt_tokens`` is the number of whitespace-separated
 words in the messages' text; the usage chunk is sent when
@@ -32,7 +35,7 @@ from .connection import (
     error_body,
     response_head,
 )
-from .options import Options, pieces, resolve_options
+from .options import Options, pieces, resolve_options, split_text
 
 __all__ = ["respond"]
 
@@ -122,22 +125,31 @@ async def _chat(
         extra = [("Retry-After", opts.retry_after)] if opts.retry_after else []
         return await response.send_json(opts.status, failure, headers=extra)
 
-    texts = pieces(opts)
-    finish = "stop"
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(texts):
-        texts = texts[:limit]
-        finish = "length"
+    calls = _tool_calls(body, opts, rec.index)
+    if calls:
+        texts: list[str] = []
+        deltas = _tool_call_deltas(calls, opts.chunks)
+        finish = "tool_calls"
+        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
+    else:
+        texts = pieces(opts)
+        finish = "stop"
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(texts):
+            texts = texts[:limit]
+            finish = "length"
+        deltas = _text_deltas(texts)
+        message = {"role": "assistant", "content": "".join(texts)}
     prompt = _prompt_tokens(body)
     usage = {
         "prompt_tokens": prompt,
-        "completion_tokens": len(texts),
-        "total_tokens": prompt + len(texts),
+        "completion_tokens": len(deltas),
+        "total_tokens": prompt + len(deltas),
     }
     ident = f"chatcmpl-fake-{rec.index}"
     created = int(time.time()) if opts.created is None else opts.created
     if not rec.stream:
-        delay = opts.prefill + opts.interval * max(len(texts) - 1, 0)
+        delay = opts.prefill + opts.interval * max(len(deltas) - 1, 0)
         if not await response.pause(delay):
             return False
         completion = {
@@ -145,19 +157,13 @@ async def _chat(
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(texts)},
-                    "finish_reason": finish,
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": usage,
         }
         drop = opts.reset if opts.mode == "drop" else None
         keep_alive = await response.send_json(200, completion, gzip=opts.gzip, drop=drop)
         if keep_alive:
-            rec.chunks_sent = len(texts)
+            rec.chunks_sent = len(deltas)
         return keep_alive
 
     stream_options = body.get("stream_options")
@@ -167,7 +173,60 @@ async def _chat(
         f'"model":{compact_json(model)},"choices":'
     )
     stream = _ChatStream(rec, response, opts, prefix)
-    return await stream.run(texts, finish, usage if include_usage else None)
+    last = '{"role":"assistant"}' if not deltas else "{}"
+    return await stream.run(deltas, last, finish, usage if include_usage else None)
+
+
+def _text_deltas(texts: list[str]) -> list[str]:
+    """The ``delta`` of each content chunk: the role in the first one only."""
+    return [
+        ('{"role":"assistant","content":' if i == 0 else '{"content":') + compact_json(text) + "}"
+        for i, text in enumerate(texts)
+    ]
+
+
+def _tool_calls(body: Mapping[str, Any], opts: Options, index: int) -> list[dict[str, Any]]:
+    """The ``tool_calls`` option's calls, as a whole message holds them: each named after
+    the request's tool of its index (or its last tool), so a client's tools are called."""
+    names: list[str] = []
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            names.append(function["name"])
+    calls = []
+    for i in range(opts.tool_calls):
+        name = names[min(i, len(names) - 1)] if names else f"tool{i}"
+        arguments = opts.tool_args
+        if arguments is None:
+            arguments = compact_json({"city": "Paris", "call": i})
+        calls.append(
+            {
+                "id": f"call_fake_{index}_{i}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return calls
+
+
+def _tool_call_deltas(calls: list[dict[str, Any]], chunks: int) -> list[str]:
+    """The ``delta`` of each chunk that streams ``calls``: per call, one with its index,
+    id, type and name (and ``arguments: ""``), then its arguments in ``chunks`` fragments."""
+    deltas = []
+    for i, call in enumerate(calls):
+        head = {
+            "index": i,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""},
+        }
+        role = '"role":"assistant","content":null,' if i == 0 else ""
+        deltas.append("{" + role + '"tool_calls":[' + compact_json(head) + "]}")
+        for fragment in split_text(call["function"]["arguments"], chunks):
+            part = {"index": i, "function": {"arguments": fragment}}
+            deltas.append('{"tool_calls":[' + compact_json(part) + "]}")
+    return deltas
 
 
 def _chunk(data: bytes) -> bytes:
@@ -244,7 +303,10 @@ class _ChatStream:
         self.head = _STREAM_HEADS[(opts.gzip, response.keep_alive)]
         self.wire = _Wire(opts, b"" if opts.headers_first else self.head)
 
-    async def run(self, texts: list[str], finish: str, usage: dict[str, int] | None) -> bool:
+    async def run(
+        self, deltas: list[str], last: str, finish: str, usage: dict[str, int] | None
+    ) -> bool:
+        """Stream a chunk per delta (JSON), then ``last`` with ``finish``, and the usage."""
         rec, response, opts, wire, prefix = (
             self.rec, self.response, self.opts, self.wire, self.prefix
         )  # fmt: skip
@@ -256,13 +318,12 @@ class _ChatStream:
         if not await response.pause(opts.prefill):
             return False
 
-        first_prefix = prefix + '[{"index":0,"delta":{"role":"assistant","content":'
-        next_prefix = prefix + '[{"index":0,"delta":{"content":'
-        suffix = '},"finish_reason":null}]}'
+        delta_prefix = prefix + '[{"index":0,"delta":'
+        suffix = ',"finish_reason":null}]}'
         fault = opts.mode if opts.mode in ("drop", "malformed", "error_object") else None
-        fault_at = min(opts.after, len(texts))
+        fault_at = min(opts.after, len(deltas))
 
-        for i in range(len(texts) + 1):
+        for i in range(len(deltas) + 1):
             if fault is not None and i == fault_at:
                 if fault == "drop":
                     if wire.pending and await response.send(wire.pending):
@@ -276,17 +337,15 @@ class _ChatStream:
                     if not await self.emit(wire.event(_ERROR_OBJECT)):
                         return False
                     return await self.finish()
-            if i == len(texts):
+            if i == len(deltas):
                 break
             if i and not await response.pause(opts.interval):
                 return False
-            payload = (first_prefix if i == 0 else next_prefix) + compact_json(texts[i]) + suffix
-            if not await self.emit(wire.event(payload)):
+            if not await self.emit(wire.event(delta_prefix + deltas[i] + suffix)):
                 return False
             rec.chunks_sent += 1
 
-        delta = '{"role":"assistant"}' if not texts else "{}"
-        final = prefix + f'[{{"index":0,"delta":{delta},"finish_reason":{compact_json(finish)}}}]}}'
+        final = prefix + f'[{{"index":0,"delta":{last},"finish_reason":{compact_json(finish)}}}]}}'
         if not await self.emit(wire.event(final)):
             return False
         if usage is not None:

@@ -11,6 +11,17 @@ characters; default pieces are ``"tok0 "``, ``"tok1 "``, ...), ``mode`` (``norma
 ``error_object`` + ``after``), ``after_done`` (``hang`` | ``reset``), wire shapes ``crlf``,
 ``split``, ``multiline``, ``comments``, ``gzip``, and ``created`` (a fixed timestamp).
 Unknown keys are kept in the record and otherwise ignored.
+
+``tool_calls`` (0): when 1 or more, the answer is that many function tool calls instead of
+text, with ``finish_reason: "tool_calls"``. Call ``i`` is named after the request's
+``tools[i]`` (the last one when there are fewer; ``tool<i>`` when it has none), has the
+id ``call_fake_<request index>_<i>`` and the arguments ``tool_args`` (default
+``{"city":"Paris","call":<i>}``). Streamed, each call is a first ``tool_calls`` delta with
+``index``, ``id``, ``type: "function"`` and ``function: {name, arguments: ""}``, then its
+arguments in ``chunks`` fragments (nearly equal, by characters). Each delta counts as a
+chunk, for ``after``, ``chunks_sent`` and the usage's ``completion_tokens``; ``max_tokens``
+cuts nothing. Not streamed, ``message.tool_calls`` holds them all.
+
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-__all__ = ["Options", "pieces", "resolve_options"]
+__all__ = ["Options", "pieces", "resolve_options", "split_text"]
 
 _MODES = frozenset({"normal", "status", "hang", "drop", "malformed", "error_object"})
 _AFTER_DONE = frozenset({"", "none", "hang", "reset"})
@@ -76,6 +87,8 @@ class Options:
     comments: bool = False
     gzip: bool = False
     created: int | None = None  # a fixed "created" stamp, so tests can compare exact bytes
+    tool_calls: int = 0  # answer with this many function tool calls instead of text
+    tool_args: str | None = None  # the calls' arguments; None: {"city":"Paris","call":<i>}
 
 
 _CONVERTERS: dict[str, Callable[[str], object]] = {
@@ -96,6 +109,8 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "comments": _flag,
     "gzip": _flag,
     "created": int,
+    "tool_calls": _count,
+    "tool_args": str,
 }
 
 
@@ -135,8 +150,12 @@ def pieces(opts: Options) -> list[str]:
     """The content of the answer, one piece per chunk (one token each)."""
     if opts.text is None:
         return [f"tok{i} " for i in range(opts.chunks)]
-    text = opts.text
-    count = min(opts.chunks, len(text))
+    return split_text(opts.text, opts.chunks)
+
+
+def split_text(text: str, chunks: int) -> list[str]:
+    """``text`` in ``chunks`` nearly-equal pieces by characters (fewer if it is shorter)."""
+    count = min(chunks, len(text))
     if count == 0:
         return []
     size = len(text)
