@@ -114,7 +114,7 @@ class StartedStage(LocalStage):
         disconnect cancels the stage (or starts its resume grace)."""
         return LocalFeed(self.stage, owner=True)
 
-    def answer(self) -> tuple[dict[str, Any], int]:
+    def final_answer(self) -> tuple[dict[str, Any], int]:
         """The whole answer, once the request has followed the stage to its end."""
         return self.stage.answer()
 

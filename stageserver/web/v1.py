@@ -117,7 +117,7 @@ def chat_completions() -> Response:
         return context.event_stream(events, _headers(stage_id))
     if not _wait_for_end(events):
         return Response(status=499)  # nobody reads this; the stage has been cancelled
-    return _answer(*started.answer(), stage_id)
+    return _answer(*started.final_answer(), stage_id)
 
 
 @bp.get("/models")
@@ -185,7 +185,7 @@ def _serve(started: StartedStage, body: ResponseRequest) -> Response:
         return _answer(_as_it_stands(started), 200, stage_id)
     if not _wait_for_end(context.follow_here(started.starter_feed(), -1, FRAMING)):
         return Response(status=499)
-    return _answer(*started.answer(), stage_id)
+    return _answer(*started.final_answer(), stage_id)
 
 
 def _again(stage_id: str, body: ResponseRequest) -> Response:
@@ -245,13 +245,11 @@ def _response(response_id: str) -> LocalStage | StoredStage:
 def _as_it_stands(found: LocalStage | StoredStage) -> dict[str, Any]:
     """The Response: its final one once it has ended, else as far as it has come."""
     if isinstance(found, LocalStage):
-        # Asked of the stage itself: a StartedStage's answer() is the answer as if it had
-        # ended (its request follows it to the end first), "completed" with no output.
-        if not isinstance(found.stage.dialect, ResponsesDialect):
+        dialect = found.stage.dialect
+        if not isinstance(dialect, ResponsesDialect):
             raise UnknownStage(found.stage_id)
-        if found.stage.finished:
-            return found.stage.answer()[0]
-        return found.stage.dialect.response("in_progress")
+        answer = found.answer()
+        return dialect.response("in_progress") if answer is None else answer[0]
     answer = found.answer()
     if answer is not None:
         return answer[0]

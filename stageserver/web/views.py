@@ -116,7 +116,7 @@ def _final_output(started: StartedStage, events: Iterator[bytes]) -> Response:
             pass
     except ClientGone:
         return Response(status=499)  # nobody reads this; the stage has been cancelled
-    body, status = started.answer()
+    body, status = started.final_answer()
     response = jsonify(body)
     response.status_code = status
     return response
