@@ -168,6 +168,33 @@ def test_max_tokens_is_honoured(server: Gunicorn, model_server: ModelServer) -> 
     assert 1 <= len(content_chunks) <= 5  # a chunk carries at least one token
 
 
+def test_a_background_response_of_the_model_resumes_exactly_once(server: Gunicorn) -> None:
+    """/v1/responses, background and stream, read in two parts: each event once, in
+    order, and the deltas make the completed Response's text."""
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="none", _strict_response_validation=True)
+    first = client.responses.create(
+        model=MODEL_NAME, input=SHORT_PROMPT, max_output_tokens=24, temperature=0,
+        background=True, stream=True,
+    )  # fmt: skip
+    seen = []
+    for event in first:
+        seen.append(event)
+        if event.sequence_number == 4:
+            break
+    first.close()
+    response_id = seen[0].response.id  # type: ignore[union-attr]
+    rest = client.responses.retrieve(response_id, stream=True, starting_after=4)
+    seen += list(rest)
+    assert [e.sequence_number for e in seen] == list(range(len(seen)))
+    assert seen[0].type == "response.created"
+    final = seen[-1]
+    assert final.type in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
+    assert deltas.strip()
+    assert final.response.output_text == deltas
+    assert client.responses.retrieve(response_id).output_text == deltas
+
+
 def test_client_disconnect_stops_the_model(server: Gunicorn, model_server: ModelServer) -> None:
     pid = model_server.proc.pid
     stream = post_chat(
