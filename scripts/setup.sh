@@ -48,10 +48,10 @@ if [ ! -f "$stamp" ]; then
 fi
 
 if [ "$dev" = 1 ]; then
-    # Debian packages the tests start themselves: a command each, and its package.
+    # Debian packages the tests start or run themselves: a command each, and its package.
     missing=()
     for pair in nginx:nginx redis-server:redis-server redis-sentinel:redis-sentinel \
-        chromium:chromium; do
+        chromium:chromium node:nodejs npm:npm; do
         command=${pair%%:*} package=${pair##*:}
         command -v "$command" >/dev/null 2>&1 || [ -x "/usr/sbin/$command" ] \
             || [ -x "/usr/bin/$command" ] || missing+=("$package")
@@ -67,5 +67,14 @@ if [ "$dev" = 1 ]; then
         for service in nginx redis-server redis-sentinel; do
             $sudo service "$service" stop >/dev/null 2>&1 || true
         done
+    fi
+
+    # The official JavaScript SDK that tests/test_openai_js.py runs with node: the versions
+    # testing/js/package-lock.json pins, installed again only when the lock is newer.
+    if [ ! -d testing/js/node_modules ] \
+        || [ testing/js/package-lock.json -nt testing/js/node_modules ]; then
+        echo "setup: installing testing/js's npm packages" >&2
+        npm ci --prefix testing/js --no-audit --no-fund >/dev/null
+        touch testing/js/node_modules
     fi
 fi

@@ -3,7 +3,8 @@
 A test puts it between a client and the server to drop a stream the way a network does:
 ``cut()`` closes both sides of every open connection at once, wherever the bytes are,
 and the proxy goes on accepting new connections, so the client can come back through
-it. It keeps what clients sent, for tests to check what they asked on their way back.
+it. It keeps what clients sent, for tests to check what they asked on their way back,
+and what the target sent them, for tests to check the bytes a client was given.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class CuttingProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self._links: set[_Link] = set()
         self._sent: list[bytes] = []
+        self._received: list[bytes] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
@@ -63,6 +65,12 @@ class CuttingProxy:
         """Every byte clients sent through the proxy, in the order it arrived."""
         with self._lock:
             return b"".join(self._sent)
+
+    def received_by_clients(self) -> bytes:
+        """Every byte the target sent to clients, in the order it arrived (the raw HTTP
+        responses, status lines and chunked framing included)."""
+        with self._lock:
+            return b"".join(self._received)
 
     def close(self) -> None:
         self._listener.close()
@@ -90,17 +98,21 @@ class CuttingProxy:
             link = _Link(client, target)
             with self._lock:
                 self._links.add(link)
-            for source, sink, record in ((client, target, True), (target, client, False)):
+            for source, sink, record in (
+                (client, target, self._sent),
+                (target, client, self._received),
+            ):
                 threading.Thread(
                     target=self._pump, args=(link, source, sink, record), daemon=True
                 ).start()
 
-    def _pump(self, link: _Link, source: socket.socket, sink: socket.socket, record: bool) -> None:
+    def _pump(
+        self, link: _Link, source: socket.socket, sink: socket.socket, record: list[bytes]
+    ) -> None:
         try:
             while data := source.recv(_READ_SIZE):
-                if record:
-                    with self._lock:
-                        self._sent.append(data)
+                with self._lock:
+                    record.append(data)
                 sink.sendall(data)
         except OSError:
             pass
