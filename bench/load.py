@@ -42,7 +42,19 @@ _MARKERS = {
         (b"event: error\n", b"event: cancel\n"),
     ),
     "openai": (b"data: {", b"data: [DONE]", ()),
+    "responses": (
+        b"event: response.output_text.delta\n",
+        b"event: response.completed\n",
+        (b"event: response.failed\n", b"event: response.cancelled\n"),
+    ),
 }
+
+
+def api_of(target: str, path: str) -> str:
+    """Which API a target is streamed through: the seed's, Chat Completions', Responses'."""
+    if path == "/v1/responses":
+        return "responses"
+    return "stageserver" if path == "/chat" else "openai"
 
 
 @dataclass
@@ -250,14 +262,18 @@ class LoadGenerator:
         self.duration = duration
         self.server_pid = server_pid
         self.upstream_pid = upstream_pid
-        kind = "stageserver" if target.startswith("stageserver") else "openai"
+        kind = api_of(target, path)
         self.chunk_marker, self.done_marker, self.fail_markers = _MARKERS[kind]
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self._head = (
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
         ).encode()
-        self._stageserver = kind == "stageserver"
+        self._kind = kind
+        # Every API relays each stream's upstream chunks (``shape.events``); Responses'
+        # has an event for each content chunk only, and the finish and usage chunks are
+        # counted for it when its stream ends.
+        self.unseen_per_stream = shape.events - shape.chunks if kind == "responses" else 0
         self._openai_body = json.dumps(
             {
                 "model": shape.model,
@@ -277,10 +293,14 @@ class LoadGenerator:
         self.result = Result(target, concurrency, shape.chunks, shape.interval, shape.prefill)
 
     def request(self, index: int, number: int) -> bytes:
-        if self._stageserver:
+        if self._kind == "stageserver":
             body = (
                 f'{{"stage_id":"bench-{index}-{number}","model_name":"{self.shape.model}",'
                 '"user_prompt":"bench","stream":true}'
+            ).encode()
+        elif self._kind == "responses":
+            body = json.dumps(
+                {"model": self.shape.model, "input": "bench", "stream": True}
             ).encode()
         else:
             body = self._openai_body
@@ -303,7 +323,10 @@ class LoadGenerator:
 
     def finished_stream(self, stream: _Stream) -> None:
         self.result.streams += 1
-        if stream.ended != self.done_marker or stream.count != self.shape.events:
+        relayed = stream.count + self.unseen_per_stream
+        if self.unseen_per_stream and self.window_open <= time.monotonic() < self.window_close:
+            self.window_chunks += self.unseen_per_stream
+        if stream.ended != self.done_marker or relayed != self.shape.events:
             self.record_error(
                 f"stream ended with {stream.ended.decode().strip() or 'no end event'} "
                 f"after {stream.count} of {self.shape.events} chunks"

@@ -169,7 +169,6 @@ class Stageserver:
     """
 
     name = "stageserver"
-    path = "/chat"
     # The key of the one principal a ``keys`` target has: a secret of the benchmark only.
     API_KEY = "bench-key-0123456789"
 
@@ -182,6 +181,7 @@ class Stageserver:
         transport: str | None = None,
         replicas: Sequence[str] = (),
         root: Path = ROOT,
+        path: str = "/chat",
     ) -> None:
         """``shared_store``: with a redis-server of its own as the stage store, to see
         what mirroring every event into Redis costs the relay. The server CPU measured
@@ -190,7 +190,9 @@ class Stageserver:
         checking them costs). ``transport``: ``STAGESERVER_UPSTREAM_TRANSPORT``.
         ``replicas``: more URLs of the upstream, which is then a pool (``upstream_url``
         and these), to see what choosing a replica for each stage costs. ``root``: a
-        checkout of another revision, to run it side by side."""
+        checkout of another revision, to run it side by side. ``path``: the API streamed
+        (``/chat``, ``/v1/chat/completions`` or ``/v1/responses``)."""
+        self.path = path
         upstream = (
             {"STAGESERVER_UPSTREAMS": json.dumps({"default": {"urls": [upstream_url, *replicas]}})}
             if replicas

@@ -36,7 +36,13 @@ DEFAULT_TARGETS = TARGETS
 # upstream at two URLs, its /v1 and its root, so that only stageserver's side differs
 # from one plain upstream), and "@<git revision>" (that revision's code, run from a
 # checkout of it, side by side with this one): stageserver+redis+keys, stageserver@a548dc4.
-STAGESERVER_VARIANTS = frozenset({"redis", "keys", "httpx", "pool", "replicas"})
+# "+v1chat" and "+v1responses" stream the same stages through OpenAI's API
+# (/v1/chat/completions, /v1/responses) instead of the seed's /chat.
+STAGESERVER_VARIANTS = frozenset(
+    {"redis", "keys", "httpx", "pool", "replicas", "v1chat", "v1responses"}
+)
+#: The path each API variant posts to; the seed's /chat without one.
+API_PATHS = {"v1chat": "/v1/chat/completions", "v1responses": "/v1/responses"}
 
 
 def check_target(target: str) -> str | None:
@@ -92,6 +98,7 @@ def _start(
         transport="httpx" if "httpx" in variants else None,
         replicas=replicas,
         root=procs.checkout(revision) if revision else procs.ROOT,
+        path=next((API_PATHS[v] for v in variants if v in API_PATHS), "/chat"),
     )
 
 

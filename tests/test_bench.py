@@ -40,3 +40,24 @@ def test_quick_bench_reports_every_target(tmp_path: Path) -> None:
     assert rows["stageserver"]["added_ttft_p50_ms"] is not None
     assert Path(summary["chart"]).stat().st_size > 0
     assert b"| stageserver |" in done.stdout
+
+
+def test_quick_bench_streams_the_same_stages_through_each_api(tmp_path: Path) -> None:
+    """The seed's /chat and OpenAI's two, side by side: every stream whole, no error."""
+    targets = ["stageserver", "stageserver+v1chat", "stageserver+v1responses"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)]
+        + ["--targets", ",".join(targets)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    [result_file] = tmp_path.glob("*.json")
+    rows = {row["target"]: row for row in json.loads(result_file.read_text())["rows"]}
+    assert sorted(rows) == sorted(targets)
+    for target, row in rows.items():
+        assert row["errors"] == 0, target
+        assert row["streams"] > 0 and row["chunks_per_second"] > 0
+        assert row["server_cpu_us_per_chunk"] > 0
