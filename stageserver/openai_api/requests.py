@@ -126,18 +126,20 @@ class ChatCompletionRequest(_Strict):
         if self.frequency_penalty is not None:
             sampling["frequency_penalty"] = self.frequency_penalty
         return Conversation(
-            messages=[m.model_dump(exclude_none=True) for m in self.messages],
+            messages=[
+                m.model_dump(exclude_unset=True) for m in self.messages
+            ],  # as given: an explicit null stays
             model=self.model,
             max_tokens=self.max_completion_tokens or self.max_tokens,
             sampling=sampling,
             tools=None
             if self.tools is None
-            else [t.model_dump(exclude_none=True) for t in self.tools],
+            else [t.model_dump(exclude_unset=True) for t in self.tools],
             tool_choice=self.tool_choice,
             parallel_tool_calls=self.parallel_tool_calls,
             response_format=None
             if self.response_format is None
-            else self.response_format.model_dump(exclude_none=True),
+            else self.response_format.model_dump(exclude_unset=True),
         )
 
 

@@ -1,0 +1,163 @@
+"""/v1 as operators see it: the dialect as a label in /metrics and in the log line, what a
+browser's preflight may send, and the requests' bodies as the upstream gets them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from stageserver import create_app
+from testing.fake_upstream import FakeUpstream
+from tests.test_health_metrics import scrape, value
+
+CHAT = {"model": "fake?chunks=2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def app(upstream: FakeUpstream) -> Flask:
+    return create_app(
+        {
+            "STAGESERVER_UPSTREAM_URL": upstream.url,
+            "STAGESERVER_CORS_ORIGINS": '["https://app.example"]',
+        }
+    )
+
+
+def test_each_dialect_is_counted_under_its_own_label(client: FlaskClient) -> None:
+    def done(dialect: str) -> float:
+        metrics = scrape(client.get("/metrics").get_data(as_text=True))
+        return value(metrics, "stageserver_dialect_stages_total", dialect=dialect, outcome="done")
+
+    before = {d: done(d) for d in ("seed", "chat.completions", "responses")}
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    answer = client.post("/v1/responses", json={"model": "fake?chunks=2", "input": "hi"})
+    assert answer.get_json()["status"] == "completed"
+    body = {"stage_id": "seed-1", "model_name": "fake?chunks=2", "user_prompt": "hi"}
+    assert client.post("/chat", json=body).status_code == 200
+    assert {d: done(d) - before[d] for d in before} == {
+        "seed": 1,
+        "chat.completions": 1,
+        "responses": 1,
+    }
+
+
+def test_a_v1_stage_log_line_names_its_dialect(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="stageserver.stage")
+    answer = client.post("/v1/chat/completions", json=CHAT)
+    stage_id = answer.headers["X-Stage-Id"]
+    assert answer.get_json()["id"] == stage_id
+    [line] = [r.getMessage() for r in caplog.records if stage_id in r.getMessage()]
+    assert " dialect=chat.completions" in line and " outcome=done " in line
+
+
+def test_a_preflight_allows_the_sdks_headers_and_delete(client: FlaskClient) -> None:
+    asked = "authorization, content-type, x-stainless-os, x-stainless-retry-count, x-evil"
+    preflight = client.options(
+        "/v1/responses/resp_0",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "DELETE",
+            "Access-Control-Request-Headers": asked,
+        },
+    )
+    allowed = [
+        h.strip().lower() for h in preflight.headers["Access-Control-Allow-Headers"].split(",")
+    ]
+    assert "x-stainless-os" in allowed and "x-stainless-retry-count" in allowed
+    assert "x-evil" not in allowed
+    assert "DELETE" in preflight.headers["Access-Control-Allow-Methods"]
+    answer = client.post(
+        "/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"}
+    )
+    assert "X-Stage-Id" in answer.headers["Access-Control-Expose-Headers"]
+
+
+def test_the_upstream_gets_the_conversation_as_the_request_gave_it(
+    client: FlaskClient, upstream: FakeUpstream
+) -> None:
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "4"},
+    ]
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    answer = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "fake?chunks=2",
+            "messages": messages,
+            "max_completion_tokens": 9,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "stop": ["\n"],
+            "seed": 7,
+            "presence_penalty": 0.1,
+            "frequency_penalty": 0.2,
+            "tools": [tool],
+            "tool_choice": "auto",
+            "parallel_tool_calls": False,
+            "response_format": {"type": "json_object"},
+            "user": "u-1",
+            "metadata": {"k": "v"},
+        },
+    )
+    assert answer.status_code == 200, answer.get_json()
+    sent = upstream.requests[-1].body
+    assert sent["messages"] == messages
+    assert sent["max_tokens"] == 9 and "max_completion_tokens" not in sent
+    assert {k: sent[k] for k in ("temperature", "top_p", "stop", "seed")} == {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "stop": ["\n"],
+        "seed": 7,
+    }
+    assert (sent["presence_penalty"], sent["frequency_penalty"]) == (0.1, 0.2)
+    assert sent["tools"] == [tool] and sent["tool_choice"] == "auto"
+    assert sent["parallel_tool_calls"] is False
+    assert sent["response_format"] == {"type": "json_object"}
+    assert "user" not in sent and "metadata" not in sent  # they change nothing here
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({**CHAT, "n": 2}, "n", "unsupported_value"),
+        ({**CHAT, "logprobs": True}, "logprobs", "unsupported_parameter"),
+        (
+            {
+                **CHAT,
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ],
+            },
+            "messages[0].content[0].type",
+            "unsupported_value",
+        ),
+        ({**CHAT, "temperature": 3}, "temperature", "invalid_value"),
+        ({"messages": CHAT["messages"]}, "model", "invalid_value"),
+    ],
+)
+def test_a_refusal_names_its_param_in_openais_words(
+    client: FlaskClient, upstream: FakeUpstream, body: dict[str, object], param: str, code: str
+) -> None:
+    answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 400
+    error = answer.get_json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert error["message"].startswith(f"{param}: ")
+    assert upstream.requests == []
