@@ -1,15 +1,23 @@
 """The one mapping from errors to HTTP: a status, a JSON body, and the headers they need.
 
-Every refusal and failure from ``errors.py`` leaves as ``{"error": ...}`` with the
-``field`` it is about and any further fields it carries, ``Retry-After`` where a retry
-can succeed, and its own headers (``WWW-Authenticate`` for a 401). Werkzeug's HTTP
-errors (404, 405, 413) and anything unexpected (500, with the traceback in the log, never
-in the answer) are answered in JSON too.
+Every refusal and failure from ``errors.py`` leaves with its status, ``Retry-After``
+where a retry can succeed, and its own headers (``WWW-Authenticate`` for a 401).
+Werkzeug's HTTP errors (404, 405, 413) and anything unexpected (500, with the traceback
+in the log, never in the answer) are answered in JSON too. The body has one of two
+shapes, each blueprint's own (``answer_in_json``):
+
+- the seed's (``SEED``): ``{"error": message}``, with the ``field`` it is about and any
+  further fields the error carries (``schemas.ErrorBody``);
+- OpenAI's (``OPENAI``, on ``/v1``): ``{"error": {"message", "type", "param", "code"}}``,
+  where a validation error is 400, not 422, as OpenAI answers one.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -23,103 +31,79 @@ log = logging.getLogger("stageserver.http")
 
 
 def json_error(status: int, message: str, **extra: Any) -> Response:
-    # Built from the model the OpenAPI document shows: a field it does not know fails here.
+    """The seed's body. Built from the model the OpenAPI document shows: a field it does
+    not know fails here."""
     response = jsonify(ErrorBody(error=message, **extra).body())
     response.status_code = status
     return response
 
 
-def error_response(exc: StageServerError) -> Response:
+_OPENAI_TYPES = {429: "rate_limit_error"}
+
+
+def openai_json_error(
+    status: int, message: str, *, field: str | None = None, code: str | None = None, **_: Any
+) -> Response:
+    """OpenAI's body: ``param`` is the field, and the type follows from the status."""
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"message": message, "type": kind, "param": field, "code": code}
+    response = jsonify({"error": body})
+    response.status_code = 400 if status == 422 else status
+    return response
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How a blueprint's error bodies look: ``body(status, message, **fields)``, and
+    whether they carry a ``code`` (the error's, ``StageServerError.code``)."""
+
+    body: Callable[..., Response]
+    codes: bool
+
+
+SEED = Shape(json_error, codes=False)
+OPENAI = Shape(openai_json_error, codes=True)
+
+
+def error_response(exc: StageServerError, shape: Shape = SEED) -> Response:
     extra = dict(exc.body)
-    if exc.field is not None:
-        extra["field"] = exc.field
-    response = json_error(exc.http_status, str(exc), **extra)
+    field = exc.field
+    fields = extra.get("fields")
+    if field is not None:
+        extra["field"] = field
+    elif shape.codes and isinstance(fields, list) and fields:
+        extra["field"] = str(fields[0].get("field"))  # OpenAI names one param
+    if shape.codes:
+        extra["code"] = exc.code
+    response = shape.body(exc.http_status, str(exc), **extra)
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
     response.headers.update(exc.headers)
     return response
 
 
-def http_error(exc: HTTPException) -> Response:
+def http_error(exc: HTTPException, shape: Shape = SEED) -> Response:
     status = exc.code or 500
     if status == 413:
         limit = manager_of(current_app.extensions).settings.max_body_bytes
-        return json_error(413, f"request body is larger than {limit} bytes", field="body")
-    response = json_error(status, exc.description or exc.name)
+        too_large = {"code": "request_too_large"} if shape.codes else {}
+        return shape.body(
+            413, f"request body is larger than {limit} bytes", field="body", **too_large
+        )
+    response = shape.body(status, exc.description or exc.name)
     # Its own headers, such as a 405's Allow (RFC 9110 requires it), the body being ours.
     response.headers.update((k, v) for k, v in exc.get_headers() if k.lower() != "content-type")
     return response
 
 
-def unexpected(exc: Exception) -> Response:
+def unexpected(exc: Exception, shape: Shape = SEED) -> Response:
     log.exception("unhandled error in %s %s", request.method, request.path)
-    return json_error(500, "internal error in stageserver; see the server log")
+    internal = {"code": "internal_error"} if shape.codes else {}
+    return shape.body(500, "internal error in stageserver; see the server log", **internal)
 
 
-def answer_in_json(bp: Blueprint) -> None:
-    """Have ``bp``'s errors answered by this mapping."""
-    bp.register_error_handler(StageServerError, error_response)
-    bp.register_error_handler(HTTPException, http_error)
-    bp.register_error_handler(Exception, unexpected)
-
-
-# -- /v1: OpenAI's error bodies -----------------------------------------------------------
-
-_OPENAI_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "invalid_request_error",
-    404: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-}
-
-
-def openai_error_response(
-    status: int, message: str, param: str | None, code: str | None
-) -> Response:
-    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    response = jsonify({"error": {"message": message, "type": kind, "param": param, "code": code}})
-    response.status_code = status
-    return response
-
-
-def openai_refusal(exc: StageServerError) -> Response:
-    """A refusal or failure on ``/v1``: its status (a validation error is 400, as OpenAI
-    answers one), its ``param``, its ``code``, and the headers it needs."""
-    param = exc.field
-    fields = exc.body.get("fields")
-    if param is None and isinstance(fields, list) and fields:
-        param = str(fields[0].get("field"))
-    status = 400 if exc.http_status == 422 else exc.http_status
-    response = openai_error_response(status, str(exc), param, exc.code)
-    if exc.retry_after is not None:
-        response.headers["Retry-After"] = str(exc.retry_after)
-    response.headers.update(exc.headers)
-    return response
-
-
-def openai_http_error(exc: HTTPException) -> Response:
-    status = exc.code or 500
-    if status == 413:
-        limit = manager_of(current_app.extensions).settings.max_body_bytes
-        message = f"request body is larger than {limit} bytes"
-        return openai_error_response(413, message, "body", "request_too_large")
-    response = openai_error_response(status, exc.description or exc.name, None, None)
-    response.headers.update((k, v) for k, v in exc.get_headers() if k.lower() != "content-type")
-    return response
-
-
-def openai_unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error in %s %s", request.method, request.path)
-    return openai_error_response(
-        500, "internal error in stageserver; see the server log", None, "internal_error"
-    )
-
-
-def answer_in_openai_json(bp: Blueprint) -> None:
-    """Have ``bp``'s errors answered in OpenAI's shape."""
-    bp.register_error_handler(StageServerError, openai_refusal)
-    bp.register_error_handler(HTTPException, openai_http_error)
-    bp.register_error_handler(Exception, openai_unexpected)
+def answer_in_json(bp: Blueprint, shape: Shape = SEED) -> None:
+    """Have ``bp``'s errors answered by this mapping, in ``shape``."""
+    bp.register_error_handler(StageServerError, partial(error_response, shape=shape))
+    bp.register_error_handler(HTTPException, partial(http_error, shape=shape))
+    bp.register_error_handler(Exception, partial(unexpected, shape=shape))

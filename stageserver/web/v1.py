@@ -5,7 +5,7 @@ Each request is a stage, with an id stageserver makes (``chatcmpl-…``, ``resp_
 sent in ``X-Stage-Id``: a Stop button elsewhere can ``POST /stages/<id>/cancel`` on
 any host. Keys, ownership, limits, usage, metrics, traces and logs apply as on
 ``/chat``. Every error has OpenAI's body, ``{"error": {"message", "type", "param",
-"code"}}`` (``errors.answer_in_openai_json``).
+"code"}}`` (``errors.OPENAI``).
 
 A response of ``/v1/responses`` runs in one of four modes:
 
@@ -44,13 +44,13 @@ from ..stages.dialect import dialect_of
 from ..stages.spec import StageRequest
 from . import context
 from .bodies import json_object
-from .errors import answer_in_openai_json
+from .errors import OPENAI, answer_in_json
 from .follow import Framing
 
 bp = Blueprint("stageserver_v1", __name__)
 bp.before_request(context.prepare)
 bp.after_request(context.finish)
-answer_in_openai_json(bp)
+answer_in_json(bp, OPENAI)
 
 #: How long a cancel or a delete waits for the response to end before it answers.
 CANCEL_WAIT_SECONDS = 5.0
