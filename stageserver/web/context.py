@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from flask import Response, current_app, g, request
 
+from ..errors import ClientGone
 from ..manager import StageManager, manager_of
 from ..principals import ANONYMOUS, Principal
 from ..stages.feeds import EventFeed
@@ -71,6 +72,18 @@ def event_stream(events: Iterator[bytes], headers: dict[str, str] | None = None)
         headers={**SSE_HEADERS, **(headers or {})},
         direct_passthrough=True,
     )
+
+
+def followed_to_end(events: Iterator[bytes]) -> bool:
+    """Follow a stage this request started to its end, sending nothing (it answers once
+    the stage is over); False when the client left first (the stage is then cancelled,
+    unless it runs detached)."""
+    try:
+        for _ in events:
+            pass
+    except ClientGone:
+        return False
+    return True
 
 
 def follow_here(feed: EventFeed, after_seq: int, framing: Framing) -> Iterator[bytes]:

@@ -28,12 +28,11 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from ..errors import ClientGone, EventsExpired, InvalidRequest, StageFinished, UnknownStage
+from ..errors import EventsExpired, InvalidRequest, StageFinished, UnknownStage
 from ..manager import LocalStage, StartedStage, StoredStage
 from ..openai_api.chat import ChatCompletionsDialect, openai_error
 from ..openai_api.requests import ChatCompletionRequest, ResponseRequest, validated
@@ -81,17 +80,6 @@ def _answer(body: dict[str, Any], status: int, stage_id: str) -> Response:
     return response
 
 
-def _wait_for_end(events: Iterator[bytes]) -> bool:
-    """Follow a stage this request started to its end; False when the client left first
-    (the stage is then cancelled, unless it runs detached)."""
-    try:
-        for _ in events:
-            pass
-    except ClientGone:
-        return False
-    return True
-
-
 # -- Chat Completions -----------------------------------------------------------------------
 
 
@@ -115,7 +103,7 @@ def chat_completions() -> Response:
     events = context.follow_here(started.starter_feed(), -1, FRAMING)
     if body.stream:
         return context.event_stream(events, _headers(stage_id))
-    if not _wait_for_end(events):
+    if not context.followed_to_end(events):
         return Response(status=499)  # nobody reads this; the stage has been cancelled
     return _answer(*started.final_answer(), stage_id)
 
@@ -183,7 +171,7 @@ def _serve(started: StartedStage, body: ResponseRequest) -> Response:
         return context.event_stream(events, _headers(stage_id))
     if body.background:
         return _answer(_as_it_stands(started), 200, stage_id)
-    if not _wait_for_end(context.follow_here(started.starter_feed(), -1, FRAMING)):
+    if not context.followed_to_end(context.follow_here(started.starter_feed(), -1, FRAMING)):
         return Response(status=499)
     return _answer(*started.final_answer(), stage_id)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
-from ..errors import ClientGone, InvalidRequest
+from ..errors import InvalidRequest
 from ..manager import LocalStage, StageManager, StartedStage, StoredStage
 from ..schemas import (
     STAGE_ID_PATTERN,
@@ -111,10 +111,7 @@ def _stage(stage_id: str) -> LocalStage | StoredStage:
 
 def _final_output(started: StartedStage, events: Iterator[bytes]) -> Response:
     """Wait for the stage, still noticing a client that leaves, and answer the seed's way."""
-    try:
-        for _ in events:
-            pass
-    except ClientGone:
+    if not context.followed_to_end(events):
         return Response(status=499)  # nobody reads this; the stage has been cancelled
     body, status = started.final_answer()
     response = jsonify(body)
