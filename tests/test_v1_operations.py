@@ -161,3 +161,24 @@ def test_a_refusal_names_its_param_in_openais_words(
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
     assert error["message"].startswith(f"{param}: ")
     assert upstream.requests == []
+
+
+def test_a_chat_stage_named_like_a_response_is_no_response(client: FlaskClient) -> None:
+    """A /chat caller may name its stage resp_<32 hex>: /v1/responses knows no such
+    response, in every operation, in the words of any unknown one."""
+    stage_id = "resp_" + "0" * 32
+    body = {"stage_id": stage_id, "model_name": "fake?chunks=1", "user_prompt": "hi"}
+    assert client.post("/chat", json=body).status_code == 200
+    unknown = client.get("/v1/responses/resp_" + "1" * 32)
+    for answer in (
+        client.get(f"/v1/responses/{stage_id}"),
+        client.get(f"/v1/responses/{stage_id}?stream=true"),
+        client.post(f"/v1/responses/{stage_id}/cancel"),
+        client.delete(f"/v1/responses/{stage_id}"),
+    ):
+        assert answer.status_code == 404
+        assert answer.get_json()["error"]["code"] == "not_found"
+        assert answer.get_json()["error"]["message"] == unknown.get_json()["error"][
+            "message"
+        ].replace("1" * 32, "0" * 32)
+    assert client.get(f"/stages/{stage_id}").get_json()["status"] == "done"  # still there

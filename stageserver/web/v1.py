@@ -227,24 +227,24 @@ def _response(response_id: str) -> LocalStage | StoredStage:
     principal's included, and for a stage that is not a response."""
     if not _RESPONSE_ID.fullmatch(response_id):
         raise UnknownStage(response_id)
-    return context.manager().find(response_id, context.principal())
+    found = context.manager().find(response_id, context.principal())
+    if found.record()["dialect"]["name"] != ResponsesDialect.name:
+        raise UnknownStage(response_id)  # a /chat stage that a caller named so
+    return found
 
 
 def _as_it_stands(found: LocalStage | StoredStage) -> dict[str, Any]:
     """The Response: its final one once it has ended, else as far as it has come."""
-    if isinstance(found, LocalStage):
-        dialect = found.stage.dialect
-        if not isinstance(dialect, ResponsesDialect):
-            raise UnknownStage(found.stage_id)
-        answer = found.answer()
-        return dialect.response("in_progress") if answer is None else answer[0]
     answer = found.answer()
     if answer is not None:
         return answer[0]
-    dialect = dialect_of(found.record()["dialect"])
-    if not isinstance(dialect, ResponsesDialect):
-        raise UnknownStage(found.stage_id)
-    return dialect.in_progress(str(found.summary().get("text") or ""))
+    if isinstance(found, LocalStage):
+        dialect = found.stage.dialect
+        assert isinstance(dialect, ResponsesDialect)  # _response() found a response
+        return dialect.response("in_progress")
+    stored = dialect_of(found.record()["dialect"])
+    assert isinstance(stored, ResponsesDialect)
+    return stored.in_progress(str(found.summary().get("text") or ""))
 
 
 @bp.get("/responses/<response_id>")
