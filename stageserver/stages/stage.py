@@ -6,7 +6,10 @@ of a resumable stage nobody follows, and its terminal state. It runs its relay
 interface: ``record_attempt``, ``append_chunk``, ``finish``, and raising a
 ``StageFailure``. A cancel or an abort is thrown into that greenlet, wherever it waits.
 
-Every stage ends with exactly one terminal event: ``done``, ``error`` or ``cancel``.
+Every stage ends with exactly one terminal event, its dialect's (``dialect.py``): the
+seed's ``done``, ``error`` or ``cancel``; Chat Completions' ``[DONE]`` or error; Responses'
+``response.completed``, ``.incomplete``, ``.failed`` or ``.cancelled``. The events that
+close a stream (a Responses item's ``.done`` events) come just before it.
 
 What else happens in a stage's life is its listeners' business (``StageListener``): the
 stage is given them when it is made, calls them in that order, and knows none of them.
