@@ -187,7 +187,7 @@ class ResponsesDialect:
                     "response.output_item.added",
                     output_index=index,
                     item={**item, "content": []},
-                )  # fmt: skip
+                )
             )
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             item["content"].append(part)
@@ -199,7 +199,7 @@ class ResponsesDialect:
                     output_index=index,
                     content_index=0,
                     part=dict(part),
-                )  # fmt: skip
+                )
             )
         part = item["content"][0]
         part["text"] += text
@@ -212,7 +212,7 @@ class ResponsesDialect:
                 content_index=0,
                 delta=text,
                 logprobs=[],
-            )  # fmt: skip
+            )
         )
         return events
 
@@ -244,7 +244,7 @@ class ResponsesDialect:
                     "response.output_item.added",
                     output_index=output_index,
                     item=dict(item),
-                )  # fmt: skip
+                )
             )
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
@@ -256,7 +256,7 @@ class ResponsesDialect:
                     item_id=item["id"],
                     output_index=self.output.index(item),
                     delta=arguments,
-                )  # fmt: skip
+                )
             )
         return events
 
@@ -289,7 +289,7 @@ class ResponsesDialect:
                     output_index=index,
                     name=item["name"],
                     arguments=item["arguments"],
-                )  # fmt: skip
+                )
             )
             events.append(
                 self._event(
@@ -297,7 +297,7 @@ class ResponsesDialect:
                     "response.output_item.done",
                     output_index=index,
                     item=dict(item),
-                )  # fmt: skip
+                )
             )
         return events
 

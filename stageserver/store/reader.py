@@ -186,7 +186,7 @@ class StoreReader:
                 self.event_ttl_ms,
                 json.dumps(dialect.answer(ending)),
                 *wires,
-            ],  # fmt: skip
+            ],
             client=redis_client,
         )
 
