@@ -52,7 +52,7 @@ from ..schemas import (
 from . import openapi_v1
 from .browser import PLAYGROUND_DIR
 
-VERSION = "0.1.0"
+VERSION = "0.3.0"  # the package's (pyproject.toml)
 _REF = "#/components/schemas/{model}"
 CHAT_EXAMPLE = {
     "stage_id": "summary-1",
