@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import pytest
+import requests
 
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT
@@ -353,3 +354,98 @@ def test_tool_calls_stream_as_deltas_then_whole(fake: FakeUpstream) -> None:
             "finish_reason": "tool_calls",
         }
     ]
+
+
+# -- continuing a partial answer (how each server takes one) ------------------------------
+
+ANSWER = "The quick brown fox jumps"  # 5 chunks of 5 characters
+PARTIAL = "The quick"  # ends inside the second chunk
+FLAGS = {"continue_final_message": True, "add_generation_prompt": False}  # vLLM's
+
+
+def _complete(fake: FakeUpstream, mode: str, last: dict[str, Any], **extra: Any) -> str:
+    body = {
+        "model": f"fake?chunks=5&text={urllib.parse.quote(ANSWER)}&continuation={mode}",
+        "messages": [{"role": "user", "content": "Go on."}, {"role": "assistant", **last}],
+        **extra,
+    }
+    answer = requests.post(f"{fake.url}/chat/completions", json=body, timeout=10)
+    assert answer.status_code == 200, answer.text
+    content: str = answer.json()["choices"][0]["message"]["content"]
+    return content
+
+
+@pytest.mark.parametrize(
+    ("mode", "last", "extra", "reply"),
+    [
+        ("flag", {}, FLAGS, " brown fox jumps"),
+        ("flag", {}, {"continue_final_message": True}, ANSWER),  # vLLM: 400; here a new answer
+        ("flag", {}, {}, ANSWER),
+        ("trailing", {}, {}, " brown fox jumps"),
+        ("prefix", {"prefix": True}, {}, ANSWER),  # the prefix echoed, then the rest
+        ("prefix", {}, {}, ANSWER),
+        ("restart", {}, FLAGS, ANSWER),
+        ("", {}, {}, ANSWER),
+    ],
+)  # fmt: skip
+def test_each_way_of_continuing_a_partial_answer(
+    fake: FakeUpstream, mode: str, last: dict[str, Any], extra: dict[str, Any], reply: str
+) -> None:
+    assert _complete(fake, mode, {"content": PARTIAL, **last}, **extra) == reply
+    assert fake.requests[-1].body["messages"][-1]["content"] == PARTIAL  # recorded as sent
+
+
+def test_a_continuation_is_cut_at_the_answers_chunks_and_bounded_by_its_budget(
+    fake: FakeUpstream,
+) -> None:
+    assert _complete(fake, "trailing", {"content": "The q"}) == "uick brown fox jumps"
+    assert _complete(fake, "trailing", {"content": PARTIAL}, max_tokens=2) == " brown"
+    # A partial answer that is not the answer's beginning: the answer, from the start.
+    assert _complete(fake, "trailing", {"content": "Once upon"}) == ANSWER
+    # Mistral's echo is the partial answer then the rest: 4 chunks, not a restart's 5.
+    assert _complete(fake, "prefix", {"content": PARTIAL, "prefix": True}) == ANSWER
+    echoed = fake.requests[-1].chunks_sent
+    assert _complete(fake, "restart", {"content": PARTIAL}) == ANSWER
+    assert (echoed, fake.requests[-1].chunks_sent) == (4, 5)
+
+
+def test_a_raw_completion_continues_an_open_chatml_turn(fake: FakeUpstream) -> None:
+    prompt = f"<|im_start|>user\nGo on.<|im_end|>\n<|im_start|>assistant\n{PARTIAL}"
+    body: dict[str, Any] = {
+        "model": f"fake?chunks=5&text={urllib.parse.quote(ANSWER)}",
+        "prompt": prompt,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    answer = requests.post(f"{fake.url}/completions", json=body, timeout=10)
+    assert answer.status_code == 200
+    blocks = [b.removeprefix("data: ") for b in answer.text.split("\n\n") if b]
+    assert blocks[-1] == "[DONE]"
+    chunks = [json.loads(b) for b in blocks[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert "".join(texts) == " brown fox jumps"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert fake.requests[-1].body["prompt"] == prompt
+    closed = prompt.replace(f"assistant\n{PARTIAL}", "assistant\nDone.<|im_end|>\n")
+    refused = requests.post(f"{fake.url}/completions", json={**body, "prompt": closed}, timeout=10)
+    assert refused.status_code == 400
+
+
+def test_stall_goes_silent_after_some_chunks_and_keeps_the_connection(
+    fake: FakeUpstream,
+) -> None:
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as sock:
+        sock.sendall(_chat_request("fake?mode=stall&after=2&chunks=5"))
+        f = sock.makefile("rb")
+        status, _ = _read_head(f)
+        assert status == 200
+        sock.settimeout(0.5)
+        lines = []
+        with pytest.raises(TimeoutError):
+            while True:
+                lines.append(f.readline())
+        data = [line for line in lines if line.startswith(b"data: ")]
+        assert len(data) == 2  # two chunks, then nothing, the connection open
+    assert fake.requests[-1].chunks_sent == 2

@@ -7,11 +7,29 @@ Endpoints:
   (``options.py``): faults (an HTTP error status, a hang, a dropped connection, a malformed
   chunk, an error object mid-stream, misbehaviour after ``[DONE]``) and wire shapes (CRLF,
   events split at awkward places, multi-line data, comments, gzip).
+* ``POST /v1/completions`` (also ``/completions``): a raw completion of a ChatML prompt
+  that ends in an open assistant turn (``<|im_start|>assistant\n`` and the partial
+  answer): the rest of the answer, as ``text_completion`` chunks. A prompt of any other
+  shape is a 400.
 * ``GET /v1/models`` (also ``/models``): one model, ``"fake"``.
 * ``GET /health``: ``{"status":"ok"}``.
 
 With the option ``tool_calls=N``, the answer is N function tool calls (``tool_calls``
 deltas, then finish_reason ``"tool_calls"``) instead of text.
+
+A conversation that ends with an assistant message P (a partial answer) is taken as the
+option ``continuation`` says, as the servers do (``../shared/notes/continuation.md``):
+
+* ``flag`` (vLLM): continued only with ``continue_final_message: true`` and
+  ``add_generation_prompt: false``; else a closed turn;
+* ``trailing`` (llama-server, Ollama): continued;
+* ``prefix`` (Mistral, DeepSeek): continued when the message has ``prefix: true``, and
+  the reply echoes P first;
+* ``restart`` (llama-cpp-python), or none: a closed turn, the answer from the start.
+
+Continued, the reply is what follows P in the scripted answer (``text``), cut at the
+answer's own chunk boundaries; a P that does not begin the answer gets it from the
+start.
 
 ``max_tokens``/``max_completion_tokens`` in the body cap the number of pieces (one token
 each; finish_reason ``"length"``). ``prompt_tokens`` is the number of whitespace-separated
@@ -40,6 +58,8 @@ from .options import Options, pieces, resolve_options, split_text
 __all__ = ["respond"]
 
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+_COMPLETION_PATHS = frozenset({"/v1/completions", "/completions"})
+_OPEN_TURN = "<|im_start|>assistant\n"
 _MODEL_PATHS = frozenset({"/v1/models", "/models"})
 _MODELS = {
     "object": "list",
@@ -72,6 +92,8 @@ async def respond(
     method, path = request.method, request.path.split("?", 1)[0]
     if path in _CHAT_PATHS and method == "POST":
         return await _chat(request, response, defaults)
+    if path in _COMPLETION_PATHS and method == "POST":
+        return await _chat(request, response, defaults, raw=True)
     if path in _MODEL_PATHS and method == "GET":
         return await response.send_json(200, _MODELS)
     if path == "/health" and method == "GET":
@@ -99,7 +121,11 @@ def _prompt_tokens(body: Mapping[str, Any]) -> int:
 
 
 async def _chat(
-    rec: UpstreamRequest, response: ResponseWriter, defaults: Mapping[str, object]
+    rec: UpstreamRequest,
+    response: ResponseWriter,
+    defaults: Mapping[str, object],
+    *,
+    raw: bool = False,
 ) -> bool:
     body = rec.body
     if not isinstance(body, dict):
@@ -125,7 +151,17 @@ async def _chat(
         extra = [("Retry-After", opts.retry_after)] if opts.retry_after else []
         return await response.send_json(opts.status, failure, headers=extra)
 
-    calls = _tool_calls(body, opts, rec.index)
+    partial: str | None = None
+    if raw:
+        partial = _open_turn(body.get("prompt"))
+        if partial is None:
+            err = error_body(
+                "prompt must be a ChatML conversation ending in an open assistant turn",
+                400,
+                "invalid_request_error",
+            )
+            return await response.send_json(400, err)
+    calls = [] if raw else _tool_calls(body, opts, rec.index)
     if calls:
         texts: list[str] = []
         deltas = _tool_call_deltas(calls, opts.chunks)
@@ -133,12 +169,16 @@ async def _chat(
         message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
     else:
         texts = pieces(opts)
+        if not raw:
+            partial = _partial_answer(body, opts)
+        if partial is not None:
+            texts = _rest(texts, partial, echo=opts.continuation == "prefix" and not raw)
         finish = "stop"
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(texts):
             texts = texts[:limit]
             finish = "length"
-        deltas = _text_deltas(texts)
+        deltas = [compact_json(text) for text in texts] if raw else _text_deltas(texts)
         message = {"role": "assistant", "content": "".join(texts)}
     prompt = _prompt_tokens(body)
     usage = {
@@ -146,7 +186,7 @@ async def _chat(
         "completion_tokens": len(deltas),
         "total_tokens": prompt + len(deltas),
     }
-    ident = f"chatcmpl-fake-{rec.index}"
+    ident = f"{'cmpl' if raw else 'chatcmpl'}-fake-{rec.index}"
     created = int(time.time()) if opts.created is None else opts.created
     if not rec.stream:
         delay = opts.prefill + opts.interval * max(len(deltas) - 1, 0)
@@ -168,13 +208,66 @@ async def _chat(
 
     stream_options = body.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    kind = "text_completion" if raw else "chat.completion.chunk"
     prefix = (
-        f'{{"id":{compact_json(ident)},"object":"chat.completion.chunk","created":{created},'
+        f'{{"id":{compact_json(ident)},"object":"{kind}","created":{created},'
         f'"model":{compact_json(model)},"choices":'
     )
-    stream = _ChatStream(rec, response, opts, prefix)
-    last = '{"role":"assistant"}' if not deltas else "{}"
+    stream = _ChatStream(rec, response, opts, prefix, "text" if raw else "delta")
+    last = '""' if raw else '{"role":"assistant"}' if not deltas else "{}"
     return await stream.run(deltas, last, finish, usage if include_usage else None)
+
+
+def _partial_answer(body: Mapping[str, Any], opts: Options) -> str | None:
+    """The partial answer a conversation ends with, if this fake continues it."""
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return None
+    content = last.get("content")
+    if not isinstance(content, str):
+        return None
+    mode = opts.continuation
+    if mode == "trailing":
+        return content
+    if mode == "flag" and body.get("continue_final_message") is True:
+        return content if body.get("add_generation_prompt") is False else None
+    if mode == "prefix" and last.get("prefix") is True:
+        return content
+    return None
+
+
+def _open_turn(prompt: Any) -> str | None:
+    """The partial answer of a ChatML prompt that ends in an open assistant turn: each
+    earlier turn whole (``<|im_start|>role\n...<|im_end|>\n``), the last one open."""
+    if not isinstance(prompt, str) or _OPEN_TURN not in prompt:
+        return None
+    turns, _, partial = prompt.rpartition(_OPEN_TURN)
+    for turn in turns.split("<|im_end|>\n")[:-1] if turns else ():
+        role = turn.removeprefix("<|im_start|>").partition("\n")[0]
+        if not turn.startswith("<|im_start|>") or role not in ("system", "user", "assistant"):
+            return None
+    if turns and not turns.endswith("<|im_end|>\n"):
+        return None
+    return partial if "<|im_end|>" not in partial else None
+
+
+def _rest(texts: list[str], partial: str, *, echo: bool) -> list[str]:
+    """What follows ``partial`` in the answer ``texts``, cut at the answer's own chunk
+    boundaries (the first piece may be the rest of one); ``echo``: ``partial`` first, as
+    Mistral's reply repeats its prefix. A ``partial`` that does not begin the answer gets
+    the answer from the start, as a server that took the turn as closed would send."""
+    answer = "".join(texts)
+    if not answer.startswith(partial):
+        return texts
+    rest, end = [], 0
+    for text in texts:
+        start, end = end, end + len(text)
+        if end > len(partial):
+            rest.append(text[max(len(partial) - start, 0) :])
+    if echo:
+        rest[:1] = [partial + (rest[0] if rest else "")]
+    return rest
 
 
 def _text_deltas(texts: list[str]) -> list[str]:
@@ -294,12 +387,18 @@ class _ChatStream:
     """One streamed completion: its chunks, its fault if any, ``[DONE]`` and the end."""
 
     def __init__(
-        self, rec: UpstreamRequest, response: ResponseWriter, opts: Options, prefix: str
+        self,
+        rec: UpstreamRequest,
+        response: ResponseWriter,
+        opts: Options,
+        prefix: str,
+        field: str = "delta",
     ) -> None:
         self.rec = rec
         self.response = response
         self.opts = opts
         self.prefix = prefix  # every chunk's JSON up to its choices
+        self.field = field  # what a choice holds: a chat chunk's delta, a completion's text
         self.head = _STREAM_HEADS[(opts.gzip, response.keep_alive)]
         self.wire = _Wire(opts, b"" if opts.headers_first else self.head)
 
@@ -318,9 +417,9 @@ class _ChatStream:
         if not await response.pause(opts.prefill):
             return False
 
-        delta_prefix = prefix + '[{"index":0,"delta":'
+        delta_prefix = prefix + f'[{{"index":0,"{self.field}":'
         suffix = ',"finish_reason":null}]}'
-        fault = opts.mode if opts.mode in ("drop", "malformed", "error_object") else None
+        fault = opts.mode if opts.mode in ("drop", "stall", "malformed", "error_object") else None
         fault_at = min(opts.after, len(deltas))
 
         for i in range(len(deltas) + 1):
@@ -329,6 +428,9 @@ class _ChatStream:
                     if wire.pending and await response.send(wire.pending):
                         rec.headers_sent_at = time.monotonic()
                     await response.drop(opts.reset)
+                    return False
+                if fault == "stall":  # silent, the connection open, until the client leaves
+                    await response.pause(math.inf)
                     return False
                 if fault == "malformed":
                     if not await self.emit(wire.event(_MALFORMED, pretty=False)):
@@ -345,7 +447,10 @@ class _ChatStream:
                 return False
             rec.chunks_sent += 1
 
-        final = prefix + f'[{{"index":0,"delta":{last},"finish_reason":{compact_json(finish)}}}]}}'
+        final = (
+            prefix
+            + f'[{{"index":0,"{self.field}":{last},"finish_reason":{compact_json(finish)}}}]}}'
+        )
         if not await self.emit(wire.event(final)):
             return False
         if usage is not None:

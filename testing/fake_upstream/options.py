@@ -8,7 +8,9 @@ chunk), ``headers_first`` (1), ``text`` (split into ``chunks`` nearly-equal piec
 characters; default pieces are ``"tok0 "``, ``"tok1 "``, ...), ``mode`` (``normal``, ``status``
 + ``status=<code>`` and optionally ``retry_after=<seconds or HTTP date>``, sent as the
 ``Retry-After`` header), ``hang``, ``drop`` + ``after``/``reset``, ``malformed`` + ``after``,
-``error_object`` + ``after``), ``after_done`` (``hang`` | ``reset``), wire shapes ``crlf``,
+``error_object`` + ``after``, ``stall`` + ``after`` (silent after that many content
+chunks, the connection open)), ``continuation`` (``flag``, ``trailing``, ``prefix``,
+``restart``: see ``openai.py``), ``after_done`` (``hang`` | ``reset``), wire shapes ``crlf``,
 ``split``, ``multiline``, ``comments``, ``gzip``, and ``created`` (a fixed timestamp).
 Unknown keys are kept in the record and otherwise ignored.
 
@@ -33,7 +35,9 @@ from urllib.parse import parse_qs
 
 __all__ = ["Options", "pieces", "resolve_options", "split_text"]
 
-_MODES = frozenset({"normal", "status", "hang", "drop", "malformed", "error_object"})
+_MODES = frozenset({"normal", "status", "hang", "drop", "stall", "malformed", "error_object"})
+#: How the fake takes a conversation that ends with the assistant's partial answer.
+CONTINUATIONS = frozenset({"", "flag", "trailing", "prefix", "restart"})
 _AFTER_DONE = frozenset({"", "none", "hang", "reset"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -89,6 +93,8 @@ class Options:
     created: int | None = None  # a fixed "created" stamp, so tests can compare exact bytes
     tool_calls: int = 0  # answer with this many function tool calls instead of text
     tool_args: str | None = None  # the calls' arguments; None: {"city":"Paris","call":<i>}
+    #: How a trailing assistant message is taken (``openai.py``): "" as a closed turn.
+    continuation: str = ""
 
 
 _CONVERTERS: dict[str, Callable[[str], object]] = {
@@ -111,6 +117,7 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "created": int,
     "tool_calls": _count,
     "tool_args": str,
+    "continuation": lambda v: v.strip().lower(),
 }
 
 
@@ -135,6 +142,8 @@ def resolve_options(
             raise ValueError(f"bad option {key}={value!r}: {exc}") from None
     if opts.mode not in _MODES:
         raise ValueError(f"unknown mode {opts.mode!r}")
+    if opts.continuation not in CONTINUATIONS:
+        raise ValueError(f"unknown continuation {opts.continuation!r}")
     if opts.after_done not in _AFTER_DONE:
         raise ValueError(f"unknown after_done {opts.after_done!r}")
     if not 100 <= opts.status <= 599:
