@@ -105,6 +105,10 @@ class LocalStage:
         """Its request: its dialect's record, its conversation (``Stage.record``)."""
         return self.stage.record()
 
+    def first_kept(self) -> int:
+        """The oldest event still kept; earlier ones are gone."""
+        return self.stage.first_kept_seq
+
 
 class StartedStage(LocalStage):
     """The stage a request has just started, as that request's response sees it."""
@@ -156,6 +160,9 @@ class StoredStage:
 
     def answer(self) -> tuple[dict[str, Any], int] | None:
         return self._store.reader.answer(self.key)
+
+    def first_kept(self) -> int:
+        return self._store.reader.first_kept(self.key)
 
     def record(self) -> dict[str, Any]:
         record = self._store.reader.record(self.key)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from stageserver.config import FollowSettings
-from stageserver.errors import StageFailure, UpstreamStatusError
+from stageserver.errors import StageFailure, StageLost, UpstreamStatusError
 from stageserver.sse import encode_retry
 from stageserver.stages.events import lost_event
 from stageserver.stages.feeds import LocalFeed
@@ -191,6 +191,30 @@ def test_the_log_keeps_the_last_events_and_their_numbers() -> None:
     assert [seq for seq, _ in stage.events_since(0)] == [5, 6]
     batch, cursor, finished = stage.read(0)
     assert (batch.count(b"\n\n"), cursor, finished) == (2, 7, True)
+
+
+def test_a_reader_the_log_outran_is_told_never_skipped() -> None:
+    """A reader slower than a bounded log: what it reads runs on without a gap from the
+    first event, and then it is told the rest is gone (StageLost), never handed the
+    oldest event kept as if it came next."""
+    bounded = StageSpec("w", "default", False, "rid", 1.0, max_events=2)
+    stage = Stage(bounded, ScriptedRelay(CHUNKS * 3, before_chunks=0.1))
+    feed = LocalFeed(stage, owner=False)
+    subscriber = Subscriber()
+    feed.open(subscriber)
+    stage.start()
+    cursor, read = 0, list[int]()
+    with pytest.raises(StageLost, match="are no longer kept"):
+        while True:
+            batch, after, finished = feed.read(subscriber, cursor, 5.0)
+            read += range(cursor, after)
+            assert batch.count(b"\n\n") == after - cursor  # each event it says it read
+            cursor = after
+            assert not finished, "a reader this slow cannot have read every event"
+            time.sleep(0.05)  # slower than the relay
+    assert read == list(range(len(read)))
+    stage.wait(5)
+    feed.close(subscriber, disconnected=False)
 
 
 def test_a_resumable_stage_nobody_follows_is_cancelled_after_its_grace() -> None:

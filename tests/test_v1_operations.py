@@ -182,3 +182,29 @@ def test_a_chat_stage_named_like_a_response_is_no_response(client: FlaskClient) 
             "message"
         ].replace("1" * 32, "0" * 32)
     assert client.get(f"/stages/{stage_id}").get_json()["status"] == "done"  # still there
+
+
+def test_events_no_longer_kept_are_a_400_naming_starting_after(upstream: FakeUpstream) -> None:
+    app = create_app(
+        {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_EVENT_LOG_MAX_EVENTS": 5}
+    )
+    client = app.test_client()
+    body = {"model": "fake?chunks=12", "input": "hi", "background": True, "stream": True}
+    created = client.post("/v1/responses", json=body)
+    response_id = created.headers["X-Stage-Id"]
+    # The test client reads the stream once the stage has run: what was evicted before it
+    # read is said, never skipped.
+    wire = created.get_data()
+    assert wire.endswith(b"\n\n") and b'"code":"stream_lost"' in wire.rsplit(b"\n\n", 2)[-2]
+    # created, in_progress, item and part added, 12 deltas, 3 .done events, completed: 20.
+    last = 19
+    kept = client.get(f"/v1/responses/{response_id}?stream=true&starting_after={last - 5}")
+    assert kept.status_code == 200
+    events = [b for b in kept.get_data().split(b"\n\n") if b.startswith(b"event: ")]
+    assert len(events) == 5 and events[-1].startswith(b"event: response.completed\n")
+    assert f'"sequence_number":{last},'.encode() in events[-1]
+    gone = client.get(f"/v1/responses/{response_id}?stream=true&starting_after=0")
+    assert gone.status_code == 400
+    error = gone.get_json()["error"]
+    assert (error["param"], error["code"]) == ("starting_after", "invalid_value")
+    assert "no longer kept" in error["message"]

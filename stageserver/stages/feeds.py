@@ -42,6 +42,15 @@ class LocalFeed:
 
     def read(self, subscriber: Subscriber, cursor: int, wait: float) -> tuple[bytes, int, bool]:
         subscriber.wake.clear()
+        batch, cursor, finished = self._read(cursor)
+        if batch or finished or subscriber.client_gone:
+            return batch, cursor, finished
+        subscriber.wake.wait(wait)
+        return self._read(cursor)  # what came while it waited, checked again
+
+    def _read(self, cursor: int) -> tuple[bytes, int, bool]:
+        """The stage's events from ``cursor`` on; StageLost when the log no longer holds
+        them all (never a silent gap)."""
         stage = self.stage
         if cursor < stage.first_kept_seq:
             raise StageLost(
@@ -49,11 +58,7 @@ class LocalFeed:
                 "no longer kept (STAGESERVER_EVENT_LOG_MAX_EVENTS / _MAX_BYTES); its status is "
                 f"at /stages/{self.stage_id}"
             )
-        batch, cursor, finished = stage.read(cursor)
-        if batch or finished or subscriber.client_gone:
-            return batch, cursor, finished
-        subscriber.wake.wait(wait)
-        return self.stage.read(cursor)
+        return stage.read(cursor)
 
     def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
         self.stage.detach(subscriber, owner=self._owner, disconnected=disconnected)

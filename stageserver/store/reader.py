@@ -127,6 +127,16 @@ class StoreReader:
                 raise EventsExpired(stage_id)
         return RemoteFeed(self, stage_key, stage_id)
 
+    def first_kept(self, stage_key: str) -> int:
+        """The oldest event the stage's log still holds (the next one when it holds
+        none). Raises StoreUnavailable."""
+        _, log_key, _, _ = stage_keys(stage_key)
+        try:
+            first = self.redis.xrange(log_key, count=1)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
+        return int(first[0][0].split(b"-")[1]) - 1 if first else 0
+
     def check_cancellable(self, stage_key: str, stage_id: str) -> None:
         """Raises UnknownStage, or StageFinished when the stage no longer runs."""
         hash_key, _, _, _ = stage_keys(stage_key)

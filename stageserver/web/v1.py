@@ -259,13 +259,16 @@ def retrieve_response(response_id: str) -> Response:
             field="stream",
         )
     after = _starting_after()
+    expired = InvalidRequest(
+        f"starting_after: the events of response {response_id!r} after {after} are no longer kept",
+        field="starting_after",
+    )
     try:
         feed = found.feed(after)
     except EventsExpired:
-        raise InvalidRequest(
-            f"starting_after: the events of response {response_id!r} are no longer kept",
-            field="starting_after",
-        ) from None
+        raise expired from None
+    if feed is not None and after + 1 < found.first_kept():
+        raise expired  # never a silent gap
     events = context.follow_here(feed, after, FRAMING) if feed is not None else iter(())
     return context.event_stream(events, _headers(response_id))
 
