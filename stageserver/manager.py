@@ -87,10 +87,6 @@ class LocalStage:
         if not self.stage.cancel(reason):
             raise StageFinished(self.stage.stage_id)
 
-    @property
-    def running(self) -> bool:
-        return not self.stage.finished
-
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the stage's end; whether it has ended."""
         self.stage.wait(timeout)
@@ -144,15 +140,11 @@ class StoredStage:
     def cancel(self, reason: str) -> None:
         self._store.request_cancel(self.key, self.stage_id, reason)
 
-    @property
-    def running(self) -> bool:
-        return self.summary()["status"] == "running"
-
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the stage's end, asking the store every
         50 ms; whether it has ended."""
         deadline = time.monotonic() + timeout
-        while self.running:
+        while self.summary()["status"] == "running":
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)

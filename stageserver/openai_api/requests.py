@@ -153,29 +153,30 @@ class InputText(_Strict):
     logprobs: list[Any] | None = None
 
 
-class InputMessage(_Strict):
-    type: Literal["message"] = "message"
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[InputText]
+class _Item(_Strict):
+    """What every input item may carry back from an earlier Response; nothing uses it."""
+
     id: StrictStr | None = None
     status: StrictStr | None = None
 
 
-class FunctionCallItem(_Strict):
+class InputMessage(_Item):
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[InputText]
+
+
+class FunctionCallItem(_Item):
     type: Literal["function_call"]
     call_id: StrictStr
     name: StrictStr
     arguments: StrictStr
-    id: StrictStr | None = None
-    status: StrictStr | None = None
 
 
-class FunctionCallOutputItem(_Strict):
+class FunctionCallOutputItem(_Item):
     type: Literal["function_call_output"]
     call_id: StrictStr
     output: StrictStr
-    id: StrictStr | None = None
-    status: StrictStr | None = None
 
 
 InputItem = Annotated[

@@ -77,11 +77,10 @@ class ResponsesDialect:
         self.stage_id = stage_id
         self.model = model
         self.replayable = replayable
-        #: The request's fields the Response echoes; the defaults for the rest.
-        self.echo = {name: echo.get(name, _DEFAULTS[name]) for name in ECHOED}
-        for name in ECHOED:
-            if self.echo[name] is None and _DEFAULTS[name] is not None:
-                self.echo[name] = _DEFAULTS[name]
+        #: The request's fields the Response echoes; the defaults for those it left out.
+        self.echo = {
+            name: _DEFAULTS[name] if echo.get(name) is None else echo[name] for name in ECHOED
+        }
         self.created_at = int(time.time()) if created_at is None else created_at
         #: The output items so far, in order; the message's text and the calls' arguments
         #: grow as deltas come.

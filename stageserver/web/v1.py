@@ -26,7 +26,6 @@ gives a retried request the response the first one made.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from typing import Any
 
@@ -165,7 +164,7 @@ def create_response() -> Response:
 
 
 def _serve(started: StartedStage, body: ResponseRequest) -> Response:
-    stage_id = started.stage.stage_id
+    stage_id = started.stage_id
     if body.stream:
         events = context.follow_here(started.starter_feed(), -1, FRAMING)
         return context.event_stream(events, _headers(stage_id))
@@ -305,5 +304,4 @@ def _stop(found: LocalStage | StoredStage) -> None:
         found.cancel("cancelled by request")
     except StageFinished:
         return
-    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    found.wait(max(0.0, deadline - time.monotonic()))
+    found.wait(CANCEL_WAIT_SECONDS)
