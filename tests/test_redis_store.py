@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import redis
 import requests
 
+from stageserver import create_app
 from stageserver.launcher.supervisor import GUNICORN_ARGS
+from stageserver.store.connection import stage_keys
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, VENV_BIN, Gunicorn, RedisServer, free_port, gunicorn_server
 from testing.sse import (
@@ -206,3 +211,31 @@ def test_several_workers_without_a_store_refuse_to_start() -> None:
     )
     assert result.returncode != 0
     assert b"STAGESERVER_WORKERS=2 needs a shared stage store" in result.stdout + result.stderr
+
+
+def test_a_stage_of_a_worker_from_before_dialects_is_ended_in_the_seeds_words(
+    redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    """A rolling deploy: a worker of the earlier version claimed the stage (no record of
+    its dialect in the hash) and died. A worker of this version ends it with the seed's
+    error event, as before, not a 500."""
+    hash_key, log_key, _, _ = stage_keys("old-1")
+    client: Any = redis.Redis.from_url(redis_server.url)  # redis-py types results loosely
+    summary = {"stage_id": "old-1", "status": "running", "events": 0}
+    client.hset(hash_key, mapping={"status": "running", "summary": json.dumps(summary),
+                                   "owner": "old-host:1", "prompt_tokens": 3})  # fmt: skip
+    app = create_app(
+        {
+            "STAGESERVER_UPSTREAM_URL": upstream.url,
+            "STAGESERVER_STORE_URL": redis_server.url,
+            "STAGESERVER_OWNER_LEASE_SECONDS": 0.2,
+        }
+    )
+    status = app.test_client().get("/stages/old-1")
+    assert status.status_code == 200 and status.get_json()["status"] == "running"  # suspect
+    time.sleep(0.15)  # past half a lease since it was first suspected
+    status = app.test_client().get("/stages/old-1")
+    assert status.status_code == 200
+    assert status.get_json()["status"] == "error"
+    [(_, fields)] = client.xrange(log_key)
+    assert fields[b"w"].startswith(b"id: old-1-error-0\nevent: error\n")

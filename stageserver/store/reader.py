@@ -27,6 +27,7 @@ from ..errors import (
     store_unavailable_message,
 )
 from ..stages.dialect import Ending, dialect_of
+from ..stages.events import SeedDialect
 from ..stages.stage import Subscriber
 from ..stages.usage import final_usage
 from .connection import stage_keys
@@ -180,7 +181,8 @@ class StoreReader:
         summary = json.loads(raw)
         usage = final_usage(None, int(prompt or 0), held)
         ending = Ending("error", usage, text=(text or b"").decode(), error=message)
-        dialect = dialect_of(json.loads(record)["dialect"])
+        # A stage claimed by a worker from before dialects has no record: it is the seed's.
+        dialect = dialect_of(json.loads(record)["dialect"]) if record else SeedDialect(stage_id)
         wires = dialect.ending(held, ending)
         summary.update(
             status="error", error=message, text=ending.text, events=held + len(wires), usage=usage
