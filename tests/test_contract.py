@@ -39,8 +39,8 @@ CHECKS = [
 # A body over the size limit is refused with 413 before its fields are read.
 CONFIG = """\
 [checks.negative_data_rejection]
-expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422",
-                     "428", "429", "5xx"]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "414", "415",
+                     "422", "428", "429", "5xx"]
 """
 DEEP = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under the body limit
 

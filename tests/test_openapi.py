@@ -338,3 +338,20 @@ def test_a_last_event_id_of_another_stage_is_a_400(client: Any) -> None:
         "error": "Last-Event-ID 'l2-chunk-1' is not an event id of stage 'l1'",
         "field": "Last-Event-ID",
     }
+
+
+def test_an_overlong_request_line_is_documented_where_a_value_can_make_one(
+    app: Flask,
+) -> None:
+    """gunicorn answers 414 itself to a request line over 4094 bytes: every operation of
+    the API with a path or query value says so, and only those."""
+    document = app.test_client().get("/openapi.json").get_json()
+    api = 0
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if operation["tags"] not in (["stages"], ["openai"]):
+                continue
+            api += 1
+            documented = "414" in operation["responses"]
+            assert documented == ("parameters" in operation), (method, path)
+    assert api == 11

@@ -218,3 +218,9 @@ def test_events_no_longer_kept_are_a_400_naming_starting_after(upstream: FakeUps
     error = gone.get_json()["error"]
     assert (error["param"], error["code"]) == ("starting_after", "invalid_value")
     assert "no longer kept" in error["message"]
+
+
+def test_stream_is_true_or_false(client: FlaskClient) -> None:
+    answer = client.get("/v1/responses/resp_" + "0" * 32 + "?stream=201")
+    assert answer.status_code == 400
+    assert answer.get_json()["error"]["param"] == "stream"

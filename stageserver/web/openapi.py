@@ -398,6 +398,8 @@ def _stage_api(settings: StageSettings, bearer_required: bool) -> dict[str, Any]
                 }
                 for status, answer in operation["responses"].items()
             }
+            if "parameters" in operation:  # a path or query value can make the line long
+                operation["responses"]["414"] = openapi_v1.URI_TOO_LONG
     return paths
 
 

@@ -171,6 +171,9 @@ _REFUSED = {
     ),
 }
 _NOT_FOUND = _error("No such response: unknown, expired, or another principal's.")
+#: gunicorn's answer to a request line over its limit (4094 bytes), before stageserver
+#: sees the request: HTML, no headers of stageserver's.
+URI_TOO_LONG = {"description": "The request line is longer than gunicorn's limit."}
 _RESPONSE_ID = {
     "name": "response_id",
     "in": "path",
@@ -291,8 +294,9 @@ def paths() -> dict[str, Any]:
                         },
                     },
                     "400": _error(
-                        "`stream` on a response that cannot be streamed again, or "
-                        "`starting_after` names events no longer kept."
+                        "`stream` is not `true` or `false`, or asks to stream a response "
+                        "that cannot be streamed again; or `starting_after` is not a "
+                        "sequence number, or names events no longer kept."
                     ),
                     **_ERRORS,
                     "404": _NOT_FOUND,

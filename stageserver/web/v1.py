@@ -248,8 +248,11 @@ def _as_it_stands(found: LocalStage | StoredStage) -> dict[str, Any]:
 
 @bp.get("/responses/<response_id>")
 def retrieve_response(response_id: str) -> Response:
+    stream = request.args.get("stream", "false")
+    if stream not in ("true", "false"):
+        raise InvalidRequest("stream: must be true or false", field="stream")
     found = _response(response_id)
-    if request.args.get("stream", "false").lower() != "true":
+    if stream == "false":
         return _answer(_as_it_stands(found), 200, response_id)
     record = found.record()["dialect"]
     if not record.get("replayable"):
