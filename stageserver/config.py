@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 UPSTREAM_KINDS = ("openai", "ollama", "llamacpp", "vllm")
+#: How an upstream continues a partial answer (``upstream/continuation.py``).
+CONTINUATION_MODES = ("auto", "flag", "trailing", "prefix", "raw", "none")
 
 
 def json_setting(key: str, value: Any) -> Any:
@@ -93,6 +95,10 @@ class UpstreamConfig:
     attempt_timeout: float = 0.0
     #: Failures in a row that eject a replica for a cool-down.
     eject_after: int = 3
+    #: How it continues a partial answer: one of ``CONTINUATION_MODES``.
+    continuation: str = "auto"
+    #: For ``raw``: a GGUF or Jinja file with the model's chat template; "": the upstream's.
+    chat_template: str = ""
 
     def model_for(self, requested: str) -> str:
         """The model name to send here for a request that names ``requested``: that one
@@ -113,6 +119,7 @@ class UpstreamConfig:
 UPSTREAM_FIELDS = (
     "url", "urls", "kind", "api_key", "models", "retries", "fallbacks", "max_in_flight",
     "connect_timeout", "first_token_timeout", "attempt_timeout", "idle_timeout", "eject_after",
+    "continuation", "chat_template",
 )  # fmt: skip
 
 
@@ -132,6 +139,8 @@ def upstream_configs(config: Mapping[str, Any]) -> list[UpstreamConfig]:
                 "url": config["STAGESERVER_UPSTREAM_URL"],
                 "kind": config["STAGESERVER_UPSTREAM_KIND"],
                 "api_key": config["STAGESERVER_UPSTREAM_API_KEY"],
+                "continuation": config["STAGESERVER_UPSTREAM_CONTINUATION"],
+                "chat_template": config["STAGESERVER_UPSTREAM_CHAT_TEMPLATE"],
             }
         }
     if not isinstance(declared, dict) or not declared:
@@ -182,6 +191,14 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
             f"{where}: attempt_timeout ({attempt:g} s) must not exceed first_token_timeout "
             f"({first_token:g} s): an attempt never outlasts the stage's first-token budget"
         )
+    continuation = spec.get("continuation", "auto")
+    if continuation not in CONTINUATION_MODES:
+        raise ConfigError(
+            f"{where}: continuation {continuation!r} must be one of {', '.join(CONTINUATION_MODES)}"
+        )
+    chat_template = spec.get("chat_template") or ""
+    if not isinstance(chat_template, str):
+        raise ConfigError(f"{where}: chat_template must be the path of a GGUF or Jinja file")
     return UpstreamConfig(
         name=name,
         url=urls[0],
@@ -199,6 +216,8 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
         max_in_flight=None if spec.get("max_in_flight") is None else count("max_in_flight", 1, 1),
         attempt_timeout=attempt,
         eject_after=count("eject_after", 3, 1),
+        continuation=continuation,
+        chat_template=chat_template,
     )
 
 
@@ -289,6 +308,7 @@ class StageSettings:
     store_url: str | None
     owner_lease_seconds: float
     cors_origins: frozenset[str]
+    max_continuations: int = 2
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> StageSettings:
@@ -319,6 +339,7 @@ class StageSettings:
             store_url=str(store_url) if store_url else None,
             owner_lease_seconds=number("OWNER_LEASE_SECONDS"),
             cors_origins=_origins(config["STAGESERVER_CORS_ORIGINS"]),
+            max_continuations=int(number("MAX_CONTINUATIONS")),
         )
 
 

@@ -33,8 +33,10 @@ one mapping (``web/errors.py``)::
           │    │    └── IdleTimeout          silent too long between chunks
           │    ├── AllAttemptsFailed         several attempts (replicas, fallbacks) failed
           │    │                             before the first chunk; each is named
-          │    └── NoReplicaAvailable        503: nothing could be tried: every replica is
-          │                                  at its max_in_flight or held by a Retry-After
+          │    ├── NoReplicaAvailable        503: nothing could be tried: every replica is
+          │    │                             at its max_in_flight or held by a Retry-After
+          │    └── ContinuationFailed        an answer cut short could not be continued:
+          │                                  what cut it, and why the continuation failed
           ├── ServerShuttingDown      503: stageserver is stopping
           └── LeaseLost               503: this worker lost the stage to another (fencing)
 
@@ -232,6 +234,10 @@ class StageFailure(StageServerError):
     outcome = "error"
     replica_down = False
     replica_answered = False
+    #: After the first chunk: whether the answer may be continued from what it delivered
+    #: (``upstream/continuation.py``): the upstream cut it, went silent, sent an error
+    #: object or a chunk that does not parse. Never stageserver's own failures.
+    continuable = False
 
     @property
     def worth_another_replica(self) -> bool:
@@ -271,6 +277,8 @@ class UpstreamStatusError(UpstreamFailure):
 
 
 class UpstreamProtocolError(UpstreamFailure):
+    continuable = True
+
     def __init__(self, message: str, *, dropped: bool = False) -> None:
         super().__init__(message)
         #: The connection dropped, or the body ended, before the stream finished: a
@@ -285,6 +293,7 @@ class UpstreamProtocolError(UpstreamFailure):
 class UpstreamErrorObject(UpstreamFailure):
     outcome = "error_object"
     replica_answered = True
+    continuable = True
 
 
 class UpstreamTimeout(UpstreamFailure):
@@ -304,6 +313,7 @@ class FirstTokenTimeout(UpstreamTimeout):
 class IdleTimeout(UpstreamTimeout):
     outcome = "idle_timeout"
     replica_down = True
+    continuable = True
 
 
 class AllAttemptsFailed(UpstreamFailure):
@@ -322,6 +332,18 @@ class NoReplicaAvailable(UpstreamFailure):
     ``max_in_flight`` in this worker, or asked (Retry-After) not to be called yet."""
 
     http_status = 503
+
+
+class ContinuationFailed(UpstreamFailure):
+    """An answer cut short (``cause``: what cut it; None when its worker died or handed
+    it off) whose continuation failed before its first chunk (``last``)."""
+
+    def __init__(self, message: str, last: StageFailure | None = None) -> None:
+        super().__init__(message)
+        self.last = last
+        if last is not None:
+            self.http_status = last.http_status
+            self.outcome = last.outcome
 
 
 class ServerShuttingDown(StageFailure):

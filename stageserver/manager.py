@@ -54,8 +54,9 @@ from .telemetry import metrics
 from .telemetry.logs import OutcomeLog
 from .telemetry.tracing import Tracing
 from .upstream.clients import Upstream, UpstreamRegistry
+from .upstream.continuation import ContinuationModes
 from .upstream.health import ReadinessProbe
-from .upstream.relay import NO_TRACING, AttemptTracer, UpstreamRelay
+from .upstream.relay import NO_TRACING, AttemptTracer, Continuations, UpstreamRelay
 from .upstream.request_body import RequestBody
 from .upstream.route import ReplicaSets
 
@@ -180,6 +181,11 @@ class StageManager:
         self.tracing = tracing
         self._tracer: AttemptTracer = NO_TRACING if tracing is None else tracing
         self.readiness = ReadinessProbe(self.pools, settings.ready_timeout)
+        #: How each upstream continues an answer cut short (upstream/continuation.py).
+        self.continuation_modes = ContinuationModes(upstreams, settings.ready_timeout)
+        self.continuations = Continuations(
+            self.continuation_modes, self.pools, settings.max_continuations
+        )
         self.admission = Admission(settings.max_active_streams)
         self.stages = StageRegistry(settings.stage_ttl_seconds, settings.event_ttl_seconds)
         self.store: RedisStageStore | None = None
@@ -282,7 +288,9 @@ class StageManager:
             keep_events_seconds=request.keep_events_seconds,
         )
         route = self.pools.route(upstream.name)
-        relay = UpstreamRelay(route, body, {"X-Request-ID": request_id}, self._tracer)
+        relay = UpstreamRelay(
+            route, body, {"X-Request-ID": request_id}, self._tracer, self.continuations
+        )
         dialect = None if request.dialect is None else request.dialect(request.stage_id)
         store = self.store
         if store is None:

@@ -27,8 +27,18 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         '"api_key": ..., "connect_timeout": ..., "first_token_timeout": ..., '
         '"idle_timeout": ...}}`, each a pool of replicas with `"urls": [...]` and '
         "optionally `models`, `retries`, `fallbacks`, `max_in_flight`, `attempt_timeout`, "
-        "`eject_after` (see Upstream pools). The first is the default. Replaces the "
-        "single-URL keys.",
+        "`eject_after` (see Upstream pools), `continuation` and `chat_template` (see "
+        "Surviving failures). The first is the default. Replaces the single-URL keys.",
+    ),
+    "STAGESERVER_UPSTREAM_CONTINUATION": (
+        "auto",
+        "How that upstream continues a partial answer: `flag`, `trailing`, `prefix`, "
+        "`raw`, `none`, or `auto` (by its kind, confirmed by a probe).",
+    ),
+    "STAGESERVER_UPSTREAM_CHAT_TEMPLATE": (
+        "",
+        "For `raw` continuation: the model's chat template, a GGUF file or a Jinja file "
+        "(empty: the upstream renders it, llama-server's `/apply-template`).",
     ),
     "STAGESERVER_CONNECT_TIMEOUT": (5.0, "Seconds to connect to an upstream."),
     "STAGESERVER_FIRST_TOKEN_TIMEOUT": (
@@ -96,8 +106,9 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "STAGESERVER_OWNER_LEASE_SECONDS": (
         5.0,
         "With a store: how long a stage outlives its worker's last sign of life. A worker "
-        "renews its stages' leases every third of it; when one lapses, the stage ends with "
-        "an `error` everywhere and its id and slots are free again.",
+        "renews its stages' leases every third of it; when one lapses, another host takes "
+        "the stage over and continues its answer (or, when it cannot, ends it with an "
+        "`error` everywhere).",
     ),
     "STAGESERVER_RESUME_GRACE_SECONDS": (
         30.0,
@@ -108,6 +119,11 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         "The longest a background response (`/v1/responses` with `background: true`) may "
         "run with nobody attached; then it fails. Its principal's `max_streams` counts it "
         "while it runs.",
+    ),
+    "STAGESERVER_MAX_CONTINUATIONS": (
+        2,
+        "Times one stage's answer may be continued after a failure (an upstream cut, a "
+        "dead worker, a deploy); 0: never.",
     ),
     "STAGESERVER_MAX_ACTIVE_STREAMS": (
         900,

@@ -5,7 +5,8 @@ Each upstream chunk becomes one ``data: {chat.completion.chunk}`` block, with no
 Python SDK's decoder fails on ``id:`` and a lone ``retry:``). The chunk's ``id``,
 ``created`` and ``model`` are the stage's, the same in every chunk whichever upstream
 or replica served it: upstream ids collide across servers. The ``delta`` is the
-upstream's, with its ``role`` sent once. Then:
+upstream's, with its ``role`` sent once: an answer continued after a failure reads as one
+answer, its seam invisible. Then:
 
 - ``done``: the usage chunk (``choices: []``) only when ``stream_options.include_usage``
   asked for it, then ``data: [DONE]``;
@@ -21,10 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..sse import compact_json
 from ..stages.dialect import Ending, register
+
+if TYPE_CHECKING:
+    from ..stages.spec import ContinuationRecord
 
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -75,6 +79,13 @@ class ChatCompletionsDialect:
                 self._add_tool_call(call)
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return [b"data: " + self._head + b',"choices":[' + compact_json(choice) + b"]}\n\n"]
+
+    def continued(self, seq: int, record: ContinuationRecord) -> list[bytes]:
+        return []
+
+    def resume(self, text: str) -> None:
+        # The log holds at least the first chunk, which carried the role.
+        self._role_sent = True
 
     def _add_tool_call(self, call: Mapping[str, Any]) -> None:
         index = call.get("index", 0)

@@ -20,16 +20,22 @@ A failure is an ``error`` event carrying the code both flat (``code``, ``message
 ``response.failed``. A cancel ends the stream with ``response.cancelled``, carrying the
 Response: an extension of stageserver's (OpenAI's SDKs have no such event; the Python SDK
 keeps an unknown event's ``type``).
+
+An answer continued after a failure is one answer: the same Response, item and content
+part, its ``sequence_number`` going on by one.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..sse import compact_json, encode_event
 from ..stages.dialect import Ending, register
+
+if TYPE_CHECKING:
+    from ..stages.spec import ContinuationRecord
 
 #: What a Response echoes of its request (``ResponseRequest``), besides its model.
 ECHOED = (
@@ -164,6 +170,24 @@ class ResponsesDialect:
                 if isinstance(call, Mapping):
                     events += self._call_delta(seq + len(events), call)
         return events
+
+    def continued(self, seq: int, record: ContinuationRecord) -> list[bytes]:
+        return []
+
+    def resume(self, text: str) -> None:
+        """Continuations are made for text answers only: what the log holds is the
+        opening, then one message, open, with ``text``."""
+        if not text:
+            return
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        self._text_item = {
+            "id": f"msg_{self.stage_id}_0",
+            "type": "message",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [part],
+        }
+        self.output = [self._text_item]
 
     def _text_delta(self, seq: int, text: str) -> list[bytes]:
         events = []

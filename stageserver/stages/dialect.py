@@ -10,18 +10,23 @@ A dialect is one object per stage, with state of its own (a Responses stream ope
 output item once). Every method returns the events it renders, each a complete SSE block;
 each takes one sequence number of the log, in order, from the ``seq`` it is given.
 
-Another host may need to end a stage whose owner died: ``record()`` is what it needs to
-make the same dialect again (``dialect_of``), written with the stage's record in the
-shared store.
+Another host may need to end a stage whose owner died, or to take it over: ``record()`` is
+what it needs to make the same dialect again (``dialect_of``), written with the stage's
+record in the shared store; ``resume(text)`` then brings it to where the log stands.
+An answer continued after a failure (``upstream/continuation.py``) is one answer: a
+dialect marks the seam (``continued``) only where its clients expect to be told.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import StageFailure
+
+if TYPE_CHECKING:
+    from .spec import ContinuationRecord
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,14 @@ class Dialect(Protocol):
     def chunk(self, seq: int, payload: bytes, read: Any) -> list[bytes]:
         """The events of one upstream chunk: its JSON ``payload`` as sent, and what it
         says (``stage.ChunkRead``). May be none."""
+
+    def continued(self, seq: int, record: ContinuationRecord) -> list[bytes]:
+        """The events that mark a continuation of the answer, before its chunks. May be
+        none: the chunks go on as if nothing happened."""
+
+    def resume(self, text: str) -> None:
+        """The dialect was made again (``dialect_of``) for a stage taken over, whose log
+        holds its opening and the chunks of ``text`` (the answer so far)."""
 
     def ending(self, seq: int, ending: Ending) -> list[bytes]:
         """The events that end the stream; the last is its terminal event."""

@@ -5,6 +5,10 @@ The seed's events, each encoded by the one SSE encoder (``sse.encode_event``):
 
 - ``chat_completion_chunk`` ``{"stage_id", "chunk"}``: ``chunk`` is the upstream's chunk,
   spliced in as the upstream sent it;
+- ``continued`` ``{"stage_id", "after", "reason", "mode", "model"}``: the answer was cut
+  short (``reason``: ``upstream_failed``, ``owner_lost``, ``drain``) after event ``after``,
+  and goes on from the text delivered, asked of ``model`` in ``mode``; the chunks after it
+  come from the new request (their ``id`` and ``created`` are its own);
 - one terminal event: ``done`` ``{"stage_id"}``, ``error`` ``{"stage_id", "error"}`` or
   ``cancel`` ``{"stage_id", "reason"}``.
 
@@ -21,12 +25,16 @@ it really received.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..sse import compact_json, encode_event
 from .dialect import Ending, register
 
+if TYPE_CHECKING:
+    from .spec import ContinuationRecord
+
 CHUNK_EVENT = "chat_completion_chunk"
+CONTINUED_EVENT = "continued"
 # A stage's final status, and the event that announces it.
 TERMINAL_EVENT = {"done": "done", "error": "error", "cancelled": "cancel"}
 
@@ -57,6 +65,20 @@ class SeedDialect:
                 self._chunk_id_prefix + str(seq),
             )
         ]
+
+    def continued(self, seq: int, record: ContinuationRecord) -> list[bytes]:
+        data = {
+            "stage_id": self.stage_id,
+            "after": record.after,
+            "reason": record.reason,
+            "mode": record.mode,
+            "model": record.model,
+        }
+        event_id = f"{self.stage_id}-{CONTINUED_EVENT}-{seq}"
+        return [encode_event(CONTINUED_EVENT, compact_json(data), event_id)]
+
+    def resume(self, text: str) -> None:
+        pass
 
     def ending(self, seq: int, ending: Ending) -> list[bytes]:
         return [self.terminal(ending.status, seq, **_terminal_data(ending))]

@@ -44,6 +44,12 @@ class EventLog:
         events = self._events
         return len(events) if isinstance(events, list) else len(events[1])
 
+    def start_at(self, seq: int) -> None:
+        """An empty log goes on from event ``seq`` (a stage taken over: another worker
+        wrote the events before it)."""
+        assert not len(self)
+        self._first_seq = seq
+
     def append(self, wire: bytes) -> int:
         """Add an event; return its number."""
         events = self._events

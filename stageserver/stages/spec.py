@@ -72,6 +72,42 @@ class AttemptRecord:
     ms: float
 
 
+@dataclass(frozen=True)
+class ContinuationRecord:
+    """One continuation of a stage's answer (``upstream/continuation.py``), or one that
+    could not be made.
+
+    ``after``: the log's last event before it. ``reason``: ``upstream_failed``,
+    ``owner_lost`` or ``drain``. ``outcome``: ``ok`` (its first chunk came), ``failed``
+    (it did not: the stage ends with an error), ``length`` (no token was left: the stage
+    ends at its limit), ``refused`` (it could not be asked for). ``from_replica`` is the
+    replica whose answer was cut (a worker, ``host:pid``, after a takeover), and
+    ``to_replica`` the one that continued it."""
+
+    after: int
+    reason: str
+    mode: str
+    outcome: str
+    model: str = ""
+    upstream: str = ""
+    from_replica: str = ""
+    to_replica: str = ""
+    cause: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """What a stage taken over from another worker starts from: its log's length, the
+    text and content chunks that log holds, and its earlier continuations."""
+
+    next_seq: int
+    text: str
+    content_chunks: int
+    continuations: tuple[ContinuationRecord, ...] = ()
+    from_owner: str = ""
+
+
 # Every process's stage instances are told apart by a random prefix of its own, drawn
 # again in a forked child, and a counter: no system call for each stage.
 _prefix = os.urandom(6).hex() + "."

@@ -25,12 +25,13 @@ from typing import Any, Protocol, TypeAlias
 
 from ..concurrency import Task, Timer, Wakeup
 from ..errors import StageFailure, StageInterrupted, forget_frames
+from ..sse import compact_json
 from .conversation import conversation_record
 from .dialect import Dialect, Ending
 from .events import TERMINAL_EVENT, SeedDialect
 from .log import EventLog
-from .spec import AttemptRecord, StageSpec, instance_of
-from .usage import final_usage
+from .spec import AttemptRecord, ContinuationRecord, StageSpec, Takeover, instance_of
+from .usage import final_usage, sum_usage
 
 log = logging.getLogger("stageserver.stage")
 
@@ -51,6 +52,8 @@ class StageListener:
     - ``on_event(stage, seq, wire)``: event number ``seq`` (its bytes, ``wire``) has been
       added to the log. Called in the relay's greenlet for every chunk: cheap, and
       never waiting on anything.
+    - ``on_continue(stage, record)``: the answer was continued, or could not be
+      (``record.outcome``); with ``ok``, before the marker's events are added.
     - ``on_finish(stage)``: the stage has its terminal status and event. Called once; no
       client reads that event (nor is its ``on_event`` called) before every listener's
       ``on_finish`` has returned, even one that waits on I/O. One that raises is logged
@@ -63,6 +66,9 @@ class StageListener:
         pass
 
     def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
+        pass
+
+    def on_continue(self, stage: Stage, record: ContinuationRecord) -> None:
         pass
 
     def on_finish(self, stage: Stage) -> None:
@@ -95,7 +101,8 @@ class Stage:
         "content_chunks", "cancel_reason", "chunk_count", "attempts", "served_by", "dialect",
         "_relay", "_listeners", "_event_listeners", "_watched_elsewhere", "_log", "_lock",
         "_told", "_subscribers", "_task", "_grace_timer", "_runtime_timer", "_running",
-        "_interruption", "__weakref__",
+        "_interruption", "continuations", "continuable", "_earlier_usage", "_segment_start",
+        "_takeover", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -105,10 +112,12 @@ class Stage:
         listeners: Sequence[StageListener] = (),
         watched_elsewhere: Callable[[str], bool] = lambda key: False,
         dialect: Dialect | None = None,
+        takeover: Takeover | None = None,
     ) -> None:
         """``watched_elsewhere(key)`` says whether a response in another worker still
         follows the stage; a resumable stage nobody follows here waits for it.
-        ``dialect``: how its events read (``dialect.py``); the seed's by default."""
+        ``dialect``: how its events read (``dialect.py``); the seed's by default.
+        ``takeover``: the stage ran in another worker, and goes on here from its log."""
         self.spec = spec
         self.stage_id = spec.stage_id
         #: The stage's id everywhere inside stageserver: its id in its principal's namespace.
@@ -151,6 +160,19 @@ class Stage:
         self._runtime_timer: Timer | None = None
         self._running = False
         self._interruption: StageInterrupted | None = None
+        #: Its answer's continuations (``upstream/continuation.py``), made or refused.
+        self.continuations: list[ContinuationRecord] = []
+        #: False once it streamed tool calls or reasoning: such an answer is not continued.
+        self.continuable = True
+        self._earlier_usage: dict[str, Any] | None = None  # the segments' before this one
+        self._segment_start = 0  # content chunks before this segment
+        self._takeover = takeover
+        if takeover is not None:
+            self._log.start_at(takeover.next_seq)
+            self.text_parts = [takeover.text] if takeover.text else []
+            self.content_chunks = self.chunk_count = self._segment_start = takeover.content_chunks
+            self.continuations = list(takeover.continuations)
+            self.dialect.resume(takeover.text)
 
     # -- what it has to say ----------------------------------------------------------------
 
@@ -217,6 +239,7 @@ class Stage:
             "first_token_seconds": self.first_token_seconds,
             "duration_seconds": self.duration_seconds,
             "attempts": [vars(a) for a in self.attempts],
+            "continuations": [vars(c) for c in self.continuations],
         }
 
     # -- what the relay tells it ---------------------------------------------------------
@@ -230,7 +253,11 @@ class Stage:
 
     def append_chunk(self, payload: bytes, read: ChunkRead) -> None:
         """One upstream chunk: its JSON ``payload`` as sent, and what it says."""
-        content, finish_reason, usage, _ = read
+        content, finish_reason, usage, delta = read
+        if delta is not None and (
+            delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("reasoning")
+        ):
+            self.continuable = False
         if content:
             self.text_parts.append(content)
             self.content_chunks += 1
@@ -247,6 +274,46 @@ class Stage:
     def finish(self) -> None:
         """The upstream has finished the completion: the stage is done."""
         self._finish(DONE)
+
+    def continuation_refused(self, limit: int) -> str | None:
+        """Why its answer may not be continued now; None if it may."""
+        if not self.continuable:
+            return "it streamed tool calls or reasoning, which a continuation cannot extend"
+        made = sum(c.outcome == "ok" for c in self.continuations)
+        if made >= limit:
+            return f"it was continued {made} times already (STAGESERVER_MAX_CONTINUATIONS)"
+        return None
+
+    def record_continuation(self, record: ContinuationRecord) -> None:
+        """A continuation of its answer (``ok``: about to be appended, after its marker),
+        or one that could not be made."""
+        self.continuations.append(record)
+        for listener in self._listeners:
+            listener.on_continue(self, record)
+        if record.outcome != "ok":
+            return
+        # The segment cut short counts what it delivered: usage is summed over segments.
+        segment = final_usage(
+            self.usage,
+            self.spec.prompt_tokens_estimate + self._segment_start,
+            self.content_chunks - self._segment_start,
+        )
+        self._earlier_usage = sum_usage(self._earlier_usage, segment)
+        self.usage, self._segment_start = None, self.content_chunks
+        for wire in self.dialect.continued(self._log.next_seq, record):
+            self._notify(self._log.append(wire), wire)
+
+    def finish_at_length(self) -> None:
+        """No token is left for a continuation: the answer ends at its limit."""
+        chunk = {
+            "id": self.stage_id,
+            "object": "chat.completion.chunk",
+            "created": int(self.created_at),
+            "model": self.spec.model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+        }
+        self.append_chunk(compact_json(chunk), (None, "length", None, {}))
+        self.finish()
 
     def raise_if_interrupted(self) -> None:
         """Threads: an interruption that came while the relay could not be interrupted."""
@@ -305,8 +372,9 @@ class Stage:
     def start(self) -> None:
         for listener in self._listeners:
             listener.on_start(self)
-        for wire in self.dialect.opening(self._log.next_seq):
-            self._notify(self._log.append(wire), wire)
+        if self._takeover is None:  # a stage taken over has its opening in its log
+            for wire in self.dialect.opening(self._log.next_seq):
+                self._notify(self._log.append(wire), wire)
         if self.spec.max_seconds:
             self._runtime_timer = Timer(self.spec.max_seconds, self._overran)
         self._task = Task(self._run, name=f"stage-{self.stage_id}")
@@ -381,9 +449,12 @@ class Stage:
         with self._lock:
             if self.finished:
                 return
-            self.usage = final_usage(
-                self.usage, self.spec.prompt_tokens_estimate, self.content_chunks
+            segment = final_usage(
+                self.usage,
+                self.spec.prompt_tokens_estimate + self._segment_start,
+                self.content_chunks - self._segment_start,
             )
+            self.usage = sum_usage(self._earlier_usage, segment)
             self.failure = failure
             if status == CANCELLED:
                 self.cancel_reason = reason

@@ -51,3 +51,17 @@ def final_usage(
         "total_tokens": prompt_estimate + content_chunks,
         "estimated": True,
     }
+
+
+def sum_usage(earlier: dict[str, Any] | None, segment: dict[str, Any]) -> dict[str, Any]:
+    """The usage of an answer continued after ``earlier`` (None: it was not): the
+    segments' counts summed, estimated if any of them was."""
+    if earlier is None:
+        return segment
+    summed: dict[str, Any] = {
+        name: int(earlier.get(name, 0)) + int(segment.get(name, 0))
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    if earlier.get("estimated") or segment.get("estimated"):
+        summed["estimated"] = True
+    return summed

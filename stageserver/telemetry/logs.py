@@ -35,6 +35,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..principals import ANONYMOUS
+from ..stages.spec import ContinuationRecord
 from ..stages.stage import CANCELLED, ERROR, Stage, StageListener
 
 LOG_FORMATS = ("text", "json")
@@ -57,6 +58,22 @@ class OutcomeLog(StageListener):
     def __init__(self) -> None:
         self._log = logging.getLogger("stageserver.stage")
 
+    def on_continue(self, stage: Stage, record: ContinuationRecord) -> None:
+        """One line for each continuation, made or not: a warning, since what cut the
+        answer deserves a look even when the client never saw it."""
+        fields: dict[str, Any] = {
+            "stage_id": stage.stage_id,
+            "continuation": record.outcome,
+            "reason": record.reason,
+            "mode": record.mode,
+            "after": record.after,
+            "request_id": stage.spec.request_id,
+        }
+        for name in ("upstream", "from_replica", "to_replica", "cause", "error"):
+            if getattr(record, name):
+                fields[name] = getattr(record, name)
+        self._log.warning(" ".join(f"{k}={_logfmt(v)}" for k, v in fields.items()), extra=fields)
+
     def on_finish(self, stage: Stage) -> None:
         if not self._log.isEnabledFor(logging.INFO):
             return
@@ -72,6 +89,8 @@ class OutcomeLog(StageListener):
         }
         if stage.dialect.name != "seed":  # the seed's lines stay as they were
             fields["dialect"] = stage.dialect.name
+        if stage.continuations:
+            fields["continuations"] = sum(c.outcome == "ok" for c in stage.continuations)
         if len(stage.attempts) > 1:  # it failed over: which replica served, after what
             fields["replica"] = None if stage.served_by is None else stage.served_by.replica
             fields["attempts"] = ", ".join(

@@ -18,6 +18,10 @@ Metrics (labels in brackets):
   terminal event, ``done``, ``error`` or ``cancel``.
 - ``stageserver_dialect_stages_total`` [dialect, outcome]: the same stages by the API that
   served them: ``seed`` (``/chat``), ``chat.completions`` or ``responses`` (``/v1``).
+- ``stageserver_stage_continuations_total`` [mode, reason, outcome]: answers continued
+  after a failure (``upstream/continuation.py``), or not: reason ``upstream_failed``,
+  ``owner_lost`` or ``drain``; outcome ``ok``, ``failed`` (its first chunk did not come),
+  ``length`` (no token was left) or ``refused`` (it could not be asked for).
 - ``stageserver_time_to_first_token_seconds`` [upstream]: histogram, from the stage's
   start to its first chunk; stages that got no chunk are not observed.
 - ``stageserver_stream_duration_seconds`` [upstream, outcome]: histogram, from the
@@ -85,6 +89,7 @@ from prometheus_client import (  # noqa: E402
 from ..errors import UpstreamFailure  # noqa: E402
 from ..principals import Principal  # noqa: E402
 from ..stages.events import TERMINAL_EVENT  # noqa: E402
+from ..stages.spec import ContinuationRecord  # noqa: E402
 from ..stages.stage import Stage, StageListener  # noqa: E402
 from ..upstream.replicas import Replica, ReplicaEvents  # noqa: E402
 
@@ -97,6 +102,11 @@ DIALECT_STAGES = Counter(
     "stageserver_dialect_stages",
     "Stages finished, by dialect (seed, chat.completions, responses) and outcome.",
     ("dialect", "outcome"),
+)
+CONTINUATIONS = Counter(
+    "stageserver_stage_continuations",
+    "Answers continued after a failure, or not, by mode, reason and outcome.",
+    ("mode", "reason", "outcome"),
 )
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TIME_TO_FIRST_TOKEN = Histogram(
@@ -256,6 +266,9 @@ class StageMetrics(StageListener):
             tokens = usage.get(f"{kind}_tokens")
             if isinstance(tokens, int) and tokens > 0:
                 PRINCIPAL_TOKENS.labels(label, kind).inc(tokens)
+
+    def on_continue(self, stage: Stage, record: ContinuationRecord) -> None:
+        CONTINUATIONS.labels(record.mode, record.reason, record.outcome).inc()
 
 
 class _ReplicaSeries:

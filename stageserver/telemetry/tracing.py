@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
+from ..stages.spec import ContinuationRecord
 from ..stages.stage import DONE, ERROR, Stage, StageListener
 from ..upstream.replicas import ReplicaAttempt
 
@@ -202,6 +203,16 @@ class Tracing(StageListener):
         }
         span = self._start(spec.model, spec.upstream, parent, SpanKind.INTERNAL, attributes)
         self._stages[stage] = _StageSpan(span)
+
+    def on_continue(self, stage: Stage, record: ContinuationRecord) -> None:
+        state = self._stages.get(stage)
+        if state is not None:
+            attributes = {
+                f"stageserver.continuation.{name}": value
+                for name, value in vars(record).items()
+                if value != ""
+            }
+            state.span.add_event("stageserver.continuation", attributes)
 
     def on_finish(self, stage: Stage) -> None:
         from opentelemetry.trace import Status, StatusCode

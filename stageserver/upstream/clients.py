@@ -80,11 +80,14 @@ class Upstream:
             return HttpToolsTransport(cfg.max_connections)
         return ShardedTransport(cfg.max_connections)
 
-    def open_stream(self, body: dict[str, Any], headers: Mapping[str, str]) -> httpx2.Response:
-        """Send the request; return the response with its body still unread."""
+    def open_stream(
+        self, body: dict[str, Any], headers: Mapping[str, str], path: str = "/chat/completions"
+    ) -> httpx2.Response:
+        """Send the request (to ``path``: a continuation in ``raw`` mode goes to
+        ``/completions``); return the response with its body still unread."""
         try:
             return self.client.post(
-                "/chat/completions",
+                path,
                 body=body,
                 cast_to=httpx2.Response,
                 stream=True,

@@ -24,6 +24,13 @@ at most a second, so that the connection goes back to the pool. However an attem
 the relay closes its response (the close is what tells the upstream to stop) and
 releases its lease. Attempts run one at a time, so a cancel during failover, thrown into
 the relay wherever it waits, finds one attempt open, and closes it.
+
+An answer cut short after its first chunk, in a way that leaves it worth finishing
+(``StageFailure.continuable``), is continued (``continuation.py``): the same upstream,
+on another replica when it has one, is asked to go on from the text delivered, with the
+tokens left, and its reply is appended to the stage after a marker (``Stage.continued``).
+A stage taken over from a dead or draining worker (``resume``) starts there. What it
+costs the relay when nothing fails: one test per chunk.
 """
 
 from __future__ import annotations
@@ -37,17 +44,25 @@ import httpx2
 
 from ..concurrency import FirstTokenDeadline, ReadDeadline
 from ..errors import (
+    ContinuationFailed,
     FirstTokenTimeout,
     IdleTimeout,
     StageFailure,
     UpstreamProtocolError,
     outcome_of,
 )
+from ..stages.spec import ContinuationRecord
 from ..stages.stage import ChunkRead
 from .chunks import read_chunk
-from .clients import Upstream
-from .replicas import ReplicaAttempt
-from .route import Route
+from .continuation import (
+    ContinuationModes,
+    ContinuedReply,
+    continuation_request,
+    render_upstream_template,
+)
+from .replicas import Replica, ReplicaAttempt
+from .request_body import RequestBody
+from .route import ReplicaSets, Route
 from .sse import SSEPayloadSplitter
 
 _DRAIN_SECONDS = 1.0
@@ -58,6 +73,24 @@ class ChunkSink(Protocol):
 
     @property
     def chunk_count(self) -> int: ...
+
+    @property
+    def content_chunks(self) -> int: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def upstream(self) -> str: ...
+
+    @property
+    def next_seq(self) -> int: ...
+
+    def continuation_refused(self, limit: int) -> str | None: ...
+
+    def record_continuation(self, record: ContinuationRecord) -> None: ...
+
+    def finish_at_length(self) -> None: ...
 
     def record_attempt(self, upstream: str, replica: str, outcome: str, ms: float) -> None: ...
 
@@ -123,27 +156,89 @@ def _body_of(
     return iter(stream), stream.close, sock
 
 
+class Continuations:
+    """What continuing an answer takes, the same for every stage of a process: each
+    upstream's mode, the pools, and how many times one stage may be continued."""
+
+    def __init__(self, modes: ContinuationModes, pools: ReplicaSets, limit: int) -> None:
+        self.modes = modes
+        self.pools = pools
+        self.limit = limit
+
+
+class _Segment:
+    """One request of a stage, whichever replica serves it: its first, or a
+    continuation. ``body(attempt)``: the path and body of an attempt. ``reply()``: how
+    the serving attempt's reply is read (None: as the upstream sent it). ``first(attempt)``:
+    called when an attempt serves the segment's first chunk, before it is appended."""
+
+    __slots__ = ("body", "reply", "first")
+
+    def __init__(
+        self,
+        body: Callable[[ReplicaAttempt], tuple[str, dict[str, Any]]],
+        reply: Callable[[], ContinuedReply] | None = None,
+        first: Callable[[ReplicaAttempt], None] | None = None,
+    ) -> None:
+        self.body = body
+        self.reply = reply
+        self.first = first
+
+
+_TAKEN_OVER = {
+    "owner_lost": "the worker that ran the stage stopped",
+    "drain": "the worker that ran the stage was shut down",
+}
+
+
+def _uncontinued(failure: StageFailure | None, reason: str, refused: str | None) -> StageFailure:
+    """What ends an answer that is not continued: the failure that cut it; for a stage
+    taken over, a failure that says why it cannot go on."""
+    if failure is not None:
+        return failure
+    return StageFailure(f"{_TAKEN_OVER[reason]} and its answer cannot be continued: {refused}")
+
+
 class UpstreamRelay:
     def __init__(
         self,
         route: Route,
-        body: Callable[[Upstream], dict[str, Any]],
+        body: RequestBody,
         headers: Mapping[str, str],
         tracer: AttemptTracer = NO_TRACING,
+        continuations: Continuations | None = None,
+        resume: str | None = None,
     ) -> None:
-        """``body(upstream)``: the request body for an attempt at that upstream."""
+        """``body``: the request body for an attempt at each replica. ``continuations``:
+        None, never continue. ``resume``: the stage was taken over (``owner_lost``,
+        ``drain``), and its first request continues what its log holds."""
         self.route = route
         self._body = body
         self._headers = headers
         self._tracer = tracer
+        self._continuations = continuations
+        self._resume = resume
         self._socket: socket.socket | None = None  # threads: the one to shut down
+        self._serving: ReplicaAttempt | None = None  # the attempt whose chunks flow
 
     def run(self, stage: ChunkSink) -> None:
-        route = self.route
+        if self._resume is not None:
+            self._continue(stage, self._resume, None)
+            return
+        plain = _Segment(lambda attempt: ("/chat/completions", self._body(attempt.upstream)))
+        try:
+            self._segment(stage, self.route, plain)
+        except StageFailure as failure:
+            if not (failure.continuable and stage.chunk_count):
+                raise
+            self._continue(stage, "upstream_failed", failure)
+
+    def _segment(self, stage: ChunkSink, route: Route, segment: _Segment) -> None:
+        """The route's attempts, one after another until one serves the first chunk."""
         last: StageFailure | None = None
         while (attempt := route.next_attempt()) is not None:
             try:
-                self._attempt(stage, attempt)
+                self._attempt(stage, attempt, segment)
                 return
             except StageFailure as failure:
                 if attempt.served or not failure.worth_another_replica:
@@ -152,6 +247,98 @@ class UpstreamRelay:
                 if attempt.budget_bound and isinstance(failure, FirstTokenTimeout):
                     break  # the stage's budget is spent
         raise route.give_up(last)
+
+    # -- continuing ------------------------------------------------------------------------
+
+    def _continue(self, stage: ChunkSink, reason: str, failure: StageFailure | None) -> None:
+        """Continue the answer until it ends, or a continuation cannot be made."""
+        while (again := self._continue_once(stage, reason, failure)) is not None:
+            failure, reason = again, "upstream_failed"
+
+    def _continue_once(
+        self, stage: ChunkSink, reason: str, failure: StageFailure | None
+    ) -> StageFailure | None:
+        """One continuation: None when the stage has ended; the failure that cut the
+        continuation short after its first chunk, when that may be continued in turn."""
+        continuations = self._continuations
+        cut = "" if failure is None else str(failure)
+        refused = (
+            "continuation is off"
+            if continuations is None
+            else stage.continuation_refused(continuations.limit)
+        )
+        names: list[str] = []
+        if continuations is not None and refused is None:
+            # The upstream that served, then the route's others that continue of their own.
+            serving = stage.upstream
+            order = (serving, *continuations.pools.order(self.route.name))
+            names = [n for n in dict.fromkeys(order) if continuations.modes.of(n).continues]
+            if not names:
+                mode = continuations.modes.of(serving)
+                refused = f"upstream {serving!r} cannot continue an answer ({mode.mode})"
+        after = stage.next_seq - 1
+        if continuations is None or refused is not None:
+            stage.record_continuation(
+                ContinuationRecord(after, reason, "none", "refused", cause=cut, error=refused or "")
+            )
+            raise _uncontinued(failure, reason, refused)
+        budget = self._body.max_tokens - stage.content_chunks
+        if budget <= 0:
+            stage.record_continuation(ContinuationRecord(after, reason, "", "length"))
+            stage.finish_at_length()
+            return None
+        modes = continuations.modes
+        delivered = stage.text
+        failed = self._serving
+        avoid: Replica | None = None if failed is None else failed.replica
+        route = continuations.pools.continuation_route(names, avoid)
+
+        def body(attempt: ReplicaAttempt) -> tuple[str, dict[str, Any]]:
+            mode = modes.of(attempt.name).mode
+            chat = self._body(attempt.upstream)
+            prompt, stop = None, ()
+            if mode == "raw":
+                template = modes.template(attempt.name)
+                messages = chat["messages"]
+                if template is None:
+                    prompt = render_upstream_template(attempt.upstream, messages, 5.0)
+                else:
+                    prompt, stop = template.render(messages), tuple(template.stop)
+            request = continuation_request(mode, chat, delivered, budget, prompt, stop)
+            replies.append(ContinuedReply(request))
+            return request.path, request.body
+
+        replies: list[ContinuedReply] = []
+        from_replica = "" if failed is None else failed.url
+
+        def first_chunk(attempt: ReplicaAttempt) -> None:
+            served.append(attempt)
+            stage.record_continuation(
+                ContinuationRecord(
+                    after, reason, modes.of(attempt.name).mode, "ok",
+                    model=attempt.config.model_for(self._body.conversation.model),
+                    upstream=attempt.name, from_replica=from_replica, to_replica=attempt.url,
+                    cause=cut,
+                )
+            )  # fmt: skip
+
+        served: list[ReplicaAttempt] = []
+        segment = _Segment(body, lambda: replies[-1], first_chunk)
+        try:
+            self._segment(stage, route, segment)
+            return None
+        except StageFailure as last:
+            if served:  # it failed after its first chunk: continued in turn, maybe
+                if last.continuable:
+                    return last
+                raise
+            stage.record_continuation(
+                ContinuationRecord(
+                    after, reason, modes.of(names[0]).mode, "failed", cause=cut, error=str(last)
+                )  # fmt: skip
+            )
+            what = cut or _TAKEN_OVER[reason]
+            raise ContinuationFailed(f"{what}; its continuation failed: {last}", last) from None
 
     def unblock(self) -> None:
         """Threads: shut the socket down under the thread blocked reading it."""
@@ -162,7 +349,7 @@ class UpstreamRelay:
             except OSError:
                 pass
 
-    def _attempt(self, stage: ChunkSink, attempt: ReplicaAttempt) -> None:
+    def _attempt(self, stage: ChunkSink, attempt: ReplicaAttempt, segment: _Segment) -> None:
         """One attempt, to the stage's end or to its failure, which it records."""
         trace = self._tracer.attempt(stage, attempt)
         began = time.monotonic()
@@ -172,10 +359,11 @@ class UpstreamRelay:
         outcome = "ok"
         try:
             upstream = attempt.upstream
-            body, headers = self._body(upstream), trace.headers(self._headers)
+            path, body = segment.body(attempt)
+            headers = trace.headers(self._headers)
             try:
                 with first_token:
-                    response = upstream.open_stream(body, headers)
+                    response = upstream.open_stream(body, headers, path)
             except BaseException as exc:
                 if first_token.fired(exc):
                     raise self._first_token_timeout(attempt) from None
@@ -189,7 +377,7 @@ class UpstreamRelay:
             # and both sets of headers would be kept for the stage's whole life.
             del response
             stage.raise_if_interrupted()
-            self._relay(stage, attempt, trace, reads, first_token, idle, began)
+            self._relay(stage, attempt, segment, trace, reads, first_token, idle, began)
         except BaseException as exc:
             outcome = outcome_of(exc)
             if not attempt.served:
@@ -211,14 +399,18 @@ class UpstreamRelay:
         self,
         stage: ChunkSink,
         attempt: ReplicaAttempt,
+        segment: _Segment,
         trace: AttemptTrace,
         payload: bytes,
         began: float,
     ) -> None:
         """The attempt has its first chunk: from now on nothing is retried."""
         attempt.served_first_chunk()
+        self._serving = attempt
         stage.record_attempt(attempt.name, attempt.url, "ok", (time.monotonic() - began) * 1000)
         trace.served(payload)
+        if segment.first is not None:
+            segment.first(attempt)
 
     def _first_token_timeout(self, attempt: ReplicaAttempt) -> FirstTokenTimeout:
         if attempt.budget_bound:
@@ -232,6 +424,7 @@ class UpstreamRelay:
         self,
         stage: ChunkSink,
         attempt: ReplicaAttempt,
+        segment: _Segment,
         trace: AttemptTrace,
         reads: Iterator[bytes],
         first_token: ReadDeadline,
@@ -244,6 +437,7 @@ class UpstreamRelay:
         splitter = SSEPayloadSplitter()
         finished_by_upstream = False
         served = False  # a local: it is read for every chunk
+        shape = None if segment.reply is None else segment.reply().shape
         while True:
             try:
                 with deadline:
@@ -265,17 +459,21 @@ class UpstreamRelay:
             for payload in splitter.feed(raw):
                 if payload == b"[DONE]":
                     if not served:
-                        self._served(stage, attempt, trace, payload, began)
+                        self._served(stage, attempt, segment, trace, payload, began)
                     stage.finish()
                     self._drain(reads)
                     return
                 read = read_chunk(payload, name)
                 if not served:
                     served = True
-                    self._served(stage, attempt, trace, payload, began)
+                    self._served(stage, attempt, segment, trace, payload, began)
                 finished_by_upstream = finished_by_upstream or read[1] is not None
-                stage.append_chunk(payload, read)
-            if deadline is first_token and stage.chunk_count:
+                if shape is None:
+                    stage.append_chunk(payload, read)
+                else:
+                    for shaped, shaped_read in shape(payload, read):
+                        stage.append_chunk(shaped, shaped_read)
+            if deadline is first_token and served:
                 deadline = idle
         if finished_by_upstream and not splitter.pending():
             stage.finish()  # some upstreams end without [DONE]

@@ -35,8 +35,15 @@ from .replicas import Clock, Replica, ReplicaAttempt, ReplicaEvents, ReplicaSet
 class Route:
     """The pools a stage may use, in order, and the attempts it has made at them."""
 
-    def __init__(self, pools: Sequence[ReplicaSet], clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        pools: Sequence[ReplicaSet],
+        clock: Clock = time.monotonic,
+        avoid: Replica | None = None,
+    ) -> None:
+        """``avoid``: a replica tried only when no other can be (one that just failed)."""
         self.pools = tuple(pools)
+        self._avoid = avoid
         primary = self.pools[0].config
         self.name = primary.name
         self.retries = primary.retries
@@ -54,7 +61,12 @@ class Route:
         left = self._deadline - now
         if len(self._attempts) > self.retries or left <= 0:
             return None
-        attempt = next(filter(None, (pool.lease(self._tried) for pool in self.pools)), None)
+        attempt = None
+        if self._avoid is not None:
+            avoided = [*self._tried, self._avoid]
+            attempt = next(filter(None, (pool.lease(avoided) for pool in self.pools)), None)
+        if attempt is None:
+            attempt = next(filter(None, (pool.lease(self._tried) for pool in self.pools)), None)
         if attempt is None and not self._attempts:
             leases = (pool.lease(self._tried, last_resort=True) for pool in self.pools)
             attempt = next(filter(None, leases), None)
@@ -127,3 +139,12 @@ class ReplicaSets:
     def route(self, name: str) -> Route:
         """A stage's route from the upstream ``name``: see ``UpstreamRegistry.route``."""
         return Route(self._orders[name], self._clock)
+
+    def order(self, name: str) -> tuple[str, ...]:
+        """The upstreams of a stage routed to ``name``, in order."""
+        return tuple(pool.name for pool in self._orders[name])
+
+    def continuation_route(self, names: Sequence[str], avoid: Replica | None) -> Route:
+        """The route of a continuation: the upstreams ``names``, in order, each replica
+        once, ``avoid`` (the replica that just failed) only when no other can serve."""
+        return Route([self._pools[n] for n in names], self._clock, avoid)
