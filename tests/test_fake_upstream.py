@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,10 +28,12 @@ def fake() -> Iterator[FakeUpstream]:
         yield server
 
 
-def _chat_request(model: str, *, stream: bool = True, **extra: Any) -> bytes:
+def _chat_request(
+    model: str, *, stream: bool = True, path: str = "/v1/chat/completions", **extra: Any
+) -> bytes:
     body = json.dumps({"model": model, "stream": stream, "messages": [], **extra}).encode()
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\n"
+        f"POST {path} HTTP/1.1\r\n"
         "Host: fake\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
@@ -66,9 +69,11 @@ def _read_chunks(f: BinaryIO) -> tuple[list[bytes], bool]:
         chunks.append(data[:-2])
 
 
-def _stream(port: int, model: str, **extra: Any) -> tuple[dict[str, str], list[bytes], bool]:
+def _stream(
+    port: int, model: str, *, path: str = "/v1/chat/completions", **extra: Any
+) -> tuple[dict[str, str], list[bytes], bool]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(_chat_request(model, **extra))
+        sock.sendall(_chat_request(model, path=path, **extra))
         with sock.makefile("rb") as f:
             status, headers = _read_head(f)
             assert status == 200
@@ -371,6 +376,9 @@ def _complete(fake: FakeUpstream, mode: str, last: dict[str, Any], **extra: Any)
     }
     answer = requests.post(f"{fake.url}/chat/completions", json=body, timeout=10)
     assert answer.status_code == 200, answer.text
+    # The record is complete (chunks_sent) once the handler returns, just after the send.
+    record = fake.requests[-1]
+    assert fake.wait_for(lambda: record.finished_at is not None)
     content: str = answer.json()["choices"][0]["message"]["content"]
     return content
 
@@ -449,3 +457,214 @@ def test_stall_goes_silent_after_some_chunks_and_keeps_the_connection(
         data = [line for line in lines if line.startswith(b"data: ")]
         assert len(data) == 2  # two chunks, then nothing, the connection open
     assert fake.requests[-1].chunks_sent == 2
+
+
+# -- faults at a position in the answer, and a refused continuation ----------------------
+
+SIXTY = [f"tok{i} " for i in range(60)]  # the default answer of chunks=60
+QUESTION = {"role": "user", "content": "Go on."}
+
+
+def _text_of(chunks: list[bytes]) -> str:
+    """The content a stream delivered: each chat delta's, or each completion's text."""
+    text = ""
+    for chunk in chunks:
+        payload = chunk.removeprefix(b"data: ").strip()
+        if payload in (b"[DONE]", b"") or not payload.startswith(b"{"):
+            continue
+        for choice in json.loads(payload)["choices"]:
+            text += choice.get("delta", {}).get("content") or choice.get("text") or ""
+    return text
+
+
+def _continued(port: int, model: str, partial: str) -> tuple[str, bool]:
+    """A chat continuation of ``partial`` (a trailing assistant message): text, complete."""
+    messages = [QUESTION, {"role": "assistant", "content": partial}]
+    _, chunks, complete = _stream(port, model, messages=messages)
+    return _text_of(chunks), complete
+
+
+def _raw(port: int, model: str, partial: str) -> tuple[str, bool]:
+    """A raw completion of an open ChatML turn holding ``partial``: text, complete."""
+    prompt = f"<|im_start|>user\nGo on.<|im_end|>\n<|im_start|>assistant\n{partial}"
+    _, chunks, complete = _stream(port, model, path="/v1/completions", prompt=prompt)
+    return _text_of(chunks), complete
+
+
+def test_a_fault_comes_at_its_place_in_the_answer_not_in_each_reply(
+    fake: FakeUpstream,
+) -> None:
+    model = "fake?chunks=60&mode=drop&after=20&continuation=trailing"
+    _, chunks, complete = _stream(fake.port, model, messages=[QUESTION])
+    delivered = _text_of(chunks)
+    assert not complete and delivered == "".join(SIXTY[:20])
+    # Continued from what was delivered, by chat or raw: the rest, not dropped again.
+    assert _continued(fake.port, model, delivered) == ("".join(SIXTY[20:]), True)
+    assert _raw(fake.port, "fake?chunks=60&mode=drop&after=20", delivered) == (
+        "".join(SIXTY[20:]),
+        True,
+    )
+    assert fake.requests[-1].chunks_sent == 40
+    # A fault further on comes after the pieces between: 25 - 20 = 5 of this reply.
+    later = "fake?chunks=60&mode=drop&after=25&continuation=trailing"
+    assert _continued(fake.port, later, delivered) == ("".join(SIXTY[20:25]), False)
+    assert _raw(fake.port, "fake?chunks=60&mode=drop&after=25", delivered) == (
+        "".join(SIXTY[20:25]),
+        False,
+    )
+    # A piece cut by the partial answer is not held by it: "tok0 tok1 to" holds 2, so a
+    # fault after 3 pieces of the answer comes after 1 of the reply, the rest of "tok2 ".
+    cut = "fake?chunks=60&mode=stall&after=3&continuation=trailing"
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as sock:
+        messages = [QUESTION, {"role": "assistant", "content": "tok0 tok1 to"}]
+        sock.sendall(_chat_request(cut, messages=messages))
+        assert fake.wait_for(lambda: fake.requests[-1].chunks_sent == 1)
+        time.sleep(0.05)  # stalled: no second chunk comes
+        assert fake.requests[-1].chunks_sent == 1
+    # A request that continues nothing still counts from its own start.
+    _, chunks, complete = _stream(fake.port, later, messages=[QUESTION])
+    assert (_text_of(chunks), complete) == ("".join(SIXTY[:25]), False)
+    # Without the option, a trailing message is a closed turn: a new answer, cut at 20.
+    closed = "fake?chunks=60&mode=drop&after=20"
+    assert _continued(fake.port, closed, delivered) == (delivered, False)
+
+
+def test_continued_status_refuses_only_a_continuation(fake: FakeUpstream) -> None:
+    model = "fake?chunks=4&continuation=trailing&continued_status=503&retry_after=1"
+    messages = [QUESTION, {"role": "assistant", "content": "tok0 "}]
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+    refused = requests.post(f"{fake.url}/chat/completions", json=body, timeout=10)
+    assert (refused.status_code, refused.headers["Retry-After"]) == (503, "1")
+    assert refused.json() == {
+        "error": {"message": "fake upstream failure", "type": "server_error", "code": 503}
+    }
+    # The same request without the partial answer continues nothing: answered.
+    fresh = requests.post(
+        f"{fake.url}/chat/completions", json={**body, "messages": [QUESTION]}, timeout=10
+    )
+    assert fresh.status_code == 200 and fresh.text.endswith("data: [DONE]\n\n")
+    # A raw completion of an open turn is a continuation too, with the server's default.
+    fake.defaults["continued_status"] = "502"
+    prompt = "<|im_start|>user\nGo on.<|im_end|>\n<|im_start|>assistant\ntok0 "
+    raw = requests.post(
+        f"{fake.url}/completions", json={"model": "fake", "prompt": prompt}, timeout=10
+    )
+    assert raw.status_code == 502 and raw.json()["error"]["code"] == 502
+    # A server that takes the message as a closed turn continues nothing: answered.
+    closed = {**body, "model": "fake?continuation=restart", "stream": False}
+    answer = requests.post(f"{fake.url}/chat/completions", json=closed, timeout=10)
+    assert answer.status_code == 200
+    assert [r.status for r in fake.requests] == [503, 200, 502, 200]
+    bad = {**body, "model": "fake?continued_status=99"}
+    assert requests.post(f"{fake.url}/chat/completions", json=bad, timeout=10).status_code == 400
+
+
+# -- the render probes: llama-server, vLLM, Ollama ---------------------------------------
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Count."},
+    {"role": "assistant", "content": "one two"},
+]
+HEAD = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCount.<|im_end|>\n"
+OPEN = HEAD + "<|im_start|>assistant\none two"  # the turn left open: a continuation
+CLOSED = OPEN + "<|im_end|>\n"  # the turn closed: a new answer follows
+GENERATE = "<|im_start|>assistant\n"
+
+
+def _post(fake: FakeUpstream, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    answer = requests.post(f"{fake.base}{path}", json=body, timeout=10)
+    assert answer.headers["Content-Type"] == "application/json"
+    return answer.status_code, answer.json()
+
+
+def test_apply_template_prefills_as_llama_server_does_by_default(fake: FakeUpstream) -> None:
+    assert _post(fake, "/apply-template", {"messages": CHAT}) == (
+        200,
+        {"prompt": CLOSED + GENERATE},
+    )
+    fake.defaults["continuation"] = "trailing"  # llama-server since PR #13174
+    assert _post(fake, "/apply-template", {"messages": CHAT}) == (200, {"prompt": OPEN})
+    # Only a final assistant message is prefilled; a model's query wins over the defaults.
+    assert _post(fake, "/apply-template", {"messages": CHAT[:2]}) == (
+        200,
+        {"prompt": HEAD + GENERATE},
+    )
+    overridden = {"model": "fake?continuation=restart", "messages": CHAT}
+    assert _post(fake, "/apply-template", overridden) == (200, {"prompt": CLOSED + GENERATE})
+    status, error = _post(fake, "/apply-template", {"messages": "hello"})
+    assert status == 400 and error["error"]["message"] == "'messages' must be a list"
+    assert [(r.path, r.status) for r in fake.requests] == [("/apply-template", 200)] * 4 + [
+        ("/apply-template", 400)
+    ]
+    assert fake.requests[3].options["continuation"] == "restart"
+
+
+def test_tokenize_leaves_the_turn_open_only_with_vllms_flags(fake: FakeUpstream) -> None:
+    flags = {"continue_final_message": True, "add_generation_prompt": False}
+
+    def rendered(model: str, **extra: Any) -> str:
+        status, answer = _post(fake, "/tokenize", {"model": model, "messages": CHAT, **extra})
+        assert status == 200, answer
+        assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == 8192
+        return "".join(map(chr, answer["tokens"]))
+
+    assert rendered("fake?continuation=flag", **flags) == OPEN
+    assert rendered("fake?continuation=flag") == CLOSED + GENERATE  # vLLM's defaults
+    assert rendered("fake?continuation=flag", add_generation_prompt=False) == CLOSED
+    assert rendered("fake?continuation=restart", **flags) == CLOSED  # the flags ignored
+    assert rendered("fake?continuation=trailing", **flags) == CLOSED
+    fake.defaults["continuation"] = "flag"
+    assert rendered("fake", **flags) == OPEN
+    # Both flags true: vLLM's 400, which is why the flag alone is not enough.
+    status, error = _post(
+        fake, "/tokenize", {"model": "fake", "messages": CHAT, "continue_final_message": True}
+    )
+    assert status == 400
+    assert error["error"]["message"] == (
+        "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+    )
+    # A plain prompt, and the way back.
+    status, answer = _post(fake, "/tokenize", {"model": "fake", "prompt": "héllo"})
+    assert (status, answer["tokens"]) == (200, [104, 233, 108, 108, 111])
+    status, answer = _post(fake, "/detokenize", {"model": "fake", "tokens": answer["tokens"]})
+    assert (status, answer) == (200, {"prompt": "héllo"})
+    assert _post(fake, "/detokenize", {"model": "fake", "tokens": [0xD800]})[0] == 400
+    # vLLM serves them at the root, not under /v1.
+    assert _post(fake, "/v1/tokenize", {"model": "fake", "prompt": "x"})[0] == 404
+    assert [r.path for r in fake.requests][-4:] == [
+        "/tokenize",
+        "/detokenize",
+        "/detokenize",
+        "/v1/tokenize",
+    ]
+
+
+def test_ollama_renders_only_and_leaves_a_trailing_answer_open(fake: FakeUpstream) -> None:
+    body = {"model": "fake?continuation=trailing", "messages": CHAT, "_debug_render_only": True}
+    status, answer = _post(fake, "/api/chat", body)
+    assert status == 200
+    created = answer.pop("created_at")
+    assert answer == {
+        "model": "fake?continuation=trailing",
+        "message": {"role": "", "content": ""},
+        "done": False,
+        "_debug_info": {"rendered_template": OPEN},
+    }
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", created), created
+    # A template that closes every message: a new answer.
+    closing = {**body, "model": "fake"}
+    assert _post(fake, "/api/chat", closing)[1]["_debug_info"]["rendered_template"] == (
+        CLOSED + GENERATE
+    )
+    # The fake generates only through the OpenAI endpoints.
+    generate = {"model": "fake", "messages": CHAT}
+    assert _post(fake, "/api/chat", generate) == (
+        400,
+        {"error": "only render-only requests are served here"},
+    )
+    assert [(r.path, r.status) for r in fake.requests] == [
+        ("/api/chat", 200),
+        ("/api/chat", 200),
+        ("/api/chat", 400),
+    ]

@@ -9,8 +9,10 @@ As a process: ``python -m testing.fake_upstream --port 8001 [--default key=value
 prints ``READY <url>`` when listening and exits on SIGTERM/SIGINT.
 
 The parts: ``http.py`` is the HTTP/1.1 server (``connection.py`` one client connection),
-``openai.py`` the handler that answers as an OpenAI upstream, ``options.py`` the options a
-request chooses through its model name (``"fake?mode=drop&after=3"``).
+``openai.py`` the handler that answers as an OpenAI upstream, ``probes.py`` the endpoints
+that show a rendered prompt as llama-server, vLLM and Ollama do, ``chatml.py`` the chat
+template they render, ``options.py`` the options a request chooses through its model name
+(``"fake?mode=drop&after=3"``).
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ Endpoints:
   shape is a 400.
 * ``GET /v1/models`` (also ``/models``): one model, ``"fake"``.
 * ``GET /health``: ``{"status":"ok"}``.
+* The render probes (``probes.py``): llama-server's ``POST /apply-template``, vLLM's
+  ``POST /tokenize`` and ``POST /detokenize``, and Ollama's ``POST /api/chat`` with
+  ``"_debug_render_only": true``. Each shows the ChatML prompt (``chatml.py``) that its
+  server would complete, the final assistant message's turn open or closed per the
+  option ``continuation``.
 
 With the option ``tool_calls=N``, the answer is N function tool calls (``tool_calls``
 deltas, then finish_reason ``"tool_calls"``) instead of text.
@@ -29,7 +34,10 @@ option ``continuation`` says, as the servers do (``../shared/notes/continuation.
 
 Continued, the reply is what follows P in the scripted answer (``text``), cut at the
 answer's own chunk boundaries; a P that does not begin the answer gets it from the
-start.
+start. A fault's ``after`` counts from the start of the scripted answer, so a
+continuation of a dropped stream is not dropped again at the same offset of its own
+reply (``options.py``); with ``continued_status=<code>``, a continuation (chat, or raw)
+is refused with that status instead.
 
 ``max_tokens``/``max_completion_tokens`` in the body cap the number of pieces (one token
 each; finish_reason ``"length"``). ``prompt_tokens`` is the number of whitespace-separated
@@ -46,6 +54,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
+from . import chatml, probes
 from .connection import (
     ResponseWriter,
     UpstreamRequest,
@@ -59,7 +68,13 @@ __all__ = ["respond"]
 
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 _COMPLETION_PATHS = frozenset({"/v1/completions", "/completions"})
-_OPEN_TURN = "<|im_start|>assistant\n"
+_PROBES = {
+    "/apply-template": probes.apply_template,
+    "/tokenize": probes.tokenize,
+    "/detokenize": probes.detokenize,
+    "/api/chat": probes.ollama_chat,
+}
+_FAULTS = frozenset({"drop", "stall", "malformed", "error_object"})
 _MODEL_PATHS = frozenset({"/v1/models", "/models"})
 _MODELS = {
     "object": "list",
@@ -94,6 +109,8 @@ async def respond(
         return await _chat(request, response, defaults)
     if path in _COMPLETION_PATHS and method == "POST":
         return await _chat(request, response, defaults, raw=True)
+    if path in _PROBES and method == "POST":
+        return await _PROBES[path](request, response, defaults)
     if path in _MODEL_PATHS and method == "GET":
         return await response.send_json(200, _MODELS)
     if path == "/health" and method == "GET":
@@ -145,15 +162,11 @@ async def _chat(
         await response.pause(math.inf)
         return False
     if opts.mode == "status":
-        if not await response.pause(opts.prefill):
-            return False
-        failure = error_body("fake upstream failure", opts.status)
-        extra = [("Retry-After", opts.retry_after)] if opts.retry_after else []
-        return await response.send_json(opts.status, failure, headers=extra)
+        return await _fail(response, opts, opts.status)
 
     partial: str | None = None
     if raw:
-        partial = _open_turn(body.get("prompt"))
+        partial = chatml.open_turn(body.get("prompt"))
         if partial is None:
             err = error_body(
                 "prompt must be a ChatML conversation ending in an open assistant turn",
@@ -162,6 +175,11 @@ async def _chat(
             )
             return await response.send_json(400, err)
     calls = [] if raw else _tool_calls(body, opts, rec.index)
+    if not raw and not calls:
+        partial = _partial_answer(body, opts)
+    if partial is not None and opts.continued_status:
+        return await _fail(response, opts, opts.continued_status)
+    covered = 0  # pieces of the scripted answer that the partial answer holds whole
     if calls:
         texts: list[str] = []
         deltas = _tool_call_deltas(calls, opts.chunks)
@@ -169,9 +187,8 @@ async def _chat(
         message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
     else:
         texts = pieces(opts)
-        if not raw:
-            partial = _partial_answer(body, opts)
         if partial is not None:
+            covered = _covered(texts, partial)
             texts = _rest(texts, partial, echo=opts.continuation == "prefix" and not raw)
         finish = "stop"
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -180,6 +197,11 @@ async def _chat(
             finish = "length"
         deltas = [compact_json(text) for text in texts] if raw else _text_deltas(texts)
         message = {"role": "assistant", "content": "".join(texts)}
+    # ``after`` is a position in the scripted answer: a continuation's reply starts
+    # ``covered`` pieces in, and one that starts at or past the fault is not cut again.
+    fault_at: int | None = opts.after if opts.mode in _FAULTS else None
+    if fault_at is not None and partial is not None:
+        fault_at = fault_at - covered if fault_at > covered else None
     prompt = _prompt_tokens(body)
     usage = {
         "prompt_tokens": prompt,
@@ -200,7 +222,7 @@ async def _chat(
             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": usage,
         }
-        drop = opts.reset if opts.mode == "drop" else None
+        drop = opts.reset if opts.mode == "drop" and fault_at is not None else None
         keep_alive = await response.send_json(200, completion, gzip=opts.gzip, drop=drop)
         if keep_alive:
             rec.chunks_sent = len(deltas)
@@ -215,7 +237,17 @@ async def _chat(
     )
     stream = _ChatStream(rec, response, opts, prefix, "text" if raw else "delta")
     last = '""' if raw else '{"role":"assistant"}' if not deltas else "{}"
-    return await stream.run(deltas, last, finish, usage if include_usage else None)
+    return await stream.run(deltas, last, finish, usage if include_usage else None, fault_at)
+
+
+async def _fail(response: ResponseWriter, opts: Options, code: int) -> bool:
+    """An HTTP error ``code`` with an OpenAI error body, after the ``prefill`` delay, with
+    ``Retry-After`` when the options give one."""
+    if not await response.pause(opts.prefill):
+        return False
+    failure = error_body("fake upstream failure", code)
+    extra = [("Retry-After", opts.retry_after)] if opts.retry_after else []
+    return await response.send_json(code, failure, headers=extra)
 
 
 def _partial_answer(body: Mapping[str, Any], opts: Options) -> str | None:
@@ -237,19 +269,18 @@ def _partial_answer(body: Mapping[str, Any], opts: Options) -> str | None:
     return None
 
 
-def _open_turn(prompt: Any) -> str | None:
-    """The partial answer of a ChatML prompt that ends in an open assistant turn: each
-    earlier turn whole (``<|im_start|>role\n...<|im_end|>\n``), the last one open."""
-    if not isinstance(prompt, str) or _OPEN_TURN not in prompt:
-        return None
-    turns, _, partial = prompt.rpartition(_OPEN_TURN)
-    for turn in turns.split("<|im_end|>\n")[:-1] if turns else ():
-        role = turn.removeprefix("<|im_start|>").partition("\n")[0]
-        if not turn.startswith("<|im_start|>") or role not in ("system", "user", "assistant"):
-            return None
-    if turns and not turns.endswith("<|im_end|>\n"):
-        return None
-    return partial if "<|im_end|>" not in partial else None
+def _covered(texts: list[str], partial: str) -> int:
+    """How many pieces of the answer ``texts`` lie wholly inside ``partial``: none when
+    ``partial`` does not begin the answer (the reply is then the answer from the start)."""
+    if not "".join(texts).startswith(partial):
+        return 0
+    count, end = 0, 0
+    for text in texts:
+        end += len(text)
+        if end > len(partial):
+            break
+        count += 1
+    return count
 
 
 def _rest(texts: list[str], partial: str, *, echo: bool) -> list[str]:
@@ -403,9 +434,15 @@ class _ChatStream:
         self.wire = _Wire(opts, b"" if opts.headers_first else self.head)
 
     async def run(
-        self, deltas: list[str], last: str, finish: str, usage: dict[str, int] | None
+        self,
+        deltas: list[str],
+        last: str,
+        finish: str,
+        usage: dict[str, int] | None,
+        fault_at: int | None,
     ) -> bool:
-        """Stream a chunk per delta (JSON), then ``last`` with ``finish``, and the usage."""
+        """Stream a chunk per delta (JSON), then ``last`` with ``finish``, and the usage;
+        the mode's fault after ``fault_at`` of the deltas (None: no fault)."""
         rec, response, opts, wire, prefix = (
             self.rec, self.response, self.opts, self.wire, self.prefix
         )  # fmt: skip
@@ -419,20 +456,19 @@ class _ChatStream:
 
         delta_prefix = prefix + f'[{{"index":0,"{self.field}":'
         suffix = ',"finish_reason":null}]}'
-        fault = opts.mode if opts.mode in ("drop", "stall", "malformed", "error_object") else None
-        fault_at = min(opts.after, len(deltas))
+        cut = -1 if fault_at is None else min(fault_at, len(deltas))
 
         for i in range(len(deltas) + 1):
-            if fault is not None and i == fault_at:
-                if fault == "drop":
+            if i == cut:
+                if opts.mode == "drop":
                     if wire.pending and await response.send(wire.pending):
                         rec.headers_sent_at = time.monotonic()
                     await response.drop(opts.reset)
                     return False
-                if fault == "stall":  # silent, the connection open, until the client leaves
+                if opts.mode == "stall":  # silent, the connection open, until the client leaves
                     await response.pause(math.inf)
                     return False
-                if fault == "malformed":
+                if opts.mode == "malformed":
                     if not await self.emit(wire.event(_MALFORMED, pretty=False)):
                         return False
                 else:  # error_object: the error event, then [DONE] and a clean end

@@ -10,9 +10,16 @@ characters; default pieces are ``"tok0 "``, ``"tok1 "``, ...), ``mode`` (``norma
 ``Retry-After`` header), ``hang``, ``drop`` + ``after``/``reset``, ``malformed`` + ``after``,
 ``error_object`` + ``after``, ``stall`` + ``after`` (silent after that many content
 chunks, the connection open)), ``continuation`` (``flag``, ``trailing``, ``prefix``,
-``restart``: see ``openai.py``), ``after_done`` (``hang`` | ``reset``), wire shapes ``crlf``,
-``split``, ``multiline``, ``comments``, ``gzip``, and ``created`` (a fixed timestamp).
-Unknown keys are kept in the record and otherwise ignored.
+``restart``: see ``openai.py``; it also decides what the render probes of ``probes.py``
+show), ``continued_status`` (0: off; else a request that continues a partial answer gets
+this HTTP status and an error body, as with ``mode=status``), ``after_done`` (``hang`` |
+``reset``), wire shapes ``crlf``, ``split``, ``multiline``, ``comments``, ``gzip``, and
+``created`` (a fixed timestamp). Unknown keys are kept in the record and otherwise ignored.
+
+``after`` counts pieces of the scripted answer, not of one reply: a request that continues
+a partial answer covering k whole pieces faults after ``after - k`` pieces of its reply,
+and not at all when that is 0 or less. So a stream dropped after 20 of 60 chunks is
+continued by a request that is not cut again.
 
 ``tool_calls`` (0): when 1 or more, the answer is that many function tool calls instead of
 text, with ``finish_reason: "tool_calls"``. Call ``i`` is named after the request's
@@ -95,6 +102,7 @@ class Options:
     tool_args: str | None = None  # the calls' arguments; None: {"city":"Paris","call":<i>}
     #: How a trailing assistant message is taken (``openai.py``): "" as a closed turn.
     continuation: str = ""
+    continued_status: int = 0  # the HTTP status of a continuation; 0: answered as usual
 
 
 _CONVERTERS: dict[str, Callable[[str], object]] = {
@@ -118,6 +126,7 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "tool_calls": _count,
     "tool_args": str,
     "continuation": lambda v: v.strip().lower(),
+    "continued_status": int,
 }
 
 
@@ -148,6 +157,8 @@ def resolve_options(
         raise ValueError(f"unknown after_done {opts.after_done!r}")
     if not 100 <= opts.status <= 599:
         raise ValueError(f"bad status {opts.status}")
+    if opts.continued_status and not 100 <= opts.continued_status <= 599:
+        raise ValueError(f"bad continued_status {opts.continued_status}")
     if math.isinf(opts.interval):
         raise ValueError("interval must be finite")
     record: dict[str, object] = {name: getattr(opts, name) for name in _CONVERTERS}
