@@ -369,6 +369,13 @@ class StageInterrupted(BaseException):
         self.failure = failure
 
 
+class StageHandedOff(StageInterrupted):
+    """Thrown into a stage's runner when its worker drains: the stage stops at a chunk
+    boundary, with no terminal event, for another worker to take over."""
+
+    outcome = "handoff"
+
+
 def outcome_of(exc: BaseException) -> str:
     """How an attempt that ``exc`` ended is named in ``/stages``, the metrics and the
     traces: the failure's own ``outcome``; ``error`` for anything unforeseen."""

@@ -22,32 +22,42 @@ Each stage is given its listeners when it is made. They are, in the order it cal
 A stage's relay gets the stage's route (``route.py``): the pool of the upstream the
 request resolved to, then its fallbacks'. The pools (one per upstream, in this worker)
 report each attempt to the per-replica metrics.
+
+With the shared store, a stage outlives its worker: the manager takes over (``adopt``) a
+stage whose worker died or drained (``store/mirror.py``), and rebuilds it from its record
+to continue its answer; on shutdown it hands its own off (``hand_off_running``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import shutdown
 from .config import StageSettings
 from .errors import (
     ConfigError,
     EventsExpired,
     Overloaded,
     ShuttingDown,
+    StageConflict,
     StageFailure,
     StageFinished,
     StageServerError,
+    StoreUnavailable,
     UnknownStage,
 )
 from .policy.admission import Admission
 from .policy.limits import LimitBook, LocalLimits
 from .principals import ANONYMOUS, Principal, check_upstreams
+from .stages.conversation import conversation_of
+from .stages.dialect import dialect_of
 from .stages.feeds import EventFeed, LocalFeed
 from .stages.registry import StageRegistry
-from .stages.spec import StageRequest, StageSpec
+from .stages.spec import ContinuationRecord, StageRequest, StageSpec, Takeover, instance_of
 from .stages.stage import Stage, StageListener
 from .stages.usage import estimate_prompt_tokens
 from .telemetry import metrics
@@ -56,20 +66,24 @@ from .telemetry.tracing import Tracing
 from .upstream.clients import Upstream, UpstreamRegistry
 from .upstream.continuation import ContinuationModes
 from .upstream.health import ReadinessProbe
-from .upstream.relay import NO_TRACING, AttemptTracer, Continuations, UpstreamRelay
+from .upstream.relay import NO_TRACING, AttemptTracer, Continuations, Resume, UpstreamRelay
 from .upstream.request_body import RequestBody
 from .upstream.route import ReplicaSets
 
 if TYPE_CHECKING:
-    from .store.mirror import RedisStageStore
+    from .store.mirror import Claim, RedisStageStore
+
+log = logging.getLogger("stageserver.manager")
 
 
 class LocalStage:
-    """A stage that runs, or ran, in this process."""
+    """A stage that runs, or ran, in this process. ``store``: the shared store, which
+    holds the events of a stage taken over from before it came here."""
 
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage, store: RedisStageStore | None = None) -> None:
         self.stage = stage
         self.stage_id = stage.stage_id
+        self._store = store
 
     def summary(self) -> dict[str, object]:
         return self.stage.summary()
@@ -82,6 +96,8 @@ class LocalStage:
             return None
         if stage.events_expired:
             raise EventsExpired(stage.stage_id)
+        if self._store is not None and after_seq + 1 < stage.first_kept_seq:
+            return self._store.reader.feed(stage.key, stage.stage_id, after_seq)
         return LocalFeed(stage, owner=False)
 
     def cancel(self, reason: str) -> None:
@@ -175,6 +191,7 @@ class StageManager:
         """``principals``: the configured ones, checked against the upstreams here.
         ``tracing``: None when traces are off (``tracing.start_tracing``)."""
         check_upstreams(principals or [], upstreams.names())
+        self._principals = {p.name: p for p in [ANONYMOUS, *(principals or [])]}
         self.settings = settings
         self.upstreams = upstreams
         self.pools = ReplicaSets(upstreams, metrics.ReplicaMetrics())
@@ -191,7 +208,7 @@ class StageManager:
         self.store: RedisStageStore | None = None
         self.limits: LimitBook = LocalLimits()
         if settings.store_url:
-            self.store, self.limits = _shared_store(settings, self._cancel_here)
+            self.store, self.limits = _shared_store(settings, self._cancel_here, self.adopt)
         listeners: list[StageListener | None] = [
             self.stages,
             self.admission,
@@ -205,6 +222,8 @@ class StageManager:
         #: Idempotency keys without a shared store: (principal, key) -> (stage id, until).
         self._idempotency: dict[tuple[str, str], tuple[str, float]] = {}
         self._idempotency_lock = threading.Lock()
+        if self.store is not None:
+            self.store.start()  # takes over orphans even before it serves a request
 
     # -- start --------------------------------------------------------------------------
 
@@ -295,7 +314,7 @@ class StageManager:
         store = self.store
         if store is None:
             return Stage(spec, relay, self._listeners, dialect=dialect)
-        return Stage(spec, relay, self._listeners, store.watched_elsewhere, dialect)
+        return Stage(spec, relay, self._listeners, store.watched_elsewhere, dialect, gated=True)
 
     # -- find and cancel ----------------------------------------------------------------
 
@@ -305,7 +324,7 @@ class StageManager:
         key = principal.namespace + stage_id
         local = self.stages.get(key)
         if local is not None:
-            return LocalStage(local)
+            return LocalStage(local, self.store)
         if self.store is not None:
             return StoredStage(self.store, key, stage_id)
         raise UnknownStage(stage_id)
@@ -356,14 +375,139 @@ class StageManager:
         if local is not None:
             local.cancel(reason)
 
+    # -- taking over -------------------------------------------------------------------
+
+    def adopt(self, key: str) -> bool:
+        """Take over the stage ``key``, orphaned by a worker that died or drained, and
+        continue it here (``store/mirror.py``); whether this worker, or another, has it."""
+        store = self.store
+        if store is None or shutdown.shutting_down():
+            return False  # a draining worker takes nothing on
+        local = self.stages.get(key)
+        if local is not None and not local.finished:
+            return True  # it runs here: its lease comes back with the next renewal
+        try:
+            record = store.reader.record(key)
+        except StoreUnavailable:
+            return False
+        spec = (record or {}).get("spec")
+        if not record or not spec or record.get("conversation") is None:
+            return False  # from a worker that predates takeovers: ended as before
+        principal = self._principals.get(spec["principal"])
+        if principal is None or spec["upstream"] not in self.upstreams.names():
+            log.warning("stage %s: not taken over here (its principal or upstream is "
+                        "unknown to this worker's configuration)", key)  # fmt: skip
+            return False
+        try:
+            self.admission.admit()
+        except (Overloaded, ShuttingDown):
+            return False  # another worker will
+        instance = instance_of(key)
+        try:
+            claim = store.take_over(key, instance)
+        except StoreUnavailable:
+            claim = None
+        if claim is None:
+            self.admission.release()
+            return True
+        try:
+            stage = self._taken_over(key, claim, principal, instance)
+            self.stages.add(stage)
+        except (StageConflict, LookupError, TypeError, ValueError) as exc:
+            log.warning("stage %s: cannot be taken over here: %s", key, exc)
+            self.admission.release()
+            store.release_claim(key, instance)
+            return True
+        store.adopt(stage, claim.held)
+        stage.start()
+        return True
+
+    def _taken_over(self, key: str, claim: Claim, principal: Principal, instance: str) -> Stage:
+        """The stage ``claim`` holds, made again here from its record."""
+        settings = self.settings
+        record, spec = claim.record, claim.record["spec"]
+        conversation = conversation_of(record["conversation"])
+        dialect = dialect_of(record["dialect"])
+        stage_id = str(record["dialect"]["stage_id"])
+        stage_spec = StageSpec(
+            stage_id=stage_id,
+            upstream=spec["upstream"],
+            resumable=bool(spec["resumable"]),
+            request_id=str(spec["request_id"]),
+            grace_seconds=settings.resume_grace_seconds,
+            max_events=settings.max_events,
+            max_event_bytes=settings.max_event_bytes,
+            principal=principal,
+            prompt_tokens_estimate=estimate_prompt_tokens(conversation.messages),
+            model=conversation.model,
+            conversation=conversation,
+            detached=bool(spec["detached"]),
+            max_seconds=float(spec["max_seconds"]),
+            keep_seconds=float(spec["keep_seconds"]),
+            keep_events_seconds=float(spec["keep_events_seconds"]),
+        )
+        if claim.handed_off:
+            reason = "drain"
+            cause = StageFailure(f"the worker that ran stage {stage_id!r} ({claim.owner}) drained")
+        else:
+            reason = "owner_lost"
+            cause = StageFailure(
+                f"the worker that ran stage {stage_id!r} ({claim.owner}) stopped: its lease "
+                f"lapsed {settings.owner_lease_seconds:g} s after its last sign of life"
+            )
+        assert self.store is not None
+        resume = Resume(reason, cause, claim.owner, self.store.owner)
+        relay = UpstreamRelay(
+            self.pools.route(stage_spec.upstream),
+            RequestBody(conversation, settings.default_max_tokens),
+            {"X-Request-ID": stage_spec.request_id},
+            self._tracer,
+            self.continuations,
+            resume,
+        )
+        earlier = claim.summary.get("continuations") or []
+        takeover = Takeover(
+            next_seq=claim.held,
+            text=claim.text,
+            content_chunks=claim.content_chunks,
+            continuations=tuple(ContinuationRecord(**c) for c in earlier),
+            from_owner=claim.owner,
+            created_at=float(spec.get("started_at") or 0.0),
+        )
+        return Stage(
+            stage_spec,
+            relay,
+            self._listeners,
+            self.store.watched_elsewhere,
+            dialect,
+            takeover,
+            gated=True,
+            instance=instance,
+        )
+
     # -- the process's end --------------------------------------------------------------
 
     def running(self) -> list[Stage]:
         return self.stages.running()
 
     def abort_running(self, failure: StageFailure) -> int:
-        """End every running stage with ``failure``; how many there were."""
-        return sum(stage.abort(failure) for stage in self.stages.running())
+        """End every running stage with ``failure``; how many there were. With the shared
+        store, a stage that can be resumed (or runs with nobody attached) is handed off
+        instead, for another worker to take over."""
+        ended = 0
+        for stage in self.stages.running():
+            if self.store is not None and (stage.spec.resumable or stage.spec.detached):
+                ended += stage.hand_off()
+            else:
+                ended += stage.abort(failure)
+        return ended
+
+    def hand_off_unattended(self) -> int:
+        """With the shared store: hand off every running stage nobody here follows (a
+        background response, a resumable stage whose client left); how many."""
+        if self.store is None:
+            return 0
+        return sum(stage.hand_off() for stage in self.stages.running() if not stage.has_subscribers)
 
     def close(self) -> None:
         self.upstreams.close()
@@ -372,7 +516,9 @@ class StageManager:
 
 
 def _shared_store(
-    settings: StageSettings, cancel_here: Callable[[str, str], None]
+    settings: StageSettings,
+    cancel_here: Callable[[str, str], None],
+    adopt: Callable[[str], bool],
 ) -> tuple[RedisStageStore, LimitBook]:
     """The Redis store and the limits kept in it. Imported here, not above: redis is an
     optional dependency (``pip install 'stageserver[redis]'``)."""
@@ -391,6 +537,7 @@ def _shared_store(
         max_events=settings.max_events,
         lease_seconds=settings.owner_lease_seconds,
         cancel_here=cancel_here,
+        adopt=adopt,
     )
     return store, RedisLimits(lambda: store.redis, store.leases)
 

@@ -14,16 +14,23 @@ So, in each worker (``install``, from gunicorn_conf.py's ``post_worker_init``):
    keep-alive is set to 0 in this worker, so a connection closes as soon as its response
    ends instead of idling for ``keepalive`` seconds; connections already idle close
    within ``keepalive`` (5 s by default, well inside ``graceful_timeout``).
-2. Streams run on. Short ones end with ``done``, and when none is left the worker exits
-   on its own, long before the deadline.
-3. At ``abort_delay(graceful_timeout)`` (2 s before the arbiter's SIGKILL, and never
-   sooner than 0.5 s after SIGTERM) every stage still running is aborted with
+2. With the shared store, the stages nobody here follows (background responses, resumable
+   stages whose client left) are handed off at once, and so is any whose last client
+   leaves later: each stops at a chunk boundary, its events are written, its lease let
+   go, and another worker takes it over and continues its answer (``manager.adopt``).
+3. Streams with a client run on. Short ones end with ``done``, and when none is left the
+   worker exits on its own, long before the deadline.
+4. At ``abort_delay(graceful_timeout)`` (2 s before the arbiter's SIGKILL, and never
+   sooner than 0.5 s after SIGTERM) every stage still running is ended: with the shared
+   store, one that can be resumed is handed off (its clients' responses end without a
+   terminal event, and they resume on another worker); any other is aborted with
    ``ServerShuttingDown``: its runner closes the upstream response, which stops the
    upstream generating, and appends an ``error`` event; every client following the
    stage receives it, and its response ends. The 2 s leave room to write those events
    and for the worker's once-a-second check to see that nothing is left.
-4. When the worker leaves its loop, gunicorn's ``worker_exit`` calls
-   ``close_upstreams``: the pooled idle upstream connections are closed too.
+5. When the worker leaves its loop, gunicorn's ``worker_exit`` calls ``close_upstreams``:
+   it waits (a few seconds at most) for the handoffs under way to be written, and closes
+   the pooled idle upstream connections.
 
 A worker that gunicorn retires after ``max_requests`` gets no signal: it stops accepting
 and waits ``graceful_timeout`` for its connections. It is treated as a SIGTERM: the same
@@ -53,8 +60,11 @@ SHUTDOWN_MESSAGE = "stageserver is shutting down; retry the stage"
 # gunicorn's once-a-second check see the worker idle.
 _ABORT_LEAD_SECONDS = 2.0
 _MIN_ABORT_DELAY = 0.5
-# How often a worker looks whether gunicorn has retired it (max_requests).
+# How often a worker looks whether gunicorn has retired it (max_requests), and, draining,
+# for stages nobody follows any more.
 _RETIREMENT_CHECK_SECONDS = 0.5
+# How long a worker's exit waits for its handoffs to be written.
+_HANDOFF_WAIT_SECONDS = 5.0
 
 
 class Stoppable(Protocol):
@@ -63,6 +73,8 @@ class Stoppable(Protocol):
     def running(self) -> Sized: ...
 
     def abort_running(self, failure: StageFailure) -> int: ...
+
+    def hand_off_unattended(self) -> int: ...
 
     def close(self) -> None: ...
 
@@ -95,7 +107,17 @@ def begin(graceful_timeout: float) -> None:
     delay = abort_delay(graceful_timeout)
     # Called from a signal handler: log from a greenlet of its own, not from here.
     Timer(0, _announce, delay)
+    Task(_hand_off_unattended, name="stageserver-handoff")
     _abort_timer = Timer(delay, abort_running)
+
+
+def _hand_off_unattended() -> None:
+    """Draining: hand off every stage nobody here follows, now and as clients leave."""
+    while any(len(service.running()) for service in list(_services)):
+        handed = sum(service.hand_off_unattended() for service in list(_services))
+        if handed:
+            log.info("shutting down: handed off %d stage(s) for another worker", handed)
+        time.sleep(_RETIREMENT_CHECK_SECONDS)
 
 
 def abort_running() -> int:
@@ -111,6 +133,13 @@ def abort_running() -> int:
 
 
 def close_upstreams() -> None:
+    """The worker exits: wait for the stages being handed off to be written, then close
+    the upstream connections."""
+    deadline = time.monotonic() + _HANDOFF_WAIT_SECONDS
+    while _shutting_down and time.monotonic() < deadline:
+        if not any(len(service.running()) for service in list(_services)):
+            break
+        time.sleep(0.05)
     for service in list(_services):
         service.close()
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from ..errors import RateLimited
 from ..principals import Principal
-from ..stages.stage import Stage, StageListener
+from ..stages.stage import HANDED_OFF, Stage, StageListener
 
 log = logging.getLogger("stageserver.limits")
 
@@ -74,7 +74,8 @@ class LimitBook(StageListener):
         principal = stage.spec.principal
         if principal.limits:
             self.release(principal, stage)
-            if principal.limits.tokens_per_minute:
+            # Handed off, it goes on elsewhere: its taker counts its tokens at its end.
+            if principal.limits.tokens_per_minute and stage.status != HANDED_OFF:
                 self.add_tokens(principal, tokens_of(stage))
 
 

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 CHUNK_EVENT = "chat_completion_chunk"
 CONTINUED_EVENT = "continued"
-# A stage's final status, and the event that announces it.
-TERMINAL_EVENT = {"done": "done", "error": "error", "cancelled": "cancel"}
+# A stage's final status, and the event that announces it (a stage handed off to another
+# worker has none here: its taker ends it).
+TERMINAL_EVENT = {"done": "done", "error": "error", "cancelled": "cancel", "handed_off": "handoff"}
 
 
 class SeedDialect:

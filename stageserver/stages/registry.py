@@ -13,7 +13,7 @@ import time
 from collections import deque
 
 from ..errors import StageConflict
-from .stage import Stage, StageListener
+from .stage import HANDED_OFF, Stage, StageListener
 
 
 class StageRegistry(StageListener):
@@ -49,6 +49,9 @@ class StageRegistry(StageListener):
         return [s for s in list(self._stages.values()) if not s.finished]
 
     def on_finish(self, stage: Stage) -> None:
+        if stage.status == HANDED_OFF:
+            self.discard(stage)  # it goes on in another worker, which answers for it
+            return
         now = time.monotonic()
         # A stage that is to be kept longer only holds back the ones behind it in the
         # queue: they are kept a little longer, never dropped sooner.

@@ -81,8 +81,8 @@ class ContinuationRecord:
     ``owner_lost`` or ``drain``. ``outcome``: ``ok`` (its first chunk came), ``failed``
     (it did not: the stage ends with an error), ``length`` (no token was left: the stage
     ends at its limit), ``refused`` (it could not be asked for). ``from_replica`` is the
-    replica whose answer was cut (a worker, ``host:pid``, after a takeover), and
-    ``to_replica`` the one that continued it."""
+    replica whose answer was cut, ``to_replica`` the one that continued it; after a
+    takeover, ``from_worker`` and ``to_worker`` are the workers (``host:pid``)."""
 
     after: int
     reason: str
@@ -92,6 +92,8 @@ class ContinuationRecord:
     upstream: str = ""
     from_replica: str = ""
     to_replica: str = ""
+    from_worker: str = ""
+    to_worker: str = ""
     cause: str = ""
     error: str = ""
 
@@ -106,6 +108,8 @@ class Takeover:
     content_chunks: int
     continuations: tuple[ContinuationRecord, ...] = ()
     from_owner: str = ""
+    #: When the stage was started, by its first worker (``time.time()``); 0: unknown.
+    created_at: float = 0.0
 
 
 # Every process's stage instances are told apart by a random prefix of its own, drawn

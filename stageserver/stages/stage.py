@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeAlias
 
 from ..concurrency import Task, Timer, Wakeup
-from ..errors import StageFailure, StageInterrupted, forget_frames
+from ..errors import StageFailure, StageHandedOff, StageInterrupted, forget_frames
 from ..sse import compact_json
 from .conversation import conversation_record
 from .dialect import Dialect, Ending
@@ -41,6 +41,8 @@ log = logging.getLogger("stageserver.stage")
 ChunkRead: TypeAlias = tuple[str | None, str | None, dict[str, Any] | None, dict[str, Any] | None]
 
 RUNNING, DONE, ERROR, CANCELLED = "running", "done", "error", "cancelled"
+#: Not an end: the stage goes on in another worker (see ``hand_off``).
+HANDED_OFF = "handed_off"
 
 
 class StageListener:
@@ -102,7 +104,7 @@ class Stage:
         "_relay", "_listeners", "_event_listeners", "_watched_elsewhere", "_log", "_lock",
         "_told", "_subscribers", "_task", "_grace_timer", "_runtime_timer", "_running",
         "_interruption", "continuations", "continuable", "_earlier_usage", "_segment_start",
-        "_takeover", "__weakref__",
+        "_takeover", "_gated", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -113,17 +115,23 @@ class Stage:
         watched_elsewhere: Callable[[str], bool] = lambda key: False,
         dialect: Dialect | None = None,
         takeover: Takeover | None = None,
+        *,
+        gated: bool = False,
+        instance: str | None = None,
     ) -> None:
         """``watched_elsewhere(key)`` says whether a response in another worker still
         follows the stage; a resumable stage nobody follows here waits for it.
         ``dialect``: how its events read (``dialect.py``); the seed's by default.
-        ``takeover``: the stage ran in another worker, and goes on here from its log."""
+        ``takeover``: the stage ran in another worker, and goes on here from its log.
+        ``gated``: its clients read only the events a listener has made durable
+        (``publish``), so that none has seen what a taker would not continue from.
+        ``instance``: its instance id, when it was claimed before it was made."""
         self.spec = spec
         self.stage_id = spec.stage_id
         #: The stage's id everywhere inside stageserver: its id in its principal's namespace.
         self.key = spec.principal.namespace + spec.stage_id
         #: Unique to this stage, not only to its key, which a later stage may reuse.
-        self.instance = instance_of(self.key)
+        self.instance = instance_of(self.key) if instance is None else instance
         self.status = RUNNING
         self.created_at = time.time()
         self.started = time.monotonic()
@@ -167,12 +175,15 @@ class Stage:
         self._earlier_usage: dict[str, Any] | None = None  # the segments' before this one
         self._segment_start = 0  # content chunks before this segment
         self._takeover = takeover
+        self._gated = gated
         if takeover is not None:
             self._log.start_at(takeover.next_seq)
             self.text_parts = [takeover.text] if takeover.text else []
-            self.content_chunks = self.chunk_count = self._segment_start = takeover.content_chunks
+            # Its segment so far is what its earlier workers delivered: its usage counts it.
+            self.content_chunks = self.chunk_count = takeover.content_chunks
             self.continuations = list(takeover.continuations)
             self.dialect.resume(takeover.text)
+            self.created_at = takeover.created_at or self.created_at
 
     # -- what it has to say ----------------------------------------------------------------
 
@@ -321,11 +332,21 @@ class Stage:
             raise self._interruption
 
     def _notify(self, seq: int, wire: bytes) -> None:
-        self._told = seq + 1
         for listener in self._event_listeners:
             listener.on_event(self, seq, wire)
-        for subscriber in self._subscribers:
-            subscriber.wake.set()
+        if not self._gated:
+            self._told = seq + 1
+            for subscriber in self._subscribers:
+                subscriber.wake.set()
+
+    def publish(self, upto: int) -> None:
+        """Of a gated stage: the events before ``upto`` are durable, its clients may read
+        them. (The shared store calls it once it has written them, or at once while it
+        cannot write: an outage stops no stream.)"""
+        if upto > self._told:
+            self._told = upto
+            for subscriber in self._subscribers:
+                subscriber.wake.set()
 
     # -- subscribers -----------------------------------------------------------------------
 
@@ -392,6 +413,12 @@ class Stage:
         with self._lock:
             return self._interrupt_locked(StageInterrupted(reason))
 
+    def hand_off(self) -> bool:
+        """Stop the stage at a chunk boundary without ending it, for another worker to take
+        over (its worker drains). False if already finished."""
+        with self._lock:
+            return self._interrupt_locked(StageHandedOff("handed off"))
+
     def abort(self, failure: StageFailure) -> bool:
         """Stop the stage wherever it is; it ends with `error`. False if already finished."""
         with self._lock:
@@ -435,7 +462,9 @@ class Stage:
     # -- the end -------------------------------------------------------------------------
 
     def _interrupted(self, interruption: StageInterrupted) -> None:
-        if interruption.failure is not None:
+        if isinstance(interruption, StageHandedOff):
+            self._handed_off()
+        elif interruption.failure is not None:
             self._fail(interruption.failure)
         else:
             self._finish(CANCELLED, reason=interruption.reason)
@@ -481,6 +510,28 @@ class Stage:
                 log.exception("stage %s: a listener failed at its end", self.stage_id)
         for seq, wire in enumerate(ends, first):
             self._notify(seq, wire)
+        self.publish(self._log.next_seq)  # written by the store's on_finish, or it is down
+        self._settle()
+
+    def _handed_off(self) -> None:
+        """Stopped for another worker to take over: no terminal event. Its listeners give
+        back what it held here (the store writes its events and lets its lease go), and
+        its clients read what it has, then their responses end and they resume elsewhere."""
+        with self._lock:
+            if self.finished:
+                return
+            self.status = HANDED_OFF
+            self.duration_seconds = time.monotonic() - self.started
+            for timer in (self._grace_timer, self._runtime_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._grace_timer = self._runtime_timer = None
+        for listener in self._listeners:
+            try:
+                listener.on_finish(self)
+            except Exception:
+                log.exception("stage %s: a listener failed at its handoff", self.stage_id)
+        self.publish(self._log.next_seq)
         self._settle()
 
     def _ending(self, status: str) -> Ending:
@@ -496,11 +547,24 @@ class Stage:
         )
 
     def record(self) -> dict[str, Any]:
-        """Its request, as JSON for another host: its dialect's record, its conversation."""
-        conversation = self.spec.conversation
+        """Its request, as JSON for another host: its dialect's record, its conversation,
+        and what a host that takes it over needs of its spec."""
+        spec = self.spec
+        conversation = spec.conversation
         return {
             "dialect": self.dialect.record(),
             "conversation": None if conversation is None else conversation_record(conversation),
+            "spec": {
+                "upstream": spec.upstream,
+                "resumable": spec.resumable,
+                "request_id": spec.request_id,
+                "principal": spec.principal.name,
+                "detached": spec.detached,
+                "max_seconds": spec.max_seconds,
+                "keep_seconds": spec.keep_seconds,
+                "keep_events_seconds": spec.keep_events_seconds,
+                "started_at": self.created_at,
+            },
         }
 
     def answer(self) -> tuple[dict[str, Any], int]:

@@ -12,9 +12,20 @@ of a stage, named after its key (its id in its principal's namespace) as a hash 
 - ``ss:{key}:text`` (string): the text so far, while the stage runs;
 - ``ss:{key}:live`` (string): the owner's lease, held by the one stage instance that runs
   it. ``SET NX`` on it makes a stage id unique everywhere; the worker renews it with all
-  its leases (``leases.py``); when the worker dies it lapses, and the next watcher or
-  status read ends the stage with an ``error`` event (``reader.py``);
+  its leases (``leases.py``);
+- ``ss:running`` (sorted set): the key of every running stage, scored by when its lease
+  runs out (0: handed off by a draining worker);
 - channel ``ss:cancel``: a cancel for a stage that runs elsewhere.
+
+A stage outlives its worker (``takeover.py``): when its lease lapses, or its worker hands
+it off as it drains, any live worker claims it (``take_over``: one wins, under a new
+lease that fences the old one), and continues its answer from what Redis holds: its
+record (the request), its log, and its text, which one script appends with the events,
+so that the text always matches an index of the log. For that, a client never reads an
+event before Redis holds it (the stage is ``gated``: the flusher publishes what it has
+written), and no client can have seen what a taker would not continue from. While Redis
+cannot be written, the stage publishes at once instead: an outage stops no stream, at
+the price of that guarantee until the mirror has caught up.
 
 Writes are batched and fenced: for each event the relay only marks its stage dirty, and
 one flusher per process writes every dirty stage's new events, a few milliseconds later,
@@ -44,13 +55,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from ..concurrency import Task
 from ..errors import LeaseLost, StageConflict, StoreUnavailable
-from ..stages.stage import Stage, StageListener
+from ..stages.spec import ContinuationRecord
+from ..stages.stage import HANDED_OFF, Stage, StageListener
 from .connection import connect, stage_keys
 from .leases import LeaseKeeper
 from .reader import StoreReader
@@ -58,14 +71,20 @@ from .reader import StoreReader
 log = logging.getLogger("stageserver.store")
 
 CANCEL_CHANNEL = "ss:cancel"
+RUNNING_INDEX = "ss:running"
 _FLUSH_DELAY = 0.005  # gather the writes of this long into one pipeline
 _RETRY_DELAY = 0.5  # while Redis cannot be written
 
-# KEYS: hash, live. ARGV: token, lease_ms. 1: held; -1: another's, or declared dead;
-# 2: taken back after the store lost it (the flusher sends the stage whole).
+# KEYS: hash, live, running index. ARGV: token, lease_ms, now_ms, stage key. 1: held;
+# -1: another's, or declared dead; 2: taken back after the store lost it (the flusher
+# sends the stage whole).
 _RENEW = """
 local live = redis.call('GET', KEYS[2])
-if live == ARGV[1] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) return 1 end
+if live == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
+  return 1
+end
 if live then return -1 end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status and status ~= 'running' then return -1 end
@@ -75,11 +94,12 @@ if not status then return 2 end
 return 1
 """
 
-# KEYS: hash, log, text, live. ARGV: token, lease_ms, events Redis should hold, maxlen,
-# finished (0/1), ttl_ms, event_ttl_ms, status, summary (or ""), text mode ("", "a"
-# append, "s" set), text, gap (or ""), owner, prompt tokens, answer (or ""), then (seq,
-# wire, terminal) per event. The summary, owner and prompt tokens are written with the
-# summary only, the answer (the finished stage's, in its dialect) with the end only.
+# KEYS: hash, log, text, live, running index. ARGV: token, lease_ms, events Redis should
+# hold, maxlen, finished (0/1), ttl_ms, event_ttl_ms, status, summary (or ""), text mode
+# ("", "a" append, "s" set), text, gap (or ""), owner, prompt tokens, answer (or ""),
+# content chunks, stage key, then (seq, wire, terminal) per event. The summary, owner
+# and prompt tokens are written with the summary only, the answer (the finished stage's,
+# in its dialect) with the end only, the content chunks with the text.
 # 1: written; -1: fenced; -2: the store lost the stage; {n}: it holds n events, not that.
 _FLUSH = """
 local live = redis.call('GET', KEYS[4])
@@ -95,7 +115,7 @@ local have = 0
 local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
 if have ~= tonumber(ARGV[3]) then return {have} end
-for i = 16, #ARGV, 3 do
+for i = 18, #ARGV, 3 do
   local id = '0-' .. (tonumber(ARGV[i]) + 1)
   if ARGV[i + 2] == '1' then
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], id, 'w', ARGV[i + 1], 't', '1')
@@ -105,6 +125,7 @@ for i = 16, #ARGV, 3 do
 end
 if ARGV[10] == 'a' then redis.call('APPEND', KEYS[3], ARGV[11]) end
 if ARGV[10] == 's' then redis.call('SET', KEYS[3], ARGV[11]) end
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'chunks', ARGV[16]) end
 if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'gap', ARGV[12]) end
 if ARGV[9] ~= '' then
   redis.call('HSET', KEYS[1], 'status', ARGV[8], 'summary', ARGV[9], 'owner', ARGV[13],
@@ -113,6 +134,7 @@ end
 if ARGV[15] ~= '' then redis.call('HSET', KEYS[1], 'answer', ARGV[15]) end
 if ARGV[5] == '1' then
   redis.call('DEL', KEYS[4], KEYS[3])
+  redis.call('ZREM', KEYS[5], ARGV[17])
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
 else
@@ -124,11 +146,62 @@ end
 return 1
 """
 
+# KEYS: hash, live, running index. ARGV: token, stage key. Let a drained stage go: any
+# worker takes it over at once. 1: let go; 0: not this instance's.
+_HAND_OFF = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'handoff', '1')
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
+return 1
+"""
+
+
+# KEYS: hash, log, text, live, running index. ARGV: token, lease_ms, now_ms, stage key.
+# Claim a running stage whose lease has lapsed, under a new lease: nil when it is not to
+# be taken (its lease is held, it has ended); else its epoch, the events its log holds,
+# its record, text, content chunks, owner, and whether it was handed off.
+_TAKE_OVER = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return nil end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then
+  redis.call('ZREM', KEYS[5], ARGV[4])
+  return nil
+end
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[5], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
+local fields = redis.call('HMGET', KEYS[1], 'record', 'chunks', 'owner', 'handoff', 'summary')
+redis.call('HDEL', KEYS[1], 'suspect_since', 'handoff')
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local have = 0
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
+local text = redis.call('GET', KEYS[3]) or ''
+return {epoch, have, fields[1] or '', text, fields[2] or '0', fields[3] or '', fields[4] or '',
+        fields[5] or '{}'}
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A stage taken over (``RedisStageStore.take_over``): what Redis holds of it."""
+
+    epoch: int
+    held: int  # events in its log
+    record: dict[str, Any]
+    text: str
+    content_chunks: int
+    owner: str  # the worker that ran it
+    handed_off: bool  # its worker drained, rather than died
+    summary: dict[str, Any]  # as its owner last wrote it
+
 
 class _Mirror:
     """One claimed stage: how much of it Redis holds, and its lease."""
 
-    __slots__ = ("stage", "store", "held", "next_seq", "text_parts", "lost", "gap")
+    __slots__ = (
+        "stage", "store", "held", "next_seq", "text_parts", "lost", "gap", "resummarize",
+    )  # fmt: skip
 
     def __init__(self, stage: Stage, store: RedisStageStore) -> None:
         self.stage = stage
@@ -138,11 +211,16 @@ class _Mirror:
         self.text_parts = 0
         self.lost = False  # the store lost the stage: write it whole
         self.gap = ""  # what the store lost of it for good, in words; kept once known
+        self.resummarize = False  # its summary changed while it runs (a continuation)
 
     def renew(self, pipe: Any, lease_ms: int) -> int:
-        hash_key, _, _, live_key = stage_keys(self.stage.key)
+        stage = self.stage
+        hash_key, _, _, live_key = stage_keys(stage.key)
+        now = int(time.time() * 1000)
         self.store._renew(
-            keys=[hash_key, live_key], args=[self.stage.instance, lease_ms], client=pipe
+            keys=[hash_key, live_key, RUNNING_INDEX],
+            args=[stage.instance, lease_ms, now, stage.key],
+            client=pipe,
         )
         return 1
 
@@ -164,16 +242,21 @@ class RedisStageStore(StageListener):
         max_events: int,
         lease_seconds: float,
         cancel_here: Callable[[str, str], None],
+        adopt: Callable[[str], bool] | None = None,
     ) -> None:
         """``cancel_here(key, reason)`` cancels a stage of this process for a request made
-        elsewhere: the cancel listener calls it."""
+        elsewhere: the cancel listener calls it. ``adopt(key)`` tries to take over the
+        orphaned stage with that key (``takeover.py``); whether it, or another, has."""
         self.url = url
         self.ttl_ms = int(ttl_seconds * 1000)
         self.event_ttl_ms = int(event_ttl_seconds * 1000)  # StageSettings: at most the TTL
         self.max_events = max_events
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = LeaseKeeper(lambda: self.redis, lease_seconds)
-        self.reader = StoreReader(lambda: self.redis, self.ttl_ms, self.event_ttl_ms, lease_seconds)
+        self.reader = StoreReader(
+            lambda: self.redis, self.ttl_ms, self.event_ttl_ms, lease_seconds, adopt
+        )
+        self._adopt = adopt
         # Any: redis-py annotates every command as returning its sync or async result.
         self._redis: Any = None
         self._pid = 0
@@ -187,6 +270,9 @@ class RedisStageStore(StageListener):
         self._failing = False
         self._renew: Any = None
         self._flush_script: Any = None
+        self._hand_off_script: Any = None
+        self._take_over: Any = None
+        self._sweeper: Task | None = None
 
     # -- connection, per process ---------------------------------------------------------
 
@@ -201,13 +287,21 @@ class RedisStageStore(StageListener):
                     self._start_in_this_process()
         return self._redis
 
+    def start(self) -> None:
+        """Start this process's tasks now: a worker that serves nothing yet still takes
+        over stages orphaned elsewhere."""
+        _ = self.redis
+
     def _start_in_this_process(self) -> None:
         client = connect(self.url)
         self._renew = client.register_script(_RENEW)
         self._flush_script = client.register_script(_FLUSH)
+        self._hand_off_script = client.register_script(_HAND_OFF)
         self._redis, self._pid = client, os.getpid()
         self._flusher = Task(self._flush_forever, name="stageserver-store-flush")
         self._listener = Task(self._listen_for_cancels, name="stageserver-store-cancel")
+        if self._adopt is not None:
+            self._sweeper = Task(self._adopt_orphans_forever, name="stageserver-store-sweep")
 
     # -- the owner's side ----------------------------------------------------------------
 
@@ -223,25 +317,116 @@ class RedisStageStore(StageListener):
             pipe.delete(hash_key, log_key, text_key)
             pipe.hset(hash_key, mapping=self._fields(stage))
             pipe.pexpire(hash_key, self._ttls_ms(stage)[0] + lease_ms)
+            pipe.zadd(RUNNING_INDEX, {stage.key: int(time.time() * 1000) + lease_ms})
             pipe.execute()
         except redis.RedisError as exc:
             raise StoreUnavailable(exc) from None
         mirror = self._mirrors[stage] = _Mirror(stage, self)
         self.leases.hold(mirror)
 
-    def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
-        """For every event of a claimed stage: cheap; the flusher does the writing."""
+    def take_over(self, key: str, instance: str) -> Claim | None:
+        """Claim the orphaned stage ``key`` for the stage instance ``instance``; None when
+        it is not to be taken (someone holds it, it ended, it has no record). Raises
+        StoreUnavailable."""
+        keys = [*stage_keys(key), RUNNING_INDEX]
+        args = [instance, self.leases.lease_ms, int(time.time() * 1000), key]
+        try:
+            if self._take_over is None:
+                self._take_over = self.redis.register_script(_TAKE_OVER)
+            claimed = self._take_over(keys=keys, args=args)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(exc) from None
+        if claimed is None:
+            return None
+        epoch, held, record, text, chunks, owner, handoff, summary = claimed
+        return Claim(
+            epoch=int(epoch),
+            held=int(held),
+            record=json.loads(record) if record else {},
+            text=bytes(text).decode(),
+            content_chunks=int(chunks),
+            owner=bytes(owner).decode(),
+            handed_off=bool(handoff),
+            summary=json.loads(summary),
+        )
+
+    def release_claim(self, key: str, instance: str) -> None:
+        """Give back a claim this worker cannot run (it is full, say): any other takes it."""
+        _, _, _, live_key = stage_keys(key)
+        try:
+            if self.redis.get(live_key) == instance.encode():
+                pipe = self.redis.pipeline()
+                pipe.delete(live_key)
+                pipe.zadd(RUNNING_INDEX, {key: 0})
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("stage %s: its claim lapses by itself (%s)", key, exc)
+
+    def _adopt_orphans_forever(self) -> None:
+        """Every third of a lease: take over the stages whose lease lapsed half a lease ago
+        (the time an owner that was only cut off has to take it back), or that a draining
+        worker let go. So an orphan is claimed within two leases of its owner's last
+        renewal, whether or not anyone follows it."""
+        assert self._adopt is not None
+        lease_ms = self.leases.lease_ms
+        while True:
+            time.sleep(self.leases.lease_seconds / 3)
+            try:
+                due = int(time.time() * 1000) - lease_ms // 2
+                keys = self.redis.zrangebyscore(RUNNING_INDEX, "-inf", due, start=0, num=20)
+            except (redis.RedisError, OSError):
+                continue  # the flusher and the leases say so
+            for key in keys:
+                try:
+                    self._adopt(bytes(key).decode())
+                except Exception:
+                    log.exception("could not take over stage %s", key)
+
+    def adopt(self, stage: Stage, held: int) -> None:
+        """Mirror a stage taken over (``take_over``): Redis holds its first ``held`` events
+        and its text."""
+        mirror = self._mirrors[stage] = _Mirror(stage, self)
+        mirror.held = mirror.next_seq = held
+        mirror.text_parts = len(stage.text_parts)
+        mirror.resummarize = True
+        self.leases.hold(mirror)
         self.mark(stage)
+
+    def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
+        """For every event of a claimed stage: cheap; the flusher does the writing, and
+        publishes it. While Redis cannot be written, the event is published at once."""
+        self._dirty.add(stage)
+        self._wake.set()
+        if self._failing:
+            stage.publish(seq + 1)
+
+    def on_continue(self, stage: Stage, record: ContinuationRecord) -> None:
+        mirror = self._mirrors.get(stage)
+        if mirror is not None:
+            mirror.resummarize = True  # its status lists its continuations
 
     def on_finish(self, stage: Stage) -> None:
         """Write the end now, before any client can read it, so that its id is free on
-        every host when one does. While Redis fails, the flusher writes it later."""
+        every host when one does. While Redis fails, the flusher writes it later. A stage
+        handed off is written whole, then let go for another worker to take over."""
         if self._failing or stage not in self._mirrors:
             return
         try:
             self._flush({stage})
+            if stage.status == HANDED_OFF:
+                self._let_go(stage)
         except (redis.RedisError, OSError) as exc:
             log.warning("stage %s: its end is written when the store answers (%s)", stage.key, exc)
+
+    def _let_go(self, stage: Stage) -> None:
+        mirror = self._mirrors.pop(stage, None)
+        if mirror is None:
+            return
+        self.leases.release(mirror)
+        hash_key, _, _, live_key = stage_keys(stage.key)
+        self._hand_off_script(
+            keys=[hash_key, live_key, RUNNING_INDEX], args=[stage.instance, stage.key]
+        )
 
     def mark(self, stage: Stage) -> None:
         """Have the flusher write the stage again (it is to be sent whole)."""
@@ -269,6 +454,8 @@ class RedisStageStore(StageListener):
                     )
                 self._failing = True
                 again = batch
+                for stage in batch:
+                    stage.publish(stage.next_seq)
             except Exception:
                 log.exception("stage store flush failed")
                 again = batch
@@ -302,6 +489,7 @@ class RedisStageStore(StageListener):
             if result == 1:
                 mirror.held = mirror.next_seq = upto
                 mirror.text_parts, mirror.lost = text_parts, False
+                stage.publish(upto)
                 if done:
                     self._mirrors.pop(stage, None)
                     self.leases.release(mirror)
@@ -320,7 +508,9 @@ class RedisStageStore(StageListener):
 
     def _write(self, pipe: Any, mirror: _Mirror) -> tuple[_Mirror, int, int, bool]:
         stage = mirror.stage
-        done = stage.finished  # read before the events, so the terminal one is in them
+        # Read before the events, so the terminal one is in them. Handed off is not done:
+        # the stage goes on elsewhere.
+        done = stage.finished and stage.status != HANDED_OFF
         events = stage.events_since(mirror.next_seq)
         upto = events[-1][0] + 1 if events else mirror.next_seq
         parts = stage.text_parts
@@ -330,17 +520,22 @@ class RedisStageStore(StageListener):
             text_mode, text = "a", "".join(parts[mirror.text_parts :])
         else:
             text_mode, text = "", ""
-        summary = json.dumps(self._summary(stage, mirror)) if done or mirror.lost else ""
+        resummarize = done or mirror.lost or mirror.resummarize
+        mirror.resummarize = False
+        summary = json.dumps(self._summary(stage, mirror)) if resummarize else ""
+        # Handed off is not an end: Redis keeps it running, for its taker.
+        status = "running" if stage.status == HANDED_OFF else stage.status
         answer = json.dumps(stage.answer()) if done else ""
         args: list[Any] = [
             stage.instance, self.leases.lease_ms, mirror.held, self.max_events, int(done),
-            *self._ttls_ms(stage), stage.status, summary, text_mode, text, mirror.gap,
-            self.owner, stage.spec.prompt_tokens_estimate, answer,
+            *self._ttls_ms(stage), status, summary, text_mode, text, mirror.gap,
+            self.owner, stage.spec.prompt_tokens_estimate, answer, stage.content_chunks,
+            stage.key,
         ]  # fmt: skip
         last = stage.next_seq - 1
         for seq, wire in events:
             args += [seq, wire, int(done and seq == last)]
-        self._flush_script(keys=list(stage_keys(stage.key)), args=args, client=pipe)
+        self._flush_script(keys=[*stage_keys(stage.key), RUNNING_INDEX], args=args, client=pipe)
         return mirror, upto, len(parts), done
 
     def _ttls_ms(self, stage: Stage) -> tuple[int, int]:
@@ -366,6 +561,8 @@ class RedisStageStore(StageListener):
 
     def _summary(self, stage: Stage, mirror: _Mirror) -> dict[str, Any]:
         summary = stage.summary()
+        if stage.status == HANDED_OFF:
+            summary["status"] = "running"
         if mirror.gap:
             summary["gap"] = mirror.gap
         return summary

@@ -4,9 +4,11 @@ Any worker answers for any stage: its status, its events (``RemoteFeed``, which 
 follow loop in web/follow.py reads), and a cancel. It also notices a stage whose owner has
 died: its lease (``ss:{key}:live``) gone while the stage still says ``running``. The
 first reader that sees that marks the stage ``suspect_since``; one that still sees it
-half a lease later ends the stage for everyone, in one script: an ``error`` event at the
-end of its log, naming the worker that stopped, and the status ``error``. Half a lease
-leaves an owner that was only cut off from Redis the time to take its lease back.
+half a lease later takes the stage over (``adopt``, which continues its answer), or,
+where that cannot be (no taker, a stage from before takeovers), ends the stage for
+everyone, in one script: an ``error`` event at the end of its log, naming the worker that
+stopped, and the status ``error``. Half a lease leaves an owner that was only cut off from
+Redis the time to take its lease back.
 """
 
 from __future__ import annotations
@@ -67,9 +69,16 @@ def _held(top: list[Any]) -> int:
 
 class StoreReader:
     def __init__(
-        self, client: Callable[[], Any], ttl_ms: int, event_ttl_ms: int, lease_seconds: float
+        self,
+        client: Callable[[], Any],
+        ttl_ms: int,
+        event_ttl_ms: int,
+        lease_seconds: float,
+        adopt: Callable[[str], bool] | None = None,
     ) -> None:
+        """``adopt(key)``: take the orphaned stage over; whether it, or another, has."""
         self._client = client
+        self._adopt = adopt
         self.ttl_ms = ttl_ms
         self.event_ttl_ms = event_ttl_ms
         self.lease_seconds = lease_seconds
@@ -171,6 +180,8 @@ class StoreReader:
             redis_client.hsetnx(hash_key, "suspect_since", now)
             return
         if now - int(suspect_since) < self.lease_seconds * 500:
+            return
+        if self._adopt is not None and record and self._adopt(stage_key):
             return
         held = _held(top)
         worker = (owner or b"?").decode()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx2
@@ -166,6 +167,17 @@ class Continuations:
         self.limit = limit
 
 
+@dataclass(frozen=True)
+class Resume:
+    """A stage taken over from another worker: why (``owner_lost``, ``drain``), what ended
+    its run there, and the workers (``host:pid``) it goes from and to."""
+
+    reason: str
+    cause: StageFailure
+    from_worker: str
+    to_worker: str
+
+
 class _Segment:
     """One request of a stage, whichever replica serves it: its first, or a
     continuation. ``body(attempt)``: the path and body of an attempt. ``reply()``: how
@@ -185,18 +197,12 @@ class _Segment:
         self.first = first
 
 
-_TAKEN_OVER = {
-    "owner_lost": "the worker that ran the stage stopped",
-    "drain": "the worker that ran the stage was shut down",
-}
-
-
-def _uncontinued(failure: StageFailure | None, reason: str, refused: str | None) -> StageFailure:
-    """What ends an answer that is not continued: the failure that cut it; for a stage
-    taken over, a failure that says why it cannot go on."""
-    if failure is not None:
+def _uncontinued(failure: StageFailure, reason: str, refused: str | None) -> StageFailure:
+    """What ends an answer that is not continued: the failure that cut it, as it always
+    did; for a stage taken over, with why it cannot go on."""
+    if reason == "upstream_failed":
         return failure
-    return StageFailure(f"{_TAKEN_OVER[reason]} and its answer cannot be continued: {refused}")
+    return StageFailure(f"{failure}; its answer cannot be continued: {refused}")
 
 
 class UpstreamRelay:
@@ -207,11 +213,11 @@ class UpstreamRelay:
         headers: Mapping[str, str],
         tracer: AttemptTracer = NO_TRACING,
         continuations: Continuations | None = None,
-        resume: str | None = None,
+        resume: Resume | None = None,
     ) -> None:
         """``body``: the request body for an attempt at each replica. ``continuations``:
-        None, never continue. ``resume``: the stage was taken over (``owner_lost``,
-        ``drain``), and its first request continues what its log holds."""
+        None, never continue. ``resume``: the stage was taken over, and its first request
+        continues what its log holds."""
         self.route = route
         self._body = body
         self._headers = headers
@@ -223,7 +229,7 @@ class UpstreamRelay:
 
     def run(self, stage: ChunkSink) -> None:
         if self._resume is not None:
-            self._continue(stage, self._resume, None)
+            self._continue(stage, self._resume.reason, self._resume.cause)
             return
         plain = _Segment(lambda attempt: ("/chat/completions", self._body(attempt.upstream)))
         try:
@@ -250,18 +256,18 @@ class UpstreamRelay:
 
     # -- continuing ------------------------------------------------------------------------
 
-    def _continue(self, stage: ChunkSink, reason: str, failure: StageFailure | None) -> None:
+    def _continue(self, stage: ChunkSink, reason: str, failure: StageFailure) -> None:
         """Continue the answer until it ends, or a continuation cannot be made."""
         while (again := self._continue_once(stage, reason, failure)) is not None:
             failure, reason = again, "upstream_failed"
 
     def _continue_once(
-        self, stage: ChunkSink, reason: str, failure: StageFailure | None
+        self, stage: ChunkSink, reason: str, failure: StageFailure
     ) -> StageFailure | None:
         """One continuation: None when the stage has ended; the failure that cut the
         continuation short after its first chunk, when that may be continued in turn."""
         continuations = self._continuations
-        cut = "" if failure is None else str(failure)
+        cut = str(failure)
         refused = (
             "continuation is off"
             if continuations is None
@@ -296,7 +302,8 @@ class UpstreamRelay:
         def body(attempt: ReplicaAttempt) -> tuple[str, dict[str, Any]]:
             mode = modes.of(attempt.name).mode
             chat = self._body(attempt.upstream)
-            prompt, stop = None, ()
+            prompt: str | None = None
+            stop: tuple[str, ...] = ()
             if mode == "raw":
                 template = modes.template(attempt.name)
                 messages = chat["messages"]
@@ -310,6 +317,10 @@ class UpstreamRelay:
 
         replies: list[ContinuedReply] = []
         from_replica = "" if failed is None else failed.url
+        resumed = self._resume if reason != "upstream_failed" else None
+        workers = {} if resumed is None else {
+            "from_worker": resumed.from_worker, "to_worker": resumed.to_worker,
+        }  # fmt: skip
 
         def first_chunk(attempt: ReplicaAttempt) -> None:
             served.append(attempt)
@@ -318,7 +329,7 @@ class UpstreamRelay:
                     after, reason, modes.of(attempt.name).mode, "ok",
                     model=attempt.config.model_for(self._body.conversation.model),
                     upstream=attempt.name, from_replica=from_replica, to_replica=attempt.url,
-                    cause=cut,
+                    cause=cut, **workers,
                 )
             )  # fmt: skip
 
@@ -337,8 +348,7 @@ class UpstreamRelay:
                     after, reason, modes.of(names[0]).mode, "failed", cause=cut, error=str(last)
                 )  # fmt: skip
             )
-            what = cut or _TAKEN_OVER[reason]
-            raise ContinuationFailed(f"{what}; its continuation failed: {last}", last) from None
+            raise ContinuationFailed(f"{cut}; its continuation failed: {last}", last) from None
 
     def unblock(self) -> None:
         """Threads: shut the socket down under the thread blocked reading it."""

@@ -270,14 +270,15 @@ def _partial_answer(body: Mapping[str, Any], opts: Options) -> str | None:
 
 
 def _covered(texts: list[str], partial: str) -> int:
-    """How many pieces of the answer ``texts`` lie wholly inside ``partial``: none when
-    ``partial`` does not begin the answer (the reply is then the answer from the start)."""
+    """How many pieces of the answer ``texts`` lie inside ``partial``, each but for its
+    trailing whitespace (which a continuing client holds back): none when ``partial``
+    does not begin the answer (the reply is then the answer from the start)."""
     if not "".join(texts).startswith(partial):
         return 0
     count, end = 0, 0
     for text in texts:
         end += len(text)
-        if end > len(partial):
+        if end - (len(text) - len(text.rstrip())) > len(partial):
             break
         count += 1
     return count
