@@ -3,8 +3,10 @@
 - ``stageserver serve``: what ``scripts/serve`` runs. stageserver under gunicorn, with the
   embedded model unless an upstream is configured (``launcher/``).
 - ``stageserver check``: reads the configuration from the environment as the server
-  would, checks it, and prints the effective settings, the upstreams and the principals,
-  without starting anything or connecting anywhere. Exit status 1, with the reason on
+  would, checks it, and prints the effective settings, the upstreams (with how each
+  continues an answer cut short: the one question it puts to an upstream, when its
+  ``continuation`` is ``auto``) and the principals, without starting anything or
+  connecting anywhere else. Exit status 1, with the reason on
   stderr, for a configuration the server would refuse. Secrets are never printed: an API
   key shows as ``(set)``, a URL without its password.
 
@@ -22,10 +24,18 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from .config import StageSettings, apply_defaults, parse_env_value, upstream_configs
+from .config import (
+    StageSettings,
+    UpstreamConfig,
+    apply_defaults,
+    parse_env_value,
+    upstream_configs,
+)
 from .errors import ConfigError
 from .principals import check_upstreams, key_ring
 from .settings import PROCESS_SETTINGS, SETTINGS
+from .upstream.clients import UpstreamRegistry
+from .upstream.continuation import ContinuationModes
 
 #: Settings whose value is a secret, or holds secrets: shown as ``(set)``.
 SECRET_SETTINGS = frozenset({"STAGESERVER_UPSTREAM_API_KEY", "STAGESERVER_API_KEYS"})
@@ -111,6 +121,11 @@ def _report(environ: Mapping[str, str]) -> str:
         extra = f"; models {list(upstream.models)}" if upstream.models else ""
         extra += f"; fallbacks {list(upstream.fallbacks)}" if upstream.fallbacks else ""
         lines.append(f"  {upstream.name}: {upstream.kind} at {urls}{extra}")
+    for name, mode in _continuation_modes(upstreams, settings.ready_timeout).items():
+        detail = f": {mode['detail']}" if mode["detail"] else ""
+        lines.append(
+            f"  {name} continues answers in mode {mode['mode']} ({mode['source']}{detail})"
+        )
     if principals:
         lines.append("principals:")
         for principal in principals:
@@ -149,6 +164,14 @@ def _without_password(url: str) -> str:
 def _limits(limits: Any) -> str:
     shown = {k: v for k, v in vars(limits).items() if v is not None}
     return json.dumps(shown) if shown else "none"
+
+
+def _continuation_modes(
+    upstreams: list[UpstreamConfig], timeout: float
+) -> dict[str, dict[str, str]]:
+    """Each upstream's continuation mode: given, defaulted by its kind, or probed (the
+    one thing ``check`` asks of an upstream: whether it continues a partial answer)."""
+    return ContinuationModes(UpstreamRegistry(upstreams), timeout).report()
 
 
 def _check_store_url(url: str) -> None:

@@ -55,7 +55,7 @@ from .policy.limits import LimitBook, LocalLimits
 from .principals import ANONYMOUS, Principal, check_upstreams
 from .stages.conversation import conversation_of
 from .stages.dialect import dialect_of
-from .stages.feeds import EventFeed, LocalFeed
+from .stages.feeds import EventFeed, LocalFeed, RefusedFeed
 from .stages.registry import StageRegistry
 from .stages.spec import ContinuationRecord, StageRequest, StageSpec, Takeover, instance_of
 from .stages.stage import Stage, StageListener
@@ -96,6 +96,8 @@ class LocalStage:
             return None
         if stage.events_expired:
             raise EventsExpired(stage.stage_id)
+        if after_seq >= stage.next_seq:
+            return RefusedFeed(stage.stage_id, after_seq, stage.next_seq)
         if self._store is not None and after_seq + 1 < stage.first_kept_seq:
             return self._store.reader.feed(stage.key, stage.stage_id, after_seq)
         return LocalFeed(stage, owner=False)

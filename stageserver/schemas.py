@@ -299,11 +299,24 @@ class ReplicaCheck(_Sparse):
     error: str | None = None
 
 
+class ContinuationCheck(_Sparse):
+    """An upstream's continuation mode (``upstream/continuation.py``)."""
+
+    mode: Literal["flag", "trailing", "prefix", "raw", "none"]
+    source: Literal["given", "probed", "default"] = Field(
+        description="Configured, confirmed by a probe, or by the upstream's kind."
+    )
+    detail: str = Field("", description="Why, in words (what the probe found).")
+
+
 class UpstreamCheck(ReplicaCheck):
     """An upstream's check: its replica's; for a pool of several, ``ok`` when one answered."""
 
     replicas: dict[str, ReplicaCheck] | None = Field(
         None, description="A pool of several replicas: each one's check, by its URL."
+    )
+    continuation: ContinuationCheck | None = Field(
+        None, description="How the upstream continues a partial answer, and who said so."
     )
 
 

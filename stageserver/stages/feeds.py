@@ -28,6 +28,34 @@ class EventFeed(Protocol):
         """The response stops following: its client left (``disconnected``) or it ended."""
 
 
+class RefusedFeed:
+    """A resume that cannot be served: the response ends at once with why (``StageLost``).
+
+    One is a resume from beyond the end of the stage's log. No client reads an event
+    before the shared store holds it (``Stage.publish``), so a client whose last event is
+    not in the log got it from a worker that stopped before writing it, and the stage
+    has been continued since from what the log holds: the events after its id are not
+    the ones it would have got. It is told so, rather than sent a different text under
+    the same ids."""
+
+    def __init__(self, stage_id: str, after_seq: int, held: int) -> None:
+        self.stage_id = stage_id
+        self._message = (
+            f"stage {stage_id!r} cannot be resumed after event {after_seq}: its log holds "
+            f"{held} events, and the ones after that were never stored (their worker "
+            f"stopped); its status is at /stages/{stage_id}"
+        )
+
+    def open(self, subscriber: Subscriber) -> None:
+        raise StageLost(self._message)
+
+    def read(self, subscriber: Subscriber, cursor: int, wait: float) -> tuple[bytes, int, bool]:
+        raise StageLost(self._message)
+
+    def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
+        pass
+
+
 class LocalFeed:
     """A stage of this process, read from its log. ``owner``: the response of the request
     that started the stage, whose disconnect may cancel it."""

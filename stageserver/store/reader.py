@@ -30,6 +30,7 @@ from ..errors import (
 )
 from ..stages.dialect import Ending, dialect_of
 from ..stages.events import SeedDialect
+from ..stages.feeds import RefusedFeed
 from ..stages.stage import Subscriber
 from ..stages.usage import final_usage
 from .connection import stage_keys
@@ -116,7 +117,9 @@ class StoreReader:
             summary["gap"] = gap.decode()
         return summary
 
-    def feed(self, stage_key: str, stage_id: str, after_seq: int) -> RemoteFeed | None:
+    def feed(
+        self, stage_key: str, stage_id: str, after_seq: int
+    ) -> RemoteFeed | RefusedFeed | None:
         """A feed of the stage's events after ``after_seq``; None when the stage has ended
         and that was its last event. Raises UnknownStage, EventsExpired."""
         hash_key, log_key, _, _ = stage_keys(stage_key)
@@ -125,7 +128,8 @@ class StoreReader:
             pipe.hget(hash_key, "status")
             pipe.hget(hash_key, "summary")
             pipe.exists(log_key)
-            status, raw, has_log = pipe.execute()
+            pipe.xrevrange(log_key, count=1)
+            status, raw, has_log, top = pipe.execute()
         except redis.RedisError as exc:
             raise StoreUnavailable(exc) from None
         if status is None:
@@ -135,6 +139,8 @@ class StoreReader:
                 return None
             if not has_log:
                 raise EventsExpired(stage_id)
+        elif after_seq >= _held(top):  # see stages.feeds.RefusedFeed
+            return RefusedFeed(stage_id, after_seq, _held(top))
         return RemoteFeed(self, stage_key, stage_id)
 
     def first_kept(self, stage_key: str) -> int:

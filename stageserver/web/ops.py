@@ -11,6 +11,9 @@
        "gpu": {"ok": true, "replicas": {"http://10.0.0.1:8000/v1": {"ok": true, ...},
                                         "http://10.0.0.2:8000/v1": {"ok": false, ...}}}}}
 
+  Each upstream's report also says how it continues an answer cut short (``continuation``:
+  its ``mode``, and whether it was ``given``, ``probed`` or ``default``).
+
 - ``GET /metrics``: Prometheus's text format (``metrics.py``).
 """
 
@@ -20,8 +23,8 @@ from flask import Blueprint, Response, current_app, jsonify
 
 from .. import shutdown
 from ..manager import manager_of
+from ..schemas import ContinuationCheck, UpstreamCheck
 from ..schemas import Readiness as ReadinessBody
-from ..schemas import UpstreamCheck
 from ..telemetry import metrics
 from .errors import answer_in_json
 
@@ -40,10 +43,17 @@ def readyz() -> Response:
         response = jsonify(ReadinessBody(status="shutting_down", error=None).body())
         response.status_code = 503
         return response
-    ready, upstreams = manager_of(current_app.extensions).readiness.check()
+    manager = manager_of(current_app.extensions)
+    ready, upstreams = manager.readiness.check()
+    modes = manager.continuation_modes.report()
     body = ReadinessBody(
         status="ready" if ready else "not_ready",
-        upstreams={name: UpstreamCheck(**report) for name, report in upstreams.items()},
+        upstreams={
+            name: UpstreamCheck(
+                **report, continuation=ContinuationCheck.model_validate(modes[name])
+            )
+            for name, report in upstreams.items()
+        },
         error=None
         if upstreams
         else ("no upstream is configured: set STAGESERVER_UPSTREAM_URL or STAGESERVER_UPSTREAMS"),
