@@ -28,6 +28,9 @@ class StageServer:
       ``STAGESERVER_UPSTREAM_API_KEY`` (""): one upstream, named ``default``.
     - ``STAGESERVER_UPSTREAMS`` (None): several named upstreams, as a dict or JSON;
       each a pool of replicas, with its models, retries and fallbacks (config.py).
+    - ``STAGESERVER_UPSTREAM_CONTINUATION`` ("auto"), ``STAGESERVER_UPSTREAM_CHAT_TEMPLATE``
+      (""): how that upstream continues an answer cut short (upstream/continuation.py);
+      ``STAGESERVER_MAX_CONTINUATIONS`` (2): how many times one stage's answer may be.
     - ``STAGESERVER_CONNECT_TIMEOUT`` (5), ``STAGESERVER_FIRST_TOKEN_TIMEOUT`` (120),
       ``STAGESERVER_IDLE_TIMEOUT`` (60): seconds, for upstreams that do not set their own.
     - ``STAGESERVER_UPSTREAM_MAX_CONNECTIONS`` (1000): per upstream, per worker.
@@ -47,7 +50,7 @@ class StageServer:
       run with nobody attached.
     - ``STAGESERVER_STORE_URL`` (None): Redis shared by workers and hosts;
       ``STAGESERVER_OWNER_LEASE_SECONDS`` (5): how long a stage outlives its worker's
-      last sign of life there.
+      last sign of life there, before another worker takes it over.
     - ``STAGESERVER_MAX_ACTIVE_STREAMS`` (900): stages per worker; more get 503.
     - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
     - ``STAGESERVER_API_KEYS`` (None): principals, their keys and limits (principals.py).

@@ -233,6 +233,30 @@ class Attempt(BaseModel):
     ms: float = Field(description="Milliseconds from its start to its first chunk or end.")
 
 
+class Continuation(BaseModel):
+    """A continuation of the stage's answer after a failure, or one that could not be made
+    (``upstream/continuation.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after: int = Field(description="The log's last event before it.")
+    reason: Literal["upstream_failed", "owner_lost", "drain"]
+    mode: str = Field(description="`flag`, `trailing`, `prefix`, `raw`; `none` when refused.")
+    outcome: Literal["ok", "failed", "length", "refused"] = Field(
+        description="`ok`: its first chunk came; `failed`: it did not, and the stage ended "
+        "with an error; `length`: no token was left, the stage ended at its limit; "
+        "`refused`: it could not be asked for (`error` says why)."
+    )
+    model: str = Field(description="The model it was asked of.")
+    upstream: str
+    from_replica: str = Field(description="The replica whose answer was cut.")
+    to_replica: str = Field(description="The replica that continued it.")
+    from_worker: str = Field(description="After a takeover: the worker (host:pid) it left.")
+    to_worker: str = Field(description="After a takeover: the worker that took it.")
+    cause: str = Field(description="What cut the answer short.")
+    error: str = Field(description="Why it failed, or was refused.")
+
+
 class StageStatus(BaseModel):
     """``GET /stages/<id>``: ``Stage.summary()``, every field always present but ``gap``."""
 
@@ -245,6 +269,10 @@ class StageStatus(BaseModel):
         "did); the one the request resolved to while none has served it."
     )
     attempts: list[Attempt]
+    continuations: list[Continuation] = Field(
+        description="Each time its answer was continued after a failure (an upstream cut "
+        "it, its worker died or drained), or could not be."
+    )
     gap: str | None = Field(
         default=None,
         description="Only when the shared store lost events of the stage that it could not "
@@ -338,6 +366,16 @@ class ChunkData(BaseModel):
     chunk: dict[str, Any] = Field(
         description="The upstream's chat.completion.chunk, exactly as it sent it."
     )
+
+
+class ContinuedData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage_id: str
+    after: int = Field(description="The last event before the answer was cut short.")
+    reason: Literal["upstream_failed", "owner_lost", "drain"]
+    mode: Literal["flag", "trailing", "prefix", "raw"]
+    model: str = Field(description="The model asked to go on.")
 
 
 class DoneData(BaseModel):

@@ -347,6 +347,7 @@ def test_readyz_names_the_replicas_that_are_down(upstream: FakeUpstream) -> None
         assert reports["gone"] == {
             "ok": False,
             "replicas": {url: {"ok": False, "error": "could not connect"} for url in gone},
+            "continuation": reports["pair"]["continuation"],
         }
         # The probe is the pools' active health check: what did not answer is ejected.
         pools = app.extensions["stageserver"].pools

@@ -110,7 +110,16 @@ def test_readyz_is_503_and_names_the_upstream_that_does_not_answer(
     assert body is not None
     assert body["status"] == "not_ready"
     assert body["upstreams"]["default"]["ok"] is True
-    assert body["upstreams"]["down"] == {"ok": False, "error": "could not connect"}
+    assert body["upstreams"]["down"] == {
+        "ok": False,
+        "error": "could not connect",
+        # Kind openai: it continues no answer cut short, and no probe asks it.
+        "continuation": {
+            "mode": "none",
+            "source": "default",
+            "detail": "OpenAI's API continues no answer",
+        },
+    }
 
 
 def test_readyz_without_any_upstream_is_503() -> None:

@@ -157,10 +157,14 @@ return 1
 """
 
 
-# KEYS: hash, log, text, live, running index. ARGV: token, lease_ms, now_ms, stage key.
-# Claim a running stage whose lease has lapsed, under a new lease: nil when it is not to
-# be taken (its lease is held, it has ended); else its epoch, the events its log holds,
-# its record, text, content chunks, owner, and whether it was handed off.
+# KEYS: hash, log, text, live, running index. ARGV: token, lease_ms, now_ms, stage key,
+# grace_ms. Claim a running stage whose lease has lapsed, under a new lease. The first
+# look only marks it ``suspect_since``; it is claimed once it has stayed so for the
+# grace (the time an owner that was only cut off from Redis has to take its lease back
+# once Redis answers), or at once when its worker handed it off. nil when it is not to
+# be taken (its lease is held, it has ended, it is in its grace); else its epoch, the
+# events its log holds, its record, text, content chunks, owner, whether it was handed
+# off, and its summary.
 _TAKE_OVER = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return nil end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -168,9 +172,17 @@ if status ~= 'running' then
   redis.call('ZREM', KEYS[5], ARGV[4])
   return nil
 end
+local fields = redis.call('HMGET', KEYS[1], 'record', 'chunks', 'owner', 'handoff', 'summary',
+                          'suspect_since')
+if not fields[4] then
+  if not fields[6] then
+    redis.call('HSET', KEYS[1], 'suspect_since', ARGV[3])
+    return nil
+  end
+  if tonumber(ARGV[3]) - tonumber(fields[6]) < tonumber(ARGV[5]) then return nil end
+end
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[5], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
-local fields = redis.call('HMGET', KEYS[1], 'record', 'chunks', 'owner', 'handoff', 'summary')
 redis.call('HDEL', KEYS[1], 'suspect_since', 'handoff')
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local have = 0
@@ -329,7 +341,8 @@ class RedisStageStore(StageListener):
         it is not to be taken (someone holds it, it ended, it has no record). Raises
         StoreUnavailable."""
         keys = [*stage_keys(key), RUNNING_INDEX]
-        args = [instance, self.leases.lease_ms, int(time.time() * 1000), key]
+        lease_ms = self.leases.lease_ms
+        args = [instance, lease_ms, int(time.time() * 1000), key, lease_ms // 2]
         try:
             if self._take_over is None:
                 self._take_over = self.redis.register_script(_TAKE_OVER)
@@ -363,17 +376,16 @@ class RedisStageStore(StageListener):
             log.warning("stage %s: its claim lapses by itself (%s)", key, exc)
 
     def _adopt_orphans_forever(self) -> None:
-        """Every third of a lease: take over the stages whose lease lapsed half a lease ago
-        (the time an owner that was only cut off has to take it back), or that a draining
-        worker let go. So an orphan is claimed within two leases of its owner's last
-        renewal, whether or not anyone follows it."""
+        """Every quarter of a lease: try to take over the stages whose lease ran out, or
+        that a draining worker let go (``_TAKE_OVER``: half a lease in doubt first). So
+        an orphan is claimed within two leases of its owner's last renewal, whether or
+        not anyone follows it."""
         assert self._adopt is not None
-        lease_ms = self.leases.lease_ms
         while True:
-            time.sleep(self.leases.lease_seconds / 3)
+            time.sleep(self.leases.lease_seconds / 4)
             try:
-                due = int(time.time() * 1000) - lease_ms // 2
-                keys = self.redis.zrangebyscore(RUNNING_INDEX, "-inf", due, start=0, num=20)
+                due = int(time.time() * 1000)
+                keys = self.redis.zrangebyscore(RUNNING_INDEX, "-inf", due, start=0, num=50)
             except (redis.RedisError, OSError):
                 continue  # the flusher and the leases say so
             for key in keys:

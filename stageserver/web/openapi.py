@@ -39,6 +39,7 @@ from ..schemas import (
     Cancelling,
     ChatRequest,
     ChunkData,
+    ContinuedData,
     DoneData,
     ErrorBody,
     ErrorData,
@@ -72,6 +73,7 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Health,
     Readiness,
     ChunkData,
+    ContinuedData,
     DoneData,
     ErrorData,
     CancelData,
@@ -141,6 +143,13 @@ def _schemas(settings: StageSettings) -> dict[str, Any]:
         "description": STREAM,
         "oneOf": [
             _event("chat_completion_chunk", "ChunkData", "chunk", "Part of the completion."),
+            _event(
+                "continued",
+                "ContinuedData",
+                "continued",
+                "The answer was cut short and goes on from the text delivered; the chunks "
+                "after it come from the new request (their `id` and `created` are its own).",
+            ),
             _event("done", "DoneData", "done", "The stage is done."),
             _event(
                 "error",
