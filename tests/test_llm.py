@@ -31,7 +31,14 @@ from stageserver.launcher.model import (
 )
 from stageserver.launcher.settings import default_threads
 from testing.fake_upstream import FakeUpstream
-from testing.servers import ROOT, Gunicorn, free_port, gunicorn_server, stop_process
+from testing.servers import (
+    ROOT,
+    Gunicorn,
+    RedisServer,
+    free_port,
+    gunicorn_server,
+    stop_process,
+)
 from testing.sse import chunk_text, parse_events, post_chat
 
 pytestmark = pytest.mark.llm
@@ -446,3 +453,89 @@ def test_serve_with_a_configured_upstream_starts_no_model(upstream: FakeUpstream
     assert not [pid for pid in processes if alive(pid)], processes
     assert "embedded model" not in serve.err()
     assert f"upstream: 'default' at {fake.url}" in serve.out()
+
+
+def test_auto_finds_that_the_embedded_server_cannot_continue_a_chat_message(
+    server: Gunicorn, model_server: ModelServer
+) -> None:
+    """llama-cpp-python answers a trailing assistant message, with or without vLLM's
+    flags, by closing the turn and starting a new answer (continuation.md, b1/b2). A
+    kind-``llamacpp`` upstream in ``auto`` probes ``/apply-template``, which it lacks: its
+    mode is ``none``. Should an upgrade teach it prefill, this contract breaks loudly."""
+    report = requests.get(f"{server.url}/readyz", timeout=10).json()["upstreams"]["default"]
+    assert report["continuation"]["mode"] == "none"
+    assert report["continuation"]["source"] == "probed"
+    client = OpenAI(base_url=model_server.url, api_key="none")
+    messages: list[Any] = [
+        {"role": "user", "content": "Count from one to twenty in words."},
+        {"role": "assistant", "content": "123456789012"},
+    ]
+    plain = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, temperature=0, max_tokens=24
+    )
+    flagged = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, temperature=0, max_tokens=24,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )  # fmt: skip
+    assert flagged.choices[0].message.content == plain.choices[0].message.content
+    assert flagged.usage is not None and plain.usage is not None
+    assert flagged.usage.prompt_tokens == plain.usage.prompt_tokens  # the turn is closed
+
+
+def test_a_host_killed_mid_answer_is_continued_raw_from_the_durable_prefix(
+    model_server: ModelServer,
+) -> None:
+    """Two hosts on one Redis, the embedded model in ``raw`` mode (the GGUF's template,
+    ``/v1/completions``). The host that runs the stage is killed after some chunks: the
+    other takes the stage over and continues it. The answer is not compared with an
+    uninterrupted one: a cold prefill may branch at a near-tie (continuation.md, C)."""
+    redis = RedisServer()
+    env = {
+        "STAGESERVER_UPSTREAM_URL": model_server.url,
+        "STAGESERVER_UPSTREAM_KIND": "llamacpp",
+        "STAGESERVER_UPSTREAM_CONTINUATION": "raw",
+        "STAGESERVER_UPSTREAM_CHAT_TEMPLATE": str(default_model_path()),
+        "STAGESERVER_STORE_URL": redis.url,
+        "STAGESERVER_OWNER_LEASE_SECONDS": "2",
+    }
+    try:
+        with gunicorn_server(env) as survivor:
+            doomed = Gunicorn(env)
+            try:
+                stream = post_chat(
+                    doomed.url, stage_id="llm-raw", model_name=MODEL_NAME,
+                    user_prompt=LONG_PROMPT, temperature=0, max_tokens=80, resumable=True,
+                    open=True, timeout=60,
+                )  # fmt: skip
+                stream.read_until(b"event: chat_completion_chunk", 12)
+                for pid in [*doomed.worker_pids(), doomed.proc.pid]:
+                    os.kill(pid, signal.SIGKILL)
+            finally:
+                doomed.stop()
+            seen = stream.events()
+            last_id = [e for e in seen if "id" in e][-1]["id"]
+            rest = parse_events(
+                requests.get(
+                    f"{survivor.url}/stages/llm-raw/events",
+                    headers={"Last-Event-ID": last_id},
+                    timeout=120,
+                ).content
+            )
+            status = requests.get(f"{survivor.url}/stages/llm-raw", timeout=10).json()
+    finally:
+        redis.stop()
+    before, after = chunk_text(seen), chunk_text(rest)
+    continued = [e for e in rest if e.get("event") == "continued"]
+    assert [e["data"]["reason"] for e in continued] == ["owner_lost"]
+    assert continued[0]["data"]["mode"] == "raw"
+    assert rest[-1]["event"] == "done"
+    text = before + after
+    assert before.strip() and after.strip()
+    assert "\ufffd" not in text
+    # The continuation went on from the prefix, rather than starting the answer again.
+    assert not after.lstrip().startswith(before.lstrip()[:20])
+    assert status["status"] == "done"
+    assert status["text"] == text  # the durable prefix, then the continuation
+    [record] = status["continuations"]
+    assert record["mode"] == "raw" and record["outcome"] == "ok"
+    assert record["after"] >= int(last_id.rpartition("-")[2])  # the client was not ahead
