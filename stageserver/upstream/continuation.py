@@ -122,6 +122,19 @@ class ContinuationModes:
         """Every upstream's mode, as ``/health`` and ``stageserver check`` show it."""
         return {name: self.of(name).report() for name in self._registry.names()}
 
+    def raw_prompt(
+        self, name: str, replica: Upstream, messages: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, tuple[str, ...]]:
+        """For ``raw``: the prompt of ``messages`` with the generation prompt after them,
+        and the end-of-turn to stop at. Raises ContinuationUnavailable."""
+        template = self.template(name)
+        if template is None:
+            return render_upstream_template(replica, messages, self._timeout), ()
+        try:
+            return template.render(messages), tuple(template.stop)
+        except ValueError as exc:
+            raise ContinuationUnavailable(f"upstream {name!r}: {exc}") from None
+
     def template(self, name: str) -> ChatTemplate | None:
         """The chat template configured for the ``raw`` upstream ``name``, if any."""
         path = self._registry.config(name).chat_template

@@ -55,12 +55,7 @@ from ..errors import (
 from ..stages.spec import ContinuationRecord
 from ..stages.stage import ChunkRead
 from .chunks import read_chunk
-from .continuation import (
-    ContinuationModes,
-    ContinuedReply,
-    continuation_request,
-    render_upstream_template,
-)
+from .continuation import ContinuationModes, ContinuedReply, continuation_request
 from .replicas import Replica, ReplicaAttempt
 from .request_body import RequestBody
 from .route import ReplicaSets, Route
@@ -298,6 +293,8 @@ class UpstreamRelay:
         failed = self._serving
         avoid: Replica | None = None if failed is None else failed.replica
         route = continuations.pools.continuation_route(names, avoid)
+        replies: list[ContinuedReply] = []  # one per attempt: how its reply is read
+        served: list[ReplicaAttempt] = []  # the attempt that served its first chunk
 
         def body(attempt: ReplicaAttempt) -> tuple[str, dict[str, Any]]:
             mode = modes.of(attempt.name).mode
@@ -305,17 +302,11 @@ class UpstreamRelay:
             prompt: str | None = None
             stop: tuple[str, ...] = ()
             if mode == "raw":
-                template = modes.template(attempt.name)
-                messages = chat["messages"]
-                if template is None:
-                    prompt = render_upstream_template(attempt.upstream, messages, 5.0)
-                else:
-                    prompt, stop = template.render(messages), tuple(template.stop)
+                prompt, stop = modes.raw_prompt(attempt.name, attempt.upstream, chat["messages"])
             request = continuation_request(mode, chat, delivered, budget, prompt, stop)
             replies.append(ContinuedReply(request))
             return request.path, request.body
 
-        replies: list[ContinuedReply] = []
         from_replica = "" if failed is None else failed.url
         resumed = self._resume if reason != "upstream_failed" else None
         workers = {} if resumed is None else {
@@ -333,7 +324,6 @@ class UpstreamRelay:
                 )
             )  # fmt: skip
 
-        served: list[ReplicaAttempt] = []
         segment = _Segment(body, lambda: replies[-1], first_chunk)
         try:
             self._segment(stage, route, segment)
