@@ -1,0 +1,500 @@
+"""A stage outlives its worker (issue 20, sections 4 to 6): gunicorn hosts on one real
+redis-server, a host SIGKILLed, SIGTERMed or HUPed mid-answer, and what its clients, the
+other host and the fake upstream see.
+
+Every host runs one worker with a lease of 2 s, and continues in ``trailing`` mode: the
+fake upstream continues a conversation that ends with the partial answer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from stageserver.store.connection import stage_keys
+from testing.fake_upstream import FakeUpstream, UpstreamRequest
+from testing.servers import Gunicorn, RedisServer, gunicorn_server
+from testing.sse import OpenStream, chunk_text, parse_events, post_chat, stage_status, terminal
+from tests.test_health_metrics import scrape, value
+
+SLOW = "fake?chunks=60&interval=0.05"  # 3 s: "tok0 " .. "tok59 "
+DEFAULT_MAX_TOKENS = 512  # STAGESERVER_DEFAULT_MAX_TOKENS
+
+
+def toks(count: int) -> str:
+    return "".join(f"tok{n} " for n in range(count))
+
+
+def host_env(fake: FakeUpstream, store: RedisServer, **extra: str) -> dict[str, str]:
+    return {
+        "STAGESERVER_UPSTREAM_URL": fake.url,
+        "STAGESERVER_STORE_URL": store.url,
+        "STAGESERVER_OWNER_LEASE_SECONDS": "2",
+        "STAGESERVER_UPSTREAM_CONTINUATION": "trailing",
+        **extra,
+    }
+
+
+@pytest.fixture
+def trailing(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
+    """The fake upstream, continuing a trailing assistant message (as llama-server does)."""
+    upstream.defaults["continuation"] = "trailing"
+    yield upstream
+    upstream.defaults.clear()  # the fake is the session's
+
+
+@pytest.fixture(scope="module")
+def survivor(fake: FakeUpstream, redis_server: RedisServer) -> Iterator[Gunicorn]:
+    """Host B: it lives through the module, and takes over what the other hosts leave."""
+    with gunicorn_server(host_env(fake, redis_server)) as host:
+        yield host
+
+
+@pytest.fixture
+def start_host() -> Iterator[Callable[[dict[str, str]], Gunicorn]]:
+    """Start a host (A) for this test alone: stopped, if it still runs, at the end."""
+    hosts: list[Gunicorn] = []
+
+    def start(env: dict[str, str]) -> Gunicorn:
+        hosts.append(Gunicorn(env))
+        return hosts[-1]
+
+    yield start
+    for host in hosts:
+        host.stop()
+
+
+def kill_host(host: Gunicorn) -> None:
+    """SIGKILL a whole host: its workers, and its arbiter, so that none is respawned."""
+    for pid in [*host.worker_pids(), host.proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    host.proc.wait(timeout=10)
+
+
+def worker_of(host: Gunicorn) -> str:
+    """The newest worker of ``host``, as a stage's record names it (``host:pid``)."""
+    return f"{socket.gethostname()}:{host.worker_pids()[-1]}"
+
+
+def seq(event: dict[str, Any]) -> int:
+    return int(event["id"].rpartition("-")[2])
+
+
+def read_rest(stream: OpenStream) -> list[dict[str, Any]]:
+    """What a stream still delivers; its host may cut it."""
+    with contextlib.suppress(requests.RequestException):
+        stream.read_to_end()
+    stream.close()
+    return stream.events()
+
+
+def with_ids(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if "id" in e]
+
+
+def seen(fake: FakeUpstream, request_id: str) -> list[UpstreamRequest]:
+    """What the upstream saw of one stage, in order."""
+    return [r for r in fake.requests if r.headers.get("x-request-id") == request_id]
+
+
+def wait_streaming(fake: FakeUpstream, request_id: str, chunks: int) -> None:
+    """Until the upstream has sent ``chunks`` chunks of the stage's first request."""
+    assert fake.wait_for(
+        lambda: any(r.chunks_sent >= chunks for r in seen(fake, request_id)[:1])
+    ), seen(fake, request_id)
+
+
+def assert_whole_once(stage_id: str, events: list[dict[str, Any]], chunks: int) -> dict[str, Any]:
+    """A seed stage's events, from the first, are its whole answer once: the ids count up
+    from 0 with no gap and no repeat, the text is the scripted answer, one ``continued``
+    and, last, ``done``, and no ``error`` anywhere. Returns the ``continued`` event."""
+    assert [e for e in events if e.get("event") == "error"] == []
+    ided = with_ids(events)
+    assert [seq(e) for e in ided] == list(range(len(ided)))
+    assert chunk_text(ided) == toks(chunks)
+    [continued] = [e for e in ided if e["event"] == "continued"]
+    assert continued["id"] == f"{stage_id}-continued-{seq(continued)}"
+    assert terminal(ided) == [ided[-1]] and ided[-1]["event"] == "done"
+    for event in ided:
+        kind = "chunk" if event["event"] == "chat_completion_chunk" else event["event"]
+        assert event["id"] == f"{stage_id}-{kind}-{seq(event)}"
+    return continued
+
+
+def assert_continued_from_the_durable_text(fake: FakeUpstream, request_id: str) -> int:
+    """The upstream saw the answer asked for, then continued: the second request ends
+    with the text delivered (its trailing whitespace held back) and asks only for the
+    tokens left. Returns how many content chunks were delivered before it."""
+    first, second = seen(fake, request_id)
+    assert first.body["max_tokens"] == DEFAULT_MAX_TOKENS
+    partial = second.body["messages"][-1]
+    delivered = len(partial["content"].split())
+    assert delivered > 0
+    assert partial == {"role": "assistant", "content": toks(delivered).rstrip()}
+    assert second.body["messages"][:-1] == first.body["messages"]
+    assert second.body["max_tokens"] == DEFAULT_MAX_TOKENS - delivered
+    return delivered
+
+
+def continuations(host: Gunicorn) -> float:
+    metrics = scrape(requests.get(f"{host.url}/metrics", timeout=5).text)
+    return value(
+        metrics,
+        "stageserver_stage_continuations_total",
+        mode="trailing",
+        reason="owner_lost",
+        outcome="ok",
+    )
+
+
+# -- a host dies --------------------------------------------------------------------------
+
+
+def test_a_watcher_on_another_host_gets_the_whole_answer_once_when_its_host_dies(
+    trailing: FakeUpstream,
+    redis_server: RedisServer,
+    survivor: Gunicorn,
+    start_host: Callable[[dict[str, str]], Gunicorn],
+) -> None:
+    a, b = start_host(host_env(trailing, redis_server)), survivor
+    a_worker = worker_of(a)
+    counted = continuations(b)
+    stage_id = "t-kill"
+    stream = post_chat(
+        a.url,
+        stage_id=stage_id,
+        model_name=SLOW,
+        resumable=True,
+        headers={"X-Request-ID": stage_id},
+        open=True,
+    )
+    with ThreadPoolExecutor(1) as pool:
+        watcher = pool.submit(
+            lambda: requests.get(f"{b.url}/stages/{stage_id}/events", timeout=60).content
+        )
+        stream.read_until(b"event: chat_completion_chunk", 20)
+        kill_host(a)
+        got_on_a = with_ids(read_rest(stream))
+        watched = parse_events(watcher.result(timeout=60))
+
+    continued = assert_whole_once(stage_id, watched, 60)
+    delivered = assert_continued_from_the_durable_text(trailing, stage_id)
+    before = watched[: watched.index(continued)]
+    assert len([e for e in before if e.get("event") == "chat_completion_chunk"]) == delivered
+    assert chunk_text(before) == toks(delivered)
+    assert continued["data"] == {
+        "stage_id": stage_id,
+        "after": seq(continued) - 1,
+        "reason": "owner_lost",
+        "mode": "trailing",
+        "model": SLOW,
+    }
+    # A's client got only what the log held: the watcher's first events, exactly.
+    assert got_on_a and got_on_a == with_ids(watched)[: len(got_on_a)]
+
+    status = stage_status(b.url, stage_id)
+    assert (status["status"], status["text"]) == ("done", toks(60))
+    [record] = status["continuations"]
+    assert {k: record[k] for k in ("after", "reason", "mode", "outcome")} == {
+        "after": seq(continued) - 1,
+        "reason": "owner_lost",
+        "mode": "trailing",
+        "outcome": "ok",
+    }
+    assert (record["from_worker"], record["to_worker"]) == (a_worker, worker_of(b))
+
+    # A's client resumes on B from the last event it got: the rest, each event once.
+    rest = requests.get(
+        f"{b.url}/stages/{stage_id}/events",
+        headers={"Last-Event-ID": got_on_a[-1]["id"]},
+        timeout=30,
+    )
+    assert rest.status_code == 200
+    assert_whole_once(stage_id, got_on_a + parse_events(rest.content), 60)
+
+    assert continuations(b) == counted + 1
+
+
+def test_a_background_response_of_a_dead_host_completes_on_another(
+    trailing: FakeUpstream,
+    redis_server: RedisServer,
+    survivor: Gunicorn,
+    start_host: Callable[[dict[str, str]], Gunicorn],
+) -> None:
+    a, b = start_host(host_env(trailing, redis_server)), survivor
+    body: dict[str, Any] = {"model": SLOW, "input": "hi", "background": True}
+    created = requests.post(
+        f"{a.url}/v1/responses", json=body, headers={"X-Request-ID": "bg-plain"}, timeout=10
+    ).json()
+    assert created["status"] == "in_progress"
+    # Streamed too, so that it can be streamed again; its client leaves at once.
+    streamed = requests.post(
+        f"{a.url}/v1/responses",
+        json={**body, "stream": True},
+        headers={"X-Request-ID": "bg-stream"},
+        stream=True,
+        timeout=10,
+    )
+    first = OpenStream(streamed).read_until(b"event: response.created")
+    streamed.close()
+    replayable = parse_events(first)[0]["data"]["response"]["id"]
+    for request_id in ("bg-plain", "bg-stream"):
+        wait_streaming(trailing, request_id, 20)
+    kill_host(a)
+
+    deadline = time.monotonic() + 30
+    while (answer := requests.get(f"{b.url}/v1/responses/{created['id']}", timeout=5).json())[
+        "status"
+    ] == "in_progress":
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.1)
+    assert answer["status"] == "completed" and answer["error"] is None
+    [item] = answer["output"]
+    assert [part["text"] for part in item["content"]] == [toks(60)]
+    for request_id in ("bg-plain", "bg-stream"):
+        assert_continued_from_the_durable_text(trailing, request_id)
+
+    whole = requests.get(
+        f"{b.url}/v1/responses/{replayable}", params={"stream": "true"}, timeout=30
+    )
+    assert whole.status_code == 200, whole.text
+    events = parse_events(whole.content)
+    kinds = [e["event"] for e in events]
+    assert [e["data"]["sequence_number"] for e in events] == list(range(len(events)))
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds.count("response.output_item.added") == 1
+    assert "error" not in kinds and kinds[-1] == "response.completed"
+    deltas = [e["data"]["delta"] for e in events if e["event"] == "response.output_text.delta"]
+    assert "".join(deltas) == toks(60)
+    [done] = [e for e in events if e["event"] == "response.output_text.done"]
+    assert done["data"]["text"] == toks(60)
+    final = events[-1]["data"]["response"]
+    assert (final["id"], final["status"]) == (replayable, "completed")
+    assert [part["text"] for item in final["output"] for part in item["content"]] == [toks(60)]
+
+    # A resume from the middle gets the rest, each event once.
+    after = 10
+    rest = requests.get(
+        f"{b.url}/v1/responses/{replayable}",
+        params={"stream": "true", "starting_after": str(after)},
+        timeout=30,
+    )
+    assert parse_events(rest.content) == events[after + 1 :]
+
+
+# -- a host drains ------------------------------------------------------------------------
+
+
+def test_sigterm_hands_a_hosts_stages_to_another_and_its_clients_resume_there(
+    trailing: FakeUpstream,
+    redis_server: RedisServer,
+    survivor: Gunicorn,
+    start_host: Callable[[dict[str, str]], Gunicorn],
+) -> None:
+    a, b = start_host(host_env(trailing, redis_server, STAGESERVER_GRACEFUL_TIMEOUT="6")), survivor
+    a_worker = worker_of(a)
+    body: dict[str, Any] = {
+        "model": "fake?chunks=100&interval=0.05",
+        "input": "hi",
+        "background": True,
+    }
+    background = [
+        requests.post(
+            f"{a.url}/v1/responses", json=body, headers={"X-Request-ID": f"drain-bg{n}"}, timeout=10
+        ).json()["id"]
+        for n in range(2)
+    ]
+    stage_id = "t-drain"
+    stream = post_chat(
+        a.url,
+        stage_id=stage_id,
+        model_name="fake?chunks=200&interval=0.05",
+        resumable=True,
+        headers={"X-Request-ID": stage_id},
+        open=True,
+    )
+    chunks_before = stream.read_until(b"event: chat_completion_chunk", 10).count(
+        b"event: chat_completion_chunk"
+    )
+    for n in range(2):
+        wait_streaming(trailing, f"drain-bg{n}", 5)
+
+    signalled = time.monotonic()
+    a.signal(signal.SIGTERM)
+    try:
+        stream.read_to_end()
+        cut = None
+    except requests.RequestException as exc:
+        cut = exc  # asserted last: what follows holds either way
+    got_on_a = stream.events()
+    stream.close()
+    ended = time.monotonic() - signalled
+    # It ran on with its client, and then ended without a terminal event, or an error.
+    assert terminal(got_on_a) == []
+    assert len([e for e in got_on_a if e.get("event") == "chat_completion_chunk"]) > chunks_before
+    rest = requests.get(
+        f"{b.url}/stages/{stage_id}/events",
+        headers={"Last-Event-ID": with_ids(got_on_a)[-1]["id"]},
+        timeout=30,
+    )
+    continued = assert_whole_once(stage_id, got_on_a + parse_events(rest.content), 200)
+    assert continued["data"]["reason"] == "drain"
+    assert_continued_from_the_durable_text(trailing, stage_id)
+
+    for n, response_id in enumerate(background):
+        deadline = time.monotonic() + 30
+        url = f"{b.url}/v1/responses/{response_id}"
+        while (answer := requests.get(url, timeout=5).json())["status"] == "in_progress":
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.1)
+        assert (answer["status"], answer["error"]) == ("completed", None)
+        assert [p["text"] for item in answer["output"] for p in item["content"]] == [toks(100)]
+        assert_continued_from_the_durable_text(trailing, f"drain-bg{n}")
+        [record] = stage_status(b.url, response_id)["continuations"]
+        assert (record["reason"], record["outcome"]) == ("drain", "ok")
+        assert (record["from_worker"], record["to_worker"]) == (a_worker, worker_of(b))
+
+    # A's arbiter is gone, on its own, within 10 s of the SIGTERM.
+    assert a.proc.wait(timeout=max(10 - (time.monotonic() - signalled), 0.1)) == 0
+    assert "Traceback" not in a.log()
+    # The response on A ended when its stage was handed off (before graceful_timeout),
+    # with the end of its body: not cut when the worker went.
+    assert cut is None, f"A's response was cut {ended:.1f} s after SIGTERM: {cut!r}"
+    assert ended < 6
+
+
+def test_a_graceful_reload_hands_background_responses_to_the_new_worker(
+    trailing: FakeUpstream, start_host: Callable[[dict[str, str]], Gunicorn]
+) -> None:
+    # One host alone, on a Redis of its own: the new worker of the reload takes over.
+    store = RedisServer()
+    try:
+        a = start_host(host_env(trailing, store, STAGESERVER_GRACEFUL_TIMEOUT="30"))
+        [old] = a.worker_pids()
+        old_worker = worker_of(a)
+        body: dict[str, Any] = {
+            "model": "fake?chunks=100&interval=0.05",
+            "input": "hi",
+            "background": True,
+        }
+        background = [
+            requests.post(
+                f"{a.url}/v1/responses", json=body, headers={"X-Request-ID": f"hup{n}"}, timeout=10
+            ).json()["id"]
+            for n in range(2)
+        ]
+        for n in range(2):
+            wait_streaming(trailing, f"hup{n}", 5)
+
+        signalled = time.monotonic()
+        a.signal(signal.SIGHUP)
+        # The old worker exits within seconds, not at graceful_timeout.
+        while Path(f"/proc/{old}").exists():
+            assert time.monotonic() - signalled < 10, "the old worker still runs 10 s on"
+            time.sleep(0.1)
+        [_, new] = a.worker_pids()
+        for n, response_id in enumerate(background):
+            deadline = time.monotonic() + 30
+            url = f"{a.url}/v1/responses/{response_id}"
+            while (answer := requests.get(url, timeout=5).json())["status"] == "in_progress":
+                assert time.monotonic() < deadline, answer
+                time.sleep(0.1)
+            assert (answer["status"], answer["error"]) == ("completed", None)
+            assert [p["text"] for item in answer["output"] for p in item["content"]] == [toks(100)]
+            assert_continued_from_the_durable_text(trailing, f"hup{n}")
+            [record] = stage_status(a.url, response_id)["continuations"]
+            assert (record["reason"], record["outcome"]) == ("drain", "ok")
+            assert record["from_worker"] == old_worker
+            assert record["to_worker"] == f"{socket.gethostname()}:{new}"
+        a.stop()
+        assert "Traceback" not in a.log()
+    finally:
+        store.stop()
+
+
+# -- a client ahead of the log ------------------------------------------------------------
+
+
+def test_a_slow_store_holds_clients_back_and_a_resume_beyond_the_log_is_refused(
+    trailing: FakeUpstream,
+    redis_server: RedisServer,
+    survivor: Gunicorn,
+    start_host: Callable[[dict[str, str]], Gunicorn],
+) -> None:
+    a, b = start_host(host_env(trailing, redis_server)), survivor
+    stage_id = "t-slow"
+    _, log_key, _, _ = stage_keys(stage_id)
+    client: Any = redis.Redis.from_url(redis_server.url)  # redis-py types results loosely
+    stream = post_chat(
+        a.url,
+        stage_id=stage_id,
+        model_name=SLOW,
+        resumable=True,
+        headers={"X-Request-ID": stage_id},
+        open=True,
+    )
+    try:
+        stream.read_until(b"event: chat_completion_chunk", 10)
+        # A resume beyond what the stage has, on its own host: refused, in words.
+        beyond = f"{stage_id}-chunk-9999"
+        refused = requests.get(
+            f"{a.url}/stages/{stage_id}/events", headers={"Last-Event-ID": beyond}, timeout=10
+        )
+        assert_refused(refused, stage_id)
+
+        # Redis stops taking writes for 1.5 s (less than the store's 2 s socket timeout,
+        # past which a worker would publish without it): A's stage goes on in memory, its
+        # client does not.
+        client.client_pause(1500, all=False)
+        [upstream_request] = seen(trailing, stage_id)
+        in_log = len(client.xrange(log_key))
+        assert trailing.wait_for(lambda: upstream_request.chunks_sent >= in_log + 5)
+        kill_host(a)
+        logged = [
+            event["id"]
+            for _, fields in client.xrange(log_key)
+            for event in parse_events(fields[b"w"])
+        ]
+        got_on_a = with_ids(read_rest(stream))
+        assert got_on_a
+        assert [e["id"] for e in got_on_a] == logged[: len(got_on_a)]
+        assert upstream_request.chunks_sent > len(logged)  # A held more than it told
+
+        # The stage runs (its owner is dead): a resume beyond its log, on B, is refused.
+        assert stage_status(b.url, stage_id)["status"] == "running"
+        refused = requests.get(
+            f"{b.url}/stages/{stage_id}/events", headers={"Last-Event-ID": beyond}, timeout=10
+        )
+        assert_refused(refused, stage_id)
+    finally:
+        client.client_unpause()
+        client.close()
+
+    rest = requests.get(
+        f"{b.url}/stages/{stage_id}/events",
+        headers={"Last-Event-ID": got_on_a[-1]["id"]},
+        timeout=30,
+    )
+    continued = assert_whole_once(stage_id, got_on_a + parse_events(rest.content), 60)
+    assert continued["data"]["reason"] == "owner_lost"
+    assert_continued_from_the_durable_text(trailing, stage_id)
+
+
+def assert_refused(response: requests.Response, stage_id: str) -> None:
+    """A resume after event 9999 of a running stage: one id-less ``error`` that says why."""
+    assert response.status_code == 200
+    [event] = parse_events(response.content)
+    assert "id" not in event and event["event"] == "error"
+    assert event["data"]["stage_id"] == stage_id
+    assert f"stage {stage_id!r} cannot be resumed after event 9999" in event["data"]["error"]
