@@ -121,8 +121,12 @@ class LocalStage:
         return self.stage.record()
 
     def first_kept(self) -> int:
-        """The oldest event still kept; earlier ones are gone."""
-        return self.stage.first_kept_seq
+        """The oldest event still kept; earlier ones are gone. A stage taken over keeps
+        here what came after; the store keeps what came before."""
+        first = self.stage.first_kept_seq
+        if self._store is not None and first > 0:
+            return min(first, self._store.reader.first_kept(self.stage.key))
+        return first
 
 
 class StartedStage(LocalStage):

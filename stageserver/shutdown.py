@@ -128,7 +128,11 @@ def abort_running() -> int:
         service.abort_running(ServerShuttingDown(SHUTDOWN_MESSAGE)) for service in list(_services)
     )
     if aborted:
-        log.warning("shutting down: aborted %d stage(s) still running", aborted)
+        log.warning(
+            "shutting down: ended %d stage(s) still running (handed off to another worker "
+            "where they can be resumed, else aborted)",
+            aborted,
+        )
     return aborted
 
 

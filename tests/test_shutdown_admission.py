@@ -97,7 +97,7 @@ def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
         # The worker left on its own, before gunicorn's SIGKILL.
         assert server.proc.wait(timeout=15) == 0
     log = server.log()
-    assert "aborted 1 stage(s) still running" in log
+    assert "ended 1 stage(s) still running" in log
     assert "error_kind=ServerShuttingDown" in log
 
 

@@ -532,6 +532,8 @@ class Stage:
             except Exception:
                 log.exception("stage %s: a listener failed at its handoff", self.stage_id)
         self.publish(self._log.next_seq)
+        for subscriber in self._subscribers:  # no new event: wake them to read the end
+            subscriber.wake.set()
         self._settle()
 
     def _ending(self, status: str) -> Ending:
