@@ -20,6 +20,8 @@ to ``bench/results/<stamp>-faults.md``; it exits 1 when a fault's outcome was wr
 The faults (``--only`` names), one module per group:
 
 - ``store``: ``owner-sigkill``, ``redis-restart``, ``sentinel-failover``;
+- ``continuation``: ``host-sigkill`` (a host SIGKILLed, its answers continued on
+  another), ``replica-cut`` (a replica that cuts answers mid-way, continued on the other);
 - ``lifecycle``: ``worker-restart`` (max_requests), ``burst-then-quiet``;
 - ``clients_faults``: ``frozen-clients``, ``eventsource-after-end``, ``half-close``;
 - ``memory``: ``churn`` (the plateau), ``stage-memory`` (with ``stage_cost``, in-process).

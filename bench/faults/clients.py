@@ -26,7 +26,8 @@ _TERMINAL_MARKS = tuple(f"event: {name}\n".encode() for name in TERMINAL)
 
 class Follower(threading.Thread):
     """One request whose SSE answer is read to its end; ``first_chunk`` is set at the
-    first chunk event, ``ended_at`` (monotonic) when a terminal event arrived."""
+    first chunk event, ``ended_at`` (monotonic) when a terminal event arrived, and
+    ``arrivals`` has the wire's length and the moment after each read."""
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class Follower(threading.Thread):
         self.method, self.url, self.body, self.headers = method, url, body, headers
         self.status: int | None = None
         self.wire = b""
+        self.arrivals: list[tuple[int, float]] = []
         self.first_chunk = threading.Event()
         self.ended_at: float | None = None
         self.failure: str | None = None
@@ -55,6 +57,7 @@ class Follower(threading.Thread):
                 for piece in response.iter_content(None):
                     seen = self.wire[-64:] + piece  # a mark split across two reads
                     self.wire += piece
+                    self.arrivals.append((len(self.wire), time.monotonic()))
                     if b"event: chat_completion_chunk\n" in seen:
                         self.first_chunk.set()
                     if self.ended_at is None and any(m in seen for m in _TERMINAL_MARKS):

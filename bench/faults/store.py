@@ -36,7 +36,10 @@ def _pair(stack: ExitStack, fake: FakeUpstream, store_url: str, store_ports: set
 
 
 def owner_sigkill(quick: bool) -> Outcome:
-    """Resumable stages on A, a watcher of each through B; SIGKILL A's worker."""
+    """Resumable stages on A, a watcher of each through B; SIGKILL A's worker. The
+    upstream cannot continue an answer (kind ``openai``, continuation ``auto``: none), so
+    the worker that takes a stage over ends it with one ``error`` naming the dead worker
+    (``host-sigkill`` of ``continuation.py`` is the same with an upstream that can)."""
     out = Outcome("owner SIGKILL")
     n = 5 if quick else 20
     ids = [f"ow-{i}" for i in range(n)]
