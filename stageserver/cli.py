@@ -66,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check",
         help="check the configuration and print the effective settings; start nothing",
         description="Read the configuration from the environment, check it as the server "
-        "would, and print the effective settings. Starts nothing, connects nowhere.",
+        "would, and print the effective settings. Starts nothing; connects only to the "
+        "upstreams whose continuation is auto, to probe them.",
     )
     args = parser.parse_args(argv)
     if args.command == "serve":

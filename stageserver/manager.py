@@ -25,7 +25,8 @@ report each attempt to the per-replica metrics.
 
 With the shared store, a stage outlives its worker: the manager takes over (``adopt``) a
 stage whose worker died or drained (``store/mirror.py``), and rebuilds it from its record
-to continue its answer; on shutdown it hands its own off (``hand_off_running``).
+to continue its answer; on shutdown it hands its own off (``hand_off_unattended``, then
+``abort_running``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import shutdown
+from .concurrency import Task
 from .config import StageSettings
 from .errors import (
     ConfigError,
@@ -58,7 +60,7 @@ from .stages.dialect import dialect_of
 from .stages.feeds import EventFeed, LocalFeed, RefusedFeed
 from .stages.registry import StageRegistry
 from .stages.spec import ContinuationRecord, StageRequest, StageSpec, Takeover, instance_of
-from .stages.stage import Stage, StageListener
+from .stages.stage import HANDED_OFF, Stage, StageListener
 from .stages.usage import estimate_prompt_tokens
 from .telemetry import metrics
 from .telemetry.logs import OutcomeLog
@@ -138,8 +140,16 @@ class StartedStage(LocalStage):
         return LocalFeed(self.stage, owner=True)
 
     def final_answer(self) -> tuple[dict[str, Any], int]:
-        """The whole answer, once the request has followed the stage to its end."""
-        return self.stage.answer()
+        """The whole answer, once the request has followed the stage to its end. Raises
+        ShuttingDown when this worker handed the stage off as it drained: the stage goes
+        on elsewhere, and this request cannot follow it there."""
+        stage = self.stage
+        if stage.status == HANDED_OFF:
+            raise ShuttingDown(
+                f"stageserver is shutting down here; stage {stage.stage_id!r} goes on in "
+                f"another worker: its status is at /stages/{stage.stage_id}"
+            )
+        return stage.answer()
 
 
 class StoredStage:
@@ -230,6 +240,11 @@ class StageManager:
         self._idempotency_lock = threading.Lock()
         if self.store is not None:
             self.store.start()  # takes over orphans even before it serves a request
+        # Each upstream's continuation mode, probed now rather than in a client's gap.
+        Task(self._probe_continuation_modes, name="stageserver-continuation-probe")
+
+    def _probe_continuation_modes(self) -> None:
+        self.continuation_modes.report()
 
     # -- start --------------------------------------------------------------------------
 

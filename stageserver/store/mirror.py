@@ -17,9 +17,10 @@ of a stage, named after its key (its id in its principal's namespace) as a hash 
   runs out (0: handed off by a draining worker);
 - channel ``ss:cancel``: a cancel for a stage that runs elsewhere.
 
-A stage outlives its worker (``takeover.py``): when its lease lapses, or its worker hands
-it off as it drains, any live worker claims it (``take_over``: one wins, under a new
-lease that fences the old one), and continues its answer from what Redis holds: its
+A stage outlives its worker: when its lease lapses, or its worker hands it off as it
+drains, any live worker claims it (``take_over``: one wins, under a new lease that fences
+the old one; ``manager.StageManager.adopt``), and continues its answer from what Redis
+holds: its
 record (the request), its log, and its text, which one script appends with the events,
 so that the text always matches an index of the log. For that, a client never reads an
 event before Redis holds it (the stage is ``gated``: the flusher publishes what it has
@@ -258,7 +259,8 @@ class RedisStageStore(StageListener):
     ) -> None:
         """``cancel_here(key, reason)`` cancels a stage of this process for a request made
         elsewhere: the cancel listener calls it. ``adopt(key)`` tries to take over the
-        orphaned stage with that key (``takeover.py``); whether it, or another, has."""
+        orphaned stage with that key (``manager.StageManager.adopt``); whether it, or
+        another, has."""
         self.url = url
         self.ttl_ms = int(ttl_seconds * 1000)
         self.event_ttl_ms = int(event_ttl_seconds * 1000)  # StageSettings: at most the TTL

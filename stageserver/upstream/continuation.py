@@ -197,23 +197,27 @@ def _post(upstream: Upstream, url: str, body: Mapping[str, Any], timeout: float)
 
 def _render_probe(upstream: Upstream, kind: str, timeout: float) -> str:
     """The prompt the upstream renders for a conversation ending in a partial answer,
-    asked to leave it open in its kind's way."""
+    asked to leave it open in its kind's way (with the first model it lists: Ollama
+    renders nothing for no model)."""
     root, messages = _root(upstream), list(_PROBE_MESSAGES)
+    model = upstream.config.models[0] if upstream.config.models else ""
     if kind == "vllm":
         tokens = _post(
             upstream,
             f"{root}/tokenize",
-            {"model": "", "messages": messages, "add_generation_prompt": False,
+            {"model": model, "messages": messages, "add_generation_prompt": False,
              "continue_final_message": True},
             timeout,
         )["tokens"]  # fmt: skip
-        return str(_post(upstream, f"{root}/detokenize", {"model": "", "tokens": tokens},
+        return str(_post(upstream, f"{root}/detokenize", {"model": model, "tokens": tokens},
                          timeout)["prompt"])  # fmt: skip
     if kind == "ollama":
+        if not model:
+            raise ValueError("Ollama renders a prompt only for a model: list it in `models`")
         answer = _post(
             upstream,
             f"{root}/api/chat",
-            {"model": "", "messages": messages, "stream": False, "_debug_render_only": True},
+            {"model": model, "messages": messages, "stream": False, "_debug_render_only": True},
             timeout,
         )
         return str(answer["_debug_info"]["rendered_template"])

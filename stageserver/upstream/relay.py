@@ -11,7 +11,8 @@ Before the first chunk, an attempt that fails in a way worth another
 deadline) is recorded on the stage and the
 route's next attempt begins. Nothing has reached the client yet: it sees heartbeats, then
 the one stream of the attempt that served. After the first chunk the relay never
-retries: a failure ends the stage with its error event, and no content comes twice.
+retries the request: no content comes twice. A failure then ends the stage with its
+error event, unless the answer is continued (below).
 
 Two deadlines bound a silent upstream: each attempt's first-token deadline (its
 upstream's ``attempt_timeout``, never more than the stage's budget has left), from its
@@ -285,7 +286,8 @@ class UpstreamRelay:
             raise _uncontinued(failure, reason, refused)
         budget = self._body.max_tokens - stage.content_chunks
         if budget <= 0:
-            stage.record_continuation(ContinuationRecord(after, reason, "", "length"))
+            would = continuations.modes.of(names[0]).mode
+            stage.record_continuation(ContinuationRecord(after, reason, would, "length"))
             stage.finish_at_length()
             return None
         modes = continuations.modes
