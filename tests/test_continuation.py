@@ -670,9 +670,9 @@ def test_a_continuation_refused_by_the_upstream_ends_the_stage_naming_both(
 @pytest.mark.parametrize("limit", [1, 2])
 def test_at_most_max_continuations_per_stage(limit: int) -> None:
     """Upstream ``a`` cuts the answer after 2 pieces; its fallback ``b``, with the fault
-    after 4, continues it (the failed replica is avoided) and is cut 2 pieces into its
-    reply, the first being the space held back: after "tok2 ". ``a`` continues it in
-    turn only if the limit allows."""
+    after 4 pieces of the answer, continues it (the failed replica is avoided) and is cut
+    after "tok3 " (its reply: the space held back, "tok2 ", "tok3 "). ``a`` continues it
+    in turn only if the limit allows."""
     with fakes(
         {"continuation": "trailing", "mode": "drop", "after": "2"},
         {"continuation": "trailing", "mode": "drop", "after": "4"},
@@ -686,7 +686,7 @@ def test_at_most_max_continuations_per_stage(limit: int) -> None:
             status = status_of(client, "twice")
         assert [len(chats(a)), len(chats(b))] == [1 + (limit > 1), 1]
         assert chats(b)[0].body["messages"][-1] == {"role": "assistant", "content": "tok0 tok1"}
-    second_cut = "upstream 'b' dropped the connection mid-stream after 3 chunks: " + DROPPED
+    second_cut = "upstream 'b' dropped the connection mid-stream after 4 chunks: " + DROPPED
     on_b = record(
         after=1,
         mode="trailing",
@@ -698,23 +698,23 @@ def test_at_most_max_continuations_per_stage(limit: int) -> None:
         cause=dropped("a", 2),
     )
     if limit == 1:
-        assert names(events) == [CHUNK] * 2 + ["continued"] + [CHUNK] + ["error"]
-        assert chunk_text(events) == "tok0 tok1 tok2 "
+        assert names(events) == [CHUNK] * 2 + ["continued"] + [CHUNK] * 2 + ["error"]
+        assert chunk_text(events) == "tok0 tok1 tok2 tok3 "
         assert events[-1]["data"] == {"stage_id": "twice", "error": second_cut}
         refused = "it was continued 1 times already (STAGESERVER_MAX_CONTINUATIONS)"
         assert status["continuations"] == [
             on_b,
-            record(after=3, mode="none", outcome="refused", cause=second_cut, error=refused),
+            record(after=4, mode="none", outcome="refused", cause=second_cut, error=refused),
         ]
     else:
         assert names(events) == (
-            [CHUNK] * 2 + ["continued"] + [CHUNK] + ["continued"] + [CHUNK] * 5 + ["done"]
+            [CHUNK] * 2 + ["continued"] + [CHUNK] * 2 + ["continued"] + [CHUNK] * 4 + ["done"]
         )
         assert chunk_text(events) == SHORT_ANSWER
         assert status["continuations"] == [
             on_b,
             record(
-                after=3,
+                after=4,
                 mode="trailing",
                 outcome="ok",
                 model="fake?chunks=6",
@@ -726,7 +726,7 @@ def test_at_most_max_continuations_per_stage(limit: int) -> None:
         ]
         assert chats(a)[1].body["messages"][-1] == {
             "role": "assistant",
-            "content": "tok0 tok1 tok2",
+            "content": "tok0 tok1 tok2 tok3",
         }
 
 

@@ -180,6 +180,7 @@ async def _chat(
     if partial is not None and opts.continued_status:
         return await _fail(response, opts, opts.continued_status)
     covered = 0  # pieces of the scripted answer that the partial answer holds whole
+    remainder = False  # the reply starts with the rest of a covered piece
     if calls:
         texts: list[str] = []
         deltas = _tool_call_deltas(calls, opts.chunks)
@@ -189,6 +190,7 @@ async def _chat(
         texts = pieces(opts)
         if partial is not None:
             covered = _covered(texts, partial)
+            remainder = len("".join(texts[:covered])) > len(partial)
             texts = _rest(texts, partial, echo=opts.continuation == "prefix" and not raw)
         finish = "stop"
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -198,10 +200,11 @@ async def _chat(
         deltas = [compact_json(text) for text in texts] if raw else _text_deltas(texts)
         message = {"role": "assistant", "content": "".join(texts)}
     # ``after`` is a position in the scripted answer: a continuation's reply starts
-    # ``covered`` pieces in, and one that starts at or past the fault is not cut again.
+    # ``covered`` pieces in (its first piece may be the rest of the last of them, held
+    # back whitespace), and one that starts at or past the fault is not cut again.
     fault_at: int | None = opts.after if opts.mode in _FAULTS else None
     if fault_at is not None and partial is not None:
-        fault_at = fault_at - covered if fault_at > covered else None
+        fault_at = fault_at - covered + remainder if fault_at > covered else None
     prompt = _prompt_tokens(body)
     usage = {
         "prompt_tokens": prompt,
@@ -270,15 +273,17 @@ def _partial_answer(body: Mapping[str, Any], opts: Options) -> str | None:
 
 
 def _covered(texts: list[str], partial: str) -> int:
-    """How many pieces of the answer ``texts`` lie inside ``partial``, each but for its
-    trailing whitespace (which a continuing client holds back): none when ``partial``
-    does not begin the answer (the reply is then the answer from the start)."""
-    if not "".join(texts).startswith(partial):
+    """How many pieces of the answer ``texts`` the partial answer holds, but for the
+    whitespace after it (which a continuing client holds back, whole pieces of it
+    included): none when ``partial`` does not begin the answer (the reply is then the
+    answer from the start)."""
+    answer = "".join(texts)
+    if not answer.startswith(partial):
         return 0
     count, end = 0, 0
     for text in texts:
         end += len(text)
-        if end - (len(text) - len(text.rstrip())) > len(partial):
+        if end > len(partial) and answer[len(partial) : end].strip():
             break
         count += 1
     return count
