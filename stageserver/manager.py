@@ -55,7 +55,7 @@ from .errors import (
 from .policy.admission import Admission
 from .policy.limits import LimitBook, LocalLimits
 from .principals import ANONYMOUS, Principal, check_upstreams
-from .stages.conversation import conversation_of
+from .stages.conversation import Conversation, conversation_of
 from .stages.dialect import dialect_of
 from .stages.feeds import EventFeed, LocalFeed, RefusedFeed
 from .stages.registry import StageRegistry
@@ -309,19 +309,14 @@ class StageManager:
         conversation = request.conversation
         body = RequestBody(conversation, settings.default_max_tokens)
         resumable = request.resumable
-        spec = StageSpec(
-            stage_id=request.stage_id,
-            upstream=upstream.name,
+        spec = self._spec(
+            request.stage_id,
+            upstream.name,
+            principal,
+            conversation,
             resumable=settings.resumable_default if resumable is None else resumable,
             request_id=request_id,
-            grace_seconds=settings.resume_grace_seconds,
-            max_events=settings.max_events,
-            max_event_bytes=settings.max_event_bytes,
-            principal=principal,
-            prompt_tokens_estimate=estimate_prompt_tokens(conversation.messages),
-            model=conversation.model,
             traceparent=traceparent,
-            conversation=conversation,
             detached=request.detached,
             max_seconds=settings.background_max_seconds if request.detached else 0.0,
             keep_seconds=request.keep_seconds,
@@ -336,6 +331,29 @@ class StageManager:
         if store is None:
             return Stage(spec, relay, self._listeners, dialect=dialect)
         return Stage(spec, relay, self._listeners, store.watched_elsewhere, dialect, gated=True)
+
+    def _spec(
+        self,
+        stage_id: str,
+        upstream: str,
+        principal: Principal,
+        conversation: Conversation,
+        **given: Any,
+    ) -> StageSpec:
+        """A stage's spec: what ``given`` says of its request, the rest from the settings."""
+        settings = self.settings
+        return StageSpec(
+            stage_id=stage_id,
+            upstream=upstream,
+            grace_seconds=settings.resume_grace_seconds,
+            max_events=settings.max_events,
+            max_event_bytes=settings.max_event_bytes,
+            principal=principal,
+            prompt_tokens_estimate=estimate_prompt_tokens(conversation.messages),
+            model=conversation.model,
+            conversation=conversation,
+            **given,
+        )
 
     # -- find and cancel ----------------------------------------------------------------
 
@@ -450,18 +468,13 @@ class StageManager:
         conversation = conversation_of(record["conversation"])
         dialect = dialect_of(record["dialect"])
         stage_id = str(record["dialect"]["stage_id"])
-        stage_spec = StageSpec(
-            stage_id=stage_id,
-            upstream=spec["upstream"],
+        stage_spec = self._spec(
+            stage_id,
+            spec["upstream"],
+            principal,
+            conversation,
             resumable=bool(spec["resumable"]),
             request_id=str(spec["request_id"]),
-            grace_seconds=settings.resume_grace_seconds,
-            max_events=settings.max_events,
-            max_event_bytes=settings.max_event_bytes,
-            principal=principal,
-            prompt_tokens_estimate=estimate_prompt_tokens(conversation.messages),
-            model=conversation.model,
-            conversation=conversation,
             detached=bool(spec["detached"]),
             max_seconds=float(spec["max_seconds"]),
             keep_seconds=float(spec["keep_seconds"]),

@@ -15,6 +15,7 @@ from stageserver.client import (
     CancelEvent,
     ChunkEvent,
     Conflict,
+    ContinuedEvent,
     DoneEvent,
     Gone,
     InvalidRequest,
@@ -376,3 +377,31 @@ def test_a_server_that_is_not_there_is_a_connection_error() -> None:
             client.status("x")
         with pytest.raises(StageConnectionError, match="no answer from stageserver"):
             list(client.stream(stage_id="x", model_name="fake", user_prompt="x"))
+
+
+def test_an_answer_continued_after_its_upstream_failed_reads_as_one_with_a_marker() -> None:
+    """The upstream drops the stream after 3 of 6 chunks and continues it when asked: the
+    client yields the chunks, one ``ContinuedEvent`` where the answer was cut, the rest of
+    the chunks, then ``DoneEvent``."""
+    with FakeUpstream() as fake:
+        fake.defaults["continuation"] = "trailing"
+        env = {
+            "STAGESERVER_UPSTREAM_URL": fake.url,
+            "STAGESERVER_UPSTREAM_CONTINUATION": "trailing",
+        }
+        with gunicorn_server(env) as server, StageClient(server.url) as stage_client:
+            events = list(
+                stage_client.stream(
+                    stage_id="cont-1",
+                    model_name="fake?chunks=6&mode=drop&after=3",
+                    user_prompt="hi",
+                )  # fmt: skip
+            )
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["ChunkEvent"] * 3 + ["ContinuedEvent"] + ["ChunkEvent"] * 5 + ["DoneEvent"]
+    continued = events[3]
+    assert isinstance(continued, ContinuedEvent)
+    assert (continued.after, continued.reason, continued.mode) == (2, "upstream_failed", "trailing")
+    assert continued.id == "cont-1-continued-3"
+    assert continued.model == "fake?chunks=6&mode=drop&after=3"
+    assert text_of(events) == tokens(6)

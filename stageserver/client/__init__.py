@@ -12,16 +12,17 @@
 ``AsyncStageClient`` has the same methods for asyncio (``async for``, ``await``).
 
 ``stream()`` posts ``/chat`` when the iteration begins and yields the stage's events in
-order: ``ChunkEvent``s, then exactly one of ``DoneEvent``, ``ErrorEvent`` and
-``CancelEvent``. If the connection drops before that last one, it re-attaches through
-``GET /stages/<id>/events`` with ``Last-Event-ID`` set to the last event it received,
-waiting between attempts (the server's ``retry:``, else ``resume_delay``, doubled each
-time), so that the caller gets every event exactly once and never notices the drop. Only
-a resumable stage outlives a drop; the server cancels one that is not. Started with
-``resumable=False``, the stream then raises ``StreamLost`` saying so; left to the
-server's default, it re-attaches all the same and yields the ``CancelEvent`` the server
-recorded, if any. ``attach()`` follows a stage that another client started, the same
-way.
+order: ``ChunkEvent``s (with a ``ContinuedEvent`` where an answer cut short went on: a
+failed upstream, a dead or drained worker), then exactly one of ``DoneEvent``,
+``ErrorEvent`` and ``CancelEvent``. If the connection drops before that last one, it
+re-attaches through ``GET /stages/<id>/events`` with ``Last-Event-ID`` set to the last
+event it received, waiting between attempts (the server's ``retry:``, else
+``resume_delay``, doubled each time), so that the caller gets every event exactly once
+and never notices the drop. Only a resumable stage outlives a drop; the server cancels
+one that is not. Started with ``resumable=False``, the stream then raises ``StreamLost``
+saying so; left to the server's default, it re-attaches all the same and yields the
+``CancelEvent`` the server recorded, if any. ``attach()`` follows a stage that another
+client started, the same way.
 
 Stopping the iteration (``break``, or closing the generator) closes the connection at
 once. That is a disconnect, not a stop: it cancels a stage that is not resumable and
@@ -65,6 +66,7 @@ from .errors import (
 from .events import (
     CancelEvent,
     ChunkEvent,
+    ContinuedEvent,
     DoneEvent,
     ErrorEvent,
     StageEvent,
@@ -77,6 +79,7 @@ __all__ = [
     "CancelEvent",
     "ChunkEvent",
     "Conflict",
+    "ContinuedEvent",
     "DoneEvent",
     "ErrorEvent",
     "Gone",

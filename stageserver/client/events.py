@@ -84,7 +84,19 @@ class CancelEvent(StageEventBase):
     usage: Usage | None = None
 
 
-StageEvent = ChunkEvent | DoneEvent | ErrorEvent | CancelEvent
+@dataclass(frozen=True, kw_only=True)
+class ContinuedEvent(StageEventBase):
+    """``continued``: the answer was cut short after event ``after`` (``reason``:
+    ``upstream_failed``, ``owner_lost``, ``drain``) and goes on from the text delivered,
+    asked of ``model`` in ``mode``. The chunks after it carry the new request's ids."""
+
+    after: int
+    reason: str
+    mode: str
+    model: str
+
+
+StageEvent = ChunkEvent | ContinuedEvent | DoneEvent | ErrorEvent | CancelEvent
 TERMINAL_EVENTS = (DoneEvent, ErrorEvent, CancelEvent)
 
 
@@ -139,6 +151,17 @@ def _chunk(common: dict[str, Any], data: dict[str, Any]) -> StageEvent:
     return ChunkEvent(**common, chunk=chunk if isinstance(chunk, dict) else {})
 
 
+def _continued(common: dict[str, Any], data: dict[str, Any]) -> StageEvent:
+    after = data.get("after")
+    return ContinuedEvent(
+        **common,
+        after=after if isinstance(after, int) else -1,
+        reason=str(data.get("reason", "")),
+        mode=str(data.get("mode", "")),
+        model=str(data.get("model", "")),
+    )
+
+
 def _done(common: dict[str, Any], data: dict[str, Any]) -> StageEvent:
     return DoneEvent(**common, usage=Usage.parse(data.get("usage")))
 
@@ -153,4 +176,10 @@ def _cancel(common: dict[str, Any], data: dict[str, Any]) -> StageEvent:
     )
 
 
-_PARSERS = {"chat_completion_chunk": _chunk, "done": _done, "error": _error, "cancel": _cancel}
+_PARSERS = {
+    "chat_completion_chunk": _chunk,
+    "continued": _continued,
+    "done": _done,
+    "error": _error,
+    "cancel": _cancel,
+}

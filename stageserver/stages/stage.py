@@ -495,19 +495,10 @@ class Stage:
             ends = self.dialect.ending(first, ending)
             for wire in ends:
                 self._log.append(wire)
-            self.status = status
-            self.duration_seconds = time.monotonic() - self.started
-            for timer in (self._grace_timer, self._runtime_timer):
-                if timer is not None:
-                    timer.cancel()
-            self._grace_timer = self._runtime_timer = None
+            self._stop_locked(status)
         # Listeners first, then the clients: a client that has the terminal event finds
         # the stage's slots given back and its metrics and log line written.
-        for listener in self._listeners:
-            try:
-                listener.on_finish(self)
-            except Exception:
-                log.exception("stage %s: a listener failed at its end", self.stage_id)
+        self._tell_listeners_finished()
         for seq, wire in enumerate(ends, first):
             self._notify(seq, wire)
         self.publish(self._log.next_seq)  # written by the store's on_finish, or it is down
@@ -520,21 +511,28 @@ class Stage:
         with self._lock:
             if self.finished:
                 return
-            self.status = HANDED_OFF
-            self.duration_seconds = time.monotonic() - self.started
-            for timer in (self._grace_timer, self._runtime_timer):
-                if timer is not None:
-                    timer.cancel()
-            self._grace_timer = self._runtime_timer = None
-        for listener in self._listeners:
-            try:
-                listener.on_finish(self)
-            except Exception:
-                log.exception("stage %s: a listener failed at its handoff", self.stage_id)
+            self._stop_locked(HANDED_OFF)
+        self._tell_listeners_finished()
         self.publish(self._log.next_seq)
         for subscriber in self._subscribers:  # no new event: wake them to read the end
             subscriber.wake.set()
         self._settle()
+
+    def _stop_locked(self, status: str) -> None:
+        self.status = status
+        self.duration_seconds = time.monotonic() - self.started
+        for timer in (self._grace_timer, self._runtime_timer):
+            if timer is not None:
+                timer.cancel()
+        self._grace_timer = self._runtime_timer = None
+
+    def _tell_listeners_finished(self) -> None:
+        """Each listener's ``on_finish``; one that raises is logged and skipped."""
+        for listener in self._listeners:
+            try:
+                listener.on_finish(self)
+            except Exception:
+                log.exception("stage %s: a listener failed at its %s", self.stage_id, self.status)
 
     def _ending(self, status: str) -> Ending:
         failure = self.failure
