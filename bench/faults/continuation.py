@@ -63,8 +63,7 @@ def host_sigkill(quick: bool) -> Outcome:
         early = sum(w.ended_at is not None or w.failure is not None for w in watchers)
         out.check(early == 0, f"{early} watchers had ended before the kill")
         killed = kill_host(a, probe_a.pid)
-        for watcher in watchers:
-            watcher.join(chunks * interval + 30)
+        join_all(watchers, chunks * interval + 30)
 
         whole = 0
         resumed: list[float] = []
@@ -103,6 +102,13 @@ def host_sigkill(quick: bool) -> Outcome:
         # A is gone, arbiter and all: what is left over is B's alone.
         Rig([b], [probe_b], rig.upstream_connections, rig.meter).finish(out)
     return out
+
+
+def join_all(followers: Sequence[Follower], seconds: float) -> None:
+    """Wait for every follower, ``seconds`` in all (not each: a stuck run ends)."""
+    deadline = time.monotonic() + seconds
+    for follower in followers:
+        follower.join(max(deadline - time.monotonic(), 0.0))
 
 
 def kill_host(host: Gunicorn, worker: int) -> float:
@@ -144,8 +150,7 @@ def replica_cut(quick: bool) -> Outcome:
         wait_until(lambda: rig.upstream_connections() == 0, SETTLE_SECONDS)
         rig.probe.baseline = rig.probe.snapshot()
         streams = [tagged_chat(rig.server.url, stage_id, model) for stage_id in ids]
-        for stream in streams:
-            stream.join(chunks * interval + 30)
+        join_all(streams, chunks * interval + 30)
 
         whole = cut_streams = 0
         gaps: list[float] = []

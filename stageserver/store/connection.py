@@ -24,10 +24,15 @@ from redis.sentinel import Sentinel
 
 from ..errors import ConfigError
 
-_TIMEOUTS: dict[str, Any] = {
+_CLIENT_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2,
     "socket_connect_timeout": 2,
     "health_check_interval": 10,
+    # Each response that follows a stage of another worker holds a connection while it
+    # waits (a blocking XREAD), beside the flusher's, the leases' and the cancel
+    # listener's. redis-py's pool allows 100 by default, and one more is refused as if
+    # Redis were down: allow what a worker's connections can ask for.
+    "max_connections": 4096,
 }
 
 
@@ -35,7 +40,7 @@ def connect(url: str) -> Any:
     """A redis-py client for ``url`` (any: redis-py types its results loosely)."""
     parts = urlsplit(url)
     if parts.scheme in ("redis", "rediss", "unix"):
-        return redis.Redis.from_url(url, **_TIMEOUTS)
+        return redis.Redis.from_url(url, **_CLIENT_OPTIONS)
     if parts.scheme != "redis+sentinel":
         raise ConfigError(
             f"STAGESERVER_STORE_URL: {parts.scheme!r} is not a Redis URL; use "
@@ -56,7 +61,7 @@ def connect(url: str) -> Any:
     password = unquote(parts.password) if parts.password else None
     sentinel = Sentinel(hosts, socket_timeout=1, socket_connect_timeout=1)  # type: ignore[no-untyped-call]
     return sentinel.master_for(  # type: ignore[no-untyped-call]
-        service, db=int(db or 0), password=password, **_TIMEOUTS
+        service, db=int(db or 0), password=password, **_CLIENT_OPTIONS
     )
 
 
