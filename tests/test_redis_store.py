@@ -239,3 +239,46 @@ def test_a_stage_of_a_worker_from_before_dialects_is_ended_in_the_seeds_words(
     assert status.get_json()["status"] == "error"
     [(_, fields)] = client.xrange(log_key)
     assert fields[b"w"].startswith(b"id: old-1-error-0\nevent: error\n")
+
+
+class _Broken:
+    """A lease whose renewal fails in a way no Redis error does."""
+
+    def renew(self, pipe: Any, lease_ms: int) -> int:
+        raise RuntimeError("not a store error")
+
+    def renewed(self, results: list[Any]) -> None:
+        raise AssertionError("never reached")
+
+
+class _Counted:
+    """A lease that renews one key, and counts its renewals."""
+
+    def __init__(self) -> None:
+        self.renewals = 0
+
+    def renew(self, pipe: Any, lease_ms: int) -> int:
+        pipe.set("ss:test:counted", "1", px=lease_ms)
+        return 1
+
+    def renewed(self, results: list[Any]) -> None:
+        self.renewals += 1
+
+
+def test_the_lease_keeper_outlives_a_renewal_that_raises(redis_server: RedisServer) -> None:
+    """The renewal loop is every lease's: one that raises what is not a store error is
+    logged, and the loop goes on renewing."""
+    from stageserver.store.leases import LeaseKeeper
+
+    client: Any = redis.Redis.from_url(redis_server.url)
+    keeper = LeaseKeeper(lambda: client, 0.3)
+    broken, counted = _Broken(), _Counted()
+    keeper.hold(broken)
+    time.sleep(0.25)  # one pass fails with the broken lease alone
+    keeper.release(broken)
+    keeper.hold(counted)
+    deadline = time.monotonic() + 5
+    while counted.renewals < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    keeper.release(counted)
+    assert counted.renewals >= 2

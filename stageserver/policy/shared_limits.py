@@ -10,11 +10,10 @@ import logging
 import time
 from typing import Any
 
-import redis
-
 from ..errors import StoreUnavailable
 from ..principals import Principal
 from ..stages.stage import Stage
+from ..store.connection import STORE_ERRORS
 from ..store.leases import LeaseKeeper
 from .limits import WINDOW_SECONDS, LimitBook, refusal
 
@@ -117,7 +116,7 @@ class RedisLimits(LimitBook):
             if self._admit is None:
                 self._admit = redis_client.register_script(_ADMIT)
             refused, seconds = self._admit(keys=_keys(principal), args=args, client=redis_client)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         if refused:
             raise refusal(principal, refused.decode(), int(seconds))
@@ -132,7 +131,7 @@ class RedisLimits(LimitBook):
         self._leases.release(slot)
         try:
             self._client().zrem(slot.key, slot.member)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.warning(
                 "could not give back %s's stream slot (it lapses by itself): %s",
                 principal.name,
@@ -148,5 +147,5 @@ class RedisLimits(LimitBook):
             pipe.hincrby(key, int(time.time()), tokens)
             pipe.expire(key, WINDOW_SECONDS + 1)
             pipe.execute()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.warning("could not count %d tokens of %s: %s", tokens, principal.name, exc)

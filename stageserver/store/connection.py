@@ -20,9 +20,15 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel
 
 from ..errors import ConfigError
+
+#: What a call to the store raises when the store cannot answer: redis-py's errors, its
+#: cluster client's (which are not ``RedisError``s), and the socket's own. Caught wherever
+#: the store is called, and turned into ``StoreUnavailable`` (or a warning, and a retry).
+STORE_ERRORS = (redis.RedisError, RedisClusterException, OSError)
 
 _CLIENT_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2,

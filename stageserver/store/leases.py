@@ -19,9 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import redis
-
 from ..concurrency import Task
+from .connection import STORE_ERRORS
 
 log = logging.getLogger("stageserver.leases")
 
@@ -61,14 +60,17 @@ class LeaseKeeper:
             with self._lock:
                 held = list(self._held.values())
             if held:
-                self.renew(held)
+                try:
+                    self.renew(held)
+                except Exception:  # the loop outlives anything: it is every lease's
+                    log.exception("renewing %d leases failed; trying again", len(held))
 
     def renew(self, leases: list[Lease]) -> None:
         try:
             pipe = self._client().pipeline(transaction=False)
             counts = [lease.renew(pipe, self.lease_ms) for lease in leases]
             results = pipe.execute(raise_on_error=False)
-        except (redis.RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             if not self._failing:
                 log.warning("could not renew %d leases in the stage store: %s", len(leases), exc)
             self._failing = True

@@ -59,13 +59,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from ..concurrency import Task
 from ..errors import LeaseLost, StageConflict, StoreUnavailable
 from ..stages.spec import ContinuationRecord
 from ..stages.stage import HANDED_OFF, Stage, StageListener
-from .connection import connect, stage_keys
+from .connection import STORE_ERRORS, connect, stage_keys
 from .leases import LeaseKeeper
 from .reader import StoreReader
 
@@ -327,13 +325,13 @@ class RedisStageStore(StageListener):
         try:
             if not self.redis.set(live_key, stage.instance, nx=True, px=lease_ms):
                 raise StageConflict(stage.stage_id)
-            pipe = self.redis.pipeline()
+            pipe = self.redis.pipeline(transaction=True)  # MULTI, on one slot
             pipe.delete(hash_key, log_key, text_key)
             pipe.hset(hash_key, mapping=self._fields(stage))
             pipe.pexpire(hash_key, self._ttls_ms(stage)[0] + lease_ms)
             pipe.zadd(RUNNING_INDEX, {stage.key: int(time.time() * 1000) + lease_ms})
             pipe.execute()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         mirror = self._mirrors[stage] = _Mirror(stage, self)
         self.leases.hold(mirror)
@@ -349,7 +347,7 @@ class RedisStageStore(StageListener):
             if self._take_over is None:
                 self._take_over = self.redis.register_script(_TAKE_OVER)
             claimed = self._take_over(keys=keys, args=args)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         if claimed is None:
             return None
@@ -370,11 +368,11 @@ class RedisStageStore(StageListener):
         _, _, _, live_key = stage_keys(key)
         try:
             if self.redis.get(live_key) == instance.encode():
-                pipe = self.redis.pipeline()
+                pipe = self.redis.pipeline(transaction=True)
                 pipe.delete(live_key)
                 pipe.zadd(RUNNING_INDEX, {key: 0})
                 pipe.execute()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.warning("stage %s: its claim lapses by itself (%s)", key, exc)
 
     def _adopt_orphans_forever(self) -> None:
@@ -388,7 +386,7 @@ class RedisStageStore(StageListener):
             try:
                 due = int(time.time() * 1000)
                 keys = self.redis.zrangebyscore(RUNNING_INDEX, "-inf", due, start=0, num=50)
-            except (redis.RedisError, OSError):
+            except STORE_ERRORS:
                 continue  # the flusher and the leases say so
             for key in keys:
                 try:
@@ -429,7 +427,7 @@ class RedisStageStore(StageListener):
             self._flush({stage})
             if stage.status == HANDED_OFF:
                 self._let_go(stage)
-        except (redis.RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             log.warning("stage %s: its end is written when the store answers (%s)", stage.key, exc)
 
     def _let_go(self, stage: Stage) -> None:
@@ -458,7 +456,7 @@ class RedisStageStore(StageListener):
                 if self._failing:
                     log.warning("the stage store answers again; its mirror catches up")
                 self._failing = False
-            except (redis.RedisError, OSError) as exc:
+            except STORE_ERRORS as exc:
                 if not self._failing:
                     log.warning(
                         "stage store unavailable (%s); %d stages keep streaming here "
@@ -613,7 +611,7 @@ class RedisStageStore(StageListener):
             if self.redis.set(name, stage_id, nx=True, px=int(ttl_seconds * 1000)):
                 return None
             held = self.redis.get(name)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         return None if held is None else bytes(held).decode()
 
@@ -622,14 +620,14 @@ class RedisStageStore(StageListener):
         try:
             if self.redis.get(name) == stage_id.encode():
                 self.redis.delete(name)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.warning("idempotency key of a refused stage kept until it expires: %s", exc)
 
     def forget(self, key: str) -> None:
         """Delete a finished stage's keys: every host forgets it. Raises StoreUnavailable."""
         try:
             self.redis.delete(*stage_keys(key))
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
 
     def watched_elsewhere(self, key: str) -> bool:
@@ -647,8 +645,11 @@ class RedisStageStore(StageListener):
                     if message is not None:
                         payload = json.loads(message["data"])
                         self._cancel_here(payload["key"], payload["reason"])
-            except (redis.RedisError, OSError, ValueError) as exc:
+            except (*STORE_ERRORS, ValueError) as exc:
                 log.warning("stage store cancel listener: %s; reconnecting in 1 s", exc)
+                time.sleep(1.0)
+            except Exception:  # a message it cannot read: the listener outlives it
+                log.exception("stage store cancel listener failed; reconnecting in 1 s")
                 time.sleep(1.0)
 
     def request_cancel(self, stage_key: str, stage_id: str, reason: str) -> None:
@@ -657,7 +658,7 @@ class RedisStageStore(StageListener):
         self.reader.check_cancellable(stage_key, stage_id)
         try:
             self.redis.publish(CANCEL_CHANNEL, json.dumps({"key": stage_key, "reason": reason}))
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
 
 

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
 from ..errors import (
     EventsExpired,
     StageFinished,
@@ -33,7 +31,7 @@ from ..stages.events import SeedDialect
 from ..stages.feeds import RefusedFeed
 from ..stages.stage import Subscriber
 from ..stages.usage import final_usage
-from .connection import stage_keys
+from .connection import STORE_ERRORS, stage_keys
 
 _READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client and the owner this often
 
@@ -92,7 +90,7 @@ class StoreReader:
     def watchers(self, key: str) -> int:
         try:
             return int(self.redis.hget(stage_keys(key)[0], "watchers") or 0)
-        except redis.RedisError:
+        except STORE_ERRORS:
             return 0
 
     def summary(self, stage_key: str, stage_id: str) -> dict[str, Any] | None:
@@ -105,7 +103,7 @@ class StoreReader:
             pipe.get(text_key)
             pipe.xrevrange(log_key, count=1)
             (raw, gap), text, top = pipe.execute()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         if raw is None:
             return None
@@ -130,7 +128,7 @@ class StoreReader:
             pipe.exists(log_key)
             pipe.xrevrange(log_key, count=1)
             status, raw, has_log, top = pipe.execute()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         if status is None:
             raise UnknownStage(stage_id)
@@ -149,7 +147,7 @@ class StoreReader:
         _, log_key, _, _ = stage_keys(stage_key)
         try:
             first = self.redis.xrange(log_key, count=1)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         return int(first[0][0].split(b"-")[1]) - 1 if first else 0
 
@@ -159,7 +157,7 @@ class StoreReader:
         try:
             self.check_owner(stage_key, stage_id)
             status = self.redis.hget(hash_key, "status")
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         if status is None:
             raise UnknownStage(stage_id)
@@ -224,7 +222,7 @@ class StoreReader:
         while it runs, or if the store has no such stage. Raises StoreUnavailable."""
         try:
             raw = self.redis.hget(stage_keys(stage_key)[0], "answer")
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         if raw is None:
             return None
@@ -235,7 +233,7 @@ class StoreReader:
         """The stage's request as its owner wrote it (``mirror.stage_record``)."""
         try:
             raw = self.redis.hget(stage_keys(stage_key)[0], "record")
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         return None if raw is None else dict(json.loads(raw))
 
@@ -254,7 +252,7 @@ class RemoteFeed:
     def open(self, subscriber: Subscriber) -> None:
         try:
             self._redis.hincrby(self._key, "watchers", 1)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StageLost(store_unavailable_message(exc)) from None
 
     def read(self, subscriber: Subscriber, cursor: int, wait: float) -> tuple[bytes, int, bool]:
@@ -265,7 +263,7 @@ class RemoteFeed:
                 reply = self._redis.xread(
                     {self._log_key: f"0-{cursor}"}, block=int(block * 1000), count=512
                 )
-            except redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 raise StageLost(store_unavailable_message(exc)) from None
             batch = []
             ended = False
@@ -288,14 +286,14 @@ class RemoteFeed:
     def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
         try:
             self._redis.hincrby(self._key, "watchers", -1)
-        except redis.RedisError:
+        except STORE_ERRORS:
             pass
 
     def _gap(self, cursor: int, seq: int) -> None:
         """The log skips from ``cursor`` to ``seq``: say so, never pass over it."""
         try:
             gap = self._redis.hget(self._key, "gap")
-        except redis.RedisError:
+        except STORE_ERRORS:
             gap = None
         raise StageLost(
             f"events {cursor} to {seq - 1} of stage {self.stage_id!r} are not in the stage "
@@ -307,7 +305,7 @@ class RemoteFeed:
         try:
             self._reader.check_owner(self._stage_key, self.stage_id)
             there = self._redis.exists(self._key)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise StageLost(store_unavailable_message(exc)) from None
         if not there:
             raise StageLost("the stage expired from the store")
