@@ -325,7 +325,7 @@ class RedisStageStore(StageListener):
         try:
             if not self.redis.set(live_key, stage.instance, nx=True, px=lease_ms):
                 raise StageConflict(stage.stage_id)
-            pipe = self.redis.pipeline(transaction=True)  # MULTI, on one slot
+            pipe = self.redis.pipeline(transaction=True)
             pipe.delete(hash_key, log_key, text_key)
             pipe.hset(hash_key, mapping=self._fields(stage))
             pipe.pexpire(hash_key, self._ttls_ms(stage)[0] + lease_ms)
