@@ -103,6 +103,25 @@ def with_ids(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if "id" in e]
 
 
+def start_background(host: Gunicorn, request_ids: str, count: int = 2) -> list[str]:
+    """``count`` background responses of 100 chunks on ``host``, nobody attached; their
+    ids. Their requests' ids are ``request_ids`` and their number."""
+    body: dict[str, Any] = {
+        "model": "fake?chunks=100&interval=0.05",
+        "input": "hi",
+        "background": True,
+    }
+    return [
+        requests.post(
+            f"{host.url}/v1/responses",
+            json=body,
+            headers={"X-Request-ID": f"{request_ids}{n}"},
+            timeout=10,
+        ).json()["id"]
+        for n in range(count)
+    ]
+
+
 def seen(fake: FakeUpstream, request_id: str) -> list[UpstreamRequest]:
     """What the upstream saw of one stage, in order."""
     return [r for r in fake.requests if r.headers.get("x-request-id") == request_id]
@@ -304,17 +323,7 @@ def test_sigterm_hands_a_hosts_stages_to_another_and_its_clients_resume_there(
 ) -> None:
     a, b = start_host(host_env(trailing, redis_server, STAGESERVER_GRACEFUL_TIMEOUT="6")), survivor
     a_worker = worker_of(a)
-    body: dict[str, Any] = {
-        "model": "fake?chunks=100&interval=0.05",
-        "input": "hi",
-        "background": True,
-    }
-    background = [
-        requests.post(
-            f"{a.url}/v1/responses", json=body, headers={"X-Request-ID": f"drain-bg{n}"}, timeout=10
-        ).json()["id"]
-        for n in range(2)
-    ]
+    background = start_background(a, "drain-bg")
     stage_id = "t-drain"
     stream = post_chat(
         a.url,
@@ -383,17 +392,7 @@ def test_a_graceful_reload_hands_background_responses_to_the_new_worker(
         a = start_host(host_env(trailing, store, STAGESERVER_GRACEFUL_TIMEOUT="30"))
         [old] = a.worker_pids()
         old_worker = worker_of(a)
-        body: dict[str, Any] = {
-            "model": "fake?chunks=100&interval=0.05",
-            "input": "hi",
-            "background": True,
-        }
-        background = [
-            requests.post(
-                f"{a.url}/v1/responses", json=body, headers={"X-Request-ID": f"hup{n}"}, timeout=10
-            ).json()["id"]
-            for n in range(2)
-        ]
+        background = start_background(a, "hup")
         for n in range(2):
             wait_streaming(trailing, f"hup{n}", 5)
 
