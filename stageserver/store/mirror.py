@@ -20,9 +20,8 @@ of a stage, named after its key (its id in its principal's namespace) as a hash 
 A stage outlives its worker: when its lease lapses, or its worker hands it off as it
 drains, any live worker claims it (``take_over``: one wins, under a new lease that fences
 the old one; ``manager.StageManager.adopt``), and continues its answer from what Redis
-holds: its
-record (the request), its log, and its text, which one script appends with the events,
-so that the text always matches an index of the log. For that, a client never reads an
+holds: its record (the request), its log, and its text, which one script appends with
+the events, so that the text always matches an index of the log. For that, a client never reads an
 event before Redis holds it (the stage is ``gated``: the flusher publishes what it has
 written), and no client can have seen what a taker would not continue from. While Redis
 cannot be written, the stage publishes at once instead: an outage stops no stream, at
