@@ -58,8 +58,9 @@ from .principals import ANONYMOUS, Principal, check_upstreams
 from .stages.conversation import Conversation, conversation_of
 from .stages.dialect import dialect_of
 from .stages.feeds import EventFeed, LocalFeed, RefusedFeed
+from .stages.records import ContinuationRecord
 from .stages.registry import StageRegistry
-from .stages.spec import ContinuationRecord, StageRequest, StageSpec, Takeover, instance_of
+from .stages.spec import StageRequest, StageSpec, Takeover, instance_of
 from .stages.stage import HANDED_OFF, Stage, StageListener
 from .stages.usage import estimate_prompt_tokens
 from .telemetry import metrics

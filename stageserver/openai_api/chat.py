@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..sse import compact_json
 from ..stages.dialect import Ending, register
-
-if TYPE_CHECKING:
-    from ..stages.spec import ContinuationRecord
+from ..stages.records import ContinuationRecord
 
 DONE_EVENT = b"data: [DONE]\n\n"
 

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..sse import compact_json, encode_event
 from ..stages.dialect import Ending, register
-
-if TYPE_CHECKING:
-    from ..stages.spec import ContinuationRecord
+from ..stages.records import ContinuationRecord
 
 #: What a Response echoes of its request (``ResponseRequest``), besides its model.
 ECHOED = (

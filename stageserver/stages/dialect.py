@@ -21,12 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ..errors import StageFailure
-
-if TYPE_CHECKING:
-    from .spec import ContinuationRecord
+from .records import ContinuationRecord
 
 
 @dataclass(frozen=True)

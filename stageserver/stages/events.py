@@ -25,13 +25,11 @@ it really received.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..sse import compact_json, encode_event
 from .dialect import Ending, register
-
-if TYPE_CHECKING:
-    from .spec import ContinuationRecord
+from .records import ContinuationRecord
 
 CHUNK_EVENT = "chat_completion_chunk"
 CONTINUED_EVENT = "continued"

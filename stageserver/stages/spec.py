@@ -1,4 +1,4 @@
-"""What a stage is given, what it keeps of its attempts, and what tells it apart."""
+"""What a stage is given, what it starts from when taken over, and what tells it apart."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..principals import ANONYMOUS, Principal
 from .conversation import Conversation
 from .dialect import Dialect
+from .records import ContinuationRecord
 
 
 @dataclass(frozen=True)
@@ -59,43 +60,6 @@ class StageRequest:
     #: Seconds its status and its events are kept after its end, at least.
     keep_seconds: float = 0.0
     keep_events_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    """An attempt at a replica: ``ok`` (it served the first chunk, ``ms`` after it began)
-    or how it failed (``refused``, ``http_500``, ...)."""
-
-    upstream: str
-    replica: str
-    outcome: str
-    ms: float
-
-
-@dataclass(frozen=True)
-class ContinuationRecord:
-    """One continuation of a stage's answer (``upstream/continuation.py``), or one that
-    could not be made.
-
-    ``after``: the log's last event before it. ``reason``: ``upstream_failed``,
-    ``owner_lost`` or ``drain``. ``outcome``: ``ok`` (its first chunk came), ``failed``
-    (it did not: the stage ends with an error), ``length`` (no token was left: the stage
-    ends at its limit), ``refused`` (it could not be asked for). ``from_replica`` is the
-    replica whose answer was cut, ``to_replica`` the one that continued it; after a
-    takeover, ``from_worker`` and ``to_worker`` are the workers (``host:pid``)."""
-
-    after: int
-    reason: str
-    mode: str
-    outcome: str
-    model: str = ""
-    upstream: str = ""
-    from_replica: str = ""
-    to_replica: str = ""
-    from_worker: str = ""
-    to_worker: str = ""
-    cause: str = ""
-    error: str = ""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from .conversation import conversation_record
 from .dialect import Dialect, Ending
 from .events import TERMINAL_EVENT, SeedDialect
 from .log import EventLog
-from .spec import AttemptRecord, ContinuationRecord, StageSpec, Takeover, instance_of
+from .records import AttemptRecord, ContinuationRecord
+from .spec import StageSpec, Takeover, instance_of
 from .usage import final_usage, sum_usage
 
 log = logging.getLogger("stageserver.stage")

@@ -60,7 +60,7 @@ from typing import Any
 
 from ..concurrency import Task
 from ..errors import LeaseLost, StageConflict, StoreUnavailable
-from ..stages.spec import ContinuationRecord
+from ..stages.records import ContinuationRecord
 from ..stages.stage import HANDED_OFF, Stage, StageListener
 from .connection import STORE_ERRORS, connect, stage_keys
 from .leases import LeaseKeeper

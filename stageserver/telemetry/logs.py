@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..principals import ANONYMOUS
-from ..stages.spec import ContinuationRecord
+from ..stages.records import ContinuationRecord
 from ..stages.stage import CANCELLED, ERROR, Stage, StageListener
 
 LOG_FORMATS = ("text", "json")

@@ -89,7 +89,7 @@ from prometheus_client import (  # noqa: E402
 from ..errors import UpstreamFailure  # noqa: E402
 from ..principals import Principal  # noqa: E402
 from ..stages.events import TERMINAL_EVENT  # noqa: E402
-from ..stages.spec import ContinuationRecord  # noqa: E402
+from ..stages.records import ContinuationRecord  # noqa: E402
 from ..stages.stage import Stage, StageListener  # noqa: E402
 from ..upstream.replicas import Replica, ReplicaEvents  # noqa: E402
 

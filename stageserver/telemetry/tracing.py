@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
-from ..stages.spec import ContinuationRecord
+from ..stages.records import ContinuationRecord
 from ..stages.stage import DONE, ERROR, Stage, StageListener
 from ..upstream.replicas import ReplicaAttempt
 

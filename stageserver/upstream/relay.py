@@ -53,7 +53,7 @@ from ..errors import (
     UpstreamProtocolError,
     outcome_of,
 )
-from ..stages.spec import ContinuationRecord
+from ..stages.records import ContinuationRecord
 from ..stages.stage import ChunkRead
 from .chunks import read_chunk
 from .continuation import ContinuationModes, ContinuedReply, continuation_request
