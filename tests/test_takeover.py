@@ -122,6 +122,16 @@ def start_background(host: Gunicorn, request_ids: str, count: int = 2) -> list[s
     ]
 
 
+def settled_response(host: Gunicorn, response_id: str) -> dict[str, Any]:
+    """The Response once it is no longer in progress, asked of ``host`` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    url = f"{host.url}/v1/responses/{response_id}"
+    while (answer := requests.get(url, timeout=5).json())["status"] == "in_progress":
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.1)
+    return dict(answer)
+
+
 def seen(fake: FakeUpstream, request_id: str) -> list[UpstreamRequest]:
     """What the upstream saw of one stage, in order."""
     return [r for r in fake.requests if r.headers.get("x-request-id") == request_id]
@@ -272,12 +282,7 @@ def test_a_background_response_of_a_dead_host_completes_on_another(
         wait_streaming(trailing, request_id, 20)
     kill_host(a)
 
-    deadline = time.monotonic() + 30
-    while (answer := requests.get(f"{b.url}/v1/responses/{created['id']}", timeout=5).json())[
-        "status"
-    ] == "in_progress":
-        assert time.monotonic() < deadline, answer
-        time.sleep(0.1)
+    answer = settled_response(b, created["id"])
     assert answer["status"] == "completed" and answer["error"] is None
     [item] = answer["output"]
     assert [part["text"] for part in item["content"]] == [toks(60)]
@@ -362,11 +367,7 @@ def test_sigterm_hands_a_hosts_stages_to_another_and_its_clients_resume_there(
     assert_continued_from_the_durable_text(trailing, stage_id)
 
     for n, response_id in enumerate(background):
-        deadline = time.monotonic() + 30
-        url = f"{b.url}/v1/responses/{response_id}"
-        while (answer := requests.get(url, timeout=5).json())["status"] == "in_progress":
-            assert time.monotonic() < deadline, answer
-            time.sleep(0.1)
+        answer = settled_response(b, response_id)
         assert (answer["status"], answer["error"]) == ("completed", None)
         assert [p["text"] for item in answer["output"] for p in item["content"]] == [toks(100)]
         assert_continued_from_the_durable_text(trailing, f"drain-bg{n}")
@@ -404,11 +405,7 @@ def test_a_graceful_reload_hands_background_responses_to_the_new_worker(
             time.sleep(0.1)
         [_, new] = a.worker_pids()
         for n, response_id in enumerate(background):
-            deadline = time.monotonic() + 30
-            url = f"{a.url}/v1/responses/{response_id}"
-            while (answer := requests.get(url, timeout=5).json())["status"] == "in_progress":
-                assert time.monotonic() < deadline, answer
-                time.sleep(0.1)
+            answer = settled_response(a, response_id)
             assert (answer["status"], answer["error"]) == ("completed", None)
             assert [p["text"] for item in answer["output"] for p in item["content"]] == [toks(100)]
             assert_continued_from_the_durable_text(trailing, f"hup{n}")
