@@ -406,8 +406,7 @@ class RedisStageStore(StageListener):
     def on_event(self, stage: Stage, seq: int, wire: bytes) -> None:
         """For every event of a claimed stage: cheap; the flusher does the writing, and
         publishes it. While Redis cannot be written, the event is published at once."""
-        self._dirty.add(stage)
-        self._wake.set()
+        self.mark(stage)
         if self._failing:
             stage.publish(seq + 1)
 
@@ -440,7 +439,8 @@ class RedisStageStore(StageListener):
         )
 
     def mark(self, stage: Stage) -> None:
-        """Have the flusher write the stage again (it is to be sent whole)."""
+        """Have the flusher write what the stage has that Redis does not (a stage the
+        store lost, ``_Mirror.lost``, whole)."""
         self._dirty.add(stage)
         self._wake.set()
 
