@@ -9,6 +9,7 @@ temporary directory, so they work as root or not and leave nothing behind.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -31,7 +33,9 @@ __all__ = [
     "VENV_BIN",
     "Gunicorn",
     "Nginx",
+    "RedisClusterGroup",
     "RedisServer",
+    "free_cluster_port",
     "free_port",
     "gunicorn_server",
     "site_conf",
@@ -246,13 +250,22 @@ class Nginx:
 
 class RedisServer:
     """A throwaway redis-server: no persistence, loopback only. ``kill()`` and ``start()``
-    again on the same port make a restart. ``replica_of``: a port to replicate."""
+    again on the same port make a restart. ``replica_of``: a port to replicate. ``port``:
+    the port to listen on (a free one by default); ``args``: more of redis-server's
+    options."""
 
-    def __init__(self, *, replica_of: int | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        *,
+        replica_of: int | None = None,
+        port: int | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = Path(tempfile.mkdtemp(prefix="stageserver-redis-"))
         self._replica_of = replica_of
+        self._args = tuple(args)
         self.start()
 
     def start(self) -> None:
@@ -268,6 +281,7 @@ class RedisServer:
                 "--dir", str(self.dir),
                 "--logfile", str(log),
                 *replica,
+                *self._args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -277,6 +291,9 @@ class RedisServer:
         except RuntimeError:
             self.stop()
             raise
+
+    def log(self) -> str:
+        return _read(self.dir / "redis.log")
 
     def kill(self) -> None:
         stop_process(self.proc, signal.SIGKILL)
@@ -369,6 +386,208 @@ class SentinelGroup:
         self.replica.stop()
         self.primary.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+#: A cluster node's bus listens on its port + 10000, which must be a port too.
+CLUSTER_BUS_OFFSET = 10000
+CLUSTER_PORT_MAX = 65535 - CLUSTER_BUS_OFFSET
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port(taken: Sequence[int] = ()) -> int:
+    """A free loopback port for a Redis Cluster node, at or below 55535, whose bus port
+    (10000 above it) is free too; none of ``taken``, nor their bus ports. Drawn below
+    the kernel's ephemeral range where it can be, so that no outgoing connection takes
+    it between this check and the node's start."""
+    low = 10000
+    high = CLUSTER_PORT_MAX
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 0
+    if first_ephemeral - CLUSTER_BUS_OFFSET - 1 > low + 1000:
+        high = min(high, first_ephemeral - CLUSTER_BUS_OFFSET - 1)
+    avoid = {p + d for p in taken for d in (0, CLUSTER_BUS_OFFSET, -CLUSTER_BUS_OFFSET)}
+    for _ in range(1000):
+        port = random.randint(low, high)
+        if port in avoid:
+            continue
+        if _bindable(port) and _bindable(port + CLUSTER_BUS_OFFSET):
+            return port
+    raise RuntimeError(f"no port in {low}..{high} with its bus port free, after 1000 tries")
+
+
+class RedisClusterGroup:
+    """A Redis Cluster on loopback: ``primaries`` primaries, each with
+    ``replicas_per_primary`` replicas, made by ``redis-cli --cluster create``; a node
+    is failed after 1 s of silence, and its replica always stands for election.
+    ``url`` is the ``redis+cluster://`` form stageserver takes. A context manager."""
+
+    def __init__(self, primaries: int = 3, replicas_per_primary: int = 0) -> None:
+        if not Path(REDIS_CLI).exists():
+            raise RuntimeError(f"{REDIS_CLI} is missing: install Debian's redis-tools")
+        self.nodes: list[RedisServer] = []
+        self.replicas_per_primary = replicas_per_primary
+        try:
+            for _ in range(primaries * (1 + replicas_per_primary)):
+                port = free_cluster_port([node.port for node in self.nodes])
+                self.nodes.append(RedisServer(port=port, args=self._cluster_args(port)))
+            self.ports = [node.port for node in self.nodes]
+            # Every node a seed: stageserver finds the cluster through any that lives.
+            self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+            self._create()
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    @staticmethod
+    def _cluster_args(port: int) -> list[str]:
+        return [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", f"nodes-{port}.conf",  # in the node's own --dir
+            "--cluster-node-timeout", "1000",
+            # A replica stands for election however long its link has been down: a
+            # failover never waits for an operator.
+            "--cluster-replica-validity-factor", "0",
+        ]  # fmt: skip
+
+    def _create(self) -> None:
+        replicas = (
+            ["--cluster-replicas", str(self.replicas_per_primary)]
+            if self.replicas_per_primary
+            else []
+        )
+        result = subprocess.run(
+            [
+                REDIS_CLI, "--cluster", "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                *replicas,
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).decode(errors="replace")
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{output}")
+
+    def client(self, port: int) -> Any:
+        """A plain client of one node (redis-py types results loosely)."""
+        import redis
+
+        return redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+
+    def _wait_until_ready(self) -> None:
+        """Every node knows every other and reports ``cluster_state:ok``; every replica's
+        link to its primary is up."""
+        deadline = time.monotonic() + 30
+        while True:
+            states = {port: self._state(port) for port in self.ports}
+            if all(state == "ok" for state in states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster is not ready within 30 s: {states}")
+            time.sleep(0.1)
+
+    def _state(self, port: int) -> str:
+        """``ok``, or what is not yet."""
+        client = self.client(port)
+        try:
+            info = client.cluster("INFO")
+            if info.get("cluster_state") != "ok":
+                return f"cluster_state:{info.get('cluster_state')}"
+            if int(info.get("cluster_known_nodes", 0)) != len(self.ports):
+                return f"cluster_known_nodes:{info.get('cluster_known_nodes')}"
+            replication = client.info("replication")
+            if replication.get("role") == "slave":
+                if replication.get("master_link_status") != "up":
+                    return f"master_link_status:{replication.get('master_link_status')}"
+            return "ok"
+        except Exception as exc:  # noqa: BLE001 - a node still starting: not ready yet
+            return repr(exc)
+        finally:
+            client.close()
+
+    def node(self, port: int) -> RedisServer:
+        [node] = [node for node in self.nodes if node.port == port]
+        return node
+
+    def live_ports(self) -> list[int]:
+        return [node.port for node in self.nodes if node.proc.poll() is None]
+
+    def node_id(self, port: int) -> str:
+        client = self.client(port)
+        try:
+            return str(client.execute_command("CLUSTER", "MYID").decode())
+        finally:
+            client.close()
+
+    def slots(self) -> list[tuple[int, int, int]]:
+        """``(first, last, primary's port)`` per slot range, as a live node sees them."""
+        ranges: list[tuple[int, int, int]] = []
+        for port in self.live_ports():
+            client = self.client(port)
+            try:
+                reply = client.execute_command("CLUSTER", "SLOTS")
+            except Exception:  # noqa: BLE001, S112 - another live node may answer
+                continue
+            finally:
+                client.close()
+            # [[first, last, [host, port, id, ...], replica, ...], ...]
+            for first, last, primary, *_ in reply:
+                ranges.append((int(first), int(last), int(primary[1])))
+            return sorted(ranges)
+        raise RuntimeError("no live cluster node answers CLUSTER SLOTS")
+
+    def primary_for_slot(self, slot: int) -> int:
+        """The port of the primary that serves ``slot`` now."""
+        for first, last, port in self.slots():
+            if first <= slot <= last:
+                return port
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def primaries(self) -> list[int]:
+        """The ports of the primaries that serve slots now."""
+        return sorted({port for _, _, port in self.slots()})
+
+    def replicas_of(self, port: int) -> list[int]:
+        """The ports of the live nodes that replicate the primary on ``port``."""
+        replicas = []
+        for other in self.live_ports():
+            client = self.client(other)
+            try:
+                info = client.info("replication")
+                if info.get("role") == "slave" and int(info.get("master_port", 0)) == port:
+                    replicas.append(other)
+            finally:
+                client.close()
+        return replicas
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port``."""
+        self.node(port).kill()
+
+    def stop(self) -> None:
+        """Every node stopped and its directory removed; again does nothing more."""
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def gunicorn_args(root: Path) -> tuple[str, ...]:

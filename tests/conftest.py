@@ -8,7 +8,7 @@ from flask.testing import FlaskClient
 
 from stageserver import create_app
 from testing.fake_upstream import FakeUpstream
-from testing.servers import RedisServer
+from testing.servers import RedisClusterGroup, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,10 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterGroup]:
+    """A Redis Cluster of the module's own: 3 primaries, no replica."""
+    with RedisClusterGroup() as group:
+        yield group
