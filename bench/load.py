@@ -15,7 +15,18 @@ all times rather than in lock-step, and the measured window opens once all N run
   process, over the window;
 - memory: the target's resident set at the moment all N streams are open and none has
   ended yet (the first round), minus its resident set when idle (after one stream,
-  before the load), per open stream; finished stages kept for replay are not in it.
+  before the load), per open stream; finished stages kept for replay are not in it;
+- the shared store (``--redis PORT:PID``, once per node): the commands every node ran
+  over the window (the difference of two ``INFO commandstats``, the calls of every
+  ``cmdstat_*`` line, Lua's own included) and its redis-server processes' CPU;
+- the relay→durable delay (``--metrics``): the histogram
+  ``stageserver_store_write_delay_seconds`` of the target's ``/metrics``, read at the
+  window's start and end; its p50 and p99 are the upper bounds of the buckets they fall
+  in (``inf``: beyond the largest finite one), None when the server has no such
+  histogram or observed nothing;
+- followers (``--follow-port``): each stream's stage followed through ``GET
+  /stages/<id>/events`` on another host of the same store, opened at the stream's first
+  chunk; their events are counted apart, never as relayed chunks.
 
 Run as ``python -m bench.load --port P --target stageserver ...``; prints one JSON object.
 """
@@ -25,6 +36,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import re
 import resource
 import sys
 import time
@@ -104,39 +117,81 @@ class Result:
     rss_open_kb: int | None = None
     rss_peak_kb: int | None = None
     memory_per_stream_kb: float | None = None
+    redis_commands: int | None = None
+    redis_commands_by_name: dict[str, int] | None = None
+    redis_commands_per_chunk: float | None = None
+    redis_cpu_us_per_chunk: float | None = None
+    durable_writes: int | None = None
+    durable_p50_ms: float | None = None
+    durable_p99_ms: float | None = None
+    follow_streams: int = 0
+    follow_errors: int = 0
+    follow_chunks: int = 0
+    follow_server_cpu_us_per_chunk: float | None = None
 
 
-class _Stream(asyncio.Protocol):
-    """One client: a keep-alive connection running streams back to back."""
+@dataclass
+class _Snapshot:
+    """What the window's start and end each read."""
 
-    def __init__(self, gen: LoadGenerator, index: int, *, once: bool = False) -> None:
+    server: float | None  # CPU seconds of the target's process tree
+    upstream: float | None
+    own: float
+    busy: float  # the whole machine's
+    redis: float | None  # CPU seconds of every redis-server of the store
+    follow_server: float | None  # the following host's tree
+    redis_calls: dict[str, int] | None  # commands run, by name, summed over the store's nodes
+    durable: dict[float, float] | None  # the delay histogram: upper bound -> cumulative count
+
+
+class _Chunked(asyncio.Protocol):
+    """An HTTP/1.1 response read as it comes: its head, then its chunked body, piece by
+    piece (``_body``), to its last chunk (``_end``)."""
+
+    def __init__(self, gen: LoadGenerator) -> None:
         self.gen = gen
-        self.index = index
-        self.once = once
         self.transport: asyncio.Transport | None = None
-        self.number = 0
         self.buf = bytearray()
         self.events = b""
         self.in_head = True
         self.in_flight = False
         self.close_after = False
-        self.sent_at = 0.0
-        self.first_at: float | None = None
         self.count = 0
         self.ended = b""
         self.failed = False
         self.closed = gen.loop.create_future()
 
-    def itself(self) -> _Stream:
+    def itself(self) -> _Chunked:
         """The protocol factory for this one connection."""
         return self
 
-    # -- asyncio callbacks ---------------------------------------------------------------
+    def _complete(self, piece: bytes) -> bytes | None:
+        """The whole events read so far, once ``piece`` ends one; the rest is kept."""
+        events = self.events + piece if self.events else piece
+        end = events.rfind(b"\n\n")
+        if end < 0:
+            self.events = events
+            return None
+        self.events = events[end + 2 :]
+        return events[: end + 2] if self.events else events
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self._send()
+    def _ending(self, complete: bytes) -> None:
+        gen = self.gen
+        if gen.done_marker in complete:
+            self.ended = gen.done_marker
+        else:
+            for marker in gen.fail_markers:
+                if marker in complete:
+                    self.ended = marker
+
+    def _body(self, piece: bytes, now: float) -> None:
+        raise NotImplementedError
+
+    def _end(self, now: float) -> None:
+        raise NotImplementedError
+
+    def _fail(self, why: str) -> None:
+        raise NotImplementedError
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
@@ -172,6 +227,25 @@ class _Stream(asyncio.Protocol):
         if pos:
             del buf[:pos]
 
+
+class _Stream(_Chunked):
+    """One client: a keep-alive connection running streams back to back."""
+
+    def __init__(self, gen: LoadGenerator, index: int, *, once: bool = False) -> None:
+        super().__init__(gen)
+        self.index = index
+        self.once = once
+        self.number = 0
+        self.sent_at = 0.0
+        self.first_at: float | None = None
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._send()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         if self.in_flight:
@@ -196,28 +270,21 @@ class _Stream(asyncio.Protocol):
         self.transport.write(self.gen.request(self.index, self.number))
 
     def _body(self, piece: bytes, now: float) -> None:
-        events = self.events + piece if self.events else piece
-        end = events.rfind(b"\n\n")
-        if end < 0:
-            self.events = events
+        complete = self._complete(piece)
+        if complete is None:
             return
-        self.events = events[end + 2 :]
-        complete = events[: end + 2] if self.events else events
         gen = self.gen
         count = complete.count(gen.chunk_marker)
         if count:
             if self.first_at is None:
                 self.first_at = now
                 gen.opened(self.index)
+                if gen.follow_port is not None:
+                    gen.follow(stage_id(self.index, self.number))
             self.count += count
             if gen.window_open <= now < gen.window_close:
                 gen.window_chunks += count
-        if gen.done_marker in complete:
-            self.ended = gen.done_marker
-        else:
-            for marker in gen.fail_markers:
-                if marker in complete:
-                    self.ended = marker
+        self._ending(complete)
 
     def _end(self, now: float) -> None:
         self.in_flight = False
@@ -237,6 +304,59 @@ class _Stream(asyncio.Protocol):
             self.transport.close()
 
 
+def stage_id(index: int, number: int) -> str:
+    """The id the load generator gives the ``number``-th stage of client ``index``."""
+    return f"bench-{index}-{number}"
+
+
+class _Follower(_Chunked):
+    """One client following one stage, from its first event to its terminal one, through
+    ``GET /stages/<id>/events`` on the following host; on a connection of its own."""
+
+    def __init__(self, gen: LoadGenerator, stage: str) -> None:
+        super().__init__(gen)
+        self.stage = stage
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.in_flight = True
+        transport.write(self.gen.follow_request(self.stage))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.in_flight:
+            self.in_flight = False
+            self.gen.record_follow_error(f"connection lost mid-stream: {exc or 'closed'}")
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _body(self, piece: bytes, now: float) -> None:
+        complete = self._complete(piece)
+        if complete is None:
+            return
+        gen = self.gen
+        count = complete.count(gen.chunk_marker)
+        if count:
+            self.count += count
+            if gen.window_open <= now < gen.window_close:
+                gen.result.follow_chunks += count
+        self._ending(complete)
+
+    def _end(self, now: float) -> None:
+        self.in_flight = False
+        self.gen.finished_follow(self)
+        assert self.transport is not None
+        self.transport.close()
+
+    def _fail(self, why: str) -> None:
+        self.in_flight = False
+        self.failed = True
+        self.gen.record_follow_error(f"{self.stage}: {why}")
+        if self.transport is not None:
+            self.transport.close()
+
+
 class LoadGenerator:
     def __init__(
         self,
@@ -251,8 +371,17 @@ class LoadGenerator:
         upstream_pid: int | None,
         profile: str | None = None,
         api_key: str | None = None,
+        redis: Sequence[tuple[int, int]] = (),
+        metrics: bool = False,
+        follow_port: int | None = None,
+        follow_pid: int | None = None,
     ) -> None:
         self.profile = profile
+        self.redis = list(redis)
+        self.metrics = metrics
+        self.follow_port = follow_port
+        self.follow_pid = follow_pid
+        self.followers: set[asyncio.Future[None]] = set()
         self.loop = asyncio.get_running_loop()
         self.port = port
         self.target = target
@@ -269,6 +398,11 @@ class LoadGenerator:
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
         ).encode()
+        self._follow_head = (
+            f"HTTP/1.1\r\nHost: 127.0.0.1:{follow_port}\r\nAccept: text/event-stream\r\n{auth}\r\n"
+        ).encode()
+        # A followed stage outlives its client's disconnect, as a watched one would.
+        self._resumable = ',"resumable":true' if follow_port is not None else ""
         self._kind = kind
         # Every API relays each stream's upstream chunks (``shape.events``); Responses'
         # has an event for each content chunk only, and the finish and usage chunks are
@@ -295,8 +429,8 @@ class LoadGenerator:
     def request(self, index: int, number: int) -> bytes:
         if self._kind == "stageserver":
             body = (
-                f'{{"stage_id":"bench-{index}-{number}","model_name":"{self.shape.model}",'
-                '"user_prompt":"bench","stream":true}'
+                f'{{"stage_id":"{stage_id(index, number)}","model_name":"{self.shape.model}",'
+                f'"user_prompt":"bench","stream":true{self._resumable}}}'
             ).encode()
         elif self._kind == "responses":
             body = json.dumps(
@@ -305,6 +439,38 @@ class LoadGenerator:
         else:
             body = self._openai_body
         return self._head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+    def follow_request(self, stage: str) -> bytes:
+        return b"GET /stages/%s/events " % stage.encode() + self._follow_head
+
+    def follow(self, stage: str) -> None:
+        """Follow ``stage`` on the following host, from its first event to its end."""
+        task = asyncio.ensure_future(self._follow(stage))
+        self.followers.add(task)
+        task.add_done_callback(self.followers.discard)
+
+    async def _follow(self, stage: str) -> None:
+        assert self.follow_port is not None
+        follower = _Follower(self, stage)
+        try:
+            await self.loop.create_connection(follower.itself, "127.0.0.1", self.follow_port)
+        except OSError as exc:
+            self.record_follow_error(f"connect: {exc}")
+            return
+        await follower.closed
+
+    def record_follow_error(self, why: str) -> None:
+        self.result.follow_errors += 1
+        self.record_error(f"follower: {why}")
+
+    def finished_follow(self, follower: _Follower) -> None:
+        self.result.follow_streams += 1
+        if follower.ended != self.done_marker or follower.count != self.shape.events:
+            self.record_follow_error(
+                f"{follower.stage} ended with "
+                f"{follower.ended.decode().strip() or 'no end event'} "
+                f"after {follower.count} of {self.shape.events} chunks"
+            )
 
     def opened(self, index: int) -> None:
         """A client has its first token: once all have, none has finished yet (they start
@@ -350,10 +516,13 @@ class LoadGenerator:
                 await asyncio.sleep(0.1)
 
     async def _one_stream(self) -> None:
-        """Before the load: one stream, so that the target has loaded what it loads lazily."""
+        """Before the load: one stream, so that the target has loaded what it loads lazily
+        (and the following host too, which follows it)."""
         stream = _Stream(self, -1, once=True)
         await self.loop.create_connection(stream.itself, "127.0.0.1", self.port)
         await stream.closed
+        if self.followers:
+            await asyncio.wait(set(self.followers), timeout=self.shape.seconds + 10)
 
     async def _start_profiler(self) -> asyncio.subprocess.Process | None:
         """py-spy on the server's processes for the window, as collapsed stacks (text)."""
@@ -367,14 +536,62 @@ class LoadGenerator:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
 
-    def _cpu(self) -> tuple[float | None, float | None, float, float]:
+    async def _snapshot(self, *, opening: bool) -> _Snapshot:
+        """CPU, the store's commands and the delay histogram, read together: the histogram
+        outermost (first at the start, last at the end), then the store's commands, the
+        CPU innermost, so that what the readings cost is outside the CPU window."""
+        durable = await self._durable() if opening and self.metrics else None
+        calls = await self._redis_calls() if opening else None
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return (
-            None if self.server_pid is None else procs.cpu_seconds(procs.tree(self.server_pid)),
-            None if self.upstream_pid is None else procs.cpu_seconds([self.upstream_pid]),
-            usage.ru_utime + usage.ru_stime,
-            procs.machine_busy_seconds(),
+        server, follow_pid = self.server_pid, self.follow_pid
+        snapshot = _Snapshot(
+            server=None if server is None else procs.cpu_seconds(procs.tree(server)),
+            upstream=None if self.upstream_pid is None else procs.cpu_seconds([self.upstream_pid]),
+            own=usage.ru_utime + usage.ru_stime,
+            busy=procs.machine_busy_seconds(),
+            redis=procs.cpu_seconds(pid for _, pid in self.redis) if self.redis else None,
+            follow_server=None if follow_pid is None else procs.cpu_seconds(procs.tree(follow_pid)),
+            redis_calls=calls,
+            durable=durable,
         )
+        if not opening:
+            snapshot.redis_calls = await self._redis_calls()
+            snapshot.durable = await self._durable() if self.metrics else None
+        return snapshot
+
+    async def _redis_calls(self) -> dict[str, int] | None:
+        """Commands run so far, summed over the store's nodes: the ``calls`` of every
+        ``cmdstat_*`` line of ``INFO commandstats`` (a script's commands are counted there
+        too). An INFO is counted once it has run: each reading's own shows in the next."""
+        if not self.redis:
+            return None
+        total: dict[str, int] = {}
+        for port, _ in self.redis:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"INFO commandstats\r\n")
+                head = await reader.readline()  # a bulk string: $<length>
+                if not head.startswith(b"$"):
+                    raise RuntimeError(f"redis on {port} answered INFO with {head!r}")
+                text = await reader.readexactly(int(head[1:]) + 2)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+            for name, calls in _CALLS.findall(text):
+                total[name.decode()] = total.get(name.decode(), 0) + int(calls)
+        return total
+
+    async def _durable(self) -> dict[float, float] | None:
+        """The relay→durable delay histogram from the target's ``/metrics``, its label sets
+        summed by bucket; None when the server has no such histogram."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            text = await reader.read()  # to the close
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        return durable_histogram(text)
 
     def _rss(self) -> int | None:
         if self.server_pid is None:
@@ -386,7 +603,7 @@ class LoadGenerator:
         await self._one_stream()
         await asyncio.sleep(0.2)
         res.rss_idle_kb = self._rss()
-        res.streams = res.errors = 0
+        res.streams = res.errors = res.follow_streams = res.follow_errors = 0
         res.error_samples.clear()
 
         spread = self.shape.seconds
@@ -401,53 +618,78 @@ class LoadGenerator:
         ]
         await asyncio.sleep(self.window_open - time.monotonic())
         spy = await self._start_profiler()
-        before = self._cpu()
+        before = await self._snapshot(opening=True)
         peak = 0
         while (left := self.window_close - time.monotonic()) > 0:
             peak = max(peak, self._rss() or 0)
             await asyncio.sleep(min(0.5, left))
-        after = self._cpu()
+        after = await self._snapshot(opening=False)
         res.window_seconds = self.duration
         if spy is not None:
             await spy.wait()
         # Streams that began in the window end after it: wait for them, bounded.
         grace = self.shape.seconds * 3 + 10
+        deadline = time.monotonic() + grace
         _, pending = await asyncio.wait(clients, timeout=grace)
         if pending:
             self.stopping = True
             self.record_error(f"{len(pending)} clients still streaming {grace:g} s after the end")
             for task in pending:
                 task.cancel()
+        if self.followers:
+            left = max(0.1, deadline - time.monotonic())
+            _, late = await asyncio.wait(set(self.followers), timeout=left)
+            if late:
+                self.record_follow_error(f"{len(late)} still following {grace:g} s after the end")
+                for follower in late:
+                    follower.cancel()
         self._report(before, after, peak)
         return res
 
-    def _report(
-        self,
-        before: tuple[float | None, float | None, float, float],
-        after: tuple[float | None, float | None, float, float],
-        peak: int,
-    ) -> None:
+    def _report(self, before: _Snapshot, after: _Snapshot, peak: int) -> None:
         res = self.result
         res.streams_measured = len(self.ttfts)
         res.chunks = self.window_chunks
         res.chunks_per_second = round(self.window_chunks / self.duration, 1)
         per_chunk = 1e6 / self.window_chunks if self.window_chunks else float("nan")
-        server_b, upstream_b, own_b, busy_b = before
-        server_a, upstream_a, own_a, busy_a = after
+        pairs = {
+            "server": (before.server, after.server),
+            "upstream": (before.upstream, after.upstream),
+            "redis": (before.redis, after.redis),
+            "follow_server": (before.follow_server, after.follow_server),
+        }
+        spent = {name: a - b for name, (b, a) in pairs.items() if a is not None and b is not None}
         # Whatever else kept the machine's cores busy meanwhile: a number well above zero
         # means the run shared the CPUs and its latencies are not to be trusted.
-        ours = (own_a - own_b) + sum(
-            a - b
-            for a, b in ((server_a, server_b), (upstream_a, upstream_b))
-            if a is not None and b is not None
-        )
-        res.other_cpu_cores = round(max(0.0, busy_a - busy_b - ours) / self.duration, 2)
-        if server_b is not None and server_a is not None:
-            res.server_cpu_seconds = round(server_a - server_b, 3)
-            res.server_cpu_us_per_chunk = round((server_a - server_b) * per_chunk, 1)
-        if upstream_b is not None and upstream_a is not None:
-            res.upstream_cpu_us_per_chunk = round((upstream_a - upstream_b) * per_chunk, 1)
-        res.loadgen_cpu_us_per_chunk = round((own_a - own_b) * per_chunk, 1)
+        ours = (after.own - before.own) + sum(spent.values())
+        res.other_cpu_cores = round(max(0.0, after.busy - before.busy - ours) / self.duration, 2)
+        if "server" in spent:
+            res.server_cpu_seconds = round(spent["server"], 3)
+            res.server_cpu_us_per_chunk = round(spent["server"] * per_chunk, 1)
+        if "upstream" in spent:
+            res.upstream_cpu_us_per_chunk = round(spent["upstream"] * per_chunk, 1)
+        if "redis" in spent:
+            res.redis_cpu_us_per_chunk = round(spent["redis"] * per_chunk, 1)
+        if "follow_server" in spent:
+            res.follow_server_cpu_us_per_chunk = round(spent["follow_server"] * per_chunk, 1)
+        if before.redis_calls is not None and after.redis_calls is not None:
+            by_name = {
+                name: calls - before.redis_calls.get(name, 0)
+                for name, calls in after.redis_calls.items()
+            }
+            # Less the opening INFO of each node, counted in the closing reading.
+            by_name["info"] = by_name.get("info", 0) - len(self.redis)
+            res.redis_commands_by_name = dict(
+                sorted(((n, c) for n, c in by_name.items() if c), key=lambda item: -item[1])
+            )
+            res.redis_commands = sum(by_name.values())
+            res.redis_commands_per_chunk = round(res.redis_commands * per_chunk / 1e6, 2)
+        if before.durable is not None and after.durable is not None:
+            window = {le: n - before.durable.get(le, 0.0) for le, n in after.durable.items()}
+            res.durable_writes = int(window.get(math.inf, 0.0))
+            res.durable_p50_ms = bucket_quantile_ms(window, 0.50)
+            res.durable_p99_ms = bucket_quantile_ms(window, 0.99)
+        res.loadgen_cpu_us_per_chunk = round((after.own - before.own) * per_chunk, 1)
         if self.ttfts:
             ordered = sorted(self.ttfts)
             res.ttft_p50_ms = round(_percentile(ordered, 50) * 1000, 2)
@@ -457,6 +699,41 @@ class LoadGenerator:
         if self.concurrency >= 10 and res.rss_idle_kb is not None and res.rss_open_kb:
             per_stream = (res.rss_open_kb - res.rss_idle_kb) / self.concurrency
             res.memory_per_stream_kb = round(per_stream, 1)
+
+
+_CALLS = re.compile(rb"^cmdstat_([^:]+):calls=(\d+)", re.MULTILINE)
+DURABLE_METRIC = b"stageserver_store_write_delay_seconds"
+_BUCKET = re.compile(rb"^" + DURABLE_METRIC + rb"_bucket\{([^}]*)\}\s+(\S+)", re.MULTILINE)
+_LE = re.compile(rb'le="([^"]+)"')
+
+
+def durable_histogram(text: bytes) -> dict[float, float] | None:
+    """The cumulative count of each bucket (upper bound in seconds, ``inf`` for
+    ``+Inf``) of the delay histogram in a Prometheus exposition, every label set summed;
+    None when it has none."""
+    buckets: dict[float, float] = {}
+    for labels, value in _BUCKET.findall(text):
+        le = _LE.search(labels)
+        if le is not None:
+            bound = float(le.group(1))  # "+Inf" reads as inf
+            buckets[bound] = buckets.get(bound, 0.0) + float(value)
+    return buckets or None
+
+
+def bucket_quantile_ms(cumulative: dict[float, float], q: float) -> float | None:
+    """The ``q`` quantile of a histogram's observations as the upper bound, in ms, of the
+    bucket it falls in (so a bound, never an estimate within a bucket; ``inf`` beyond
+    the largest finite bound). ``cumulative``: each bucket's count of observations at or
+    below its bound. None when there was none."""
+    bounds = sorted(cumulative)
+    total = cumulative[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return None
+    rank = max(1.0, math.ceil(total * q))  # nearest rank, as _percentile
+    for bound in bounds:
+        if cumulative[bound] >= rank:
+            return bound * 1000 if math.isfinite(bound) else math.inf
+    return math.inf
 
 
 def _percentile(ordered: Sequence[float], pct: float) -> float:
@@ -477,10 +754,18 @@ async def run(
     upstream_pid: int | None = None,
     profile: str | None = None,
     api_key: str | None = None,
+    redis: Sequence[tuple[int, int]] = (),
+    metrics: bool = False,
+    follow_port: int | None = None,
+    follow_pid: int | None = None,
 ) -> Result:
     gen = LoadGenerator(
         profile=profile,
         api_key=api_key,
+        redis=redis,
+        metrics=metrics,
+        follow_port=follow_port,
+        follow_pid=follow_pid,
         port=port,
         target=target,
         path=path,
@@ -491,6 +776,14 @@ async def run(
         upstream_pid=upstream_pid,
     )
     return await gen.run()
+
+
+def _port_pid(text: str) -> tuple[int, int]:
+    port, _, pid = text.partition(":")
+    try:
+        return int(port), int(pid)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PORT:PID, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -507,6 +800,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--upstream-pid", type=int, help="the fake upstream's process")
     parser.add_argument("--profile", help="py-spy the server over the window, to this file")
     parser.add_argument("--api-key", help="sent as Authorization: Bearer")
+    parser.add_argument(
+        "--redis",
+        action="append",
+        default=[],
+        type=_port_pid,
+        metavar="PORT:PID",
+        help="a redis-server of the store (once per node): its commands and CPU are read",
+    )
+    parser.add_argument(
+        "--metrics", action="store_true", help="read the relay→durable delay from /metrics"
+    )
+    parser.add_argument("--follow-port", type=int, help="follow every stage on this host too")
+    parser.add_argument("--follow-pid", type=int, help="the following host's master process")
     args = parser.parse_args(argv)
     procs.raise_nofile_limit()
     result = asyncio.run(
@@ -521,6 +827,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             upstream_pid=args.upstream_pid,
             profile=args.profile,
             api_key=args.api_key,
+            redis=args.redis,
+            metrics=args.metrics,
+            follow_port=args.follow_port,
+            follow_pid=args.follow_pid,
         )
     )
     json.dump(asdict(result), sys.stdout)

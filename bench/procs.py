@@ -22,6 +22,7 @@ from testing.servers import (
     NGINX,
     ROOT,
     Gunicorn,
+    RedisClusterGroup,
     RedisServer,
     free_port,
     stop_process,
@@ -177,6 +178,8 @@ class Stageserver:
         upstream_url: str,
         *,
         shared_store: bool = False,
+        cluster: bool = False,
+        follower: bool = False,
         keys: bool = False,
         transport: str | None = None,
         replicas: Sequence[str] = (),
@@ -185,7 +188,11 @@ class Stageserver:
     ) -> None:
         """``shared_store``: with a redis-server of its own as the stage store, to see
         what mirroring every event into Redis costs the relay. The server CPU measured
-        is still gunicorn's alone; redis-server's own is not in it. ``keys``: one
+        is still gunicorn's alone; redis-server's own is measured apart (``redis_nodes``:
+        each node's port and pid). ``cluster``: the store a Redis Cluster of three
+        primaries instead (``redis+cluster://``). ``follower``: a second gunicorn on the
+        same store (``follow_port``, ``follow_pid``), through which the load generator
+        follows every stage the first one runs. ``keys``: one
         principal, with an API key and limits high enough never to refuse (what
         checking them costs). ``transport``: ``STAGESERVER_UPSTREAM_TRANSPORT``.
         ``replicas``: more URLs of the upstream, which is then a pool (``upstream_url``
@@ -205,7 +212,17 @@ class Stageserver:
             "STAGESERVER_MAX_ACTIVE_STREAMS": "2900",
             "STAGESERVER_ACCESS_LOG": "",
         }
-        self._redis = RedisServer() if shared_store else None
+        self._redis: RedisServer | RedisClusterGroup | None = None
+        if cluster:
+            self._redis = RedisClusterGroup(primaries=3)
+        elif shared_store or follower:
+            self._redis = RedisServer()
+        #: Every redis-server of the store: (port, pid).
+        self.redis_nodes: list[tuple[int, int]] = []
+        if isinstance(self._redis, RedisServer):
+            self.redis_nodes = [(self._redis.port, self._redis.proc.pid)]
+        elif self._redis is not None:
+            self.redis_nodes = [(node.port, node.proc.pid) for node in self._redis.nodes]
         if self._redis is not None:
             env["STAGESERVER_STORE_URL"] = self._redis.url
         self.api_key = self.API_KEY if keys else None
@@ -218,15 +235,29 @@ class Stageserver:
             env["STAGESERVER_API_KEYS"] = json.dumps({"bench": {"key": self.API_KEY, **limits}})
         if transport is not None:
             env["STAGESERVER_UPSTREAM_TRANSPORT"] = transport
-        self._server = Gunicorn(env, workers=1, root=root)
+        self._follower: Gunicorn | None = None
+        try:
+            self._server = Gunicorn(env, workers=1, root=root)
+            if follower:
+                self._follower = Gunicorn(env, workers=1, root=root)
+        except BaseException:
+            self.stop()
+            raise
         self.port = self._server.port
         self.pid = self._server.proc.pid
+        self.follow_port = self._follower.port if self._follower is not None else None
+        self.follow_pid = self._follower.proc.pid if self._follower is not None else None
 
     def log(self) -> str:
-        return self._server.log()
+        log = self._server.log()
+        if self._follower is not None:
+            log += f"\n--- the following host ---\n{self._follower.log()}"
+        return log
 
     def stop(self) -> None:
-        self._server.stop()
+        for server in (getattr(self, "_server", None), self._follower):
+            if server is not None:
+                server.stop()
         if self._redis is not None:
             self._redis.stop()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -37,9 +38,13 @@ DEFAULT_TARGETS = TARGETS
 # from one plain upstream), and "@<git revision>" (that revision's code, run from a
 # checkout of it, side by side with this one): stageserver+redis+keys, stageserver@a548dc4.
 # "+v1chat" and "+v1responses" stream the same stages through OpenAI's API
-# (/v1/chat/completions, /v1/responses) instead of the seed's /chat.
+# (/v1/chat/completions, /v1/responses) instead of the seed's /chat. "+cluster": the
+# stage store a Redis Cluster of three primaries instead of one redis-server. "+follow"
+# (with +redis or +cluster, through /chat): a second gunicorn host on the same store, on
+# which every stream's stage is followed by a second client (GET /stages/<id>/events):
+# +redis+follow less +redis is what a follower adds.
 STAGESERVER_VARIANTS = frozenset(
-    {"redis", "keys", "httpx", "pool", "replicas", "v1chat", "v1responses"}
+    {"redis", "cluster", "follow", "keys", "httpx", "pool", "replicas", "v1chat", "v1responses"}
 )
 #: The path each API variant posts to; the seed's /chat without one.
 API_PATHS = {"v1chat": "/v1/chat/completions", "v1responses": "/v1/responses"}
@@ -56,6 +61,12 @@ def check_target(target: str) -> str | None:
         return f"{target!r}: only stageserver takes variants"
     if unknown:
         return f"{target!r}: unknown variant(s) {sorted(unknown)}"
+    if {"redis", "cluster"} <= set(variants):
+        return f"{target!r}: +redis or +cluster, not both"
+    if "follow" in variants and not {"redis", "cluster"} & set(variants):
+        return f"{target!r}: +follow needs a shared store, +redis or +cluster"
+    if "follow" in variants and set(variants) & set(API_PATHS):
+        return f"{target!r}: +follow follows the stages of /chat only"
     return None
 
 
@@ -73,6 +84,11 @@ _NUMBERS = (
     "rss_open_kb",
     "rss_peak_kb",
     "other_cpu_cores",
+    "redis_commands_per_chunk",
+    "redis_cpu_us_per_chunk",
+    "durable_p50_ms",
+    "durable_p99_ms",
+    "follow_server_cpu_us_per_chunk",
 )
 
 
@@ -94,6 +110,8 @@ def _start(
     return procs.Stageserver(
         upstream.url,
         shared_store="redis" in variants,
+        cluster="cluster" in variants,
+        follower="follow" in variants,
         keys="keys" in variants,
         transport="httpx" if "httpx" in variants else None,
         replicas=replicas,
@@ -133,6 +151,18 @@ def measure(
         cmd += ["--server-pid", str(server.pid)]
     if getattr(server, "api_key", None):
         cmd += ["--api-key", server.api_key]
+    if isinstance(server, procs.Stageserver):
+        # Its /metrics has the relay→durable delay, when the revision run has it.
+        cmd += ["--metrics"]
+        for port, pid in server.redis_nodes:
+            cmd += ["--redis", f"{port}:{pid}"]
+        if server.follow_port is not None:
+            cmd += [
+                "--follow-port",
+                str(server.follow_port),
+                "--follow-pid",
+                str(server.follow_pid),
+            ]
     if profile is not None:
         cmd += ["--profile", str(profile)]
     limit = duration + shape.seconds * 5 + 60
@@ -151,6 +181,20 @@ def measure(
     return result
 
 
+_STORE_VARIANTS = frozenset({"redis", "cluster", "follow"})
+
+
+def memory_store_target(target: str) -> str | None:
+    """The target that is ``target`` with the memory store: its store variants left out;
+    None for a target that is not stageserver."""
+    name, at, revision = target.partition("@")
+    base, *variants = name.split("+")
+    if base != "stageserver":
+        return None
+    kept = [v for v in variants if v not in _STORE_VARIANTS]
+    return "+".join([base, *kept]) + at + revision
+
+
 def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (target, concurrency): the median of each number over the repeats."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -163,6 +207,8 @@ def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[key] for r in group if r.get(key) is not None]
             row[key] = round(statistics.median(values), 2) if values else None
         row["errors"] = sum(r["errors"] for r in group)
+        row["follow_errors"] = sum(r.get("follow_errors", 0) for r in group)
+        row["follow_streams"] = sum(r.get("follow_streams", 0) for r in group)
         row["streams"] = sum(r["streams"] for r in group)
         row["server_log_errors"] = sum(r.get("server_log_errors", 0) for r in group)
         rows.append(row)
@@ -173,6 +219,15 @@ def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["added_ttft_p50_ms"] = round(row["ttft_p50_ms"] - floor, 2)
         else:
             row["added_ttft_p50_ms"] = None
+    # Server CPU per chunk against the memory store's, at the same concurrency in this run:
+    # the same target without its store (+redis, +cluster, +follow), so the plain
+    # stageserver for stageserver+redis, stageserver@rev for stageserver+redis@rev. A
+    # ratio of medians; None without that target.
+    cpu = {(r["target"], r["concurrency"]): r["server_cpu_us_per_chunk"] for r in rows}
+    for row in rows:
+        base = cpu.get((memory_store_target(row["target"]), row["concurrency"]))
+        mine = row["server_cpu_us_per_chunk"]
+        row["server_cpu_vs_memory"] = round(mine / base, 2) if mine and base else None
     order = list(dict.fromkeys(r["target"] for r in runs))  # as asked for
     rows.sort(key=lambda r: (r["concurrency"], order.index(r["target"])))
     return rows
@@ -181,6 +236,8 @@ def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _cell(value: Any) -> str:
     if value is None:
         return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"  # a delay beyond the histogram's largest finite bucket
     if isinstance(value, float):
         return f"{value:,.2f}" if abs(value) < 10 else f"{value:,.0f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
@@ -194,6 +251,11 @@ _COLUMNS = (
     ("added_ttft_p50_ms", "added p50 ms"),
     ("chunks_per_second", "chunks/s"),
     ("server_cpu_us_per_chunk", "server CPU µs/chunk"),
+    ("server_cpu_vs_memory", "÷ memory"),
+    ("redis_commands_per_chunk", "Redis cmds/chunk"),
+    ("redis_cpu_us_per_chunk", "Redis µs/chunk"),
+    ("durable_p50_ms", "durable p50 ms"),
+    ("durable_p99_ms", "durable p99 ms"),
     ("memory_per_stream_kb", "KB/stream"),
     ("upstream_cpu_us_per_chunk", "upstream µs/chunk"),
     ("loadgen_cpu_us_per_chunk", "loadgen µs/chunk"),
@@ -397,6 +459,7 @@ def _progress(result: dict[str, Any]) -> None:
         f"ttft p50 {_cell(result['ttft_p50_ms'])} ms, "
         f"{_cell(result['chunks_per_second'])} chunks/s, "
         f"server {_cell(result['server_cpu_us_per_chunk'])} µs/chunk, "
+        f"Redis {_cell(result.get('redis_commands_per_chunk'))} cmds/chunk, "
         f"{_cell(result['memory_per_stream_kb'])} KB/stream, errors {result['errors']}, "
         f"other load {_cell(result['other_cpu_cores'])} cores",
         flush=True,

@@ -61,3 +61,39 @@ def test_quick_bench_streams_the_same_stages_through_each_api(tmp_path: Path) ->
         assert row["errors"] == 0, target
         assert row["streams"] > 0 and row["chunks_per_second"] > 0
         assert row["server_cpu_us_per_chunk"] > 0
+
+
+def test_quick_bench_counts_the_shared_stores_work(tmp_path: Path) -> None:
+    """The memory store, Redis, and Redis with a follower on a second host: Redis's
+    commands and CPU per chunk are read, the followers read every stage whole."""
+    targets = ["stageserver", "stageserver+redis", "stageserver+redis+follow"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)]
+        + ["--targets", ",".join(targets)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    [result_file] = tmp_path.glob("*.json")
+    summary = json.loads(result_file.read_text())
+    rows = {row["target"]: row for row in summary["rows"]}
+    assert sorted(rows) == sorted(targets)
+    for target, row in rows.items():
+        assert row["errors"] == 0, (target, summary["runs"])
+        assert row["server_log_errors"] == 0, target
+        assert row["server_cpu_us_per_chunk"] > 0
+        assert row["server_cpu_vs_memory"] > 0, target
+        p50, p99 = row["durable_p50_ms"], row["durable_p99_ms"]
+        assert p50 is None or 0 < p50 <= p99, (target, p50, p99)
+    memory = rows["stageserver"]
+    assert memory["server_cpu_vs_memory"] == 1.0
+    assert memory["redis_commands_per_chunk"] is None and memory["redis_cpu_us_per_chunk"] is None
+    for target in ("stageserver+redis", "stageserver+redis+follow"):
+        assert rows[target]["redis_commands_per_chunk"] > 0, target
+        assert rows[target]["redis_cpu_us_per_chunk"] > 0, target
+    assert rows["stageserver+redis"]["follow_streams"] == 0
+    follow = rows["stageserver+redis+follow"]
+    assert follow["follow_streams"] > 0 and follow["follow_errors"] == 0
+    assert b"| Redis cmds/chunk |" in done.stdout
