@@ -108,14 +108,15 @@ def _report(environ: Mapping[str, str]) -> str:
             f"STAGESERVER_WORKERS={workers} needs a shared stage store; set "
             "STAGESERVER_STORE_URL=redis://HOST:6379/0 (or run one worker)"
         )
-    if settings.store_url:
-        _check_store_url(settings.store_url)
+    store_note = _check_store_url(settings.store_url) if settings.store_url else None
 
     lines = ["settings (source: app default, or environment):"]
     for key in (*SETTINGS, *PROCESS_SETTINGS):
         value = config[key] if key in SETTINGS else _process_setting(environ, key)
         source = "environment" if key in environ else "default"
         lines.append(f"  {key} = {_shown(key, value)}  [{source}]")
+    if store_note:
+        lines.append(store_note)
     lines.append("upstreams:" if upstreams else "upstreams: none (serve: the embedded model)")
     for upstream in upstreams:
         urls = ", ".join(_without_password(url) for url in upstream.urls)
@@ -175,14 +176,21 @@ def _continuation_modes(
     return ContinuationModes(UpstreamRegistry(upstreams), timeout).report()
 
 
-def _check_store_url(url: str) -> None:
+def _check_store_url(url: str) -> str | None:
+    """A note when the store cannot be reached now; raises ConfigError."""
     try:
-        from .store.connection import connect
+        from .store.connection import STORE_ERRORS, connect, refuse_a_cluster_node
     except ImportError:
         raise ConfigError(
             "STAGESERVER_STORE_URL needs the redis package: pip install 'stageserver[redis]'"
         ) from None
-    connect(url)  # parses the URL and makes a client; connects on first use only
+    try:
+        # Parses the URL; a cluster's client asks for the slot map at once. A Redis that
+        # cannot be reached now is no configuration error: the server waits for it.
+        refuse_a_cluster_node(connect(url), url)
+    except STORE_ERRORS as exc:
+        return f"note: the stage store cannot be reached now ({exc})"
+    return None
 
 
 def _version() -> str:

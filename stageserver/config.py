@@ -307,6 +307,7 @@ class StageSettings:
     ready_timeout: float
     store_url: str | None
     owner_lease_seconds: float
+    store_flush_window: float
     cors_origins: frozenset[str]
     max_continuations: int = 2
 
@@ -338,6 +339,7 @@ class StageSettings:
             ready_timeout=number("READY_TIMEOUT"),
             store_url=str(store_url) if store_url else None,
             owner_lease_seconds=number("OWNER_LEASE_SECONDS"),
+            store_flush_window=_flush_window(number("STORE_FLUSH_WINDOW_SECONDS")),
             cors_origins=_origins(config["STAGESERVER_CORS_ORIGINS"]),
             max_continuations=int(number("MAX_CONTINUATIONS")),
         )
@@ -367,3 +369,11 @@ def _origins(setting: Any) -> frozenset[str]:
                 "scheme://host[:port], no path"
             )
     return frozenset(setting)
+
+
+def _flush_window(seconds: float) -> float:
+    if not 0 <= seconds <= 1:
+        raise ConfigError(
+            f"STAGESERVER_STORE_FLUSH_WINDOW_SECONDS must be from 0 to 1 second, not {seconds:g}"
+        )
+    return seconds

@@ -458,7 +458,7 @@ class StageManager:
             self.admission.release()
             store.release_claim(key, instance)
             return True
-        store.adopt(stage, claim.held)
+        store.adopt(stage, claim)
         stage.start()
         return True
 
@@ -573,6 +573,8 @@ def _shared_store(
         lease_seconds=settings.owner_lease_seconds,
         cancel_here=cancel_here,
         adopt=adopt,
+        flush_window=settings.store_flush_window,
+        on_written=metrics.STORE_WRITE_DELAY.observe,
     )
     return store, RedisLimits(lambda: store.redis, store.leases)
 

@@ -101,7 +101,16 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "STAGESERVER_STORE_URL": (
         None,
         "Redis URL (`redis://127.0.0.1:6379/0`) of the stage store shared by workers and "
-        "hosts. Unset: stages live in the worker's memory, which allows one worker only.",
+        "hosts, or `redis+sentinel://host:26379,host2:26379/service/0`, or "
+        "`redis+cluster://host:7000,host2:7001` for Redis Cluster. Unset: stages live in "
+        "the worker's memory, which allows one worker only.",
+    ),
+    "STAGESERVER_STORE_FLUSH_WINDOW_SECONDS": (
+        0.005,
+        "With a store: how long a worker gathers its stages' new events into one write "
+        "(one round trip per Redis node). It bounds how stale the store's log may be, and "
+        "so how late a client reads an event: each is sent once Redis holds it. Larger: "
+        "fewer Redis commands per chunk, later events (see Scaling out).",
     ),
     "STAGESERVER_OWNER_LEASE_SECONDS": (
         5.0,

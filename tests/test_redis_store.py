@@ -14,7 +14,9 @@ import requests
 
 from stageserver import create_app
 from stageserver.launcher.supervisor import GUNICORN_ARGS
+from stageserver.store.batch import Batcher, Command
 from stageserver.store.connection import stage_keys
+from stageserver.store.entries import events_of
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, VENV_BIN, Gunicorn, RedisServer, free_port, gunicorn_server
 from testing.sse import (
@@ -238,13 +240,15 @@ def test_a_stage_of_a_worker_from_before_dialects_is_ended_in_the_seeds_words(
     assert status.status_code == 200
     assert status.get_json()["status"] == "error"
     [(_, fields)] = client.xrange(log_key)
-    assert fields[b"w"].startswith(b"id: old-1-error-0\nevent: error\n")
+    [(seq, wire)], terminal = events_of(fields)
+    assert seq == 0 and terminal
+    assert wire.startswith(b"id: old-1-error-0\nevent: error\n")
 
 
 class _Broken:
     """A lease whose renewal fails in a way no Redis error does."""
 
-    def renew(self, pipe: Any, lease_ms: int) -> int:
+    def renew(self, lease_ms: int) -> list[Command]:
         raise RuntimeError("not a store error")
 
     def renewed(self, results: list[Any]) -> None:
@@ -257,9 +261,8 @@ class _Counted:
     def __init__(self) -> None:
         self.renewals = 0
 
-    def renew(self, pipe: Any, lease_ms: int) -> int:
-        pipe.set("ss:test:counted", "1", px=lease_ms)
-        return 1
+    def renew(self, lease_ms: int) -> list[Command]:
+        return [Command("ss:test:counted", ("SET", "ss:test:counted", "1", "PX", lease_ms))]
 
     def renewed(self, results: list[Any]) -> None:
         self.renewals += 1
@@ -270,8 +273,8 @@ def test_the_lease_keeper_outlives_a_renewal_that_raises(redis_server: RedisServ
     logged, and the loop goes on renewing."""
     from stageserver.store.leases import LeaseKeeper
 
-    client: Any = redis.Redis.from_url(redis_server.url)
-    keeper = LeaseKeeper(lambda: client, 0.3)
+    batcher = Batcher(redis.Redis.from_url(redis_server.url), ())
+    keeper = LeaseKeeper(lambda: batcher, 0.3)
     broken, counted = _Broken(), _Counted()
     keeper.hold(broken)
     time.sleep(0.25)  # one pass fails with the broken lease alone

@@ -22,6 +22,7 @@ import redis
 import requests
 
 from stageserver.store.connection import stage_keys
+from stageserver.store.entries import events_of
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.servers import Gunicorn, RedisServer, gunicorn_server
 from testing.sse import OpenStream, chunk_text, parse_events, post_chat, stage_status, terminal
@@ -422,6 +423,12 @@ def test_a_graceful_reload_hands_background_responses_to_the_new_worker(
 # -- a client ahead of the log ------------------------------------------------------------
 
 
+def logged_events(client: Any, log_key: str) -> list[dict[str, Any]]:
+    """The events a stage's log in Redis holds, parsed, in order."""
+    wires = [wire for _, fields in client.xrange(log_key) for _, wire in events_of(fields)[0]]
+    return parse_events(b"".join(wires))
+
+
 def test_a_slow_store_holds_clients_back_and_a_resume_beyond_the_log_is_refused(
     trailing: FakeUpstream,
     redis_server: RedisServer,
@@ -454,14 +461,10 @@ def test_a_slow_store_holds_clients_back_and_a_resume_beyond_the_log_is_refused(
         # client does not.
         client.client_pause(1500, all=False)
         [upstream_request] = seen(trailing, stage_id)
-        in_log = len(client.xrange(log_key))
+        in_log = len(logged_events(client, log_key))
         assert trailing.wait_for(lambda: upstream_request.chunks_sent >= in_log + 5)
         kill_host(a)
-        logged = [
-            event["id"]
-            for _, fields in client.xrange(log_key)
-            for event in parse_events(fields[b"w"])
-        ]
+        logged = [event["id"] for event in logged_events(client, log_key)]
         got_on_a = with_ids(read_rest(stream))
         assert got_on_a
         assert [e["id"] for e in got_on_a] == logged[: len(got_on_a)]

@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import StoreUnavailable
 from ..principals import Principal
 from ..stages.stage import Stage
+from ..store.batch import Command
 from ..store.connection import STORE_ERRORS
 from ..store.leases import LeaseKeeper
 from .limits import WINDOW_SECONDS, LimitBook, refusal
@@ -80,10 +81,12 @@ class _Slot:
         self.key = key
         self.member = member
 
-    def renew(self, pipe: Any, lease_ms: int) -> int:
-        pipe.zadd(self.key, {self.member: int(time.time() * 1000) + lease_ms}, xx=True)
-        pipe.pexpire(self.key, lease_ms * 2)
-        return 2
+    def renew(self, lease_ms: int) -> list[Command]:
+        deadline = int(time.time() * 1000) + lease_ms
+        return [
+            Command(self.key, ("ZADD", self.key, "XX", deadline, self.member)),
+            Command(self.key, ("PEXPIRE", self.key, lease_ms * 2)),
+        ]
 
     def renewed(self, results: list[Any]) -> None:
         pass  # a slot that lapsed is gone; its stage runs on, uncounted

@@ -5,13 +5,17 @@
 - ``redis://[:password@]host:6379/0`` (or ``rediss://`` for TLS): one Redis server;
 - ``redis+sentinel://[:password@]host1:26379,host2:26379/<service>/<db>``: the primary of
   ``<service>`` as Redis Sentinel names it, found again after a failover. The password,
-  if any, is the primary's (and its replicas'); the sentinels are asked without one.
+  if any, is the primary's (and its replicas'); the sentinels are asked without one;
+- ``redis+cluster://[user:password@]host1:7000,host2:7001`` (``rediss+cluster://`` for
+  TLS): a Redis Cluster, found through any of the nodes named. Its database is 0: a db
+  in the URL other than 0, or a unix socket, is refused.
 
 Every key of one stage carries the stage's key as a hash tag, ``ss:{alice/summary}...``,
-so that in a Redis Cluster they live in one slot, as the store's scripts need; the keys
-of one principal's limits share the tag ``{alice}``. What stageserver does not do is
-speak the Cluster protocol itself: ``STAGESERVER_STORE_URL`` names one primary (or a
-Sentinel service), not a cluster.
+so that in a Redis Cluster they live in one slot, as the store's scripts and
+transactions need; the keys of one principal's limits share the tag ``{alice}``
+(tests/test_store_slots.py holds this). A plain ``redis://`` URL that reaches a cluster
+node is refused at start (``refuse_a_cluster_node``): it would half work, one slot in
+three, and call the rest an outage.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from ..errors import ConfigError
@@ -42,22 +49,25 @@ _CLIENT_OPTIONS: dict[str, Any] = {
 }
 
 
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
 def connect(url: str) -> Any:
-    """A redis-py client for ``url`` (any: redis-py types its results loosely)."""
+    """A redis-py client for ``url`` (any: redis-py types its results loosely). A
+    cluster's client asks its nodes for the slot map at once; raises one of
+    ``STORE_ERRORS`` when none answers."""
     parts = urlsplit(url)
     if parts.scheme in ("redis", "rediss", "unix"):
         return redis.Redis.from_url(url, **_CLIENT_OPTIONS)
+    if parts.scheme in _CLUSTER_SCHEMES:
+        return _cluster(url)
     if parts.scheme != "redis+sentinel":
         raise ConfigError(
             f"STAGESERVER_STORE_URL: {parts.scheme!r} is not a Redis URL; use "
-            "redis://host:6379/0 or redis+sentinel://host:26379,host2:26379/service/0"
+            "redis://host:6379/0, redis+sentinel://host:26379,host2:26379/service/0 or "
+            "redis+cluster://host:7000,host2:7001"
         )
-    hosts = []
-    for address in parts.netloc.rpartition("@")[2].split(","):
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"STAGESERVER_STORE_URL: sentinel {address!r} must be host:port")
-        hosts.append((host.strip("[]"), int(port)))
+    hosts = _hosts(url, "sentinel")
     service, _, db = parts.path.strip("/").partition("/")
     if not service or (db and not db.isdigit()):
         raise ConfigError(
@@ -69,6 +79,59 @@ def connect(url: str) -> Any:
     return sentinel.master_for(  # type: ignore[no-untyped-call]
         service, db=int(db or 0), password=password, **_CLIENT_OPTIONS
     )
+
+
+def _hosts(url: str, what: str) -> list[tuple[str, int]]:
+    hosts = []
+    for address in urlsplit(url).netloc.rpartition("@")[2].split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"STAGESERVER_STORE_URL: {what} {address!r} must be host:port")
+        hosts.append((host.strip("[]"), int(port)))
+    return hosts
+
+
+def _cluster(url: str) -> RedisCluster:
+    parts = urlsplit(url)
+    if not parts.netloc.rpartition("@")[2]:
+        raise ConfigError(
+            "STAGESERVER_STORE_URL: a Redis Cluster is reached over TCP at host:port "
+            "(redis+cluster://host1:7000,host2:7001), not through a unix socket"
+        )
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigError(
+            f"STAGESERVER_STORE_URL: a Redis Cluster has only database 0, not "
+            f"{parts.path.strip('/')!r}; drop it from the URL"
+        )
+    nodes = [ClusterNode(host, port) for host, port in _hosts(url, "cluster node")]  # type: ignore[no-untyped-call]
+    return RedisCluster(
+        startup_nodes=nodes,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ssl=parts.scheme == "rediss+cluster",
+        # A shard that is down answers 503 at once, as a lone Redis would: not after
+        # redis-py's ten attempts. The store's own loops try again.
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        require_full_coverage=False,
+        **_CLIENT_OPTIONS,
+    )
+
+
+def refuse_a_cluster_node(client: Any, url: str) -> None:
+    """Raise ConfigError when a plain Redis URL reaches a node of a Redis Cluster. A
+    Redis that cannot answer now passes: the store waits for it."""
+    if isinstance(client, RedisCluster):
+        return
+    try:
+        enabled = client.info("cluster").get("cluster_enabled")
+    except STORE_ERRORS:
+        return
+    if enabled == 1:
+        where = urlsplit(url).netloc.rpartition("@")[2]
+        raise ConfigError(
+            f"STAGESERVER_STORE_URL: {where} is a node of a Redis Cluster; name the "
+            f"cluster as redis+cluster://{where} (more nodes after commas)"
+        )
 
 
 def stage_keys(stage_key: str) -> tuple[str, str, str, str]:

@@ -3,12 +3,12 @@
 Whatever this worker holds in Redis only while it is alive (the ownership of each stage
 it runs, each principal's stream slot its stages take) is a lease: a key or member that
 lapses ``lease_seconds`` after its last renewal. The worker's ``LeaseKeeper`` renews them
-all every third of that, in one pipeline, so a worker that dies (SIGKILL, OOM, a lost
-host) lets go of everything within one lease, while a live one never loses a lease to a
-slow second.
+all every third of that, in one batch (one round trip per Redis node, batch.py), so a
+worker that dies (SIGKILL, OOM, a lost host) lets go of everything within one lease,
+while a live one never loses a lease to a slow second.
 
-A ``Lease`` adds its renewal commands to the pipeline and is told their results: the
-stage's ownership learns there whether another worker holds it now (see mirror.py).
+A ``Lease`` gives its renewal's commands and is told their results: the stage's
+ownership learns there whether another worker holds it now (see mirror.py).
 """
 
 from __future__ import annotations
@@ -20,25 +20,25 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..concurrency import Task
-from .connection import STORE_ERRORS
+from .batch import Batcher, Command
 
 log = logging.getLogger("stageserver.leases")
 
 
 class Lease(Protocol):
-    def renew(self, pipe: Any, lease_ms: int) -> int:
-        """Add the renewal's commands to ``pipe``; return how many."""
+    def renew(self, lease_ms: int) -> list[Command]:
+        """The renewal's commands."""
 
     def renewed(self, results: list[Any]) -> None:
         """The results of those commands (an exception where one failed)."""
 
 
 class LeaseKeeper:
-    def __init__(self, client: Callable[[], Any], lease_seconds: float) -> None:
-        """``client``: gives this process's redis-py client."""
+    def __init__(self, batcher: Callable[[], Batcher], lease_seconds: float) -> None:
+        """``batcher``: gives this process's (see batch.py)."""
         self.lease_seconds = lease_seconds
         self.lease_ms = int(lease_seconds * 1000)
-        self._client = client
+        self._batcher = batcher
         self._held: dict[int, Lease] = {}
         self._task: Task | None = None
         self._lock = threading.Lock()
@@ -66,19 +66,18 @@ class LeaseKeeper:
                     log.exception("renewing %d leases failed; trying again", len(held))
 
     def renew(self, leases: list[Lease]) -> None:
-        try:
-            pipe = self._client().pipeline(transaction=False)
-            counts = [lease.renew(pipe, self.lease_ms) for lease in leases]
-            results = pipe.execute(raise_on_error=False)
-        except STORE_ERRORS as exc:
-            if not self._failing:
-                log.warning("could not renew %d leases in the stage store: %s", len(leases), exc)
-            self._failing = True
-            return
-        if self._failing:
+        commands = [lease.renew(self.lease_ms) for lease in leases]
+        results = self._batcher().run([c for renewal in commands for c in renewal])
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed and not self._failing:
+            log.warning(
+                "could not renew %d of %d leases in the stage store: %s",
+                len(failed), len(results), failed[0],
+            )  # fmt: skip
+        elif self._failing and not failed:
             log.warning("the stage store answers again; leases renewed")
-        self._failing = False
+        self._failing = bool(failed)
         start = 0
-        for lease, count in zip(leases, counts, strict=True):
-            lease.renewed(results[start : start + count])
-            start += count
+        for lease, renewal in zip(leases, commands, strict=True):
+            lease.renewed(results[start : start + len(renewal)])
+            start += len(renewal)

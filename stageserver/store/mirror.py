@@ -62,7 +62,9 @@ from ..concurrency import Task
 from ..errors import LeaseLost, StageConflict, StoreUnavailable
 from ..stages.records import ContinuationRecord
 from ..stages.stage import HANDED_OFF, Stage, StageListener
-from .connection import STORE_ERRORS, connect, stage_keys
+from . import entries, scripts
+from .batch import Batcher, Command
+from .connection import STORE_ERRORS, connect, refuse_a_cluster_node, stage_keys
 from .leases import LeaseKeeper
 from .reader import StoreReader
 
@@ -70,126 +72,9 @@ log = logging.getLogger("stageserver.store")
 
 CANCEL_CHANNEL = "ss:cancel"
 RUNNING_INDEX = "ss:running"
-_FLUSH_DELAY = 0.005  # gather the writes of this long into one pipeline
+DEFAULT_FLUSH_WINDOW = 0.005  # STAGESERVER_STORE_FLUSH_WINDOW_SECONDS
 _RETRY_DELAY = 0.5  # while Redis cannot be written
-
-# KEYS: hash, live, running index. ARGV: token, lease_ms, now_ms, stage key. 1: held;
-# -1: another's, or declared dead; 2: taken back after the store lost it (the flusher
-# sends the stage whole).
-_RENEW = """
-local live = redis.call('GET', KEYS[2])
-if live == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
-  return 1
-end
-if live then return -1 end
-local status = redis.call('HGET', KEYS[1], 'status')
-if status and status ~= 'running' then return -1 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.call('HDEL', KEYS[1], 'suspect_since')
-if not status then return 2 end
-return 1
-"""
-
-# KEYS: hash, log, text, live, running index. ARGV: token, lease_ms, events Redis should
-# hold, maxlen, finished (0/1), ttl_ms, event_ttl_ms, status, summary (or ""), text mode
-# ("", "a" append, "s" set), text, gap (or ""), owner, prompt tokens, answer (or ""),
-# content chunks, stage key, then (seq, wire, terminal) per event. The summary, owner
-# and prompt tokens are written with the summary only, the answer (the finished stage's,
-# in its dialect) with the end only, the content chunks with the text.
-# 1: written; -1: fenced; -2: the store lost the stage; {n}: it holds n events, not that.
-_FLUSH = """
-local live = redis.call('GET', KEYS[4])
-if live ~= ARGV[1] then
-  if live then return -1 end
-  local status = redis.call('HGET', KEYS[1], 'status')
-  if status and status ~= 'running' then return -1 end
-  redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
-  redis.call('HDEL', KEYS[1], 'suspect_since')
-  if not status and ARGV[9] == '' then return -2 end
-end
-local have = 0
-local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
-if have ~= tonumber(ARGV[3]) then return {have} end
-for i = 18, #ARGV, 3 do
-  local id = '0-' .. (tonumber(ARGV[i]) + 1)
-  if ARGV[i + 2] == '1' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], id, 'w', ARGV[i + 1], 't', '1')
-  else
-    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], id, 'w', ARGV[i + 1])
-  end
-end
-if ARGV[10] == 'a' then redis.call('APPEND', KEYS[3], ARGV[11]) end
-if ARGV[10] == 's' then redis.call('SET', KEYS[3], ARGV[11]) end
-if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'chunks', ARGV[16]) end
-if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'gap', ARGV[12]) end
-if ARGV[9] ~= '' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[8], 'summary', ARGV[9], 'owner', ARGV[13],
-             'prompt_tokens', ARGV[14])
-end
-if ARGV[15] ~= '' then redis.call('HSET', KEYS[1], 'answer', ARGV[15]) end
-if ARGV[5] == '1' then
-  redis.call('DEL', KEYS[4], KEYS[3])
-  redis.call('ZREM', KEYS[5], ARGV[17])
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
-else
-  redis.call('PEXPIRE', KEYS[4], ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]) + tonumber(ARGV[2]))
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[7]) + tonumber(ARGV[2]))
-  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]) + tonumber(ARGV[2]))
-end
-return 1
-"""
-
-# KEYS: hash, live, running index. ARGV: token, stage key. Let a drained stage go: any
-# worker takes it over at once. 1: let go; 0: not this instance's.
-_HAND_OFF = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'handoff', '1')
-redis.call('ZADD', KEYS[3], 0, ARGV[2])
-return 1
-"""
-
-
-# KEYS: hash, log, text, live, running index. ARGV: token, lease_ms, now_ms, stage key,
-# grace_ms. Claim a running stage whose lease has lapsed, under a new lease. The first
-# look only marks it ``suspect_since``; it is claimed once it has stayed so for the
-# grace (the time an owner that was only cut off from Redis has to take its lease back
-# once Redis answers), or at once when its worker handed it off. nil when it is not to
-# be taken (its lease is held, it has ended, it is in its grace); else its epoch, the
-# events its log holds, its record, text, content chunks, owner, whether it was handed
-# off, and its summary.
-_TAKE_OVER = """
-if redis.call('EXISTS', KEYS[4]) == 1 then return nil end
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' then
-  redis.call('ZREM', KEYS[5], ARGV[4])
-  return nil
-end
-local fields = redis.call('HMGET', KEYS[1], 'record', 'chunks', 'owner', 'handoff', 'summary',
-                          'suspect_since')
-if not fields[4] then
-  if not fields[6] then
-    redis.call('HSET', KEYS[1], 'suspect_since', ARGV[3])
-    return nil
-  end
-  if tonumber(ARGV[3]) - tonumber(fields[6]) < tonumber(ARGV[5]) then return nil end
-end
-redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
-redis.call('ZADD', KEYS[5], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
-redis.call('HDEL', KEYS[1], 'suspect_since', 'handoff')
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-local have = 0
-local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
-local text = redis.call('GET', KEYS[3]) or ''
-return {epoch, have, fields[1] or '', text, fields[2] or '0', fields[3] or '', fields[4] or '',
-        fields[5] or '{}'}
-"""
+_TTL_REFRESH_SECONDS = 15.0  # at most this often per stage while it runs, and per quarter TTL
 
 
 @dataclass(frozen=True)
@@ -210,29 +95,48 @@ class _Mirror:
     """One claimed stage: how much of it Redis holds, and its lease."""
 
     __slots__ = (
-        "stage", "store", "held", "next_seq", "text_parts", "lost", "gap", "resummarize",
+        "stage", "store", "epoch", "held", "next_seq", "text_parts", "chunks", "saved",
+        "refreshed", "lost", "gap", "resummarize", "verified",
     )  # fmt: skip
 
-    def __init__(self, stage: Stage, store: RedisStageStore) -> None:
+    def __init__(self, stage: Stage, store: RedisStageStore, epoch: int, held: int) -> None:
         self.stage = stage
         self.store = store
-        self.held = 0  # events Redis holds, as far as this worker knows
-        self.next_seq = 0  # the next event of the stage to write
-        self.text_parts = 0
+        self.epoch = epoch  # this instance's (entries.py): its log entries' ids
+        self.held = held  # events Redis holds, as far as this worker knows
+        self.next_seq = held  # the next event of the stage to write
+        self.text_parts = len(stage.text_parts)  # the text Redis holds, in parts
+        self.chunks = stage.content_chunks  # the content chunks Redis holds
+        self.saved = held  # the events the text checkpoint covers
+        self.refreshed = time.monotonic()  # when the keys' TTLs were last set
         self.lost = False  # the store lost the stage: write it whole
         self.gap = ""  # what the store lost of it for good, in words; kept once known
         self.resummarize = False  # its summary changed while it runs (a continuation)
+        # Whether the log is known to hold exactly ``held`` events, so that the next
+        # write may be a plain XADD; any doubt (an error, a resync) clears it.
+        self.verified = True
 
-    def renew(self, pipe: Any, lease_ms: int) -> int:
-        stage = self.stage
-        hash_key, _, _, live_key = stage_keys(stage.key)
-        now = int(time.time() * 1000)
-        self.store._renew(
-            keys=[hash_key, live_key, RUNNING_INDEX],
-            args=[stage.instance, lease_ms, now, stage.key],
-            client=pipe,
-        )
-        return 1
+    def renew(self, lease_ms: int) -> list[Command]:
+        """The renewal of its lease, with its TTLs every few seconds and a checkpoint of
+        its text when the text grew (entries.py), and its place in the running index."""
+        store, stage = self.store, self.stage
+        keys = stage_keys(stage.key)
+        hash_ttl = log_ttl = ""
+        ttl, event_ttl = store.ttls_ms(stage)
+        now = time.monotonic()
+        if now - self.refreshed > min(_TTL_REFRESH_SECONDS, event_ttl / 4000):
+            hash_ttl, self.refreshed = str(ttl + lease_ms), now
+        log_ttl = str(event_ttl + lease_ms)
+        saved = ""
+        if self.held > self.saved:
+            text = "".join(stage.text_parts[: self.text_parts])
+            saved = entries.checkpoint(self.held, self.chunks, text)
+        args = [stage.instance, lease_ms, self.epoch, hash_ttl, log_ttl, saved]
+        deadline = int(time.time() * 1000) + lease_ms
+        return [
+            scripts.RENEW.command(keys, args),
+            Command(RUNNING_INDEX, ("ZADD", RUNNING_INDEX, deadline, stage.key)),
+        ]
 
     def renewed(self, results: list[Any]) -> None:
         if results[0] == -1:
@@ -240,6 +144,19 @@ class _Mirror:
         elif results[0] == 2:
             self.store._lost(self)
             self.store.mark(self.stage)
+
+
+@dataclass
+class _Write:
+    """One stage's share of a flush, and what Redis holds of it once written."""
+
+    mirror: _Mirror
+    command: Command
+    upto: int
+    text_parts: int
+    chunks: int
+    done: bool
+    checked: bool  # the script that reads the log first; else a plain XADD
 
 
 class RedisStageStore(StageListener):
@@ -253,25 +170,31 @@ class RedisStageStore(StageListener):
         lease_seconds: float,
         cancel_here: Callable[[str, str], None],
         adopt: Callable[[str], bool] | None = None,
+        flush_window: float = DEFAULT_FLUSH_WINDOW,
+        on_written: Callable[[float], None] | None = None,
     ) -> None:
         """``cancel_here(key, reason)`` cancels a stage of this process for a request made
         elsewhere: the cancel listener calls it. ``adopt(key)`` tries to take over the
         orphaned stage with that key (``manager.StageManager.adopt``); whether it, or
-        another, has."""
+        another, has. ``flush_window``: how long the flusher gathers writes into one round
+        trip. ``on_written(seconds)``: told, for each stage a flush writes, how long its
+        oldest event waited to be durable."""
         self.url = url
         self.ttl_ms = int(ttl_seconds * 1000)
         self.event_ttl_ms = int(event_ttl_seconds * 1000)  # StageSettings: at most the TTL
         self.max_events = max_events
+        self.flush_window = flush_window
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
-        self.leases = LeaseKeeper(lambda: self.redis, lease_seconds)
+        self.leases = LeaseKeeper(lambda: self.batcher, lease_seconds)
         self.reader = StoreReader(
-            lambda: self.redis, self.ttl_ms, self.event_ttl_ms, lease_seconds, adopt
+            lambda: self.batcher, self.ttl_ms, self.event_ttl_ms, lease_seconds, adopt
         )
         self._adopt = adopt
-        # Any: redis-py annotates every command as returning its sync or async result.
-        self._redis: Any = None
+        self._on_written = on_written
+        self._batcher: Batcher | None = None
         self._pid = 0
-        self._dirty: set[Stage] = set()
+        # Each stage to write, and when its oldest unwritten event came (monotonic).
+        self._dirty: dict[Stage, float] = {}
         self._mirrors: dict[Stage, _Mirror] = {}
         self._wake = threading.Event()  # a gevent event where threading is patched
         self._flusher: Task | None = None
@@ -279,40 +202,54 @@ class RedisStageStore(StageListener):
         self._cancel_here = cancel_here
         self._lock = threading.Lock()
         self._failing = False
-        self._renew: Any = None
-        self._flush_script: Any = None
-        self._hand_off_script: Any = None
-        self._take_over: Any = None
         self._sweeper: Task | None = None
 
     # -- connection, per process ---------------------------------------------------------
 
     @property
-    def redis(self) -> Any:
-        """This process's client. The first use in a process (a worker forked after the
-        app was made has its own) connects, and starts the process's flusher and cancel
-        listener: once per process, not per stage."""
-        if self._redis is None or self._pid != os.getpid():
+    def batcher(self) -> Batcher:
+        """This process's client, in its batcher. The first use in a process (a worker
+        forked after the app was made has its own) connects, and starts the process's
+        flusher and cancel listener: once per process, not per stage. Raises
+        StoreUnavailable when a cluster cannot be reached to learn its slots."""
+        if self._batcher is None or self._pid != os.getpid():
             with self._lock:
-                if self._redis is None or self._pid != os.getpid():
+                if self._batcher is None or self._pid != os.getpid():
                     self._start_in_this_process()
-        return self._redis
+        assert self._batcher is not None
+        return self._batcher
+
+    @property
+    def redis(self) -> Any:
+        """This process's redis-py client (Any: redis-py types its results loosely)."""
+        return self.batcher.client
 
     def start(self) -> None:
         """Start this process's tasks now: a worker that serves nothing yet still takes
-        over stages orphaned elsewhere."""
-        _ = self.redis
+        over stages orphaned elsewhere. Raises ConfigError when the URL names a node of
+        a Redis Cluster as if it were a lone Redis."""
+        try:
+            refuse_a_cluster_node(self.redis, self.url)
+        except StoreUnavailable as exc:
+            log.warning("the stage store cannot be reached yet: %s", exc)
 
     def _start_in_this_process(self) -> None:
-        client = connect(self.url)
-        self._renew = client.register_script(_RENEW)
-        self._flush_script = client.register_script(_FLUSH)
-        self._hand_off_script = client.register_script(_HAND_OFF)
-        self._redis, self._pid = client, os.getpid()
+        try:
+            client = connect(self.url)
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(exc) from None
+        self._batcher, self._pid = Batcher(client, scripts.ALL), os.getpid()
         self._flusher = Task(self._flush_forever, name="stageserver-store-flush")
         self._listener = Task(self._listen_for_cancels, name="stageserver-store-cancel")
         if self._adopt is not None:
             self._sweeper = Task(self._adopt_orphans_forever, name="stageserver-store-sweep")
+
+    def _call(self, command: Command) -> Any:
+        """One command's reply. Raises StoreUnavailable."""
+        [result] = self.batcher.run([command])
+        if isinstance(result, Exception):
+            raise StoreUnavailable(result)
+        return result
 
     # -- the owner's side ----------------------------------------------------------------
 
@@ -321,42 +258,49 @@ class RedisStageStore(StageListener):
         Raises StageConflict when one runs, StoreUnavailable when Redis cannot say."""
         hash_key, log_key, text_key, live_key = stage_keys(stage.key)
         lease_ms = self.leases.lease_ms
+        ttl, event_ttl = self.ttls_ms(stage)
         try:
             if not self.redis.set(live_key, stage.instance, nx=True, px=lease_ms):
                 raise StageConflict(stage.stage_id)
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self.redis.pipeline(transaction=True)  # one slot: MULTI, in a cluster too
             pipe.delete(hash_key, log_key, text_key)
             pipe.hset(hash_key, mapping=self._fields(stage))
-            pipe.pexpire(hash_key, self._ttls_ms(stage)[0] + lease_ms)
-            pipe.zadd(RUNNING_INDEX, {stage.key: int(time.time() * 1000) + lease_ms})
+            pipe.pexpire(hash_key, ttl + lease_ms)
+            pipe.xadd(log_key, {"m": 1}, id=entries.entry_id(entries.FIRST_EPOCH, 0))
+            pipe.pexpire(log_key, event_ttl + lease_ms)
             pipe.execute()
+            self.redis.zadd(RUNNING_INDEX, {stage.key: int(time.time() * 1000) + lease_ms})
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
-        mirror = self._mirrors[stage] = _Mirror(stage, self)
+        mirror = self._mirrors[stage] = _Mirror(stage, self, entries.FIRST_EPOCH, 0)
         self.leases.hold(mirror)
 
     def take_over(self, key: str, instance: str) -> Claim | None:
         """Claim the orphaned stage ``key`` for the stage instance ``instance``; None when
         it is not to be taken (someone holds it, it ended, it has no record). Raises
         StoreUnavailable."""
-        keys = [*stage_keys(key), RUNNING_INDEX]
+        keys = stage_keys(key)
         lease_ms = self.leases.lease_ms
-        args = [instance, lease_ms, int(time.time() * 1000), key, lease_ms // 2]
+        now = int(time.time() * 1000)
+        args = [instance, lease_ms, now, lease_ms // 2, self.event_ttl_ms + lease_ms]
+        claimed = self._call(scripts.TAKE_OVER.command(keys, args))
         try:
-            if self._take_over is None:
-                self._take_over = self.redis.register_script(_TAKE_OVER)
-            claimed = self._take_over(keys=keys, args=args)
+            if claimed == 0:
+                self.redis.zrem(RUNNING_INDEX, key)
+                return None
+            if claimed is None:
+                return None
+            self.redis.zadd(RUNNING_INDEX, {key: now + lease_ms})
+            text, chunks = entries.read_durable_text(self.redis, keys[2], keys[1])
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
-        if claimed is None:
-            return None
-        epoch, held, record, text, chunks, owner, handoff, summary = claimed
+        epoch, held, record, owner, handoff, summary = claimed
         return Claim(
             epoch=int(epoch),
             held=int(held),
             record=json.loads(record) if record else {},
-            text=bytes(text).decode(),
-            content_chunks=int(chunks),
+            text=text,
+            content_chunks=chunks,
             owner=bytes(owner).decode(),
             handed_off=bool(handoff),
             summary=json.loads(summary),
@@ -364,19 +308,15 @@ class RedisStageStore(StageListener):
 
     def release_claim(self, key: str, instance: str) -> None:
         """Give back a claim this worker cannot run (it is full, say): any other takes it."""
-        _, _, _, live_key = stage_keys(key)
         try:
-            if self.redis.get(live_key) == instance.encode():
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.delete(live_key)
-                pipe.zadd(RUNNING_INDEX, {key: 0})
-                pipe.execute()
-        except STORE_ERRORS as exc:
+            if self._call(scripts.HAND_OFF.command(stage_keys(key), [instance])) == 1:
+                self.redis.zadd(RUNNING_INDEX, {key: 0})
+        except (StoreUnavailable, *STORE_ERRORS) as exc:
             log.warning("stage %s: its claim lapses by itself (%s)", key, exc)
 
     def _adopt_orphans_forever(self) -> None:
         """Every quarter of a lease: try to take over the stages whose lease ran out, or
-        that a draining worker let go (``_TAKE_OVER``: half a lease in doubt first). So
+        that a draining worker let go (``TAKE_OVER``: half a lease in doubt first). So
         an orphan is claimed within two leases of its owner's last renewal, whether or
         not anyone follows it."""
         assert self._adopt is not None
@@ -385,7 +325,7 @@ class RedisStageStore(StageListener):
             try:
                 due = int(time.time() * 1000)
                 keys = self.redis.zrangebyscore(RUNNING_INDEX, "-inf", due, start=0, num=50)
-            except STORE_ERRORS:
+            except (StoreUnavailable, *STORE_ERRORS):
                 continue  # the flusher and the leases say so
             for key in keys:
                 try:
@@ -393,12 +333,10 @@ class RedisStageStore(StageListener):
                 except Exception:
                     log.exception("could not take over stage %s", key)
 
-    def adopt(self, stage: Stage, held: int) -> None:
-        """Mirror a stage taken over (``take_over``): Redis holds its first ``held`` events
-        and its text."""
-        mirror = self._mirrors[stage] = _Mirror(stage, self)
-        mirror.held = mirror.next_seq = held
-        mirror.text_parts = len(stage.text_parts)
+    def adopt(self, stage: Stage, claim: Claim) -> None:
+        """Mirror a stage taken over (``take_over``): Redis holds its first events and
+        its text, as ``claim`` says."""
+        mirror = self._mirrors[stage] = _Mirror(stage, self, claim.epoch, claim.held)
         mirror.resummarize = True
         self.leases.hold(mirror)
         self.mark(stage)
@@ -421,90 +359,100 @@ class RedisStageStore(StageListener):
         handed off is written whole, then let go for another worker to take over."""
         if self._failing or stage not in self._mirrors:
             return
+        since = self._dirty.pop(stage, time.monotonic())
         try:
-            self._flush({stage})
-            if stage.status == HANDED_OFF:
+            if self._flush({stage: since}):
+                self._dirty.setdefault(stage, since)  # the flusher tries again
+                self._wake.set()
+            elif stage.status == HANDED_OFF:
                 self._let_go(stage)
-        except STORE_ERRORS as exc:
-            log.warning("stage %s: its end is written when the store answers (%s)", stage.key, exc)
+        except Exception:  # the stage's end goes on to its clients regardless
+            log.exception("stage %s: its end is written when the store answers", stage.key)
+            self._dirty.setdefault(stage, since)
+            self._wake.set()
 
     def _let_go(self, stage: Stage) -> None:
         mirror = self._mirrors.pop(stage, None)
         if mirror is None:
             return
         self.leases.release(mirror)
-        hash_key, _, _, live_key = stage_keys(stage.key)
-        self._hand_off_script(
-            keys=[hash_key, live_key, RUNNING_INDEX], args=[stage.instance, stage.key]
-        )
+        self.release_claim(stage.key, stage.instance)
 
     def mark(self, stage: Stage) -> None:
         """Have the flusher write what the stage has that Redis does not (a stage the
         store lost, ``_Mirror.lost``, whole)."""
-        self._dirty.add(stage)
-        self._wake.set()
+        if stage not in self._dirty:
+            self._dirty[stage] = time.monotonic()
+            self._wake.set()
+
+    # -- the flusher ---------------------------------------------------------------------
 
     def _flush_forever(self) -> None:
         while True:
             self._wake.wait()
-            time.sleep(_FLUSH_DELAY)
+            time.sleep(self.flush_window)
             self._wake.clear()
-            batch, self._dirty = self._dirty, set()
+            batch, self._dirty = self._dirty, {}
             try:
                 again = self._flush(batch)
-                if self._failing:
-                    log.warning("the stage store answers again; its mirror catches up")
-                self._failing = False
-            except STORE_ERRORS as exc:
-                if not self._failing:
-                    log.warning(
-                        "stage store unavailable (%s); %d stages keep streaming here "
-                        "and their mirror catches up when it answers",
-                        exc,
-                        len(batch),
-                    )
-                self._failing = True
-                again = batch
-                for stage in batch:
-                    stage.publish(stage.next_seq)
             except Exception:
                 log.exception("stage store flush failed")
                 again = batch
             if again:
-                self._dirty |= again
+                for stage, since in again.items():
+                    self._dirty.setdefault(stage, since)
                 time.sleep(_RETRY_DELAY)
                 self._wake.set()
 
-    def _flush(self, batch: set[Stage]) -> set[Stage]:
-        """Write the batch; return the stages to write again later. One that found Redis
-        elsewhere than expected (a restart, a write in flight) is written again at once."""
+    def _flush(self, batch: dict[Stage, float]) -> dict[Stage, float]:
+        """Write the batch; return the stages to write again later, with their times.
+        One that found Redis elsewhere than expected (a restart, a write in flight, a
+        slot moved) is written again at once, read first."""
         resynced, failed = self._write_batch(batch)
         if resynced:
-            again, failed_again = self._write_batch(resynced)
+            again, failed_again = self._write_batch({s: batch[s] for s in resynced})
             failed |= again | failed_again
-        return failed
+        if failed and not self._failing:
+            log.warning(
+                "stage store unavailable; %d stages keep streaming here and their mirror "
+                "catches up when it answers",
+                len(failed),
+            )
+        elif self._failing and not failed:
+            log.warning("the stage store answers again; its mirror catches up")
+        self._failing = bool(failed)
+        for stage in failed:
+            stage.publish(stage.next_seq)
+        return {stage: batch[stage] for stage in failed}
 
-    def _write_batch(self, batch: set[Stage]) -> tuple[set[Stage], set[Stage]]:
-        """Write the batch in one pipeline: the stages resynced, and those that failed."""
-        pipe = self.redis.pipeline(transaction=False)
-        sent = []
+    def _write_batch(self, batch: dict[Stage, float]) -> tuple[set[Stage], set[Stage]]:
+        """Write the batch in one round trip per node: the stages resynced (to write
+        again at once), and those that failed (to write again later)."""
+        writes = []
         for stage in batch:
             mirror = self._mirrors.get(stage)
             if mirror is not None:
-                sent.append(self._write(pipe, mirror))
-        results = pipe.execute(raise_on_error=False)
+                write = self._write(mirror)
+                if write is not None:
+                    writes.append(write)
+        if not writes:
+            return set(), set()
+        results = self.batcher.run([write.command for write in writes])
+        now = time.monotonic()
         resynced: set[Stage] = set()
         failed: set[Stage] = set()
-        for (mirror, upto, text_parts, done), result in zip(sent, results, strict=True):
-            stage = mirror.stage
-            if result == 1:
-                mirror.held = mirror.next_seq = upto
-                mirror.text_parts, mirror.lost = text_parts, False
-                stage.publish(upto)
-                if done:
-                    self._mirrors.pop(stage, None)
-                    self.leases.release(mirror)
-            elif result == -1:
+        ended: list[str] = []
+        for write, result in zip(writes, results, strict=True):
+            mirror, stage = write.mirror, write.mirror.stage
+            if result == 1 or (not write.checked and isinstance(result, bytes)):
+                self._written(write)
+                if self._on_written is not None:
+                    self._on_written(now - batch[stage])
+                if write.done:
+                    ended.append(stage.key)
+                continue
+            mirror.verified = False
+            if result == -1:
                 self._fence(stage)
             elif result == -2:
                 self._lost(mirror)
@@ -513,11 +461,19 @@ class RedisStageStore(StageListener):
                 mirror.held = int(result[0])
                 self._resume_from(mirror, mirror.held)
                 resynced.add(stage)
-            else:  # an error of this script alone
+            elif result is None or _refused_id(result):
+                resynced.add(stage)  # a plain XADD found no log, or one ahead: read it
+            else:  # this stage's node could not be reached, or refused it
                 failed.add(stage)
+        if ended:
+            try:
+                self.redis.zrem(RUNNING_INDEX, *ended)
+            except STORE_ERRORS as exc:  # the sweeper drops them when it meets them
+                log.warning("could not drop %d ended stages from the index: %s", len(ended), exc)
         return resynced, failed
 
-    def _write(self, pipe: Any, mirror: _Mirror) -> tuple[_Mirror, int, int, bool]:
+    def _write(self, mirror: _Mirror) -> _Write | None:
+        """The command that writes what Redis lacks of the stage; None if nothing."""
         stage = mirror.stage
         # Read before the events, so the terminal one is in them. Handed off is not done:
         # the stage goes on elsewhere.
@@ -525,38 +481,69 @@ class RedisStageStore(StageListener):
         events = stage.events_since(mirror.next_seq)
         upto = events[-1][0] + 1 if events else mirror.next_seq
         parts = stage.text_parts
-        if mirror.lost:
-            text_mode, text = "s", "".join(parts)
-        elif len(parts) > mirror.text_parts and not done:
-            text_mode, text = "a", "".join(parts[mirror.text_parts :])
-        else:
-            text_mode, text = "", ""
+        chunks = stage.content_chunks
+        checked = (
+            not mirror.verified
+            or mirror.lost
+            or mirror.resummarize
+            or stage.finished
+            or len(events) > entries.MAX_EVENTS_PER_ENTRY
+        )
+        keys = stage_keys(stage.key)
+        if not checked:
+            if not events:
+                return None
+            added = "".join(parts[mirror.text_parts :])
+            values = entries.fields(events, terminal=False, text=added, chunks=chunks)
+            command = Command(
+                keys[1],
+                ("XADD", keys[1], "NOMKSTREAM", "MAXLEN", "~", self.max_events,
+                 entries.entry_id(mirror.epoch, upto), *values),
+            )  # fmt: skip
+            return _Write(mirror, command, upto, len(parts), chunks, done, checked=False)
         resummarize = done or mirror.lost or mirror.resummarize
-        mirror.resummarize = False
         summary = json.dumps(self._summary(stage, mirror)) if resummarize else ""
         # Handed off is not an end: Redis keeps it running, for its taker.
         status = "running" if stage.status == HANDED_OFF else stage.status
         answer = json.dumps(stage.answer()) if done else ""
+        saved = "" if done else entries.checkpoint(upto, chunks, "".join(parts))
+        ttl, event_ttl = self.ttls_ms(stage)
         args: list[Any] = [
-            stage.instance, self.leases.lease_ms, mirror.held, self.max_events, int(done),
-            *self._ttls_ms(stage), status, summary, text_mode, text, mirror.gap,
-            self.owner, stage.spec.prompt_tokens_estimate, answer, stage.content_chunks,
-            stage.key,
+            stage.instance, self.leases.lease_ms, mirror.epoch, mirror.held, self.max_events,
+            int(done), ttl, event_ttl, status, summary, saved, mirror.gap, self.owner,
+            stage.spec.prompt_tokens_estimate, answer,
         ]  # fmt: skip
         last = stage.next_seq - 1
-        for seq, wire in events:
-            args += [seq, wire, int(done and seq == last)]
-        self._flush_script(keys=[*stage_keys(stage.key), RUNNING_INDEX], args=args, client=pipe)
-        return mirror, upto, len(parts), done
+        size = entries.MAX_EVENTS_PER_ENTRY
+        for start in range(0, len(events), size):
+            part = events[start : start + size]
+            values = entries.fields(
+                part, terminal=done and part[-1][0] == last, text="", chunks=chunks
+            )
+            args += [entries.entry_id(mirror.epoch, part[-1][0] + 1), len(values), *values]
+        command = scripts.WRITE.command(keys, args)
+        return _Write(mirror, command, upto, len(parts), chunks, done, checked=True)
 
-    def _ttls_ms(self, stage: Stage) -> tuple[int, int]:
+    def _written(self, write: _Write) -> None:
+        mirror, stage = write.mirror, write.mirror.stage
+        mirror.held = mirror.next_seq = write.upto
+        mirror.text_parts, mirror.chunks = write.text_parts, write.chunks
+        if write.checked:
+            mirror.verified, mirror.lost, mirror.resummarize = True, False, False
+            mirror.saved = write.upto
+        stage.publish(write.upto)
+        if write.done:
+            self._mirrors.pop(stage, None)
+            self.leases.release(mirror)
+
+    def ttls_ms(self, stage: Stage) -> tuple[int, int]:
         """How long its status and its events are kept after its end, in ms."""
         spec = stage.spec
         ttl = max(self.ttl_ms, int(spec.keep_seconds * 1000))
         return ttl, min(ttl, max(self.event_ttl_ms, int(spec.keep_events_seconds * 1000)))
 
     def _lost(self, mirror: _Mirror) -> None:
-        mirror.lost, mirror.held = True, 0  # Redis restarted empty: write the stage whole
+        mirror.lost, mirror.held, mirror.verified = True, 0, False  # write the stage whole
         self._resume_from(mirror, 0)
 
     def _resume_from(self, mirror: _Mirror, held: int) -> None:
@@ -584,6 +571,7 @@ class RedisStageStore(StageListener):
             "owner": self.owner,
             "summary": json.dumps(stage.summary()),
             "prompt_tokens": stage.spec.prompt_tokens_estimate,
+            "epoch": entries.FIRST_EPOCH,
             # What another host needs to end the stage in its dialect, or continue it.
             "record": json.dumps(stage.record()),
         }
@@ -647,6 +635,7 @@ class RedisStageStore(StageListener):
             except (*STORE_ERRORS, ValueError) as exc:
                 log.warning("stage store cancel listener: %s; reconnecting in 1 s", exc)
                 time.sleep(1.0)
+                self.batcher.refresh()  # its node may have failed over
             except Exception:  # a message it cannot read: the listener outlives it
                 log.exception("stage store cancel listener failed; reconnecting in 1 s")
                 time.sleep(1.0)
@@ -664,3 +653,9 @@ class RedisStageStore(StageListener):
 def _idempotency_key(key: str) -> str:
     """The Redis key of an idempotency key (``principal/key``): in the principal's slot."""
     return f"ss:{{{key.partition('/')[0]}}}:idem:{key}"
+
+
+def _refused_id(error: Exception) -> bool:
+    """A plain XADD refused: the log's last entry is not below its id (a write in
+    flight landed, or another epoch fenced this one)."""
+    return "equal or smaller" in str(error)

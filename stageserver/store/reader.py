@@ -31,61 +31,41 @@ from ..stages.events import SeedDialect
 from ..stages.feeds import RefusedFeed
 from ..stages.stage import Subscriber
 from ..stages.usage import final_usage
+from . import entries, scripts
+from .batch import Batcher
 from .connection import STORE_ERRORS, stage_keys
 
 _READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client and the owner this often
 
-# KEYS: hash, log, text, live. ARGV: events the log holds, the error event, the summary,
-# ttl_ms, event_ttl_ms. 1 if the stage was ended here; 0 if anything changed meanwhile.
-_DECLARE_DEAD = """
-if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-local have = 0
-local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
-if have ~= tonumber(ARGV[1]) then return 0 end
-for i = 6, #ARGV do
-  have = have + 1
-  if i == #ARGV then
-    redis.call('XADD', KEYS[2], '0-' .. have, 'w', ARGV[i], 't', '1')
-  else
-    redis.call('XADD', KEYS[2], '0-' .. have, 'w', ARGV[i])
-  end
-end
-redis.call('HSET', KEYS[1], 'status', 'error', 'summary', ARGV[2], 'answer', ARGV[5])
-redis.call('HDEL', KEYS[1], 'suspect_since')
-redis.call('DEL', KEYS[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 1
-"""
-
 
 def _held(top: list[Any]) -> int:
-    """How many events a log holds, from its last entry (``0-<seq+1>``)."""
-    return int(top[0][0].split(b"-")[1]) if top else 0
+    """How many events a log holds, from its last entry's id (entries.py)."""
+    return entries.held_by(top[0][0]) if top else 0
 
 
 class StoreReader:
     def __init__(
         self,
-        client: Callable[[], Any],
+        batcher: Callable[[], Batcher],
         ttl_ms: int,
         event_ttl_ms: int,
         lease_seconds: float,
         adopt: Callable[[str], bool] | None = None,
     ) -> None:
         """``adopt(key)``: take the orphaned stage over; whether it, or another, has."""
-        self._client = client
+        self._batcher = batcher
         self._adopt = adopt
         self.ttl_ms = ttl_ms
         self.event_ttl_ms = event_ttl_ms
         self.lease_seconds = lease_seconds
-        self._declare: Any = None
+
+    @property
+    def batcher(self) -> Batcher:
+        return self._batcher()
 
     @property
     def redis(self) -> Any:
-        return self._client()
+        return self._batcher().client
 
     def watchers(self, key: str) -> int:
         try:
@@ -100,17 +80,17 @@ class StoreReader:
             hash_key, log_key, text_key, _ = stage_keys(stage_key)
             pipe = self.redis.pipeline(transaction=False)
             pipe.hmget(hash_key, "summary", "gap")
-            pipe.get(text_key)
             pipe.xrevrange(log_key, count=1)
-            (raw, gap), text, top = pipe.execute()
+            (raw, gap), top = pipe.execute()
+            if raw is None:
+                return None
+            summary: dict[str, Any] = json.loads(raw)
+            if summary["status"] == "running":
+                # The summary is the one written at the claim; the text and events go on.
+                text, _ = entries.read_durable_text(self.redis, text_key, log_key)
+                summary.update(text=text, events=_held(top))
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
-        if raw is None:
-            return None
-        summary: dict[str, Any] = json.loads(raw)
-        if summary["status"] == "running":
-            # The summary is the one written at the claim; the text and events go on.
-            summary.update(text=(text or b"").decode(), events=_held(top))
         if gap:
             summary["gap"] = gap.decode()
         return summary
@@ -149,7 +129,11 @@ class StoreReader:
             first = self.redis.xrange(log_key, count=1)
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
-        return int(first[0][0].split(b"-")[1]) - 1 if first else 0
+        if not first:
+            return 0
+        entry, values = first[0]
+        events, _ = entries.events_of(values)
+        return events[0][0] if events else entries.held_by(entry)
 
     def check_cancellable(self, stage_key: str, stage_id: str) -> None:
         """Raises UnknownStage, or StageFinished when the stage no longer runs."""
@@ -166,7 +150,7 @@ class StoreReader:
 
     def check_owner(self, stage_key: str, stage_id: str) -> None:
         """If the running stage's owner has lost its lease for half a lease, end the stage
-        (see the module docstring). Raises redis.RedisError."""
+        (see the module docstring). Raises one of STORE_ERRORS."""
         hash_key, log_key, text_key, live_key = stage_keys(stage_key)
         redis_client = self.redis
         pipe = redis_client.pipeline(transaction=False)
@@ -175,8 +159,7 @@ class StoreReader:
             hash_key, "status", "suspect_since", "owner", "summary", "prompt_tokens", "record"
         )
         pipe.xrevrange(log_key, count=1)
-        pipe.get(text_key)
-        live, (status, suspect_since, owner, raw, prompt, record), top, text = pipe.execute()
+        live, (status, suspect_since, owner, raw, prompt, record), top = pipe.execute()
         if live or status != b"running":
             return
         now = int(time.time() * 1000)
@@ -188,6 +171,7 @@ class StoreReader:
         if self._adopt is not None and record and self._adopt(stage_key):
             return
         held = _held(top)
+        text, _ = entries.read_durable_text(redis_client, text_key, log_key)
         worker = (owner or b"?").decode()
         message = (
             f"the worker that ran stage {stage_id!r} ({worker}) stopped: its lease lapsed "
@@ -195,27 +179,25 @@ class StoreReader:
         )
         summary = json.loads(raw)
         usage = final_usage(None, int(prompt or 0), held)
-        ending = Ending("error", usage, text=(text or b"").decode(), error=message)
+        ending = Ending("error", usage, text=text, error=message)
         # A stage claimed by a worker from before dialects has no record: it is the seed's.
         dialect = dialect_of(json.loads(record)["dialect"]) if record else SeedDialect(stage_id)
         wires = dialect.ending(held, ending)
         summary.update(
             status="error", error=message, text=ending.text, events=held + len(wires), usage=usage
         )
-        if self._declare is None:
-            self._declare = redis_client.register_script(_DECLARE_DEAD)
-        self._declare(
-            keys=[hash_key, log_key, text_key, live_key],
-            args=[
-                held,
-                json.dumps(summary),
-                self.ttl_ms,
-                self.event_ttl_ms,
-                json.dumps(dialect.answer(ending)),
-                *wires,
-            ],
-            client=redis_client,
-        )
+        args = [
+            held,
+            json.dumps(summary),
+            self.ttl_ms,
+            self.event_ttl_ms,
+            json.dumps(dialect.answer(ending)),
+            *wires,
+        ]
+        keys = (hash_key, log_key, text_key, live_key)
+        [result] = self.batcher.run([scripts.DECLARE_DEAD.command(keys, args)])
+        if isinstance(result, Exception):
+            raise result
 
     def answer(self, stage_key: str) -> tuple[dict[str, Any], int] | None:
         """The whole answer of a finished stage, in its dialect, and its HTTP status; None
@@ -240,7 +222,8 @@ class StoreReader:
 
 class RemoteFeed:
     """The events of a stage that runs in another worker or host, read from its log in
-    Redis (an ``EventFeed``, see stages/feeds.py)."""
+    Redis (an ``EventFeed``, see stages/feeds.py). Its reads go straight to the node
+    that holds the log: never to a replica, whose copy may lag."""
 
     def __init__(self, reader: StoreReader, stage_key: str, stage_id: str) -> None:
         self.stage_id = stage_id
@@ -248,6 +231,8 @@ class RemoteFeed:
         self._redis = reader.redis
         self._stage_key = stage_key
         self._key, self._log_key, _, _ = stage_keys(stage_key)
+        # Where the last read ended: the event after it, and the id of its entry.
+        self._after: tuple[int, str] | None = None
 
     def open(self, subscriber: Subscriber) -> None:
         try:
@@ -259,22 +244,21 @@ class RemoteFeed:
         deadline = time.monotonic() + wait
         while True:
             block = min(max(deadline - time.monotonic(), 0.001), _READ_BLOCK_SECONDS)
-            try:
-                reply = self._redis.xread(
-                    {self._log_key: f"0-{cursor}"}, block=int(block * 1000), count=512
-                )
-            except STORE_ERRORS as exc:
-                raise StageLost(store_unavailable_message(exc)) from None
+            reply = self._xread(cursor, int(block * 1000))
             batch = []
             ended = False
-            for _, entries in reply or ():
-                for entry_id, fields in entries:
-                    seq = int(entry_id.split(b"-")[1]) - 1  # the id is 0-<seq+1>
-                    if seq != cursor:
-                        self._gap(cursor, seq)
-                    cursor = seq + 1
-                    batch.append(fields[b"w"])
-                    ended = ended or b"t" in fields
+            for _, log_entries in reply or ():
+                for entry, values in log_entries:
+                    events, terminal = entries.events_of(values)
+                    for seq, wire in events:
+                        if seq < cursor:
+                            continue  # read before, or the start of a resume mid-entry
+                        if seq != cursor:
+                            self._gap(cursor, seq)
+                        cursor = seq + 1
+                        batch.append(wire)
+                    ended = ended or terminal
+                    self._after = (cursor, entry.decode())
             if batch or ended:
                 return b"".join(batch), cursor, ended
             if subscriber.client_gone:
@@ -282,6 +266,23 @@ class RemoteFeed:
             self._still_there()
             if time.monotonic() >= deadline:
                 return b"", cursor, False
+
+    def _xread(self, cursor: int, block_ms: int) -> Any:
+        """One blocking XREAD of the log from ``cursor``, on the node that holds it."""
+        after = self._after
+        if after is not None and after[0] == cursor:
+            start = after[1]
+        else:  # see entries.py: from the first epoch's entry of this event on
+            start = entries.entry_id(entries.FIRST_EPOCH, cursor)
+        for attempt in (1, 2):
+            try:
+                client = self._reader.batcher.node_client(self._log_key)
+                return client.xread({self._log_key: start}, block=block_ms, count=512)
+            except STORE_ERRORS as exc:
+                if attempt == 2 or not self._reader.batcher.cluster:
+                    raise StageLost(store_unavailable_message(exc)) from None
+                self._reader.batcher.refresh()  # a slot moved, a node failed over
+        return None
 
     def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
         try:

@@ -115,6 +115,12 @@ TIME_TO_FIRST_TOKEN = Histogram(
     ("upstream",),
     buckets=_TTFT_BUCKETS,
 )
+STORE_WRITE_DELAY = Histogram(
+    "stageserver_store_write_delay_seconds",
+    "With a shared store: for each stage a write carried, seconds from its oldest event "
+    "in it being relayed to Redis holding it (a client reads an event only then).",
+    buckets=(0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 STREAM_DURATION = Histogram(
     "stageserver_stream_duration_seconds",
     "Seconds from a stage's start to its terminal event, by upstream and outcome.",

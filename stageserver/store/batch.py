@@ -1,0 +1,243 @@
+"""One round trip per Redis node for a batch of commands: the flush, and the leases.
+
+The flusher and the lease keeper each send many small commands at once, most of them
+Lua scripts (``EVALSHA``), one or a few per stage. redis-py's pipelines do not fit:
+a standalone ``Pipeline`` that holds scripts asks ``SCRIPT EXISTS`` before every
+execute (a second round trip per flush), and the cluster client's pipeline refuses
+scripts altogether. So the ``Batcher`` sends the commands itself, through the
+connection pools redis-py keeps:
+
+- the commands are grouped by the node that owns each one's slot (the one node of a
+  standalone Redis or a Sentinel service), written to every node, and only then read
+  back: the batch costs one round trip, however many nodes it spans;
+- each command gets its own result, or its own exception: one stage's error never
+  fails another's;
+- a command answered ``NOSCRIPT`` (a node restarted, or promoted) has its script loaded
+  on that node and is sent again. Under Redis Cluster, one answered ``MOVED`` (the slot
+  map is refreshed), ``ASK`` (it is sent to the importing node after ``ASKING``),
+  ``TRYAGAIN`` (a key of a slot in migration), ``CLUSTERDOWN``, or a connection error
+  of its node, is sent again at once, up to ``_ROUNDS`` times in all; whatever still
+  fails is the caller's to retry (the flusher writes those stages again later).
+
+Reads never go to replicas: a stale read would break exactly-once resume.
+
+Do not wrap ``RedisCluster.pipeline`` instead: redis-py's own multi-key helpers
+(``exists(a, b)``, ``delete(a, b)``) call it internally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .connection import STORE_ERRORS
+
+log = logging.getLogger("stageserver.store")
+
+_ROUNDS = 3  # a command is sent at most this often in one run
+_TRY_AGAIN_DELAY = 0.05  # a slot in migration: the keys move within milliseconds
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command of a batch. ``key``: a key it touches, whose slot names its node."""
+
+    key: str
+    args: tuple[Any, ...]
+
+
+class Script:
+    """A Lua script, sent by its SHA1 (``EVALSHA``) and loaded where a node lacks it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def command(self, keys: Sequence[str], args: Sequence[Any]) -> Command:
+        return Command(keys[0], ("EVALSHA", self.sha, len(keys), *keys, *args))
+
+
+class Batcher:
+    """Runs batches of commands against this process's client (``connection.connect``)."""
+
+    def __init__(self, client: Any, scripts: Sequence[Script]) -> None:
+        self.client = client
+        self.cluster = isinstance(client, RedisCluster)
+        self._scripts = {script.sha: script for script in scripts}
+
+    # -- nodes -------------------------------------------------------------------------
+
+    def node_client(self, key: str) -> Redis:
+        """A client of the node that owns ``key`` (the client itself, outside a cluster):
+        a single-key command sent through it costs no routing round trip, as
+        ``RedisCluster.xread`` does (``COMMAND GETKEYS``, twice)."""
+        if not self.cluster:
+            return self.client  # type: ignore[no-any-return]
+        node = self.client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+        return self.client.get_redis_connection(node)  # type: ignore[no-any-return]
+
+    def refresh(self) -> None:
+        """Learn the cluster's slot map again (a failover, a slot moved)."""
+        if self.cluster:
+            try:
+                self.client.nodes_manager.initialize()
+            except STORE_ERRORS as exc:
+                log.warning("could not refresh the Redis Cluster's slot map: %s", exc)
+
+    def _node_of(self, command: Command, asked: dict[int, ClusterNode], index: int) -> Any:
+        if not self.cluster:
+            return None
+        if index in asked:
+            return asked[index]
+        return self.client.nodes_manager.get_node_from_slot(key_slot(command.key.encode()))
+
+    def _pool(self, node: Any) -> Any:
+        if node is None:
+            return self.client.connection_pool
+        return self.client.get_redis_connection(node).connection_pool
+
+    # -- a batch -----------------------------------------------------------------------
+
+    def run(self, commands: Sequence[Command]) -> list[Any]:
+        """Each command's reply, or the exception it ended with, in order."""
+        results: list[Any] = [None] * len(commands)
+        pending = list(range(len(commands)))
+        asked: dict[int, ClusterNode] = {}  # commands to send to a node after ASKING
+        for _ in range(_ROUNDS):
+            self._send(commands, pending, results, asked)
+            pending = self._to_send_again(commands, pending, results, asked)
+            if not pending:
+                break
+        return results
+
+    def _send(
+        self,
+        commands: Sequence[Command],
+        indexes: list[int],
+        results: list[Any],
+        asked: dict[int, ClusterNode],
+    ) -> None:
+        """Write every node's share, then read every node's replies."""
+        groups: dict[Any, list[int]] = {}
+        for index in indexes:
+            try:
+                node = self._node_of(commands[index], asked, index)
+            except STORE_ERRORS as exc:  # a slot no node serves (yet)
+                results[index] = exc
+                continue
+            groups.setdefault(node, []).append(index)
+        sent = []
+        for node, members in groups.items():
+            try:
+                pool = self._pool(node)
+                connection = pool.get_connection()
+            except STORE_ERRORS as exc:
+                for index in members:
+                    results[index] = exc
+                continue
+            packed = []
+            for index in members:
+                if index in asked:
+                    packed.append(("ASKING",))
+                packed.append(commands[index].args)
+            try:
+                connection.send_packed_command(connection.pack_commands(packed))
+            except STORE_ERRORS as exc:
+                connection.disconnect()
+                pool.release(connection)
+                for index in members:
+                    results[index] = exc
+                continue
+            sent.append((pool, connection, members))
+        for pool, connection, members in sent:
+            done = 0
+            try:
+                for index in members:
+                    results[index] = self._read(connection, index in asked)
+                    done += 1
+            except _CONNECTION_ERRORS as exc:
+                connection.disconnect()
+                for unread in members[done:]:
+                    results[unread] = exc
+            finally:
+                pool.release(connection)
+
+    @staticmethod
+    def _read(connection: Any, asking: bool) -> Any:
+        try:
+            if asking:
+                connection.read_response()  # ASKING's OK
+            return connection.read_response()
+        except _CONNECTION_ERRORS:
+            raise
+        except STORE_ERRORS as exc:  # an error reply: this command's alone
+            return exc
+
+    def _to_send_again(
+        self,
+        commands: Sequence[Command],
+        indexes: list[int],
+        results: list[Any],
+        asked: dict[int, ClusterNode],
+    ) -> list[int]:
+        again = []
+        refresh = try_again = False
+        for index in indexes:
+            result = results[index]
+            asked.pop(index, None)
+            if isinstance(result, NoScriptError):
+                self._load_script(commands[index], asked, index)
+            elif not self.cluster:
+                continue
+            elif isinstance(result, MovedError):
+                self.client.nodes_manager.move_slot(result)
+            elif isinstance(result, AskError):
+                asked[index] = self._node_at(result.host, result.port)
+            elif isinstance(result, TryAgainError):
+                try_again = True
+            elif isinstance(result, (ClusterDownError, *_CONNECTION_ERRORS)):
+                refresh = True
+            else:
+                continue
+            again.append(index)
+        if refresh:
+            self.refresh()
+        if try_again:
+            time.sleep(_TRY_AGAIN_DELAY)
+        return again
+
+    def _node_at(self, host: str, port: int) -> ClusterNode:
+        node = self.client.get_node(host=host, port=port)
+        if node is None:
+            node = ClusterNode(host, port)  # type: ignore[no-untyped-call]
+            self.client.nodes_manager.create_redis_connections([node])
+        return node  # type: ignore[no-any-return]
+
+    def _load_script(self, command: Command, asked: dict[int, ClusterNode], index: int) -> None:
+        script = self._scripts.get(str(command.args[1]))
+        if script is None:
+            return
+        try:
+            node = self._node_of(command, asked, index)
+            client = self.client if node is None else self.client.get_redis_connection(node)
+            client.script_load(script.source)
+        except STORE_ERRORS as exc:
+            log.warning("could not load a script into Redis: %s", exc)
