@@ -21,6 +21,10 @@ connection pools redis-py keeps:
 
 Reads never go to replicas: a stale read would break exactly-once resume.
 
+``breaks`` counts what may have cost Redis writes it had acknowledged: a connection
+lost, a slot map learnt again (a failover), a slot moved. A writer that trusts what it
+wrote before (the flusher's plain XADDs, mirror.py) checks again after one.
+
 Do not wrap ``RedisCluster.pipeline`` instead: redis-py's own multi-key helpers
 (``exists(a, b)``, ``delete(a, b)``) call it internally.
 """
@@ -82,6 +86,8 @@ class Batcher:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
         self._scripts = {script.sha: script for script in scripts}
+        self.breaks = 0
+        self._slot_map: object = None
 
     # -- nodes -------------------------------------------------------------------------
 
@@ -118,6 +124,11 @@ class Batcher:
 
     def run(self, commands: Sequence[Command]) -> list[Any]:
         """Each command's reply, or the exception it ended with, in order."""
+        if self.cluster:  # learnt again, here or by any other caller of the client
+            slot_map = self.client.nodes_manager.slots_cache
+            if slot_map is not self._slot_map:
+                self._slot_map = slot_map
+                self.breaks += 1
         results: list[Any] = [None] * len(commands)
         pending = list(range(len(commands)))
         asked: dict[int, ClusterNode] = {}  # commands to send to a node after ASKING
@@ -161,6 +172,7 @@ class Batcher:
             try:
                 connection.send_packed_command(connection.pack_commands(packed))
             except STORE_ERRORS as exc:
+                self.breaks += 1
                 connection.disconnect()
                 pool.release(connection)
                 for index in members:
@@ -174,6 +186,7 @@ class Batcher:
                     results[index] = self._read(connection, index in asked)
                     done += 1
             except _CONNECTION_ERRORS as exc:
+                self.breaks += 1
                 connection.disconnect()
                 for unread in members[done:]:
                     results[unread] = exc
@@ -208,6 +221,7 @@ class Batcher:
             elif not self.cluster:
                 continue
             elif isinstance(result, MovedError):
+                self.breaks += 1
                 self.client.nodes_manager.move_slot(result)
             elif isinstance(result, AskError):
                 asked[index] = self._node_at(result.host, result.port)

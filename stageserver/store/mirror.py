@@ -113,8 +113,9 @@ class _Mirror:
         self.gap = ""  # what the store lost of it for good, in words; kept once known
         self.resummarize = False  # its summary changed while it runs (a continuation)
         # Whether the log is known to hold exactly ``held`` events, so that the next
-        # write may be a plain XADD; any doubt (an error, a resync) clears it.
-        self.verified = True
+        # write may be a plain XADD: as of which of the batcher's breaks (batch.py). Any
+        # doubt (an error, a resync, a break) makes it read the log first.
+        self.verified: int | None = store.batcher.breaks
 
     def renew(self, lease_ms: int) -> list[Command]:
         """The renewal of its lease, with its TTLs every few seconds and a checkpoint of
@@ -131,7 +132,7 @@ class _Mirror:
         if self.held > self.saved:
             text = "".join(stage.text_parts[: self.text_parts])
             saved = entries.checkpoint(self.held, self.chunks, text)
-        args = [stage.instance, lease_ms, self.epoch, hash_ttl, log_ttl, saved]
+        args = [stage.instance, lease_ms, self.epoch, hash_ttl, log_ttl, saved, self.held]
         deadline = int(time.time() * 1000) + lease_ms
         return [
             scripts.RENEW.command(keys, args),
@@ -143,6 +144,10 @@ class _Mirror:
             self.store._fence(self.stage)
         elif results[0] == 2:
             self.store._lost(self)
+            self.store.mark(self.stage)
+        elif isinstance(results[0], list):  # the log lost its last entries
+            self.verified = None
+            self.store._resume_from(self, int(results[0][0]))
             self.store.mark(self.stage)
 
 
@@ -256,22 +261,24 @@ class RedisStageStore(StageListener):
     def claim(self, stage: Stage) -> None:
         """Make ``stage`` the one live stage with its key, everywhere, and mirror it.
         Raises StageConflict when one runs, StoreUnavailable when Redis cannot say."""
-        hash_key, log_key, text_key, live_key = stage_keys(stage.key)
         lease_ms = self.leases.lease_ms
         ttl, event_ttl = self.ttls_ms(stage)
-        try:
-            if not self.redis.set(live_key, stage.instance, nx=True, px=lease_ms):
-                raise StageConflict(stage.stage_id)
-            pipe = self.redis.pipeline(transaction=True)  # one slot: MULTI, in a cluster too
-            pipe.delete(hash_key, log_key, text_key)
-            pipe.hset(hash_key, mapping=self._fields(stage))
-            pipe.pexpire(hash_key, ttl + lease_ms)
-            pipe.xadd(log_key, {"m": 1}, id=entries.entry_id(entries.FIRST_EPOCH, 0))
-            pipe.pexpire(log_key, event_ttl + lease_ms)
-            pipe.execute()
-            self.redis.zadd(RUNNING_INDEX, {stage.key: int(time.time() * 1000) + lease_ms})
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
+        fields = [item for pair in self._fields(stage).items() for item in pair]
+        args = [stage.instance, lease_ms, ttl + lease_ms, event_ttl + lease_ms, *fields]
+        deadline = int(time.time() * 1000) + lease_ms
+        # One round trip: the claim (a script: atomic, one slot) and the running index
+        # (its own slot). An index entry for a stage that turns out to be another's is
+        # harmless: the sweeper finds its lease held.
+        claimed, _ = self.batcher.run(
+            [
+                scripts.CLAIM.command(stage_keys(stage.key), args),
+                Command(RUNNING_INDEX, ("ZADD", RUNNING_INDEX, deadline, stage.key)),
+            ]
+        )
+        if isinstance(claimed, Exception):
+            raise StoreUnavailable(claimed)
+        if claimed != 1:
+            raise StageConflict(stage.stage_id)
         mirror = self._mirrors[stage] = _Mirror(stage, self, entries.FIRST_EPOCH, 0)
         self.leases.hold(mirror)
 
@@ -451,7 +458,7 @@ class RedisStageStore(StageListener):
                 if write.done:
                     ended.append(stage.key)
                 continue
-            mirror.verified = False
+            mirror.verified = None
             if result == -1:
                 self._fence(stage)
             elif result == -2:
@@ -482,8 +489,9 @@ class RedisStageStore(StageListener):
         upto = events[-1][0] + 1 if events else mirror.next_seq
         parts = stage.text_parts
         chunks = stage.content_chunks
+        verified = mirror.verified == self.batcher.breaks
         checked = (
-            not mirror.verified
+            not verified
             or mirror.lost
             or mirror.resummarize
             or stage.finished
@@ -508,8 +516,9 @@ class RedisStageStore(StageListener):
         answer = json.dumps(stage.answer()) if done else ""
         saved = "" if done else entries.checkpoint(upto, chunks, "".join(parts))
         ttl, event_ttl = self.ttls_ms(stage)
+        held = "" if verified else mirror.held  # no doubt: nothing to read first
         args: list[Any] = [
-            stage.instance, self.leases.lease_ms, mirror.epoch, mirror.held, self.max_events,
+            stage.instance, self.leases.lease_ms, mirror.epoch, held, self.max_events,
             int(done), ttl, event_ttl, status, summary, saved, mirror.gap, self.owner,
             stage.spec.prompt_tokens_estimate, answer,
         ]  # fmt: skip
@@ -529,7 +538,8 @@ class RedisStageStore(StageListener):
         mirror.held = mirror.next_seq = write.upto
         mirror.text_parts, mirror.chunks = write.text_parts, write.chunks
         if write.checked:
-            mirror.verified, mirror.lost, mirror.resummarize = True, False, False
+            mirror.lost, mirror.resummarize = False, False
+            mirror.verified = self.batcher.breaks
             mirror.saved = write.upto
         stage.publish(write.upto)
         if write.done:
@@ -543,7 +553,7 @@ class RedisStageStore(StageListener):
         return ttl, min(ttl, max(self.event_ttl_ms, int(spec.keep_events_seconds * 1000)))
 
     def _lost(self, mirror: _Mirror) -> None:
-        mirror.lost, mirror.held, mirror.verified = True, 0, False  # write the stage whole
+        mirror.lost, mirror.held, mirror.verified = True, 0, None  # write the stage whole
         self._resume_from(mirror, 0)
 
     def _resume_from(self, mirror: _Mirror, held: int) -> None:

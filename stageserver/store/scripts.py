@@ -27,9 +27,25 @@ local function take_back()
 end
 """
 
+# Make a stage the one live stage with its key, everywhere: its lease, a fresh hash of
+# its record, and its log, begun with the first epoch's marker (entries.py). ARGV:
+# token, lease_ms, hash TTL in ms, log TTL in ms, then the hash's fields and values.
+# 1: claimed; 0: a stage with this key runs.
+CLAIM = Script("""
+if not redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('XADD', KEYS[2], '1-0', 'm', '1')
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+""")
+
 # The lease keeper's renewal of one stage. ARGV: token, lease_ms, epoch, hash TTL in ms
-# ("": not now), log TTL in ms, checkpoint ("": none). The TTLs are refreshed every few
-# seconds, not with every renewal; a checkpoint replaces an older one only.
+# ("": not now), log TTL in ms, checkpoint ("": none), the events the owner knows Redis
+# holds. The TTLs are refreshed every few seconds, not with every renewal; a checkpoint
+# replaces an older one only. {n}: the log holds only n events (a failover lost the
+# last writes): the owner writes them again. Else as the take-back.
 RENEW = Script(
     _TAKE_BACK
     + """
@@ -47,6 +63,10 @@ if ARGV[4] ~= '' then
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if top[1] and tonumber(string.match(top[1][1], '%d+$')) < tonumber(ARGV[7]) then
+  return {tonumber(string.match(top[1][1], '%d+$'))}
+end
 if ARGV[6] ~= '' then
   local saved = redis.call('GET', KEYS[3])
   if not saved or tonumber(string.match(saved, '^%d+')) < tonumber(string.match(ARGV[6], '^%d+'))
@@ -58,12 +78,13 @@ return 1
 """
 )
 
-# The checked write: fenced, and checked against what the log holds. The flusher sends
-# it for a stage's end, its summary, after any doubt (an error, a restart), and whole
-# when the store lost the stage; every other write is a plain XADD (mirror.py).
-# ARGV: token, lease_ms, epoch, events Redis should hold, maxlen, finished (0/1), ttl_ms,
-# event_ttl_ms, status, summary (""), checkpoint (""), gap (""), owner, prompt tokens,
-# answer (""), then per entry: its id, its number of values, and the values.
+# The fenced write, for what a plain XADD cannot carry (mirror.py): a stage's end, its
+# summary, a write after any doubt (an error, a restart), and the whole stage when the
+# store lost it. After a doubt it reads the log first, and writes only if it holds the
+# events this worker believes it does. ARGV: token, lease_ms, epoch, events Redis
+# should hold ("": no doubt, not read), maxlen, finished (0/1), ttl_ms, event_ttl_ms,
+# status, summary (""), checkpoint (""), gap (""), owner, prompt tokens, answer (""),
+# then per entry: its id, its number of values, and the values.
 # 1: written; -1: fenced; -2: the store lost the stage; {n}: it holds n events, not that.
 WRITE = Script(
     _TAKE_BACK
@@ -75,23 +96,31 @@ if live ~= ARGV[1] then
   if taken == -1 then return -1 end
   if taken == 2 and ARGV[10] == '' then return -2 end
 end
-local have = 0
-local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
-if have ~= tonumber(ARGV[4]) then return {have} end
+if ARGV[4] ~= '' then
+  local have = 0
+  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
+  if have ~= tonumber(ARGV[4]) then return {have} end
+end
 local i = 16
 while i <= #ARGV do
   local n = tonumber(ARGV[i + 1])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[i], unpack(ARGV, i + 2, i + 1 + n))
+  local xadd = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[i]}
+  -- Unread, the log must be there: none means the store lost it (read, it is made).
+  if ARGV[4] == '' then table.insert(xadd, 3, 'NOMKSTREAM') end
+  for j = i + 2, i + 1 + n do table.insert(xadd, ARGV[j]) end
+  if not redis.call(unpack(xadd)) then return -2 end
   i = i + 2 + n
 end
 if ARGV[11] ~= '' then redis.call('SET', KEYS[3], ARGV[11]) end
-if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'gap', ARGV[12]) end
+local fields = {}
 if ARGV[10] ~= '' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[9], 'summary', ARGV[10], 'owner', ARGV[13],
-             'prompt_tokens', ARGV[14], 'epoch', ARGV[3])
+  fields = {'status', ARGV[9], 'summary', ARGV[10], 'owner', ARGV[13],
+            'prompt_tokens', ARGV[14], 'epoch', ARGV[3]}
 end
-if ARGV[15] ~= '' then redis.call('HSET', KEYS[1], 'answer', ARGV[15]) end
+if ARGV[12] ~= '' then table.insert(fields, 'gap'); table.insert(fields, ARGV[12]) end
+if ARGV[15] ~= '' then table.insert(fields, 'answer'); table.insert(fields, ARGV[15]) end
+if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
 if ARGV[6] == '1' then
   redis.call('DEL', KEYS[4], KEYS[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
@@ -174,4 +203,4 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """)
 
-ALL = (RENEW, WRITE, HAND_OFF, TAKE_OVER, DECLARE_DEAD)
+ALL = (CLAIM, RENEW, WRITE, HAND_OFF, TAKE_OVER, DECLARE_DEAD)
