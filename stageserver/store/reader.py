@@ -32,7 +32,7 @@ from ..stages.feeds import RefusedFeed
 from ..stages.stage import Subscriber
 from ..stages.usage import final_usage
 from . import entries, scripts
-from .batch import Batcher
+from .batch import Batcher, Command
 from .connection import STORE_ERRORS, stage_keys
 
 _READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client and the owner this often
@@ -244,21 +244,19 @@ class RemoteFeed:
         deadline = time.monotonic() + wait
         while True:
             block = min(max(deadline - time.monotonic(), 0.001), _READ_BLOCK_SECONDS)
-            reply = self._xread(cursor, int(block * 1000))
             batch = []
             ended = False
-            for _, log_entries in reply or ():
-                for entry, values in log_entries:
-                    events, terminal = entries.events_of(values)
-                    for seq, wire in events:
-                        if seq < cursor:
-                            continue  # read before, or the start of a resume mid-entry
-                        if seq != cursor:
-                            self._gap(cursor, seq)
-                        cursor = seq + 1
-                        batch.append(wire)
-                    ended = ended or terminal
-                    self._after = (cursor, entry.decode())
+            for entry, values in self._xread(cursor, int(block * 1000)):
+                events, terminal = entries.events_of(values)
+                for seq, wire in events:
+                    if seq < cursor:
+                        continue  # read before, or the start of a resume mid-entry
+                    if seq != cursor:
+                        self._gap(cursor, seq)
+                    cursor = seq + 1
+                    batch.append(wire)
+                ended = ended or terminal
+                self._after = (cursor, entry.decode())
             if batch or ended:
                 return b"".join(batch), cursor, ended
             if subscriber.client_gone:
@@ -267,22 +265,24 @@ class RemoteFeed:
             if time.monotonic() >= deadline:
                 return b"", cursor, False
 
-    def _xread(self, cursor: int, block_ms: int) -> Any:
-        """One blocking XREAD of the log from ``cursor``, on the node that holds it."""
+    def _xread(self, cursor: int, block_ms: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """One blocking XREAD of the log from ``cursor``: its entries, with their fields.
+        Sent through the batcher, so that it goes to the node that holds the log, and
+        follows it when its slot moves (batch.py)."""
         after = self._after
         if after is not None and after[0] == cursor:
             start = after[1]
         else:  # see entries.py: from the first epoch's entry of this event on
             start = entries.entry_id(entries.FIRST_EPOCH, cursor)
-        for attempt in (1, 2):
-            try:
-                client = self._reader.batcher.node_client(self._log_key)
-                return client.xread({self._log_key: start}, block=block_ms, count=512)
-            except STORE_ERRORS as exc:
-                if attempt == 2 or not self._reader.batcher.cluster:
-                    raise StageLost(store_unavailable_message(exc)) from None
-                self._reader.batcher.refresh()  # a slot moved, a node failed over
-        return None
+        args = ("XREAD", "COUNT", 512, "BLOCK", block_ms, "STREAMS", self._log_key, start)
+        [reply] = self._reader.batcher.run([Command(self._log_key, args)])
+        if isinstance(reply, Exception):
+            raise StageLost(store_unavailable_message(reply))
+        if not reply:
+            return []
+        # One stream asked for: a map of it in RESP3, a list of [key, entries] in RESP2.
+        [raw_entries] = reply.values() if isinstance(reply, dict) else [reply[0][1]]
+        return [(entry, _pairs(values)) for entry, values in raw_entries]
 
     def close(self, subscriber: Subscriber, *, disconnected: bool) -> None:
         try:
@@ -310,3 +310,8 @@ class RemoteFeed:
             raise StageLost(store_unavailable_message(exc)) from None
         if not there:
             raise StageLost("the stage expired from the store")
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """An entry's fields from the raw reply, ``[name, value, name, value, ...]``."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
