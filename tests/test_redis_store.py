@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,12 +15,21 @@ import redis
 import requests
 
 from stageserver import create_app
+from stageserver.errors import ConfigError
 from stageserver.launcher.supervisor import GUNICORN_ARGS
 from stageserver.store.batch import Batcher, Command
-from stageserver.store.connection import stage_keys
+from stageserver.store.connection import connect, stage_keys
 from stageserver.store.entries import events_of
 from testing.fake_upstream import FakeUpstream
-from testing.servers import ROOT, VENV_BIN, Gunicorn, RedisServer, free_port, gunicorn_server
+from testing.servers import (
+    ROOT,
+    VENV_BIN,
+    Gunicorn,
+    RedisClusterGroup,
+    RedisServer,
+    free_port,
+    gunicorn_server,
+)
 from testing.sse import (
     assert_resumed_exactly_once,
     chunk_text,
@@ -285,3 +296,37 @@ def test_the_lease_keeper_outlives_a_renewal_that_raises(redis_server: RedisServ
         time.sleep(0.05)
     keeper.release(counted)
     assert counted.renewals >= 2
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/2", "only database 0, not '2'"),
+        ("redis+cluster:///run/redis.sock", "not through a unix socket"),
+        ("rediss+cluster://127.0.0.1:7000,node-b", "cluster node 'node-b' must be host:port"),
+    ],
+)
+def test_a_cluster_url_with_a_database_a_socket_or_no_port_is_refused(url: str, named: str) -> None:
+    """Refused before any connection is tried, with a message that names the fault."""
+    with pytest.raises(ConfigError) as refused:
+        connect(url)
+    assert named in str(refused.value)
+
+
+def test_stageserver_check_refuses_a_plain_url_that_names_a_cluster_node(
+    redis_cluster: RedisClusterGroup,
+) -> None:
+    url = f"redis://127.0.0.1:{redis_cluster.ports[0]}/0"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGESERVER_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "stageserver", "check"],
+        cwd=ROOT,
+        env={**env, "STAGESERVER_STORE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    named = f"name the cluster as redis+cluster://127.0.0.1:{redis_cluster.ports[0]}"
+    assert "is a node of a Redis Cluster" in result.stderr and named in result.stderr
