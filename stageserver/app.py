@@ -48,9 +48,11 @@ class StageServer:
       (30): whether a stage outlives its client's disconnect, and for how long.
     - ``STAGESERVER_BACKGROUND_MAX_SECONDS`` (3600): how long a background response may
       run with nobody attached.
-    - ``STAGESERVER_STORE_URL`` (None): Redis shared by workers and hosts;
-      ``STAGESERVER_OWNER_LEASE_SECONDS`` (5): how long a stage outlives its worker's
-      last sign of life there, before another worker takes it over.
+    - ``STAGESERVER_STORE_URL`` (None): Redis shared by workers and hosts (one Redis,
+      a Sentinel service or a Redis Cluster); ``STAGESERVER_OWNER_LEASE_SECONDS`` (5):
+      how long a stage outlives its worker's last sign of life there, before another
+      worker takes it over; ``STAGESERVER_STORE_FLUSH_WINDOW_SECONDS`` (0.005): how long
+      a worker gathers its stages' new events into one write.
     - ``STAGESERVER_MAX_ACTIVE_STREAMS`` (900): stages per worker; more get 503.
     - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
     - ``STAGESERVER_API_KEYS`` (None): principals, their keys and limits (principals.py).

@@ -75,6 +75,10 @@ RUNNING_INDEX = "ss:running"
 DEFAULT_FLUSH_WINDOW = 0.005  # STAGESERVER_STORE_FLUSH_WINDOW_SECONDS
 _RETRY_DELAY = 0.5  # while Redis cannot be written
 _TTL_REFRESH_SECONDS = 15.0  # at most this often per stage while it runs, and per quarter TTL
+# A renewal writes a checkpoint of the text once this many events came since the last
+# (or a quarter of the log's length, so that no entry after it is trimmed away): the
+# text is rebuilt from it and the entries after it (entries.py).
+_CHECKPOINT_EVENTS = 512
 
 
 @dataclass(frozen=True)
@@ -118,8 +122,8 @@ class _Mirror:
         self.verified: int | None = store.batcher.breaks
 
     def renew(self, lease_ms: int) -> list[Command]:
-        """The renewal of its lease, with its TTLs every few seconds and a checkpoint of
-        its text when the text grew (entries.py), and its place in the running index."""
+        """The renewal of its lease, with its TTLs every few seconds and now and then a
+        checkpoint of its text (entries.py), and its place in the running index."""
         store, stage = self.store, self.stage
         keys = stage_keys(stage.key)
         hash_ttl = log_ttl = ""
@@ -129,9 +133,10 @@ class _Mirror:
             hash_ttl, self.refreshed = str(ttl + lease_ms), now
         log_ttl = str(event_ttl + lease_ms)
         saved = ""
-        if self.held > self.saved:
+        if self.held - self.saved >= min(_CHECKPOINT_EVENTS, store.max_events // 4):
             text = "".join(stage.text_parts[: self.text_parts])
             saved = entries.checkpoint(self.held, self.chunks, text)
+            self.saved = self.held  # if this renewal fails, the entries still hold the text
         args = [stage.instance, lease_ms, self.epoch, hash_ttl, log_ttl, saved, self.held]
         deadline = int(time.time() * 1000) + lease_ms
         return [

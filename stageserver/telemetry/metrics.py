@@ -26,6 +26,9 @@ Metrics (labels in brackets):
   start to its first chunk; stages that got no chunk are not observed.
 - ``stageserver_stream_duration_seconds`` [upstream, outcome]: histogram, from the
   stage's start to its terminal event.
+- ``stageserver_store_write_delay_seconds``: histogram, with a shared store: for each
+  stage a write to Redis carried, from its oldest event in it being relayed to Redis
+  holding it (a client reads an event only then).
 - ``stageserver_chunks_relayed_total`` [upstream]: upstream chunks relayed, added when
   their stage finishes (a long stream shows up at its end).
 - ``stageserver_active_streams`` [upstream]: stages running now, from start to finish,
