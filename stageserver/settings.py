@@ -88,7 +88,9 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     ),
     "STAGESERVER_EVENT_LOG_MAX_EVENTS": (
         20_000,
-        "Events kept per stage; older ones are dropped from the replay window.",
+        "Events kept per stage; older ones are dropped from the replay window. In the "
+        "shared store it counts the log's entries, each the events of one write: Redis "
+        "keeps at least this many events.",
     ),
     "STAGESERVER_EVENT_LOG_MAX_BYTES": (
         8_388_608,

@@ -23,8 +23,9 @@ whose events up to ``s`` it skips.
 The text so far is what a taker continues from, and what a status shows. The owner does
 not write it whole with each write, only its entries' ``x``; ``ss:{key}:text`` holds a
 checkpoint, ``<n>:<chunks>:<text>``: the answer as of the log's first ``n`` events. The
-owner writes one every few seconds, with its leases, and with every write that reads the
-log first. The text is the checkpoint and the ``x`` of every later entry.
+owner writes one with a lease renewal once some hundreds of events came since the last,
+and with every write that reads the log first. The text is the checkpoint and the ``x``
+of every later entry.
 """
 
 from __future__ import annotations

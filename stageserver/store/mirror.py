@@ -5,49 +5,59 @@ Redis is a mirror, so that any worker can answer for it (``reader.py``). The key
 of a stage, named after its key (its id in its principal's namespace) as a hash tag
 (``connection.py``):
 
-- ``ss:{key}`` (hash): status, owner, summary JSON, remote watchers, and while in doubt
-  ``suspect_since``; ``gap`` when the store lost events it could not get back;
-- ``ss:{key}:log`` (stream): the events, each the exact bytes a client receives, under
-  the stream id ``0-<seq+1>``, so that a ``Last-Event-ID`` maps straight onto ``XREAD``;
-- ``ss:{key}:text`` (string): the text so far, while the stage runs;
+- ``ss:{key}`` (hash): status, owner, summary JSON, record, epoch, remote watchers, and
+  while in doubt ``suspect_since``; ``gap`` when the store lost events it could not get
+  back;
+- ``ss:{key}:log`` (stream): the events, each the exact bytes a client receives, several
+  to an entry (``entries.py``: ids, fencing by epoch, and the text in each entry);
+- ``ss:{key}:text`` (string): a checkpoint of the text, while the stage runs;
 - ``ss:{key}:live`` (string): the owner's lease, held by the one stage instance that runs
   it. ``SET NX`` on it makes a stage id unique everywhere; the worker renews it with all
   its leases (``leases.py``);
-- ``ss:running`` (sorted set): the key of every running stage, scored by when its lease
-  runs out (0: handed off by a draining worker);
+- ``ss:running`` (sorted set, a key of its own, in a slot of its own): the key of every
+  running stage, scored by when its lease runs out (0: handed off by a draining worker);
 - channel ``ss:cancel``: a cancel for a stage that runs elsewhere.
 
 A stage outlives its worker: when its lease lapses, or its worker hands it off as it
-drains, any live worker claims it (``take_over``: one wins, under a new lease that fences
-the old one; ``manager.StageManager.adopt``), and continues its answer from what Redis
-holds: its record (the request), its log, and its text, which one script appends with
-the events, so that the text always matches an index of the log. For that, a client never reads an
-event before Redis holds it (the stage is ``gated``: the flusher publishes what it has
-written), and no client can have seen what a taker would not continue from. While Redis
-cannot be written, the stage publishes at once instead: an outage stops no stream, at
-the price of that guarantee until the mirror has caught up.
+drains, any live worker claims it (``take_over``: one wins, under a new lease and the
+next epoch, which fence the old owner; ``manager.StageManager.adopt``), and continues
+its answer from what Redis holds: its record (the request), its log, and its text, which
+the log's entries carry with their events, so that the text always matches an index of
+the log. For that, a client never reads an event before Redis holds it (the stage is
+``gated``: the flusher publishes what it has written), and no client can have seen what
+a taker would not continue from. While Redis cannot be written, the stage publishes at
+once instead: an outage stops no stream, at the price of that guarantee until the mirror
+has caught up.
 
-Writes are batched and fenced: for each event the relay only marks its stage dirty, and
-one flusher per process writes every dirty stage's new events, a few milliseconds later,
-in one pipeline of scripts; a stage's end is written at once, before its clients hear of
-it, so that its id is free when they do. Each script writes only while this stage
-instance holds the lease. When it does not:
+Writes are batched and cost one command per stage: for each event the relay only marks
+its stage dirty, and one flusher per process writes every dirty stage's new events a
+flush window later (``STAGESERVER_STORE_FLUSH_WINDOW_SECONDS``), in one round trip per
+Redis node (``batch.py``). A stage's share is one plain ``XADD`` that reads nothing: its
+entry id is fenced by Redis itself (``entries.py``). What an XADD cannot carry goes
+through the fenced script ``WRITE`` (``scripts.py``): a stage's end, written at once,
+before its clients hear of it, so that its id is free when they do; a new summary; and
+any write after a doubt (an error, a lost connection, a failover: the batcher's
+``breaks``), which reads the log first. The TTLs (every 15 s at most) and now and then a
+checkpoint of the text go with the lease renewals, not with the writes. When the lease is not this
+instance's:
 
-- if the stage was declared dead meanwhile, or another stage holds the id, this worker
-  was cut off past its lease (a partition, a long pause): it stops the stage, closes its
-  upstream and writes nothing more to it (fencing);
+- if the stage was taken over or declared dead meanwhile, this worker was cut off past
+  its lease (a partition, a long pause): it stops the stage, closes its upstream and
+  writes nothing more to it (fencing);
 - if nobody noticed (the lease merely lapsed, or Redis restarted and lost it), it takes
   the lease back and goes on: a store outage ends no healthy stream.
 
 When Redis cannot be written, nothing ends: the stages stay dirty, the flusher tries again
 every half second, and each keeps streaming to its own clients. When Redis answers, the
 mirror catches up from where Redis stands (a restart or a failover may have lost the last
-writes), from the worker's own log; what that log no longer holds is recorded as a
-``gap``, and a resume that needs it gets an ``error`` that says so, never a silent hole.
+writes: the next write reads the log, and a renewal notices a log shorter than it should
+be), from the worker's own log; what that log no longer holds is recorded as a ``gap``,
+and a resume that needs it gets an ``error`` that says so, never a silent hole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -296,15 +306,20 @@ class RedisStageStore(StageListener):
         now = int(time.time() * 1000)
         args = [instance, lease_ms, now, lease_ms // 2, self.event_ttl_ms + lease_ms]
         claimed = self._call(scripts.TAKE_OVER.command(keys, args))
-        try:
+        if claimed is None:
+            return None
+        # The index is a hint for the sweepers (its node may be down): the claim stands.
+        with contextlib.suppress(*STORE_ERRORS):
             if claimed == 0:
                 self.redis.zrem(RUNNING_INDEX, key)
-                return None
-            if claimed is None:
-                return None
-            self.redis.zadd(RUNNING_INDEX, {key: now + lease_ms})
+            else:
+                self.redis.zadd(RUNNING_INDEX, {key: now + lease_ms})
+        if claimed == 0:
+            return None
+        try:
             text, chunks = entries.read_durable_text(self.redis, keys[2], keys[1])
         except STORE_ERRORS as exc:
+            self.release_claim(key, instance)  # for another worker, or this one, later
             raise StoreUnavailable(exc) from None
         epoch, held, record, owner, handoff, summary = claimed
         return Claim(
