@@ -56,7 +56,7 @@ from tests.test_takeover import (
     worker_of,
 )
 
-LEASE = 1  # STAGESERVER_OWNER_LEASE_SECONDS
+LEASE = 2  # STAGESERVER_OWNER_LEASE_SECONDS, as in tests/test_takeover.py
 ALICE_KEY = "alice-key-0123456789"
 ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 
@@ -175,8 +175,10 @@ def assert_each_once(stage_id: str, events: list[dict[str, Any]], end: str) -> N
     """The events of a whole stage: ids from 0 up, no gap, no repeat, one ``end`` last."""
     ids = ids_of(events)
     last = len(ids) - 1
-    assert ids == [f"{stage_id}-chunk-{n}" for n in range(last)] + [f"{stage_id}-{end}-{last}"]
-    assert [e["event"] for e in terminal(events)] == [end]
+    assert ids == [f"{stage_id}-chunk-{n}" for n in range(last)] + [f"{stage_id}-{end}-{last}"], (
+        terminal(events)
+    )
+    assert [e["event"] for e in terminal(events)] == [end], terminal(events)
 
 
 # -- every shard --------------------------------------------------------------------------
@@ -398,10 +400,11 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
     source, target = group.primaries()[:2]
     stage_id = stage_id_on(group, source, "alice", "moved")
     slot = stage_slot("alice", stage_id)
+    hash_key, log_key, _, _ = stage_keys(f"alice/{stage_id}")
     source_id, target_id = group.node_id(source), group.node_id(target)
 
     stream = post_chat(
-        a.url, stage_id=stage_id, model_name="fake?chunks=150&interval=0.02",
+        a.url, stage_id=stage_id, model_name="fake?chunks=400&interval=0.02",
         resumable=True, headers=ALICE, open=True,
     )  # fmt: skip
     stream.read_until(b"event: chat_completion_chunk", 5)
@@ -425,16 +428,26 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
             deadline = time.monotonic() + 30
             while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
                 assert time.monotonic() < deadline, keys
-                for key in keys:  # one at a time, the stage writing meanwhile
+                # One at a time, the stage writing meanwhile; its log first, for the
+                # longest window in which the log is on the importing node while the
+                # source still owns the slot: ASK for a write or a read of the log,
+                # TRYAGAIN for a script over the hash and the lease, split between the
+                # two nodes.
+                for key in sorted(keys, key=lambda key: key != log_key.encode()):
                     src.execute_command("MIGRATE", "127.0.0.1", target, key, 0, 5000)
                     moved.append(key)
                     codes += statuses_for(b.url, stage_id, 0.3)
-            for port in [
-                target,
-                source,
-                *(p for p in group.primaries() if p not in (source, target)),
-            ]:
-                group.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            # Every key moved, the slot still the source's, as while a slot's other keys
+            # move: longer than a follower's blocking XREAD (1 s), so that its next one
+            # meets the ASK, and than a lease, which the owner renews through the ASK.
+            codes += statuses_for(b.url, stage_id, LEASE + 1)
+            others = [p for p in group.primaries() if p not in (source, target)]
+            for port in [target, source, *others]:
+                client = group.client(port)
+                try:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+                finally:
+                    client.close()
         finally:
             src.close()
             dst.close()
@@ -442,21 +455,20 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
         events = on_a.result(timeout=60)
         during = resumed.result(timeout=60)
 
-    hash_key, log_key, _, _ = stage_keys(f"alice/{stage_id}")
     assert {hash_key.encode(), log_key.encode()} <= set(moved), moved
     assert group.primary_for_slot(slot) == target
     assert_each_once(stage_id, events, "done")
     assert during.status_code == 200, during.text
-    assert_resumed_exactly_once(stage_id, got, parse_events(during.content), 150)
+    assert_resumed_exactly_once(stage_id, got, parse_events(during.content), 400)
     after = requests.get(
         f"{b.url}/stages/{stage_id}/events",
         headers={**ALICE, "Last-Event-ID": got[-1]["id"]},
         timeout=30,
     )
     assert after.status_code == 200, after.text
-    assert_resumed_exactly_once(stage_id, got, parse_events(after.content), 150)
+    assert_resumed_exactly_once(stage_id, got, parse_events(after.content), 400)
     status = stage_status(b.url, stage_id, ALICE)
-    assert (status["status"], status["text"], status.get("gap")) == ("done", toks(150), None)
+    assert (status["status"], status["text"], status.get("gap")) == ("done", toks(400), None)
     print(f"status codes while the slot moved: {sorted(set(codes))} of {len(codes)}")
     assert 500 not in codes, codes
     assert_clean(a.log()[logs_from[0] :])
