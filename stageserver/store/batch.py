@@ -25,6 +25,11 @@ Reads never go to replicas: a stale read would break exactly-once resume.
 lost, a slot map learnt again (a failover), a slot moved. A writer that trusts what it
 wrote before (the flusher's plain XADDs, mirror.py) checks again after one.
 
+The batcher keeps its own idle connections, made by redis-py's pools but not handed back
+to them: a pool checks each connection it lends for unread data (a poll) and reports its
+use, which cost more than the write itself. A connection whose replies were not all read
+(an error, a greenlet killed while it waited) is closed, never reused.
+
 Do not wrap ``RedisCluster.pipeline`` instead: redis-py's own multi-key helpers
 (``exists(a, b)``, ``delete(a, b)``) call it internally.
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +92,7 @@ class Batcher:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
         self._scripts = {script.sha: script for script in scripts}
+        self._idle: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
         self.breaks = 0
         self._slot_map: object = None
 
@@ -159,7 +166,7 @@ class Batcher:
         for node, members in groups.items():
             try:
                 pool = self._pool(node)
-                connection = pool.get_connection()
+                connection = self._take(pool)
             except STORE_ERRORS as exc:
                 for index in members:
                     results[index] = exc
@@ -174,7 +181,7 @@ class Batcher:
             except STORE_ERRORS as exc:
                 self.breaks += 1
                 connection.disconnect()
-                pool.release(connection)
+                self._give_back(pool, connection)
                 for index in members:
                     results[index] = exc
                 continue
@@ -187,11 +194,19 @@ class Batcher:
                     done += 1
             except _CONNECTION_ERRORS as exc:
                 self.breaks += 1
-                connection.disconnect()
                 for unread in members[done:]:
                     results[unread] = exc
             finally:
-                pool.release(connection)
+                if done < len(members):  # replies left unread: the connection is spoilt
+                    connection.disconnect()
+                self._give_back(pool, connection)
+
+    def _take(self, pool: Any) -> Any:
+        idle = self._idle.get(pool)
+        return idle.pop() if idle else pool.make_connection()
+
+    def _give_back(self, pool: Any, connection: Any) -> None:
+        self._idle.setdefault(pool, []).append(connection)
 
     @staticmethod
     def _read(connection: Any, asking: bool) -> Any:

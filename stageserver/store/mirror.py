@@ -493,10 +493,10 @@ class RedisStageStore(StageListener):
             else:  # this stage's node could not be reached, or refused it
                 failed.add(stage)
         if ended:
-            try:
-                self.redis.zrem(RUNNING_INDEX, *ended)
-            except STORE_ERRORS as exc:  # the sweeper drops them when it meets them
-                log.warning("could not drop %d ended stages from the index: %s", len(ended), exc)
+            [dropped] = self.batcher.run([Command(RUNNING_INDEX, ("ZREM", RUNNING_INDEX, *ended))])
+            if isinstance(dropped, Exception):  # the sweeper drops them when it meets them
+                log.warning("could not drop %d ended stages from the index: %s", len(ended),
+                            dropped)  # fmt: skip
         return resynced, failed
 
     def _write(self, mirror: _Mirror) -> _Write | None:
