@@ -115,11 +115,12 @@ class Batcher:
             except STORE_ERRORS as exc:
                 log.warning("could not refresh the Redis Cluster's slot map: %s", exc)
 
-    def _node_of(self, command: Command, asked: dict[int, ClusterNode], index: int) -> Any:
+    def _node_of(self, command: Command, target: ClusterNode | None = None) -> Any:
+        """The node to send ``command`` to: ``target`` (after an ASK), else its slot's."""
         if not self.cluster:
             return None
-        if index in asked:
-            return asked[index]
+        if target is not None:
+            return target
         return self.client.nodes_manager.get_node_from_slot(key_slot(command.key.encode()))
 
     def _pool(self, node: Any) -> Any:
@@ -157,7 +158,7 @@ class Batcher:
         groups: dict[Any, list[int]] = {}
         for index in indexes:
             try:
-                node = self._node_of(commands[index], asked, index)
+                node = self._node_of(commands[index], asked.get(index))
             except STORE_ERRORS as exc:  # a slot no node serves (yet)
                 results[index] = exc
                 continue
@@ -230,9 +231,12 @@ class Batcher:
         refresh = try_again = False
         for index in indexes:
             result = results[index]
-            asked.pop(index, None)
+            # A command sent after ASKING goes there again if it failed there.
+            target = asked.pop(index, None)
             if isinstance(result, NoScriptError):
-                self._load_script(commands[index], asked, index)
+                self._load_script(commands[index], target)
+                if target is not None:
+                    asked[index] = target
             elif not self.cluster:
                 continue
             elif isinstance(result, MovedError):
@@ -242,6 +246,8 @@ class Batcher:
                 asked[index] = self._node_at(result.host, result.port)
             elif isinstance(result, TryAgainError):
                 try_again = True
+                if target is not None:
+                    asked[index] = target
             elif isinstance(result, (ClusterDownError, *_CONNECTION_ERRORS)):
                 refresh = True
             else:
@@ -260,13 +266,17 @@ class Batcher:
             self.client.nodes_manager.create_redis_connections([node])
         return node  # type: ignore[no-any-return]
 
-    def _load_script(self, command: Command, asked: dict[int, ClusterNode], index: int) -> None:
+    def _load_script(self, command: Command, target: ClusterNode | None) -> None:
+        """Load the command's script where it is sent: ``target``, else its slot's node."""
         script = self._scripts.get(str(command.args[1]))
         if script is None:
             return
         try:
-            node = self._node_of(command, asked, index)
-            client = self.client if node is None else self.client.get_redis_connection(node)
+            if not self.cluster:
+                client = self.client
+            else:
+                node = self._node_of(command, target)
+                client = self.client.get_redis_connection(node)
             client.script_load(script.source)
         except STORE_ERRORS as exc:
             log.warning("could not load a script into Redis: %s", exc)

@@ -28,7 +28,10 @@ end
 """
 
 # Make a stage the one live stage with its key, everywhere: its lease, a fresh hash of
-# its record, and its log, begun with the first epoch's marker (entries.py). ARGV:
+# its record, its log, begun with the first epoch's marker, and an empty checkpoint of
+# its text (entries.py). All four keys exist while it runs: while a slot migrates, Redis
+# answers TRYAGAIN to a script that names a key it cannot find, until the slot has
+# moved, longer than a lease may take. ARGV:
 # token, lease_ms, hash TTL in ms, log TTL in ms, then the hash's fields and values.
 # 1: claimed; 0: a stage with this key runs.
 CLAIM = Script("""
@@ -38,6 +41,7 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('XADD', KEYS[2], '1-0', 'm', '1')
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[3], '0:0:', 'PX', ARGV[4])
 return 1
 """)
 
@@ -172,6 +176,7 @@ local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
 redis.call('XADD', KEYS[2], epoch .. '-' .. have, 'm', '1')
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], '0:0:', 'PX', ARGV[5]) end
 return {epoch, have, fields[1] or '', fields[2] or '', fields[3] or '', fields[4] or '{}'}
 """)
 
