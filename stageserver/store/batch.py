@@ -59,6 +59,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connection import STORE_ERRORS
 
+try:  # packs a command in C; redis-py's own packing looks at every argument first
+    from hiredis import pack_command
+
+    _HIREDIS = True
+except ImportError:  # pragma: no cover - hiredis comes with stageserver[redis]
+    _HIREDIS = False
+
 log = logging.getLogger("stageserver.store")
 
 _ROUNDS = 3  # a command is sent at most this often in one run
@@ -178,7 +185,7 @@ class Batcher:
                     packed.append(("ASKING",))
                 packed.append(commands[index].args)
             try:
-                connection.send_packed_command(connection.pack_commands(packed))
+                connection.send_packed_command(_packed(connection, packed))
             except STORE_ERRORS as exc:
                 self.breaks += 1
                 connection.disconnect()
@@ -280,3 +287,15 @@ class Batcher:
             client.script_load(script.source)
         except STORE_ERRORS as exc:
             log.warning("could not load a script into Redis: %s", exc)
+
+
+def _packed(connection: Any, commands: list[tuple[Any, ...]]) -> Any:
+    if not _HIREDIS:
+        return connection.pack_commands(commands)
+    packed = []
+    for args in commands:
+        try:
+            packed.append(pack_command(args))
+        except TypeError:  # hiredis takes no int: the writes' hot path passes none
+            packed += connection.pack_command(*args)
+    return [b"".join(packed)]  # send_packed_command takes a list of buffers

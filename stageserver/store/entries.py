@@ -50,14 +50,14 @@ def held_by(entry: bytes) -> int:
 def fields(
     events: Sequence[tuple[int, bytes]], *, terminal: bool, text: str, chunks: int
 ) -> list[Any]:
-    """An entry's fields and values, flat, as ``XADD`` takes them."""
+    """An entry's fields and values, flat, as ``XADD`` takes them (no int: see batch.py)."""
     flat: list[Any] = []
     for seq, wire in events:
-        flat += (seq, wire)
+        flat += (str(seq), wire)
     if terminal:
-        flat += ("t", 1)
+        flat += ("t", "1")
     if text:
-        flat += ("x", text, "c", chunks)
+        flat += ("x", text, "c", str(chunks))
     return flat
 
 

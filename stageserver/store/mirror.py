@@ -197,12 +197,13 @@ class RedisStageStore(StageListener):
         elsewhere: the cancel listener calls it. ``adopt(key)`` tries to take over the
         orphaned stage with that key (``manager.StageManager.adopt``); whether it, or
         another, has. ``flush_window``: how long the flusher gathers writes into one round
-        trip. ``on_written(seconds)``: told, for each stage a flush writes, how long its
-        oldest event waited to be durable."""
+        trip. ``on_written(seconds)``: told, for each write, how long the oldest event in
+        it waited to be durable (an upper bound for every event it carried)."""
         self.url = url
         self.ttl_ms = int(ttl_seconds * 1000)
         self.event_ttl_ms = int(event_ttl_seconds * 1000)  # StageSettings: at most the TTL
         self.max_events = max_events
+        self._maxlen = str(max_events)  # an argument of every XADD, packed as text
         self.flush_window = flush_window
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = LeaseKeeper(lambda: self.batcher, lease_seconds)
@@ -212,7 +213,6 @@ class RedisStageStore(StageListener):
         self._adopt = adopt
         self._on_written = on_written
         self._batcher: Batcher | None = None
-        self._pid = 0
         # Each stage to write, and when its oldest unwritten event came (monotonic).
         self._dirty: dict[Stage, float] = {}
         self._mirrors: dict[Stage, _Mirror] = {}
@@ -232,12 +232,14 @@ class RedisStageStore(StageListener):
         forked after the app was made has its own) connects, and starts the process's
         flusher and cancel listener: once per process, not per stage. Raises
         StoreUnavailable when a cluster cannot be reached to learn its slots."""
-        if self._batcher is None or self._pid != os.getpid():
+        batcher = self._batcher
+        if batcher is None:
             with self._lock:
-                if self._batcher is None or self._pid != os.getpid():
+                if self._batcher is None:
                     self._start_in_this_process()
-        assert self._batcher is not None
-        return self._batcher
+            batcher = self._batcher
+            assert batcher is not None
+        return batcher
 
     @property
     def redis(self) -> Any:
@@ -258,11 +260,19 @@ class RedisStageStore(StageListener):
             client = connect(self.url)
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
-        self._batcher, self._pid = Batcher(client, scripts.ALL), os.getpid()
+        self._batcher = Batcher(client, scripts.ALL)
+        # A worker forked after this process connected has none of its client, its
+        # tasks or its mirrors: it starts its own on first use.
+        os.register_at_fork(after_in_child=self._forget_the_parents)
         self._flusher = Task(self._flush_forever, name="stageserver-store-flush")
         self._listener = Task(self._listen_for_cancels, name="stageserver-store-cancel")
         if self._adopt is not None:
             self._sweeper = Task(self._adopt_orphans_forever, name="stageserver-store-sweep")
+
+    def _forget_the_parents(self) -> None:
+        self._batcher = None
+        self._dirty, self._mirrors = {}, {}
+        self._lock = threading.Lock()
 
     def _call(self, command: Command) -> Any:
         """One command's reply. Raises StoreUnavailable."""
@@ -465,7 +475,7 @@ class RedisStageStore(StageListener):
         if not writes:
             return set(), set()
         results = self.batcher.run([write.command for write in writes])
-        now = time.monotonic()
+        now = oldest = time.monotonic()
         resynced: set[Stage] = set()
         failed: set[Stage] = set()
         ended: list[str] = []
@@ -473,8 +483,7 @@ class RedisStageStore(StageListener):
             mirror, stage = write.mirror, write.mirror.stage
             if result == 1 or (not write.checked and isinstance(result, bytes)):
                 self._written(write)
-                if self._on_written is not None:
-                    self._on_written(now - batch[stage])
+                oldest = min(oldest, batch[stage])
                 if write.done:
                     ended.append(stage.key)
                 continue
@@ -492,6 +501,8 @@ class RedisStageStore(StageListener):
                 resynced.add(stage)  # a plain XADD found no log, or one ahead: read it
             else:  # this stage's node could not be reached, or refused it
                 failed.add(stage)
+        if self._on_written is not None and oldest < now:
+            self._on_written(now - oldest)
         if ended:
             [dropped] = self.batcher.run([Command(RUNNING_INDEX, ("ZREM", RUNNING_INDEX, *ended))])
             if isinstance(dropped, Exception):  # the sweeper drops them when it meets them
@@ -525,7 +536,7 @@ class RedisStageStore(StageListener):
             values = entries.fields(events, terminal=False, text=added, chunks=chunks)
             command = Command(
                 keys[1],
-                ("XADD", keys[1], "NOMKSTREAM", "MAXLEN", "~", self.max_events,
+                ("XADD", keys[1], "NOMKSTREAM", "MAXLEN", "~", self._maxlen,
                  entries.entry_id(mirror.epoch, upto), *values),
             )  # fmt: skip
             return _Write(mirror, command, upto, len(parts), chunks, done, checked=False)

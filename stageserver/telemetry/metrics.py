@@ -27,8 +27,8 @@ Metrics (labels in brackets):
 - ``stageserver_stream_duration_seconds`` [upstream, outcome]: histogram, from the
   stage's start to its terminal event.
 - ``stageserver_store_write_delay_seconds``: histogram, with a shared store: for each
-  stage a write to Redis carried, from its oldest event in it being relayed to Redis
-  holding it (a client reads an event only then).
+  write to Redis (a flush), from the oldest event in it being relayed to Redis holding
+  it (a client reads an event only then).
 - ``stageserver_chunks_relayed_total`` [upstream]: upstream chunks relayed, added when
   their stage finishes (a long stream shows up at its end).
 - ``stageserver_active_streams`` [upstream]: stages running now, from start to finish,
@@ -120,8 +120,9 @@ TIME_TO_FIRST_TOKEN = Histogram(
 )
 STORE_WRITE_DELAY = Histogram(
     "stageserver_store_write_delay_seconds",
-    "With a shared store: for each stage a write carried, seconds from its oldest event "
-    "in it being relayed to Redis holding it (a client reads an event only then).",
+    "With a shared store: for each write (one round trip per Redis node, every stage's "
+    "new events), seconds from the oldest event in it being relayed to Redis holding it "
+    "(a client reads an event only then).",
     buckets=(0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 STREAM_DURATION = Histogram(
