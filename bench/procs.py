@@ -185,6 +185,7 @@ class Stageserver:
         replicas: Sequence[str] = (),
         root: Path = ROOT,
         path: str = "/chat",
+        flush_window: float | None = None,
     ) -> None:
         """``shared_store``: with a redis-server of its own as the stage store, to see
         what mirroring every event into Redis costs the relay. The server CPU measured
@@ -198,7 +199,8 @@ class Stageserver:
         ``replicas``: more URLs of the upstream, which is then a pool (``upstream_url``
         and these), to see what choosing a replica for each stage costs. ``root``: a
         checkout of another revision, to run it side by side. ``path``: the API streamed
-        (``/chat``, ``/v1/chat/completions`` or ``/v1/responses``)."""
+        (``/chat``, ``/v1/chat/completions`` or ``/v1/responses``). ``flush_window``:
+        the store's, in seconds (``STAGESERVER_STORE_FLUSH_WINDOW_SECONDS``)."""
         self.path = path
         upstream = (
             {"STAGESERVER_UPSTREAMS": json.dumps({"default": {"urls": [upstream_url, *replicas]}})}
@@ -225,6 +227,8 @@ class Stageserver:
             self.redis_nodes = [(node.port, node.proc.pid) for node in self._redis.nodes]
         if self._redis is not None:
             env["STAGESERVER_STORE_URL"] = self._redis.url
+        if flush_window is not None:
+            env["STAGESERVER_STORE_FLUSH_WINDOW_SECONDS"] = str(flush_window)
         self.api_key = self.API_KEY if keys else None
         if keys:
             limits = {

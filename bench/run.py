@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,8 @@ DEFAULT_TARGETS = TARGETS
 # stage store a Redis Cluster of three primaries instead of one redis-server. "+follow"
 # (with +redis or +cluster, through /chat): a second gunicorn host on the same store, on
 # which every stream's stage is followed by a second client (GET /stages/<id>/events):
-# +redis+follow less +redis is what a follower adds.
+# +redis+follow less +redis is what a follower adds. "+w<ms>" (with a store): its flush
+# window, STAGESERVER_STORE_FLUSH_WINDOW_SECONDS, in ms: stageserver+redis+w40.
 STAGESERVER_VARIANTS = frozenset(
     {"redis", "cluster", "follow", "keys", "httpx", "pool", "replicas", "v1chat", "v1responses"}
 )
@@ -56,7 +58,7 @@ def check_target(target: str) -> str | None:
     base, *variants = name.split("+")
     if base not in TARGETS:
         return f"unknown target {target!r}; choose from {', '.join(TARGETS)}"
-    unknown = set(variants) - STAGESERVER_VARIANTS
+    unknown = {v for v in variants if not _window(v)} - STAGESERVER_VARIANTS
     if (variants or revision) and base != "stageserver":
         return f"{target!r}: only stageserver takes variants"
     if unknown:
@@ -65,9 +67,16 @@ def check_target(target: str) -> str | None:
         return f"{target!r}: +redis or +cluster, not both"
     if "follow" in variants and not {"redis", "cluster"} & set(variants):
         return f"{target!r}: +follow needs a shared store, +redis or +cluster"
+    if any(_window(v) for v in variants) and not {"redis", "cluster"} & set(variants):
+        return f"{target!r}: +w<ms> (the flush window) needs a shared store"
     if "follow" in variants and set(variants) & set(API_PATHS):
         return f"{target!r}: +follow follows the stages of /chat only"
     return None
+
+
+def _window(variant: str) -> bool:
+    """Whether a variant is a flush window (w<ms>)."""
+    return re.fullmatch(r"w\d+", variant) is not None
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,6 +126,7 @@ def _start(
         replicas=replicas,
         root=procs.checkout(revision) if revision else procs.ROOT,
         path=next((API_PATHS[v] for v in variants if v in API_PATHS), "/chat"),
+        flush_window=next((int(v[1:]) / 1000 for v in variants if _window(v)), None),
     )
 
 
@@ -191,7 +201,7 @@ def memory_store_target(target: str) -> str | None:
     base, *variants = name.split("+")
     if base != "stageserver":
         return None
-    kept = [v for v in variants if v not in _STORE_VARIANTS]
+    kept = [v for v in variants if v not in _STORE_VARIANTS and not _window(v)]
     return "+".join([base, *kept]) + at + revision
 
 
