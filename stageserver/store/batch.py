@@ -1,11 +1,13 @@
 """One round trip per Redis node for a batch of commands: the flush, and the leases.
 
-The flusher and the lease keeper each send many small commands at once, most of them
-Lua scripts (``EVALSHA``), one or a few per stage. redis-py's pipelines do not fit:
-a standalone ``Pipeline`` that holds scripts asks ``SCRIPT EXISTS`` before every
+The flusher and the lease keeper each send many small commands at once, one or a few
+per stage: plain ``XADD``s and Lua scripts (``EVALSHA``). redis-py's pipelines do not
+fit: a standalone ``Pipeline`` that holds scripts asks ``SCRIPT EXISTS`` before every
 execute (a second round trip per flush), and the cluster client's pipeline refuses
-scripts altogether. So the ``Batcher`` sends the commands itself, through the
-connection pools redis-py keeps:
+scripts altogether. So the ``Batcher`` sends the commands itself, on connections
+redis-py's pools make. The store's other commands that must follow a slot go through it
+too: a claim, a remote follower's ``XREAD`` (which ``RedisCluster.xread`` would route
+with two ``COMMAND GETKEYS`` round trips first).
 
 - the commands are grouped by the node that owns each one's slot (the one node of a
   standalone Redis or a Sentinel service), written to every node, and only then read
@@ -44,7 +46,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis import Redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -104,15 +105,6 @@ class Batcher:
         self._slot_map: object = None
 
     # -- nodes -------------------------------------------------------------------------
-
-    def node_client(self, key: str) -> Redis:
-        """A client of the node that owns ``key`` (the client itself, outside a cluster):
-        a single-key command sent through it costs no routing round trip, as
-        ``RedisCluster.xread`` does (``COMMAND GETKEYS``, twice)."""
-        if not self.cluster:
-            return self.client  # type: ignore[no-any-return]
-        node = self.client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
-        return self.client.get_redis_connection(node)  # type: ignore[no-any-return]
 
     def refresh(self) -> None:
         """Learn the cluster's slot map again (a failover, a slot moved)."""
@@ -211,7 +203,15 @@ class Batcher:
 
     def _take(self, pool: Any) -> Any:
         idle = self._idle.get(pool)
-        return idle.pop() if idle else pool.make_connection()
+        connection = idle.pop() if idle else pool.make_connection()
+        # Connected by its own connect(), as a pool would: a Sentinel's connection finds
+        # the current primary there (sending on an unconnected one would not).
+        try:
+            connection.connect()
+        except BaseException:
+            self._give_back(pool, connection)  # kept, to connect again next time
+            raise
+        return connection
 
     def _give_back(self, pool: Any, connection: Any) -> None:
         self._idle.setdefault(pool, []).append(connection)

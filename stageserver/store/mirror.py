@@ -270,6 +270,7 @@ class RedisStageStore(StageListener):
             self._sweeper = Task(self._adopt_orphans_forever, name="stageserver-store-sweep")
 
     def _forget_the_parents(self) -> None:
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._batcher = None
         self._dirty, self._mirrors = {}, {}
         self._lock = threading.Lock()
