@@ -513,6 +513,7 @@ def test_a_host_killed_mid_answer_is_continued_raw_from_the_durable_prefix(
             finally:
                 doomed.stop()
             seen = stream.events()
+            stream.close()  # its host is gone: drop the connection, rather than leave it
             last_id = [e for e in seen if "id" in e][-1]["id"]
             rest = parse_events(
                 requests.get(

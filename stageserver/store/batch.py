@@ -101,6 +101,8 @@ class Batcher:
         self.cluster = isinstance(client, RedisCluster)
         self._scripts = {script.sha: script for script in scripts}
         self._idle: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+        # Its connections are no pool's to close: closed with it.
+        weakref.finalize(self, _disconnect_all, self._idle)
         self.breaks = 0
         self._slot_map: object = None
 
@@ -299,3 +301,9 @@ def _packed(connection: Any, commands: list[tuple[Any, ...]]) -> Any:
         except TypeError:  # hiredis takes no int: the writes' hot path passes none
             packed += connection.pack_command(*args)
     return [b"".join(packed)]  # send_packed_command takes a list of buffers
+
+
+def _disconnect_all(idle: weakref.WeakKeyDictionary[Any, list[Any]]) -> None:
+    for connections in list(idle.values()):
+        for connection in connections:
+            connection.disconnect()

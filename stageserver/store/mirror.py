@@ -666,6 +666,7 @@ class RedisStageStore(StageListener):
     def _listen_for_cancels(self) -> None:
         """Cancels published by other workers, for stages that run here. Reconnects."""
         while True:
+            pubsub = None
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CANCEL_CHANNEL)
@@ -675,10 +676,12 @@ class RedisStageStore(StageListener):
                         payload = json.loads(message["data"])
                         self._cancel_here(payload["key"], payload["reason"])
             except (*STORE_ERRORS, ValueError) as exc:
+                _close(pubsub)  # its socket, before the next one is opened
                 log.warning("stage store cancel listener: %s; reconnecting in 1 s", exc)
                 time.sleep(1.0)
                 self.batcher.refresh()  # its node may have failed over
             except Exception:  # a message it cannot read: the listener outlives it
+                _close(pubsub)
                 log.exception("stage store cancel listener failed; reconnecting in 1 s")
                 time.sleep(1.0)
 
@@ -701,3 +704,9 @@ def _refused_id(error: Exception) -> bool:
     """A plain XADD refused: the log's last entry is not below its id (a write in
     flight landed, or another epoch fenced this one)."""
     return "equal or smaller" in str(error)
+
+
+def _close(pubsub: Any) -> None:
+    if pubsub is not None:
+        with contextlib.suppress(Exception):
+            pubsub.close()
