@@ -109,13 +109,14 @@ class _Mirror:
     """One claimed stage: how much of it Redis holds, and its lease."""
 
     __slots__ = (
-        "stage", "store", "epoch", "held", "next_seq", "text_parts", "chunks", "saved",
+        "stage", "store", "keys", "epoch", "held", "next_seq", "text_parts", "chunks", "saved",
         "refreshed", "lost", "gap", "resummarize", "verified",
     )  # fmt: skip
 
     def __init__(self, stage: Stage, store: RedisStageStore, epoch: int, held: int) -> None:
         self.stage = stage
         self.store = store
+        self.keys = stage_keys(stage.key)  # named once: every write and renewal uses them
         self.epoch = epoch  # this instance's (entries.py): its log entries' ids
         self.held = held  # events Redis holds, as far as this worker knows
         self.next_seq = held  # the next event of the stage to write
@@ -135,7 +136,6 @@ class _Mirror:
         """The renewal of its lease, with its TTLs every few seconds and now and then a
         checkpoint of its text (entries.py), and its place in the running index."""
         store, stage = self.store, self.stage
-        keys = stage_keys(stage.key)
         hash_ttl = log_ttl = ""
         ttl, event_ttl = store.ttls_ms(stage)
         now = time.monotonic()
@@ -150,7 +150,7 @@ class _Mirror:
         args = [stage.instance, lease_ms, self.epoch, hash_ttl, log_ttl, saved, self.held]
         deadline = int(time.time() * 1000) + lease_ms
         return [
-            scripts.RENEW.command(keys, args),
+            scripts.RENEW.command(self.keys, args),
             Command(RUNNING_INDEX, ("ZADD", RUNNING_INDEX, deadline, stage.key)),
         ]
 
@@ -529,7 +529,7 @@ class RedisStageStore(StageListener):
             or stage.finished
             or len(events) > entries.MAX_EVENTS_PER_ENTRY
         )
-        keys = stage_keys(stage.key)
+        keys = mirror.keys
         if not checked:
             if not events:
                 return None

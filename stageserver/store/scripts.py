@@ -11,6 +11,16 @@ from __future__ import annotations
 
 from .batch import Script
 
+# How many events the log holds: its last entry's id says (entries.py); nil when it has
+# no entry.
+_HELD = """
+local function held()
+  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if top[1] then return tonumber(string.match(top[1][1], '%d+$')) end
+  return nil
+end
+"""
+
 # Take the lease back when it lapsed and nobody took the stage meanwhile (its status
 # still running, its epoch still this owner's); -1 when another holds it, or it ended;
 # 2 when the store lost the stage (the writer then sends it whole). ARGV[1] is the stage
@@ -51,7 +61,8 @@ return 1
 # replaces an older one only. {n}: the log holds only n events (a failover lost the
 # last writes): the owner writes them again. Else as the take-back.
 RENEW = Script(
-    _TAKE_BACK
+    _HELD
+    + _TAKE_BACK
     + """
 local live = redis.call('GET', KEYS[4])
 if live == ARGV[1] then
@@ -67,10 +78,8 @@ if ARGV[4] ~= '' then
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
-local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if top[1] and tonumber(string.match(top[1][1], '%d+$')) < tonumber(ARGV[7]) then
-  return {tonumber(string.match(top[1][1], '%d+$'))}
-end
+local have = held()
+if have and have < tonumber(ARGV[7]) then return {have} end
 if ARGV[6] ~= '' then
   local saved = redis.call('GET', KEYS[3])
   if not saved or tonumber(string.match(saved, '^%d+')) < tonumber(string.match(ARGV[6], '^%d+'))
@@ -91,7 +100,8 @@ return 1
 # then per entry: its id, its number of values, and the values.
 # 1: written; -1: fenced; -2: the store lost the stage; {n}: it holds n events, not that.
 WRITE = Script(
-    _TAKE_BACK
+    _HELD
+    + _TAKE_BACK
     + """
 local live = redis.call('GET', KEYS[4])
 if live ~= ARGV[1] then
@@ -101,9 +111,7 @@ if live ~= ARGV[1] then
   if taken == 2 and ARGV[10] == '' then return -2 end
 end
 if ARGV[4] ~= '' then
-  local have = 0
-  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
+  local have = held() or 0
   if have ~= tonumber(ARGV[4]) then return {have} end
 end
 local i = 16
@@ -156,7 +164,9 @@ return 1
 # log TTL in ms. nil when it is not to be taken now (its lease is held, it is in its
 # grace); 0 when it is not running (to drop from the running index); else its epoch,
 # the events its log holds, its record, owner, whether it was handed off, and summary.
-TAKE_OVER = Script("""
+TAKE_OVER = Script(
+    _HELD
+    + """
 if redis.call('EXISTS', KEYS[4]) == 1 then return nil end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 local fields = redis.call('HMGET', KEYS[1], 'record', 'owner', 'handoff', 'summary',
@@ -171,25 +181,24 @@ end
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
 redis.call('HDEL', KEYS[1], 'suspect_since', 'handoff')
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-local have = 0
-local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
+local have = held() or 0
 redis.call('XADD', KEYS[2], epoch .. '-' .. have, 'm', '1')
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], '0:0:', 'PX', ARGV[5]) end
 return {epoch, have, fields[1] or '', fields[2] or '', fields[3] or '', fields[4] or '{}'}
-""")
+"""
+)
 
 # End a stage whose owner died, for everyone, when nobody takes it over (reader.py):
 # its ending events in one entry of the next epoch, which fences the dead owner should
 # it come back. ARGV: events the log holds, the summary, ttl_ms, event_ttl_ms, the
 # answer, then the ending's events. 1 if ended here; 0 if anything changed meanwhile.
-DECLARE_DEAD = Script("""
+DECLARE_DEAD = Script(
+    _HELD
+    + """
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-local have = 0
-local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if top[1] then have = tonumber(string.match(top[1][1], '%d+$')) end
+local have = held() or 0
 if have ~= tonumber(ARGV[1]) then return 0 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local entry = {}
@@ -206,6 +215,7 @@ redis.call('DEL', KEYS[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
-""")
+"""
+)
 
 ALL = (CLAIM, RENEW, WRITE, HAND_OFF, TAKE_OVER, DECLARE_DEAD)
