@@ -72,7 +72,9 @@ class _OneChunk:
     """A relay whose upstream says one word and ends: a stage to finish for real."""
 
     def run(self, stage: Any) -> None:
-        stage.append_chunk(b"{}", ("word", "stop", None, None))
+        from stageserver.stages.chunk_read import ChunkRead
+
+        stage.append_chunk(b"{}", ChunkRead("word", "stop"))
         stage.finish()
 
     def unblock(self) -> None:

@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .settings import PROCESS_SETTINGS, SETTINGS
 
 __all__ = [
+    "EXTRA_FIELDS",
     "PROCESS_SETTINGS",
     "SETTINGS",
     "UPSTREAM_FIELDS",
@@ -33,6 +34,21 @@ __all__ = [
 ]
 
 UPSTREAM_KINDS = ("openai", "ollama", "llamacpp", "vllm")
+#: The fields beyond OpenAI's API that an upstream of each kind takes, unless its
+#: ``extra_fields`` says otherwise: its own sampling and structured-output fields, which
+#: clients send with ``extra_body``. A name ending in ``*`` stands for every name it begins.
+EXTRA_FIELDS: dict[str, tuple[str, ...]] = {
+    "openai": (),
+    "vllm": (
+        "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
+        "chat_template_kwargs", "structured_outputs", "guided_*",
+    ),
+    "llamacpp": (
+        "top_k", "min_p", "repeat_penalty", "typical_p", "n_probs", "grammar", "json_schema",
+        "chat_template_kwargs",
+    ),
+    "ollama": ("options",),
+}  # fmt: skip
 #: How an upstream continues a partial answer (``upstream/continuation.py``).
 CONTINUATION_MODES = ("auto", "flag", "trailing", "prefix", "raw", "none")
 
@@ -99,6 +115,15 @@ class UpstreamConfig:
     continuation: str = "auto"
     #: For ``raw``: a GGUF or Jinja file with the model's chat template; "": the upstream's.
     chat_template: str = ""
+    #: The fields beyond OpenAI's API it takes (``EXTRA_FIELDS``: its kind's, by default).
+    extra_fields: tuple[str, ...] = ()
+
+    def takes_extra(self, name: str) -> bool:
+        """Whether a request may send it the field ``name``, which OpenAI's API lacks."""
+        return any(
+            name == field or (field.endswith("*") and name.startswith(field[:-1]))
+            for field in self.extra_fields
+        )
 
     def model_for(self, requested: str) -> str:
         """The model name to send here for a request that names ``requested``: that one
@@ -119,7 +144,7 @@ class UpstreamConfig:
 UPSTREAM_FIELDS = (
     "url", "urls", "kind", "api_key", "models", "retries", "fallbacks", "max_in_flight",
     "connect_timeout", "first_token_timeout", "attempt_timeout", "idle_timeout", "eject_after",
-    "continuation", "chat_template",
+    "continuation", "chat_template", "extra_fields",
 )  # fmt: skip
 
 
@@ -218,6 +243,9 @@ def _upstream_config(name: str, spec: Any, config: Mapping[str, Any]) -> Upstrea
         eject_after=count("eject_after", 3, 1),
         continuation=continuation,
         chat_template=chat_template,
+        extra_fields=_names(
+            where, "extra_fields", spec.get("extra_fields", list(EXTRA_FIELDS[kind])), "field names"
+        ),
     )
 
 

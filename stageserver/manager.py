@@ -70,7 +70,7 @@ from .upstream.clients import Upstream, UpstreamRegistry
 from .upstream.continuation import ContinuationModes
 from .upstream.health import ReadinessProbe
 from .upstream.relay import NO_TRACING, AttemptTracer, Continuations, Resume, UpstreamRelay
-from .upstream.request_body import RequestBody
+from .upstream.request_body import RequestBody, check_extra_fields
 from .upstream.route import ReplicaSets
 
 if TYPE_CHECKING:
@@ -265,6 +265,7 @@ class StageManager:
         upstream = self.upstreams.resolve(
             request.upstream, request.base_url, principal.upstreams, request.conversation.model
         )
+        check_extra_fields(request.conversation, upstream)
         stage = self._new_stage(request, request_id, upstream, principal, traceparent)
         if principal.limits:
             try:

@@ -33,11 +33,12 @@ from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from testing.apps import app_client
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
+from testing.metrics import scrape, value
 from testing.servers import ROOT, gunicorn_server
 from testing.sse import chunk_text, parse_events, stage_status
 from testing.sse import post_chat as requests_post_chat
-from tests.test_health_metrics import app_client, scrape, value
 
 ANSWER = "".join(f"tok{n} " for n in range(60))
 PREFIX = "".join(f"tok{n} " for n in range(20)).rstrip()  # what was delivered, held back

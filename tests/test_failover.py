@@ -20,10 +20,10 @@ import requests
 
 from stageserver import create_app
 from testing.fake_upstream import FakeUpstream
+from testing.metrics import Samples, scrape, value
 from testing.servers import Gunicorn, free_port, gunicorn_server
 from testing.sse import chunk_text, parse_events, post_chat, stage_status, terminal
 from tests.test_disconnect import open_stream, read_until
-from tests.test_health_metrics import Samples, scrape, value
 
 STREAM = "fake?chunks=5&interval=0.02"
 

@@ -20,37 +20,13 @@ from typing import Any
 import pytest
 import requests
 from flask.testing import FlaskClient
-from prometheus_client.parser import text_string_to_metric_families
 
-from stageserver import create_app
 from stageserver.telemetry.logs import JsonFormatter
+from testing.apps import app_client
 from testing.fake_upstream import FakeUpstream
+from testing.metrics import Samples, scrape, value
 from testing.servers import RedisServer, free_port, gunicorn_server
 from testing.sse import parse_events, post_chat, terminal
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(text: str) -> Samples:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-@contextmanager
-def app_client(config: dict[str, Any]) -> Iterator[FlaskClient]:
-    """A fresh app's test client; its upstream connections are closed afterwards."""
-    app = create_app(config)
-    try:
-        yield app.test_client()
-    finally:
-        app.extensions["stageserver"].upstreams.close()
 
 
 @pytest.fixture
@@ -136,9 +112,12 @@ def test_readyz_without_any_upstream_is_503() -> None:
 # -- metrics and logs in one process ------------------------------------------------
 
 
-def _run_stage(client: FlaskClient, stage_id: str, model: str, **extra: Any) -> Any:
+def _run_stage(
+    client: FlaskClient, stage_id: str, model: str, *, buffered: bool = True, **extra: Any
+) -> Any:
     body = {"stage_id": stage_id, "model_name": model, "user_prompt": "hi", "stream": True}
-    return client.post("/chat", json=body | extra, headers={"X-Request-ID": f"rid-{stage_id}"})
+    headers = {"X-Request-ID": f"rid-{stage_id}"}
+    return client.post("/chat", json=body | extra, headers=headers, buffered=buffered)
 
 
 def _settled(client: FlaskClient, *stage_ids: str) -> None:

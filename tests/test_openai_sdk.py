@@ -308,7 +308,7 @@ def test_max_completion_tokens_reaches_the_upstream_as_max_tokens(
 # -- errors ---------------------------------------------------------------------------------
 
 
-IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+FILE = {"type": "file", "file": {"file_id": "file-abc"}}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -318,7 +318,7 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
         ({"n": 2}, "n", "unsupported_value"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate", "unsupported_parameter"),
         (
-            {"messages": [{"role": "user", "content": [IMAGE]}]},
+            {"messages": [{"role": "user", "content": [FILE]}]},
             "messages[0].content[0].type",
             "unsupported_value",
         ),

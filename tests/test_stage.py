@@ -17,6 +17,7 @@ import pytest
 from stageserver.config import FollowSettings
 from stageserver.errors import StageFailure, StageLost, UpstreamStatusError
 from stageserver.sse import encode_retry
+from stageserver.stages.chunk_read import ChunkRead
 from stageserver.stages.events import lost_event
 from stageserver.stages.feeds import LocalFeed
 from stageserver.stages.log import EventLog
@@ -48,7 +49,7 @@ class ScriptedRelay:
     def run(self, stage: Stage) -> None:
         time.sleep(self.before_chunks)
         for payload in self.chunks:
-            stage.append_chunk(payload, (None, None, None, None))
+            stage.append_chunk(payload, ChunkRead())
         if self.failure is not None:
             raise self.failure
         if self._held is not None:
@@ -178,7 +179,7 @@ def test_no_subscriber_reads_the_end_before_the_listeners_are_through() -> None:
 def test_a_relay_that_returns_without_finishing_still_ends_the_stage() -> None:
     class Quitter(ScriptedRelay):
         def run(self, stage: Stage) -> None:
-            stage.append_chunk(CHUNKS[0], ("a", None, None, None))
+            stage.append_chunk(CHUNKS[0], ChunkRead("a"))
 
     stage = run(Stage(spec("q"), Quitter([])))
     assert stage.status == "error"

@@ -24,9 +24,9 @@ import requests
 from stageserver.store.connection import stage_keys
 from stageserver.store.entries import events_of
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
+from testing.metrics import scrape, value
 from testing.servers import Gunicorn, RedisServer, gunicorn_server
 from testing.sse import OpenStream, chunk_text, parse_events, post_chat, stage_status, terminal
-from tests.test_health_metrics import scrape, value
 
 SLOW = "fake?chunks=60&interval=0.05"  # 3 s: "tok0 " .. "tok59 "
 DEFAULT_MAX_TOKENS = 512  # STAGESERVER_DEFAULT_MAX_TOKENS

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 
 from stageserver import create_app
 from testing.fake_upstream import FakeUpstream
-from tests.test_health_metrics import scrape, value
+from testing.metrics import scrape, value
 
 CHAT = {"model": "fake?chunks=2", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -138,18 +138,23 @@ def test_the_upstream_gets_the_conversation_as_the_request_gave_it(
     ("body", "param", "code"),
     [
         ({**CHAT, "n": 2}, "n", "unsupported_value"),
-        ({**CHAT, "logprobs": True}, "logprobs", "unsupported_parameter"),
+        (
+            {**CHAT, "web_search_options": {"search_context_size": "low"}},
+            "web_search_options",
+            "unsupported_parameter",
+        ),
         (
             {
                 **CHAT,
                 "messages": [
-                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                    {"role": "user", "content": [{"type": "file", "file": {"file_id": "f-1"}}]}
                 ],
             },
             "messages[0].content[0].type",
             "unsupported_value",
         ),
         ({**CHAT, "temperature": 3}, "temperature", "invalid_value"),
+        ({**CHAT, "temperature": "hot"}, "temperature", "invalid_value"),
         ({"messages": CHAT["messages"]}, "model", "invalid_value"),
     ],
 )

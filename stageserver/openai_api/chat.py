@@ -5,8 +5,9 @@ Each upstream chunk becomes one ``data: {chat.completion.chunk}`` block, with no
 Python SDK's decoder fails on ``id:`` and a lone ``retry:``). The chunk's ``id``,
 ``created`` and ``model`` are the stage's, the same in every chunk whichever upstream
 or replica served it: upstream ids collide across servers. The ``delta`` is the
-upstream's, with its ``role`` sent once: an answer continued after a failure reads as one
-answer, its seam invisible. Then:
+upstream's (a reasoning model's ``reasoning_content`` included), with its ``role`` sent
+once: an answer continued after a failure reads as one answer, its seam invisible. The
+``logprobs`` are the upstream's, where it sent them. Then:
 
 - ``done``: the usage chunk (``choices: []``) only when ``stream_options.include_usage``
   asked for it, then ``data: [DONE]``;
@@ -14,8 +15,9 @@ answer, its seam invisible. Then:
 - ``cancelled`` (a cancel from another request; a client that leaves reads nothing):
   the same error form, with ``code: "cancelled"``.
 
-Without ``stream``, the answer is one ``chat.completion``, its tool calls assembled from
-the deltas.
+Without ``stream``, the answer is one ``chat.completion``, its tool calls, its
+``reasoning_content`` and its logprobs assembled from the chunks. The usage carries the
+upstream's token details (``reasoning_tokens``, ``cached_tokens``) where it sent them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..sse import compact_json
+from ..stages.chunk_read import ChunkRead
 from ..stages.dialect import Ending, register
 from ..stages.records import ContinuationRecord
 
@@ -46,8 +49,11 @@ class ChatCompletionsDialect:
             + str(self.created).encode() + b',"model":' + compact_json(model)
         )  # fmt: skip
         self._role_sent = False
-        #: The tool calls so far, by index: id, name, arguments (for the whole answer).
+        # What the whole answer assembles from the chunks: the tool calls by index (id,
+        # name, arguments), the reasoning, and the tokens' logprobs.
         self._tool_calls: dict[int, dict[str, Any]] = {}
+        self._reasoning: list[str] = []
+        self._logprobs: list[Any] = []
 
     def record(self) -> dict[str, Any]:
         return {
@@ -61,9 +67,8 @@ class ChatCompletionsDialect:
     def opening(self, seq: int) -> list[bytes]:
         return []
 
-    def chunk(self, seq: int, payload: bytes, read: Any) -> list[bytes]:
-        delta: dict[str, Any] | None = read[3]
-        finish_reason: str | None = read[1]
+    def chunk(self, seq: int, payload: bytes, read: ChunkRead) -> list[bytes]:
+        delta, finish_reason, logprobs = read.delta, read.finish_reason, read.logprobs
         if delta is None and finish_reason is None:
             return []  # the usage chunk, or one for another choice: told at the end
         delta = dict(delta or {})
@@ -75,7 +80,11 @@ class ChatCompletionsDialect:
         for call in delta.get("tool_calls") or ():
             if isinstance(call, Mapping):
                 self._add_tool_call(call)
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if read.reasoning is not None:
+            self._reasoning.append(read.reasoning)
+        if logprobs is not None and isinstance(logprobs.get("content"), list):
+            self._logprobs += logprobs["content"]
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return [b"data: " + self._head + b',"choices":[' + compact_json(choice) + b"]}\n\n"]
 
     def continued(self, seq: int, record: ContinuationRecord) -> list[bytes]:
@@ -125,6 +134,8 @@ class ChatCompletionsDialect:
             "content": ending.text or None,
             "refusal": None,
         }
+        if self._reasoning:
+            message["reasoning_content"] = "".join(self._reasoning)
         if self._tool_calls:
             message["tool_calls"] = [
                 {
@@ -135,27 +146,33 @@ class ChatCompletionsDialect:
                 for _, call in sorted(self._tool_calls.items())
             ]
         finish = ending.finish_reason or ("tool_calls" if self._tool_calls else "stop")
+        logprobs = {"content": self._logprobs, "refusal": None} if self._logprobs else None
         return {
             "id": self.stage_id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "choices": [
-                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+                {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
             ],
             "usage": chat_usage(ending.usage),
         }, 200
 
 
 def chat_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
-    """A stage's usage as Chat Completions reports it."""
+    """A stage's usage as Chat Completions reports it, with the upstream's details of its
+    tokens (``reasoning_tokens``, ``cached_tokens``) where it gave them."""
     prompt = int(usage.get("prompt_tokens", 0))
     completion = int(usage.get("completion_tokens", 0))
-    return {
+    reported = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": int(usage.get("total_tokens", prompt + completion)),
     }
+    for details in ("prompt_tokens_details", "completion_tokens_details"):
+        if isinstance(usage.get(details), dict):
+            reported[details] = usage[details]
+    return reported
 
 
 def openai_error(

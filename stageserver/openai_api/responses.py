@@ -6,8 +6,12 @@ stage's log: a resume with ``starting_after=N`` is an index into the log, on any
 In OpenAI's order:
 
 - ``response.created``, ``response.in_progress``;
+- for a reasoning model's reasoning, first: ``output_item.added`` (a ``reasoning`` item),
+  ``content_part.added`` (``reasoning_text``), ``reasoning_text.delta``..., and at its
+  end ``reasoning_text.done``, ``content_part.done``, ``output_item.done``;
 - for text: ``output_item.added`` (a message), ``content_part.added``,
-  ``output_text.delta``..., and at its end ``output_text.done``, ``content_part.done``,
+  ``output_text.delta``... (each with the tokens' ``logprobs`` where the upstream sent
+  them), and at its end ``output_text.done``, ``content_part.done``,
   ``output_item.done``;
 - for each tool call: ``output_item.added`` (a ``function_call``),
   ``function_call_arguments.delta``..., ``function_call_arguments.done``,
@@ -32,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..sse import compact_json, encode_event
+from ..stages.chunk_read import ChunkRead
 from ..stages.dialect import Ending, register
 from ..stages.records import ContinuationRecord
 
@@ -40,7 +45,7 @@ ECHOED = (
     "instructions", "max_output_tokens", "metadata", "parallel_tool_calls",
     "previous_response_id", "store", "temperature", "text", "tool_choice", "tools",
     "top_p", "truncation", "user", "service_tier", "background", "prompt_cache_key",
-    "safety_identifier",
+    "safety_identifier", "reasoning", "top_logprobs", "max_tool_calls",
 )  # fmt: skip
 
 _DEFAULTS: dict[str, Any] = {
@@ -61,6 +66,9 @@ _DEFAULTS: dict[str, Any] = {
     "background": False,
     "prompt_cache_key": None,
     "safety_identifier": None,
+    "reasoning": None,
+    "top_logprobs": None,
+    "max_tool_calls": None,
 }
 
 
@@ -89,6 +97,7 @@ class ResponsesDialect:
         #: The output items so far, in order; the message's text and the calls' arguments
         #: grow as deltas come.
         self.output: list[dict[str, Any]] = []
+        self._reasoning_item: dict[str, Any] | None = None  # the reasoning being written
         self._text_item: dict[str, Any] | None = None  # the message being written
         self._calls: dict[int, dict[str, Any]] = {}  # the tool calls being written, by index
 
@@ -124,7 +133,6 @@ class ResponsesDialect:
             "output": [dict(item) for item in self.output],
             "usage": None if usage is None else response_usage(usage),
             **self.echo,
-            "reasoning": None,
         }
 
     def in_progress(self, text: str) -> dict[str, Any]:
@@ -156,13 +164,13 @@ class ResponsesDialect:
             self._event(seq + 1, "response.in_progress", response=response),
         ]
 
-    def chunk(self, seq: int, payload: bytes, read: Any) -> list[bytes]:
-        content: str | None = read[0]
-        delta: dict[str, Any] | None = read[3]
+    def chunk(self, seq: int, payload: bytes, read: ChunkRead) -> list[bytes]:
         events: list[bytes] = []
-        if content:
-            events += self._text_delta(seq, content)
-        calls = delta.get("tool_calls") if delta else None
+        if read.reasoning:
+            events += self._reasoning_delta(seq, read.reasoning)
+        if read.content:
+            events += self._text_delta(seq + len(events), read.content, read.logprobs)
+        calls = read.delta.get("tool_calls") if read.delta else None
         if isinstance(calls, list):
             for call in calls:
                 if isinstance(call, Mapping):
@@ -187,11 +195,75 @@ class ResponsesDialect:
         }
         self.output = [self._text_item]
 
-    def _text_delta(self, seq: int, text: str) -> list[bytes]:
+    def _reasoning_delta(self, seq: int, text: str) -> list[bytes]:
+        events = []
+        item = self._reasoning_item
+        if item is None:
+            events += self._close_text(seq)
+            events += self._close_calls(seq + len(events))
+            index = len(self.output)
+            item = {
+                "id": f"rs_{self.stage_id}_{index}",
+                "type": "reasoning",
+                "summary": [],
+                "content": [],
+                "status": "in_progress",
+            }
+            self.output.append(item)
+            self._reasoning_item = item
+            events.append(
+                self._event(
+                    seq + len(events),
+                    "response.output_item.added",
+                    output_index=index,
+                    item=_copy(item),
+                )
+            )
+            part = {"type": "reasoning_text", "text": ""}
+            item["content"].append(part)
+            events.append(
+                self._event(
+                    seq + len(events),
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    part=dict(part),
+                )
+            )
+        item["content"][0]["text"] += text
+        events.append(
+            self._event(
+                seq + len(events),
+                "response.reasoning_text.delta",
+                item_id=item["id"],
+                output_index=self.output.index(item),
+                content_index=0,
+                delta=text,
+            )
+        )
+        return events
+
+    def _close_reasoning(self, seq: int) -> list[bytes]:
+        item, self._reasoning_item = self._reasoning_item, None
+        if item is None:
+            return []
+        index = self.output.index(item)
+        part = item["content"][0]
+        item["status"] = "completed"
+        common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return [
+            self._event(seq, "response.reasoning_text.done", **common, text=part["text"]),
+            self._event(seq + 1, "response.content_part.done", **common, part=dict(part)),
+            self._event(seq + 2, "response.output_item.done", output_index=index, item=_copy(item)),
+        ]
+
+    def _text_delta(self, seq: int, text: str, logprobs: Mapping[str, Any] | None) -> list[bytes]:
         events = []
         item = self._text_item
         if item is None:
-            events += self._close_calls(seq)
+            events += self._close_reasoning(seq)
+            events += self._close_calls(seq + len(events))
             index = len(self.output)
             item = {
                 "id": f"msg_{self.stage_id}_{index}",
@@ -224,6 +296,9 @@ class ResponsesDialect:
             )
         part = item["content"][0]
         part["text"] += text
+        tokens = logprobs.get("content") if logprobs is not None else None
+        if isinstance(tokens, list):
+            part["logprobs"] += [_part_logprob(token) for token in tokens]
         events.append(
             self._event(
                 seq + len(events),
@@ -232,7 +307,7 @@ class ResponsesDialect:
                 output_index=self.output.index(item),
                 content_index=0,
                 delta=text,
-                logprobs=[],
+                logprobs=[_delta_logprob(t) for t in tokens] if isinstance(tokens, list) else [],
             )
         )
         return events
@@ -246,7 +321,8 @@ class ResponsesDialect:
         events = []
         item = self._calls.get(index)
         if item is None:
-            events += self._close_text(seq)
+            events += self._close_reasoning(seq)
+            events += self._close_text(seq + len(events))
             output_index = len(self.output)
             call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{index}"
             item = {
@@ -334,7 +410,8 @@ class ResponsesDialect:
                 self._event(seq, "error", **flat, error={"type": "server_error", **flat}),
                 self._event(seq + 1, "response.failed", response=response),
             ]
-        events = self._close_text(seq)
+        events = self._close_reasoning(seq)
+        events += self._close_text(seq + len(events))
         events += self._close_calls(seq + len(events))
         response = self.final(ending)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
@@ -368,16 +445,70 @@ def response_error(ending: Ending) -> dict[str, Any]:
 
 
 def response_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
-    """A stage's usage as a Response reports it."""
+    """A stage's usage as a Response reports it: the upstream's ``cached_tokens`` and
+    ``reasoning_tokens`` where it gave them, else 0."""
     prompt = int(usage.get("prompt_tokens", 0))
     completion = int(usage.get("completion_tokens", 0))
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {
+            "cached_tokens": _detail(usage, "prompt_tokens_details", "cached_tokens"),
+            "cache_write_tokens": 0,
+        },
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {
+            "reasoning_tokens": _detail(usage, "completion_tokens_details", "reasoning_tokens")
+        },
         "total_tokens": int(usage.get("total_tokens", prompt + completion)),
     }
+
+
+def _detail(usage: Mapping[str, Any], details: str, name: str) -> int:
+    found = usage.get(details)
+    value = found.get(name) if isinstance(found, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _delta_logprob(token: Any) -> dict[str, Any]:
+    """A token's logprob (Chat Completions' shape) as an ``output_text.delta`` has it."""
+    if not isinstance(token, dict):
+        return {"token": "", "logprob": 0.0, "top_logprobs": []}
+    top = token.get("top_logprobs")
+    return {
+        "token": token.get("token", ""),
+        "logprob": token.get("logprob", 0.0),
+        "top_logprobs": [
+            {"token": t.get("token"), "logprob": t.get("logprob")}
+            for t in (top if isinstance(top, list) else ())
+            if isinstance(t, dict)
+        ],
+    }
+
+
+def _part_logprob(token: Any) -> dict[str, Any]:
+    """A token's logprob as an output text part has it: with its bytes."""
+    if not isinstance(token, dict):
+        return {"token": "", "bytes": [], "logprob": 0.0, "top_logprobs": []}
+    top = token.get("top_logprobs")
+    return {
+        "token": token.get("token", ""),
+        "bytes": _bytes_of(token),
+        "logprob": token.get("logprob", 0.0),
+        "top_logprobs": [
+            {"token": t.get("token", ""), "bytes": _bytes_of(t), "logprob": t.get("logprob", 0.0)}
+            for t in (top if isinstance(top, list) else ())
+            if isinstance(t, dict)
+        ],
+    }
+
+
+def _bytes_of(token: Mapping[str, Any]) -> list[int]:
+    """A token's bytes: as the upstream gave them, else its text's in UTF-8."""
+    given = token.get("bytes")
+    if isinstance(given, list):
+        return given
+    text = token.get("token")
+    return list(text.encode()) if isinstance(text, str) else []
 
 
 register(

@@ -5,10 +5,12 @@ Every dialect's request becomes one: the seed's ``system_prompt`` and ``user_pro
 (its ``instructions`` and ``input`` items, after the conversation of its
 ``previous_response_id``). The messages are OpenAI chat messages, as an upstream takes
 them: roles ``system``, ``developer``, ``user``, ``assistant`` and ``tool``; content a
-string or text parts; an assistant's ``tool_calls`` and a tool's ``tool_call_id``.
+string or content parts; an assistant's ``tool_calls`` and a tool's ``tool_call_id``.
 
 Each upstream kind keeps its quirks: ``upstream/request_body.py`` builds the body of each
-attempt from the conversation and the replica it goes to.
+attempt from the conversation and the replica it goes to. Content parts other than text
+(images, audio) go to the upstream as given; only text counts where stageserver reads a
+message (``message_text``: the prompt's estimate, a continuation's prefix).
 """
 
 from __future__ import annotations
@@ -16,11 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-#: The sampling fields a conversation may carry, as Chat Completions names them.
-SAMPLING_FIELDS = (
-    "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,14 +27,14 @@ class Conversation:
     model: str
     #: The most tokens the answer may have; None: ``STAGESERVER_DEFAULT_MAX_TOKENS``.
     max_tokens: int | None = None
-    #: Given sampling fields only (``SAMPLING_FIELDS``), as the request gave them.
-    sampling: Mapping[str, Any] = field(default_factory=dict)
-    #: Function tools, ``tool_choice``, ``parallel_tool_calls`` and ``response_format``,
-    #: in Chat Completions' shape; each None when the request did not give it.
-    tools: Sequence[Mapping[str, Any]] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
-    response_format: Mapping[str, Any] | None = None
+    #: The fields of OpenAI's Chat Completions request that every upstream request of
+    #: this conversation carries, as given: sampling (``temperature``, ``seed``, ...),
+    #: ``logprobs``, ``reasoning_effort``, tools, ``response_format`` (the dialects decide
+    #: which: ``openai_api/fields.py``).
+    passed: Mapping[str, Any] = field(default_factory=dict)
+    #: Fields beyond OpenAI's API (vLLM's ``top_k``, llama.cpp's ``grammar``), sent only
+    #: to an upstream whose ``extra_fields`` takes them.
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of_prompts(
@@ -53,18 +50,8 @@ class Conversation:
         messages: list[Mapping[str, Any]] = [{"role": "user", "content": user_prompt}]
         if system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
-        sampling = {} if temperature is None else {"temperature": temperature}
-        return cls(messages, model, max_tokens, sampling)
-
-    def request_fields(self) -> dict[str, Any]:
-        """The fields beside ``model``, ``messages`` and the token limit that every
-        upstream request of this conversation carries."""
-        fields = dict(self.sampling)
-        for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
-            value = getattr(self, name)
-            if value is not None:
-                fields[name] = value
-        return fields
+        passed = {} if temperature is None else {"temperature": temperature}
+        return cls(messages, model, max_tokens, passed)
 
 
 def message_text(message: Mapping[str, Any]) -> str:
@@ -83,11 +70,8 @@ def conversation_record(conversation: Conversation) -> dict[str, Any]:
         "messages": list(conversation.messages),
         "model": conversation.model,
         "max_tokens": conversation.max_tokens,
-        "sampling": dict(conversation.sampling),
-        "tools": None if conversation.tools is None else list(conversation.tools),
-        "tool_choice": conversation.tool_choice,
-        "parallel_tool_calls": conversation.parallel_tool_calls,
-        "response_format": conversation.response_format,
+        "passed": dict(conversation.passed),
+        "extra": dict(conversation.extra),
     }
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import StageFailure
+from .chunk_read import ChunkRead
 from .records import ContinuationRecord
 
 
@@ -50,9 +51,9 @@ class Dialect(Protocol):
     def opening(self, seq: int) -> list[bytes]:
         """The events that open the stream, before any chunk."""
 
-    def chunk(self, seq: int, payload: bytes, read: Any) -> list[bytes]:
+    def chunk(self, seq: int, payload: bytes, read: ChunkRead) -> list[bytes]:
         """The events of one upstream chunk: its JSON ``payload`` as sent, and what it
-        says (``stage.ChunkRead``). May be none."""
+        says. May be none."""
 
     def continued(self, seq: int, record: ContinuationRecord) -> list[bytes]:
         """The events that mark a continuation of the answer, before its chunks. May be

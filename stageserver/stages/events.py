@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..sse import compact_json, encode_event
+from .chunk_read import ChunkRead
 from .dialect import Ending, register
 from .records import ContinuationRecord
 
@@ -55,7 +56,7 @@ class SeedDialect:
     def opening(self, seq: int) -> list[bytes]:
         return []
 
-    def chunk(self, seq: int, payload: bytes, read: Any) -> list[bytes]:
+    def chunk(self, seq: int, payload: bytes, read: ChunkRead) -> list[bytes]:
         """A ``chat_completion_chunk`` event around the upstream chunk's JSON ``payload``."""
         return [
             encode_event(

@@ -21,11 +21,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
 from ..concurrency import Task, Timer, Wakeup
 from ..errors import StageFailure, StageHandedOff, StageInterrupted, forget_frames
 from ..sse import compact_json
+from .chunk_read import ChunkRead
 from .conversation import conversation_record
 from .dialect import Dialect, Ending
 from .events import TERMINAL_EVENT, SeedDialect
@@ -36,10 +37,6 @@ from .usage import final_usage, sum_usage
 
 log = logging.getLogger("stageserver.stage")
 
-#: What an upstream chunk says (``upstream/chunks.py`` reads it): the text of choice 0,
-#: its finish reason, the usage, and choice 0's whole delta (a dialect may render it:
-#: role, content, tool calls).
-ChunkRead: TypeAlias = tuple[str | None, str | None, dict[str, Any] | None, dict[str, Any] | None]
 
 RUNNING, DONE, ERROR, CANCELLED = "running", "done", "error", "cancelled"
 #: Not an end: the stage goes on in another worker (see ``hand_off``).
@@ -265,10 +262,8 @@ class Stage:
 
     def append_chunk(self, payload: bytes, read: ChunkRead) -> None:
         """One upstream chunk: its JSON ``payload`` as sent, and what it says."""
-        content, finish_reason, usage, delta = read
-        if delta is not None and (
-            delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("reasoning")
-        ):
+        content, finish_reason, usage = read.content, read.finish_reason, read.usage
+        if not read.continuable:
             self.continuable = False
         if content:
             self.text_parts.append(content)
@@ -324,7 +319,7 @@ class Stage:
             "model": self.spec.model,
             "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
         }
-        self.append_chunk(compact_json(chunk), (None, "length", None, {}))
+        self.append_chunk(compact_json(chunk), ChunkRead(finish_reason="length", delta={}))
         self.finish()
 
     def raise_if_interrupted(self) -> None:

@@ -1,8 +1,10 @@
 """The OpenAI chat-completion chunk format: the one place in stageserver that reads it.
 
 A chunk's JSON is relayed to clients as the upstream sent it; it is parsed once, here,
-for what the stage records (the text of choice 0, its finish reason, the usage) and for
-what ends a stage (a chunk that is not a JSON object, an error object).
+for what the stage records and its dialect renders (of choice 0: its text, finish
+reason, delta, logprobs and reasoning; the usage), for whether the answer can still be
+continued (not once it streamed tool calls or reasoning), and for what ends a stage (a
+chunk that is not a JSON object, an error object).
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ import json
 from typing import Any
 
 from ..errors import UpstreamErrorObject, UpstreamProtocolError
-from ..stages.stage import ChunkRead
+from ..stages.chunk_read import ChunkRead
 
 _scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
 _JSON_SPACE = " \t\n\r"
 
 
 def read_chunk(payload: bytes, upstream: str) -> ChunkRead:
-    """The content, finish reason, usage and choice-0 delta that the chunk ``payload``
-    carries (``stages.stage.ChunkRead``).
+    """What the chunk ``payload`` says (``stages.stage.ChunkRead``).
 
     Raises UpstreamProtocolError for a payload that is not a JSON object, and
     UpstreamErrorObject for an error object; ``upstream`` names the upstream in both."""
@@ -36,6 +37,7 @@ def read_chunk(payload: bytes, upstream: str) -> ChunkRead:
     content: str | None = None
     finish_reason: str | None = None
     delta: dict[str, Any] | None = None
+    logprobs: dict[str, Any] | None = None
     for choice in chunk.get("choices") or ():
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             continue
@@ -47,9 +49,20 @@ def read_chunk(payload: bytes, upstream: str) -> ChunkRead:
                 content = text if content is None else content + text
         if choice.get("finish_reason"):
             finish_reason = choice["finish_reason"]
+        if isinstance(choice.get("logprobs"), dict):
+            logprobs = choice["logprobs"]
     usage = chunk.get("usage")
     # Taken only as an object: anything else an upstream sends there says nothing usable.
-    return content, finish_reason, usage if isinstance(usage, dict) and usage else None, delta
+    if not (isinstance(usage, dict) and usage):
+        usage = None
+    if delta is None:
+        return ChunkRead(content, finish_reason, usage, None, logprobs)
+    # vLLM named it reasoning_content, then reasoning; DeepSeek and llama.cpp the former.
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    if not (reasoning and isinstance(reasoning, str)):
+        reasoning = None
+    continuable = not (reasoning or delta.get("tool_calls"))
+    return ChunkRead(content, finish_reason, usage, delta, logprobs, reasoning, continuable)
 
 
 def _parse(payload: bytes) -> Any:

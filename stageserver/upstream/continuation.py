@@ -50,7 +50,7 @@ import openai
 
 from ..errors import ConfigError, StageFailure
 from ..sse import compact_json
-from ..stages.stage import ChunkRead
+from ..stages.chunk_read import ChunkRead
 from .clients import Upstream, UpstreamRegistry
 
 if TYPE_CHECKING:
@@ -353,7 +353,7 @@ class ContinuedReply:
         else:
             delta = dict(choice.get("delta") or {})
             content = delta.get("content") or ""
-        finish, usage = read[1], read[2]
+        finish, usage = read.finish_reason, read.usage
         ending = finish is not None or usage is not None
         if content or ending:
             content = held_back.take(echo.take(content, last=ending), last=ending)
@@ -374,4 +374,5 @@ class ContinuedReply:
         }
         if usage is not None:
             shaped["usage"] = usage
-        return [(compact_json(shaped), (content or None, finish, usage, delta or None))]
+        # No logprobs: those of a reply's first chunks cover the text dropped from them.
+        return [(compact_json(shaped), ChunkRead(content or None, finish, usage, delta or None))]

@@ -53,8 +53,8 @@ from ..errors import (
     UpstreamProtocolError,
     outcome_of,
 )
+from ..stages.chunk_read import ChunkRead
 from ..stages.records import ContinuationRecord
-from ..stages.stage import ChunkRead
 from .chunks import read_chunk
 from .continuation import ContinuationModes, ContinuedReply, continuation_request
 from .replicas import Replica, ReplicaAttempt
@@ -469,7 +469,7 @@ class UpstreamRelay:
                 if not served:
                     served = True
                     self._served(stage, attempt, segment, trace, payload, began)
-                finished_by_upstream = finished_by_upstream or read[1] is not None
+                finished_by_upstream = finished_by_upstream or read.finish_reason is not None
                 if shape is None:
                     stage.append_chunk(payload, read)
                 else:

@@ -3,15 +3,31 @@ conversation (``stages.conversation.Conversation``) and the replica the attempt 
 
 ``max_tokens`` falls back to ``STAGESERVER_DEFAULT_MAX_TOKENS``. Each upstream kind keeps
 its quirks, and a fallback may serve the stage under a model name of its own
-(``UpstreamConfig.model_for``).
+(``UpstreamConfig.model_for``). The conversation's fields beyond OpenAI's API go only to
+a replica whose ``extra_fields`` takes them: the upstream the request named takes them
+all (the manager refused any it does not), a fallback of another kind maybe none.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InvalidRequest
 from ..stages.conversation import Conversation
 from .clients import Upstream
+
+
+def check_extra_fields(conversation: Conversation, upstream: Upstream) -> None:
+    """Refuse the first of the conversation's fields beyond OpenAI's API that ``upstream``
+    (the one its request resolved to) does not take, as OpenAI refuses an unknown field."""
+    for name in conversation.extra:
+        if not upstream.config.takes_extra(name):
+            raise InvalidRequest(
+                f"{name}: is not supported by this server (upstream {upstream.name!r} takes no "
+                "such field; its extra_fields lists those it takes)",
+                field=name,
+                code="unsupported_parameter",
+            )
 
 
 class RequestBody:
@@ -29,12 +45,17 @@ class RequestBody:
             "messages": list(conversation.messages),
             "max_tokens": self.max_tokens,
             "stream": True,
-            **conversation.request_fields(),
+            **conversation.passed,
         }
+        for name, value in conversation.extra.items():
+            if config.takes_extra(name):
+                body[name] = value
         # Every kind takes it (llama-cpp-python ignores it); usage then comes in a last chunk.
         body["stream_options"] = {"include_usage": True}
         if config.kind == "ollama":
             # Ollama's OpenAI endpoint ignores max_tokens on some versions; OpenAI itself
-            # rejects unknown fields, so only this kind gets it.
-            body["options"] = {"num_predict": self.max_tokens}
+            # rejects unknown fields, so only this kind gets it, with the request's own.
+            given = body.get("options")
+            options = given if isinstance(given, dict) else {}
+            body["options"] = {**options, "num_predict": self.max_tokens}
         return body
