@@ -238,6 +238,10 @@ class StageFailure(StageServerError):
     #: (``upstream/continuation.py``): the upstream cut it, went silent, sent an error
     #: object or a chunk that does not parse. Never stageserver's own failures.
     continuable = False
+    #: The upstream refused the request itself as malformed (HTTP 400 or 422: an image to
+    #: a text-only model, a value out of its range): the caller's error, which OpenAI's
+    #: API answers as such (400), in the upstream's words and naming its ``field``.
+    refused_request = False
 
     @property
     def worth_another_replica(self) -> bool:
@@ -260,10 +264,20 @@ class UpstreamUnavailable(UpstreamFailure):
 
 class UpstreamStatusError(UpstreamFailure):
     def __init__(
-        self, message: str, upstream_status: int, upstream_retry_after: float | None = None
+        self,
+        message: str,
+        upstream_status: int,
+        upstream_retry_after: float | None = None,
+        *,
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
-        super().__init__(message)
+        """``param`` and ``code``: those of the upstream's error body, if it gave them."""
+        super().__init__(message, field=param)
         self.upstream_status = upstream_status
+        self.refused_request = upstream_status in (400, 422)
+        if code is not None:
+            self.code = code
         #: Seconds the upstream asked not to be called for (its ``Retry-After``), if it
         #: said; not ``retry_after``, which is what stageserver tells its own caller.
         self.upstream_retry_after = upstream_retry_after

@@ -632,9 +632,12 @@ def test_no_token_left_ends_the_answer_at_its_length(upstream: FakeUpstream) -> 
     assert status["continuations"] == [record(after=19, mode="trailing", outcome="length")]
 
 
-def test_an_answer_of_tool_calls_is_not_continued(upstream: FakeUpstream) -> None:
+@pytest.mark.parametrize("answer", ["tool_calls=2", "reasoning=3"])
+def test_an_answer_of_tool_calls_or_reasoning_is_not_continued(
+    upstream: FakeUpstream, answer: str
+) -> None:
     with app_client(single(upstream)) as client:
-        events = seed_events(post_chat(client, "tools", "fake?tool_calls=2&mode=drop&after=1"))
+        events = seed_events(post_chat(client, "tools", f"fake?{answer}&mode=drop&after=1"))
         status = status_of(client, "tools")
     assert names(events) == [CHUNK, "error"]
     assert events[-1]["data"]["error"] == dropped("default", 1)

@@ -356,6 +356,7 @@ def test_tool_calls_stream_as_deltas_then_whole(fake: FakeUpstream) -> None:
                     }
                 ],
             },
+            "logprobs": None,
             "finish_reason": "tool_calls",
         }
     ]

@@ -11,7 +11,9 @@ once: an answer continued after a failure reads as one answer, its seam invisibl
 
 - ``done``: the usage chunk (``choices: []``) only when ``stream_options.include_usage``
   asked for it, then ``data: [DONE]``;
-- ``error``: ``data: {"error": {"message", "type", "code", "param"}}``, and no ``[DONE]``;
+- ``error``: ``data: {"error": {"message", "type", "code", "param"}}``, and no ``[DONE]``
+  (``invalid_request_error``, naming its ``param``, where the upstream refused the
+  request as malformed: an image to a text-only model, say);
 - ``cancelled`` (a cancel from another request; a client that leaves reads nothing):
   the same error form, with ``code: "cancelled"``.
 
@@ -75,7 +77,7 @@ class ChatCompletionsDialect:
         if self._role_sent:
             delta.pop("role", None)
         elif delta or finish_reason is None:
-            delta["role"] = "assistant"
+            delta = {"role": "assistant", **delta}
             self._role_sent = True
         for call in delta.get("tool_calls") or ():
             if isinstance(call, Mapping):
@@ -120,14 +122,21 @@ class ChatCompletionsDialect:
     def _error(self, ending: Ending) -> dict[str, Any]:
         if ending.status == "cancelled":
             return openai_error(f"cancelled: {ending.reason}", "cancelled", "cancelled")
-        outcome = getattr(ending.failure, "outcome", "error")
-        return openai_error(ending.error or "the stage failed", "server_error", outcome)
+        failure = ending.failure
+        message = ending.error or "the stage failed"
+        if failure is not None and failure.refused_request:
+            kind, code = "invalid_request_error", failure.code or "invalid_value"
+            return openai_error(message, kind, code, failure.field)
+        return openai_error(message, "server_error", getattr(failure, "outcome", "error"))
 
     def answer(self, ending: Ending) -> tuple[dict[str, Any], int]:
         if ending.status == "cancelled":
             return self._error(ending), 409
         if ending.status == "error":
-            status = 502 if ending.failure is None else ending.failure.http_status
+            failure = ending.failure
+            status = (
+                502 if failure is None else 400 if failure.refused_request else failure.http_status
+            )
             return self._error(ending), status
         message: dict[str, Any] = {
             "role": "assistant",

@@ -400,29 +400,40 @@ class ResponseRequest(OpenAIRequest):
 
     def messages(self) -> list[dict[str, Any]]:
         """This request's own messages (after those of ``previous_response_id``)."""
-        messages: list[dict[str, Any]] = []
+        return [message for message, _ in self._messages()]
+
+    def message_params(self) -> list[str]:
+        """Where each of ``messages()`` comes from, as a ``param`` names it: the upstream's
+        error about ``messages[1]`` is one about ``input[0]``, say."""
+        return [param for _, param in self._messages()]
+
+    def _messages(self) -> list[tuple[dict[str, Any], str]]:
+        messages: list[tuple[dict[str, Any], str]] = []
         if self.instructions:
-            messages.append({"role": "system", "content": self.instructions})
+            messages.append(({"role": "system", "content": self.instructions}, "instructions"))
         if isinstance(self.input, str):
-            messages.append({"role": "user", "content": self.input})
+            messages.append(({"role": "user", "content": self.input}, "input"))
             return messages
-        for item in self.input:
+        for index, item in enumerate(self.input):
+            param = f"input[{index}]"
             if isinstance(item, InputMessage):
-                messages.append({"role": item.role, "content": chat_content(item.content)})
+                messages.append(({"role": item.role, "content": chat_content(item.content)}, param))
             elif isinstance(item, FunctionCallItem):
                 call = {
                     "id": item.call_id,
                     "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments},
                 }
-                last = messages[-1] if messages else None
+                last = messages[-1][0] if messages else None
                 if last is not None and last["role"] == "assistant" and "tool_calls" in last:
                     last["tool_calls"].append(call)
                 else:
-                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                    assistant = {"role": "assistant", "content": None, "tool_calls": [call]}
+                    messages.append((assistant, param))
             elif isinstance(item, FunctionCallOutputItem):
                 content = chat_content(item.output)
-                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": content})
+                tool = {"role": "tool", "tool_call_id": item.call_id, "content": content}
+                messages.append((tool, param))
         return messages
 
     def logprobs(self) -> bool:
@@ -522,12 +533,13 @@ def validated(model: type[M], body: dict[str, Any]) -> M:
 
 def _refusal(exc: ValidationError, body: Mapping[str, Any]) -> InvalidRequest:
     # A union reports once per alternative (a string, or a list of parts); the error that
-    # reaches deepest into the body is the one about what the caller meant.
+    # reaches deepest into the body is the one about what the caller meant, and what was
+    # sent says more than what was not.
     found = [
         (param_of(list(err["loc"]), body, missing=err["type"] == "missing"), err)
         for err in exc.errors(include_url=False, include_input=False)
     ]
-    (depth, param), err = max(found, key=lambda pair: pair[0][0])
+    (_, param), err = max(found, key=lambda pair: (pair[0][0], pair[1]["type"] != "missing"))
     loc, kind = list(err["loc"]), err["type"]
     if kind in ("extra_forbidden", "none_required"):
         code, message = "unsupported_parameter", "is not supported by this server"

@@ -32,13 +32,14 @@ part, its ``sequence_number`` going on by one.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..sse import compact_json, encode_event
 from ..stages.chunk_read import ChunkRead
 from ..stages.dialect import Ending, register
 from ..stages.records import ContinuationRecord
+from .chat import openai_error
 
 #: What a Response echoes of its request (``ResponseRequest``), besides its model.
 ECHOED = (
@@ -83,9 +84,12 @@ class ResponsesDialect:
         *,
         replayable: bool = False,
         created_at: float | None = None,
+        message_params: Sequence[str] = (),
     ) -> None:
         """``echo``: the request's fields; ``replayable``: it may be streamed again (it
-        was created with ``background`` and ``stream``)."""
+        was created with ``background`` and ``stream``); ``message_params``: where each
+        message sent upstream comes from in the request (``input[2]``), for an upstream's
+        error that names one."""
         self.stage_id = stage_id
         self.model = model
         self.replayable = replayable
@@ -94,6 +98,7 @@ class ResponsesDialect:
             name: _DEFAULTS[name] if echo.get(name) is None else echo[name] for name in ECHOED
         }
         self.created_at = int(time.time()) if created_at is None else created_at
+        self.message_params = tuple(message_params)
         #: The output items so far, in order; the message's text and the calls' arguments
         #: grow as deltas come.
         self.output: list[dict[str, Any]] = []
@@ -109,6 +114,7 @@ class ResponsesDialect:
             "echo": self.echo,
             "replayable": self.replayable,
             "created_at": self.created_at,
+            "message_params": list(self.message_params),
         }
 
     # -- the Response ---------------------------------------------------------------------
@@ -366,7 +372,13 @@ class ResponsesDialect:
         item["status"] = "completed"
         common = {"item_id": item["id"], "output_index": index, "content_index": 0}
         return [
-            self._event(seq, "response.output_text.done", **common, text=part["text"], logprobs=[]),
+            self._event(
+                seq,
+                "response.output_text.done",
+                **common,
+                text=part["text"],
+                logprobs=[_delta_logprob(token) for token in part["logprobs"]],
+            ),
             self._event(seq + 1, "response.content_part.done", **common, part=dict(part)),
             self._event(seq + 2, "response.output_item.done", output_index=index, item=_copy(item)),
         ]
@@ -403,8 +415,8 @@ class ResponsesDialect:
             response = self.final(ending)
             return [self._event(seq, "response.cancelled", response=response)]
         if ending.status == "error":
-            error = response_error(ending)
-            flat = {"code": error["code"], "message": error["message"], "param": None}
+            error = self.error(ending)
+            flat = {"code": error["code"], "message": error["message"], "param": error.get("param")}
             response = self.final(ending)
             return [
                 self._event(seq, "error", **flat, error={"type": "server_error", **flat}),
@@ -422,7 +434,7 @@ class ResponsesDialect:
         if ending.status == "cancelled":
             return self.response("cancelled", usage=ending.usage)
         if ending.status == "error":
-            return self.response("failed", usage=ending.usage, error=response_error(ending))
+            return self.response("failed", usage=ending.usage, error=self.error(ending))
         if ending.finish_reason == "length":
             return self.response("incomplete", usage=ending.usage, incomplete="max_output_tokens")
         return self.response("completed", usage=ending.usage)
@@ -430,18 +442,50 @@ class ResponsesDialect:
     def answer(self, ending: Ending) -> tuple[dict[str, Any], int]:
         return self.final(ending), 200
 
+    def error(self, ending: Ending) -> dict[str, Any]:
+        """The Response's ``error``, the ``error`` event's code with it. Its ``code`` is
+        one of OpenAI's (the SDK's ``ResponseError.code`` is a closed list: a code of ours,
+        such as the outcome ``reset``, fails its validation); the message says what
+        happened. A request the upstream refused as malformed is ``invalid_prompt``,
+        naming the request's own ``param`` (the upstream names its messages)."""
+        failure = ending.failure
+        message = ending.error or "the response failed"
+        if failure is not None and failure.refused_request:
+            return {
+                "code": "invalid_prompt",
+                "message": message,
+                "param": self._param(failure.field),
+            }
+        outcome = getattr(failure, "outcome", "error")
+        code = "rate_limit_exceeded" if outcome == "http_429" else "server_error"
+        return {"code": code, "message": message}
+
+    def _param(self, upstream_param: str | None) -> str | None:
+        """The request's parameter that the upstream's ``messages[i]...`` stands for."""
+        if upstream_param is None or not upstream_param.startswith("messages["):
+            return upstream_param
+        index, _, rest = upstream_param.removeprefix("messages[").partition("]")
+        if not index.isdigit() or int(index) >= len(self.message_params):
+            return None
+        return self.message_params[int(index)] + rest
+
 
 def _copy(item: dict[str, Any]) -> dict[str, Any]:
     return {**item, "content": [dict(part) for part in item.get("content", ())]}
 
 
-def response_error(ending: Ending) -> dict[str, Any]:
-    """The Response's ``error``, the ``error`` event's code with it. Its ``code`` is one
-    of OpenAI's (the SDK's ``ResponseError.code`` is a closed list: a code of ours, such as
-    the outcome ``reset``, fails its validation); the message says what happened."""
-    outcome = getattr(ending.failure, "outcome", "error")
-    code = "rate_limit_exceeded" if outcome == "http_429" else "server_error"
-    return {"code": code, "message": ending.error or "the response failed"}
+def refused_request(response: Mapping[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's error body for a Response whose request the upstream refused as malformed
+    (``ResponsesDialect.error``), which a plain create answers with a 400; None for any
+    other."""
+    error = response.get("error")
+    if response.get("status") != "failed" or not isinstance(error, dict):
+        return None
+    if error.get("code") != "invalid_prompt":
+        return None
+    return openai_error(
+        error["message"], "invalid_request_error", "invalid_value", error.get("param")
+    )
 
 
 def response_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
@@ -519,5 +563,6 @@ register(
         record["echo"],
         replayable=bool(record["replayable"]),
         created_at=record["created_at"],
+        message_params=record.get("message_params", ()),
     ),
 )

@@ -98,6 +98,8 @@ class Upstream:
                 f"upstream {self.name!r} answered HTTP {exc.status_code}: {_detail(exc)}",
                 exc.status_code,
                 retry_after_seconds(exc.response.headers.get("retry-after")),
+                param=_given(exc, "param"),
+                code=_given(exc, "code"),
             ) from None
         except openai.APITimeoutError as exc:
             if isinstance(exc.__cause__, httpx2.ConnectTimeout):
@@ -132,6 +134,13 @@ def _detail(exc: openai.APIStatusError) -> str:
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         return str(body["message"])
     return exc.message
+
+
+def _given(exc: openai.APIStatusError, name: str) -> str | None:
+    """A string the upstream's error body gives as ``name`` (``param``, ``code``)."""
+    body = exc.body
+    value = body.get(name) if isinstance(body, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 def _cause(exc: BaseException) -> str:

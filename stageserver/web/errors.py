@@ -86,10 +86,15 @@ def http_error(exc: HTTPException, shape: Shape = SEED) -> Response:
     status = exc.code or 500
     if status == 413:
         limit = manager_of(current_app.extensions).settings.max_body_bytes
-        too_large = {"code": "request_too_large"} if shape.codes else {}
-        return shape.body(
-            413, f"request body is larger than {limit} bytes", field="body", **too_large
+        message = f"request body is larger than {limit} bytes"
+        if not shape.codes:  # the seed's words, which deploy/nginx.conf answers too
+            return shape.body(413, message, field="body")
+        # On /v1 it is mostly an image sent inline.
+        message += (
+            " (STAGESERVER_MAX_BODY_BYTES); an image sent inline as a data: URI counts "
+            "toward it: send it by URL, or raise the limit"
         )
+        return shape.body(413, message, field="body", code="request_too_large")
     response = shape.body(status, exc.description or exc.name)
     # Its own headers, such as a 405's Allow (RFC 9110 requires it), the body being ours.
     response.headers.update((k, v) for k, v in exc.get_headers() if k.lower() != "content-type")

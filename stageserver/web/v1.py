@@ -35,7 +35,7 @@ from ..errors import EventsExpired, InvalidRequest, StageFinished, UnknownStage
 from ..manager import LocalStage, StartedStage, StoredStage
 from ..openai_api.chat import ChatCompletionsDialect, openai_error
 from ..openai_api.requests import ChatCompletionRequest, ResponseRequest, validated
-from ..openai_api.responses import ResponsesDialect
+from ..openai_api.responses import ResponsesDialect, refused_request
 from ..sse import compact_json
 from ..stages.conversation import conversation_of
 from ..stages.dialect import dialect_of
@@ -141,6 +141,8 @@ def create_response() -> Response:
     echo = body.model_dump(exclude_none=True, by_alias=True)
     replayable = body.background and body.stream
     model = body.model
+    # An upstream's error about one of the earlier response's messages is about that id.
+    params = ["previous_response_id"] * len(before) + body.message_params()
     try:
         started = manager.start(
             StageRequest(
@@ -148,7 +150,9 @@ def create_response() -> Response:
                 body.conversation(before),
                 resumable=False,
                 detached=body.background,
-                dialect=lambda sid: ResponsesDialect(sid, model, echo, replayable=replayable),
+                dialect=lambda sid: ResponsesDialect(
+                    sid, model, echo, replayable=replayable, message_params=params
+                ),
                 keep_seconds=KEEP_RESPONSE_SECONDS,
                 keep_events_seconds=KEEP_EVENTS_SECONDS if replayable else 0.0,
             ),
@@ -172,7 +176,11 @@ def _serve(started: StartedStage, body: ResponseRequest) -> Response:
         return _answer(_as_it_stands(started), 200, stage_id)
     if not context.followed_to_end(context.follow_here(started.starter_feed(), -1, FRAMING)):
         return Response(status=499)
-    return _answer(*started.final_answer(), stage_id)
+    response, status = started.final_answer()
+    refused = refused_request(response)
+    if refused is not None:
+        return _answer(refused, 400, stage_id)
+    return _answer(response, status, stage_id)
 
 
 def _again(stage_id: str, body: ResponseRequest) -> Response:

@@ -41,8 +41,13 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def error_body(message: str, code: int, kind: str = "server_error") -> dict[str, object]:
-    return {"error": {"message": message, "type": kind, "code": code}}
+def error_body(
+    message: str, code: int, kind: str = "server_error", param: str | None = None
+) -> dict[str, object]:
+    error: dict[str, object] = {"message": message, "type": kind, "code": code}
+    if param is not None:
+        error["param"] = param
+    return {"error": error}
 
 
 def response_head(code: int, headers: Sequence[tuple[str, str]], keep_alive: bool) -> bytes:
@@ -79,6 +84,8 @@ class UpstreamRequest:
     finished_at: float | None = None
     status: int | None = None
     stream: bool = False
+    #: The URLs of the image parts of its messages, in order (``data:`` URIs whole).
+    images: list[str] = field(default_factory=list)
 
 
 class PauseSlots:

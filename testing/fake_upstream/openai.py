@@ -20,7 +20,10 @@ Endpoints:
   option ``continuation``.
 
 With the option ``tool_calls=N``, the answer is N function tool calls (``tool_calls``
-deltas, then finish_reason ``"tool_calls"``) instead of text.
+deltas, then finish_reason ``"tool_calls"``) instead of text; with ``reasoning=N``, N
+reasoning chunks come before the text. A request with ``logprobs: true`` gets the tokens'
+logprobs. The image parts of a request are noted (``UpstreamRequest.images``); with
+``vision=0`` they are refused (``options.py``).
 
 A conversation that ends with an assistant message P (a partial answer) is taken as the
 option ``continuation`` says, as the servers do (``../shared/notes/continuation.md``):
@@ -163,6 +166,11 @@ async def _chat(
         return False
     if opts.mode == "status":
         return await _fail(response, opts, opts.status)
+    rec.images, image_at = _images(body)
+    if rec.images and not opts.vision:
+        refusal = "image input is not supported by this model"
+        err = error_body(refusal, 400, "invalid_request_error", param=image_at)
+        return await response.send_json(400, err)
 
     partial: str | None = None
     if raw:
@@ -181,6 +189,9 @@ async def _chat(
         return await _fail(response, opts, opts.continued_status)
     covered = 0  # pieces of the scripted answer that the partial answer holds whole
     remainder = False  # the reply starts with the rest of a covered piece
+    thoughts: list[str] = []
+    choice_logprobs: dict[str, Any] | None = None
+    suffixes: list[str] | None = None  # what each chunk's choice has after its delta
     if calls:
         texts: list[str] = []
         deltas = _tool_call_deltas(calls, opts.chunks)
@@ -197,8 +208,19 @@ async def _chat(
         if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(texts):
             texts = texts[:limit]
             finish = "length"
+        thoughts = [] if raw or partial is not None else _thoughts(opts.reasoning)
         deltas = [compact_json(text) for text in texts] if raw else _text_deltas(texts)
         message = {"role": "assistant", "content": "".join(texts)}
+        if thoughts:
+            deltas = [_reasoning_delta(opts.reasoning_field, t) for t in thoughts] + deltas
+            message[opts.reasoning_field] = "".join(thoughts)
+        if not raw and body.get("logprobs") is True:
+            top = body.get("top_logprobs")
+            logprobs = _logprobs(texts, top if isinstance(top, int) else 0)
+            choice_logprobs = {"content": logprobs}
+            suffixes = [""] * len(thoughts) + [
+                ',"logprobs":{"content":[' + compact_json(token) + "]}" for token in logprobs
+            ]
     # ``after`` is a position in the scripted answer: a continuation's reply starts
     # ``covered`` pieces in (its first piece may be the rest of the last of them, held
     # back whitespace), and one that starts at or past the fault is not cut again.
@@ -206,11 +228,13 @@ async def _chat(
     if fault_at is not None and partial is not None:
         fault_at = fault_at - covered + remainder if fault_at > covered else None
     prompt = _prompt_tokens(body)
-    usage = {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": len(deltas),
         "total_tokens": prompt + len(deltas),
     }
+    if thoughts:
+        usage["completion_tokens_details"] = {"reasoning_tokens": len(thoughts)}
     ident = f"{'cmpl' if raw else 'chatcmpl'}-fake-{rec.index}"
     created = int(time.time()) if opts.created is None else opts.created
     if not rec.stream:
@@ -222,7 +246,14 @@ async def _chat(
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": choice_logprobs,
+                    "finish_reason": finish,
+                }
+            ],
             "usage": usage,
         }
         drop = opts.reset if opts.mode == "drop" and fault_at is not None else None
@@ -240,7 +271,9 @@ async def _chat(
     )
     stream = _ChatStream(rec, response, opts, prefix, "text" if raw else "delta")
     last = '""' if raw else '{"role":"assistant"}' if not deltas else "{}"
-    return await stream.run(deltas, last, finish, usage if include_usage else None, fault_at)
+    return await stream.run(
+        deltas, last, finish, usage if include_usage else None, fault_at, suffixes
+    )
 
 
 async def _fail(response: ResponseWriter, opts: Options, code: int) -> bool:
@@ -305,6 +338,52 @@ def _rest(texts: list[str], partial: str, *, echo: bool) -> list[str]:
     if echo:
         rest[:1] = [partial + (rest[0] if rest else "")]
     return rest
+
+
+def _images(body: Mapping[str, Any]) -> tuple[list[str], str]:
+    """The URLs of the messages' image parts, and where the first is (``param``)."""
+    urls: list[str] = []
+    first = ""
+    messages = body.get("messages")
+    for m, message in enumerate(messages if isinstance(messages, list) else ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        for p, part in enumerate(content if isinstance(content, list) else ()):
+            image = part.get("image_url") if isinstance(part, dict) else None
+            if part.get("type") == "image_url" and isinstance(image, dict):
+                urls.append(str(image.get("url")))
+                first = first or f"messages[{m}].content[{p}]"
+    return urls, first
+
+
+def _thoughts(count: int) -> list[str]:
+    """A reasoning model's reasoning, one piece per chunk."""
+    return [f"think{i} " for i in range(count)]
+
+
+def _reasoning_delta(name: str, text: str) -> str:
+    return "{" + compact_json(name) + ":" + compact_json(text) + "}"
+
+
+def _logprobs(texts: list[str], top: int) -> list[dict[str, Any]]:
+    """Each piece's logprob, as Chat Completions gives a token's, with ``top``
+    alternatives (the piece itself first)."""
+    tokens = []
+    for i, text in enumerate(texts):
+        logprob = -(i + 1) / 10
+        names = [text if j == 0 else f"alt{j}" for j in range(top)]
+        alternatives = [
+            {"token": name, "logprob": logprob - j, "bytes": list(name.encode())}
+            for j, name in enumerate(names)
+        ]
+        tokens.append(
+            {
+                "token": text,
+                "logprob": logprob,
+                "bytes": list(text.encode()),
+                "top_logprobs": alternatives,
+            }
+        )
+    return tokens
 
 
 def _text_deltas(texts: list[str]) -> list[str]:
@@ -444,11 +523,13 @@ class _ChatStream:
         deltas: list[str],
         last: str,
         finish: str,
-        usage: dict[str, int] | None,
+        usage: dict[str, Any] | None,
         fault_at: int | None,
+        suffixes: list[str] | None = None,
     ) -> bool:
         """Stream a chunk per delta (JSON), then ``last`` with ``finish``, and the usage;
-        the mode's fault after ``fault_at`` of the deltas (None: no fault)."""
+        the mode's fault after ``fault_at`` of the deltas (None: no fault). ``suffixes``:
+        what each delta's choice holds after it (its logprobs)."""
         rec, response, opts, wire, prefix = (
             self.rec, self.response, self.opts, self.wire, self.prefix
         )  # fmt: skip
@@ -485,7 +566,8 @@ class _ChatStream:
                 break
             if i and not await response.pause(opts.interval):
                 return False
-            if not await self.emit(wire.event(delta_prefix + deltas[i] + suffix)):
+            after = suffix if suffixes is None else suffixes[i] + suffix
+            if not await self.emit(wire.event(delta_prefix + deltas[i] + after)):
                 return False
             rec.chunks_sent += 1
 

@@ -31,6 +31,22 @@ arguments in ``chunks`` fragments (nearly equal, by characters). Each delta coun
 chunk, for ``after``, ``chunks_sent`` and the usage's ``completion_tokens``; ``max_tokens``
 cuts nothing. Not streamed, ``message.tool_calls`` holds them all.
 
+``reasoning`` (0): a reasoning model's answer: that many reasoning chunks first (``think0 ``,
+``think1 ``, ...), each a delta of ``reasoning_field`` (``reasoning_content``, as DeepSeek
+and llama.cpp name it; ``reasoning``, as newer vLLM does), then the text. They count as
+chunks and as completion tokens, and the usage says so
+(``completion_tokens_details.reasoning_tokens``). Not streamed, the message holds them in
+that field.
+
+``vision`` (1): 0 makes a text-only model, which answers a request with an image part 400,
+naming it in ``param`` (``messages[0].content[1]``), as llama-server without its
+projector does.
+
+A request with ``logprobs: true`` gets each content chunk's ``logprobs`` (``{"content":
+[{token, logprob, bytes, top_logprobs}]}``, the logprob of piece ``i`` being
+``-(i + 1) / 10``), with ``top_logprobs`` alternatives each (the piece, then ``alt1``,
+``alt2``, ...); not streamed, ``choices[0].logprobs`` holds them all.
+
 """
 
 from __future__ import annotations
@@ -100,6 +116,9 @@ class Options:
     created: int | None = None  # a fixed "created" stamp, so tests can compare exact bytes
     tool_calls: int = 0  # answer with this many function tool calls instead of text
     tool_args: str | None = None  # the calls' arguments; None: {"city":"Paris","call":<i>}
+    reasoning: int = 0  # reasoning chunks before the answer
+    reasoning_field: str = "reasoning_content"
+    vision: bool = True  # False: a request with an image part is refused (400)
     #: How a trailing assistant message is taken (``openai.py``): "" as a closed turn.
     continuation: str = ""
     continued_status: int = 0  # the HTTP status of a continuation; 0: answered as usual
@@ -127,6 +146,9 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "tool_args": str,
     "continuation": lambda v: v.strip().lower(),
     "continued_status": int,
+    "reasoning": _count,
+    "reasoning_field": lambda v: v.strip(),
+    "vision": _flag,
 }
 
 
@@ -153,6 +175,8 @@ def resolve_options(
         raise ValueError(f"unknown mode {opts.mode!r}")
     if opts.continuation not in CONTINUATIONS:
         raise ValueError(f"unknown continuation {opts.continuation!r}")
+    if opts.reasoning_field not in ("reasoning_content", "reasoning"):
+        raise ValueError(f"unknown reasoning_field {opts.reasoning_field!r}")
     if opts.after_done not in _AFTER_DONE:
         raise ValueError(f"unknown after_done {opts.after_done!r}")
     if not 100 <= opts.status <= 599:
