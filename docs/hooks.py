@@ -6,6 +6,11 @@
   in ``stageserver/telemetry/metrics.py`` (their names, types, label names and help).
 - ``<!-- changes -->``: ``CHANGES.md`` at the repository's root, so the history has one
   source and the site still shows it.
+- ``<!-- extra-fields-table -->``: each upstream kind's ``extra_fields`` by default, from
+  ``stageserver.config.EXTRA_FIELDS``.
+- ``<!-- openai-chat-fields -->``, ``<!-- openai-responses-fields -->``: every field of
+  OpenAI's two create requests and what stageserver does with it, from
+  ``stageserver.openai_api.fields``.
 
 Named in ``mkdocs.yml`` (``hooks: [docs/hooks.py]``); ``tests/test_docs.py`` checks that
 what it writes lists every setting and every metric.
@@ -23,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_MARKER = "<!-- settings-table -->"
 METRICS_MARKER = "<!-- metrics-list -->"
 CHANGES_MARKER = "<!-- changes -->"
+EXTRA_FIELDS_MARKER = "<!-- extra-fields-table -->"
+CHAT_FIELDS_MARKER = "<!-- openai-chat-fields -->"
+RESPONSES_FIELDS_MARKER = "<!-- openai-responses-fields -->"
 
 
 def _importable() -> None:
@@ -86,8 +94,34 @@ def changes() -> str:
     return text.replace("](docs/", "](")
 
 
+def openai_fields(api: str) -> str:
+    """The table of every field of OpenAI's ``chat`` or ``responses`` create request."""
+    _importable()
+    from stageserver.openai_api import fields
+
+    rules = fields.CHAT_FIELDS if api == "chat" else fields.RESPONSES_FIELDS
+    return fields.markdown_table(rules)
+
+
+def extra_fields_rows() -> str:
+    """A table row per upstream kind: the fields beyond OpenAI's API it takes by default."""
+    _importable()
+    from stageserver.config import EXTRA_FIELDS
+
+    return "\n".join(
+        f"| `{kind}` | {', '.join(f'`{name}`' for name in names) or 'none'} |"
+        for kind, names in EXTRA_FIELDS.items()
+    )
+
+
 def render(markdown: str) -> str:
     """``markdown`` with each marker replaced by what it stands for."""
+    if EXTRA_FIELDS_MARKER in markdown:
+        markdown = markdown.replace(EXTRA_FIELDS_MARKER, extra_fields_rows())
+    if CHAT_FIELDS_MARKER in markdown:
+        markdown = markdown.replace(CHAT_FIELDS_MARKER, openai_fields("chat"))
+    if RESPONSES_FIELDS_MARKER in markdown:
+        markdown = markdown.replace(RESPONSES_FIELDS_MARKER, openai_fields("responses"))
     if SETTINGS_MARKER in markdown:
         markdown = markdown.replace(SETTINGS_MARKER, settings_table())
     if METRICS_MARKER in markdown:

@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 
 from stageserver.settings import PROCESS_SETTINGS, SETTINGS
+from stageserver.openai_api.fields import CHAT_FIELDS, RESPONSES_FIELDS
 from stageserver.telemetry import metrics
 from testing.servers import ROOT
 
@@ -89,6 +90,15 @@ def test_the_metrics_list_names_every_metric_family() -> None:
         assert f"| `{name}` |" in listed, name
     assert listed.count("\n| `stageserver_") == len(in_module)
     assert "<!-- metrics-list -->" in (DOCS / "operations.md").read_text()
+
+
+def test_the_openai_page_has_the_table_of_every_field_of_both_requests() -> None:
+    page = (DOCS / "openai.md").read_text()
+    for marker in ("<!-- openai-chat-fields -->", "<!-- openai-responses-fields -->"):
+        assert marker in page
+    rendered = render(page)
+    for rule in (*CHAT_FIELDS, *RESPONSES_FIELDS):
+        assert f"| `{rule.name}` | {rule.treatment.value}" in rendered, rule.name
 
 
 def test_every_page_of_the_nav_exists_and_every_page_is_in_it() -> None:
