@@ -11,8 +11,8 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from stageserver.settings import PROCESS_SETTINGS, SETTINGS
 from stageserver.openai_api.fields import CHAT_FIELDS, RESPONSES_FIELDS
+from stageserver.settings import PROCESS_SETTINGS, SETTINGS
 from stageserver.telemetry import metrics
 from testing.servers import ROOT
 
