@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import requests
 from openai import OpenAI
+from openai.types.chat import ChatCompletionTokenLogprob
 
 from stageserver.launcher.model import (
     MODEL_NAME,
@@ -200,6 +201,60 @@ def test_a_background_response_of_the_model_resumes_exactly_once(server: Gunicor
     assert deltas.strip()
     assert final.response.output_text == deltas
     assert client.responses.retrieve(response_id).output_text == deltas
+
+
+def test_the_models_logprobs_reach_a_chat_completions_client(server: Gunicorn) -> None:
+    """llama.cpp's own logprobs, with alternatives, through the official SDK (strict),
+    streamed and whole; each token's logprob is its best alternative's."""
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="none", _strict_response_validation=True)
+    asked: dict[str, Any] = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": SHORT_PROMPT}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    tokens: list[ChatCompletionTokenLogprob] = []
+    text = ""
+    for chunk in client.chat.completions.create(**asked, stream=True):
+        if not chunk.choices:
+            continue
+        text += chunk.choices[0].delta.content or ""
+        if chunk.choices[0].logprobs is not None:
+            tokens += chunk.choices[0].logprobs.content or []
+    assert text.strip() and "".join(t.token for t in tokens) == text
+    for token in tokens:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 2
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
+        assert token.top_logprobs[0].logprob == pytest.approx(token.logprob)
+
+    whole = client.chat.completions.create(**asked)
+    logprobs = whole.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert [t.token for t in logprobs.content] == [t.token for t in tokens]
+
+
+def test_the_models_logprobs_reach_a_responses_client(server: Gunicorn) -> None:
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="none", _strict_response_validation=True)
+    stream = client.responses.create(
+        model=MODEL_NAME, input=SHORT_PROMPT, max_output_tokens=6, temperature=0,
+        include=["message.output_text.logprobs"], top_logprobs=2, stream=True,
+    )  # fmt: skip
+    events = list(stream)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert deltas and all(len(d.logprobs) == 1 for d in deltas)
+    assert "".join(d.logprobs[0].token for d in deltas) == "".join(d.delta for d in deltas)
+    final = events[-1]
+    assert final.type == "response.completed"
+    [message] = final.response.output
+    assert message.type == "message"
+    [part] = message.content
+    assert part.type == "output_text" and part.logprobs is not None
+    assert [lp.token for lp in part.logprobs] == [d.logprobs[0].token for d in deltas]
+    # llama.cpp sends no bytes: each token's are its text's, in UTF-8.
+    assert all(lp.bytes == list(lp.token.encode()) for lp in part.logprobs)
+    assert all(len(lp.top_logprobs) == 2 for lp in part.logprobs)
 
 
 def test_client_disconnect_stops_the_model(server: Gunicorn, model_server: ModelServer) -> None:
