@@ -203,7 +203,7 @@ def test_events_no_longer_kept_are_a_400_naming_starting_after(upstream: FakeUps
     events = [json.loads(b.partition(b"data: ")[2]) for b in blocks]
     seqs = [e["sequence_number"] for e in events if "sequence_number" in e]
     assert seqs == list(range(len(seqs)))
-    if seqs[-1] != last:
+    if seqs[-1:] != [last]:  # it may have read none, under load
         assert events[-1]["error"]["code"] == "stream_lost"
     # The create's stream may have been told of a loss while the stage ran on: wait for
     # its end, so the log holds its last five for good.
