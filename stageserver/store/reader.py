@@ -6,10 +6,10 @@ died: its lease (``ss:{key}:live``) gone while the stage still says ``running``.
 first reader that sees that marks the stage ``suspect_since``; one that still sees it
 half a lease later takes the stage over (``adopt``, which continues its answer), or,
 where that cannot be (no taker, a stage from before takeovers), ends the stage for
-everyone, in one script: an ``error`` event at the end of its log (after the opening its
-owner did not live to write, if it did not), naming the worker that stopped, and the
-status ``error``. Half a lease leaves an owner that was only cut off from
-Redis the time to take its lease back.
+everyone, in one script: an ``error`` event at the end of its log (after its opening, when
+its owner died before writing that), naming the worker that stopped, and the status
+``error``. Half a lease leaves an owner that was only cut off from Redis the time to take
+its lease back.
 """
 
 from __future__ import annotations
