@@ -7,7 +7,9 @@ one mapping (``web/errors.py``)::
     StageServerError
      ├── ConfigError                  a STAGESERVER_* setting is wrong (start-up; also a ValueError)
      ├── Refusal                      no stage is run, or the stage asked for is not there
-     │    ├── InvalidRequest          400 (422 when a field breaks its rule)
+     │    ├── InvalidRequest          400 (422 when a field breaks its rule; 400 on /v1)
+     │    ├── IdempotencyKeyReused    422, on /v1 too: an Idempotency-Key sent again with
+     │    │                           another body
      │    ├── Unauthorized            401 + WWW-Authenticate: no, or an unknown, API key
      │    ├── RateLimited             429 + Retry-After: a principal's limit is reached
      │    ├── UnknownStage            404: unknown, expired, or not the caller's to see
@@ -85,6 +87,12 @@ class StageServerError(Exception):
         #: Further fields of the JSON error body, e.g. ``reason`` and ``limit``.
         self.body = body
 
+    @property
+    def openai_status(self) -> int:
+        """Its status on ``/v1``, where OpenAI's clients read it: ``http_status``, a 422
+        included, unless the class says otherwise (``InvalidRequest``)."""
+        return self.http_status
+
 
 class ConfigError(StageServerError, ValueError):
     """A ``STAGESERVER_*`` setting is missing or malformed; the message says which and why."""
@@ -98,9 +106,14 @@ class Refusal(StageServerError):
 
 
 class InvalidRequest(Refusal):
-    """400; with ``fields`` (one entry per bad field), 422."""
+    """400; with ``fields`` (one entry per bad field), 422, except on ``/v1``: OpenAI
+    answers any request that breaks its rules with 400."""
 
     code = "invalid_value"
+
+    @property
+    def openai_status(self) -> int:
+        return 400
 
     def __init__(
         self,
@@ -117,6 +130,23 @@ class InvalidRequest(Refusal):
             self.http_status = 422
         if code is not None:
             self.code = code
+
+
+class IdempotencyKeyReused(Refusal):
+    """422, on ``/v1`` too: the ``Idempotency-Key`` of an earlier request, sent with
+    another body. The key names that request for as long as it is kept, so this one can
+    be neither answered with its response nor run (as the IETF draft on the header,
+    ``draft-ietf-httpapi-idempotency-key-header``, says)."""
+
+    http_status = 422
+    field = "Idempotency-Key"
+    code = "idempotency_key_reused"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"Idempotency-Key: {key!r} was sent before with a different request body; "
+            "a retry must send the same body, and a new request a new key"
+        )
 
 
 class Unauthorized(Refusal):

@@ -43,6 +43,7 @@ from .config import StageSettings
 from .errors import (
     ConfigError,
     EventsExpired,
+    IdempotencyKeyReused,
     Overloaded,
     ShuttingDown,
     StageConflict,
@@ -236,8 +237,9 @@ class StageManager:
             self.store,
         ]
         self._listeners = tuple(x for x in listeners if x is not None)
-        #: Idempotency keys without a shared store: (principal, key) -> (stage id, until).
-        self._idempotency: dict[tuple[str, str], tuple[str, float]] = {}
+        #: Idempotency keys without a shared store: (principal, key) -> (stage id, the
+        #: digest of its request's body, until).
+        self._idempotency: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._idempotency_lock = threading.Lock()
         if self.store is not None:
             self.store.start()  # takes over orphans even before it serves a request
@@ -370,24 +372,34 @@ class StageManager:
             return StoredStage(self.store, key, stage_id)
         raise UnknownStage(stage_id)
 
-    def idempotent(self, principal: Principal, key: str, stage_id: str) -> str | None:
+    def idempotent(self, principal: Principal, key: str, stage_id: str, digest: str) -> str | None:
         """Claim the idempotency key ``key`` of ``principal`` for the stage ``stage_id``,
-        for the stage TTL; the stage that claimed it before, if one did (a retried
-        request). In the shared store when there is one, so a retry may land anywhere."""
+        whose request's body has ``digest`` (``web/bodies.digest``), for the stage TTL;
+        the stage that claimed it before, if one did (a retried request). Raises
+        IdempotencyKeyReused when that one's body had another digest, StoreUnavailable.
+        In the shared store when there is one, so a retry may land anywhere."""
+        held = self._claim_idempotency(principal, key, stage_id, digest)
+        if held is None:
+            return None
+        earlier, earlier_digest = held
+        if earlier_digest != digest:
+            raise IdempotencyKeyReused(key)
+        return earlier
+
+    def _claim_idempotency(
+        self, principal: Principal, key: str, stage_id: str, digest: str
+    ) -> tuple[str, str] | None:
+        """The stage that holds the key, and its body's digest; None if this one claimed it."""
+        ttl = self.settings.stage_ttl_seconds
         if self.store is not None:
-            return self.store.claim_idempotency(
-                principal.namespace + key, stage_id, self.settings.stage_ttl_seconds
-            )
+            return self.store.claim_idempotency(principal.namespace + key, stage_id, digest, ttl)
         now = time.monotonic()
         with self._idempotency_lock:
             held = self._idempotency.get((principal.name, key))
-            if held is not None and held[1] > now:
-                return held[0]
-            self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] > now}
-            self._idempotency[(principal.name, key)] = (
-                stage_id,
-                now + self.settings.stage_ttl_seconds,
-            )
+            if held is not None and held[2] > now:
+                return held[0], held[1]
+            self._idempotency = {k: v for k, v in self._idempotency.items() if v[2] > now}
+            self._idempotency[(principal.name, key)] = (stage_id, digest, now + ttl)
         return None
 
     def release_idempotency(self, principal: Principal, key: str, stage_id: str) -> None:

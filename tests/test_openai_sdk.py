@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import openai
 import pytest
+import requests
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import (
     ChatCompletionChunk,
@@ -644,6 +645,37 @@ def test_a_retried_create_with_an_idempotency_key_makes_one_response(
         final = poll(client, first.id)
     assert again.id == first.id
     assert final.output_text == toks(3)
+    assert len(upstream.requests) == 1
+
+
+def test_an_idempotency_key_sent_again_with_another_body_is_refused_on_any_host(
+    a: str, b: str, upstream: FakeUpstream
+) -> None:
+    key = f"key-{uuid.uuid4().hex}"
+    params: dict[str, Any] = {"model": "fake?chunks=3", "input": "hello", "background": True}
+    other = {**params, "input": "goodbye"}
+    with sdk(a) as client:
+        first = client.responses.create(**params, extra_headers={"Idempotency-Key": key})
+    error = {
+        "message": f"Idempotency-Key: {key!r} was sent before with a different request body; "
+        "a retry must send the same body, and a new request a new key",
+        "type": "invalid_request_error",
+        "param": "Idempotency-Key",
+        "code": "idempotency_key_reused",
+    }
+    # Another body under the key, on the other host: 422, saying why.
+    headers = {"Idempotency-Key": key, "Authorization": f"Bearer {SECRETS['alice']}"}
+    refused = requests.post(f"{b}/v1/responses", json=other, headers=headers, timeout=30)
+    assert (refused.status_code, refused.json()) == (422, {"error": error})
+    with sdk(b) as client:
+        with pytest.raises(openai.UnprocessableEntityError) as raised:
+            client.responses.create(**other, extra_headers={"Idempotency-Key": key})
+        assert raised.value.body == error
+        # The same body still gets the first response, which the refusals left alone.
+        again = client.responses.create(**params, extra_headers={"Idempotency-Key": key})
+        final = poll(client, first.id)
+    assert again.id == first.id
+    assert (final.status, final.output_text) == ("completed", toks(3))
     assert len(upstream.requests) == 1
 
 

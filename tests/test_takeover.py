@@ -8,6 +8,7 @@ fake upstream continues a conversation that ends with the partial answer."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -497,3 +498,150 @@ def assert_refused(response: requests.Response, stage_id: str) -> None:
     assert "id" not in event and event["event"] == "error"
     assert event["data"]["stage_id"] == stage_id
     assert f"stage {stage_id!r} cannot be resumed after event 9999" in event["data"]["error"]
+
+
+# -- a host dies before its stage's opening is durable -----------------------------------
+
+
+def opened_and_killed(host: Gunicorn, path: str, body: dict[str, Any], **headers: str) -> str:
+    """Start a stream on ``host`` and SIGKILL the host as soon as it has answered with
+    the stage's id (it has claimed the stage and rendered its opening by then), within
+    the flush window of a second that its host is given: the stage's log in Redis holds
+    none of its events. Returns the stage's id."""
+    url = f"{host.url}{path}"
+    started = requests.post(url, json=body, headers=headers, stream=True, timeout=10)
+    assert started.status_code == 200, started.text
+    stage_id = started.headers["X-Stage-Id"]
+    kill_host(host)
+    started.close()
+    return stage_id
+
+
+def durable_events(store: RedisServer, stage_id: str) -> list[dict[str, Any]]:
+    client: Any = redis.Redis.from_url(store.url)  # redis-py types results loosely
+    try:
+        return logged_events(client, stage_keys(stage_id)[1])
+    finally:
+        client.close()
+
+
+#: A host that gathers its store's writes for a second (the most it may): one killed
+#: within that second of starting a stage dies before anything of it is durable.
+SLOW_FLUSH = {"STAGESERVER_STORE_FLUSH_WINDOW_SECONDS": "1"}
+PLAIN_TEXT = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    *["response.output_text.delta"] * 60,
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+def test_a_response_whose_owner_died_before_its_opening_was_written_opens_on_its_taker(
+    trailing: FakeUpstream,
+    redis_server: RedisServer,
+    survivor: Gunicorn,
+    start_host: Callable[[dict[str, str]], Gunicorn],
+) -> None:
+    a, b = start_host(host_env(trailing, redis_server, **SLOW_FLUSH)), survivor
+    body: dict[str, Any] = {"model": SLOW, "input": "hi", "background": True, "stream": True}
+    key = {"Idempotency-Key": "opening-lost", "X-Request-ID": "opening-lost"}
+    response_id = opened_and_killed(a, "/v1/responses", body, **key)
+    assert durable_events(redis_server, response_id) == []  # the window this test is about
+
+    # The client retries its create on B with the same key; B takes the response over.
+    again = requests.post(f"{b.url}/v1/responses", json=body, headers=key, timeout=60)
+    assert again.status_code == 200, again.text
+    assert again.headers["X-Stage-Id"] == response_id
+    assert again.content.startswith(
+        b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+    )
+    events = parse_events(again.content)
+    assert [e["event"] for e in events] == PLAIN_TEXT
+    assert [e["data"]["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]["data"]["response"]
+    assert (final["id"], final["status"]) == (response_id, "completed")
+    opening = {**final, "status": "in_progress", "output": [], "usage": None}
+    assert [e["data"]["response"] for e in events[:2]] == [opening, opening]
+    deltas = [e["data"]["delta"] for e in events if e["event"] == "response.output_text.delta"]
+    assert "".join(deltas) == toks(60)
+    assert [p["text"] for item in final["output"] for p in item["content"]] == [toks(60)]
+    [record] = stage_status(b.url, response_id)["continuations"]
+    assert (record["reason"], record["outcome"], record["after"]) == ("owner_lost", "ok", 1)
+
+    # Replayed on any host, from the log: the same bytes.
+    replayed = requests.get(
+        f"{b.url}/v1/responses/{response_id}", params={"stream": "true"}, timeout=30
+    )
+    assert replayed.content == again.content
+
+
+def test_a_response_nobody_can_take_over_still_opens_before_its_error(
+    trailing: FakeUpstream, start_host: Callable[[dict[str, str]], Gunicorn]
+) -> None:
+    # A Redis of its own, and no host that can take the response over: C knows none of
+    # A's upstreams, so its reader ends the orphan for everyone (reader.py).
+    store = RedisServer()
+    try:
+        a = start_host(host_env(trailing, store, **SLOW_FLUSH))
+        c = start_host(
+            {
+                "STAGESERVER_UPSTREAMS": json.dumps({"elsewhere": {"url": trailing.url}}),
+                "STAGESERVER_STORE_URL": store.url,
+                "STAGESERVER_OWNER_LEASE_SECONDS": "2",
+            }
+        )
+        body: dict[str, Any] = {"model": SLOW, "input": "hi", "background": True, "stream": True}
+        key = {"Idempotency-Key": "opening-dead"}
+        response_id = opened_and_killed(a, "/v1/responses", body, **key)
+        assert durable_events(store, response_id) == []
+
+        again = requests.post(f"{c.url}/v1/responses", json=body, headers=key, timeout=60)
+        assert again.status_code == 200, again.text
+        events = parse_events(again.content)
+        assert [e["event"] for e in events] == [
+            "response.created",
+            "response.in_progress",
+            "error",
+            "response.failed",
+        ]
+        assert [e["data"]["sequence_number"] for e in events] == [0, 1, 2, 3]
+        assert [e["data"]["response"]["id"] for e in events if "response" in e["data"]] == [
+            response_id
+        ] * 3
+        assert "its lease lapsed 2 s after its last sign of life" in events[2]["data"]["message"]
+        replayed = requests.get(
+            f"{c.url}/v1/responses/{response_id}", params={"stream": "true"}, timeout=30
+        )
+        assert replayed.content == again.content
+    finally:
+        store.stop()
+
+
+def test_a_chat_completion_whose_owner_died_before_its_first_chunk_was_written_has_its_role(
+    trailing: FakeUpstream,
+    redis_server: RedisServer,
+    survivor: Gunicorn,
+    start_host: Callable[[dict[str, str]], Gunicorn],
+) -> None:
+    a, b = start_host(host_env(trailing, redis_server, **SLOW_FLUSH)), survivor
+    body = {"model": SLOW, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    stage_id = opened_and_killed(a, "/v1/chat/completions", body)
+    assert durable_events(redis_server, stage_id) == []
+
+    # Its client is gone with A; B takes the stage over, and a watcher reads it whole.
+    watched = requests.get(f"{b.url}/stages/{stage_id}/events", timeout=60)
+    assert watched.status_code == 200
+    assert watched.content.startswith(b"retry: 3000\ndata: {")
+    data = [block.partition(b"data: ")[2] for block in watched.content.split(b"\n\n")[:-1]]
+    assert data[-1] == b"[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": "tok0 "}
+    assert [d for d in deltas[1:] if "role" in d] == []
+    assert "".join(d.get("content") or "" for d in deltas) == toks(60)
+    assert {chunk["id"] for chunk in chunks} == {stage_id}

@@ -12,7 +12,9 @@ each takes one sequence number of the log, in order, from the ``seq`` it is give
 
 Another host may need to end a stage whose owner died, or to take it over: ``record()`` is
 what it needs to make the same dialect again (``dialect_of``), written with the stage's
-record in the shared store; ``resume(text)`` then brings it to where the log stands.
+record in the shared store; ``resume_at`` then brings it to where the log stands, and
+gives the events of its opening that the log lacks (its owner died before they were
+durable): every stream starts with its opening, whoever wrote the rest.
 An answer continued after a failure (``upstream/continuation.py``) is one answer: a
 dialect marks the seam (``continued``) only where its clients expect to be told.
 """
@@ -61,13 +63,33 @@ class Dialect(Protocol):
 
     def resume(self, text: str) -> None:
         """The dialect was made again (``dialect_of``) for a stage taken over, whose log
-        holds its opening and the chunks of ``text`` (the answer so far)."""
+        holds its opening and at least one chunk's events, those of ``text`` (the answer
+        so far). Called through ``resume_at`` only."""
 
     def ending(self, seq: int, ending: Ending) -> list[bytes]:
         """The events that end the stream; the last is its terminal event."""
 
     def answer(self, ending: Ending) -> tuple[dict[str, Any], int]:
         """The whole answer of a stage that was not streamed, and its HTTP status."""
+
+
+def resume_at(dialect: Dialect, held: int, text: str) -> list[bytes]:
+    """Bring ``dialect``, made again for a stage whose log holds ``held`` events and the
+    answer ``text``, to where that log stands; return the events of its opening that the
+    log lacks, numbered from ``held``, for whoever goes on from the log to add first.
+
+    A worker may die after it claimed a stage and before the stage's opening was
+    durable; the log then lacks it. (It lacks all of it, in practice: a stage appends its
+    opening at once, before the store's flusher runs, and the flusher writes the events
+    it finds in one entry, ``store/entries.py``. Any part is rendered right all the
+    same.) A log that does not hold the whole opening, or holds nothing past it, holds no
+    chunk: the dialect, as made, stands where it does, and has nothing to resume (Chat
+    Completions' would take the role as sent).
+    """
+    opening = dialect.opening(0)
+    if held > len(opening):
+        dialect.resume(text)
+    return opening[held:]
 
 
 _FACTORIES: dict[str, Callable[[Mapping[str, Any]], Dialect]] = {}

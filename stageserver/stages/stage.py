@@ -28,7 +28,7 @@ from ..errors import StageFailure, StageHandedOff, StageInterrupted, forget_fram
 from ..sse import compact_json
 from .chunk_read import ChunkRead
 from .conversation import conversation_record
-from .dialect import Dialect, Ending
+from .dialect import Dialect, Ending, resume_at
 from .events import TERMINAL_EVENT, SeedDialect
 from .log import EventLog
 from .records import AttemptRecord, ContinuationRecord
@@ -102,7 +102,7 @@ class Stage:
         "_relay", "_listeners", "_event_listeners", "_watched_elsewhere", "_log", "_lock",
         "_told", "_subscribers", "_task", "_grace_timer", "_runtime_timer", "_running",
         "_interruption", "continuations", "continuable", "_earlier_usage", "_segment_start",
-        "_takeover", "_gated", "__weakref__",
+        "_takeover", "_lacked", "_gated", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -173,6 +173,8 @@ class Stage:
         self._earlier_usage: dict[str, Any] | None = None  # the segments' before this one
         self._segment_start = 0  # content chunks before this segment
         self._takeover = takeover
+        # Of a stage taken over: what its log lacks of its opening, added at its start.
+        self._lacked: list[bytes] = []
         self._gated = gated
         if takeover is not None:
             self._log.start_at(takeover.next_seq)
@@ -180,7 +182,7 @@ class Stage:
             # Its segment so far is what its earlier workers delivered: its usage counts it.
             self.content_chunks = self.chunk_count = takeover.content_chunks
             self.continuations = list(takeover.continuations)
-            self.dialect.resume(takeover.text)
+            self._lacked = resume_at(self.dialect, takeover.next_seq, takeover.text)
             self.created_at = takeover.created_at or self.created_at
 
     # -- what it has to say ----------------------------------------------------------------
@@ -389,9 +391,12 @@ class Stage:
     def start(self) -> None:
         for listener in self._listeners:
             listener.on_start(self)
-        if self._takeover is None:  # a stage taken over has its opening in its log
-            for wire in self.dialect.opening(self._log.next_seq):
-                self._notify(self._log.append(wire), wire)
+        # A stage taken over adds what its log lacks of its opening: its owner may have
+        # died before that was durable, and every stream starts with it.
+        opening = self._lacked if self._takeover is not None else self.dialect.opening(0)
+        for wire in opening:
+            self._notify(self._log.append(wire), wire)
+        self._lacked = []
         if self.spec.max_seconds:
             self._runtime_timer = Timer(self.spec.max_seconds, self._overran)
         self._task = Task(self._run, name=f"stage-{self.stage_id}")

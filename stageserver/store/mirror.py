@@ -632,22 +632,26 @@ class RedisStageStore(StageListener):
             )
         )
 
-    def claim_idempotency(self, key: str, stage_id: str, ttl_seconds: float) -> str | None:
-        """Claim an idempotency key (``principal/key``) for ``stage_id``; the stage id that
-        holds it already, if one does. Raises StoreUnavailable."""
+    def claim_idempotency(
+        self, key: str, stage_id: str, digest: str, ttl_seconds: float
+    ) -> tuple[str, str] | None:
+        """Claim an idempotency key (``principal/key``) for ``stage_id``, whose request's
+        body has ``digest``; the stage id that holds it already, and its body's digest,
+        if one does. Raises StoreUnavailable."""
         name = _idempotency_key(key)
         try:
-            if self.redis.set(name, stage_id, nx=True, px=int(ttl_seconds * 1000)):
+            if self.redis.set(name, f"{stage_id} {digest}", nx=True, px=int(ttl_seconds * 1000)):
                 return None
             held = self.redis.get(name)
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
-        return None if held is None else bytes(held).decode()
+        return None if held is None else _idempotency_holder(held)
 
     def release_idempotency(self, key: str, stage_id: str) -> None:
         name = _idempotency_key(key)
         try:
-            if self.redis.get(name) == stage_id.encode():
+            held = self.redis.get(name)
+            if held is not None and _idempotency_holder(held)[0] == stage_id:
                 self.redis.delete(name)
         except STORE_ERRORS as exc:
             log.warning("idempotency key of a refused stage kept until it expires: %s", exc)
@@ -698,6 +702,13 @@ class RedisStageStore(StageListener):
 def _idempotency_key(key: str) -> str:
     """The Redis key of an idempotency key (``principal/key``): in the principal's slot."""
     return f"ss:{{{key.partition('/')[0]}}}:idem:{key}"
+
+
+def _idempotency_holder(value: bytes) -> tuple[str, str]:
+    """The stage id and the body's digest an idempotency key holds: ``<stage id> <digest>``
+    (a digest is hex: the last space is the one between them)."""
+    stage_id, _, digest = bytes(value).decode().rpartition(" ")
+    return stage_id, digest
 
 
 def _refused_id(error: Exception) -> bool:

@@ -6,9 +6,10 @@ died: its lease (``ss:{key}:live``) gone while the stage still says ``running``.
 first reader that sees that marks the stage ``suspect_since``; one that still sees it
 half a lease later takes the stage over (``adopt``, which continues its answer), or,
 where that cannot be (no taker, a stage from before takeovers), ends the stage for
-everyone, in one script: an ``error`` event at the end of its log, naming the worker that
-stopped, and the status ``error``. Half a lease leaves an owner that was only cut off from
-Redis the time to take its lease back.
+everyone, in one script: an ``error`` event at the end of its log (after its opening, when
+its owner died before writing that), naming the worker that stopped, and the status
+``error``. Half a lease leaves an owner that was only cut off from Redis the time to take
+its lease back.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..errors import (
     UnknownStage,
     store_unavailable_message,
 )
-from ..stages.dialect import Ending, dialect_of
+from ..stages.dialect import Ending, dialect_of, resume_at
 from ..stages.events import SeedDialect
 from ..stages.feeds import RefusedFeed
 from ..stages.stage import Subscriber
@@ -182,7 +183,9 @@ class StoreReader:
         ending = Ending("error", usage, text=text, error=message)
         # A stage claimed by a worker from before dialects has no record: it is the seed's.
         dialect = dialect_of(json.loads(record)["dialect"]) if record else SeedDialect(stage_id)
-        wires = dialect.ending(held, ending)
+        # Its owner may have died before its opening was durable: the opening comes first.
+        wires = resume_at(dialect, held, text)
+        wires += dialect.ending(held + len(wires), ending)
         summary.update(
             status="error", error=message, text=ending.text, events=held + len(wires), usage=usage
         )

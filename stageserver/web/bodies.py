@@ -21,10 +21,17 @@
 
 The checks cost one regex pass over the text for the depth, and hooks in the C parser;
 the surrogate check runs only when the text has a surrogate escape at all.
+
+``digest(body)`` is what such an object is known by beside its request's
+``Idempotency-Key``: the SHA-256, in hex, of the object as canonical JSON (keys sorted,
+no whitespace, no escapes but JSON's own). A retry that spells the same object another
+way (its keys in another order, other whitespace, ``\u00e9`` for ``é``) has the same
+digest; one that changes a value does not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -73,6 +80,12 @@ def json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         _refuse(f"must be a JSON object, not {_KINDS.get(type(value), 'that')}")
     return value
+
+
+def digest(body: dict[str, Any]) -> str:
+    """The digest of a body ``json_object`` gave (see the module docstring)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _refuse(problem: str) -> NoReturn:

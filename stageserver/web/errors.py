@@ -9,7 +9,8 @@ shapes, each blueprint's own (``answer_in_json``):
 - the seed's (``SEED``): ``{"error": message}``, with the ``field`` it is about and any
   further fields the error carries (``schemas.ErrorBody``);
 - OpenAI's (``OPENAI``, on ``/v1``): ``{"error": {"message", "type", "param", "code"}}``,
-  where a validation error is 400, not 422, as OpenAI answers one.
+  with the error's ``openai_status``: a validation error is 400 there, not 422, as
+  OpenAI answers one; a 422 that means something else (``IdempotencyKeyReused``) stays.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from operator import attrgetter
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -48,21 +50,23 @@ def openai_json_error(
     kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = {"message": message, "type": kind, "param": field, "code": code}
     response = jsonify({"error": body})
-    response.status_code = 400 if status == 422 else status
+    response.status_code = status
     return response
 
 
 @dataclass(frozen=True)
 class Shape:
-    """How a blueprint's error bodies look: ``body(status, message, **fields)``, and
-    whether they carry a ``code`` (the error's, ``StageServerError.code``)."""
+    """How a blueprint's error bodies look: ``body(status, message, **fields)``, whether
+    they carry a ``code`` (the error's, ``StageServerError.code``), and which of an
+    error's statuses they answer with (``status(error)``)."""
 
     body: Callable[..., Response]
     codes: bool
+    status: Callable[[StageServerError], int]
 
 
-SEED = Shape(json_error, codes=False)
-OPENAI = Shape(openai_json_error, codes=True)
+SEED = Shape(json_error, codes=False, status=attrgetter("http_status"))
+OPENAI = Shape(openai_json_error, codes=True, status=attrgetter("openai_status"))
 
 
 def error_response(exc: StageServerError, shape: Shape = SEED) -> Response:
@@ -75,7 +79,7 @@ def error_response(exc: StageServerError, shape: Shape = SEED) -> Response:
         extra["field"] = str(fields[0].get("field"))  # OpenAI names one param
     if shape.codes:
         extra["code"] = exc.code
-    response = shape.body(exc.http_status, str(exc), **extra)
+    response = shape.body(shape.status(exc), str(exc), **extra)
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
     response.headers.update(exc.headers)

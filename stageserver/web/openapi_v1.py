@@ -235,7 +235,9 @@ def paths() -> dict[str, Any]:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "description": "A retried create with the same key gets the same response.",
+                        "description": "A retried create with the same key and the same "
+                        "body (in any key order or whitespace) gets the same response; another "
+                        "body is refused with 422.",
                         "schema": {"type": "string"},
                     }
                 ],
@@ -256,6 +258,10 @@ def paths() -> dict[str, Any]:
                     "400": _error(
                         "A field is wrong or not supported, or `previous_response_id` is "
                         "not one of the caller's finished responses: `param` names it."
+                    ),
+                    "422": _error(
+                        "The `Idempotency-Key` was sent before with another body "
+                        "(`code: idempotency_key_reused`, `param: Idempotency-Key`)."
                     ),
                     **_ERRORS,
                     **_REFUSED,

@@ -20,7 +20,8 @@ A response of ``/v1/responses`` runs in one of four modes:
 ``GET /v1/responses/{id}`` gives the Response as it stands, ``POST …/cancel`` stops it
 wherever it runs and gives its Response (idempotent: a finished one's is given as it
 is), ``DELETE`` cancels it if it runs and forgets it. ``Idempotency-Key`` on a create
-gives a retried request the response the first one made.
+gives a retried request the response the first one made; the same key with another body
+(``bodies.digest``) is refused with 422 (``IdempotencyKeyReused``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ..stages.conversation import conversation_of
 from ..stages.dialect import dialect_of
 from ..stages.spec import StageRequest
 from . import context
-from .bodies import json_object
+from .bodies import digest, json_object
 from .errors import OPENAI, answer_in_json
 from .follow import Framing
 
@@ -128,14 +129,15 @@ def models() -> Response:
 
 @bp.post("/responses")
 def create_response() -> Response:
-    body = validated(ResponseRequest, json_object(request.get_data(cache=False)))
+    raw = json_object(request.get_data(cache=False))
+    body = validated(ResponseRequest, raw)
     manager = context.manager()
     principal = context.principal()
     before = _previous_conversation(body.previous_response_id)
     stage_id = f"resp_{uuid.uuid4().hex}"
     key = request.headers.get("Idempotency-Key")
     if key:
-        earlier = manager.idempotent(principal, key, stage_id)
+        earlier = manager.idempotent(principal, key, stage_id, digest(raw))
         if earlier is not None:
             return _again(earlier, body)
     echo = body.model_dump(exclude_none=True, by_alias=True)
