@@ -523,6 +523,45 @@ def test_background_stream_resumed_on_the_other_host_gives_each_event_once(a: st
     assert deltas == [f"tok{n} " for n in range(30)]
 
 
+def test_a_reasoning_models_background_stream_resumed_on_the_other_host_is_whole(
+    a: str, b: str
+) -> None:
+    """Cut inside the reasoning item, resumed on the other host: the item, its deltas and
+    the message each once, the bytes the same whichever host sent them."""
+    model = "fake?chunks=6&reasoning=6&interval=0.02"
+    with sdk(a) as client:
+        first: list[ResponseStreamEvent] = []
+        stream = client.responses.create(model=model, input="hello", stream=True, background=True)
+        for event in stream:
+            first.append(event)
+            if event.type == "response.reasoning_text.delta" and event.delta == "think2 ":
+                break
+        stream.close()
+    response_id = first[0].response.id  # type: ignore[union-attr]
+    cut = first[-1].sequence_number
+    with sdk(b) as client:
+        rest = list(client.responses.retrieve(response_id, stream=True, starting_after=cut))
+    with (
+        sdk(a) as client,
+        client.responses.with_streaming_response.retrieve(
+            response_id, stream=True, starting_after=cut
+        ) as again,
+    ):
+        replayed = again.read()
+    events = first + rest
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    thinking = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+    assert thinking == [f"think{n} " for n in range(6)]
+    final = events[-1]
+    assert final.type == "response.completed"
+    assert [item.type for item in final.response.output] == ["reasoning", "message"]
+    assert final.response.output_text == toks(6)
+    assert final.response.usage is not None
+    assert final.response.usage.output_tokens_details.reasoning_tokens == 6
+    wire = [json.loads(line[6:]) for line in replayed.split(b"\n") if line.startswith(b"data: ")]
+    assert wire == [event.model_dump(mode="json", exclude_unset=True) for event in rest]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_stream_helper_replays_a_background_response(kind: Kind, a: str, b: str) -> None:
     with sdk(a) as client:
