@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import StageServer, create_app
-    from .errors import ConfigError
+    from .errors import ConfigError, StageServerError
 
-__all__ = ["ConfigError", "StageServer", "create_app"]
+    __version__: str
+
+__all__ = ["ConfigError", "StageServer", "StageServerError", "__version__", "create_app"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,8 +28,12 @@ def __getattr__(name: str) -> Any:
         from . import app
 
         return getattr(app, name)
-    if name == "ConfigError":
-        from .errors import ConfigError
+    if name in ("ConfigError", "StageServerError"):
+        from . import errors
 
-        return ConfigError
+        return getattr(errors, name)
+    if name == "__version__":
+        from .release import package_version
+
+        return package_version()
     raise AttributeError(f"module 'stageserver' has no attribute {name!r}")

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,6 +32,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .principals import check_upstreams, key_ring
+from .release import package_version
 from .settings import PROCESS_SETTINGS, SETTINGS
 from .upstream.clients import UpstreamRegistry
 from .upstream.continuation import ContinuationModes
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Serve streaming LLM chat stages as Server-Sent Events. "
         "Configured through STAGESERVER_* environment variables.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     keys = "\n".join(
         f"  {key} (default {default!r}): {text}"
@@ -191,10 +191,3 @@ def _check_store_url(url: str) -> str | None:
     except STORE_ERRORS as exc:
         return f"note: the stage store cannot be reached now ({exc})"
     return None
-
-
-def _version() -> str:
-    try:
-        return version("stageserver")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "(not installed)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# key -> (default, description). The README's configuration table is generated from this.
+# key -> (default, description). The docs' configuration table is generated from this.
 SETTINGS: dict[str, tuple[Any, str]] = {
     "STAGESERVER_UPSTREAM_URL": (
         None,
@@ -28,7 +28,8 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         '"idle_timeout": ...}}`, each a pool of replicas with `"urls": [...]` and '
         "optionally `models`, `retries`, `fallbacks`, `max_in_flight`, `attempt_timeout`, "
         "`eject_after` (see Upstream pools), `continuation` and `chat_template` (see "
-        "Surviving failures). The first is the default. Replaces the single-URL keys.",
+        "Surviving failures), `extra_fields` (the fields beyond OpenAI's API it takes). "
+        "The first is the default. Replaces the single-URL keys.",
     ),
     "STAGESERVER_UPSTREAM_CONTINUATION": (
         "auto",
@@ -210,7 +211,8 @@ PROCESS_SETTINGS: dict[str, tuple[Any, str]] = {
 
 
 def markdown_table() -> str:
-    """The README's configuration table; tests/test_readme.py keeps the two in step."""
+    """The configuration table of ``docs/configuration.md`` (``docs/hooks.py``), which
+    tests/test_docs.py holds to this one."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, (default, description) in {**SETTINGS, **PROCESS_SETTINGS}.items():
         shown = "unset" if default is None else f"`{json.dumps(default)}`"

@@ -7,6 +7,7 @@ tests/test_contract.py's."""
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from flask import Flask, Request
 from openapi_spec_validator import validate
 from pydantic import BaseModel, ValidationError
 
+import stageserver
 from stageserver import StageServer, create_app
 from stageserver.schemas import (
     CancelData,
@@ -32,7 +34,7 @@ from stageserver.schemas import (
 )
 from stageserver.web.apidocs import SWAGGER_UI
 from testing.fake_upstream import FakeUpstream
-from testing.servers import Gunicorn, RedisServer, gunicorn_server
+from testing.servers import ROOT, Gunicorn, RedisServer, gunicorn_server
 from testing.sse import parse_events, post_chat, wait_for_status
 
 KEYS = {"alice": {"key": "alice-secret-key"}}
@@ -102,6 +104,13 @@ def test_the_document_is_valid_and_names_every_route(
     ):
         assert doc["paths"][path]["get"]["security"] == []
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+
+
+def test_the_documents_version_is_the_packages(upstream: FakeUpstream) -> None:
+    app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url})
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert stageserver.__version__ == pyproject["project"]["version"]
+    assert document(app)["info"]["version"] == stageserver.__version__
 
 
 def test_under_a_prefix_the_servers_reach_every_operation(upstream: FakeUpstream) -> None:

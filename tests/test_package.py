@@ -14,7 +14,10 @@ no PYTHONPATH, and each test that matters asserts where ``stageserver`` came fro
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -158,6 +161,55 @@ print(json.dumps({{
 
 
 # --- the artifacts ---------------------------------------------------------------------
+
+
+# The optional parts of the package, and the extra that installs what each imports.
+OPTIONAL = {
+    "stageserver/store/": "redis",
+    "stageserver/policy/shared_limits.py": "redis",
+    "stageserver/telemetry/tracing.py": "tracing",
+    "stageserver/client/": "client",
+    "stageserver/launcher/": "llm",
+}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_module_the_package_imports_is_a_declared_dependency() -> None:
+    """Each third-party import in stageserver/ comes from a distribution the project
+    declares: a dependency, or, in an optional part, that part's extra."""
+    base = {_canonical(Requirement(r).name) for r in PROJECT["dependencies"]}
+    extras = {
+        extra: {_canonical(Requirement(r).name) for r in requirements}
+        for extra, requirements in PROJECT["optional-dependencies"].items()
+    }
+    providers = importlib.metadata.packages_distributions()
+    undeclared = []
+    for path in sorted((ROOT / "stageserver").rglob("*.py")):
+        where = path.relative_to(ROOT).as_posix()
+        extra = next((e for part, e in OPTIONAL.items() if where.startswith(part)), None)
+        allowed = base | (extras[extra] if extra else set())
+        for module in _third_party_imports(path):
+            dists = {_canonical(d) for d in providers.get(module, [module])}
+            if not dists & allowed:
+                undeclared.append(f"{where}: {module}")
+    assert undeclared == []
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.partition(".")[0])
+    return {
+        n
+        for n in names
+        if n not in sys.stdlib_module_names and n not in ("stageserver", "__future__")
+    }
 
 
 def test_twine_checks_the_sdist_and_the_wheel(built: Built) -> None:

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from ..config import StageSettings
+from ..release import package_version
 from ..schemas import (
     STAGE_ID_PATTERN,
     CancelData,
@@ -53,7 +54,6 @@ from ..schemas import (
 from . import openapi_v1
 from .browser import PLAYGROUND_DIR
 
-VERSION = "0.3.0"  # the package's (pyproject.toml)
 _REF = "#/components/schemas/{model}"
 CHAT_EXAMPLE = {
     "stage_id": "summary-1",
@@ -112,7 +112,11 @@ def build(settings: StageSettings, *, playground: bool, bearer_required: bool) -
     paths = {**_stage_api(settings, bearer_required), **_open_paths(playground)}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "stageserver", "version": VERSION, "description": DESCRIPTION},
+        "info": {
+            "title": "stageserver",
+            "version": package_version(),
+            "description": DESCRIPTION,
+        },
         "servers": [{"url": "/"}],
         "paths": paths,
         "components": {

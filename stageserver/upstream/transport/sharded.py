@@ -117,8 +117,11 @@ def unpatch_idle_check() -> None:
     poll makes each of those a round trip through the hub; a zero-timeout poll never
     blocks, so the unpatched one is safe, and much cheaper.
     """
-    utils: Any = httpcore2._utils
-    if not gevent_active() or isinstance(utils.select, SimpleNamespace):
+    utils: Any = getattr(httpcore2, "_utils", None)
+    # A private attribute: a release that moved it keeps gevent's poll (slower, correct).
+    if not gevent_active() or not hasattr(utils, "select"):
+        return
+    if isinstance(utils.select, SimpleNamespace):
         return
     select_ = original("select", "select")
     utils.select = SimpleNamespace(poll=real_poll(), select=select_, POLLIN=select.POLLIN)
