@@ -103,11 +103,11 @@ class StageServer:
         )
         app.extensions["stageserver"] = manager
         app.extensions["stageserver.auth"] = Authenticator(keys, self.identify)
+        from .views import bp
         from .web.apidocs import bp as docs_bp
         from .web.browser import register_web
         from .web.ops import bp as ops_bp
         from .web.v1 import bp as v1_bp
-        from .web.views import bp
 
         app.register_blueprint(bp, url_prefix=self.url_prefix)
         app.register_blueprint(ops_bp, url_prefix=self.url_prefix)

@@ -110,8 +110,10 @@ class Gunicorn:
         workers: int = 1,
         port: int | None = None,
         root: Path = ROOT,
+        args: Sequence[str] | None = None,
     ) -> None:
-        """``root``: the checkout to run (another revision's, for a benchmark)."""
+        """``root``: the checkout to run (another revision's, for a benchmark); ``args``:
+        gunicorn's, when not the package's config and app (``gunicorn_args``)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = ROOT / ".pytest_cache" / f"gunicorn-{self.port}.log"
@@ -126,7 +128,7 @@ class Gunicorn:
         self.log_path.write_bytes(b"")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "python"), "-m", "gunicorn", *gunicorn_args(root)],
+            [str(VENV_BIN / "python"), "-m", "gunicorn", *(args or gunicorn_args(root))],
             cwd=root,
             env=full_env,
             stdout=self._log,

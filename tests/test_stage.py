@@ -23,7 +23,7 @@ from stageserver.stages.feeds import LocalFeed
 from stageserver.stages.log import EventLog
 from stageserver.stages.spec import StageSpec
 from stageserver.stages.stage import Stage, StageListener, Subscriber
-from stageserver.web.follow import Framing, follow
+from stageserver.stream import Framing, follow
 
 # The scripted chunks carry no content, and the spec no prompt estimate.
 NO_USAGE = b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0,"estimated":true}'

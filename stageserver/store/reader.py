@@ -1,7 +1,7 @@
 """Reading stages of other workers and hosts from the shared store (see mirror.py).
 
 Any worker answers for any stage: its status, its events (``RemoteFeed``, which the one
-follow loop in web/follow.py reads), and a cancel. It also notices a stage whose owner has
+follow loop in stream.py reads), and a cancel. It also notices a stage whose owner has
 died: its lease (``ss:{key}:live``) gone while the stage still says ``running``. The
 first reader that sees that marks the stage ``suspect_since``; one that still sees it
 half a lease later takes the stage over (``adopt``, which continues its answer), or,

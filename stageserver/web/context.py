@@ -1,6 +1,6 @@
 """What every API request of stageserver shares, whichever blueprint serves it: the
-manager, the request's principal (decided first, ``auth.py``) and id, and its answer as
-an event stream that follows a stage."""
+manager, the request's principal (decided first, ``auth.py``) and id, and the events of
+a stage it follows on its own socket (sent by ``stream.event_stream``)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ from ..errors import ClientGone
 from ..manager import StageManager, manager_of
 from ..principals import ANONYMOUS, Principal
 from ..stages.feeds import EventFeed
+from ..stream import Framing, follow
 from . import cors
 from .auth import authenticator_of
-from .follow import Framing, follow
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def manager() -> StageManager:
@@ -61,17 +59,6 @@ def _request_id() -> str:
     if given and len(given) <= 128 and given.isprintable():
         return given
     return uuid.uuid4().hex
-
-
-def event_stream(events: Iterator[bytes], headers: dict[str, str] | None = None) -> Response:
-    # Passed through: gunicorn iterates and closes our generator itself, without werkzeug's
-    # two layers around it (a frame each on every write and on a parked response's stack).
-    return Response(
-        events,
-        mimetype="text/event-stream",
-        headers={**SSE_HEADERS, **(headers or {})},
-        direct_passthrough=True,
-    )
 
 
 def followed_to_end(events: Iterator[bytes]) -> bool:

@@ -41,10 +41,10 @@ from ..sse import compact_json
 from ..stages.conversation import conversation_of
 from ..stages.dialect import dialect_of
 from ..stages.spec import StageRequest
+from ..stream import Framing, event_stream
 from . import context
 from .bodies import digest, json_object
 from .errors import OPENAI, answer_in_json
-from .follow import Framing
 
 bp = Blueprint("stageserver_v1", __name__)
 bp.before_request(context.prepare)
@@ -102,7 +102,7 @@ def chat_completions() -> Response:
     )
     events = context.follow_here(started.starter_feed(), -1, FRAMING)
     if body.stream:
-        return context.event_stream(events, _headers(stage_id))
+        return event_stream(events, _headers(stage_id))
     if not context.followed_to_end(events):
         return Response(status=499)  # nobody reads this; the stage has been cancelled
     return _answer(*started.final_answer(), stage_id)
@@ -173,7 +173,7 @@ def _serve(started: StartedStage, body: ResponseRequest) -> Response:
     stage_id = started.stage_id
     if body.stream:
         events = context.follow_here(started.starter_feed(), -1, FRAMING)
-        return context.event_stream(events, _headers(stage_id))
+        return event_stream(events, _headers(stage_id))
     if body.background:
         return _answer(_as_it_stands(started), 200, stage_id)
     if not context.followed_to_end(context.follow_here(started.starter_feed(), -1, FRAMING)):
@@ -192,7 +192,7 @@ def _again(stage_id: str, body: ResponseRequest) -> Response:
     if body.stream:
         feed = found.feed(-1)
         events = context.follow_here(feed, -1, FRAMING) if feed is not None else iter(())
-        return context.event_stream(events, _headers(stage_id))
+        return event_stream(events, _headers(stage_id))
     if not body.background:
         found.wait(context.manager().settings.background_max_seconds)
     return _answer(_as_it_stands(found), 200, stage_id)
@@ -282,7 +282,7 @@ def retrieve_response(response_id: str) -> Response:
     if feed is not None and after + 1 < found.first_kept():
         raise expired  # never a silent gap
     events = context.follow_here(feed, after, FRAMING) if feed is not None else iter(())
-    return context.event_stream(events, _headers(response_id))
+    return event_stream(events, _headers(response_id))
 
 
 def _starting_after() -> int:

@@ -1,4 +1,5 @@
-"""HTTP: authenticate, validate the request, ask the stage manager, answer as SSE or JSON.
+"""The seed's API, ``POST /chat`` and ``/stages/...``: authenticate, validate the request,
+ask the stage manager, answer as SSE (``stream.py``) or JSON.
 
 Every request of this blueprint names its principal first (``auth.py``); validation
 happens here; the manager gets plain values, never the request. Every refusal and
@@ -14,9 +15,9 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
-from ..errors import InvalidRequest
-from ..manager import LocalStage, StageManager, StartedStage, StoredStage
-from ..schemas import (
+from .errors import InvalidRequest
+from .manager import LocalStage, StageManager, StartedStage, StoredStage
+from .schemas import (
     STAGE_ID_PATTERN,
     STAGE_ID_RULE,
     Cancelling,
@@ -25,14 +26,14 @@ from ..schemas import (
     UpstreamName,
     field_errors,
 )
-from ..sse import encode_retry
-from ..stages.conversation import Conversation
-from ..stages.events import lost_event, seq_of
-from ..stages.spec import StageRequest
-from . import context
-from .bodies import json_object
-from .errors import answer_in_json
-from .follow import Framing
+from .sse import encode_retry
+from .stages.conversation import Conversation
+from .stages.events import lost_event, seq_of
+from .stages.spec import StageRequest
+from .stream import Framing, event_stream
+from .web import context
+from .web.bodies import json_object
+from .web.errors import answer_in_json
 
 bp = Blueprint("stageserver", __name__)
 bp.before_request(context.prepare)
@@ -59,7 +60,7 @@ def chat() -> Response:
     )
     events = context.follow_here(started.starter_feed(), -1, _framing())
     if chat_request.stream:
-        return context.event_stream(events)
+        return event_stream(events)
     return _final_output(started, events)
 
 
@@ -155,7 +156,7 @@ def stage_events(stage_id: str) -> Response:
         # The stage has ended and the client has its last event: 204 tells an
         # EventSource to stop reconnecting (the SSE specification's answer).
         return Response(status=204)
-    return context.event_stream(context.follow_here(feed, after_seq, _framing()))
+    return event_stream(context.follow_here(feed, after_seq, _framing()))
 
 
 @bp.post("/stages/<stage_id>/cancel")

@@ -1,4 +1,10 @@
-"""One HTTP response following a stage: its events, heartbeats, and the client going away.
+"""The SSE generator response: one HTTP response following a stage, its events,
+heartbeats, and the client going away.
+
+``event_stream`` is the response, ``follow`` the generator it sends. When the client
+goes, gunicorn closes the generator (``GeneratorExit``), and its ``finally`` ends that
+client's part of the stage: a stage that only it followed is cancelled, a resumable one
+waits for a client to come back (``Stage.detach``).
 
 The same loop (``follow``) serves every response: the client that started a stage, a
 client that re-attaches, a watcher, whether the stage runs in this worker or elsewhere.
@@ -40,13 +46,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ..concurrency import SendDeadline, gevent_active, original, read_watcher, real_poll
-from ..config import FollowSettings
-from ..errors import ClientGone, StageLost
-from ..sse import HEARTBEAT
-from ..stages.feeds import EventFeed
-from ..stages.stage import Subscriber
-from ..telemetry.metrics import OPEN_RESPONSES
+from flask import Response
+
+from .concurrency import SendDeadline, gevent_active, original, read_watcher, real_poll
+from .config import FollowSettings
+from .errors import ClientGone, StageLost
+from .sse import HEARTBEAT
+from .stages.feeds import EventFeed
+from .stages.stage import Subscriber
+from .telemetry.metrics import OPEN_RESPONSES
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def event_stream(events: Iterator[bytes], headers: dict[str, str] | None = None) -> Response:
+    """The response that sends ``events`` (``follow``'s) as they come."""
+    # Passed through: gunicorn iterates and closes our generator itself, without werkzeug's
+    # two layers around it (a frame each on every write and on a parked response's stack).
+    return Response(
+        events,
+        mimetype="text/event-stream",
+        headers={**SSE_HEADERS, **(headers or {})},
+        direct_passthrough=True,
+    )
 
 
 @dataclass(frozen=True)
