@@ -56,13 +56,14 @@ from .errors import (
 from .policy.admission import Admission
 from .policy.limits import LimitBook, LocalLimits
 from .principals import ANONYMOUS, Principal, check_upstreams
-from .stages.conversation import Conversation, conversation_of
+from .stages.conversation import Conversation
 from .stages.dialect import dialect_of
 from .stages.feeds import EventFeed, LocalFeed, RefusedFeed
 from .stages.records import ContinuationRecord
 from .stages.registry import StageRegistry
-from .stages.spec import StageRequest, StageSpec, Takeover, instance_of
-from .stages.stage import HANDED_OFF, Stage, StageListener
+from .stages.spec import StageRecord, StageRequest, StageSpec, Takeover, instance_of
+from .stages.stage import Stage, StageListener
+from .stages.status import StageStatus
 from .stages.usage import estimate_prompt_tokens
 from .telemetry import metrics
 from .telemetry.logs import OutcomeLog
@@ -120,7 +121,7 @@ class LocalStage:
         it runs."""
         return self.stage.answer() if self.stage.finished else None
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> StageRecord:
         """Its request: its dialect's record, its conversation (``Stage.record``)."""
         return self.stage.record()
 
@@ -146,7 +147,7 @@ class StartedStage(LocalStage):
         ShuttingDown when this worker handed the stage off as it drained: the stage goes
         on elsewhere, and this request cannot follow it there."""
         stage = self.stage
-        if stage.status == HANDED_OFF:
+        if stage.status == StageStatus.HANDED_OFF:
             raise ShuttingDown(
                 f"stageserver is shutting down here; stage {stage.stage_id!r} goes on in "
                 f"another worker: its status is at /stages/{stage.stage_id}"
@@ -191,11 +192,11 @@ class StoredStage:
     def first_kept(self) -> int:
         return self._store.reader.first_kept(self.key)
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> StageRecord:
         record = self._store.reader.record(self.key)
         if record is None:
             raise UnknownStage(self.stage_id)
-        return record
+        return StageRecord.from_json(record)
 
 
 class StageManager:
@@ -440,14 +441,16 @@ class StageManager:
         if local is not None and not local.finished:
             return True  # it runs here: its lease comes back with the next renewal
         try:
-            record = store.reader.record(key)
+            raw = store.reader.record(key)
+            record = None if raw is None else StageRecord.from_json(raw)
         except StoreUnavailable:
             return False
-        spec = (record or {}).get("spec")
-        if not record or not spec or record.get("conversation") is None:
-            return False  # from a worker that predates takeovers: ended as before
-        principal = self._principals.get(spec["principal"])
-        if principal is None or spec["upstream"] not in self.upstreams.names():
+        except (KeyError, TypeError, ValueError):
+            record = None  # from a worker that predates takeovers: ended as before
+        if record is None or record.conversation is None:
+            return False
+        principal = self._principals.get(record.spec.principal)
+        if principal is None or record.spec.upstream not in self.upstreams.names():
             log.warning("stage %s: not taken over here (its principal or upstream is "
                         "unknown to this worker's configuration)", key)  # fmt: skip
             return False
@@ -478,21 +481,23 @@ class StageManager:
     def _taken_over(self, key: str, claim: Claim, principal: Principal, instance: str) -> Stage:
         """The stage ``claim`` holds, made again here from its record."""
         settings = self.settings
-        record, spec = claim.record, claim.record["spec"]
-        conversation = conversation_of(record["conversation"])
-        dialect = dialect_of(record["dialect"])
-        stage_id = str(record["dialect"]["stage_id"])
+        record = StageRecord.from_json(claim.record)
+        conversation, spec = record.conversation, record.spec
+        if conversation is None:
+            raise ValueError("its record has no conversation")
+        dialect = dialect_of(record.dialect)
+        stage_id = record.stage_id
         stage_spec = self._spec(
             stage_id,
-            spec["upstream"],
+            spec.upstream,
             principal,
             conversation,
-            resumable=bool(spec["resumable"]),
-            request_id=str(spec["request_id"]),
-            detached=bool(spec["detached"]),
-            max_seconds=float(spec["max_seconds"]),
-            keep_seconds=float(spec["keep_seconds"]),
-            keep_events_seconds=float(spec["keep_events_seconds"]),
+            resumable=spec.resumable,
+            request_id=spec.request_id,
+            detached=spec.detached,
+            max_seconds=spec.max_seconds,
+            keep_seconds=spec.keep_seconds,
+            keep_events_seconds=spec.keep_events_seconds,
         )
         if claim.handed_off:
             reason = "drain"
@@ -520,7 +525,7 @@ class StageManager:
             content_chunks=claim.content_chunks,
             continuations=tuple(ContinuationRecord(**c) for c in earlier),
             from_owner=claim.owner,
-            created_at=float(spec.get("started_at") or 0.0),
+            created_at=spec.started_at,
         )
         return Stage(
             stage_spec,

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 from ..errors import RateLimited
 from ..principals import Principal
-from ..stages.stage import HANDED_OFF, Stage, StageListener
+from ..stages.stage import Stage, StageListener
+from ..stages.status import StageStatus
 
 log = logging.getLogger("stageserver.limits")
 
@@ -75,7 +76,7 @@ class LimitBook(StageListener):
         if principal.limits:
             self.release(principal, stage)
             # Handed off, it goes on elsewhere: its taker counts its tokens at its end.
-            if principal.limits.tokens_per_minute and stage.status != HANDED_OFF:
+            if principal.limits.tokens_per_minute and stage.status != StageStatus.HANDED_OFF:
                 self.add_tokens(principal, tokens_of(stage))
 
 

@@ -13,7 +13,8 @@ import time
 from collections import deque
 
 from ..errors import StageConflict
-from .stage import HANDED_OFF, Stage, StageListener
+from .stage import Stage, StageListener
+from .status import StageStatus
 
 
 class StageRegistry(StageListener):
@@ -49,7 +50,7 @@ class StageRegistry(StageListener):
         return [s for s in list(self._stages.values()) if not s.finished]
 
     def on_finish(self, stage: Stage) -> None:
-        if stage.status == HANDED_OFF:
+        if stage.status == StageStatus.HANDED_OFF:
             self.discard(stage)  # it goes on in another worker, which answers for it
             return
         now = time.monotonic()

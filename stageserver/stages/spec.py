@@ -1,14 +1,17 @@
-"""What a stage is given, what it starts from when taken over, and what tells it apart."""
+"""What a stage is given (``StageSpec``), what it starts from when taken over
+(``Takeover``), its request as another host reads it (``StageRecord``), and what tells it
+apart (``instance_of``)."""
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from ..principals import ANONYMOUS, Principal
-from .conversation import Conversation
+from .conversation import Conversation, conversation_of, conversation_record
 from .dialect import Dialect
 from .records import ContinuationRecord
 
@@ -74,6 +77,77 @@ class Takeover:
     from_owner: str = ""
     #: When the stage was started, by its first worker (``time.time()``); 0: unknown.
     created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class SpecRecord:
+    """What a host that takes a stage over needs of its spec (the rest is its own
+    settings'), and when the stage was started (``time.time()``)."""
+
+    upstream: str
+    resumable: bool
+    request_id: str
+    principal: str
+    detached: bool
+    max_seconds: float
+    keep_seconds: float
+    keep_events_seconds: float
+    started_at: float
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """A stage's request, as another host reads it from the shared store: its dialect's
+    record (``Dialect.record``, from which ``dialect_of`` makes it again), its
+    conversation, and its spec. ``to_json`` is what the store keeps; ``from_json`` raises
+    KeyError, TypeError or ValueError for a record it cannot read."""
+
+    dialect: Mapping[str, Any]
+    conversation: Conversation | None
+    spec: SpecRecord
+
+    @classmethod
+    def of(cls, spec: StageSpec, dialect: Dialect, started_at: float) -> StageRecord:
+        return cls(
+            dialect=dialect.record(),
+            conversation=spec.conversation,
+            spec=SpecRecord(
+                upstream=spec.upstream,
+                resumable=spec.resumable,
+                request_id=spec.request_id,
+                principal=spec.principal.name,
+                detached=spec.detached,
+                max_seconds=spec.max_seconds,
+                keep_seconds=spec.keep_seconds,
+                keep_events_seconds=spec.keep_events_seconds,
+                started_at=started_at,
+            ),
+        )
+
+    @property
+    def stage_id(self) -> str:
+        return str(self.dialect["stage_id"])
+
+    @property
+    def dialect_name(self) -> str:
+        return str(self.dialect["name"])
+
+    def to_json(self) -> dict[str, Any]:
+        conversation = self.conversation
+        return {
+            "dialect": dict(self.dialect),
+            "conversation": None if conversation is None else conversation_record(conversation),
+            "spec": asdict(self.spec),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StageRecord:
+        conversation = data["conversation"]
+        return cls(
+            dialect=dict(data["dialect"]),
+            conversation=None if conversation is None else conversation_of(conversation),
+            spec=SpecRecord(**data["spec"]),
+        )
 
 
 # Every process's stage instances are told apart by a random prefix of its own, drawn

@@ -26,21 +26,16 @@ from typing import Any, Protocol
 from ..concurrency import Task, Timer, Wakeup
 from ..errors import StageFailure, StageHandedOff, StageInterrupted, forget_frames
 from ..sse import compact_json
+from .answer import Answer
 from .chunk_read import ChunkRead
-from .conversation import conversation_record
 from .dialect import Dialect, Ending, resume_at
 from .events import TERMINAL_EVENT, SeedDialect
 from .log import EventLog
 from .records import AttemptRecord, ContinuationRecord
-from .spec import StageSpec, Takeover, instance_of
-from .usage import final_usage, sum_usage
+from .spec import StageRecord, StageSpec, Takeover, instance_of
+from .status import StageStatus
 
 log = logging.getLogger("stageserver.stage")
-
-
-RUNNING, DONE, ERROR, CANCELLED = "running", "done", "error", "cancelled"
-#: Not an end: the stage goes on in another worker (see ``hand_off``).
-HANDED_OFF = "handed_off"
 
 
 class StageListener:
@@ -96,13 +91,12 @@ class Subscriber:
 class Stage:
     # Slots: a stage is one of thousands alive at once, and no one adds to it.
     __slots__ = (
-        "spec", "stage_id", "key", "instance", "status", "created_at", "started", "usage",
-        "first_token_seconds", "duration_seconds", "text_parts", "finish_reason", "failure",
-        "content_chunks", "cancel_reason", "chunk_count", "attempts", "served_by", "dialect",
+        "spec", "stage_id", "key", "instance", "status", "created_at", "started",
+        "first_token_seconds", "duration_seconds", "failure", "cancel_reason", "attempts",
+        "served_by", "dialect", "_answer", "_final_usage",
         "_relay", "_listeners", "_event_listeners", "_watched_elsewhere", "_log", "_lock",
         "_told", "_subscribers", "_task", "_grace_timer", "_runtime_timer", "_running",
-        "_interruption", "continuations", "continuable", "_earlier_usage", "_segment_start",
-        "_takeover", "_lacked", "_gated", "__weakref__",
+        "_interruption", "continuations", "_takeover", "_lacked", "_gated", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -130,19 +124,15 @@ class Stage:
         self.key = spec.principal.namespace + spec.stage_id
         #: Unique to this stage, not only to its key, which a later stage may reuse.
         self.instance = instance_of(self.key) if instance is None else instance
-        self.status = RUNNING
+        self.status = StageStatus.RUNNING
         self.created_at = time.time()
         self.started = time.monotonic()
         self.first_token_seconds: float | None = None
         self.duration_seconds: float | None = None
-        self.text_parts: list[str] = []
-        self.finish_reason: str | None = None
-        #: The upstream's usage while the stage runs; once it has ended, its final usage.
-        self.usage: dict[str, Any] | None = None
-        self.content_chunks = 0
+        self._answer = Answer()
+        self._final_usage: dict[str, Any] | None = None  # once it has ended
         self.failure: StageFailure | None = None
         self.cancel_reason: str | None = None
-        self.chunk_count = 0
         self.attempts: list[AttemptRecord] = []
         #: The attempt that served the first chunk; None while none has.
         self.served_by: AttemptRecord | None = None
@@ -168,19 +158,14 @@ class Stage:
         self._interruption: StageInterrupted | None = None
         #: Its answer's continuations (``upstream/continuation.py``), made or refused.
         self.continuations: list[ContinuationRecord] = []
-        #: False once it streamed tool calls or reasoning: such an answer is not continued.
-        self.continuable = True
-        self._earlier_usage: dict[str, Any] | None = None  # the segments' before this one
-        self._segment_start = 0  # content chunks before this segment
         self._takeover = takeover
         # Of a stage taken over: what its log lacks of its opening, added at its start.
         self._lacked: list[bytes] = []
         self._gated = gated
         if takeover is not None:
             self._log.start_at(takeover.next_seq)
-            self.text_parts = [takeover.text] if takeover.text else []
             # Its segment so far is what its earlier workers delivered: its usage counts it.
-            self.content_chunks = self.chunk_count = takeover.content_chunks
+            self._answer = Answer(takeover.text, takeover.content_chunks)
             self.continuations = list(takeover.continuations)
             self._lacked = resume_at(self.dialect, takeover.next_seq, takeover.text)
             self.created_at = takeover.created_at or self.created_at
@@ -189,11 +174,38 @@ class Stage:
 
     @property
     def finished(self) -> bool:
-        return self.status != RUNNING
+        return self.status != StageStatus.RUNNING
+
+    # The answer so far (``answer.py``), as its listeners and its relay read it.
 
     @property
     def text(self) -> str:
-        return "".join(self.text_parts)
+        return self._answer.text
+
+    @property
+    def text_parts(self) -> list[str]:
+        return self._answer.text_parts
+
+    @property
+    def content_chunks(self) -> int:
+        return self._answer.content_chunks
+
+    @property
+    def chunk_count(self) -> int:
+        return self._answer.chunk_count
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._answer.finish_reason
+
+    @property
+    def continuable(self) -> bool:
+        return self._answer.continuable
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """The upstream's usage while the stage runs; once it has ended, its final usage."""
+        return self._final_usage if self.finished else self._answer.usage
 
     @property
     def error(self) -> str | None:
@@ -243,7 +255,7 @@ class Stage:
             "finish_reason": self.finish_reason,
             "usage": self.usage,
             "error": self.error,
-            "cancel_reason": self.cancel_reason if self.status == CANCELLED else None,
+            "cancel_reason": self.cancel_reason if self.status == StageStatus.CANCELLED else None,
             "resumable": self.spec.resumable,
             "events": self._log.next_seq,
             "created_at": self.created_at,
@@ -264,25 +276,15 @@ class Stage:
 
     def append_chunk(self, payload: bytes, read: ChunkRead) -> None:
         """One upstream chunk: its JSON ``payload`` as sent, and what it says."""
-        content, finish_reason, usage = read.content, read.finish_reason, read.usage
-        if not read.continuable:
-            self.continuable = False
-        if content:
-            self.text_parts.append(content)
-            self.content_chunks += 1
-        if finish_reason:
-            self.finish_reason = finish_reason
-        if usage:
-            self.usage = usage
+        self._answer.take(read)
         if self.first_token_seconds is None:
             self.first_token_seconds = time.monotonic() - self.started
-        self.chunk_count += 1
         for wire in self.dialect.chunk(self._log.next_seq, payload, read):
             self._notify(self._log.append(wire), wire)
 
     def finish(self) -> None:
         """The upstream has finished the completion: the stage is done."""
-        self._finish(DONE)
+        self._finish(StageStatus.DONE)
 
     def continuation_refused(self, limit: int) -> str | None:
         """Why its answer may not be continued now; None if it may."""
@@ -301,14 +303,7 @@ class Stage:
             listener.on_continue(self, record)
         if record.outcome != "ok":
             return
-        # The segment cut short counts what it delivered: usage is summed over segments.
-        segment = final_usage(
-            self.usage,
-            self.spec.prompt_tokens_estimate + self._segment_start,
-            self.content_chunks - self._segment_start,
-        )
-        self._earlier_usage = sum_usage(self._earlier_usage, segment)
-        self.usage, self._segment_start = None, self.content_chunks
+        self._answer.next_segment(self.spec.prompt_tokens_estimate)
         for wire in self.dialect.continued(self._log.next_seq, record):
             self._notify(self._log.append(wire), wire)
 
@@ -468,25 +463,20 @@ class Stage:
         elif interruption.failure is not None:
             self._fail(interruption.failure)
         else:
-            self._finish(CANCELLED, reason=interruption.reason)
+            self._finish(StageStatus.CANCELLED, reason=interruption.reason)
 
     def _fail(self, failure: StageFailure) -> None:
-        self._finish(ERROR, failure=failure)
+        self._finish(StageStatus.ERROR, failure=failure)
 
     def _finish(
-        self, status: str, *, failure: StageFailure | None = None, reason: str | None = None
+        self, status: StageStatus, *, failure: StageFailure | None = None, reason: str | None = None
     ) -> None:
         with self._lock:
             if self.finished:
                 return
-            segment = final_usage(
-                self.usage,
-                self.spec.prompt_tokens_estimate + self._segment_start,
-                self.content_chunks - self._segment_start,
-            )
-            self.usage = sum_usage(self._earlier_usage, segment)
+            self._final_usage = self._answer.total_usage(self.spec.prompt_tokens_estimate)
             self.failure = failure
-            if status == CANCELLED:
+            if status == StageStatus.CANCELLED:
                 self.cancel_reason = reason
             ending = self._ending(status)
             first = self._log.next_seq
@@ -512,14 +502,14 @@ class Stage:
         with self._lock:
             if self.finished:
                 return
-            self._stop_locked(HANDED_OFF)
+            self._stop_locked(StageStatus.HANDED_OFF)
         self._tell_listeners_finished()
         self.publish(self._log.next_seq)
         for subscriber in self._subscribers:  # no new event: wake them to read the end
             subscriber.wake.set()
         self._settle()
 
-    def _stop_locked(self, status: str) -> None:
+    def _stop_locked(self, status: StageStatus) -> None:
         self.status = status
         self.duration_seconds = time.monotonic() - self.started
         for timer in (self._grace_timer, self._runtime_timer):
@@ -535,11 +525,11 @@ class Stage:
             except Exception:
                 log.exception("stage %s: a listener failed at its %s", self.stage_id, self.status)
 
-    def _ending(self, status: str) -> Ending:
+    def _ending(self, status: StageStatus) -> Ending:
         failure = self.failure
         return Ending(
             status=status,
-            usage=self.usage or {},
+            usage=self._final_usage or {},
             text=self.text,
             finish_reason=self.finish_reason,
             failure=failure,
@@ -547,26 +537,10 @@ class Stage:
             reason=self.cancel_reason,
         )
 
-    def record(self) -> dict[str, Any]:
-        """Its request, as JSON for another host: its dialect's record, its conversation,
-        and what a host that takes it over needs of its spec."""
-        spec = self.spec
-        conversation = spec.conversation
-        return {
-            "dialect": self.dialect.record(),
-            "conversation": None if conversation is None else conversation_record(conversation),
-            "spec": {
-                "upstream": spec.upstream,
-                "resumable": spec.resumable,
-                "request_id": spec.request_id,
-                "principal": spec.principal.name,
-                "detached": spec.detached,
-                "max_seconds": spec.max_seconds,
-                "keep_seconds": spec.keep_seconds,
-                "keep_events_seconds": spec.keep_events_seconds,
-                "started_at": self.created_at,
-            },
-        }
+    def record(self) -> StageRecord:
+        """Its request, for another host: its dialect's record, its conversation, and what
+        a host that takes it over needs of its spec."""
+        return StageRecord.of(self.spec, self.dialect, self.created_at)
 
     def answer(self) -> tuple[dict[str, Any], int]:
         """The whole answer of a finished stage, in its dialect, and its HTTP status."""
@@ -576,7 +550,7 @@ class Stage:
         """A finished stage keeps what it says (its status, text, usage and events), not
         what it used to get there: that is what it costs while it stays retained."""
         self._log.compact()
-        self.text_parts = [self.text]
+        self._answer.settle()
         self._relay = None
         # The exception that ended it keeps the frames it went through, which hold the
         # stage: a cycle only a full collection frees, long after the registry dropped it.

@@ -71,7 +71,8 @@ from typing import Any
 from ..concurrency import Task
 from ..errors import LeaseLost, StageConflict, StoreUnavailable
 from ..stages.records import ContinuationRecord
-from ..stages.stage import HANDED_OFF, Stage, StageListener
+from ..stages.stage import Stage, StageListener
+from ..stages.status import StageStatus
 from . import entries, scripts
 from .batch import Batcher, Command
 from .connection import STORE_ERRORS, connect, refuse_a_cluster_node, stage_keys
@@ -402,7 +403,7 @@ class RedisStageStore(StageListener):
             if self._flush({stage: since}):
                 self._dirty.setdefault(stage, since)  # the flusher tries again
                 self._wake.set()
-            elif stage.status == HANDED_OFF:
+            elif stage.status == StageStatus.HANDED_OFF:
                 self._let_go(stage)
         except Exception:  # the stage's end goes on to its clients regardless
             log.exception("stage %s: its end is written when the store answers", stage.key)
@@ -516,7 +517,7 @@ class RedisStageStore(StageListener):
         stage = mirror.stage
         # Read before the events, so the terminal one is in them. Handed off is not done:
         # the stage goes on elsewhere.
-        done = stage.finished and stage.status != HANDED_OFF
+        done = stage.finished and stage.status != StageStatus.HANDED_OFF
         events = stage.events_since(mirror.next_seq)
         upto = events[-1][0] + 1 if events else mirror.next_seq
         parts = stage.text_parts
@@ -544,7 +545,7 @@ class RedisStageStore(StageListener):
         resummarize = done or mirror.lost or mirror.resummarize
         summary = json.dumps(self._summary(stage, mirror)) if resummarize else ""
         # Handed off is not an end: Redis keeps it running, for its taker.
-        status = "running" if stage.status == HANDED_OFF else stage.status
+        status = "running" if stage.status == StageStatus.HANDED_OFF else stage.status
         answer = json.dumps(stage.answer()) if done else ""
         saved = "" if done else entries.checkpoint(upto, chunks, "".join(parts))
         ttl, event_ttl = self.ttls_ms(stage)
@@ -601,7 +602,7 @@ class RedisStageStore(StageListener):
 
     def _summary(self, stage: Stage, mirror: _Mirror) -> dict[str, Any]:
         summary = stage.summary()
-        if stage.status == HANDED_OFF:
+        if stage.status == StageStatus.HANDED_OFF:
             summary["status"] = "running"
         if mirror.gap:
             summary["gap"] = mirror.gap
@@ -615,7 +616,7 @@ class RedisStageStore(StageListener):
             "prompt_tokens": stage.spec.prompt_tokens_estimate,
             "epoch": entries.FIRST_EPOCH,
             # What another host needs to end the stage in its dialect, or continue it.
-            "record": json.dumps(stage.record()),
+            "record": json.dumps(stage.record().to_json()),
         }
 
     def _fence(self, stage: Stage) -> None:

@@ -36,7 +36,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..principals import ANONYMOUS
 from ..stages.records import ContinuationRecord
-from ..stages.stage import CANCELLED, ERROR, Stage, StageListener
+from ..stages.stage import Stage, StageListener
+from ..stages.status import StageStatus
 
 LOG_FORMATS = ("text", "json")
 
@@ -99,10 +100,10 @@ class OutcomeLog(StageListener):
         principal = stage.spec.principal
         if principal is not ANONYMOUS:
             fields["principal"] = principal.name
-        if stage.status == ERROR:
+        if stage.status == StageStatus.ERROR:
             fields["error_kind"] = type(stage.failure).__name__
             fields["error"] = stage.error
-        elif stage.status == CANCELLED:
+        elif stage.status == StageStatus.CANCELLED:
             fields["reason"] = stage.cancel_reason
         self._log.info(" ".join(f"{k}={_logfmt(v)}" for k, v in fields.items()), extra=fields)
 

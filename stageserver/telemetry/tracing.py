@@ -40,7 +40,8 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 from ..stages.records import ContinuationRecord
-from ..stages.stage import DONE, ERROR, Stage, StageListener
+from ..stages.stage import Stage, StageListener
+from ..stages.status import StageStatus
 from ..upstream.replicas import ReplicaAttempt
 
 if TYPE_CHECKING:
@@ -242,10 +243,10 @@ class Tracing(StageListener):
             if isinstance(usage.get(key), int):
                 attributes[f"gen_ai.usage.{name}_tokens"] = usage[key]
         span.set_attributes(attributes)
-        if stage.status == ERROR:
+        if stage.status == StageStatus.ERROR:
             span.set_attribute("error.type", type(stage.failure).__name__)
             span.set_status(Status(StatusCode.ERROR, stage.error))
-        elif stage.status != DONE:
+        elif stage.status != StageStatus.DONE:
             span.set_attribute("stageserver.cancel_reason", stage.cancel_reason or "")
         span.end()
 

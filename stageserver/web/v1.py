@@ -38,7 +38,6 @@ from ..openai_api.chat import ChatCompletionsDialect, openai_error
 from ..openai_api.requests import ChatCompletionRequest, ResponseRequest, validated
 from ..openai_api.responses import ResponsesDialect, refused_request
 from ..sse import compact_json
-from ..stages.conversation import conversation_of
 from ..stages.dialect import dialect_of
 from ..stages.spec import StageRequest
 from ..stream import Framing, event_stream
@@ -211,12 +210,12 @@ def _previous_conversation(response_id: str | None) -> list[dict[str, Any]]:
             f"previous_response_id: no response {response_id!r} (unknown, or expired)",
             field="previous_response_id",
         ) from None
-    if answer is None or record.get("conversation") is None:
+    if answer is None or record.conversation is None:
         raise InvalidRequest(
             f"previous_response_id: response {response_id!r} has not finished",
             field="previous_response_id",
         )
-    messages = [dict(m) for m in conversation_of(record["conversation"]).messages]
+    messages = [dict(m) for m in record.conversation.messages]
     for item in answer[0].get("output", ()):
         if item.get("type") == "message":
             text = "".join(part.get("text", "") for part in item.get("content", ()))
@@ -237,7 +236,7 @@ def _response(response_id: str) -> LocalStage | StoredStage:
     if not _RESPONSE_ID.fullmatch(response_id):
         raise UnknownStage(response_id)
     found = context.manager().find(response_id, context.principal())
-    if found.record()["dialect"]["name"] != ResponsesDialect.name:
+    if found.record().dialect_name != ResponsesDialect.name:
         raise UnknownStage(response_id)  # a /chat stage that a caller named so
     return found
 
@@ -251,7 +250,7 @@ def _as_it_stands(found: LocalStage | StoredStage) -> dict[str, Any]:
         dialect = found.stage.dialect
         assert isinstance(dialect, ResponsesDialect)  # _response() found a response
         return dialect.response("in_progress")
-    stored = dialect_of(found.record()["dialect"])
+    stored = dialect_of(found.record().dialect)
     assert isinstance(stored, ResponsesDialect)
     return stored.in_progress(str(found.summary().get("text") or ""))
 
@@ -264,7 +263,7 @@ def retrieve_response(response_id: str) -> Response:
     found = _response(response_id)
     if stream == "false":
         return _answer(_as_it_stands(found), 200, response_id)
-    record = found.record()["dialect"]
+    record = found.record().dialect
     if not record.get("replayable"):
         raise InvalidRequest(
             "stream: only a response created with background and stream can be streamed again",
