@@ -86,7 +86,7 @@ def phase(raw_frames: list[str]) -> str:
     without the greenlet's start), so a sample is also placed by its innermost frame."""
     names = {_frame(f).split(" (")[0] for f in raw_frames}
     innermost = _frame(raw_frames[-1]).split(" (")[0]
-    if "Upstream.open_stream" in names:
+    if "ReplicaClient.open_stream" in names:
         return "per stream: the openai client builds and sends the upstream request"
     if names & _CHUNK_WORK:
         return "per chunk: split, parse the chunk's JSON, encode the event, append, wake"

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.transport [--streams 100] [--chunks 50] [--interval 0.01]
                                         [--rounds 5] [--transports httpx,httptools]
 
-One process under gevent, as a worker runs: for each transport an ``Upstream`` (the
+One process under gevent, as a worker runs: for each transport a ``ReplicaClient`` (the
 openai client as stages use it), ``--streams`` concurrent streams from the fake upstream
 (``python -m testing.fake_upstream``, its own process) read to the end as the stage reads
 them: a transport named ``NAME:stream`` is read through ``iter(response.stream)``, the
@@ -50,11 +50,11 @@ def main() -> None:
 
 def measure(url: str, args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
     from stageserver.config import UpstreamConfig
-    from stageserver.upstream.clients import Upstream
+    from stageserver.upstream.clients import ReplicaClient
 
     names = args.transports.split(",")
     upstreams = {
-        name: Upstream(
+        name: ReplicaClient(
             UpstreamConfig(
                 name, url, "openai", "", 5.0, 30.0, 30.0, args.streams * 2,
                 transport=name.partition(":")[0],

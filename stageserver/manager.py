@@ -68,7 +68,7 @@ from .stages.usage import estimate_prompt_tokens
 from .telemetry import metrics
 from .telemetry.logs import OutcomeLog
 from .telemetry.tracing import Tracing
-from .upstream.clients import Upstream, UpstreamRegistry
+from .upstream.clients import ReplicaClient, UpstreamRegistry
 from .upstream.continuation import ContinuationModes
 from .upstream.health import ReadinessProbe
 from .upstream.relay import NO_TRACING, AttemptTracer, Continuations, Resume, UpstreamRelay
@@ -213,14 +213,14 @@ class StageManager:
         self._principals = {p.name: p for p in [ANONYMOUS, *(principals or [])]}
         self.settings = settings
         self.upstreams = upstreams
-        self.pools = ReplicaSets(upstreams, metrics.ReplicaMetrics())
+        self.replica_sets = ReplicaSets(upstreams, metrics.ReplicaMetrics())
         self.tracing = tracing
         self._tracer: AttemptTracer = NO_TRACING if tracing is None else tracing
-        self.readiness = ReadinessProbe(self.pools, settings.ready_timeout)
+        self.readiness = ReadinessProbe(self.replica_sets, settings.ready_timeout)
         #: How each upstream continues an answer cut short (upstream/continuation.py).
         self.continuation_modes = ContinuationModes(upstreams, settings.ready_timeout)
         self.continuations = Continuations(
-            self.continuation_modes, self.pools, settings.max_continuations
+            self.continuation_modes, self.replica_sets, settings.max_continuations
         )
         self.admission = Admission(settings.max_active_streams)
         self.stages = StageRegistry(settings.stage_ttl_seconds, settings.event_ttl_seconds)
@@ -306,7 +306,7 @@ class StageManager:
         self,
         request: StageRequest,
         request_id: str,
-        upstream: Upstream,
+        upstream: ReplicaClient,
         principal: Principal,
         traceparent: str | None,
     ) -> Stage:
@@ -327,7 +327,7 @@ class StageManager:
             keep_seconds=request.keep_seconds,
             keep_events_seconds=request.keep_events_seconds,
         )
-        route = self.pools.route(upstream.name)
+        route = self.replica_sets.route(upstream.name)
         relay = UpstreamRelay(
             route, body, {"X-Request-ID": request_id}, self._tracer, self.continuations
         )
@@ -511,7 +511,7 @@ class StageManager:
         assert self.store is not None
         resume = Resume(reason, cause, claim.owner, self.store.owner)
         relay = UpstreamRelay(
-            self.pools.route(stage_spec.upstream),
+            self.replica_sets.route(stage_spec.upstream),
             RequestBody(conversation, settings.default_max_tokens),
             {"X-Request-ID": stage_spec.request_id},
             self._tracer,

@@ -350,7 +350,7 @@ def test_readyz_names_the_replicas_that_are_down(upstream: FakeUpstream) -> None
             "continuation": reports["pair"]["continuation"],
         }
         # The probe is the pools' active health check: what did not answer is ejected.
-        pools = app.extensions["stageserver"].pools
+        pools = app.extensions["stageserver"].replica_sets
         assert [r.ejected_until is None for r in pools["pair"].replicas] == [True, False]
     finally:
         app.extensions["stageserver"].close()

@@ -285,7 +285,7 @@ class _ReplicaSeries:
     __slots__ = ("requests", "in_flight", "ttft", "ejections", "failures", "labels")
 
     def __init__(self, replica: Replica) -> None:
-        self.labels = (replica.pool, replica.url)
+        self.labels = (replica.upstream, replica.url)
         self.requests = REPLICA_REQUESTS.labels(*self.labels)
         self.in_flight = REPLICA_IN_FLIGHT.labels(*self.labels)
         self.ttft = REPLICA_TTFT.labels(*self.labels)

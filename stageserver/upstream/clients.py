@@ -1,12 +1,12 @@
 """The configured upstreams: one OpenAI client per replica per process, how a stage calls
 one, and which upstream a request asks for (``UpstreamRegistry.resolve``).
 
-An upstream is a pool of replicas (``urls``; one ``url`` is a pool of one). Each replica is
-an ``Upstream`` of its own, named after its upstream, with its own client; choosing among
-them is ``replicas.py``'s business. A client is built lazily in the process that uses it
-(gunicorn forks workers after the app module is imported by none of them, but a mounted
-app may be created earlier), so each worker owns its connection pools and connections
-are reused across stages.
+An upstream is a pool of replicas (``urls``; one ``url`` is a pool of one). Each replica
+has a ``ReplicaClient`` of its own, named after its upstream: one OpenAI client, and how a
+stage calls it. Choosing among them is ``replicas.py``'s business. A client is built
+lazily in the process that uses it (gunicorn forks workers after the app module is
+imported by none of them, but a mounted app may be created earlier), so each worker owns
+its connection pools and connections are reused across stages.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from .transport.httptools import HttpToolsTransport
 from .transport.sharded import ShardedTransport, unpatch_idle_check
 
 
-class Upstream:
+class ReplicaClient:
+    """One replica's client, built lazily in the process that uses it."""
+
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.name = config.name
@@ -151,34 +153,35 @@ def _cause(exc: BaseException) -> str:
 
 
 class UpstreamRegistry:
-    """The configured upstreams, each with one ``Upstream`` (a client) per replica. A
+    """The configured upstreams, each with one ``ReplicaClient`` per replica. A
     replica's ``config`` is its upstream's, with ``url`` its own."""
 
     def __init__(self, configs: list[UpstreamConfig]) -> None:
         self._configs = {cfg.name: cfg for cfg in configs}
         self._replicas = {
-            cfg.name: tuple(Upstream(replace(cfg, url=url)) for url in cfg.urls) for cfg in configs
+            cfg.name: tuple(ReplicaClient(replace(cfg, url=url)) for url in cfg.urls)
+            for cfg in configs
         }
         self._by_url = {url: cfg.name for cfg in configs for url in cfg.urls}
         #: The default upstream's first replica (None when nothing is configured).
-        self.default: Upstream | None = next(iter(self._replicas.values()), (None,))[0]
+        self.default: ReplicaClient | None = next(iter(self._replicas.values()), (None,))[0]
 
-    def __iter__(self) -> Iterator[Upstream]:
+    def __iter__(self) -> Iterator[ReplicaClient]:
         """Every replica of every upstream: each client of this process."""
         return (upstream for replicas in self._replicas.values() for upstream in replicas)
 
-    def replicas(self, name: str) -> tuple[Upstream, ...]:
+    def replicas(self, name: str) -> tuple[ReplicaClient, ...]:
         return self._replicas[name]
 
     def config(self, name: str) -> UpstreamConfig:
         return self._configs[name]
 
-    def by_name(self, name: str) -> Upstream | None:
+    def by_name(self, name: str) -> ReplicaClient | None:
         """The upstream called ``name``, as its first replica (its name, config, body)."""
         replicas = self._replicas.get(name)
         return replicas[0] if replicas else None
 
-    def by_url(self, url: str) -> Upstream | None:
+    def by_url(self, url: str) -> ReplicaClient | None:
         """The upstream one of whose replicas is at ``url``."""
         name = self._by_url.get(url.rstrip("/"))
         return None if name is None else self.by_name(name)
@@ -196,7 +199,7 @@ class UpstreamRegistry:
         base_url: str | None,
         allowed: frozenset[str] | None = None,
         model: str | None = None,
-    ) -> Upstream:
+    ) -> ReplicaClient:
         """The upstream a request asks for, as its first replica: by ``name`` or, as the
         seed's clients do, by ``base_url`` (any replica's URL names its upstream); else the
         first upstream whose ``models`` lists ``model``; else the default, the first

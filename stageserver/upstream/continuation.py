@@ -51,7 +51,7 @@ import openai
 from ..errors import ConfigError, StageFailure
 from ..sse import compact_json
 from ..stages.chunk_read import ChunkRead
-from .clients import Upstream, UpstreamRegistry
+from .clients import ReplicaClient, UpstreamRegistry
 
 if TYPE_CHECKING:
     from .template import ChatTemplate
@@ -123,7 +123,7 @@ class ContinuationModes:
         return {name: self.of(name).report() for name in self._registry.names()}
 
     def raw_prompt(
-        self, name: str, replica: Upstream, messages: Sequence[Mapping[str, Any]]
+        self, name: str, replica: ReplicaClient, messages: Sequence[Mapping[str, Any]]
     ) -> tuple[str, tuple[str, ...]]:
         """For ``raw``: the prompt of ``messages`` with the generation prompt after them,
         and the end-of-turn to stop at. Raises ContinuationUnavailable."""
@@ -182,20 +182,20 @@ def load_template(path: str, upstream: str) -> ChatTemplate:
         raise ConfigError(f"upstream {upstream!r}: chat_template {path!r}: {exc}") from None
 
 
-def _root(upstream: Upstream) -> str:
+def _root(upstream: ReplicaClient) -> str:
     """The server's own root: the probes' endpoints are not under ``/v1``."""
     url = upstream.config.url.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def _post(upstream: Upstream, url: str, body: Mapping[str, Any], timeout: float) -> Any:
+def _post(upstream: ReplicaClient, url: str, body: Mapping[str, Any], timeout: float) -> Any:
     response = upstream.client.post(
         url, body=body, cast_to=httpx2.Response, options={"timeout": timeout, "max_retries": 0}
     )
     return response.json()
 
 
-def _render_probe(upstream: Upstream, kind: str, timeout: float) -> str:
+def _render_probe(upstream: ReplicaClient, kind: str, timeout: float) -> str:
     """The prompt the upstream renders for a conversation ending in a partial answer,
     asked to leave it open in its kind's way (with the first model it lists: Ollama
     renders nothing for no model)."""
@@ -230,7 +230,7 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
-def render_upstream_template(upstream: Upstream, messages: Sequence[Mapping[str, Any]],
+def render_upstream_template(upstream: ReplicaClient, messages: Sequence[Mapping[str, Any]],
                              timeout: float) -> str:  # fmt: skip
     """The prompt llama-server renders for ``messages``, the generation prompt after them."""
     try:

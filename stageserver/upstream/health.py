@@ -23,7 +23,7 @@ import httpx2
 import openai
 
 from ..concurrency import Task
-from .clients import Upstream
+from .clients import ReplicaClient
 from .replicas import Replica, ReplicaSet
 from .route import ReplicaSets
 
@@ -33,8 +33,8 @@ READY_CACHE_SECONDS = 1.0
 class ReadinessProbe:
     """One app's upstream checks, cached for ``READY_CACHE_SECONDS``."""
 
-    def __init__(self, pools: ReplicaSets, timeout: float) -> None:
-        self._pools = pools
+    def __init__(self, replica_sets: ReplicaSets, timeout: float) -> None:
+        self._replica_sets = replica_sets
         self._timeout = timeout
         self._lock = threading.Lock()
         self._checked_at = -float("inf")
@@ -61,21 +61,21 @@ class ReadinessProbe:
         answers: dict[Replica, dict[str, Any]] = {}
 
         def run(pool: ReplicaSet, replica: Replica) -> None:
-            answer = probe(replica.upstream, self._timeout)
+            answer = probe(replica.client, self._timeout)
             pool.probed(replica, bool(answer["ok"]))
             answers[replica] = answer
 
         # In parallel: one slow replica must not make the others' answer late.
         tasks = [
             Task(partial(run, pool, replica), name=f"ready-{pool.name}")
-            for pool in self._pools
+            for pool in self._replica_sets
             for replica in pool.replicas
         ]
         for task in tasks:
             task.join(self._timeout + 1.0)
         late = {"ok": False, "error": "the check did not finish in time"}
         reports: dict[str, dict[str, Any]] = {}
-        for pool in self._pools:
+        for pool in self._replica_sets:
             each = {r.url: answers.get(r, late) for r in pool.replicas}
             if len(each) == 1:
                 reports[pool.name] = next(iter(each.values()))
@@ -84,7 +84,7 @@ class ReadinessProbe:
         return reports
 
 
-def probe(upstream: Upstream, timeout: float) -> dict[str, Any]:
+def probe(upstream: ReplicaClient, timeout: float) -> dict[str, Any]:
     """Ask ``upstream`` for ``/models``; report whether and how fast it answered."""
     started = time.monotonic()
     try:

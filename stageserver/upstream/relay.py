@@ -155,11 +155,11 @@ def _body_of(
 
 class Continuations:
     """What continuing an answer takes, the same for every stage of a process: each
-    upstream's mode, the pools, and how many times one stage may be continued."""
+    upstream's mode, the replica sets, and how many times one stage may be continued."""
 
-    def __init__(self, modes: ContinuationModes, pools: ReplicaSets, limit: int) -> None:
+    def __init__(self, modes: ContinuationModes, replica_sets: ReplicaSets, limit: int) -> None:
         self.modes = modes
-        self.pools = pools
+        self.replica_sets = replica_sets
         self.limit = limit
 
 
@@ -227,7 +227,7 @@ class UpstreamRelay:
         if self._resume is not None:
             self._continue(stage, self._resume.reason, self._resume.cause)
             return
-        plain = _Segment(lambda attempt: ("/chat/completions", self._body(attempt.upstream)))
+        plain = _Segment(lambda attempt: ("/chat/completions", self._body(attempt.client)))
         try:
             self._segment(stage, self.route, plain)
         except StageFailure as failure:
@@ -273,7 +273,7 @@ class UpstreamRelay:
         if continuations is not None and refused is None:
             # The upstream that served, then the route's others that continue of their own.
             serving = stage.upstream
-            order = (serving, *continuations.pools.order(self.route.name))
+            order = (serving, *continuations.replica_sets.order(self.route.name))
             names = [n for n in dict.fromkeys(order) if continuations.modes.of(n).continues]
             if not names:
                 mode = continuations.modes.of(serving)
@@ -294,17 +294,17 @@ class UpstreamRelay:
         delivered = stage.text
         failed = self._serving
         avoid: Replica | None = None if failed is None else failed.replica
-        route = continuations.pools.continuation_route(names, avoid)
+        route = continuations.replica_sets.continuation_route(names, avoid)
         replies: list[ContinuedReply] = []  # one per attempt: how its reply is read
         served: list[ReplicaAttempt] = []  # the attempt that served its first chunk
 
         def body(attempt: ReplicaAttempt) -> tuple[str, dict[str, Any]]:
             mode = modes.of(attempt.name).mode
-            chat = self._body(attempt.upstream)
+            chat = self._body(attempt.client)
             prompt: str | None = None
             stop: tuple[str, ...] = ()
             if mode == "raw":
-                prompt, stop = modes.raw_prompt(attempt.name, attempt.upstream, chat["messages"])
+                prompt, stop = modes.raw_prompt(attempt.name, attempt.client, chat["messages"])
             request = continuation_request(mode, chat, delivered, budget, prompt, stop)
             replies.append(ContinuedReply(request))
             return request.path, request.body
@@ -360,7 +360,7 @@ class UpstreamRelay:
         close: Callable[[], None] | None = None
         outcome = "ok"
         try:
-            upstream = attempt.upstream
+            upstream = attempt.client
             path, body = segment.body(attempt)
             headers = trace.headers(self._headers)
             try:
@@ -433,7 +433,7 @@ class UpstreamRelay:
         idle: ReadDeadline,
         began: float,
     ) -> None:
-        upstream = attempt.upstream
+        upstream = attempt.client
         name = upstream.name
         deadline = first_token
         splitter = SSEPayloadSplitter()

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..config import UpstreamConfig
 from ..errors import StageFailure, UpstreamStatusError, outcome_of
-from .clients import Upstream
+from .clients import ReplicaClient
 
 Clock = Callable[[], float]
 
@@ -63,14 +63,14 @@ class Replica:
     """One replica of a pool: its client and its health in this worker."""
 
     __slots__ = (
-        "pool", "upstream", "url", "in_flight", "failures", "ejections", "ejected_until",
+        "upstream", "client", "url", "in_flight", "failures", "ejections", "ejected_until",
         "trial", "held_until",
     )  # fmt: skip
 
-    def __init__(self, pool: str, upstream: Upstream) -> None:
-        self.pool = pool
-        self.upstream = upstream  # the replica's own client
-        self.url = without_credentials(upstream.config.url)
+    def __init__(self, upstream: str, client: ReplicaClient) -> None:
+        self.upstream = upstream  # its upstream's name
+        self.client = client  # the replica's own
+        self.url = without_credentials(client.config.url)
         self.in_flight = 0
         self.failures = 0  # in a row
         self.ejections = 0  # in a row: how long the next cool-down is
@@ -100,14 +100,14 @@ class ReplicaSet:
     def __init__(
         self,
         config: UpstreamConfig,
-        replicas: Sequence[Upstream],
+        replicas: Sequence[ReplicaClient],
         events: ReplicaEvents | None = None,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.name = config.name
         self.config = config
-        self.replicas = tuple(Replica(config.name, upstream) for upstream in replicas)
+        self.replicas = tuple(Replica(config.name, client) for client in replicas)
         self._events = events or ReplicaEvents()
         self._clock = clock
         self._rng = rng or random.Random()
@@ -221,23 +221,25 @@ class ReplicaAttempt:
     """One try of a stage at one replica: a lease, in flight until ``release()``."""
 
     __slots__ = (
-        "pool", "replica", "upstream", "name", "url", "config", "started", "trial", "number",
+        "replica_set", "replica", "client", "name", "url", "config", "started", "trial", "number",
         "timeout", "budget_bound", "outcome", "_released",
     )  # fmt: skip
 
-    def __init__(self, pool: ReplicaSet, replica: Replica, started: float, trial: bool) -> None:
-        self.pool = pool
+    def __init__(
+        self, replica_set: ReplicaSet, replica: Replica, started: float, trial: bool
+    ) -> None:
+        self.replica_set = replica_set
         self.replica = replica
-        self.upstream: Upstream = replica.upstream  # the replica's client
-        self.name = pool.name  # its upstream's
+        self.client: ReplicaClient = replica.client
+        self.name = replica_set.name  # its upstream's
         self.url = replica.url  # without credentials
-        self.config: UpstreamConfig = pool.config  # its upstream's
+        self.config: UpstreamConfig = replica_set.config  # its upstream's
         self.started = started
         self.trial = trial
         self.number = 1  # of the stage's attempts, from 1
         #: Seconds it may take to its first chunk, and whether that is all the stage's
         #: first-token budget has left (rather than its upstream's attempt_timeout).
-        self.timeout = pool.config.attempt_timeout
+        self.timeout = replica_set.config.attempt_timeout
         self.budget_bound = True
         self.outcome: str | None = None  # "ok" once it has served the first chunk
         self._released = False
@@ -249,7 +251,7 @@ class ReplicaAttempt:
     def served_first_chunk(self) -> None:
         """Report that it served the stage's first chunk: its replica is up."""
         self.outcome = "ok"
-        self.pool._resolve(self, "ok", _UP)
+        self.replica_set._resolve(self, "ok", _UP)
 
     def failed(self, exc: BaseException) -> None:
         """Report how it failed: the failure names its outcome and says what it tells of
@@ -262,9 +264,9 @@ class ReplicaAttempt:
         else:
             verdict = None  # cancelled, or stageserver's own error: nothing of the replica
         retry_after = exc.upstream_retry_after if isinstance(exc, UpstreamStatusError) else None
-        self.pool._resolve(self, outcome, verdict, retry_after)
+        self.replica_set._resolve(self, outcome, verdict, retry_after)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.pool._release(self)
+            self.replica_set._release(self)

@@ -14,10 +14,10 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from ..stages.conversation import Conversation
-from .clients import Upstream
+from .clients import ReplicaClient
 
 
-def check_extra_fields(conversation: Conversation, upstream: Upstream) -> None:
+def check_extra_fields(conversation: Conversation, upstream: ReplicaClient) -> None:
     """Refuse the first of the conversation's fields beyond OpenAI's API that ``upstream``
     (the one its request resolved to) does not take, as OpenAI refuses an unknown field."""
     for name in conversation.extra:
@@ -37,7 +37,7 @@ class RequestBody:
         self.conversation = conversation
         self.max_tokens = conversation.max_tokens or default_max_tokens
 
-    def __call__(self, replica: Upstream) -> dict[str, Any]:
+    def __call__(self, replica: ReplicaClient) -> dict[str, Any]:
         config = replica.config
         conversation = self.conversation
         body: dict[str, Any] = {

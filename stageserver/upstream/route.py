@@ -20,7 +20,7 @@ after it, nothing is retried.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 
 from ..errors import (
     AllAttemptsFailed,
@@ -33,18 +33,19 @@ from .replicas import Clock, Replica, ReplicaAttempt, ReplicaEvents, ReplicaSet
 
 
 class Route:
-    """The pools a stage may use, in order, and the attempts it has made at them."""
+    """The replica sets a stage may use (its upstream's, then its fallbacks'), in order,
+    and the attempts it has made at them."""
 
     def __init__(
         self,
-        pools: Sequence[ReplicaSet],
+        replica_sets: Sequence[ReplicaSet],
         clock: Clock = time.monotonic,
         avoid: Replica | None = None,
     ) -> None:
         """``avoid``: a replica tried only when no other can be (one that just failed)."""
-        self.pools = tuple(pools)
+        self.replica_sets = tuple(replica_sets)
         self._avoid = avoid
-        primary = self.pools[0].config
+        primary = self.replica_sets[0].config
         self.name = primary.name
         self.retries = primary.retries
         self.budget = primary.first_token_timeout
@@ -63,13 +64,11 @@ class Route:
             return None
         attempt = None
         if self._avoid is not None:
-            avoided = [*self._tried, self._avoid]
-            attempt = next(filter(None, (pool.lease(avoided) for pool in self.pools)), None)
+            attempt = self._lease([*self._tried, self._avoid])
         if attempt is None:
-            attempt = next(filter(None, (pool.lease(self._tried) for pool in self.pools)), None)
+            attempt = self._lease(self._tried)
         if attempt is None and not self._attempts:
-            leases = (pool.lease(self._tried, last_resort=True) for pool in self.pools)
-            attempt = next(filter(None, leases), None)
+            attempt = self._lease(self._tried, last_resort=True)
         if attempt is None:
             return None
         self._attempts.append(attempt)
@@ -78,6 +77,16 @@ class Route:
         attempt.budget_bound = left <= attempt.timeout
         attempt.timeout = min(attempt.timeout, left)
         return attempt
+
+    def _lease(
+        self, exclude: Container[Replica], *, last_resort: bool = False
+    ) -> ReplicaAttempt | None:
+        """The first lease a replica set of the route gives, in the route's order."""
+        for replica_set in self.replica_sets:
+            attempt = replica_set.lease(exclude, last_resort=last_resort)
+            if attempt is not None:
+                return attempt
+        return None
 
     def first_token_message(self) -> str:
         return f"upstream {self.name!r} sent no first token within {self.budget:g} s"
@@ -103,38 +112,38 @@ class Route:
     def _unavailable(self) -> str:
         now = self._clock()
         reasons = []
-        for pool in self.pools:
-            for r in pool.replicas:
+        for replica_set in self.replica_sets:
+            for r in replica_set.replicas:
                 if r.held_until > now:
                     why = f"asked to wait {r.held_until - now:.0f} s more (Retry-After)"
                 else:
                     why = f"runs {r.in_flight} stages, its max_in_flight"
-                reasons.append(f"{pool.name!r} at {r.url} {why}")
+                reasons.append(f"{replica_set.name!r} at {r.url} {why}")
         return f"no replica can take the stage now: {'; '.join(reasons)}; retry shortly"
 
 
 class ReplicaSets:
-    """This worker's pools, one per configured upstream; ``route`` makes a stage's."""
+    """This worker's replica sets, one per configured upstream; ``route`` makes a stage's."""
 
     def __init__(
         self, registry: UpstreamRegistry, events: ReplicaEvents | None = None,
         clock: Clock = time.monotonic,
     ) -> None:  # fmt: skip
         self._clock = clock
-        self._pools = {
+        self._sets = {
             name: ReplicaSet(registry.config(name), registry.replicas(name), events, clock)
             for name in registry.names()
         }
-        # Each upstream's pools in fallback order, worked out once: the config is fixed.
+        # Each upstream's replica sets in fallback order, worked out once: the config is fixed.
         self._orders = {
-            name: tuple(self._pools[n] for n in registry.route(name)) for name in self._pools
+            name: tuple(self._sets[n] for n in registry.route(name)) for name in self._sets
         }
 
     def __iter__(self) -> Iterator[ReplicaSet]:
-        return iter(self._pools.values())
+        return iter(self._sets.values())
 
     def __getitem__(self, name: str) -> ReplicaSet:
-        return self._pools[name]
+        return self._sets[name]
 
     def route(self, name: str) -> Route:
         """A stage's route from the upstream ``name``: see ``UpstreamRegistry.route``."""
@@ -147,4 +156,4 @@ class ReplicaSets:
     def continuation_route(self, names: Sequence[str], avoid: Replica | None) -> Route:
         """The route of a continuation: the upstreams ``names``, in order, each replica
         once, ``avoid`` (the replica that just failed) only when no other can serve."""
-        return Route([self._pools[n] for n in names], self._clock, avoid)
+        return Route([self._sets[n] for n in names], self._clock, avoid)
