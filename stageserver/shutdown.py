@@ -79,14 +79,14 @@ class Stoppable(Protocol):
     def close(self) -> None: ...
 
 
-_services: weakref.WeakSet[Stoppable] = weakref.WeakSet()
+_managers: weakref.WeakSet[Stoppable] = weakref.WeakSet()
 _shutting_down = False
 _abort_timer: Timer | None = None
 
 
-def track(service: Stoppable) -> None:
+def track(manager: Stoppable) -> None:
     """Called by ``StageServer.init_app``: this app's stages are aborted on shutdown."""
-    _services.add(service)
+    _managers.add(manager)
 
 
 def shutting_down() -> bool:
@@ -113,8 +113,8 @@ def begin(graceful_timeout: float) -> None:
 
 def _hand_off_unattended() -> None:
     """Draining: hand off every stage nobody here follows, now and as clients leave."""
-    while any(len(service.running()) for service in list(_services)):
-        handed = sum(service.hand_off_unattended() for service in list(_services))
+    while any(len(manager.running()) for manager in list(_managers)):
+        handed = sum(manager.hand_off_unattended() for manager in list(_managers))
         if handed:
             log.info("shutting down: handed off %d stage(s) for another worker", handed)
         time.sleep(_RETIREMENT_CHECK_SECONDS)
@@ -125,7 +125,7 @@ def abort_running() -> int:
     global _shutting_down
     _shutting_down = True
     aborted = sum(
-        service.abort_running(ServerShuttingDown(SHUTDOWN_MESSAGE)) for service in list(_services)
+        manager.abort_running(ServerShuttingDown(SHUTDOWN_MESSAGE)) for manager in list(_managers)
     )
     if aborted:
         log.warning(
@@ -141,11 +141,11 @@ def close_upstreams() -> None:
     the upstream connections."""
     deadline = time.monotonic() + _HANDOFF_WAIT_SECONDS
     while _shutting_down and time.monotonic() < deadline:
-        if not any(len(service.running()) for service in list(_services)):
+        if not any(len(manager.running()) for manager in list(_managers)):
             break
         time.sleep(0.05)
-    for service in list(_services):
-        service.close()
+    for manager in list(_managers):
+        manager.close()
 
 
 def install(worker: Any) -> None:
@@ -183,5 +183,5 @@ def _retire(worker: Any, graceful_timeout: float) -> None:
 
 
 def _announce(delay: float) -> None:
-    running = sum(len(service.running()) for service in list(_services))
+    running = sum(len(manager.running()) for manager in list(_managers))
     log.info("shutting down: %d stage(s) running get %.1f s to finish", running, delay)

@@ -163,12 +163,12 @@ def test_otlp_exports_to_the_endpoint_and_flushes_at_close(
     with FakeUpstream() as collector:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base)
         app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url})
-        service = app.extensions["stageserver"]
-        assert service.tracing is not None and service.tracing.exporter is None
+        manager = app.extensions["stageserver"]
+        assert manager.tracing is not None and manager.tracing.exporter is None
         body = {"stage_id": "otlp", "model_name": "fake", "user_prompt": "hi", "stream": True}
         assert b"event: done" in app.test_client().post("/chat", json=body).data
-        service.stages.get("otlp").wait(5)
-        service.close()  # the worker's exit: what is batched is sent
+        manager.stages.get("otlp").wait(5)
+        manager.close()  # the worker's exit: what is batched is sent
         [export] = [r for r in collector.requests if r.path == "/v1/traces"]
         assert export.method == "POST"
         assert export.headers["content-type"] == "application/x-protobuf"

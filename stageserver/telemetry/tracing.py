@@ -2,7 +2,7 @@
 
 Off unless ``STAGESERVER_TRACING`` says ``otlp`` or ``memory``, or is unset while
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set. Off, this module
-imports nothing of OpenTelemetry, the service adds no listener, and the relay's tracer is
+imports nothing of OpenTelemetry, the manager adds no listener, and the relay's tracer is
 ``relay.NO_TRACING``, whose calls (a few per attempt, none per chunk) do nothing.
 
 On, ``Tracing`` is both a stage listener and the relay's attempt tracer:
