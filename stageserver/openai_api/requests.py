@@ -66,14 +66,6 @@ class OpenAIRequest(BaseModel):
         """The fields OpenAI's API lacks, as given."""
         return dict(self.model_extra or {})
 
-    def passed(self) -> dict[str, Any]:
-        """The given fields that ``RULES`` passes to the upstream as they are."""
-        return {
-            name: getattr(self, name)
-            for name, rule in self.RULES.items()
-            if rule.treatment is Treatment.PASSED and getattr(self, name, None) is not None
-        }
-
 
 # -- Chat Completions -----------------------------------------------------------------------
 
@@ -213,7 +205,12 @@ class ChatCompletionRequest(OpenAIRequest):
     function_call: Any = None
 
     def passed(self) -> dict[str, Any]:
-        passed = super().passed()
+        """The given fields that ``RULES`` passes to the upstream, as they are."""
+        passed = {
+            name: getattr(self, name)
+            for name, rule in self.RULES.items()
+            if rule.treatment is Treatment.PASSED and getattr(self, name) is not None
+        }
         if self.tools is not None:
             passed["tools"] = [tool.model_dump(exclude_unset=True) for tool in self.tools]
         if self.response_format is not None:
