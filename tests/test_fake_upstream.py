@@ -362,6 +362,39 @@ def test_tool_calls_stream_as_deltas_then_whole(fake: FakeUpstream) -> None:
     ]
 
 
+def test_tool_calls_until_result_answers_a_tool_result_with_text(fake: FakeUpstream) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    model = "fake?tool_calls=1&tool_calls_until_result=1&chunks=2&text=Sunny."
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    first = requests.post(
+        f"{fake.url}/chat/completions",
+        json={"model": model, "messages": asked, "tools": tools},
+        timeout=10,
+    ).json()["choices"][0]
+    call = first["message"]["tool_calls"][0]
+    assert (first["finish_reason"], call["function"]["name"]) == ("tool_calls", "get_weather")
+
+    # The call and its result sent back: the answer is the text, streamed as usual.
+    answered = [
+        *asked,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny"},
+    ]
+    _, chunks, complete = _stream(fake.port, model, messages=answered, tools=tools)
+    assert complete
+    created = _created(chunks[0])
+    assert chunks == _expected_events(fake.requests[1].index, created, ["Sun", "ny."], "stop")
+
+    # Without the option, a tool's result is answered with calls again (the old behaviour).
+    again = requests.post(
+        f"{fake.url}/chat/completions",
+        json={"model": "fake?tool_calls=1", "messages": answered, "tools": tools},
+        timeout=10,
+    ).json()["choices"][0]
+    assert again["finish_reason"] == "tool_calls"
+    assert [r.options["tool_calls_until_result"] for r in fake.requests] == [True, True, False]
+
+
 # -- continuing a partial answer (how each server takes one) ------------------------------
 
 ANSWER = "The quick brown fox jumps"  # 5 chunks of 5 characters

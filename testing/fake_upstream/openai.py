@@ -20,10 +20,11 @@ Endpoints:
   option ``continuation``.
 
 With the option ``tool_calls=N``, the answer is N function tool calls (``tool_calls``
-deltas, then finish_reason ``"tool_calls"``) instead of text; with ``reasoning=N``, N
-reasoning chunks come before the text. A request with ``logprobs: true`` gets the tokens'
-logprobs. The image parts of a request are noted (``UpstreamRequest.images``); with
-``vision=0`` they are refused (``options.py``).
+deltas, then finish_reason ``"tool_calls"``) instead of text; with
+``tool_calls_until_result=1``, only until the conversation holds a tool's result (an
+agent's loop). With ``reasoning=N``, N reasoning chunks come before the text. A request
+with ``logprobs: true`` gets the tokens' logprobs. The image parts of a request are noted
+(``UpstreamRequest.images``); with ``vision=0`` they are refused (``options.py``).
 
 A conversation that ends with an assistant message P (a partial answer) is taken as the
 option ``continuation`` says, as the servers do (``../shared/notes/continuation.md``):
@@ -397,6 +398,8 @@ def _text_deltas(texts: list[str]) -> list[str]:
 def _tool_calls(body: Mapping[str, Any], opts: Options, index: int) -> list[dict[str, Any]]:
     """The ``tool_calls`` option's calls, as a whole message holds them: each named after
     the request's tool of its index (or its last tool), so a client's tools are called."""
+    if opts.tool_calls_until_result and _holds_a_tool_result(body):
+        return []
     names: list[str] = []
     tools = body.get("tools")
     for tool in tools if isinstance(tools, list) else ():
@@ -417,6 +420,15 @@ def _tool_calls(body: Mapping[str, Any], opts: Options, index: int) -> list[dict
             }
         )
     return calls
+
+
+def _holds_a_tool_result(body: Mapping[str, Any]) -> bool:
+    """Whether the conversation has a ``tool`` message: a tool's result, sent back."""
+    messages = body.get("messages")
+    return any(
+        isinstance(message, dict) and message.get("role") == "tool"
+        for message in (messages if isinstance(messages, list) else ())
+    )
 
 
 def _tool_call_deltas(calls: list[dict[str, Any]], chunks: int) -> list[str]:

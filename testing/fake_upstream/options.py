@@ -31,6 +31,12 @@ arguments in ``chunks`` fragments (nearly equal, by characters). Each delta coun
 chunk, for ``after``, ``chunks_sent`` and the usage's ``completion_tokens``; ``max_tokens``
 cuts nothing. Not streamed, ``message.tool_calls`` holds them all.
 
+``tool_calls_until_result`` (0): 1 makes the calls an agent's first turn only. A
+conversation that already holds a ``tool`` message (a tool's result, sent back by the
+client that ran the call) is answered with text, as a model answers once its tools have
+run; so a client's whole loop (call, run the tool, send its result, read the answer)
+runs against one model name.
+
 ``reasoning`` (0): a reasoning model's answer: that many reasoning chunks first (``think0 ``,
 ``think1 ``, ...), each a delta of ``reasoning_field`` (``reasoning_content``, as DeepSeek
 and llama.cpp name it; ``reasoning``, as newer vLLM does), then the text. They count as
@@ -116,6 +122,7 @@ class Options:
     created: int | None = None  # a fixed "created" stamp, so tests can compare exact bytes
     tool_calls: int = 0  # answer with this many function tool calls instead of text
     tool_args: str | None = None  # the calls' arguments; None: {"city":"Paris","call":<i>}
+    tool_calls_until_result: bool = False  # text, not calls, once a tool's result is sent
     reasoning: int = 0  # reasoning chunks before the answer
     reasoning_field: str = "reasoning_content"
     vision: bool = True  # False: a request with an image part is refused (400)
@@ -144,6 +151,7 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "created": int,
     "tool_calls": _count,
     "tool_args": str,
+    "tool_calls_until_result": _flag,
     "continuation": lambda v: v.strip().lower(),
     "continued_status": int,
     "reasoning": _count,
