@@ -363,9 +363,9 @@ def test_tool_calls_stream_as_deltas_then_whole(fake: FakeUpstream) -> None:
 
 
 def test_tool_calls_until_result_answers_a_tool_result_with_text(fake: FakeUpstream) -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    tools: list[Any] = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     model = "fake?tool_calls=1&tool_calls_until_result=1&chunks=2&text=Sunny."
-    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    asked: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
     first = requests.post(
         f"{fake.url}/chat/completions",
         json={"model": model, "messages": asked, "tools": tools},
@@ -375,7 +375,7 @@ def test_tool_calls_until_result_answers_a_tool_result_with_text(fake: FakeUpstr
     assert (first["finish_reason"], call["function"]["name"]) == ("tool_calls", "get_weather")
 
     # The call and its result sent back: the answer is the text, streamed as usual.
-    answered = [
+    answered: list[Any] = [
         *asked,
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": call["id"], "content": "sunny"},
