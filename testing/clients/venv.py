@@ -8,7 +8,8 @@ a run after the first only asks PyPI whether anything is newer: pip reaches PyPI
 each package's index page and downloads only what changed (about 15 s on 2 cores). The
 first run downloads and unpacks about 500 MB (litellm alone is 200 MB): 1.5 to 3.5
 minutes, with the network's speed. A venv left half-made by a run that was interrupted
-is made again from scratch; if that fails too, the error says why, with pip's output.
+is made again from scratch. When pip fails (PyPI unreachable, a release that does not
+install), the tests that need the venv fail with pip's output: they never skip.
 
 Two test runs on one machine (two worktrees) share the venv: the one that brings it up
 to date holds it alone, then shares it with readers until its tests end.
@@ -51,27 +52,36 @@ def _install(venv: Venv) -> None:
     venv.pip_install("--upgrade", *UPGRADED, cwd=venv.path)
 
 
+def _runs(venv: Venv) -> bool:
+    """Whether the venv's Python and pip run: a venv that a run left half-made may not."""
+    try:
+        venv.run("python", "-m", "pip", "--version", cwd=venv.path, timeout=60)
+    except (AssertionError, OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
 @contextmanager
 def clients_venv() -> Iterator[Venv]:
     """The clients' venv, brought up to date with PyPI's newest releases, and kept from
     another run's update until the block ends. Raises, with pip's output, when it cannot
-    be made (PyPI unreachable, a release that does not install)."""
+    be brought up to date (PyPI unreachable, a release that does not install)."""
     home = _home()
     home.parent.mkdir(parents=True, exist_ok=True)
     with open(home.with_name(home.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            venv = Venv(home) if (home / "bin" / "python").exists() else Venv.create(home)
-            _install(venv)
-        except (AssertionError, subprocess.SubprocessError) as first:
+        venv = Venv(home)
+        if not _runs(venv):  # none yet, or half-made: made anew
             shutil.rmtree(home, ignore_errors=True)
-            try:
-                venv = Venv.create(home)
-                _install(venv)
-            except (AssertionError, subprocess.SubprocessError) as again:
-                raise RuntimeError(
-                    f"the clients' venv ({home}) could not be made, with the newest "
-                    f"{', '.join(CLIENTS)} from PyPI:\n{again}\n\n(first try:\n{first})"
-                ) from None
+            venv = Venv.create(home)
+        try:
+            _install(venv)
+        except (AssertionError, subprocess.SubprocessError) as failed:
+            # The venv is kept: what failed is PyPI or a release, and a venv made anew
+            # would fail the same way, after downloading 500 MB.
+            raise RuntimeError(
+                f"the clients' venv ({home}) could not be brought up to date with the "
+                f"newest {', '.join(UPGRADED)} from PyPI:\n{failed}"
+            ) from None
         fcntl.flock(lock, fcntl.LOCK_SH)  # readers now; an update waits for our end
         yield venv
