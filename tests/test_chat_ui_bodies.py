@@ -3,12 +3,15 @@ and LibreChat's, as each sends them to an OpenAI-compatible server by default, a
 every sampling field its users can set. A UI sends whatever its users set, and a
 gateway that refuses one of those fields breaks the UI for that user.
 
-The bodies are taken from their source (read 2026-12):
+The bodies are taken from their source, as the search index holds it (read 2026-12; the
+index mixes the projects' history with some forks' files, so each part below is one that
+every copy found agrees on, and the commit is the one read):
 
 - **Open WebUI** (open-webui/open-webui). The browser posts ``stream: true``, ``model``,
   ``messages``, ``params`` and Open WebUI's own fields (``chat_id``, ``session_id``,
   ``features``, ...), and ``stream_options: {include_usage: true}`` when the model's
-  *usage* capability is on (``src/lib/components/chat/Chat.svelte``, at 71cbbc8).
+  *usage* capability is on (``src/lib/components/chat/Chat.svelte``, the object passed to
+  ``generateOpenAIChatCompletion``).
   The backend moves its own fields into ``metadata``, moves the chat's parameters into the
   body (``backend/open_webui/utils/payload.py``, ``apply_model_params_to_body_openai``,
   at 227ce3f: ``temperature``, ``top_p``, ``min_p``, ``max_tokens``,
@@ -30,7 +33,7 @@ The bodies are taken from their source (read 2026-12):
 
 Each replay is checked as a client reads it (a 200, a whole stream ending ``[DONE]``,
 the text, the usage chunk only when asked for) and as the upstream got it (the
-conversation, each sampling field as given; ``user`` kept here).
+conversation, each sampling field as given, and ``user`` not passed on).
 """
 
 from __future__ import annotations
