@@ -297,11 +297,8 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
     FieldRule(
         "truncation",
         Treatment.IGNORED,
-        '`"disabled"` is taken; `"auto"` is refused: nothing is dropped from a conversation',
-        only(
-            lambda t: t == "disabled",
-            'only "disabled": this server never drops items from a conversation',
-        ),
+        'nothing is dropped from a conversation: with `"auto"`, one larger than the '
+        "model's context gets the upstream's error, as with `\"disabled\"`",
     ),
     FieldRule(
         "store",
