@@ -373,6 +373,17 @@ REFUSED_VALUES: list[tuple[str, dict[str, Any], str, str]] = [
 ]
 
 
+# A value of the wrong type, in a field that refuses some values: what is wrong with it.
+WRONG_TYPES: list[tuple[str, dict[str, Any], str]] = [
+    ("/v1/chat/completions", {**CHAT, "n": "two"}, "n"),
+    ("/v1/chat/completions", {**CHAT, "modalities": [{}]}, "modalities[0]"),
+    ("/v1/chat/completions", {**CHAT, "tools": [7]}, "tools[0]"),
+    ("/v1/responses", {**RESPONSE, "include": [{}]}, "include[0]"),
+    ("/v1/responses", {**RESPONSE, "include": "reasoning.encrypted_content"}, "include"),
+    ("/v1/responses", {**RESPONSE, "tools": [[]]}, "tools[0]"),
+]
+
+
 def test_every_row_has_an_example() -> None:
     assert set(CHAT_EXAMPLES) == {rule.name for rule in CHAT_FIELDS}
     assert set(RESPONSE_EXAMPLES) == {rule.name for rule in RESPONSES_FIELDS}
@@ -459,4 +470,16 @@ def test_a_value_no_self_hosted_upstream_can_give_is_refused_by_name(
     error = answer.get_json()["error"]
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
     assert error["message"].startswith(f"{param}: ")
+    assert module_upstream.requests == []
+
+
+@pytest.mark.parametrize(("path", "body", "param"), WRONG_TYPES)
+def test_a_value_of_the_wrong_type_is_an_invalid_value_naming_it(
+    client: FlaskClient, module_upstream: FakeUpstream, path: str, body: dict[str, Any], param: str
+) -> None:
+    module_upstream.reset()
+    answer = client.post(path, json=body)
+    assert answer.status_code == 400
+    error = answer.get_json()["error"]
+    assert (error["param"], error["code"]) == (param, "invalid_value")
     assert module_upstream.requests == []

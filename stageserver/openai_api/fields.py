@@ -136,12 +136,16 @@ INCLUDES_TAKEN = frozenset(
     {LOGPROBS_INCLUDE, "reasoning.encrypted_content", "message.input_image.image_url"}
 )
 
-_ONE_CHOICE = only(lambda n: n == 1, "must be 1: this server makes one choice")
+# A value of the wrong type is left to the request's model, which says what is wrong.
+_ONE_CHOICE = only(
+    lambda n: not isinstance(n, int) or n == 1, "must be 1: this server makes one choice"
+)
 _TEXT_ONLY = each(
-    lambda m: m == "text", lambda m: f"{m!r}: this server answers in text only (no audio output)"
+    lambda m: not isinstance(m, str) or m == "text",
+    lambda m: f"{m!r}: this server answers in text only (no audio output)",
 )
 _HOSTED_INCLUDE = each(
-    lambda i: i in INCLUDES_TAKEN,
+    lambda i: not isinstance(i, str) or i in INCLUDES_TAKEN,
     lambda i: f"{i!r} asks for the output of one of OpenAI's hosted tools, which do not run here",
 )
 _NO_CACHE = "there is no prompt cache to control here"
