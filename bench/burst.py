@@ -40,8 +40,10 @@ it is connected; each reads its stream to the end and closes. What is measured:
 - **Redis connections** (``--redis``, once per node): the clients each node of the
   store counts (``INFO clients``: ``connected_clients``, less this process's own), every
   ``REDIS_SAMPLE_PERIOD`` through the burst (the peak, summed over the nodes) and
-  ``AFTER_SECONDS`` after its last stream ended (after). The store is the target's own,
-  and its worker is its only other client, so these are the worker's connections: the
+  ``AFTER_SECONDS`` after its last stream ended (after); with a cluster, the peak of
+  the node that had the most is reported too. The store is the target's own, and its
+  worker is its only other client (with ``+follow``, the following host is one too), so
+  these are the worker's connections: the
   worker's own sockets whose peer is a node (``/proc/<pid>/fd`` against
   ``/proc/<pid>/net/tcp``) are counted too, after the burst, to show it. They are not
   what is sampled, because reading ``/proc/net/tcp`` walks the kernel's whole table of
@@ -99,7 +101,8 @@ class BurstResult:
     rss_open_kb: int | None = None
     memory_per_stream_kb: float | None = None
     redis_connections_before: int | None = None  # after the warm-up stream
-    redis_connections_peak: int | None = None
+    redis_connections_peak: int | None = None  # summed over the nodes
+    redis_connections_peak_per_node: int | None = None  # the largest node's peak
     redis_connections_after: int | None = None
     redis_connections_peak_by_node: dict[int, int] | None = None  # port -> peak
     redis_worker_sockets_after: int | None = None  # from /proc, when "after" is read
@@ -259,6 +262,7 @@ class BurstGenerator(LoadGenerator):
             out.redis_connections_peak = max(out.redis_connections_peak, sum(counts.values()))
             for port, count in counts.items():
                 by_node[port] = max(by_node.get(port, 0), count)
+            out.redis_connections_peak_per_node = max(by_node.values())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REDIS_SAMPLE_PERIOD)
 

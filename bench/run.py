@@ -126,6 +126,7 @@ _BURST_NUMBERS = (
     "burst_seconds",
     "redis_connections_before",
     "redis_connections_peak",
+    "redis_connections_peak_per_node",
     "redis_connections_after",
     "redis_worker_sockets_after",
 )
@@ -329,6 +330,7 @@ _BURST_COLUMNS = (
     ("server_cpu_vs_nginx", "÷ nginx"),
     ("memory_per_stream_kb", "KB/stream"),
     ("redis_connections_peak", "Redis conns peak"),
+    ("redis_connections_peak_per_node", "peak per node"),
     ("redis_connections_after", "Redis conns after"),
     ("other_cpu_cores", "other load, cores"),
     ("errors", "errors"),
@@ -343,6 +345,7 @@ _NEW_STREAM_COLUMNS = (
     ("ttft_last_ms", "TTFT last ms"),
     ("rank_correlation", "rank ρ"),
     ("redis_connections_peak", "Redis conns peak"),
+    ("redis_connections_peak_per_node", "peak per node"),
     ("redis_connections_after", "Redis conns after"),
     ("other_cpu_cores", "other load, cores"),
     ("errors", "errors"),
