@@ -89,7 +89,8 @@ class BurstResult:
     ttft_p90_ms: float | None = None
     ttft_last_ms: float | None = None
     rank_correlation: float | None = None
-    start_cpu_ms: float | None = None
+    start_ms: float | None = None  # from the first connection to the last first token
+    start_cpu_ms: float | None = None  # the worker's CPU meanwhile
     burst_cpu_ms: float | None = None
     server_cpu_us_per_stream: float | None = None
     server_cpu_us_per_chunk: float | None = None
@@ -134,8 +135,9 @@ class BurstGenerator(LoadGenerator):
         )
         self._workers: list[int] = []
         self._first_tokens = 0
-        self._sent: list[float] = []
+        self._streams: list[Stream] = []
         self._start_cpu: float | None = None
+        self._start_at: float | None = None
         self._last_end = 0.0
         self._store: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
@@ -149,14 +151,13 @@ class BurstGenerator(LoadGenerator):
         self._first_tokens += 1
         if self._first_tokens < self.spec.concurrency:
             return
-        self._start_cpu = self._worker_cpu()
+        self._start_cpu, self._start_at = self._worker_cpu(), time.monotonic()
         if self.result.streams == 0:
             self.outcome.rss_open_kb = self._rss()
 
     def finished_stream(self, stream: Stream) -> None:
         super().finished_stream(stream)
         if stream.index >= 0:
-            self._sent.append(stream.sent_at)
             self._last_end = time.monotonic()
 
     # -- the burst ----------------------------------------------------------------------
@@ -195,8 +196,8 @@ class BurstGenerator(LoadGenerator):
             sampler = asyncio.ensure_future(self._sample_store(stop_sampling))
         self.window_open = time.monotonic()  # every chunk from here on is the burst's
         before = self._read()
-        streams = [Stream(self, index, once=True) for index in range(spec.concurrency)]
-        runs = [asyncio.ensure_future(self._run_one(stream)) for stream in streams]
+        self._streams = [Stream(self, index, once=True) for index in range(spec.concurrency)]
+        runs = [asyncio.ensure_future(self._run_one(stream)) for stream in self._streams]
         limit = spec.shape.seconds * 3 + spec.concurrency * 0.05 + 30
         _, late = await asyncio.wait(runs, timeout=limit)
         if late:
@@ -269,8 +270,10 @@ class BurstGenerator(LoadGenerator):
     def _report_burst(self, before: _Reading, after: _Reading) -> None:
         out, res = self.outcome, self.result
         out.streams, out.errors, out.error_samples = res.streams, res.errors, res.error_samples
-        if self._sent:
-            out.send_spread_ms = round((max(self._sent) - min(self._sent)) * 1000, 2)
+        sends = [stream.sent_at for stream in self._streams if stream.number]
+        if sends:
+            out.send_spread_ms = round((max(sends) - min(sends)) * 1000, 2)
+        if self._last_end:
             out.burst_seconds = round(self._last_end - before.at, 3)
         out.chunks = self.window_chunks
         if self.firsts:
@@ -288,6 +291,8 @@ class BurstGenerator(LoadGenerator):
             out.burst_cpu_ms = round(worker * 1000, 1)
             out.server_cpu_us_per_stream = round(worker * 1e6 / self.spec.concurrency, 1)
             out.server_cpu_us_per_chunk = round(worker * per_chunk, 1)
+        if self._start_at is not None:
+            out.start_ms = round((self._start_at - before.at) * 1000, 1)
         if self._start_cpu is not None and before.worker is not None:
             out.start_cpu_ms = round((self._start_cpu - before.worker) * 1000, 1)
         upstream = None

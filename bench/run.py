@@ -112,6 +112,7 @@ _BURST_NUMBERS = (
     "ttft_p90_ms",
     "ttft_last_ms",
     "rank_correlation",
+    "start_ms",
     "start_cpu_ms",
     "burst_cpu_ms",
     "server_cpu_us_per_stream",
