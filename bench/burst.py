@@ -29,11 +29,13 @@ it is connected; each reads its stream to the end and closes. What is measured:
 - **worker CPU**: the target's workers (its process tree without the master, which
   idles), every thread, from ``/proc`` as ``bench.load`` reads it. ``start_cpu_ms``: from
   just before the first connection to the last first token, what starting the burst
-  cost; ``burst_cpu_ms``: to the end of the burst, every stream ended and the worker
-  quiet (its CPU grew by less than ``QUIET_CPU_SECONDS`` in ``QUIET_PERIOD``, at most
-  ``QUIET_LIMIT`` later), so that what a stream costs after its last event (reading the
-  upstream's end, finishing the stage, the client's close) counts. Per stream, and per
-  relayed chunk.
+  cost; ``first_token_cpu_p50_ms``: to the median first token (the first tokens' p50
+  counted in the worker's CPU instead of the clock, which another process taking the
+  core does not lengthen); ``burst_cpu_ms``: to the end of the burst, every stream
+  ended and the worker quiet (its CPU grew by less than ``QUIET_CPU_SECONDS`` in
+  ``QUIET_PERIOD``, at most ``QUIET_LIMIT`` later), so that what a stream costs after
+  its last event (reading the upstream's end, finishing the stage, the client's close)
+  counts. Per stream, and per relayed chunk.
 - **memory per open stream**: the target's resident set when every stream had its first
   token, if none had ended yet, less the idle one, divided by B (none otherwise, as for
   streams of one chunk, which end at once).
@@ -91,6 +93,7 @@ class BurstResult:
     rank_correlation: float | None = None
     start_ms: float | None = None  # from the first connection to the last first token
     start_cpu_ms: float | None = None  # the worker's CPU meanwhile
+    first_token_cpu_p50_ms: float | None = None  # its CPU by the median first token
     burst_cpu_ms: float | None = None
     server_cpu_us_per_stream: float | None = None
     server_cpu_us_per_chunk: float | None = None
@@ -135,6 +138,7 @@ class BurstGenerator(LoadGenerator):
         )
         self._workers: list[int] = []
         self._first_tokens = 0
+        self._first_cpu: list[float] = []  # the worker's CPU at each first token
         self._streams: list[Stream] = []
         self._start_cpu: float | None = None
         self._start_at: float | None = None
@@ -149,9 +153,12 @@ class BurstGenerator(LoadGenerator):
         if index < 0:  # the warm-up stream
             return
         self._first_tokens += 1
+        cpu = self._worker_cpu()
+        if cpu is not None:
+            self._first_cpu.append(cpu)
         if self._first_tokens < self.spec.concurrency:
             return
-        self._start_cpu, self._start_at = self._worker_cpu(), time.monotonic()
+        self._start_cpu, self._start_at = cpu, time.monotonic()
         if self.result.streams == 0:
             self.outcome.rss_open_kb = self._rss()
 
@@ -295,6 +302,9 @@ class BurstGenerator(LoadGenerator):
             out.start_ms = round((self._start_at - before.at) * 1000, 1)
         if self._start_cpu is not None and before.worker is not None:
             out.start_cpu_ms = round((self._start_cpu - before.worker) * 1000, 1)
+        if self._first_cpu and before.worker is not None:
+            median = percentile(sorted(self._first_cpu), 50) - before.worker
+            out.first_token_cpu_p50_ms = round(median * 1000, 1)
         upstream = None
         if after.upstream is not None and before.upstream is not None:
             upstream = after.upstream - before.upstream

@@ -139,6 +139,8 @@ def test_quick_bursts_report_every_target(tmp_path: Path) -> None:
             assert 0 < row["start_cpu_ms"] <= row["burst_cpu_ms"], (mode, target)
             assert row["server_cpu_us_per_stream"] > 0 and row["server_cpu_vs_nginx"] > 0
             assert row["added_ttft_p50_ms"] is not None and row["added_vs_start_cpu"] is not None
+            assert 0 < row["first_token_cpu_p50_ms"] <= row["start_cpu_ms"], (mode, target)
+            assert 0 < row["p50_cpu_vs_start_cpu"] <= 1, (mode, target)
         assert rows["nginx"]["server_cpu_vs_nginx"] == 1.0
         direct = rows["direct"]
         assert direct["burst_cpu_ms"] is None and direct["added_ttft_p50_ms"] is None
