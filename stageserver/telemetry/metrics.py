@@ -43,7 +43,7 @@ Metrics (labels in brackets):
   started; reason is ``overload`` or ``shutting_down``.
 - ``stageserver_stage_errors_total`` [upstream, fault]: the stages of
   ``stageserver_stages_total`` that ended in ``error``, by whose fault (``fault_of``):
-  ``caller`` (the upstream refused the request itself: a 4xx other than 401, 403, 408 and
+  ``caller`` (the upstream refused the request itself: a 4xx other than 401, 403, 407, 408 and
   429), ``upstream`` (any other upstream failure) or ``stageserver`` (its own: shutdown, a
   lost lease, an internal error). An alert on errors leaves ``caller`` out.
 - ``stageserver_principal_stages_total`` [principal, outcome],
@@ -185,7 +185,7 @@ UPSTREAM_ERRORS = Counter(
 STAGE_ERRORS = Counter(
     "stageserver_stage_errors",
     "Stages ended in error, by upstream and whose fault: caller (the upstream refused the "
-    "request itself, a 4xx other than 401, 403, 408 and 429), upstream (any other upstream "
+    "request itself, a 4xx other than 401, 403, 407, 408 and 429), upstream (any other upstream "
     "failure) or stageserver (shutdown, a lost lease, an internal error).",
     ("upstream", "fault"),
 )
@@ -249,7 +249,7 @@ REPLICA_TTFT = Histogram(
 REPLICA_ADMITTED = Gauge(
     "stageserver_replica_admitted",
     "1 while the worker's pool admits the upstream replica, 0 while it is ejected (cooling "
-    "down, or waiting for its one trial); one series per live worker.",
+    "down, or waiting for its one trial); one series per live worker (label pid).",
     _REPLICA,
     multiprocess_mode="liveall",
 )
