@@ -32,10 +32,10 @@ import markdown
 import pytest
 import requests
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench import load
 from bench.procs import FakeUpstreamProcess
+from testing.metrics import scrape, value
 from testing.servers import ROOT, Prometheus, RedisServer, gunicorn_server
 from testing.sse import parse_events, post_chat, terminal
 
@@ -157,12 +157,12 @@ def shipped_copy(target: str) -> tuple[str, dict[str, str]]:
 def panel_queries() -> Iterator[tuple[str, str]]:
     """(panel title, query) of every panel of the dashboard, with its variables given
     what a Grafana would: this job, every instance, a rate window of a minute."""
-    values = {"$job": "stageserver", "$instance": ".*", "$__rate_interval": "1m"}
+    given = {"$job": "stageserver", "$instance": ".*", "$__rate_interval": "1m"}
     for panel in json.loads(DASHBOARD.read_text())["panels"]:
         for target in panel.get("targets", []):
             expr = target["expr"]
-            for variable, value in values.items():
-                expr = expr.replace(variable, value)
+            for variable, text in given.items():
+                expr = expr.replace(variable, text)
             assert "$" not in expr, f"{panel['title']}: a variable left in {expr}"
             yield panel["title"], expr
 
@@ -277,14 +277,9 @@ def check_under_load(prometheus: Prometheus, url: str, port: int, server_pid: in
 def check_worker_metrics(url: str, pids: list[int]) -> None:
     """The workers' own families, read through gunicorn's multiprocess directory: both
     workers live, as configured, each with its CPU and memory."""
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    samples = {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-    assert samples[("stageserver_workers", frozenset())] == 2
-    assert samples[("stageserver_workers_configured", frozenset())] == 2
+    samples = scrape(requests.get(f"{url}/metrics", timeout=10).text)
+    assert value(samples, "stageserver_workers") == 2
+    assert value(samples, "stageserver_workers_configured") == 2
     for name in (
         "stageserver_worker_cpu_seconds_total",
         "stageserver_worker_resident_memory_bytes",

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from flask.testing import FlaskClient
-from prometheus_client.parser import text_string_to_metric_families
 
-from stageserver import create_app
 from stageserver.errors import (
     AllAttemptsFailed,
     ContinuationFailed,
@@ -27,34 +23,17 @@ from stageserver.errors import (
     UpstreamStatusError,
     UpstreamUnavailable,
 )
+from stageserver.manager import manager_of
 from stageserver.telemetry import metrics
+from testing.apps import app_client
 from testing.fake_upstream import FakeUpstream
+from testing.metrics import Samples, scrape, value
 from testing.servers import RedisServer, free_port
 from testing.sse import parse_events, terminal
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-
-def scrape(client: FlaskClient) -> Samples:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(client.get("/metrics").text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-@contextmanager
-def app_client(config: dict[str, Any]) -> Iterator[FlaskClient]:
-    """A fresh app's test client; its upstream connections are closed afterwards."""
-    app = create_app(config)
-    try:
-        yield app.test_client()
-    finally:
-        app.extensions["stageserver"].upstreams.close()
+def scraped(client: FlaskClient) -> Samples:
+    return scrape(client.get("/metrics").text)
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
@@ -99,7 +78,7 @@ def test_whose_fault_a_stages_error_was(failure: BaseException | None, fault: st
 
 def test_stage_errors_are_counted_by_fault(upstream: FakeUpstream) -> None:
     with app_client({"STAGESERVER_UPSTREAM_URL": upstream.url}) as client:
-        before = scrape(client)
+        before = scraped(client)
         models = {
             "f-caller": "fake?mode=status&status=400",
             "f-upstream": "fake?mode=status&status=500",
@@ -109,15 +88,17 @@ def test_stage_errors_are_counted_by_fault(upstream: FakeUpstream) -> None:
             body = {"stage_id": stage_id, "model_name": model, "user_prompt": "hi", "stream": True}
             events = parse_events(client.post("/chat", json=body).data)
             assert terminal(events)[0]["event"] == ("done" if stage_id == "f-done" else "error")
-        manager = client.application.extensions["stageserver"]
+        manager = manager_of(client.application.extensions)
         for stage_id in models:  # their listeners have run once the stage is settled
-            manager.stages.get(stage_id).wait(5)
-        after = scrape(client)
+            stage = manager.stages.get(stage_id)
+            assert stage is not None
+            stage.wait(5)
+        after = scraped(client)
 
     def delta(fault: str) -> float:
         name = "stageserver_stage_errors_total"
         labels = {"upstream": "default", "fault": fault}
-        return (value(after, name, **labels) or 0.0) - (value(before, name, **labels) or 0.0)
+        return value(after, name, **labels) - value(before, name, **labels)
 
     assert {fault: delta(fault) for fault in metrics.FAULTS} == {
         "caller": 1,
@@ -134,9 +115,9 @@ def test_replica_admitted_follows_ejection_and_readmission(upstream: FakeUpstrea
     pool = {"gpu": {"urls": [upstream.url, down]}}
     with app_client({"STAGESERVER_UPSTREAMS": pool}) as client:
 
-        def admitted(url: str) -> float | None:
+        def admitted(url: str) -> float:
             return value(
-                scrape(client), "stageserver_replica_admitted", upstream="gpu", replica=url
+                scraped(client), "stageserver_replica_admitted", upstream="gpu", replica=url
             )
 
         assert (admitted(upstream.url), admitted(down)) == (1, 1)  # from the pool's start
@@ -160,8 +141,8 @@ def test_store_unavailable_while_redis_is_down(upstream: FakeUpstream) -> None:
     try:
         with app_client(config) as client:
 
-            def unavailable() -> float | None:
-                return value(scrape(client), "stageserver_store_unavailable")
+            def unavailable() -> float:
+                return value(scraped(client), "stageserver_store_unavailable")
 
             assert unavailable() == 0
             redis_server.kill()
@@ -177,9 +158,8 @@ def test_store_unavailable_while_redis_is_down(upstream: FakeUpstream) -> None:
 
 def test_this_process_is_its_own_worker_without_gunicorn(client: FlaskClient) -> None:
     """Without gunicorn's multiprocess directory, the worker families are this process's."""
-    samples = scrape(client)
+    samples = scraped(client)
     pid = str(os.getpid())
-    cpu = value(samples, "stageserver_worker_cpu_seconds_total", pid=pid)
-    memory = value(samples, "stageserver_worker_resident_memory_bytes", pid=pid)
-    assert cpu is not None and cpu > 0
-    assert memory is not None and memory > 10_000_000  # a Python process with Flask loaded
+    assert value(samples, "stageserver_worker_cpu_seconds_total", pid=pid) > 0
+    # A Python process with Flask loaded: tens of megabytes at least.
+    assert value(samples, "stageserver_worker_resident_memory_bytes", pid=pid) > 10_000_000
