@@ -148,7 +148,7 @@ def test_the_service_is_hardened() -> None:
 
 
 def test_gunicorn_serves_on_the_socket_systemd_hands_it_and_reloads_on_hup(
-    tmp_path: Path,
+    tmp_path: Path, upstream: FakeUpstream
 ) -> None:
     listen = one(SOCKET, "Socket", "ListenStream")
     assert listen == "127.0.0.1:8000"
@@ -158,47 +158,44 @@ def test_gunicorn_serves_on_the_socket_systemd_hands_it_and_reloads_on_hup(
     command[0] = str(VENV_BIN / "gunicorn")
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    with FakeUpstream() as upstream:
-        settings = {
-            "PATH": os.environ["PATH"],
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-            "STAGESERVER_UPSTREAM_URL": upstream.url,
-            # gunicorn must not bind this one: the socket it is handed replaces it.
-            "STAGESERVER_BIND": f"127.0.0.1:{unused}",
-        }
-        log = tmp_path / "gunicorn.log"
-        with open(log, "wb") as output:
-            proc = subprocess.Popen(
-                [tool("systemd-socket-activate"), "--listen", f"127.0.0.1:{port}"]
-                + [f"--setenv={key}={value}" for key, value in settings.items()]
-                + command,
-                cwd=ROOT,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            wait_until(
-                lambda: f"Listening on 127.0.0.1:{port}" in log.read_text(), "the socket", log
-            )
-            # The socket listens before gunicorn runs: this first request waits in its
-            # backlog while gunicorn starts (systemd-socket-activate starts it now).
-            ready = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=60)
-            assert (ready.status_code, ready.json()) == (200, {"status": "ok"})
-            text = log.read_text()
-            assert f"Listening at: http://127.0.0.1:{port}" in text, text
-            assert_refused(unused)
-            booted = workers(log)
-            assert len(booted) == 1
+    settings = {
+        "PATH": os.environ["PATH"],
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "STAGESERVER_UPSTREAM_URL": upstream.url,
+        # gunicorn must not bind this one: the socket it is handed replaces it.
+        "STAGESERVER_BIND": f"127.0.0.1:{unused}",
+    }
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as output:
+        proc = subprocess.Popen(
+            [tool("systemd-socket-activate"), "--listen", f"127.0.0.1:{port}"]
+            + [f"--setenv={key}={value}" for key, value in settings.items()]
+            + command,
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: f"Listening on 127.0.0.1:{port}" in log.read_text(), "the socket", log)
+        # The socket listens before gunicorn runs: this first request waits in its
+        # backlog while gunicorn starts (systemd-socket-activate starts it now).
+        ready = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        assert (ready.status_code, ready.json()) == (200, {"status": "ok"})
+        text = log.read_text()
+        assert f"Listening at: http://127.0.0.1:{port}" in text, text
+        assert_refused(unused)
+        booted = workers(log)
+        assert len(booted) == 1
 
-            proc.send_signal(signal.SIGHUP)  # what ExecReload sends
-            wait_until(lambda: len(workers(log)) == 2, "a new worker after the HUP", log)
-            wait_until(lambda: not alive(booted[0]), "the old worker's exit", log)
-            events = parse_events(post_chat(f"http://127.0.0.1:{port}", stage_id="r").content)
-            assert terminal(events)[0]["event"] == "done"
-        finally:
-            stop_process(proc)
-        assert proc.returncode == 0, log.read_text()
-        assert "Traceback" not in log.read_text(), log.read_text()
+        proc.send_signal(signal.SIGHUP)  # what ExecReload sends
+        wait_until(lambda: len(workers(log)) == 2, "a new worker after the HUP", log)
+        wait_until(lambda: not alive(booted[0]), "the old worker's exit", log)
+        events = parse_events(post_chat(f"http://127.0.0.1:{port}", stage_id="r").content)
+        assert terminal(events)[0]["event"] == "done"
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 def workers(log: Path) -> list[int]:
