@@ -48,9 +48,25 @@ def settings_table() -> str:
     return markdown_table()
 
 
+def custom_collector(value: object) -> bool:
+    """Whether ``value`` is a collector of families of its own (not a Counter, Gauge or
+    Histogram, nor a registry): an instance whose ``describe()`` names what ``collect()``
+    gives. prometheus_client's ``Collector`` is a protocol: it is recognised by shape."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    return (
+        not isinstance(value, type | MetricWrapperBase | CollectorRegistry)
+        and callable(getattr(value, "describe", None))
+        and callable(getattr(value, "collect", None))
+    )
+
+
 def metric_families(module: ModuleType | None = None) -> list[tuple[str, str, list[str], str]]:
     """``(name, type, label names, help)`` of each prometheus_client collector defined at
-    the top level of ``module`` (``stageserver.telemetry.metrics``), in definition order.
+    the top level of ``module`` (``stageserver.telemetry.metrics``), in definition order:
+    its metrics (Counter, Gauge, Histogram), and the families of a custom collector (one
+    whose ``describe()`` names them, with its ``labelnames``).
 
     The name is the one a query uses: a counter's with its ``_total``.
     """
@@ -63,6 +79,12 @@ def metric_families(module: ModuleType | None = None) -> list[tuple[str, str, li
         module = metrics
     families = []
     for value in vars(module).values():
+        if custom_collector(value):
+            labels = [str(label) for label in getattr(value, "labelnames", ())]
+            for family in value.describe():
+                suffix = "_total" if family.type == "counter" else ""
+                families.append((family.name + suffix, family.type, labels, family.documentation))
+            continue
         if not isinstance(value, MetricWrapperBase):
             continue
         kind = str(value._type)

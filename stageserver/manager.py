@@ -593,6 +593,7 @@ def _shared_store(
         adopt=adopt,
         flush_window=settings.store_flush_window,
         on_written=metrics.STORE_WRITE_DELAY.observe,
+        on_reachable=metrics.store_reachable,
     )
     return store, RedisLimits(lambda: store.redis, store.leases)
 

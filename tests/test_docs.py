@@ -8,6 +8,7 @@ import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -21,17 +22,17 @@ README = (ROOT / "README.md").read_text()
 MKDOCS = (ROOT / "mkdocs.yml").read_text()
 
 
-def _hooks_render() -> Callable[[str], str]:
-    """``render`` of docs/hooks.py, the mkdocs hook, loaded from its file as mkdocs does."""
+def _hooks() -> ModuleType:
+    """docs/hooks.py, the mkdocs hook, loaded from its file as mkdocs does."""
     spec = importlib.util.spec_from_file_location("stageserver_docs_hooks", DOCS / "hooks.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    render: Callable[[str], str] = module.render
-    return render
+    return module
 
 
-render = _hooks_render()
+hooks = _hooks()
+render: Callable[[str], str] = hooks.render
 
 
 def nav_pages() -> list[str]:
@@ -41,31 +42,40 @@ def nav_pages() -> list[str]:
     return re.findall(r"^\s*- (?:[^:\n]+:\s*)?(\S+\.md)\s*$", nav, flags=re.M)
 
 
+#: What makes a metric family in metrics.py: a metric, or a custom collector's family.
+_COUNTERS = ("Counter", "CounterMetricFamily")
+_FAMILIES = (*_COUNTERS, "Gauge", "Histogram", "GaugeMetricFamily")
+
+
 def metric_names_in_source() -> set[str]:
-    """The name given to each Counter, Gauge and Histogram made in metrics.py, read from
-    its source, as a query spells it (a counter's with ``_total``)."""
+    """The name given to each Counter, Gauge and Histogram made in metrics.py, and to each
+    family its custom collectors make, read from its source, as a query spells it (a
+    counter's with ``_total``)."""
     tree = ast.parse(Path(metrics.__file__).read_text())
     names = set()
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
             continue
-        if node.func.id not in ("Counter", "Gauge", "Histogram"):
+        if node.func.id not in _FAMILIES:
             continue
         first = node.args[0]
         assert isinstance(first, ast.Constant) and isinstance(first.value, str)
-        suffix = "_total" if node.func.id == "Counter" else ""
+        suffix = "_total" if node.func.id in _COUNTERS else ""
         names.add(first.value.removesuffix("_total") + suffix)
     return names
 
 
 def metric_names_in_module() -> set[str]:
-    """The name of each prometheus_client collector the module defines."""
+    """The name of each family the module's prometheus_client collectors give."""
     names = set()
     for value in vars(metrics).values():
         if isinstance(value, Counter):
             names.add(value._name + "_total")
         elif isinstance(value, Gauge | Histogram):
             names.add(value._name)
+        elif hooks.custom_collector(value):
+            for family in value.describe():
+                names.add(family.name + ("_total" if family.type == "counter" else ""))
     return names
 
 

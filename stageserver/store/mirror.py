@@ -193,13 +193,16 @@ class RedisStageStore(StageListener):
         adopt: Callable[[str], bool] | None = None,
         flush_window: float = DEFAULT_FLUSH_WINDOW,
         on_written: Callable[[float], None] | None = None,
+        on_reachable: Callable[[bool], None] | None = None,
     ) -> None:
         """``cancel_here(key, reason)`` cancels a stage of this process for a request made
         elsewhere: the cancel listener calls it. ``adopt(key)`` tries to take over the
         orphaned stage with that key (``manager.StageManager.adopt``); whether it, or
         another, has. ``flush_window``: how long the flusher gathers writes into one round
         trip. ``on_written(seconds)``: told, for each write, how long the oldest event in
-        it waited to be durable (an upper bound for every event it carried)."""
+        it waited to be durable (an upper bound for every event it carried).
+        ``on_reachable(reachable)``: told when Redis stops or starts answering this
+        process, as its flusher's writes and its sweeper's looks find it."""
         self.url = url
         self.ttl_ms = int(ttl_seconds * 1000)
         self.event_ttl_ms = int(event_ttl_seconds * 1000)  # StageSettings: at most the TTL
@@ -223,6 +226,8 @@ class RedisStageStore(StageListener):
         self._cancel_here = cancel_here
         self._lock = threading.Lock()
         self._failing = False
+        self._sweep_failing = False
+        self._on_reachable = on_reachable
         self._sweeper: Task | None = None
 
     # -- connection, per process ---------------------------------------------------------
@@ -365,7 +370,9 @@ class RedisStageStore(StageListener):
                 due = int(time.time() * 1000)
                 keys = self.redis.zrangebyscore(RUNNING_INDEX, "-inf", due, start=0, num=50)
             except (StoreUnavailable, *STORE_ERRORS):
-                continue  # the flusher and the leases say so
+                self._reached(swept=False)  # the flusher and the leases log it
+                continue
+            self._reached(swept=True)
             for key in keys:
                 try:
                     self._adopt(bytes(key).decode())
@@ -459,10 +466,23 @@ class RedisStageStore(StageListener):
             )
         elif self._failing and not failed:
             log.warning("the stage store answers again; its mirror catches up")
-        self._failing = bool(failed)
+        self._reached(flushed=not failed)
         for stage in failed:
             stage.publish(stage.next_seq)
         return {stage: batch[stage] for stage in failed}
+
+    def _reached(self, *, flushed: bool | None = None, swept: bool | None = None) -> None:
+        """Record whether the flusher's write, or the sweeper's look, reached Redis; tell
+        ``on_reachable`` when that changes whether both do. The sweeper looks every
+        quarter of a lease, so an outage is seen with no stage running too."""
+        before = not (self._failing or self._sweep_failing)
+        if flushed is not None:
+            self._failing = not flushed
+        if swept is not None:
+            self._sweep_failing = not swept
+        after = not (self._failing or self._sweep_failing)
+        if after != before and self._on_reachable is not None:
+            self._on_reachable(after)
 
     def _write_batch(self, batch: dict[Stage, float]) -> tuple[set[Stage], set[Stage]]:
         """Write the batch in one round trip per node: the stages resynced (to write
