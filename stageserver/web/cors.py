@@ -6,8 +6,9 @@ origin on the list, every answer of the stage API (and the browser client,
 with that origin (and ``Vary: Origin``), exposes ``X-Request-ID`` and ``Retry-After``,
 and ``X-Stage-Id``, and a preflight (``OPTIONS``) allows ``Authorization``,
 ``Content-Type``, ``Last-Event-ID`` and ``X-Request-ID`` on ``GET``, ``POST`` and
-``DELETE``, and the headers OpenAI's SDKs send (``x-stainless-*``, ``OpenAI-*``,
-``Idempotency-Key``) when the preflight asks for them. An origin not on the list gets no
+``DELETE``, and the headers OpenAI's and Anthropic's SDKs send (``x-stainless-*``,
+``OpenAI-*``, ``Idempotency-Key``, ``x-api-key``, ``anthropic-*``) when the preflight asks
+for them. An origin not on the list gets no
 CORS header at all. Credentials (cookies) are not allowed across origins: a
 browser client sends its API key in ``Authorization``.
 """
@@ -19,9 +20,9 @@ from collections.abc import Collection
 from flask import Request, Response
 
 ALLOWED_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-ID"
-#: What else a preflight may ask for: the headers of OpenAI's SDKs.
-SDK_HEADERS = frozenset({"idempotency-key", "openai-organization", "openai-project"})
-SDK_HEADER_PREFIXES = ("x-stainless-", "openai-")
+#: What else a preflight may ask for: the headers of OpenAI's and Anthropic's SDKs.
+SDK_HEADERS = frozenset({"idempotency-key", "openai-organization", "openai-project", "x-api-key"})
+SDK_HEADER_PREFIXES = ("x-stainless-", "openai-", "anthropic-")
 EXPOSED_HEADERS = "X-Request-ID, Retry-After, X-Stage-Id"
 PREFLIGHT_MAX_AGE = "600"
 
