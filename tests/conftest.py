@@ -7,6 +7,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from stageserver import create_app
+from testing.anthropic_sdk import AnthropicSDK
 from testing.fake_upstream import FakeUpstream
 from testing.servers import RedisClusterGroup, RedisServer
 
@@ -48,3 +49,10 @@ def redis_cluster() -> Iterator[RedisClusterGroup]:
     """A Redis Cluster of the module's own: 3 primaries, no replica."""
     with RedisClusterGroup() as group:
         yield group
+
+
+@pytest.fixture(scope="session")
+def anthropic_sdk(tmp_path_factory: pytest.TempPathFactory) -> AnthropicSDK:
+    """Anthropic's Python SDK, its newest release, in a venv of its own (pip installs it
+    from the package index; a failure fails the test, never skips it)."""
+    return AnthropicSDK.install(tmp_path_factory.mktemp("anthropic-sdk") / "venv")

@@ -687,17 +687,37 @@ def path_of(loc: list[int | str], body: Any, *, missing: bool = False) -> tuple[
     """A validation error's location as Anthropic names a field (``messages.0.content``),
     and how many of its steps are the body's.
 
-    pydantic puts its own names in a location (a union's alternative, a tag): only the
-    keys and indexes found in the request body are the caller's. A missing field is
-    found nowhere, and is the location's last name."""
-    steps: list[str] = []
-    value = body
-    for index, part in enumerate(loc):
-        if isinstance(part, int) and isinstance(value, list) and 0 <= part < len(value):
-            value = value[part]
-        elif isinstance(part, str) and isinstance(value, dict) and part in value:
-            value = value[part]
-        elif not (missing and index == len(loc) - 1 and isinstance(part, str)):
-            continue
-        steps.append(str(part))
+    pydantic puts its own names in a location (a union's alternative, a tagged union's
+    tag), and a tag may be a key of the body too (a text block's tag is ``text``, and so
+    is its field): only keys and indexes found in the body are the caller's, and of the
+    ways to read the location so, the one with the most steps, then the one that ends at
+    the location's end (the field the error is about). A missing field is found nowhere,
+    and is the location's last name."""
+    steps, _ = _walk(loc, 0, body, missing)
     return len(steps), ".".join(steps) or "body"
+
+
+_ABSENT = object()
+
+
+def _walk(loc: list[int | str], at: int, value: Any, missing: bool) -> tuple[list[str], bool]:
+    """The best reading of ``loc[at:]`` in ``value``: its steps, and whether its last step
+    is the location's last part."""
+    if at == len(loc):
+        return [], False
+    part = loc[at]
+    last = at == len(loc) - 1
+    best = _walk(loc, at + 1, value, missing)  # the part skipped
+    child: Any = _ABSENT
+    if isinstance(part, int) and isinstance(value, list) and 0 <= part < len(value):
+        child = value[part]
+    elif isinstance(part, str) and isinstance(value, dict) and part in value:
+        child = value[part]
+    elif missing and last and isinstance(part, str):
+        return [part], True
+    if child is not _ABSENT:
+        rest, ends = _walk(loc, at + 1, child, missing)
+        taken = ([str(part), *rest], ends or last)
+        if (len(taken[0]), taken[1]) >= (len(best[0]), best[1]):
+            best = taken
+    return best

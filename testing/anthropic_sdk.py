@@ -1,0 +1,90 @@
+"""Anthropic's official Python SDK, in a venv of its own: the newest release of
+``anthropic``, installed by pip from the package index when a test session first needs
+it (``tests/conftest.py``'s ``anthropic_sdk``). It is not a dependency of stageserver's,
+and its own dependencies stay out of the tests' venv.
+
+``AnthropicSDK.run`` runs ``testing/anthropic_client.py`` in that venv with a plan, and
+gives back what it printed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .servers import ROOT
+from .venvs import Venv
+
+CLIENT = ROOT / "testing" / "anthropic_client.py"
+#: Prints what the SDK's types name: every field of the two requests, of the blocks a
+#: request may hold, and of the answers' types (``tests/test_anthropic_fields.py``).
+TYPES_SCRIPT = """
+import importlib, json, sys, typing
+def find(name):
+    module, _, attr = name.rpartition(".")
+    path = ".".join(filter(None, ["anthropic.types", module]))
+    return getattr(importlib.import_module(path), attr)
+print(json.dumps({name: sorted(typing.get_type_hints(find(name))) for name in sys.argv[1:]}))
+"""
+
+
+@dataclass(frozen=True)
+class Received:
+    kind: str
+    value: Any
+
+
+class AnthropicSDK:
+    def __init__(self, venv: Venv) -> None:
+        self.venv = venv
+        self.version = self._python(
+            "-c", "import anthropic; print(anthropic.__version__)"
+        ).stdout.strip()
+
+    @classmethod
+    def install(cls, path: Path) -> AnthropicSDK:
+        """A venv at ``path`` with the newest ``anthropic``."""
+        venv = Venv.create(path)
+        venv.pip_install("--upgrade", "pip", cwd=path.parent)
+        venv.pip_install("--upgrade", "anthropic", cwd=path.parent)
+        return cls(venv)
+
+    def env(self) -> dict[str, str]:
+        """The venv's environment, without any ``ANTHROPIC_*`` of the test's own (which
+        the SDK would read: a base URL, a key)."""
+        env = self.venv.env()
+        return {k: v for k, v in env.items() if not k.startswith("ANTHROPIC_")}
+
+    def run(self, base_url: str, call: str, params: dict[str, Any], **plan: Any) -> list[Received]:
+        """What ``anthropic_client.py`` received for ``call`` with ``params`` against
+        ``base_url``; ``plan``: ``api_key`` (``"sk-test"`` unless given), ``auth_token``,
+        ``async``."""
+        if "auth_token" not in plan:
+            plan.setdefault("api_key", "sk-test")
+        plan = {**plan, "base_url": base_url, "call": call, "params": params}
+        done = self._python(str(CLIENT), json.dumps(plan))
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        assert lines and lines[-1] == {"kind": "end", "value": None}, done.stdout
+        return [Received(line["kind"], line["value"]) for line in lines[:-1]]
+
+    def fields(self, *names: str) -> dict[str, list[str]]:
+        """The fields of each of the SDK's types ``names``, under ``anthropic.types``
+        (``text_block_param.TextBlockParam``, or ``TextBlockParam``)."""
+        done = self._python("-c", TYPES_SCRIPT, *names)
+        found: dict[str, list[str]] = json.loads(done.stdout)
+        return found
+
+    def _python(self, *args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [str(self.venv.python), *args],
+            cwd=self.venv.path,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"python {args[0]} failed:\n{done.stderr}\n{done.stdout}"
+        return done
