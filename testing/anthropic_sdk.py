@@ -62,13 +62,23 @@ class AnthropicSDK:
         """What ``anthropic_client.py`` received for ``call`` with ``params`` against
         ``base_url``; ``plan``: ``api_key`` (``"sk-test"`` unless given), ``auth_token``,
         ``async``."""
-        if "auth_token" not in plan:
-            plan.setdefault("api_key", "sk-test")
-        plan = {**plan, "base_url": base_url, "call": call, "params": params}
-        done = self._python(str(CLIENT), json.dumps(plan))
+        done = self._python(str(CLIENT), _plan(base_url, call, params, plan))
         lines = [json.loads(line) for line in done.stdout.splitlines()]
         assert lines and lines[-1] == {"kind": "end", "value": None}, done.stdout
         return [Received(line["kind"], line["value"]) for line in lines[:-1]]
+
+    def start(
+        self, base_url: str, call: str, params: dict[str, Any], **plan: Any
+    ) -> subprocess.Popen[str]:
+        """``run``'s client, started: its output is read a line at a time (``received``)
+        while the test acts on the server; wait for it, and close its stdout."""
+        return subprocess.Popen(
+            [str(self.venv.python), str(CLIENT), _plan(base_url, call, params, plan)],
+            cwd=self.venv.path,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def fields(self, *names: str) -> dict[str, list[str]]:
         """The fields of each of the SDK's types ``names``, under ``anthropic.types``
@@ -88,3 +98,15 @@ class AnthropicSDK:
         )
         assert done.returncode == 0, f"python {args[0]} failed:\n{done.stderr}\n{done.stdout}"
         return done
+
+
+def _plan(base_url: str, call: str, params: dict[str, Any], plan: dict[str, Any]) -> str:
+    if "auth_token" not in plan:
+        plan.setdefault("api_key", "sk-test")
+    return json.dumps({**plan, "base_url": base_url, "call": call, "params": params})
+
+
+def received(line: str) -> Received:
+    """One line of a started client's output."""
+    found = json.loads(line)
+    return Received(found["kind"], found["value"])
