@@ -10,12 +10,16 @@ gives back what it printed.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from .servers import ROOT
+from .sse import parse_events
 from .venvs import Venv
 
 CLIENT = ROOT / "testing" / "anthropic_client.py"
@@ -110,3 +114,40 @@ def received(line: str) -> Received:
     """One line of a started client's output."""
     found = json.loads(line)
     return Received(found["kind"], found["value"])
+
+
+# -- what the tests of both SDKs compare ----------------------------------------------------
+
+MESSAGE_ID = re.compile(r"msg_[0-9a-f]{32}")
+
+
+def same_id(value: Any) -> Any:
+    """``value`` (JSON) with every message id as ``ID``: the same in every run."""
+    return json.loads(MESSAGE_ID.sub("ID", json.dumps(value)))
+
+
+def compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def wire_events(answer: requests.Response) -> list[dict[str, Any]]:
+    """The data of each event of a Messages stream but its pings, which it must have,
+    each event carrying its id, ``<message id>-<type>-<n>``, ``n`` from 0."""
+    assert answer.status_code == 200, answer.text
+    events = parse_events(answer.content)
+    pings = [e for e in events if e["event"] == "ping"]
+    assert pings and all(e["data"] == {"type": "ping"} and "id" not in e for e in pings)
+    events = [e for e in events if e["event"] != "ping"]
+    message_id = answer.headers["X-Stage-Id"]
+    for n, event in enumerate(events):
+        assert event["id"] == f"{message_id}-{event['event']}-{n}"
+        assert event["data"]["type"] == event["event"]
+    return [e["data"] for e in events]
+
+
+def raw_event(event: dict[str, Any]) -> dict[str, Any]:
+    """An event of ``messages.stream()`` as it came: without the block the SDKs add to a
+    ``content_block_stop``."""
+    if event["type"] == "content_block_stop":
+        return {k: v for k, v in event.items() if k != "content_block"}
+    return event

@@ -20,17 +20,23 @@ from typing import Any
 import pytest
 import requests
 
-from testing.anthropic_sdk import AnthropicSDK, Received, received
+from testing.anthropic_sdk import (
+    AnthropicSDK,
+    Received,
+    compact,
+    raw_event,
+    received,
+    same_id,
+    wire_events,
+)
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.servers import Gunicorn, RedisServer, gunicorn_server
-from testing.sse import parse_events
 
 SECRETS = {"alice": "alice-anthropic-key-0123", "bob": "bob-anthropic-key-0123"}
 KEYS = {name: {"key": secret} for name, secret in SECRETS.items()}
 # Heartbeats every 0.2 s: 1 s before the first chunk, 0.3 s between.
 SLOW = "fake?chunks=3&interval=0.3&prefill=1&created=1700000000"
 HI = [{"role": "user", "content": "hi"}]
-MESSAGE_ID = re.compile(r"msg_[0-9a-f]{32}")
 PNG = "iVBORw0KGgo="
 TOOL = {
     "name": "get_weather",
@@ -82,38 +88,6 @@ def on_the_wire(url: str, body: dict[str, Any], key: str = SECRETS["alice"]) -> 
         timeout=60,
     )
     return answer
-
-
-def same_id(value: Any) -> Any:
-    """``value`` (JSON) with every message id as ``ID``: the same in every run."""
-    return json.loads(MESSAGE_ID.sub("ID", json.dumps(value)))
-
-
-def wire_events(answer: requests.Response) -> list[dict[str, Any]]:
-    """The data of each event of a Messages stream but its pings, which it must have,
-    each event carrying its id, ``<message id>-<type>-<n>``, ``n`` from 0."""
-    assert answer.status_code == 200, answer.text
-    events = parse_events(answer.content)
-    pings = [e for e in events if e["event"] == "ping"]
-    assert pings and all(e["data"] == {"type": "ping"} and "id" not in e for e in pings)
-    events = [e for e in events if e["event"] != "ping"]
-    message_id = answer.headers["X-Stage-Id"]
-    for n, event in enumerate(events):
-        assert event["id"] == f"{message_id}-{event['event']}-{n}"
-        assert event["data"]["type"] == event["event"]
-    return [e["data"] for e in events]
-
-
-def compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-def raw_event(event: dict[str, Any]) -> dict[str, Any]:
-    """An event of ``messages.stream()`` as it came: without the block the SDK adds to a
-    ``content_block_stop``."""
-    if event["type"] == "content_block_stop":
-        return {k: v for k, v in event.items() if k != "content_block"}
-    return event
 
 
 def toks(count: int) -> str:
