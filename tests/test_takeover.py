@@ -645,3 +645,75 @@ def test_a_chat_completion_whose_owner_died_before_its_first_chunk_was_written_h
     assert [d for d in deltas[1:] if "role" in d] == []
     assert "".join(d.get("content") or "" for d in deltas) == toks(60)
     assert {chunk["id"] for chunk in chunks} == {stage_id}
+
+
+# -- a Messages stream ---------------------------------------------------------------------
+
+
+def test_a_messages_stream_of_a_dead_host_goes_on_elsewhere_each_event_once(
+    trailing: FakeUpstream,
+    redis_server: RedisServer,
+    survivor: Gunicorn,
+    start_host: Callable[[dict[str, str]], Gunicorn],
+) -> None:
+    a, b = start_host(host_env(trailing, redis_server)), survivor
+    body = {"model": SLOW, "max_tokens": 512, "messages": [{"role": "user", "content": "hi"}]}
+    posted = requests.post(
+        f"{a.url}/v1/messages",
+        json={**body, "stream": True},
+        headers={"X-Request-ID": "t-messages", "anthropic-version": "2023-06-01"},
+        stream=True,
+        timeout=10,
+    )
+    assert posted.status_code == 200
+    message_id = posted.headers["X-Stage-Id"]
+    stream = OpenStream(posted)
+    with ThreadPoolExecutor(1) as pool:
+        watcher = pool.submit(
+            lambda: requests.get(f"{b.url}/stages/{message_id}/events", timeout=60).content
+        )
+        stream.read_until(b"event: content_block_delta", 20)
+        kill_host(a)
+        got_on_a = with_ids(read_rest(stream))
+        watched = with_ids(parse_events(watcher.result(timeout=60)))
+
+    # One answer: one text block, its 60 deltas, its end; ids on one counter, no gap, no
+    # repeat; the continuation invisible.
+    kinds = [e["event"] for e in watched]
+    assert kinds == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * 60,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert [e["id"] for e in watched] == [
+        f"{message_id}-{kind}-{n}" for n, kind in enumerate(kinds)
+    ]
+    deltas = [e["data"]["delta"] for e in watched if e["event"] == "content_block_delta"]
+    assert {d["type"] for d in deltas} == {"text_delta"}
+    assert "".join(d["text"] for d in deltas) == toks(60)
+    assert {e["data"]["index"] for e in watched[1:-2]} == {0}
+    end = watched[-2]["data"]
+    assert end["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    delivered = assert_continued_from_the_durable_text(trailing, "t-messages")
+    # Summed over the segments (the continuation's reply may repeat a held-back space).
+    assert end["usage"]["output_tokens"] >= 60
+    assert 0 < delivered < 60
+    # A's client got only what the log held: the watcher's first events, exactly.
+    assert got_on_a and got_on_a == watched[: len(got_on_a)]
+    [record] = stage_status(b.url, message_id)["continuations"]
+    assert (record["reason"], record["mode"], record["outcome"]) == ("owner_lost", "trailing", "ok")
+
+    # A's client resumes on B from the last event it got: the rest, each event once.
+    rest = requests.get(
+        f"{b.url}/stages/{message_id}/events",
+        headers={"Last-Event-ID": got_on_a[-1]["id"]},
+        timeout=30,
+    )
+    assert rest.status_code == 200
+    assert got_on_a + with_ids(parse_events(rest.content)) == watched
+    # Replayed whole on B: the same bytes the watcher read, but for the framing's first line.
+    again = requests.get(f"{b.url}/stages/{message_id}/events", timeout=30)
+    assert with_ids(parse_events(again.content)) == watched
