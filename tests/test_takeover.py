@@ -657,7 +657,11 @@ def test_a_messages_stream_of_a_dead_host_goes_on_elsewhere_each_event_once(
     start_host: Callable[[dict[str, str]], Gunicorn],
 ) -> None:
     a, b = start_host(host_env(trailing, redis_server)), survivor
-    body = {"model": SLOW, "max_tokens": 512, "messages": [{"role": "user", "content": "hi"}]}
+    body: dict[str, Any] = {
+        "model": SLOW,
+        "max_tokens": 512,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     posted = requests.post(
         f"{a.url}/v1/messages",
         json={**body, "stream": True},
