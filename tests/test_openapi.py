@@ -69,9 +69,12 @@ def identify(request: Request) -> str | None:
 @pytest.mark.parametrize(
     ("config", "bearer"),
     [
-        ({}, [{"bearerAuth": []}, {}]),
-        ({"STAGESERVER_API_KEYS": KEYS}, [{"bearerAuth": []}]),
-        ({"STAGESERVER_API_KEYS": KEYS, "STAGESERVER_PLAYGROUND": False}, [{"bearerAuth": []}]),
+        ({}, [{"bearerAuth": []}, {"apiKeyAuth": []}, {}]),
+        ({"STAGESERVER_API_KEYS": KEYS}, [{"bearerAuth": []}, {"apiKeyAuth": []}]),
+        (
+            {"STAGESERVER_API_KEYS": KEYS, "STAGESERVER_PLAYGROUND": False},
+            [{"bearerAuth": []}, {"apiKeyAuth": []}],
+        ),
     ],
 )
 def test_the_document_is_valid_and_names_every_route(
@@ -104,6 +107,8 @@ def test_the_document_is_valid_and_names_every_route(
     ):
         assert doc["paths"][path]["get"]["security"] == []
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    api_key = doc["components"]["securitySchemes"]["apiKeyAuth"]
+    assert (api_key["type"], api_key["in"], api_key["name"]) == ("apiKey", "header", "x-api-key")
 
 
 def test_the_documents_version_is_the_packages(upstream: FakeUpstream) -> None:
@@ -123,7 +128,11 @@ def test_under_a_prefix_the_servers_reach_every_operation(upstream: FakeUpstream
     ours = {route for route in routes(host) if route[1].startswith("/llm/")}
     assert operations(doc, "/llm") == ours
     # A host app's identify() may name the caller instead of a key: the key is optional.
-    assert doc["paths"]["/chat"]["post"]["security"] == [{"bearerAuth": []}, {}]
+    assert doc["paths"]["/chat"]["post"]["security"] == [
+        {"bearerAuth": []},
+        {"apiKeyAuth": []},
+        {},
+    ]
     assert host.test_client().get("/llm/docs").status_code == 200
 
 
@@ -359,9 +368,20 @@ def test_an_overlong_request_line_is_documented_where_a_value_can_make_one(
     api = 0
     for path, item in document["paths"].items():
         for method, operation in item.items():
-            if operation["tags"] not in (["stages"], ["openai"]):
+            if operation["tags"] not in (["stages"], ["openai"], ["anthropic"]):
                 continue
             api += 1
             documented = "414" in operation["responses"]
             assert documented == ("parameters" in operation), (method, path)
-    assert api == 11
+    assert api == 13
+
+
+def test_the_two_apis_schemas_have_names_of_their_own() -> None:
+    """Each API's schemas are generated apart and merged by name: one name in both would
+    leave one API's requests described by the other's model."""
+    from stageserver.web import openapi, openapi_messages, openapi_v1
+
+    openai, anthropic = set(openapi_v1.schemas()), set(openapi_messages.schemas())
+    seed = {model.__name__ for model in openapi._RESPONSE_MODELS} | {"ChatRequest"}
+    assert openai & anthropic == set()
+    assert (openai | anthropic) & seed == set()

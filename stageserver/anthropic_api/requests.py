@@ -197,7 +197,7 @@ Block = Annotated[
 ]
 
 
-class InputMessage(_Strict):
+class MessageParam(_Strict):
     role: Literal["user", "assistant", "system"]
     content: StrictStr | list[Block]
 
@@ -308,7 +308,7 @@ class MessagesBase(BaseModel):
     RULES: ClassVar[Mapping[str, FieldRule]] = {}
 
     model: Annotated[StrictStr, Field(min_length=1, max_length=256)]
-    messages: Annotated[list[InputMessage], Field(min_length=1)]
+    messages: Annotated[list[MessageParam], Field(min_length=1)]
     system: StrictStr | list[TextBlock] | None = None
     tools: list[CustomTool] | None = None
     tool_choice: ToolChoice | None = None
@@ -560,7 +560,7 @@ class _Turn:
         return [*tools, ({"role": "user", "content": content}, self.param)]
 
 
-def _turns(messages: Sequence[InputMessage]) -> list[_Turn]:
+def _turns(messages: Sequence[MessageParam]) -> list[_Turn]:
     turns: list[_Turn] = []
     for index, message in enumerate(messages):
         param = f"messages.{index}"
