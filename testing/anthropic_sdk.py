@@ -1,6 +1,8 @@
 """Anthropic's official Python SDK, in a venv of its own: the newest release of
-``anthropic``, installed by pip from the package index when a test session first needs
-it (``tests/conftest.py``'s ``anthropic_sdk``). It is not a dependency of stageserver's,
+``anthropic`` from the package index, brought up to date each time a test session first
+needs it (``tests/conftest.py``'s ``anthropic_sdk``, through ``venvs.cached_venv``: kept
+in ``~/.cache/stageserver/anthropic-sdk-py3.x`` between runs, so a run after the first
+only asks the index whether anything is newer). It is not a dependency of stageserver's,
 and its own dependencies stay out of the tests' venv.
 
 ``AnthropicSDK.run`` runs ``testing/anthropic_client.py`` in that venv with a plan, and
@@ -13,7 +15,6 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import requests
@@ -47,14 +48,6 @@ class AnthropicSDK:
         self.version = self._python(
             "-c", "import anthropic; print(anthropic.__version__)"
         ).stdout.strip()
-
-    @classmethod
-    def install(cls, path: Path) -> AnthropicSDK:
-        """A venv at ``path`` with the newest ``anthropic``."""
-        venv = Venv.create(path)
-        venv.pip_install("--upgrade", "pip", cwd=path.parent)
-        venv.pip_install("--upgrade", "anthropic", cwd=path.parent)
-        return cls(venv)
 
     def env(self) -> dict[str, str]:
         """The venv's environment, without any ``ANTHROPIC_*`` of the test's own (which

@@ -10,6 +10,7 @@ from stageserver import create_app
 from testing.anthropic_sdk import AnthropicSDK
 from testing.fake_upstream import FakeUpstream
 from testing.servers import RedisClusterGroup, RedisServer
+from testing.venvs import cached_venv
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +53,8 @@ def redis_cluster() -> Iterator[RedisClusterGroup]:
 
 
 @pytest.fixture(scope="session")
-def anthropic_sdk(tmp_path_factory: pytest.TempPathFactory) -> AnthropicSDK:
-    """Anthropic's Python SDK, its newest release, in a venv of its own (pip installs it
-    from the package index; a failure fails the test, never skips it)."""
-    return AnthropicSDK.install(tmp_path_factory.mktemp("anthropic-sdk") / "venv")
+def anthropic_sdk() -> Iterator[AnthropicSDK]:
+    """Anthropic's Python SDK, its newest release, in a venv of its own (pip brings it up
+    to date from the package index; a failure fails the test, never skips it)."""
+    with cached_venv("anthropic-sdk", ["anthropic"]) as venv:
+        yield AnthropicSDK(venv)
