@@ -11,6 +11,8 @@
 - ``<!-- openai-chat-fields -->``, ``<!-- openai-responses-fields -->``: every field of
   OpenAI's two create requests and what stageserver does with it, from
   ``stageserver.openai_api.fields``.
+- ``<!-- anthropic-messages-fields -->``, ``<!-- anthropic-count-tokens-fields -->``: the
+  same for the Messages API's two requests, from ``stageserver.anthropic_api.fields``.
 
 Named in ``mkdocs.yml`` (``hooks: [docs/hooks.py]``); ``tests/test_docs.py`` checks that
 what it writes lists every setting and every metric.
@@ -31,6 +33,8 @@ CHANGES_MARKER = "<!-- changes -->"
 EXTRA_FIELDS_MARKER = "<!-- extra-fields-table -->"
 CHAT_FIELDS_MARKER = "<!-- openai-chat-fields -->"
 RESPONSES_FIELDS_MARKER = "<!-- openai-responses-fields -->"
+MESSAGES_FIELDS_MARKER = "<!-- anthropic-messages-fields -->"
+COUNT_TOKENS_FIELDS_MARKER = "<!-- anthropic-count-tokens-fields -->"
 
 
 def _importable() -> None:
@@ -125,6 +129,16 @@ def openai_fields(api: str) -> str:
     return fields.markdown_table(rules)
 
 
+def anthropic_fields(request: str) -> str:
+    """The table of every field of the Messages API's ``messages`` or ``count_tokens``
+    request."""
+    _importable()
+    from stageserver.anthropic_api import fields
+
+    rules = fields.MESSAGES_FIELDS if request == "messages" else fields.COUNT_TOKENS_FIELDS
+    return fields.markdown_table(rules)
+
+
 def extra_fields_rows() -> str:
     """A table row per upstream kind: the fields beyond OpenAI's API it takes by default."""
     _importable()
@@ -144,6 +158,10 @@ def render(markdown: str) -> str:
         markdown = markdown.replace(CHAT_FIELDS_MARKER, openai_fields("chat"))
     if RESPONSES_FIELDS_MARKER in markdown:
         markdown = markdown.replace(RESPONSES_FIELDS_MARKER, openai_fields("responses"))
+    if MESSAGES_FIELDS_MARKER in markdown:
+        markdown = markdown.replace(MESSAGES_FIELDS_MARKER, anthropic_fields("messages"))
+    if COUNT_TOKENS_FIELDS_MARKER in markdown:
+        markdown = markdown.replace(COUNT_TOKENS_FIELDS_MARKER, anthropic_fields("count_tokens"))
     if SETTINGS_MARKER in markdown:
         markdown = markdown.replace(SETTINGS_MARKER, settings_table())
     if METRICS_MARKER in markdown:

@@ -12,6 +12,7 @@ from types import ModuleType
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from stageserver.anthropic_api.fields import COUNT_TOKENS_FIELDS, MESSAGES_FIELDS
 from stageserver.openai_api.fields import CHAT_FIELDS, RESPONSES_FIELDS
 from stageserver.settings import PROCESS_SETTINGS, SETTINGS
 from stageserver.telemetry import metrics
@@ -108,6 +109,15 @@ def test_the_openai_page_has_the_table_of_every_field_of_both_requests() -> None
         assert marker in page
     rendered = render(page)
     for rule in (*CHAT_FIELDS, *RESPONSES_FIELDS):
+        assert f"| `{rule.name}` | {rule.treatment.value}" in rendered, rule.name
+
+
+def test_the_anthropic_page_has_the_table_of_every_field_of_both_requests() -> None:
+    page = (DOCS / "anthropic.md").read_text()
+    for marker in ("<!-- anthropic-messages-fields -->", "<!-- anthropic-count-tokens-fields -->"):
+        assert marker in page
+    rendered = render(page)
+    for rule in (*MESSAGES_FIELDS, *COUNT_TOKENS_FIELDS):
         assert f"| `{rule.name}` | {rule.treatment.value}" in rendered, rule.name
 
 
