@@ -43,8 +43,14 @@ def test_quick_bench_reports_every_target(tmp_path: Path) -> None:
 
 
 def test_quick_bench_streams_the_same_stages_through_each_api(tmp_path: Path) -> None:
-    """The seed's /chat and OpenAI's two, side by side: every stream whole, no error."""
-    targets = ["stageserver", "stageserver+v1chat", "stageserver+v1responses"]
+    """The seed's /chat, OpenAI's two and Anthropic's Messages API, side by side: every
+    stream whole, no error."""
+    targets = [
+        "stageserver",
+        "stageserver+v1chat",
+        "stageserver+v1responses",
+        "stageserver+messages",
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)]
         + ["--targets", ",".join(targets)],
