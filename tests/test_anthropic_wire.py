@@ -684,7 +684,13 @@ def test_the_statuses_and_types_of_stageservers_own_refusals() -> None:
 
 
 def test_a_full_worker_is_a_529_overloaded_error_with_retry_after(upstream: FakeUpstream) -> None:
-    config = {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_MAX_ACTIVE_STREAMS": 1}
+    config = {
+        "STAGESERVER_UPSTREAM_URL": upstream.url,
+        "STAGESERVER_MAX_ACTIVE_STREAMS": 1,
+        # In the test's threads, a cancel reaches a stage still waiting for its upstream's
+        # headers when they come, or when this passes.
+        "STAGESERVER_FIRST_TOKEN_TIMEOUT": 1,
+    }
     with app_client(config) as client:
         first = client.post(
             "/v1/messages", json=ask(model="fake?mode=hang", stream=True), buffered=False
@@ -789,6 +795,33 @@ def test_an_unknown_beta_is_ignored_and_logged_once(
             assert client.post("/v1/messages", json=ask(), headers=headers).status_code == 200
     logged = [r.getMessage() for r in caplog.records if r.name == "stageserver.anthropic"]
     assert logged == [f"anthropic-beta {name!r} is not one this server knows: ignored"]
+
+
+def test_a_preflight_allows_the_anthropic_sdks_headers(upstream: FakeUpstream) -> None:
+    config = {
+        "STAGESERVER_UPSTREAM_URL": upstream.url,
+        "STAGESERVER_CORS_ORIGINS": ["https://app.example"],
+    }
+    asked = (
+        "x-api-key, anthropic-version, anthropic-dangerous-direct-browser-access, "
+        "x-stainless-lang, x-stage-resumable, content-type, x-evil"
+    )
+    with app_client(config) as client:
+        preflight = client.options(
+            "/v1/messages",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": asked,
+            },
+        )
+        answer = client.post("/v1/messages", json=ask(), headers={"Origin": "https://app.example"})
+    allowed = {
+        h.strip().lower() for h in preflight.headers["Access-Control-Allow-Headers"].split(",")
+    }
+    assert set(asked.split(", ")) - allowed == {"x-evil"}
+    exposed = answer.headers["Access-Control-Expose-Headers"]
+    assert "X-Stage-Id" in exposed and "request-id" in exposed
 
 
 def test_x_stage_resumable_makes_a_message_resumable(client: FlaskClient) -> None:
