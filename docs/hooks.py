@@ -11,8 +11,9 @@
 - ``<!-- openai-chat-fields -->``, ``<!-- openai-responses-fields -->``: every field of
   OpenAI's two create requests and what stageserver does with it, from
   ``stageserver.openai_api.fields``.
-- ``<!-- anthropic-messages-fields -->``, ``<!-- anthropic-count-tokens-fields -->``: the
-  same for the Messages API's two requests, from ``stageserver.anthropic_api.fields``.
+- ``<!-- anthropic-messages-fields -->``, ``<!-- anthropic-beta-fields -->``,
+  ``<!-- anthropic-count-tokens-fields -->``: the same for the Messages API's two
+  requests (and the beta API's own fields), from ``stageserver.anthropic_api.fields``.
 
 Named in ``mkdocs.yml`` (``hooks: [docs/hooks.py]``); ``tests/test_docs.py`` checks that
 what it writes lists every setting and every metric.
@@ -35,6 +36,7 @@ CHAT_FIELDS_MARKER = "<!-- openai-chat-fields -->"
 RESPONSES_FIELDS_MARKER = "<!-- openai-responses-fields -->"
 MESSAGES_FIELDS_MARKER = "<!-- anthropic-messages-fields -->"
 COUNT_TOKENS_FIELDS_MARKER = "<!-- anthropic-count-tokens-fields -->"
+BETA_FIELDS_MARKER = "<!-- anthropic-beta-fields -->"
 
 
 def _importable() -> None:
@@ -131,11 +133,15 @@ def openai_fields(api: str) -> str:
 
 def anthropic_fields(request: str) -> str:
     """The table of every field of the Messages API's ``messages`` or ``count_tokens``
-    request."""
+    request, or of those only its ``beta`` API has."""
     _importable()
     from stageserver.anthropic_api import fields
 
-    rules = fields.MESSAGES_FIELDS if request == "messages" else fields.COUNT_TOKENS_FIELDS
+    rules = {
+        "messages": fields.MESSAGES_FIELDS,
+        "beta": fields.BETA_FIELDS,
+        "count_tokens": fields.COUNT_TOKENS_FIELDS,
+    }[request]
     return fields.markdown_table(rules)
 
 
@@ -160,6 +166,8 @@ def render(markdown: str) -> str:
         markdown = markdown.replace(RESPONSES_FIELDS_MARKER, openai_fields("responses"))
     if MESSAGES_FIELDS_MARKER in markdown:
         markdown = markdown.replace(MESSAGES_FIELDS_MARKER, anthropic_fields("messages"))
+    if BETA_FIELDS_MARKER in markdown:
+        markdown = markdown.replace(BETA_FIELDS_MARKER, anthropic_fields("beta"))
     if COUNT_TOKENS_FIELDS_MARKER in markdown:
         markdown = markdown.replace(COUNT_TOKENS_FIELDS_MARKER, anthropic_fields("count_tokens"))
     if SETTINGS_MARKER in markdown:

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from stageserver.anthropic_api import requests as models
 from stageserver.anthropic_api.fields import (
+    BETA_FIELDS,
     COUNT_TOKENS_FIELDS,
     MESSAGES_FIELDS,
     Treatment,
@@ -47,16 +48,25 @@ def test_every_field_of_the_sdks_two_requests_has_a_row_and_no_other(
     assert {rule.name for rule in COUNT_TOKENS_FIELDS} == counting
 
 
+def test_every_field_only_the_beta_api_has_has_a_row(anthropic_sdk: AnthropicSDK) -> None:
+    """``client.beta.messages.create`` sends these too (``betas`` goes in a header)."""
+    beta = "beta.message_create_params.MessageCreateParamsBase"
+    sdk = set(anthropic_sdk.fields(beta)[beta]) | {"stream"}
+    assert {rule.name for rule in BETA_FIELDS} == sdk - {"betas"} - {
+        rule.name for rule in MESSAGES_FIELDS
+    }
+
+
 def test_a_row_is_one_field_and_every_field_is_in_the_request_model() -> None:
     pairs: list[tuple[Any, type[BaseModel]]] = [
-        (MESSAGES_FIELDS, models.MessagesRequest),
+        ((*MESSAGES_FIELDS, *BETA_FIELDS), models.MessagesRequest),
         (COUNT_TOKENS_FIELDS, models.CountTokensRequest),
     ]
     for rules, model in pairs:
         names = [rule.name for rule in rules]
         assert len(names) == len(set(names))
         assert set(names) == {field.alias or name for name, field in model.model_fields.items()}
-    for rule in (*MESSAGES_FIELDS, *COUNT_TOKENS_FIELDS):
+    for rule in (*MESSAGES_FIELDS, *BETA_FIELDS, *COUNT_TOKENS_FIELDS):
         assert rule.says
         if rule.treatment is Treatment.REFUSED:
             assert rule.refuse is not None, rule.name
@@ -98,6 +108,19 @@ PARTS: list[tuple[str, type[BaseModel]]] = [
     ("MetadataParam", models.Metadata),
     ("CacheControlEphemeralParam", models.CacheControl),
     ("diagnostics_param.DiagnosticsParam", models.Diagnostics),
+    # What the beta API's client (client.beta.messages) sends.
+    ("beta.BetaTextBlockParam", models.TextBlock),
+    ("beta.BetaImageBlockParam", models.ImageBlock),
+    ("beta.BetaToolUseBlockParam", models.ToolUseBlock),
+    ("beta.BetaToolResultBlockParam", models.ToolResultBlock),
+    ("beta.BetaThinkingBlockParam", models.ThinkingBlock),
+    ("beta.BetaRedactedThinkingBlockParam", models.RedactedThinkingBlock),
+    ("beta.BetaToolParam", models.CustomTool),
+    ("beta.BetaToolChoiceAutoParam", models.ToolChoiceAuto),
+    ("beta.BetaThinkingConfigEnabledParam", models.ThinkingEnabled),
+    ("beta.BetaOutputConfigParam", models.OutputConfig),
+    ("beta.BetaMetadataParam", models.Metadata),
+    ("beta.BetaCacheControlEphemeralParam", models.CacheControl),
 ]  # fmt: skip
 
 
@@ -109,7 +132,7 @@ def test_a_block_it_takes_knows_every_field_the_sdk_sends(anthropic_sdk: Anthrop
 
 
 def test_the_docs_tables_have_a_row_per_field() -> None:
-    for rules in (MESSAGES_FIELDS, COUNT_TOKENS_FIELDS):
+    for rules in (MESSAGES_FIELDS, BETA_FIELDS, COUNT_TOKENS_FIELDS):
         table = markdown_table(rules).splitlines()
         assert len(table) == 2 + len(rules)
         for rule, row in zip(rules, table[2:], strict=True):
@@ -177,7 +200,15 @@ EXAMPLES: dict[str, tuple[Any, Expect]] = {
     "user_profile_id": ("up_1", Dropped()),
     "workspace_id": ("wrkspc_1", Dropped()),
     "container": ("container_1", Refused("container: ")),
-}
+    "context_management": ({"edits": [{"type": "clear_tool_uses_20250919"}]}, Dropped()),
+    "fallbacks": (["default"], Dropped()),
+    "fallback_credit_token": ("fct_1", Dropped()),
+    "billing_policy": ({"type": "billing_policy", "bill_to": "self"}, Dropped()),
+    "compaction": ({"type": "enabled"}, Refused("compaction: ")),
+    "mcp_servers": ([{"type": "url", "url": "https://mcp.example", "name": "x"}],
+                    Refused("mcp_servers: ")),
+    "thread": ({"type": "create"}, Refused("thread: ")),
+}  # fmt: skip
 
 
 @pytest.fixture
@@ -187,10 +218,10 @@ def client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
 
 
 def test_every_row_has_an_example() -> None:
-    assert set(EXAMPLES) == {rule.name for rule in MESSAGES_FIELDS}
+    assert set(EXAMPLES) == {rule.name for rule in (*MESSAGES_FIELDS, *BETA_FIELDS)}
 
 
-@pytest.mark.parametrize("name", [rule.name for rule in MESSAGES_FIELDS])
+@pytest.mark.parametrize("name", [rule.name for rule in (*MESSAGES_FIELDS, *BETA_FIELDS)])
 def test_each_field_does_what_its_row_says(
     client: FlaskClient, upstream: FakeUpstream, name: str
 ) -> None:

@@ -12,7 +12,7 @@ from types import ModuleType
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from stageserver.anthropic_api.fields import COUNT_TOKENS_FIELDS, MESSAGES_FIELDS
+from stageserver.anthropic_api.fields import BETA_FIELDS, COUNT_TOKENS_FIELDS, MESSAGES_FIELDS
 from stageserver.openai_api.fields import CHAT_FIELDS, RESPONSES_FIELDS
 from stageserver.settings import PROCESS_SETTINGS, SETTINGS
 from stageserver.telemetry import metrics
@@ -114,10 +114,10 @@ def test_the_openai_page_has_the_table_of_every_field_of_both_requests() -> None
 
 def test_the_anthropic_page_has_the_table_of_every_field_of_both_requests() -> None:
     page = (DOCS / "anthropic.md").read_text()
-    for marker in ("<!-- anthropic-messages-fields -->", "<!-- anthropic-count-tokens-fields -->"):
-        assert marker in page
+    for request in ("messages", "beta", "count-tokens"):
+        assert f"<!-- anthropic-{request}-fields -->" in page
     rendered = render(page)
-    for rule in (*MESSAGES_FIELDS, *COUNT_TOKENS_FIELDS):
+    for rule in (*MESSAGES_FIELDS, *BETA_FIELDS, *COUNT_TOKENS_FIELDS):
         assert f"| `{rule.name}` | {rule.treatment.value}" in rendered, rule.name
 
 

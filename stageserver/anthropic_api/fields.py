@@ -180,7 +180,42 @@ COUNT_TOKENS_FIELDS: tuple[FieldRule, ...] = (
     FieldRule("workspace_id", Treatment.IGNORED, _WHO),
 )
 
-MESSAGES_RULES = {rule.name: rule for rule in MESSAGES_FIELDS}
+#: The fields only the beta Messages API has (``client.beta.messages``, which posts to
+#: ``/v1/messages?beta=true`` with the ``anthropic-beta`` names in a header): taken too,
+#: since the clients built on the SDKs (Claude Code) call that one.
+BETA_FIELDS: tuple[FieldRule, ...] = (
+    FieldRule(
+        "context_management",
+        Treatment.IGNORED,
+        "no tool results are cleared on the server: the conversation goes as sent",
+    ),
+    FieldRule("fallbacks", Treatment.IGNORED, "the operator's fallbacks are the upstreams'"),
+    FieldRule("fallback_credit_token", Treatment.IGNORED, "there is no credit to redeem"),
+    FieldRule("billing_policy", Treatment.IGNORED, "stageserver's keys say who calls"),
+    FieldRule(
+        "compaction",
+        Treatment.REFUSED,
+        "Anthropic's compaction requests",
+        unsupported(
+            "compaction is Anthropic's; no conversation is compacted here: send the "
+            "messages, summarized as you see fit"
+        ),
+    ),
+    FieldRule(
+        "mcp_servers",
+        Treatment.REFUSED,
+        "MCP servers that Anthropic calls",
+        unsupported("Anthropic's MCP connector does not run here: call MCP tools as custom tools"),
+    ),
+    FieldRule(
+        "thread",
+        Treatment.REFUSED,
+        "conversation state held on Anthropic's side",
+        unsupported("no conversation state is held here: send the whole conversation"),
+    ),
+)
+
+MESSAGES_RULES = {rule.name: rule for rule in (*MESSAGES_FIELDS, *BETA_FIELDS)}
 COUNT_TOKENS_RULES = {rule.name: rule for rule in COUNT_TOKENS_FIELDS}
 
 

@@ -249,6 +249,8 @@ class ThinkingEnabled(_Strict):
     type: Literal["enabled"]
     budget_tokens: Annotated[StrictInt, Field(ge=1024)]
     display: Display | None = None
+    #: The beta API's: how thinking binds to blocks, Anthropic's own business.
+    block_binding: Ignored
 
 
 class ThinkingDisabled(_Strict):
@@ -279,6 +281,8 @@ class JSONOutputFormat(_Strict):
 class OutputConfig(_Strict):
     effort: Effort | None = None
     format: JSONOutputFormat | None = None
+    #: The beta API's task budget: the request's own max_tokens bounds the answer here.
+    task_budget: Ignored
 
 
 class Metadata(_Strict):
@@ -377,6 +381,14 @@ class MessagesRequest(MessagesBase):
     inference_geo: StrictStr | None = None
     diagnostics: Diagnostics | None = None
     container: Any = None
+    # The beta API's (BETA_FIELDS): taken and ignored, or refused by their rule.
+    context_management: Ignored
+    fallbacks: Ignored
+    fallback_credit_token: Ignored
+    billing_policy: Ignored
+    compaction: Any = None
+    mcp_servers: Any = None
+    thread: Any = None
 
     def check(self) -> None:
         thinking = self.thinking
