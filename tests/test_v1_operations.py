@@ -225,6 +225,14 @@ def test_events_no_longer_kept_are_a_400_naming_starting_after(upstream: FakeUps
     error = gone.get_json()["error"]
     assert (error["param"], error["code"]) == ("starting_after", "invalid_value")
     assert "no longer kept" in error["message"]
+    for wrong in ("-1", "x", "\u00b2"):  # "²" is a digit to str.isdigit, not to int
+        answer = client.get(f"/v1/responses/{response_id}?stream=true&starting_after={wrong}")
+        assert answer.status_code == 400
+        error = answer.get_json()["error"]
+        assert (error["param"], error["message"]) == (
+            "starting_after",
+            "starting_after: must be a sequence number, 0 or more",
+        )
 
 
 def test_stream_is_true_or_false(client: FlaskClient) -> None:

@@ -293,7 +293,7 @@ def _starting_after() -> int:
     raw = request.args.get("starting_after")
     if raw is None:
         return -1
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise InvalidRequest(
             "starting_after: must be a sequence number, 0 or more", field="starting_after"
         )
