@@ -245,7 +245,7 @@ class StageManager:
         if self.store is not None:
             self.store.start()  # takes over orphans even before it serves a request
         # Each upstream's continuation mode, probed now rather than in a client's gap.
-        Task(self._probe_continuation_modes, name="stageserver-continuation-probe")
+        self._probe = Task(self._probe_continuation_modes, name="stageserver-continuation-probe")
 
     def _probe_continuation_modes(self) -> None:
         self.continuation_modes.report()
@@ -563,6 +563,9 @@ class StageManager:
         return sum(stage.hand_off() for stage in self.stages.running() if not stage.has_subscribers)
 
     def close(self) -> None:
+        """The process's end: its background work first (the probe asks the upstreams,
+        whose clients then close), then what it holds open."""
+        self._probe.join(self.settings.ready_timeout)
         self.upstreams.close()
         if self.tracing is not None:
             self.tracing.shutdown()

@@ -24,10 +24,11 @@ class WholeBodyClient(FlaskClient):
 
 @contextmanager
 def app_client(config: dict[str, Any]) -> Iterator[FlaskClient]:
-    """A fresh app's test client; its upstream connections are closed afterwards."""
+    """A fresh app's test client; its manager is closed afterwards (its background work
+    ended, its upstream connections closed)."""
     app = create_app(config)
     app.test_client_class = WholeBodyClient
     try:
         yield app.test_client()
     finally:
-        manager_of(app.extensions).upstreams.close()
+        manager_of(app.extensions).close()

@@ -12,6 +12,7 @@ import requests
 from flask.testing import FlaskClient
 
 from stageserver import create_app
+from stageserver.manager import manager_of
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.servers import Nginx, gunicorn_server
 from testing.sse import chunk_text, parse_events, post_chat, terminal
@@ -168,7 +169,7 @@ def limited(upstream: FakeUpstream) -> Iterator[FlaskClient]:
         {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_MAX_ACTIVE_STREAMS": 2}
     )
     yield app.test_client()
-    app.extensions["stageserver"].upstreams.close()
+    manager_of(app.extensions).close()
 
 
 def _start(client: FlaskClient, stage_id: str) -> Any:
