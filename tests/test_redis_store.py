@@ -18,8 +18,9 @@ from stageserver import create_app
 from stageserver.errors import ConfigError
 from stageserver.launcher.supervisor import GUNICORN_ARGS
 from stageserver.store.batch import Batcher, Command
-from stageserver.store.connection import connect, stage_keys
+from stageserver.store.connection import connect
 from stageserver.store.entries import events_of
+from stageserver.store.keys import stage_keys
 from testing.fake_upstream import FakeUpstream
 from testing.servers import (
     ROOT,
@@ -232,7 +233,8 @@ def test_a_stage_of_a_worker_from_before_dialects_is_ended_in_the_seeds_words(
     """A rolling deploy: a worker of the earlier version claimed the stage (no record of
     its dialect in the hash) and died. A worker of this version ends it with the seed's
     error event, as before, not a 500."""
-    hash_key, log_key, _, _ = stage_keys("old-1")
+    keys = stage_keys("old-1")
+    hash_key, log_key = keys.hash, keys.log
     client: Any = redis.Redis.from_url(redis_server.url)  # redis-py types results loosely
     summary = {"stage_id": "old-1", "status": "running", "events": 0}
     client.hset(hash_key, mapping={"status": "running", "summary": json.dumps(summary),

@@ -15,6 +15,7 @@ from ..principals import Principal
 from ..stages.stage import Stage
 from ..store.batch import Command
 from ..store.connection import STORE_ERRORS
+from ..store.keys import limit_keys
 from ..store.leases import LeaseKeeper
 from .limits import WINDOW_SECONDS, LimitBook, refusal
 
@@ -66,12 +67,6 @@ return {'', 0}
 """
 
 
-def _keys(principal: Principal) -> tuple[str, str, str]:
-    # One hash tag per principal: in a Redis Cluster its keys share a slot, as a script needs.
-    base = f"ss:limits:{{{principal.name}}}"
-    return f"{base}:streams", f"{base}:requests", f"{base}:tokens"
-
-
 class _Slot:
     """One stage's stream slot in Redis: a lease the worker's keeper renews."""
 
@@ -118,13 +113,14 @@ class RedisLimits(LimitBook):
             redis_client = self._client()
             if self._admit is None:
                 self._admit = redis_client.register_script(_ADMIT)
-            refused, seconds = self._admit(keys=_keys(principal), args=args, client=redis_client)
+            keys = limit_keys(principal.name)
+            refused, seconds = self._admit(keys=keys, args=args, client=redis_client)
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         if refused:
             raise refusal(principal, refused.decode(), int(seconds))
         if limits.max_streams:
-            slot = self._slots[stage] = _Slot(_keys(principal)[0], stage.instance)
+            slot = self._slots[stage] = _Slot(limit_keys(principal.name).streams, stage.instance)
             self._leases.hold(slot)
 
     def release(self, principal: Principal, stage: Stage) -> None:
@@ -144,7 +140,7 @@ class RedisLimits(LimitBook):
     def add_tokens(self, principal: Principal, tokens: int) -> None:
         if tokens <= 0:
             return
-        key = _keys(principal)[2]
+        key = limit_keys(principal.name).tokens
         try:
             pipe = self._client().pipeline(transaction=False)
             pipe.hincrby(key, int(time.time()), tokens)

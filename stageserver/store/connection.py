@@ -1,4 +1,4 @@
-"""The shared store's connection and key names.
+"""The shared store's connection.
 
 ``STAGESERVER_STORE_URL`` takes either form:
 
@@ -10,12 +10,10 @@
   TLS): a Redis Cluster, found through any of the nodes named. Its database is 0: a db
   in the URL other than 0, or a unix socket, is refused.
 
-Every key of one stage carries the stage's key as a hash tag, ``ss:{alice/summary}...``,
-so that in a Redis Cluster they live in one slot, as the store's scripts and
-transactions need; the keys of one principal's limits share the tag ``{alice}``
-(tests/test_store_slots.py holds this). A plain ``redis://`` URL that reaches a cluster
-node is refused at start (``refuse_a_cluster_node``): it would half work, one slot in
-three, and call the rest an outage.
+Under a Redis Cluster, the keys' hash tags (``keys.py``) keep each script to one slot. A
+plain ``redis://`` URL that reaches a cluster node is refused at start
+(``refuse_a_cluster_node``): it would half work, one slot in three, and call the rest an
+outage.
 """
 
 from __future__ import annotations
@@ -132,9 +130,3 @@ def refuse_a_cluster_node(client: Any, url: str) -> None:
             f"STAGESERVER_STORE_URL: {where} is a node of a Redis Cluster; name the "
             f"cluster as redis+cluster://{where} (more nodes after commas)"
         )
-
-
-def stage_keys(stage_key: str) -> tuple[str, str, str, str]:
-    """The hash, event log, text and lease keys of the stage with this key."""
-    base = f"ss:{{{stage_key}}}"
-    return base, f"{base}:log", f"{base}:text", f"{base}:live"

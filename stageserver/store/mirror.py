@@ -75,14 +75,13 @@ from ..stages.stage import Stage, StageListener
 from ..stages.status import StageStatus
 from . import entries, scripts
 from .batch import Batcher, Command
-from .connection import STORE_ERRORS, connect, refuse_a_cluster_node, stage_keys
+from .connection import STORE_ERRORS, connect, refuse_a_cluster_node
+from .keys import CANCEL_CHANNEL, RUNNING_INDEX, idempotency_key, stage_keys
 from .leases import LeaseKeeper
 from .reader import StoreReader
 
 log = logging.getLogger("stageserver.store")
 
-CANCEL_CHANNEL = "ss:cancel"
-RUNNING_INDEX = "ss:running"
 DEFAULT_FLUSH_WINDOW = 0.005  # STAGESERVER_STORE_FLUSH_WINDOW_SECONDS
 _RETRY_DELAY = 0.5  # while Redis cannot be written
 _TTL_REFRESH_SECONDS = 15.0  # at most this often per stage while it runs, and per quarter TTL
@@ -334,7 +333,7 @@ class RedisStageStore(StageListener):
         if claimed == 0:
             return None
         try:
-            text, chunks = entries.read_durable_text(self.redis, keys[2], keys[1])
+            text, chunks = entries.read_durable_text(self.redis, keys.text, keys.log)
         except STORE_ERRORS as exc:
             self.release_claim(key, instance)  # for another worker, or this one, later
             raise StoreUnavailable(exc) from None
@@ -557,8 +556,8 @@ class RedisStageStore(StageListener):
             added = "".join(parts[mirror.text_parts :])
             values = entries.fields(events, terminal=False, text=added, chunks=chunks)
             command = Command(
-                keys[1],
-                ("XADD", keys[1], "NOMKSTREAM", "MAXLEN", "~", self._maxlen,
+                keys.log,
+                ("XADD", keys.log, "NOMKSTREAM", "MAXLEN", "~", self._maxlen,
                  entries.entry_id(mirror.epoch, upto), *values),
             )  # fmt: skip
             return _Write(mirror, command, upto, len(parts), chunks, done, checked=False)
@@ -659,7 +658,7 @@ class RedisStageStore(StageListener):
         """Claim an idempotency key (``principal/key``) for ``stage_id``, whose request's
         body has ``digest``; the stage id that holds it already, and its body's digest,
         if one does. Raises StoreUnavailable."""
-        name = _idempotency_key(key)
+        name = idempotency_key(key)
         try:
             if self.redis.set(name, f"{stage_id} {digest}", nx=True, px=int(ttl_seconds * 1000)):
                 return None
@@ -669,7 +668,7 @@ class RedisStageStore(StageListener):
         return None if held is None else _idempotency_holder(held)
 
     def release_idempotency(self, key: str, stage_id: str) -> None:
-        name = _idempotency_key(key)
+        name = idempotency_key(key)
         try:
             held = self.redis.get(name)
             if held is not None and _idempotency_holder(held)[0] == stage_id:
@@ -718,11 +717,6 @@ class RedisStageStore(StageListener):
             self.redis.publish(CANCEL_CHANNEL, json.dumps({"key": stage_key, "reason": reason}))
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
-
-
-def _idempotency_key(key: str) -> str:
-    """The Redis key of an idempotency key (``principal/key``): in the principal's slot."""
-    return f"ss:{{{key.partition('/')[0]}}}:idem:{key}"
 
 
 def _idempotency_holder(value: bytes) -> tuple[str, str]:

@@ -34,7 +34,8 @@ from ..stages.stage import Subscriber
 from ..stages.usage import final_usage
 from . import entries, scripts
 from .batch import Batcher, Command
-from .connection import STORE_ERRORS, stage_keys
+from .connection import STORE_ERRORS
+from .keys import stage_keys
 
 _READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client and the owner this often
 
@@ -70,7 +71,7 @@ class StoreReader:
 
     def watchers(self, key: str) -> int:
         try:
-            return int(self.redis.hget(stage_keys(key)[0], "watchers") or 0)
+            return int(self.redis.hget(stage_keys(key).hash, "watchers") or 0)
         except STORE_ERRORS:
             return 0
 
@@ -206,7 +207,7 @@ class StoreReader:
         """The whole answer of a finished stage, in its dialect, and its HTTP status; None
         while it runs, or if the store has no such stage. Raises StoreUnavailable."""
         try:
-            raw = self.redis.hget(stage_keys(stage_key)[0], "answer")
+            raw = self.redis.hget(stage_keys(stage_key).hash, "answer")
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         if raw is None:
@@ -217,7 +218,7 @@ class StoreReader:
     def record(self, stage_key: str) -> dict[str, Any] | None:
         """The stage's request as its owner wrote it (``mirror.stage_record``)."""
         try:
-            raw = self.redis.hget(stage_keys(stage_key)[0], "record")
+            raw = self.redis.hget(stage_keys(stage_key).hash, "record")
         except STORE_ERRORS as exc:
             raise StoreUnavailable(exc) from None
         return None if raw is None else dict(json.loads(raw))

@@ -1,7 +1,7 @@
 """The Lua scripts on a stage's keys: each touches the keys of one stage only, which share
 its hash tag, and so one slot of a Redis Cluster (tests/test_store_slots.py). Their
 keys are always, in this order, the stage's hash, log, text and lease
-(``connection.stage_keys``). Entry ids and the text checkpoint: see entries.py.
+(``keys.StageKeys``). Entry ids and the text checkpoint: see entries.py.
 
 The running index (``ss:running``) is never named here: it is a key of its own, in a
 slot of its own, written beside the scripts (mirror.py).
