@@ -10,11 +10,10 @@ import logging
 import time
 from typing import Any
 
-from ..errors import StoreUnavailable
 from ..principals import Principal
 from ..stages.stage import Stage
 from ..store.batch import Command
-from ..store.connection import STORE_ERRORS
+from ..store.connection import STORE_ERRORS, store_errors
 from ..store.keys import limit_keys
 from ..store.leases import LeaseKeeper
 from .limits import WINDOW_SECONDS, LimitBook, refusal
@@ -109,14 +108,12 @@ class RedisLimits(LimitBook):
             limits.tokens_per_minute or 0,
             WINDOW_SECONDS,
         ]
-        try:
+        with store_errors():
             redis_client = self._client()
             if self._admit is None:
                 self._admit = redis_client.register_script(_ADMIT)
             keys = limit_keys(principal.name)
             refused, seconds = self._admit(keys=keys, args=args, client=redis_client)
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
         if refused:
             raise refusal(principal, refused.decode(), int(seconds))
         if limits.max_streams:

@@ -18,6 +18,8 @@ outage.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -28,12 +30,24 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreUnavailable
 
 #: What a call to the store raises when the store cannot answer: redis-py's errors, its
 #: cluster client's (which are not ``RedisError``s), and the socket's own. Caught wherever
 #: the store is called, and turned into ``StoreUnavailable`` (or a warning, and a retry).
 STORE_ERRORS = (redis.RedisError, RedisClusterException, OSError)
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Turn what the store raises when it cannot answer (``STORE_ERRORS``) into
+    ``StoreUnavailable``, the refusal a caller answers 503 with (as httpx's
+    ``map_exceptions`` turns the transport's errors into its own)."""
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        raise StoreUnavailable(exc) from None
+
 
 _CLIENT_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2,

@@ -75,7 +75,7 @@ from ..stages.stage import Stage, StageListener
 from ..stages.status import StageStatus
 from . import entries, scripts
 from .batch import Batcher, Command
-from .connection import STORE_ERRORS, connect, refuse_a_cluster_node
+from .connection import STORE_ERRORS, connect, refuse_a_cluster_node, store_errors
 from .keys import CANCEL_CHANNEL, RUNNING_INDEX, idempotency_key, stage_keys
 from .leases import LeaseKeeper
 from .reader import StoreReader
@@ -261,10 +261,8 @@ class RedisStageStore(StageListener):
             log.warning("the stage store cannot be reached yet: %s", exc)
 
     def _start_in_this_process(self) -> None:
-        try:
+        with store_errors():
             client = connect(self.url)
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
         self._batcher = Batcher(client, scripts.ALL)
         # A worker forked after this process connected has none of its client, its
         # tasks or its mirrors: it starts its own on first use.
@@ -332,11 +330,12 @@ class RedisStageStore(StageListener):
                 self.redis.zadd(RUNNING_INDEX, {key: now + lease_ms})
         if claimed == 0:
             return None
-        try:
-            text, chunks = entries.read_durable_text(self.redis, keys.text, keys.log)
-        except STORE_ERRORS as exc:
-            self.release_claim(key, instance)  # for another worker, or this one, later
-            raise StoreUnavailable(exc) from None
+        with store_errors():
+            try:
+                text, chunks = entries.read_durable_text(self.redis, keys.text, keys.log)
+            except STORE_ERRORS:
+                self.release_claim(key, instance)  # for another worker, or this one, later
+                raise
         epoch, held, record, owner, handoff, summary = claimed
         return Claim(
             epoch=int(epoch),
@@ -659,12 +658,10 @@ class RedisStageStore(StageListener):
         body has ``digest``; the stage id that holds it already, and its body's digest,
         if one does. Raises StoreUnavailable."""
         name = idempotency_key(key)
-        try:
+        with store_errors():
             if self.redis.set(name, f"{stage_id} {digest}", nx=True, px=int(ttl_seconds * 1000)):
                 return None
             held = self.redis.get(name)
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
         return None if held is None else _idempotency_holder(held)
 
     def release_idempotency(self, key: str, stage_id: str) -> None:
@@ -678,10 +675,8 @@ class RedisStageStore(StageListener):
 
     def forget(self, key: str) -> None:
         """Delete a finished stage's keys: every host forgets it. Raises StoreUnavailable."""
-        try:
+        with store_errors():
             self.redis.delete(*stage_keys(key))
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
 
     def watched_elsewhere(self, key: str) -> bool:
         """Whether a response in some worker follows the stage through the store."""
@@ -713,10 +708,8 @@ class RedisStageStore(StageListener):
         """Ask the worker running the stage to cancel it. Raises UnknownStage, or
         StageFinished when it no longer runs."""
         self.reader.check_cancellable(stage_key, stage_id)
-        try:
+        with store_errors():
             self.redis.publish(CANCEL_CHANNEL, json.dumps({"key": stage_key, "reason": reason}))
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
 
 
 def _idempotency_holder(value: bytes) -> tuple[str, str]:

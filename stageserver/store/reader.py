@@ -23,7 +23,6 @@ from ..errors import (
     EventsExpired,
     StageFinished,
     StageLost,
-    StoreUnavailable,
     UnknownStage,
     store_unavailable_message,
 )
@@ -34,7 +33,7 @@ from ..stages.stage import Subscriber
 from ..stages.usage import final_usage
 from . import entries, scripts
 from .batch import Batcher, Command
-from .connection import STORE_ERRORS
+from .connection import STORE_ERRORS, store_errors
 from .keys import stage_keys
 
 _READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client and the owner this often
@@ -77,7 +76,7 @@ class StoreReader:
 
     def summary(self, stage_key: str, stage_id: str) -> dict[str, Any] | None:
         """The stage's status as ``Stage.summary`` gives it; None if the store has none."""
-        try:
+        with store_errors():
             self.check_owner(stage_key, stage_id)
             hash_key, log_key, text_key, _ = stage_keys(stage_key)
             pipe = self.redis.pipeline(transaction=False)
@@ -91,8 +90,6 @@ class StoreReader:
                 # The summary is the one written at the claim; the text and events go on.
                 text, _ = entries.read_durable_text(self.redis, text_key, log_key)
                 summary.update(text=text, events=_held(top))
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
         if gap:
             summary["gap"] = gap.decode()
         return summary
@@ -103,15 +100,13 @@ class StoreReader:
         """A feed of the stage's events after ``after_seq``; None when the stage has ended
         and that was its last event. Raises UnknownStage, EventsExpired."""
         hash_key, log_key, _, _ = stage_keys(stage_key)
-        try:
+        with store_errors():
             pipe = self.redis.pipeline(transaction=False)
             pipe.hget(hash_key, "status")
             pipe.hget(hash_key, "summary")
             pipe.exists(log_key)
             pipe.xrevrange(log_key, count=1)
             status, raw, has_log, top = pipe.execute()
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
         if status is None:
             raise UnknownStage(stage_id)
         if status != b"running":
@@ -127,10 +122,8 @@ class StoreReader:
         """The oldest event the stage's log still holds (the next one when it holds
         none). Raises StoreUnavailable."""
         _, log_key, _, _ = stage_keys(stage_key)
-        try:
+        with store_errors():
             first = self.redis.xrange(log_key, count=1)
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
         if not first:
             return 0
         entry, values = first[0]
@@ -140,11 +133,9 @@ class StoreReader:
     def check_cancellable(self, stage_key: str, stage_id: str) -> None:
         """Raises UnknownStage, or StageFinished when the stage no longer runs."""
         hash_key, _, _, _ = stage_keys(stage_key)
-        try:
+        with store_errors():
             self.check_owner(stage_key, stage_id)
             status = self.redis.hget(hash_key, "status")
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
         if status is None:
             raise UnknownStage(stage_id)
         if status != b"running":
@@ -206,10 +197,8 @@ class StoreReader:
     def answer(self, stage_key: str) -> tuple[dict[str, Any], int] | None:
         """The whole answer of a finished stage, in its dialect, and its HTTP status; None
         while it runs, or if the store has no such stage. Raises StoreUnavailable."""
-        try:
+        with store_errors():
             raw = self.redis.hget(stage_keys(stage_key).hash, "answer")
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
         if raw is None:
             return None
         body, status = json.loads(raw)
@@ -217,10 +206,8 @@ class StoreReader:
 
     def record(self, stage_key: str) -> dict[str, Any] | None:
         """The stage's request as its owner wrote it (``mirror.stage_record``)."""
-        try:
+        with store_errors():
             raw = self.redis.hget(stage_keys(stage_key).hash, "record")
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(exc) from None
         return None if raw is None else dict(json.loads(raw))
 
 
