@@ -595,7 +595,7 @@ def _shared_store(
         on_written=metrics.STORE_WRITE_DELAY.observe,
         on_reachable=metrics.store_reachable,
     )
-    return store, RedisLimits(lambda: store.redis, store.leases)
+    return store, RedisLimits(lambda: store.batcher, store.leases)
 
 
 def manager_of(extensions: Mapping[str, object]) -> StageManager:

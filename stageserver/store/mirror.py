@@ -147,7 +147,9 @@ class _Mirror:
             text = "".join(stage.text_parts[: self.text_parts])
             saved = entries.checkpoint(self.held, self.chunks, text)
             self.saved = self.held  # if this renewal fails, the entries still hold the text
-        args = [stage.instance, lease_ms, self.epoch, hash_ttl, log_ttl, saved, self.held]
+        args = scripts.RenewArgs(
+            stage.instance, lease_ms, self.epoch, hash_ttl, log_ttl, saved, self.held
+        )
         deadline = int(time.time() * 1000) + lease_ms
         return [
             scripts.RENEW.command(self.keys, args),
@@ -293,7 +295,10 @@ class RedisStageStore(StageListener):
         lease_ms = self.leases.lease_ms
         ttl, event_ttl = self.ttls_ms(stage)
         fields = [item for pair in self._fields(stage).items() for item in pair]
-        args = [stage.instance, lease_ms, ttl + lease_ms, event_ttl + lease_ms, *fields]
+        args = (
+            *scripts.ClaimArgs(stage.instance, lease_ms, ttl + lease_ms, event_ttl + lease_ms),
+            *fields,
+        )
         deadline = int(time.time() * 1000) + lease_ms
         # One round trip: the claim (a script: atomic, one slot) and the running index
         # (its own slot). An index entry for a stage that turns out to be another's is
@@ -318,7 +323,9 @@ class RedisStageStore(StageListener):
         keys = stage_keys(key)
         lease_ms = self.leases.lease_ms
         now = int(time.time() * 1000)
-        args = [instance, lease_ms, now, lease_ms // 2, self.event_ttl_ms + lease_ms]
+        args = scripts.TakeOverArgs(
+            instance, lease_ms, now, lease_ms // 2, self.event_ttl_ms + lease_ms
+        )
         claimed = self._call(scripts.TAKE_OVER.command(keys, args))
         if claimed is None:
             return None
@@ -351,7 +358,10 @@ class RedisStageStore(StageListener):
     def release_claim(self, key: str, instance: str) -> None:
         """Give back a claim this worker cannot run (it is full, say): any other takes it."""
         try:
-            if self._call(scripts.HAND_OFF.command(stage_keys(key), [instance])) == 1:
+            if (
+                self._call(scripts.HAND_OFF.command(stage_keys(key), scripts.HandOffArgs(instance)))
+                == 1
+            ):
                 self.redis.zadd(RUNNING_INDEX, {key: 0})
         except (StoreUnavailable, *STORE_ERRORS) as exc:
             log.warning("stage %s: its claim lapses by itself (%s)", key, exc)
@@ -568,11 +578,25 @@ class RedisStageStore(StageListener):
         saved = "" if done else entries.checkpoint(upto, chunks, "".join(parts))
         ttl, event_ttl = self.ttls_ms(stage)
         held = "" if verified else mirror.held  # no doubt: nothing to read first
-        args: list[Any] = [
-            stage.instance, self.leases.lease_ms, mirror.epoch, held, self.max_events,
-            int(done), ttl, event_ttl, status, summary, saved, mirror.gap, self.owner,
-            stage.spec.prompt_tokens_estimate, answer,
-        ]  # fmt: skip
+        args: list[Any] = list(
+            scripts.WriteArgs(
+                token=stage.instance,
+                lease_ms=self.leases.lease_ms,
+                epoch=mirror.epoch,
+                held=held,
+                maxlen=self.max_events,
+                finished=int(done),
+                ttl_ms=ttl,
+                event_ttl_ms=event_ttl,
+                status=status,
+                summary=summary,
+                checkpoint=saved,
+                gap=mirror.gap,
+                owner=self.owner,
+                prompt_tokens=stage.spec.prompt_tokens_estimate,
+                answer=answer,
+            )
+        )
         last = stage.next_seq - 1
         size = entries.MAX_EVENTS_PER_ENTRY
         for start in range(0, len(events), size):

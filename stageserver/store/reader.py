@@ -181,16 +181,15 @@ class StoreReader:
         summary.update(
             status="error", error=message, text=ending.text, events=held + len(wires), usage=usage
         )
-        args = [
-            held,
-            json.dumps(summary),
-            self.ttl_ms,
-            self.event_ttl_ms,
-            json.dumps(dialect.answer(ending)),
-            *wires,
-        ]
+        args = scripts.DeclareDeadArgs(
+            held=held,
+            summary=json.dumps(summary),
+            ttl_ms=self.ttl_ms,
+            event_ttl_ms=self.event_ttl_ms,
+            answer=json.dumps(dialect.answer(ending)),
+        )
         keys = (hash_key, log_key, text_key, live_key)
-        [result] = self.batcher.run([scripts.DECLARE_DEAD.command(keys, args)])
+        [result] = self.batcher.run([scripts.DECLARE_DEAD.command(keys, (*args, *wires))])
         if isinstance(result, Exception):
             raise result
 
