@@ -1,6 +1,7 @@
-"""The shared store's connection.
+"""The shared store's connection, and the name this process writes as a stage's owner
+(``owner_name``: its host and pid).
 
-``STAGESERVER_STORE_URL`` takes either form:
+``STAGESERVER_STORE_URL`` takes one of three forms:
 
 - ``redis://[:password@]host:6379/0`` (or ``rediss://`` for TLS): one Redis server;
 - ``redis+sentinel://[:password@]host1:26379,host2:26379/<service>/<db>``: the primary of
@@ -18,7 +19,9 @@ outage.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -47,6 +50,28 @@ def store_errors() -> Iterator[None]:
         yield
     except STORE_ERRORS as exc:
         raise StoreUnavailable(exc) from None
+
+
+class Reachability:
+    """Whether Redis answers this process, as each of its loops finds it (the flusher's
+    writes, the sweeper's looks, which come every quarter of a lease, so that an outage
+    is seen with no stage running too): reachable while every loop reaches it.
+    ``on_change(reachable)`` is told when that changes."""
+
+    def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
+        self._on_change = on_change
+        self._failing: set[str] = set()
+
+    def found(self, loop: str, reached: bool) -> None:
+        """What ``loop``'s last call to Redis found."""
+        before = not self._failing
+        if reached:
+            self._failing.discard(loop)
+        else:
+            self._failing.add(loop)
+        reachable = not self._failing
+        if reachable != before and self._on_change is not None:
+            self._on_change(reachable)
 
 
 _CLIENT_OPTIONS: dict[str, Any] = {
@@ -144,3 +169,21 @@ def refuse_a_cluster_node(client: Any, url: str) -> None:
             f"STAGESERVER_STORE_URL: {where} is a node of a Redis Cluster; name the "
             f"cluster as redis+cluster://{where} (more nodes after commas)"
         )
+
+
+_owner = ""
+
+
+def owner_name() -> str:
+    """This process's name in the store, written as the owner of each stage it runs: its
+    host and pid."""
+    return _owner
+
+
+def _name_this_process() -> None:
+    global _owner
+    _owner = f"{socket.gethostname()}:{os.getpid()}"
+
+
+_name_this_process()
+os.register_at_fork(after_in_child=_name_this_process)  # a forked worker is another owner
