@@ -24,7 +24,7 @@ request resolved to, then its fallbacks'. The pools (one per upstream, in this w
 report each attempt to the per-replica metrics.
 
 With the shared store, a stage outlives its worker: the manager takes over (``adopt``) a
-stage whose worker died or drained (``store/mirror.py``), and rebuilds it from its record
+stage whose worker died or drained (``store/takeover.py``), and rebuilds it from its record
 to continue its answer; on shutdown it hands its own off (``hand_off_unattended``, then
 ``abort_running``).
 """
@@ -436,7 +436,7 @@ class StageManager:
 
     def adopt(self, key: str) -> bool:
         """Take over the stage ``key``, orphaned by a worker that died or drained, and
-        continue it here (``store/mirror.py``); whether this worker, or another, has it."""
+        continue it here (``store/takeover.py``); whether this worker, or another, has it."""
         store = self.store
         if store is None or shutdown.shutting_down():
             return False  # a draining worker takes nothing on

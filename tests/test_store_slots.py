@@ -270,9 +270,10 @@ def test_the_check_finds_what_breaks_the_slot_invariant() -> None:
 
 
 def transactions_in_the_store() -> list[str]:
-    """Where the code that talks to Redis (store/ and policy/, the only packages that
-    import redis) opens a transaction: a ``pipeline()`` not told ``transaction=False``
-    (redis-py's default is MULTI … EXEC), a ``multi()``, a ``transaction()``."""
+    """Where the code that talks to Redis (store/, the only package that imports redis,
+    and policy/, which reaches it through store/) opens a transaction: a ``pipeline()``
+    not told ``transaction=False`` (redis-py's default is MULTI … EXEC), a ``multi()``, a
+    ``transaction()``."""
     found = []
     for package in ("store", "policy"):
         for path in sorted((ROOT / "stageserver" / package).glob("*.py")):

@@ -1,13 +1,27 @@
 """The names of everything stageserver keeps in Redis: the one place that names them.
 
-- a stage's four keys (``StageKeys``), each with the stage's key (its id in its
-  principal's namespace) as a hash tag, ``ss:{alice/summary}...``, so that in a Redis
-  Cluster they live in one slot, as the store's scripts need;
-- the running index (``RUNNING_INDEX``), a key of its own, in a slot of its own: never
-  among a script's keys;
-- the cancel channel (``CANCEL_CHANNEL``);
-- a principal's idempotency keys and limits (``idempotency_key``, ``LimitKeys``), which
-  share the principal's tag, ``{alice}``, and so its slot.
+A stage's keys carry its key (its id in its principal's namespace) as a hash tag, so that
+in a Redis Cluster they live in one slot, as the scripts on them need:
+
+- ``ss:{key}`` (hash): status, owner, summary JSON, record, epoch, remote watchers, and
+  while in doubt ``suspect_since``; ``gap`` when the store lost events it could not get
+  back; ``answer`` once it has ended;
+- ``ss:{key}:log`` (stream): the events, each the exact bytes a client receives, several
+  to an entry (``entries.py``: ids, fencing by epoch, and the text in each entry);
+- ``ss:{key}:text`` (string): a checkpoint of the text, while the stage runs;
+- ``ss:{key}:live`` (string): the owner's lease, held by the one stage instance that runs
+  it. ``SET NX`` on it makes a stage id unique everywhere; the worker renews it with all
+  its leases (``leases.py``).
+
+Beside them:
+
+- ``ss:running`` (sorted set, a key of its own, in a slot of its own: never among a
+  script's keys): the key of every running stage, scored by when its lease runs out (0:
+  handed off by a draining worker);
+- channel ``ss:cancel``: a cancel for a stage that runs elsewhere (``cancels.py``);
+- a principal's idempotency keys, ``ss:{alice}:idem:alice/<key>``, and its limits,
+  ``ss:limits:{alice}:streams`` (sorted set), ``:requests`` and ``:tokens`` (hashes):
+  they share the principal's tag, and so its slot, the admission's script's keys.
 
 tests/test_store_slots.py holds the slots to this for any name the server accepts.
 """
@@ -16,9 +30,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-#: Every running stage's key, scored by when its lease runs out (0: handed off).
 RUNNING_INDEX = "ss:running"
-#: A cancel for a stage that runs in another worker (``cancels.py``).
 CANCEL_CHANNEL = "ss:cancel"
 
 
