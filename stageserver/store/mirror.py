@@ -54,7 +54,6 @@ from .idempotency import IdempotencyKeys
 from .keys import stage_keys
 from .leases import LeaseKeeper
 from .reader import StoreReader
-from .remote_feed import RemoteFeed
 from .retention import Retention
 from .takeover import Claim, Ownership
 
@@ -197,7 +196,7 @@ class RedisStageStore(StageListener):
 
     def feed(
         self, stage_key: str, stage_id: str, after_seq: int
-    ) -> RemoteFeed | RefusedFeed | None:
+    ) -> remote_feed.RemoteFeed | RefusedFeed | None:
         """See ``remote_feed.feed``."""
         return remote_feed.feed(
             self._batcher_of_this_process, self.ownership, stage_key, stage_id, after_seq
