@@ -43,7 +43,7 @@ from ..stages.usage import final_usage
 from . import entries, scripts
 from .batch import Batcher, Command
 from .connection import STORE_ERRORS, Reachability, owner_name, store_errors
-from .keys import RUNNING_INDEX, stage_keys
+from .keys import RUNNING_INDEX, StageKeys, stage_keys
 from .leases import LeaseKeeper
 from .retention import Retention
 
@@ -204,11 +204,8 @@ class Ownership:
             redis_client = self.redis
             pipe = redis_client.pipeline(transaction=False)
             pipe.exists(keys.live)
-            pipe.hmget(
-                keys.hash, "status", "suspect_since", "owner", "summary", "prompt_tokens", "record"
-            )
-            pipe.xrevrange(keys.log, count=1)
-            live, (status, suspect_since, owner, raw, prompt, record), top = pipe.execute()
+            pipe.hmget(keys.hash, "status", "suspect_since", "record")
+            live, (status, suspect_since, record) = pipe.execute()
             if live or status != b"running":
                 return
             now = int(time.time() * 1000)
@@ -219,38 +216,45 @@ class Ownership:
                 return
             if self._adopt is not None and record and self._adopt(stage_key):
                 return
-            held = entries.held_in(top)
-            text, _ = entries.read_durable_text(redis_client, keys.text, keys.log)
-            worker = (owner or b"?").decode()
-            message = (
-                f"the worker that ran stage {stage_id!r} ({worker}) stopped: its lease lapsed "
-                f"{self.leases.lease_seconds:g} s after its last sign of life; retry the stage"
-            )
-            summary = json.loads(raw)
-            usage = final_usage(None, int(prompt or 0), held)
-            ending = Ending("error", usage, text=text, error=message)
-            # A stage claimed by a worker from before dialects has no record: the seed's.
-            dialect = dialect_of(json.loads(record)["dialect"]) if record else SeedDialect(stage_id)
-            # Its owner may have died before its opening was durable: the opening first.
-            wires = resume_at(dialect, held, text)
-            wires += dialect.ending(held + len(wires), ending)
-            summary.update(
-                status="error",
-                error=message,
-                text=ending.text,
-                events=held + len(wires),
-                usage=usage,
-            )
-            args = scripts.DeclareDeadArgs(
-                held=held,
-                summary=json.dumps(summary),
-                ttl_ms=self.retention.ttl_ms,
-                event_ttl_ms=self.retention.event_ttl_ms,
-                answer=json.dumps(dialect.answer(ending)),
-            )
-            [result] = self._batcher().run([scripts.DECLARE_DEAD.command(keys, (*args, *wires))])
-            if isinstance(result, Exception):
-                raise result
+            self._declare_dead(stage_id, keys)
+
+    def _declare_dead(self, stage_id: str, keys: StageKeys) -> None:
+        """End the stage for everyone, in its dialect, after what its log holds: an
+        ``error`` that names the worker that stopped (``DECLARE_DEAD``, which does nothing
+        if anything changed meanwhile). Raises one of STORE_ERRORS."""
+        redis_client = self.redis
+        pipe = redis_client.pipeline(transaction=False)
+        pipe.hmget(keys.hash, "owner", "summary", "prompt_tokens", "record")
+        pipe.xrevrange(keys.log, count=1)
+        (owner, raw, prompt, record), top = pipe.execute()
+        held = entries.held_in(top)
+        text, _ = entries.read_durable_text(redis_client, keys.text, keys.log)
+        message = (
+            f"the worker that ran stage {stage_id!r} ({(owner or b'?').decode()}) stopped: its "
+            f"lease lapsed {self.leases.lease_seconds:g} s after its last sign of life; retry "
+            "the stage"
+        )
+        usage = final_usage(None, int(prompt or 0), held)
+        ending = Ending("error", usage, text=text, error=message)
+        # A stage claimed by a worker from before dialects has no record: it is the seed's.
+        dialect = dialect_of(json.loads(record)["dialect"]) if record else SeedDialect(stage_id)
+        # Its owner may have died before its opening was durable: the opening comes first.
+        wires = resume_at(dialect, held, text)
+        wires += dialect.ending(held + len(wires), ending)
+        summary = json.loads(raw)
+        summary.update(
+            status="error", error=message, text=ending.text, events=held + len(wires), usage=usage
+        )
+        args = scripts.DeclareDeadArgs(
+            held=held,
+            summary=json.dumps(summary),
+            ttl_ms=self.retention.ttl_ms,
+            event_ttl_ms=self.retention.event_ttl_ms,
+            answer=json.dumps(dialect.answer(ending)),
+        )
+        [result] = self._batcher().run([scripts.DECLARE_DEAD.command(keys, (*args, *wires))])
+        if isinstance(result, Exception):
+            raise result
 
 
 def _fields(stage: Stage) -> dict[str, Any]:
