@@ -1,5 +1,6 @@
-"""The shared store's connection, and the name this process writes as a stage's owner
-(``owner_name``: its host and pid).
+"""The shared store's connection; what it raises when the store cannot answer
+(``STORE_ERRORS``, which ``store_errors()`` turns into ``StoreUnavailable``); and the name
+this process writes as a stage's owner (``owner_name``: its host and pid).
 
 ``STAGESERVER_STORE_URL`` takes one of three forms:
 

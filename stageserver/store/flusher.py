@@ -367,8 +367,9 @@ class Flusher:
         if ended:
             [dropped] = self.batcher.run([Command(RUNNING_INDEX, ("ZREM", RUNNING_INDEX, *ended))])
             if isinstance(dropped, Exception):  # the sweeper drops them when it meets them
-                log.warning("could not drop %d ended stages from the index: %s", len(ended),
-                            dropped)  # fmt: skip
+                log.warning(
+                    "could not drop %d ended stages from the index: %s", len(ended), dropped
+                )
         return resynced, failed
 
     def _write(self, mirror: Mirror) -> _Write | None:
