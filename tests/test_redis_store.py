@@ -19,7 +19,7 @@ from stageserver.errors import ConfigError
 from stageserver.launcher.supervisor import GUNICORN_ARGS
 from stageserver.manager import manager_of
 from stageserver.store.batch import Batcher, Command
-from stageserver.store.connection import connect
+from stageserver.store.connection import Reachability, connect
 from stageserver.store.entries import events_of
 from stageserver.store.keys import stage_keys
 from testing.fake_upstream import FakeUpstream
@@ -287,6 +287,23 @@ def test_reading_a_stage_whose_owner_died_writes_nothing_until_it_is_reaped_by_n
         assert client.hget(keys.hash, "suspect_since") is not None
     finally:
         manager_of(app.extensions).close()
+
+
+def test_redis_is_reachable_while_every_loop_reaches_it_and_each_change_is_told_once() -> None:
+    """The flusher's writes and the sweeper's looks each say what they found; the store
+    is unreachable while either fails (``stageserver_store_unavailable``)."""
+    told: list[bool] = []
+    reachability = Reachability(told.append)
+    for loop, reached in [
+        ("flusher", True),
+        ("sweeper", False),  # unreachable
+        ("flusher", False),
+        ("sweeper", True),  # the flusher still fails
+        ("flusher", True),  # reachable
+        ("flusher", True),
+    ]:
+        reachability.found(loop, reached)
+    assert told == [False, True]
 
 
 class _Broken:

@@ -1,6 +1,7 @@
 """The shared store's connection; what it raises when the store cannot answer
-(``STORE_ERRORS``, which ``store_errors()`` turns into ``StoreUnavailable``); and the name
-this process writes as a stage's owner (``owner_name``: its host and pid).
+(``STORE_ERRORS``, which ``store_errors()`` turns into ``StoreUnavailable``), and whether
+it answers this process now (``Reachability``); and the name this process writes as a
+stage's owner (``owner_name``: its host and pid).
 
 ``STAGESERVER_STORE_URL`` takes one of three forms:
 
