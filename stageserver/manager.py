@@ -24,7 +24,7 @@ request resolved to, then its fallbacks'. The pools (one per upstream, in this w
 report each attempt to the per-replica metrics.
 
 With the shared store, a stage outlives its worker: the manager takes over (``adopt``) a
-stage whose worker died or drained (``store/mirror.py``), and rebuilds it from its record
+stage whose worker died or drained (``store/takeover.py``), and rebuilds it from its record
 to continue its answer; on shutdown it hands its own off (``hand_off_unattended``, then
 ``abort_running``).
 """
@@ -76,7 +76,8 @@ from .upstream.request_body import RequestBody, check_extra_fields
 from .upstream.route import ReplicaSets
 
 if TYPE_CHECKING:
-    from .store.mirror import Claim, RedisStageStore
+    from .store.mirror import RedisStageStore
+    from .store.takeover import Claim
 
 log = logging.getLogger("stageserver.manager")
 
@@ -104,7 +105,7 @@ class LocalStage:
         if after_seq >= stage.next_seq:
             return RefusedFeed(stage.stage_id, after_seq, stage.next_seq)
         if self._store is not None and after_seq + 1 < stage.first_kept_seq:
-            return self._store.reader.feed(stage.key, stage.stage_id, after_seq)
+            return self._store.feed(stage.key, stage.stage_id, after_seq)
         return LocalFeed(stage, owner=False)
 
     def cancel(self, reason: str) -> None:
@@ -165,15 +166,17 @@ class StoredStage:
         self.stage_id = stage_id
 
     def summary(self) -> dict[str, object]:
-        summary = self._store.reader.summary(self.key, self.stage_id)
+        self._store.reap_orphan(self.key, self.stage_id)  # its owner may have died
+        summary = self._store.reader.summary(self.key)
         if summary is None:
             raise UnknownStage(self.stage_id)
         return summary
 
     def feed(self, after_seq: int) -> EventFeed | None:
-        return self._store.reader.feed(self.key, self.stage_id, after_seq)
+        return self._store.feed(self.key, self.stage_id, after_seq)
 
     def cancel(self, reason: str) -> None:
+        self._store.reap_orphan(self.key, self.stage_id)  # its owner may have died
         self._store.request_cancel(self.key, self.stage_id, reason)
 
     def wait(self, timeout: float) -> bool:
@@ -433,7 +436,7 @@ class StageManager:
 
     def adopt(self, key: str) -> bool:
         """Take over the stage ``key``, orphaned by a worker that died or drained, and
-        continue it here (``store/mirror.py``); whether this worker, or another, has it."""
+        continue it here (``store/takeover.py``); whether this worker, or another, has it."""
         store = self.store
         if store is None or shutdown.shutting_down():
             return False  # a draining worker takes nothing on
@@ -598,7 +601,7 @@ def _shared_store(
         on_written=metrics.STORE_WRITE_DELAY.observe,
         on_reachable=metrics.store_reachable,
     )
-    return store, RedisLimits(lambda: store.redis, store.leases)
+    return store, RedisLimits(lambda: store.batcher, store.leases)
 
 
 def manager_of(extensions: Mapping[str, object]) -> StageManager:

@@ -9,8 +9,8 @@ waits for a client to come back (``Stage.detach``).
 The same loop (``follow``) serves every response: the client that started a stage, a
 client that re-attaches, a watcher, whether the stage runs in this worker or elsewhere.
 Where the events come from is an ``EventFeed``'s business (``stages/feeds.py``):
-``LocalFeed`` reads a stage of this process, ``store.reader.RemoteFeed`` one that runs in
-another worker or host.
+``LocalFeed`` reads a stage of this process, ``store.remote_feed.RemoteFeed`` one that
+runs in another worker or host.
 
 A WSGI generator hears of a disconnect only when a write fails, and under gunicorn's
 gevent worker that is the second write after the client left; during a silent prefill

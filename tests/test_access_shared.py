@@ -22,12 +22,14 @@ SECRETS = {
     "bob": "bob-key-0123456789",
     "solo": "solo-key-0123456789",
     "tok": "tok-key-0123456789",
+    "rpm": "rpm-key-0123456789",
 }
 KEYS = {
     "alice": {"key": SECRETS["alice"], "max_streams": 2},
     "bob": {"key": SECRETS["bob"], "requests_per_minute": 1000},
     "solo": {"key": SECRETS["solo"], "max_streams": 1},
     "tok": {"key": SECRETS["tok"], "tokens_per_minute": 10},
+    "rpm": {"key": SECRETS["rpm"], "requests_per_minute": 2},
 }
 
 
@@ -205,6 +207,16 @@ def test_tokens_per_minute_counts_the_upstreams_usage(pair: tuple[Gunicorn, Guni
     refused = post_chat(a.url, stage_id="t3", headers=as_("tok"))  # 12 >= 10
     assert refused.status_code == 429
     assert refused.json()["limit"] == "tokens_per_minute"
+    assert 55 <= int(refused.headers["Retry-After"]) <= 60
+
+
+def test_requests_per_minute_counts_across_hosts(pair: tuple[Gunicorn, Gunicorn]) -> None:
+    a, b = pair
+    assert post_chat(a.url, stage_id="r1", headers=as_("rpm")).status_code == 200
+    assert post_chat(b.url, stage_id="r2", headers=as_("rpm")).status_code == 200
+    refused = post_chat(a.url, stage_id="r3", headers=as_("rpm"))
+    assert refused.status_code == 429
+    assert refused.json()["limit"] == "requests_per_minute"
     assert 55 <= int(refused.headers["Retry-After"]) <= 60
 
 

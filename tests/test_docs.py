@@ -6,12 +6,14 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from stageserver import store
 from stageserver.anthropic_api.fields import BETA_FIELDS, COUNT_TOKENS_FIELDS, MESSAGES_FIELDS
 from stageserver.openai_api.fields import CHAT_FIELDS, RESPONSES_FIELDS
 from stageserver.settings import PROCESS_SETTINGS, SETTINGS
@@ -159,3 +161,21 @@ def test_the_extension_docstring_names_every_setting_it_reads() -> None:
 def test_the_metrics_docstring_names_every_family() -> None:
     doc = ast.get_docstring(ast.parse(Path(metrics.__file__).read_text())) or ""
     assert sorted(n for n in metric_names_in_source() if f"``{n}``" not in doc) == []
+
+
+def test_the_store_layers_table_is_the_stores_import_contract() -> None:
+    """The table of the store's layers in docs/architecture.md is the contract that
+    lint-imports holds, layer by layer."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    [contract] = [c for c in contracts["contracts"] if c.get("containers") == ["stageserver.store"]]
+    page = (DOCS / "architecture.md").read_text()
+    table = page.split("Inside `store/`, a layers contract", 1)[1].split("\n\n")[1]
+    rows = re.findall(r"^\| +(\d+) \| (.+) \|$", table, flags=re.M)
+    assert [int(n) for n, _ in rows] == list(range(1, len(rows) + 1))
+    assert [layer.replace("`", "").replace("\\|", "|") for _, layer in rows] == contract["layers"]
+
+
+def test_the_store_package_docstring_names_every_module_of_the_store() -> None:
+    assert store.__doc__ is not None and store.__file__ is not None
+    modules = sorted(p.name for p in Path(store.__file__).parent.glob("*.py"))
+    assert [m for m in modules if m != "__init__.py" and f"``{m}``" not in store.__doc__] == []

@@ -24,7 +24,7 @@ import pytest
 import requests
 from redis.crc import key_slot
 
-from stageserver.store.connection import stage_keys
+from stageserver.store.keys import stage_keys
 from testing.fake_upstream import FakeUpstream
 from testing.servers import (
     ROOT,
@@ -66,7 +66,7 @@ ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 
 def stage_slot(principal: str, stage_id: str) -> int:
     """The slot of a stage's keys: ``ss:{<principal>/<stage id>}...``."""
-    return key_slot(stage_keys(f"{principal}/{stage_id}")[0].encode())
+    return key_slot(stage_keys(f"{principal}/{stage_id}").hash.encode())
 
 
 def limits_slot(principal: str) -> int:
@@ -400,7 +400,8 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
     source, target = group.primaries()[:2]
     stage_id = stage_id_on(group, source, "alice", "moved")
     slot = stage_slot("alice", stage_id)
-    hash_key, log_key, _, _ = stage_keys(f"alice/{stage_id}")
+    its_keys = stage_keys(f"alice/{stage_id}")
+    hash_key, log_key = its_keys.hash, its_keys.log
     source_id, target_id = group.node_id(source), group.node_id(target)
 
     stream = post_chat(

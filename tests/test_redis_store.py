@@ -17,9 +17,11 @@ import requests
 from stageserver import create_app
 from stageserver.errors import ConfigError
 from stageserver.launcher.supervisor import GUNICORN_ARGS
+from stageserver.manager import manager_of
 from stageserver.store.batch import Batcher, Command
-from stageserver.store.connection import connect, stage_keys
+from stageserver.store.connection import Reachability, connect
 from stageserver.store.entries import events_of
+from stageserver.store.keys import stage_keys
 from testing.fake_upstream import FakeUpstream
 from testing.servers import (
     ROOT,
@@ -232,7 +234,8 @@ def test_a_stage_of_a_worker_from_before_dialects_is_ended_in_the_seeds_words(
     """A rolling deploy: a worker of the earlier version claimed the stage (no record of
     its dialect in the hash) and died. A worker of this version ends it with the seed's
     error event, as before, not a 500."""
-    hash_key, log_key, _, _ = stage_keys("old-1")
+    keys = stage_keys("old-1")
+    hash_key, log_key = keys.hash, keys.log
     client: Any = redis.Redis.from_url(redis_server.url)  # redis-py types results loosely
     summary = {"stage_id": "old-1", "status": "running", "events": 0}
     client.hset(hash_key, mapping={"status": "running", "summary": json.dumps(summary),
@@ -254,6 +257,53 @@ def test_a_stage_of_a_worker_from_before_dialects_is_ended_in_the_seeds_words(
     [(seq, wire)], terminal = events_of(fields)
     assert seq == 0 and terminal
     assert wire.startswith(b"id: old-1-error-0\nevent: error\n")
+
+
+def test_reading_a_stage_whose_owner_died_writes_nothing_until_it_is_reaped_by_name(
+    redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    """The reader only reads: its every question about a stage whose lease is gone leaves
+    the stage as it was. The orphan is marked suspect by ``reap_orphan``, which a status
+    or a cancel asks first, by name."""
+    keys = stage_keys("orphan-1")
+    client: Any = redis.Redis.from_url(redis_server.url)  # redis-py types results loosely
+    summary = {"stage_id": "orphan-1", "status": "running", "events": 0}
+    client.hset(keys.hash, mapping={"status": "running", "summary": json.dumps(summary),
+                                    "owner": "gone-host:1", "prompt_tokens": 3})  # fmt: skip
+    before = client.hgetall(keys.hash)
+    app = create_app(
+        {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_STORE_URL": redis_server.url}
+    )
+    store = manager_of(app.extensions).store
+    assert store is not None
+    try:
+        reader = store.reader
+        assert reader.summary("orphan-1") == {**summary, "text": ""}
+        reader.check_cancellable("orphan-1", "orphan-1")
+        assert (reader.answer("orphan-1"), reader.record("orphan-1")) == (None, None)
+        assert (reader.first_kept("orphan-1"), reader.watchers("orphan-1")) == (0, 0)
+        assert client.hgetall(keys.hash) == before
+        store.reap_orphan("orphan-1", "orphan-1")
+        assert client.hget(keys.hash, "suspect_since") is not None
+    finally:
+        manager_of(app.extensions).close()
+
+
+def test_redis_is_reachable_while_every_loop_reaches_it_and_each_change_is_told_once() -> None:
+    """The flusher's writes and the sweeper's looks each say what they found; the store
+    is unreachable while either fails (``stageserver_store_unavailable``)."""
+    told: list[bool] = []
+    reachability = Reachability(told.append)
+    for loop, reached in [
+        ("flusher", True),
+        ("sweeper", False),  # unreachable
+        ("flusher", False),
+        ("sweeper", True),  # the flusher still fails
+        ("flusher", True),  # reachable
+        ("flusher", True),
+    ]:
+        reachability.found(loop, reached)
+    assert told == [False, True]
 
 
 class _Broken:

@@ -22,8 +22,8 @@ import pytest
 import redis
 import requests
 
-from stageserver.store.connection import stage_keys
 from stageserver.store.entries import events_of
+from stageserver.store.keys import stage_keys
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.metrics import scrape, value
 from testing.servers import Gunicorn, RedisServer, gunicorn_server
@@ -438,7 +438,7 @@ def test_a_slow_store_holds_clients_back_and_a_resume_beyond_the_log_is_refused(
 ) -> None:
     a, b = start_host(host_env(trailing, redis_server)), survivor
     stage_id = "t-slow"
-    _, log_key, _, _ = stage_keys(stage_id)
+    log_key = stage_keys(stage_id).log
     client: Any = redis.Redis.from_url(redis_server.url)  # redis-py types results loosely
     stream = post_chat(
         a.url,
@@ -520,7 +520,7 @@ def opened_and_killed(host: Gunicorn, path: str, body: dict[str, Any], **headers
 def durable_events(store: RedisServer, stage_id: str) -> list[dict[str, Any]]:
     client: Any = redis.Redis.from_url(store.url)  # redis-py types results loosely
     try:
-        return logged_events(client, stage_keys(stage_id)[1])
+        return logged_events(client, stage_keys(stage_id).log)
     finally:
         client.close()
 
