@@ -22,8 +22,8 @@ from stageserver import create_app
 from testing.fake_upstream import FakeUpstream
 from testing.metrics import Samples, scrape, value
 from testing.servers import Gunicorn, free_port, gunicorn_server
+from testing.sockets import open_stream, read_until
 from testing.sse import chunk_text, parse_events, post_chat, stage_status, terminal
-from tests.test_disconnect import open_stream, read_until
 
 STREAM = "fake?chunks=5&interval=0.02"
 
@@ -311,7 +311,7 @@ def test_a_disconnect_during_failover_closes_every_attempt() -> None:
     with replicas({"prefill": 60}, {"prefill": 60}) as pair:
         slow = {"slow": {"urls": [r.url for r in pair], "attempt_timeout": 0.5}}
         with server(slow) as gunicorn:
-            sock = open_stream(gunicorn, "gone", "fake")
+            sock = open_stream(gunicorn.port, "gone", "fake")
             read_until(sock, b"\r\n\r\n")
             for replica in pair:
                 assert replica.wait_for(partial(lambda r: len(chats(r)) == 1, replica))

@@ -26,6 +26,7 @@ from redis.crc import key_slot
 
 from stageserver.store.connection import stage_keys
 from testing.fake_upstream import FakeUpstream
+from testing.hosts import kill_host, worker_of
 from testing.servers import (
     ROOT,
     VENV_BIN,
@@ -36,25 +37,22 @@ from testing.servers import (
     gunicorn_server,
 )
 from testing.sse import (
+    assert_each_once,
     assert_resumed_exactly_once,
+    assert_whole_once,
     estimated_usage,
+    ids_of,
     parse_events,
     post_chat,
-    stage_status,
-    terminal,
-    wait_for_status,
-)
-from tests.test_takeover import (
-    assert_continued_from_the_durable_text,
-    assert_whole_once,
-    continuations,
-    kill_host,
     read_rest,
     seq,
+    stage_status,
+    terminal,
     toks,
+    wait_for_status,
     with_ids,
-    worker_of,
 )
+from testing.takeover import assert_continued_from_the_durable_text, continuations
 
 LEASE = 2  # STAGESERVER_OWNER_LEASE_SECONDS, as in tests/test_takeover.py
 ALICE_KEY = "alice-key-0123456789"
@@ -165,20 +163,6 @@ def assert_clean(log: str) -> None:
     """No traceback and no 500 in (a part of) a host's log."""
     assert "Traceback" not in log, log
     assert not SERVER_ERROR.search(log), log
-
-
-def ids_of(events: list[dict[str, Any]]) -> list[str]:
-    return [e["id"] for e in events if "id" in e]
-
-
-def assert_each_once(stage_id: str, events: list[dict[str, Any]], end: str) -> None:
-    """The events of a whole stage: ids from 0 up, no gap, no repeat, one ``end`` last."""
-    ids = ids_of(events)
-    last = len(ids) - 1
-    assert ids == [f"{stage_id}-chunk-{n}" for n in range(last)] + [f"{stage_id}-{end}-{last}"], (
-        terminal(events)
-    )
-    assert [e["event"] for e in terminal(events)] == [end], terminal(events)
 
 
 # -- every shard --------------------------------------------------------------------------

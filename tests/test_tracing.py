@@ -20,8 +20,8 @@ from stageserver import ConfigError, create_app
 from stageserver.telemetry.tracing import tracing_mode
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, Gunicorn, gunicorn_server
+from testing.sockets import open_stream, read_until
 from testing.sse import parse_events, post_chat, terminal, wait_for_status
-from tests.test_disconnect import open_stream, read_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -141,7 +141,7 @@ def test_the_span_of_a_stage_whose_client_left_ends_with_the_stage(
     traced: tuple[Gunicorn, Path], upstream: FakeUpstream
 ) -> None:
     gunicorn, path = traced
-    sock = open_stream(gunicorn, "left", "fake?chunks=500&interval=0.02", upstream="good")
+    sock = open_stream(gunicorn.port, "left", "fake?chunks=500&interval=0.02", upstream="good")
     read_until(sock, b"event: chat_completion_chunk", 2)
     sock.close()
     wait_for_status(gunicorn.url, "left", "cancelled")
