@@ -25,6 +25,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,12 +197,14 @@ def cluster_names(group: RedisClusterGroup) -> dict[str, str]:
 
 class Topologies:
     """Every topology's hosts, started when first asked for and stopped by ``close``,
-    which then checks their whole logs."""
+    which then checks their whole logs. A topology's hosts start side by side, and all
+    of them stop side by side: each takes a second or two."""
 
     def __init__(self, fake: FakeUpstream) -> None:
         self._fake = fake
         self._started: dict[str, Topology] = {}
-        self._stack = ExitStack()
+        self._hosts: list[Gunicorn] = []
+        self._stores = ExitStack()
 
     def __getitem__(self, name: str) -> Topology:
         topology = self._started.get(name)
@@ -209,35 +212,47 @@ class Topologies:
             topology = self._started[name] = self._start(name)
         return topology
 
-    def _host(self, env: dict[str, str]) -> Gunicorn:
-        host = Gunicorn(env)
-        self._stack.callback(host.stop)
-        return host
+    def _start_hosts(self, env: dict[str, str], count: int) -> list[Gunicorn]:
+        with ThreadPoolExecutor(count) as pool:
+            starting = [pool.submit(Gunicorn, env) for _ in range(count)]
+        hosts = [future.result() for future in starting if future.exception() is None]
+        self._hosts += hosts
+        for future in starting:
+            if (exc := future.exception()) is not None:
+                raise exc
+        return hosts
 
     def _start(self, name: str) -> Topology:
         if name == ONE_WORKER:
             names = {role: role for role in ROLES}
             env = host_env(self._fake, names, None)
-            host = self._host(env)
+            [host] = self._start_hosts(env, 1)
             return Topology(name, host, host, env, names)
         if name == REDIS:
             redis = RedisServer()
-            self._stack.callback(redis.stop)
+            self._stores.callback(redis.stop)
             names = {role: role for role in ROLES}
             env = host_env(self._fake, names, redis.url)
-            return Topology(name, self._host(env), self._host(env), env, names, redis=redis)
+            a, b = self._start_hosts(env, 2)
+            return Topology(name, a, b, env, names, redis=redis)
         if name == CLUSTER:
-            cluster = self._stack.enter_context(RedisClusterGroup())
+            cluster = self._stores.enter_context(RedisClusterGroup())
             names = cluster_names(cluster)
             env = host_env(self._fake, names, cluster.url)
-            return Topology(name, self._host(env), self._host(env), env, names, cluster=cluster)
+            a, b = self._start_hosts(env, 2)
+            return Topology(name, a, b, env, names, cluster=cluster)
         raise KeyError(f"no topology {name!r}: one of {TOPOLOGIES}")
 
     def close(self) -> None:
-        """Stop every host and store; then no host's log may hold a traceback or a key."""
-        started = list(self._started.values())
-        self._stack.close()
-        for topology in started:
+        """Stop every host, then every store; then no host's log may hold a traceback or
+        a key."""
+        try:
+            if self._hosts:
+                with ThreadPoolExecutor(len(self._hosts)) as pool:
+                    list(pool.map(Gunicorn.stop, self._hosts))
+        finally:
+            self._stores.close()
+        for topology in self._started.values():
             for host in topology.hosts:
                 assert_clean_log(host.log(), topology.names.values())
 

@@ -96,13 +96,14 @@ def test_a_last_event_id_of_another_stage_is_a_400_naming_the_header(topology: T
 
 def test_a_watcher_keeps_a_resumable_stage_alive_past_the_grace(topology: Topology) -> None:
     start, follow, alice = topology.start.url, topology.follow.url, topology.auth("alice")
-    model = "fake?chunks=60&interval=0.05"
+    model = "fake?chunks=40&interval=0.05"
     stream = post_chat(
         start, stage_id="keep", model_name=model, resumable=True, headers=alice, open=True
     )
     stream.read_until(CHUNK)
     stream.close()
-    # Nobody is attached where it started for 3 s (grace 1 s), but a watcher follows it.
+    # Nobody is attached where it started for 2 s (twice the grace), but a watcher
+    # follows it.
     followed = requests.get(f"{follow}/stages/keep/events", headers=alice, timeout=20)
     assert [e["event"] for e in terminal(parse_events(followed.content))] == ["done"]
     assert stage_status(start, "keep", alice)["status"] == "done"
