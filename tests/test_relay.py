@@ -160,7 +160,7 @@ def replicas(servers: list[FakeUpstream]) -> list[FakeUpstream]:
 
 @contextmanager
 def relay_of(
-    upstreams: Mapping[str, Mapping[str, Any]],
+    upstreams: Mapping[str, Any],
     *,
     max_continuations: int | None = 2,
     max_tokens: int | None = None,
