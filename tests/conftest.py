@@ -1,3 +1,6 @@
+"""The fixtures every test module shares, and the hooks that mark and check the tests that
+start a process (``testing/processes.py``)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -12,6 +15,9 @@ from testing.fake_upstream import FakeUpstream
 from testing.servers import RedisClusterGroup, RedisServer
 from testing.topology import CLUSTER, REDIS, TOPOLOGIES, Topologies, Topology
 from testing.venvs import cached_venv
+
+#: Marks the tests that start a process, and fails one unmarked that starts one.
+pytest_plugins = ("testing.processes",)
 
 
 @pytest.fixture(scope="session")

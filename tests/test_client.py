@@ -48,7 +48,7 @@ def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
 
 
 @pytest.fixture(scope="module")
-def limited(fake: FakeUpstream) -> Iterator[Gunicorn]:
+def limited_server(fake: FakeUpstream) -> Iterator[Gunicorn]:
     """One stream at a time, and events that expire at once once a stage is over."""
     yield from make_server(
         fake, STAGESERVER_MAX_ACTIVE_STREAMS="1", STAGESERVER_EVENT_TTL_SECONDS="0.2"
@@ -334,8 +334,8 @@ def test_a_running_stage_id_conflicts(client: StageClient) -> None:
     running.close()
 
 
-def test_expired_events_are_gone_and_a_full_worker_is_unavailable(limited: Gunicorn) -> None:
-    with StageClient(limited.url) as client:
+def test_expired_events_are_gone_and_a_full_worker_is_unavailable(limited_server: Gunicorn) -> None:
+    with StageClient(limited_server.url) as client:
         assert client.run(stage_id="old", model_name="fake", user_prompt="x").type == "text"
         time.sleep(0.3)  # past the event TTL; the next stage sweeps the expired
         running = client.stream(stage_id="full", model_name=LONG, user_prompt="x")
@@ -379,6 +379,7 @@ def test_a_server_that_is_not_there_is_a_connection_error() -> None:
             list(client.stream(stage_id="x", model_name="fake", user_prompt="x"))
 
 
+@pytest.mark.processes
 def test_an_answer_continued_after_its_upstream_failed_reads_as_one_with_a_marker() -> None:
     """The upstream drops the stream after 3 of 6 chunks and continues it when asked: the
     client yields the chunks, one ``ContinuedEvent`` where the answer was cut, the rest of

@@ -381,6 +381,7 @@ def test_each_failure_after_the_first_chunk_is_continued(
     assert [(c["outcome"], c["cause"]) for c in status["continuations"]] == [("ok", cause)]
 
 
+@pytest.mark.processes
 def test_under_gevent_silence_past_idle_timeout_is_continued(upstream: FakeUpstream) -> None:
     """Under gunicorn's gevent worker the relay's own idle deadline fires, at
     ``idle_timeout`` (the first-token timeout stays at its default)."""
@@ -484,6 +485,7 @@ OLLAMA = (
 )
 
 
+@pytest.mark.processes
 def test_auto_probes_each_kind_and_continues_only_where_a_turn_is_left_open(
     upstream: FakeUpstream,
 ) -> None:

@@ -129,6 +129,7 @@ def test_replica_admitted_follows_ejection_and_readmission(upstream: FakeUpstrea
             assert (admitted(upstream.url), admitted(down)) == (1, 1)
 
 
+@pytest.mark.processes
 def test_store_unavailable_while_redis_is_down(upstream: FakeUpstream) -> None:
     """With no stage running: the sweeper's look, every quarter of a lease, sees Redis go
     and come back."""

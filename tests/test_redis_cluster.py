@@ -246,6 +246,7 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
 # -- a primary fails over -----------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_a_failover_of_the_primary_that_holds_a_running_stage_loses_no_event(
     fake: FakeUpstream, upstream: FakeUpstream
 ) -> None:

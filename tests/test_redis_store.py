@@ -144,6 +144,7 @@ def test_a_redis_restart_ends_no_healthy_stream_and_the_mirror_catches_up(
         assert done.json()["type"] == "text"
 
 
+@pytest.mark.processes
 def test_several_workers_without_a_store_refuse_to_start() -> None:
     result = subprocess.run(
         [str(VENV_BIN / "python"), "-m", "gunicorn", *GUNICORN_ARGS],

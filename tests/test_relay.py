@@ -144,18 +144,18 @@ class RecordingStage:
 
 
 @pytest.fixture(scope="module")
-def servers() -> Iterator[list[FakeUpstream]]:
+def fakes() -> Iterator[list[FakeUpstream]]:
     with FakeUpstream() as a, FakeUpstream() as b, FakeUpstream() as c:
         yield [a, b, c]
 
 
 @pytest.fixture
-def replicas(servers: list[FakeUpstream]) -> list[FakeUpstream]:
+def replicas(fakes: list[FakeUpstream]) -> list[FakeUpstream]:
     """Three fake upstreams, A, B and C, their records and defaults cleared."""
-    for server in servers:
-        server.reset()
-        server.defaults.clear()
-    return servers
+    for fake in fakes:
+        fake.reset()
+        fake.defaults.clear()
+    return fakes
 
 
 @contextmanager

@@ -23,6 +23,7 @@ def seen(fake: FakeUpstream, request_id: str) -> UpstreamRequest:
     return next(r for r in fake.requests if r.headers.get("x-request-id") == request_id)
 
 
+@pytest.mark.processes
 def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
     upstream: FakeUpstream,
 ) -> None:
@@ -103,6 +104,7 @@ def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
     assert "error_kind=ServerShuttingDown" in log
 
 
+@pytest.mark.processes
 def test_a_worker_retired_after_max_requests_ends_its_streams_with_the_error_event(
     upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,6 +138,7 @@ def test_a_worker_retired_after_max_requests_ends_its_streams_with_the_error_eve
     assert "Worker graceful timeout" not in server.log()
 
 
+@pytest.mark.processes
 def test_sigint_quick_shutdown_still_ends_streams_with_the_error_event(
     upstream: FakeUpstream,
 ) -> None:

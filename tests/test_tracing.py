@@ -184,6 +184,7 @@ def test_tracing_mode() -> None:
         tracing_mode("jaeger", {})
 
 
+@pytest.mark.processes
 def test_with_tracing_off_no_tracer_is_made(upstream: FakeUpstream) -> None:
     """Nothing of OpenTelemetry's tracing SDK, exporters or propagators is imported. (The
     redis client, when OpenTelemetry is installed, imports its metrics SDK and tracing API

@@ -463,6 +463,7 @@ def _worker_descriptors(master: int) -> int:
     return len(os.listdir(f"/proc/{worker}/fd"))
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("transport", ["httptools", "httpx"])
 def test_a_worker_relays_and_lets_idle_upstream_connections_go(
     upstream: FakeUpstream, transport: str
