@@ -111,6 +111,11 @@ def warm_up() -> None:
     platform.platform()
 
 
+#: A fixture, as pytest tells one from another of the same name: where it is defined
+#: (``FixtureDef.baseid``: a module's node id, a directory's for a conftest), and its name.
+FixtureKey = tuple[str, str]
+
+
 @dataclass(frozen=True)
 class Started:
     """A process started during a test: the audit event, its program and arguments, and
@@ -118,23 +123,26 @@ class Started:
 
     event: str
     program: str
-    fixture: str | None
+    fixture: FixtureKey | None
 
     def describe(self, when: str) -> str:
         """In words, for a test whose ``when`` (setup, call, teardown) started it."""
-        by = f"fixture {self.fixture!r}" if self.fixture else f"the test's {when}"
+        by = f"fixture {self.fixture[1]!r}" if self.fixture else f"the test's {when}"
         return f"{self.program} ({self.event}), started by {by}"
 
 
 @dataclass
 class ProcessAudit:
-    """Records the processes started while a test phase runs (``phase``). Installed once
-    per pytest process: an audit hook cannot be removed, so it records only within a
-    phase."""
+    """Records the processes started while a test phase runs (``phase``), and the fixtures
+    that started one (``spawning``): a test set up later with one of them running (a
+    module's or the session's) starts nothing itself, and must be marked all the same.
+    Installed once per pytest process: an audit hook cannot be removed, so it records only
+    within a phase."""
 
     started: list[Started] = field(default_factory=list)
+    spawning: set[FixtureKey] = field(default_factory=set)
     _recording: bool = False
-    _fixtures: list[str] = field(default_factory=list)
+    _fixtures: list[FixtureKey] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def install(self) -> None:
@@ -146,10 +154,12 @@ class ProcessAudit:
         fixture = self._fixtures[-1] if self._fixtures else None
         with self._lock:
             self.started.append(Started(event, _program(event, args), fixture))
+            if fixture is not None:
+                self.spawning.add(fixture)
 
-    def fixture_setup(self, name: str) -> Generator[None, object, object]:
-        """Wrap the set-up of fixture ``name``: what starts meanwhile is its."""
-        self._fixtures.append(name)
+    def fixture_setup(self, fixture: FixtureKey) -> Generator[None, object, object]:
+        """Wrap the set-up of ``fixture``: what starts meanwhile is its."""
+        self._fixtures.append(fixture)
         try:
             return (yield)
         finally:
@@ -157,7 +167,8 @@ class ProcessAudit:
 
     def phase(self, item: pytest.Item, when: str) -> Generator[None, object, object]:
         """Wrap a test's ``setup``, ``call`` or ``teardown``: if the test is not marked
-        ``processes`` and a process started meanwhile, the phase fails, naming it."""
+        ``processes`` and a process started meanwhile, or (setup) it uses a fixture that
+        started one for an earlier test, the phase fails, naming them."""
         with self._lock:
             self.started = []
         self._recording = True
@@ -167,16 +178,33 @@ class ProcessAudit:
             self._recording = False
             with self._lock:
                 started, self.started = self.started, []
-        if started and item.get_closest_marker(MARKER) is None:
-            lines = "\n".join(f"  - {s.describe(when)}" for s in started)
+        if item.get_closest_marker(MARKER) is not None:
+            return result
+        lines = [f"  - {s.describe(when)}" for s in started]
+        if when == "setup":
+            fresh = {s.fixture for s in started}
+            lines += [
+                f"  - fixture {key[1]!r}, which started a process when an earlier test used it"
+                for key in sorted(self.spawning - fresh)
+                if _uses(item, key)
+            ]
+        if lines:
             pytest.fail(
                 f"{item.nodeid} is not marked {MARKER!r}, yet its {when} started a process:\n"
-                f"{lines}\nName the fixture in PROCESS_FIXTURES (testing/processes.py), or "
-                f"mark the test @pytest.mark.{MARKER}: `pytest -m 'not {MARKER}'` runs only "
-                "the tests that start none.",
+                + "\n".join(lines)
+                + "\nName the fixture in PROCESS_FIXTURES (testing/processes.py), or mark the "
+                f"test @pytest.mark.{MARKER}: `pytest -m 'not {MARKER}'` runs only the tests "
+                "that start none.",
                 pytrace=False,
             )
         return result
+
+
+def _uses(item: pytest.Item, fixture: FixtureKey) -> bool:
+    """Whether ``item`` uses ``fixture``: one of its name, visible where the item is."""
+    baseid, name = fixture
+    visible = not baseid or item.nodeid.startswith((f"{baseid}::", f"{baseid}/"))
+    return visible and name in getattr(item, "fixturenames", ())
 
 
 def _program(event: str, args: tuple[Any, ...]) -> str:
@@ -212,7 +240,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_fixture_setup(
     fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest
 ) -> Generator[None, object, object]:
-    return (yield from AUDIT.fixture_setup(fixturedef.argname))
+    return (yield from AUDIT.fixture_setup((fixturedef.baseid, fixturedef.argname)))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -15,8 +15,9 @@ import pytest
 from testing.processes import PROCESS_FIXTURES
 from testing.servers import ROOT
 
-#: A test module run by a pytest of its own, with the plugin: one fixture that starts a
-#: process under a name the plugin knows, one under a name it does not.
+#: A test module run by a pytest of its own, with the plugin: a fixture that starts a
+#: process under a name the plugin knows, one under a name it does not, and one that
+#: keeps its process for the module, first used by a marked test.
 NESTED = """
 import subprocess
 
@@ -54,6 +55,21 @@ def test_unmarked_that_starts_one():
 
 def test_through_an_unknown_fixture(unknown_server):
     assert unknown_server == "unknown"
+
+
+@pytest.fixture(scope="module")
+def shared_server():
+    subprocess.run(["true", "--shared"], check=True)
+    yield "shared"
+
+
+@pytest.mark.processes
+def test_marked_first_through_a_shared_fixture(shared_server):
+    assert shared_server == "shared"
+
+
+def test_unmarked_later_through_the_shared_fixture(shared_server):
+    assert shared_server == "shared"
 """
 
 
@@ -81,8 +97,10 @@ def test_an_unmarked_test_that_starts_a_process_fails_naming_it_and_its_fixture(
     tmp_path: Path,
 ) -> None:
     output = run_nested(tmp_path)
-    assert "1 failed, 3 passed, 1 error" in output, output
-    for passed in ("in_process", "through_a_known_fixture", "marked_that_starts_one"):
+    assert "1 failed, 4 passed, 2 errors" in output, output
+    passing = ("in_process", "through_a_known_fixture", "marked_that_starts_one",
+               "marked_first_through_a_shared_fixture")  # fmt: skip
+    for passed in passing:
         assert f"PASSED test_nested.py::test_{passed}" in output, output
     assert (
         "test_nested.py::test_unmarked_that_starts_one is not marked 'processes', yet its "
@@ -94,6 +112,13 @@ def test_an_unmarked_test_that_starts_a_process_fails_naming_it_and_its_fixture(
         "setup started a process:\n  - true (subprocess.Popen), started by fixture "
         "'unknown_server'" in output
     ), output
+    # Its fixture's process was started for a marked test: it starts none, and fails all the
+    # same, as it would alone.
+    assert (
+        "test_nested.py::test_unmarked_later_through_the_shared_fixture is not marked "
+        "'processes', yet its setup started a process:\n  - fixture 'shared_server', which "
+        "started a process when an earlier test used it" in output
+    ), output
 
 
 @pytest.mark.processes
@@ -101,7 +126,7 @@ def test_not_processes_leaves_out_what_is_marked_and_what_uses_a_known_fixture(
     tmp_path: Path,
 ) -> None:
     output = run_nested(tmp_path, "-m", "not processes")
-    assert "1 failed, 1 passed, 2 deselected, 1 error" in output, output
+    assert "1 failed, 1 passed, 3 deselected, 2 errors" in output, output
     assert "PASSED test_nested.py::test_in_process" in output, output
     assert "ERROR test_nested.py::test_through_an_unknown_fixture" in output, output
 
