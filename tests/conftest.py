@@ -40,7 +40,7 @@ def app(upstream: FakeUpstream) -> Flask:
 
 
 @pytest.fixture
-def client(app: Flask) -> FlaskClient:
+def flask_client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 

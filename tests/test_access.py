@@ -16,6 +16,7 @@ from flask import Flask, Request
 from flask.testing import FlaskClient
 
 from stageserver import ConfigError, StageServer, create_app
+from stageserver.manager import manager_of
 from testing.fake_upstream import FakeUpstream
 from testing.sse import parse_events, terminal
 
@@ -44,7 +45,7 @@ def keyed(upstream: FakeUpstream) -> Iterator[FlaskClient]:
         }
     )
     yield app.test_client()
-    app.extensions["stageserver"].close()
+    manager_of(app.extensions).close()
 
 
 def chat(client: FlaskClient, secret: str | None, stage_id: str, **fields: Any) -> Any:

@@ -33,7 +33,8 @@ from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testing.apps import app_client
+from stageserver.manager import manager_of
+from testing.apps import app_client, settle
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.metrics import scrape, value
 from testing.servers import ROOT, gunicorn_server
@@ -148,7 +149,7 @@ def dropped(upstream: str, chunks: int) -> str:
 
 def status_of(client: FlaskClient, stage_id: str) -> dict[str, Any]:
     """The stage's summary, once its runner has finished with it (listeners included)."""
-    client.application.extensions["stageserver"].stages.get(stage_id).wait(5)
+    settle(client, stage_id)
     response = client.get(f"/stages/{stage_id}")
     assert response.status_code == 200
     summary: dict[str, Any] = response.get_json()
@@ -862,7 +863,8 @@ def test_a_continuation_is_counted_logged_and_traced(
         status_of(client, "told")
         status_of(client, "told-tools")
         assert (continuations(**ok) - before[0], continuations(**refused) - before[1]) == (1, 1)
-        tracing = client.application.extensions["stageserver"].tracing
+        tracing = manager_of(client.application.extensions).tracing
+        assert tracing is not None and tracing.exporter is not None
         spans = tracing.exporter.get_finished_spans()
 
     # One warning for each continuation, made or refused.

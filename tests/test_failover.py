@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from stageserver import create_app
+from stageserver.manager import manager_of
 from testing.fake_upstream import FakeUpstream
 from testing.metrics import Samples, scrape, value
 from testing.servers import Gunicorn, free_port, gunicorn_server
@@ -359,7 +360,7 @@ def test_readyz_names_the_replicas_that_are_down(upstream: FakeUpstream) -> None
             "continuation": reports["pair"]["continuation"],
         }
         # The probe is the pools' active health check: what did not answer is ejected.
-        pools = app.extensions["stageserver"].replica_sets
+        pools = manager_of(app.extensions).replica_sets
         assert [r.ejected_until is None for r in pools["pair"].replicas] == [True, False]
     finally:
-        app.extensions["stageserver"].close()
+        manager_of(app.extensions).close()

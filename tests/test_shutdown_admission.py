@@ -12,6 +12,8 @@ import requests
 from flask.testing import FlaskClient
 
 from stageserver import create_app
+from stageserver.manager import manager_of
+from testing.apps import settle
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.servers import Nginx, gunicorn_server
 from testing.sse import chunk_text, parse_events, post_chat, terminal
@@ -171,7 +173,7 @@ def limited(upstream: FakeUpstream) -> Iterator[FlaskClient]:
         {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_MAX_ACTIVE_STREAMS": 2}
     )
     yield app.test_client()
-    app.extensions["stageserver"].upstreams.close()
+    manager_of(app.extensions).upstreams.close()
 
 
 def _start(client: FlaskClient, stage_id: str) -> Any:
@@ -213,13 +215,12 @@ def test_a_stage_refused_for_its_id_gives_its_slot_back(
     for response, pieces in zip((first, second), streams, strict=True):
         assert terminal(parse_events(b"".join(pieces)))[0]["event"] == "cancel"
         response.close()
-    stages = limited.application.extensions["stageserver"].stages
     for stage_id in ("a", "b"):
-        stages.get(stage_id).wait(5)  # the runner gives the slot back as it finishes
+        settle(limited, stage_id)  # the runner gives the slot back as it finishes
 
     again = _start(limited, "d")
     assert again.status_code == 200
     assert limited.post("/stages/d/cancel").status_code == 202
     again.get_data()
     again.close()
-    stages.get("d").wait(5)
+    settle(limited, "d")

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from stageserver import ConfigError, create_app
+from stageserver.manager import manager_of
 from stageserver.telemetry.tracing import tracing_mode
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, Gunicorn, gunicorn_server
@@ -163,11 +164,13 @@ def test_otlp_exports_to_the_endpoint_and_flushes_at_close(
     with FakeUpstream() as collector:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base)
         app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url})
-        manager = app.extensions["stageserver"]
+        manager = manager_of(app.extensions)
         assert manager.tracing is not None and manager.tracing.exporter is None
         body = {"stage_id": "otlp", "model_name": "fake", "user_prompt": "hi", "stream": True}
         assert b"event: done" in app.test_client().post("/chat", json=body).data
-        manager.stages.get("otlp").wait(5)
+        stage = manager.stages.get("otlp")
+        assert stage is not None
+        stage.wait(5)
         manager.close()  # the worker's exit: what is batched is sent
         [export] = [r for r in collector.requests if r.path == "/v1/traces"]
         assert export.method == "POST"
@@ -193,8 +196,9 @@ def test_with_tracing_off_no_tracer_is_made(upstream: FakeUpstream) -> None:
         f"""
         import sys
         from stageserver import create_app
+        from stageserver.manager import manager_of
         app = create_app({{"STAGESERVER_UPSTREAM_URL": {upstream.url!r}}})
-        assert app.extensions["stageserver"].tracing is None
+        assert manager_of(app.extensions).tracing is None
         body = {{"stage_id": "s", "model_name": "fake", "user_prompt": "hi", "stream": True}}
         assert b"event: done" in app.test_client().post("/chat", json=body).data
         tracing = ("opentelemetry.sdk.trace", "opentelemetry.exporter",
