@@ -10,6 +10,10 @@ The parts:
   running stageserver, nginx, redis-server, Sentinels, a Redis Cluster, prometheus.
 - ``hosts``: a gunicorn host's workers found, named as a stage's record names them, and
   a whole host killed at once.
+- ``topology``: the three ways stageserver is deployed (one worker, two hosts on Redis,
+  two hosts on a Redis Cluster), started once per session, over which a scenario is
+  written once; ``shards``: where a stage's keys and a principal's limits live on a
+  cluster.
 - ``apps``: stageserver apps in the test's own process, driven by Flask's test client.
 
 What a test reads and checks:
@@ -20,6 +24,12 @@ What a test reads and checks:
 - ``metrics``: Prometheus's text format, read sample by sample.
 - ``takeover``: what a takeover leaves: the upstream's requests of one stage, the
   continuation asked from the durable text, a host's count of continuations.
+
+How the tests run:
+
+- ``processes``: a pytest plugin that marks ``processes`` each test that starts a
+  process, and fails one that starts one unmarked (``pytest -m "not processes"`` is the
+  inner loop).
 
 Around the server:
 
