@@ -38,5 +38,7 @@ Around the server:
 - ``js/``: the openai npm package's programs, run by node.
 - ``clients/``: real OpenAI clients (Agents SDK, pydantic-ai, LangChain, LiteLLM) run in
   a venv of their own.
+- ``anthropic_sdk``: Anthropic's Python SDK in a venv of its own, running
+  ``anthropic_client``, the program that calls it with a plan.
 - ``venvs``: fresh venvs outside the checkout, to test the package as a user installs it.
 """

@@ -73,6 +73,7 @@ PROCESS_FIXTURES = frozenset(
         # the embedded model
         "model_server",
         # venvs, wheels and the programs run in them
+        "anthropic_sdk",
         "built",
         "server_venv",
         "client_venv",
