@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 
 from stageserver.anthropic_api import betas
 from stageserver.anthropic_api.errors import error_type, status_of
-from testing.apps import app_client
+from testing.apps import app_client, settle
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.sse import parse_events
 
@@ -688,18 +688,22 @@ def test_a_full_worker_is_a_529_overloaded_error_with_retry_after(upstream: Fake
         "STAGESERVER_UPSTREAM_URL": upstream.url,
         "STAGESERVER_MAX_ACTIVE_STREAMS": 1,
         # In the test's threads, a cancel reaches a stage still waiting for its upstream's
-        # headers when they come, or when this passes.
+        # headers when they come, or when its read times out (the larger of these two):
+        # the stage is over before the test is, and counts in no later test's metrics.
         "STAGESERVER_FIRST_TOKEN_TIMEOUT": 1,
+        "STAGESERVER_IDLE_TIMEOUT": 1,
     }
     with app_client(config) as client:
         first = client.post(
             "/v1/messages", json=ask(model="fake?mode=hang", stream=True), buffered=False
         )
+        stage_id = first.headers["X-Stage-Id"]
         try:
             refused = client.post("/v1/messages", json=ask())
         finally:
-            cancel = client.post(f"/stages/{first.headers['X-Stage-Id']}/cancel")
+            cancel = client.post(f"/stages/{stage_id}/cancel")
             first.close()
+        settle(client, stage_id)
     assert cancel.status_code == 202
     assert refused.status_code == 529
     assert refused.headers["Retry-After"] == "1"
