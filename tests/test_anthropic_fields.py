@@ -212,7 +212,7 @@ EXAMPLES: dict[str, tuple[Any, Expect]] = {
 
 
 @pytest.fixture
-def client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
+def flask_client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
     with app_client({"STAGESERVER_UPSTREAM_URL": upstream.url}) as test_client:
         yield test_client
 
@@ -223,13 +223,13 @@ def test_every_row_has_an_example() -> None:
 
 @pytest.mark.parametrize("name", [rule.name for rule in (*MESSAGES_FIELDS, *BETA_FIELDS)])
 def test_each_field_does_what_its_row_says(
-    client: FlaskClient, upstream: FakeUpstream, name: str
+    flask_client: FlaskClient, upstream: FakeUpstream, name: str
 ) -> None:
     value, expect = EXAMPLES[name]
     body = {**ASK, name: value}
     if name == "thinking":
         body["max_tokens"] = 2048
-    answer = client.post("/v1/messages", json=body)
+    answer = flask_client.post("/v1/messages", json=body)
     chats = [r for r in upstream.requests if r.path.endswith("/chat/completions")]
     if isinstance(expect, Refused):
         assert answer.status_code == 400
@@ -247,7 +247,7 @@ def test_each_field_does_what_its_row_says(
         assert expect.check(answer, sent)
 
 
-def test_count_tokens_takes_every_field_of_its_row(client: FlaskClient) -> None:
+def test_count_tokens_takes_every_field_of_its_row(flask_client: FlaskClient) -> None:
     body = {
         "model": "fake",
         "messages": HI,
@@ -262,9 +262,9 @@ def test_count_tokens_takes_every_field_of_its_row(client: FlaskClient) -> None:
         "workspace_id": "wrkspc_1",
     }
     assert set(body) == {rule.name for rule in COUNT_TOKENS_FIELDS}
-    answer = client.post("/v1/messages/count_tokens", json=body)
+    answer = flask_client.post("/v1/messages/count_tokens", json=body)
     assert answer.status_code == 200
-    without = client.post(
+    without = flask_client.post(
         "/v1/messages/count_tokens", json={"model": "fake", "messages": HI, "system": "Be brief."}
     )
     assert answer.get_json()["input_tokens"] > without.get_json()["input_tokens"]

@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 
 from stageserver.anthropic_api import betas
 from stageserver.anthropic_api.errors import error_type, status_of
-from testing.apps import app_client
+from testing.apps import app_client, settle
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.sse import parse_events
 
@@ -36,7 +36,7 @@ def ask(**fields: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
+def flask_client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
     with app_client({"STAGESERVER_UPSTREAM_URL": upstream.url}) as test_client:
         yield test_client
 
@@ -132,8 +132,8 @@ def whole(client: FlaskClient, body: dict[str, Any]) -> tuple[int, dict[str, Any
 # -- streams, byte for byte ---------------------------------------------------------------------
 
 
-def test_a_text_stream_is_anthropics_events_in_order(client: FlaskClient) -> None:
-    wire = streamed(client, ask(), **{"anthropic-version": "2023-06-01"})
+def test_a_text_stream_is_anthropics_events_in_order(flask_client: FlaskClient) -> None:
+    wire = streamed(flask_client, ask(), **{"anthropic-version": "2023-06-01"})
     assert wire == (
         start(0)
         + block_start(1, 0, type="text", text="")
@@ -144,8 +144,8 @@ def test_a_text_stream_is_anthropics_events_in_order(client: FlaskClient) -> Non
     )
 
 
-def test_a_whole_message_is_the_messages_apis_message(client: FlaskClient) -> None:
-    assert whole(client, ask()) == (
+def test_a_whole_message_is_the_messages_apis_message(flask_client: FlaskClient) -> None:
+    assert whole(flask_client, ask()) == (
         200,
         {
             "id": "ID",
@@ -164,9 +164,9 @@ THINKER = "fake?chunks=2&reasoning=2&created=1700000000"
 SIGNATURE = "kTIpHUo1muAciH4URQIBogEWHSv65zyXvChNUWI9Gsg="  # think0 think1, digested
 
 
-def test_a_reasoning_models_thinking_is_a_block_before_the_text(client: FlaskClient) -> None:
+def test_a_reasoning_models_thinking_is_a_block_before_the_text(flask_client: FlaskClient) -> None:
     body = ask(model=THINKER, thinking={"type": "enabled", "budget_tokens": 1024}, max_tokens=2048)
-    assert streamed(client, body) == (
+    assert streamed(flask_client, body) == (
         start(0, THINKER)
         + block_start(1, 0, type="thinking", thinking="", signature="")
         + delta(2, 0, type="thinking_delta", thinking="think0 ")
@@ -179,7 +179,7 @@ def test_a_reasoning_models_thinking_is_a_block_before_the_text(client: FlaskCli
         + block_stop(9, 1)
         + end(10, "end_turn", usage(4, output_tokens_details={"thinking_tokens": 2}))
     )
-    status, message = whole(client, body)
+    status, message = whole(flask_client, body)
     assert status == 200
     assert message["content"] == [
         {"type": "thinking", "thinking": "think0 think1 ", "signature": SIGNATURE},
@@ -188,19 +188,19 @@ def test_a_reasoning_models_thinking_is_a_block_before_the_text(client: FlaskCli
 
 
 def test_thinking_shown_omitted_is_an_empty_block_with_its_signature(
-    client: FlaskClient,
+    flask_client: FlaskClient,
 ) -> None:
     body = ask(
         model=THINKER,
         max_tokens=2048,
         thinking={"type": "enabled", "budget_tokens": 1024, "display": "omitted"},
     )
-    events = parse_events(streamed(client, body))
+    events = parse_events(streamed(flask_client, body))
     kinds = [(e["event"], e["data"].get("delta", {}).get("type")) for e in events]
     assert ("content_block_delta", "thinking_delta") not in kinds
     assert events[1]["data"]["content_block"]["type"] == "thinking"
     assert events[2]["data"]["delta"] == {"type": "signature_delta", "signature": SIGNATURE}
-    _, message = whole(client, body)
+    _, message = whole(flask_client, body)
     assert message["content"][0] == {"type": "thinking", "thinking": "", "signature": SIGNATURE}
 
 
@@ -212,10 +212,10 @@ TOOL = {
 
 
 def test_a_tool_call_is_a_tool_use_block_its_arguments_streamed_as_they_come(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     body = ask(model="fake?tool_calls=1&chunks=2", tools=[TOOL])
-    wire = streamed(client, body)
+    wire = streamed(flask_client, body)
     [request] = chats(upstream)
     call_id = f"call_fake_{request.index}_0"
     assert wire == (
@@ -236,7 +236,7 @@ def test_a_tool_call_is_a_tool_use_block_its_arguments_streamed_as_they_come(
             },
         }
     ]
-    status, message = whole(client, body)
+    status, message = whole(flask_client, body)
     assert (status, message["stop_reason"]) == (200, "tool_use")
     assert message["content"] == [
         {
@@ -249,27 +249,27 @@ def test_a_tool_call_is_a_tool_use_block_its_arguments_streamed_as_they_come(
 
 
 def test_a_stop_sequence_the_upstream_names_is_the_stop_reason(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     body = ask(model="fake?chunks=4&created=1700000000", stop_sequences=["tok2", "never"])
-    wire = streamed(client, body)
+    wire = streamed(flask_client, body)
     assert chats(upstream)[0].body["stop"] == ["tok2", "never"]
     assert wire.endswith(end(5, "stop_sequence", usage(2), stop="tok2"))
-    status, message = whole(client, body)
+    status, message = whole(flask_client, body)
     assert message["content"] == [{"type": "text", "text": "tok0 tok1 "}]
     assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "tok2")
 
 
-def test_the_token_limit_is_max_tokens(client: FlaskClient, upstream: FakeUpstream) -> None:
+def test_the_token_limit_is_max_tokens(flask_client: FlaskClient, upstream: FakeUpstream) -> None:
     body = ask(model="fake?chunks=5&created=1700000000", max_tokens=2)
-    assert streamed(client, body).endswith(end(5, "max_tokens", usage(2)))
+    assert streamed(flask_client, body).endswith(end(5, "max_tokens", usage(2)))
     assert chats(upstream)[0].body["max_tokens"] == 2
 
 
-def test_a_failure_mid_stream_is_an_error_event_and_the_end(client: FlaskClient) -> None:
+def test_a_failure_mid_stream_is_an_error_event_and_the_end(flask_client: FlaskClient) -> None:
     # Nothing continues an answer on the fake's default kind (openai: mode none).
     body = ask(model="fake?chunks=4&mode=drop&after=2&created=1700000000")
-    wire = streamed(client, body)
+    wire = streamed(flask_client, body)
     events = parse_events(wire)
     assert [e["event"] for e in events] == [
         "message_start",
@@ -299,7 +299,7 @@ def test_a_quiet_stream_pings(upstream: FakeUpstream) -> None:
 
 
 def test_the_conversation_becomes_chat_completions_messages(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     body = ask(
         system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
@@ -347,7 +347,7 @@ def test_the_conversation_becomes_chat_completions_messages(
             {"role": "system", "content": "Answer now."},
         ],
     )  # fmt: skip
-    assert client.post("/v1/messages", json=body).status_code == 200
+    assert flask_client.post("/v1/messages", json=body).status_code == 200
     assert chats(upstream)[0].body["messages"] == [
         {"role": "system", "content": "Be brief."},
         {
@@ -390,7 +390,7 @@ def test_the_conversation_becomes_chat_completions_messages(
 
 
 def test_text_blocks_of_one_turn_are_one_text_and_a_document_of_blocks_is_read(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     document = {
         "type": "document",
@@ -408,7 +408,7 @@ def test_text_blocks_of_one_turn_are_one_text_and_a_document_of_blocks_is_read(
             {"role": "assistant", "content": "The answer is ("},
         ],
     )  # fmt: skip
-    assert client.post("/v1/messages", json=body).status_code == 200
+    assert flask_client.post("/v1/messages", json=body).status_code == 200
     assert chats(upstream)[0].body["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "one\nFrom the wiki.\nCats purr.\ntwo"},
@@ -427,7 +427,7 @@ def test_text_blocks_of_one_turn_are_one_text_and_a_document_of_blocks_is_read(
 
 
 def test_sampling_stops_and_tool_choice_pass_as_chat_completions_names_them(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     choices: list[tuple[dict[str, Any], dict[str, Any]]] = [
         ({"type": "auto"}, {"tool_choice": "auto"}),
@@ -439,7 +439,7 @@ def test_sampling_stops_and_tool_choice_pass_as_chat_completions_names_them(
     ]  # fmt: skip
     for choice, sent in choices:
         body = ask(tools=[TOOL], tool_choice=choice, temperature=0.5, top_p=0.9)
-        assert client.post("/v1/messages", json=body).status_code == 200
+        assert flask_client.post("/v1/messages", json=body).status_code == 200
         request = chats(upstream)[-1].body
         assert {k: request[k] for k in sent} == sent
         assert (request["temperature"], request["top_p"]) == (0.5, 0.9)
@@ -483,11 +483,11 @@ def test_thinking_and_effort_pass_as_reasoning_effort_and_qwens_enable_thinking(
 
 
 def test_output_formats_schema_is_the_response_format(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
     body = ask(output_config={"format": {"type": "json_schema", "schema": schema}})
-    assert client.post("/v1/messages", json=body).status_code == 200
+    assert flask_client.post("/v1/messages", json=body).status_code == 200
     assert chats(upstream)[0].body["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "output", "schema": schema},
@@ -524,7 +524,7 @@ def test_top_k_and_other_fields_reach_an_upstream_that_takes_them_and_merge_with
 
 
 def test_fields_that_change_nothing_are_taken_and_not_sent(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     body = ask(
         metadata={"user_id": "u-1"},
@@ -536,7 +536,7 @@ def test_fields_that_change_nothing_are_taken_and_not_sent(
         user_profile_id="up_1",
         workspace_id="wrkspc_1",
     )
-    assert client.post("/v1/messages", json=body).status_code == 200
+    assert flask_client.post("/v1/messages", json=body).status_code == 200
     sent = chats(upstream)[0].body
     assert set(sent) == {"model", "messages", "max_tokens", "stream", "stream_options"}
 
@@ -599,9 +599,9 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
 
 @pytest.mark.parametrize(("body", "message"), REFUSED, ids=[m[:40] for _, m in REFUSED])
 def test_a_bad_request_is_a_400_in_anthropics_shape_naming_the_field(
-    client: FlaskClient, upstream: FakeUpstream, body: dict[str, Any], message: str
+    flask_client: FlaskClient, upstream: FakeUpstream, body: dict[str, Any], message: str
 ) -> None:
-    answer = client.post("/v1/messages", json=body)
+    answer = flask_client.post("/v1/messages", json=body)
     assert answer.status_code == 400
     assert answer.get_json() == {
         "type": "error",
@@ -611,8 +611,8 @@ def test_a_bad_request_is_a_400_in_anthropics_shape_naming_the_field(
     assert chats(upstream) == []
 
 
-def test_a_body_that_is_no_json_object_is_a_400(client: FlaskClient) -> None:
-    answer = client.post("/v1/messages", data=b"[1]")
+def test_a_body_that_is_no_json_object_is_a_400(flask_client: FlaskClient) -> None:
+    answer = flask_client.post("/v1/messages", data=b"[1]")
     assert (answer.status_code, answer.get_json()) == (
         400,
         {
@@ -626,7 +626,7 @@ def test_a_body_that_is_no_json_object_is_a_400(client: FlaskClient) -> None:
 
 
 def test_an_upstreams_own_400_is_an_invalid_request_naming_the_message(
-    client: FlaskClient,
+    flask_client: FlaskClient,
 ) -> None:
     image = {"type": "image", "source": {"type": "url", "url": IMAGE_URL}}
     body = ask(
@@ -634,7 +634,7 @@ def test_an_upstreams_own_400_is_an_invalid_request_naming_the_message(
         system="Look.",
         messages=[{"role": "user", "content": ["What is it?", image][1:]}],
     )
-    status, answer = whole(client, body)
+    status, answer = whole(flask_client, body)
     assert status == 400
     assert answer == {
         "type": "error",
@@ -644,7 +644,7 @@ def test_an_upstreams_own_400_is_an_invalid_request_naming_the_message(
             "supported by this model",
         },
     }
-    events = parse_events(streamed(client, body))
+    events = parse_events(streamed(flask_client, body))
     assert [e["event"] for e in events] == ["message_start", "error"]
     assert events[1]["data"] == answer
 
@@ -688,18 +688,22 @@ def test_a_full_worker_is_a_529_overloaded_error_with_retry_after(upstream: Fake
         "STAGESERVER_UPSTREAM_URL": upstream.url,
         "STAGESERVER_MAX_ACTIVE_STREAMS": 1,
         # In the test's threads, a cancel reaches a stage still waiting for its upstream's
-        # headers when they come, or when this passes.
+        # headers when they come, or when its read times out (the larger of these two):
+        # the stage is over before the test is, and counts in no later test's metrics.
         "STAGESERVER_FIRST_TOKEN_TIMEOUT": 1,
+        "STAGESERVER_IDLE_TIMEOUT": 1,
     }
     with app_client(config) as client:
         first = client.post(
             "/v1/messages", json=ask(model="fake?mode=hang", stream=True), buffered=False
         )
+        stage_id = first.headers["X-Stage-Id"]
         try:
             refused = client.post("/v1/messages", json=ask())
         finally:
-            cancel = client.post(f"/stages/{first.headers['X-Stage-Id']}/cancel")
+            cancel = client.post(f"/stages/{stage_id}/cancel")
             first.close()
+        settle(client, stage_id)
     assert cancel.status_code == 202
     assert refused.status_code == 529
     assert refused.headers["Retry-After"] == "1"
@@ -782,7 +786,7 @@ def test_a_key_in_no_header_is_never_logged(
 
 
 def test_an_unknown_beta_is_ignored_and_logged_once(
-    client: FlaskClient, caplog: pytest.LogCaptureFixture
+    flask_client: FlaskClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = "some-new-beta-2099-01-01"
     headers = {
@@ -792,7 +796,7 @@ def test_an_unknown_beta_is_ignored_and_logged_once(
     betas._logged.discard(name)
     with caplog.at_level(logging.INFO, logger="stageserver.anthropic"):
         for _ in range(2):
-            assert client.post("/v1/messages", json=ask(), headers=headers).status_code == 200
+            assert flask_client.post("/v1/messages", json=ask(), headers=headers).status_code == 200
     logged = [r.getMessage() for r in caplog.records if r.name == "stageserver.anthropic"]
     assert logged == [f"anthropic-beta {name!r} is not one this server knows: ignored"]
 
@@ -824,44 +828,50 @@ def test_a_preflight_allows_the_anthropic_sdks_headers(upstream: FakeUpstream) -
     assert "X-Stage-Id" in exposed and "request-id" in exposed
 
 
-def test_x_stage_resumable_makes_a_message_resumable(client: FlaskClient) -> None:
-    answer = client.post("/v1/messages", json=ask(), headers={"X-Stage-Resumable": "true"})
-    status = client.get(f"/stages/{answer.headers['X-Stage-Id']}").get_json()
+def test_x_stage_resumable_makes_a_message_resumable(flask_client: FlaskClient) -> None:
+    answer = flask_client.post("/v1/messages", json=ask(), headers={"X-Stage-Resumable": "true"})
+    status = flask_client.get(f"/stages/{answer.headers['X-Stage-Id']}").get_json()
     assert (status["resumable"], status["text"]) == (True, "tok0 tok1 ")
-    plain = client.post("/v1/messages", json=ask())
-    assert client.get(f"/stages/{plain.headers['X-Stage-Id']}").get_json()["resumable"] is False
-    bad = client.post("/v1/messages", json=ask(), headers={"X-Stage-Resumable": "yes"})
+    plain = flask_client.post("/v1/messages", json=ask())
+    assert (
+        flask_client.get(f"/stages/{plain.headers['X-Stage-Id']}").get_json()["resumable"] is False
+    )
+    bad = flask_client.post("/v1/messages", json=ask(), headers={"X-Stage-Resumable": "yes"})
     assert (bad.status_code, bad.get_json()["error"]["message"]) == (
         400,
         "X-Stage-Resumable: must be true or false",
     )
 
 
-def test_a_stream_resumes_after_its_last_event_id(client: FlaskClient) -> None:
-    answer = client.post("/v1/messages", json=ask(stream=True))
+def test_a_stream_resumes_after_its_last_event_id(flask_client: FlaskClient) -> None:
+    answer = flask_client.post("/v1/messages", json=ask(stream=True))
     message_id = answer.headers["X-Stage-Id"]
     events = parse_events(answer.data)
     after = events[2]["id"]
     assert after == f"{message_id}-content_block_delta-2"
-    rest = client.get(f"/stages/{message_id}/events", headers={"Last-Event-ID": after})
+    rest = flask_client.get(f"/stages/{message_id}/events", headers={"Last-Event-ID": after})
     assert rest.status_code == 200
     # The rest, the same bytes: the log holds what every host replays.
     blocks = [block + b"\n\n" for block in answer.data.split(b"\n\n")[:-1]]
     assert rest.data == b"retry: 3000\n" + b"".join(blocks[3:])
     assert parse_events(rest.data) == events[3:]
-    last = client.get(f"/stages/{message_id}/events", headers={"Last-Event-ID": events[-1]["id"]})
+    last = flask_client.get(
+        f"/stages/{message_id}/events", headers={"Last-Event-ID": events[-1]["id"]}
+    )
     assert last.status_code == 204
 
 
 # -- count_tokens ------------------------------------------------------------------------------
 
 
-def test_count_tokens_estimates_where_the_upstream_has_no_tokenizer(client: FlaskClient) -> None:
+def test_count_tokens_estimates_where_the_upstream_has_no_tokenizer(
+    flask_client: FlaskClient,
+) -> None:
     body = {"model": "fake", "system": "Be brief.", "messages": HI}
-    answer = client.post("/v1/messages/count_tokens", json=body)
+    answer = flask_client.post("/v1/messages/count_tokens", json=body)
     # "Be brief." (9 characters: 3) and "hi" (1), each and 4 for its message.
     assert (answer.status_code, answer.get_json()) == (200, {"input_tokens": 12, "estimated": True})
-    with_tools = client.post("/v1/messages/count_tokens", json={**body, "tools": [TOOL]})
+    with_tools = flask_client.post("/v1/messages/count_tokens", json={**body, "tools": [TOOL]})
     assert with_tools.get_json()["input_tokens"] > 12
 
 
@@ -918,8 +928,8 @@ def test_count_tokens_estimates_when_the_tokenizer_fails(upstream: FakeUpstream)
     assert answer.get_json() == {"input_tokens": 5, "estimated": True}
 
 
-def test_count_tokens_refuses_a_field_it_does_not_take(client: FlaskClient) -> None:
-    answer = client.post(
+def test_count_tokens_refuses_a_field_it_does_not_take(flask_client: FlaskClient) -> None:
+    answer = flask_client.post(
         "/v1/messages/count_tokens", json={"model": "fake", "messages": HI, "max_tokens": 5}
     )
     assert (answer.status_code, answer.get_json()["error"]["message"]) == (

@@ -10,7 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from testing.servers import ROOT
+
+#: Every test here starts a process (testing/processes.py).
+pytestmark = pytest.mark.processes
 
 
 def test_quick_bench_reports_every_target(tmp_path: Path) -> None:

@@ -9,7 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from testing.servers import ROOT
+
+#: Every test here starts a process (testing/processes.py).
+pytestmark = pytest.mark.processes
 
 
 def test_quick_faults_print_their_table_with_no_problem(tmp_path: Path) -> None:

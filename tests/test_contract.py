@@ -24,6 +24,9 @@ import requests
 from testing.fake_upstream import FakeUpstream
 from testing.servers import VENV_BIN, Gunicorn, gunicorn_server
 
+#: Every test here starts a process (testing/processes.py).
+pytestmark = pytest.mark.processes
+
 KEY = "schemathesis-key-1"
 CHECKS = [
     "not_a_server_error",

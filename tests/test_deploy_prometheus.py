@@ -72,17 +72,20 @@ def alerts() -> list[dict[str, Any]]:
 # -- promtool ---------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("config", ["prometheus.yml", "prometheus-kubernetes.yml"])
 def test_promtool_checks_the_scrape_configuration_and_its_rules(config: str) -> None:
     output = promtool("check", "config", config)
     assert "SUCCESS: 2 rule files found" in output
 
 
+@pytest.mark.processes
 def test_promtool_checks_the_rules() -> None:
     output = promtool("check", "rules", "stageserver.rules.yml", "stageserver.alerts.yml")
     assert f"SUCCESS: {len(alerts())} rules found" in output
 
 
+@pytest.mark.processes
 def test_promtool_runs_the_rules_unit_tests() -> None:
     assert "SUCCESS" in promtool("test", "rules", "stageserver.tests.yml")
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import requests
 
 from stageserver.settings import PROCESS_SETTINGS
@@ -93,6 +94,7 @@ def rendered_units(directory: Path) -> list[Path]:
     return paths
 
 
+@pytest.mark.processes
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     paths = rendered_units(tmp_path)
     done = subprocess.run(
@@ -147,6 +149,7 @@ def test_the_service_is_hardened() -> None:
     assert "ReadWritePaths" not in service  # nothing writable beside its runtime directory
 
 
+@pytest.mark.processes
 def test_gunicorn_serves_on_the_socket_systemd_hands_it_and_reloads_on_hup(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:

@@ -43,7 +43,8 @@ from testing.servers import (
 )
 from testing.sse import chunk_text, parse_events, post_chat
 
-pytestmark = pytest.mark.llm
+#: Every test here runs the embedded model, a process (testing/processes.py).
+pytestmark = [pytest.mark.llm, pytest.mark.processes]
 
 # At temperature 0 the model runs to the limit on this prompt rather than stopping early.
 LONG_PROMPT = "Write a very long essay about the history of the Roman Empire."

@@ -129,6 +129,7 @@ def test_replica_admitted_follows_ejection_and_readmission(upstream: FakeUpstrea
             assert (admitted(upstream.url), admitted(down)) == (1, 1)
 
 
+@pytest.mark.processes
 def test_store_unavailable_while_redis_is_down(upstream: FakeUpstream) -> None:
     """With no stage running: the sweeper's look, every quarter of a lease, sees Redis go
     and come back."""
@@ -156,9 +157,9 @@ def test_store_unavailable_while_redis_is_down(upstream: FakeUpstream) -> None:
         redis_server.stop()
 
 
-def test_this_process_is_its_own_worker_without_gunicorn(client: FlaskClient) -> None:
+def test_this_process_is_its_own_worker_without_gunicorn(flask_client: FlaskClient) -> None:
     """Without gunicorn's multiprocess directory, the worker families are this process's."""
-    samples = scraped(client)
+    samples = scraped(flask_client)
     pid = str(os.getpid())
     assert value(samples, "stageserver_worker_cpu_seconds_total", pid=pid) > 0
     # A Python process with Flask loaded: tens of megabytes at least.

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from stageserver import create_app
+from stageserver.manager import manager_of
 from stageserver.principals import _NAME
 from stageserver.schemas import STAGE_ID_PATTERN
 from stageserver.store import scripts
@@ -437,7 +438,7 @@ def test_every_script_and_transaction_redis_sees_keeps_to_one_slot(
             retried_key = run_traffic(here.test_client(), there.test_client())
         finally:
             for app in (here, there):
-                app.extensions["stageserver"].close()
+                manager_of(app.extensions).close()
         marker = f"end-of-traffic-{uuid.uuid4().hex}".encode()
         probe.echo(marker)
         lines = monitor.wait_for(marker)

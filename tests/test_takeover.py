@@ -7,9 +7,7 @@ fake upstream continues a conversation that ends with the partial answer."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import socket
 import time
@@ -24,17 +22,25 @@ import requests
 
 from stageserver.store.entries import events_of
 from stageserver.store.keys import stage_keys
-from testing.fake_upstream import FakeUpstream, UpstreamRequest
-from testing.metrics import scrape, value
+from testing.fake_upstream import FakeUpstream
+from testing.hosts import kill_host, worker_of
 from testing.servers import Gunicorn, RedisServer, gunicorn_server
-from testing.sse import OpenStream, chunk_text, parse_events, post_chat, stage_status, terminal
+from testing.sse import (
+    OpenStream,
+    assert_whole_once,
+    chunk_text,
+    parse_events,
+    post_chat,
+    read_rest,
+    seq,
+    stage_status,
+    terminal,
+    toks,
+    with_ids,
+)
+from testing.takeover import assert_continued_from_the_durable_text, continuations, seen
 
 SLOW = "fake?chunks=60&interval=0.05"  # 3 s: "tok0 " .. "tok59 "
-DEFAULT_MAX_TOKENS = 512  # STAGESERVER_DEFAULT_MAX_TOKENS
-
-
-def toks(count: int) -> str:
-    return "".join(f"tok{n} " for n in range(count))
 
 
 def host_env(fake: FakeUpstream, store: RedisServer, **extra: str) -> dict[str, str]:
@@ -76,35 +82,6 @@ def start_host() -> Iterator[Callable[[dict[str, str]], Gunicorn]]:
         host.stop()
 
 
-def kill_host(host: Gunicorn) -> None:
-    """SIGKILL a whole host: its workers, and its arbiter, so that none is respawned."""
-    for pid in [*host.worker_pids(), host.proc.pid]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    host.proc.wait(timeout=10)
-
-
-def worker_of(host: Gunicorn) -> str:
-    """The newest worker of ``host``, as a stage's record names it (``host:pid``)."""
-    return f"{socket.gethostname()}:{host.worker_pids()[-1]}"
-
-
-def seq(event: dict[str, Any]) -> int:
-    return int(event["id"].rpartition("-")[2])
-
-
-def read_rest(stream: OpenStream) -> list[dict[str, Any]]:
-    """What a stream still delivers; its host may cut it."""
-    with contextlib.suppress(requests.RequestException):
-        stream.read_to_end()
-    stream.close()
-    return stream.events()
-
-
-def with_ids(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in events if "id" in e]
-
-
 def start_background(host: Gunicorn, request_ids: str, count: int = 2) -> list[str]:
     """``count`` background responses of 100 chunks on ``host``, nobody attached; their
     ids. Their requests' ids are ``request_ids`` and their number."""
@@ -134,59 +111,11 @@ def settled_response(host: Gunicorn, response_id: str) -> dict[str, Any]:
     return dict(answer)
 
 
-def seen(fake: FakeUpstream, request_id: str) -> list[UpstreamRequest]:
-    """What the upstream saw of one stage, in order."""
-    return [r for r in fake.requests if r.headers.get("x-request-id") == request_id]
-
-
 def wait_streaming(fake: FakeUpstream, request_id: str, chunks: int) -> None:
     """Until the upstream has sent ``chunks`` chunks of the stage's first request."""
     assert fake.wait_for(
         lambda: any(r.chunks_sent >= chunks for r in seen(fake, request_id)[:1])
     ), seen(fake, request_id)
-
-
-def assert_whole_once(stage_id: str, events: list[dict[str, Any]], chunks: int) -> dict[str, Any]:
-    """A seed stage's events, from the first, are its whole answer once: the ids count up
-    from 0 with no gap and no repeat, the text is the scripted answer, one ``continued``
-    and, last, ``done``, and no ``error`` anywhere. Returns the ``continued`` event."""
-    assert [e for e in events if e.get("event") == "error"] == []
-    ided = with_ids(events)
-    assert [seq(e) for e in ided] == list(range(len(ided)))
-    assert chunk_text(ided) == toks(chunks)
-    [continued] = [e for e in ided if e["event"] == "continued"]
-    assert continued["id"] == f"{stage_id}-continued-{seq(continued)}"
-    assert terminal(ided) == [ided[-1]] and ided[-1]["event"] == "done"
-    for event in ided:
-        kind = "chunk" if event["event"] == "chat_completion_chunk" else event["event"]
-        assert event["id"] == f"{stage_id}-{kind}-{seq(event)}"
-    return continued
-
-
-def assert_continued_from_the_durable_text(fake: FakeUpstream, request_id: str) -> int:
-    """The upstream saw the answer asked for, then continued: the second request ends
-    with the text delivered (its trailing whitespace held back) and asks only for the
-    tokens left. Returns how many content chunks were delivered before it."""
-    first, second = seen(fake, request_id)
-    assert first.body["max_tokens"] == DEFAULT_MAX_TOKENS
-    partial = second.body["messages"][-1]
-    delivered = len(partial["content"].split())
-    assert delivered > 0
-    assert partial == {"role": "assistant", "content": toks(delivered).rstrip()}
-    assert second.body["messages"][:-1] == first.body["messages"]
-    assert second.body["max_tokens"] == DEFAULT_MAX_TOKENS - delivered
-    return delivered
-
-
-def continuations(host: Gunicorn) -> float:
-    metrics = scrape(requests.get(f"{host.url}/metrics", timeout=5).text)
-    return value(
-        metrics,
-        "stageserver_stage_continuations_total",
-        mode="trailing",
-        reason="owner_lost",
-        outcome="ok",
-    )
 
 
 # -- a host dies --------------------------------------------------------------------------
@@ -438,7 +367,7 @@ def test_a_slow_store_holds_clients_back_and_a_resume_beyond_the_log_is_refused(
 ) -> None:
     a, b = start_host(host_env(trailing, redis_server)), survivor
     stage_id = "t-slow"
-    log_key = stage_keys(stage_id).log
+    _, log_key, _, _ = stage_keys(stage_id)
     client: Any = redis.Redis.from_url(redis_server.url)  # redis-py types results loosely
     stream = post_chat(
         a.url,
