@@ -60,13 +60,17 @@ _MARKERS = {
         b"event: response.completed\n",
         (b"event: response.failed\n", b"event: response.cancelled\n"),
     ),
+    "messages": (b"event: content_block_delta\n", b"event: message_stop\n", (b"event: error\n",)),
 }
 
 
 def api_of(target: str, path: str) -> str:
-    """Which API a target is streamed through: the seed's, Chat Completions', Responses'."""
+    """Which API a target is streamed through: the seed's, Chat Completions', Responses',
+    the Messages API's."""
     if path == "/v1/responses":
         return "responses"
+    if path == "/v1/messages":
+        return "messages"
     return "stageserver" if path == "/chat" else "openai"
 
 
@@ -429,9 +433,10 @@ class LoadGenerator:
         self._resumable = ',"resumable":true' if follow_port is not None else ""
         self._kind = kind
         # Every API relays each stream's upstream chunks (``shape.events``); Responses'
-        # has an event for each content chunk only, and the finish and usage chunks are
-        # counted for it when its stream ends.
-        self.unseen_per_stream = shape.events - shape.chunks if kind == "responses" else 0
+        # and the Messages API's have an event for each content chunk only, and the finish
+        # and usage chunks are counted for them when a stream ends.
+        per_content = kind in ("responses", "messages")
+        self.unseen_per_stream = shape.events - shape.chunks if per_content else 0
         self._openai_body = json.dumps(
             {
                 "model": shape.model,
@@ -462,6 +467,15 @@ class LoadGenerator:
         elif self._kind == "responses":
             body = json.dumps(
                 {"model": self.spec.shape.model, "input": "bench", "stream": True}
+            ).encode()
+        elif self._kind == "messages":
+            body = json.dumps(
+                {
+                    "model": self.spec.shape.model,
+                    "max_tokens": 512,
+                    "messages": [{"role": "user", "content": "bench"}],
+                    "stream": True,
+                }
             ).encode()
         else:
             body = self._openai_body

@@ -44,17 +44,25 @@ DEFAULT_TARGETS = TARGETS
 # from one plain upstream), and "@<git revision>" (that revision's code, run from a
 # checkout of it, side by side with this one): stageserver+redis+keys, stageserver@a548dc4.
 # "+v1chat" and "+v1responses" stream the same stages through OpenAI's API
-# (/v1/chat/completions, /v1/responses) instead of the seed's /chat. "+cluster": the
+# (/v1/chat/completions, /v1/responses) instead of the seed's /chat, and "+messages"
+# through Anthropic's Messages API (/v1/messages). "+cluster": the
 # stage store a Redis Cluster of three primaries instead of one redis-server. "+follow"
 # (with +redis or +cluster, through /chat): a second gunicorn host on the same store, on
 # which every stream's stage is followed by a second client (GET /stages/<id>/events):
 # +redis+follow less +redis is what a follower adds. "+w<ms>" (with a store): its flush
 # window, STAGESERVER_STORE_FLUSH_WINDOW_SECONDS, in ms: stageserver+redis+w40.
 STAGESERVER_VARIANTS = frozenset(
-    {"redis", "cluster", "follow", "keys", "httpx", "pool", "replicas", "v1chat", "v1responses"}
-)
+    {
+        "redis", "cluster", "follow", "keys", "httpx", "pool", "replicas",
+        "v1chat", "v1responses", "messages",
+    }
+)  # fmt: skip
 #: The path each API variant posts to; the seed's /chat without one.
-API_PATHS = {"v1chat": "/v1/chat/completions", "v1responses": "/v1/responses"}
+API_PATHS = {
+    "v1chat": "/v1/chat/completions",
+    "v1responses": "/v1/responses",
+    "messages": "/v1/messages",
+}
 
 
 def check_target(target: str) -> str | None:

@@ -11,6 +11,9 @@
 - ``<!-- openai-chat-fields -->``, ``<!-- openai-responses-fields -->``: every field of
   OpenAI's two create requests and what stageserver does with it, from
   ``stageserver.openai_api.fields``.
+- ``<!-- anthropic-messages-fields -->``, ``<!-- anthropic-beta-fields -->``,
+  ``<!-- anthropic-count-tokens-fields -->``: the same for the Messages API's two
+  requests (and the beta API's own fields), from ``stageserver.anthropic_api.fields``.
 
 Named in ``mkdocs.yml`` (``hooks: [docs/hooks.py]``); ``tests/test_docs.py`` checks that
 what it writes lists every setting and every metric.
@@ -31,6 +34,9 @@ CHANGES_MARKER = "<!-- changes -->"
 EXTRA_FIELDS_MARKER = "<!-- extra-fields-table -->"
 CHAT_FIELDS_MARKER = "<!-- openai-chat-fields -->"
 RESPONSES_FIELDS_MARKER = "<!-- openai-responses-fields -->"
+MESSAGES_FIELDS_MARKER = "<!-- anthropic-messages-fields -->"
+COUNT_TOKENS_FIELDS_MARKER = "<!-- anthropic-count-tokens-fields -->"
+BETA_FIELDS_MARKER = "<!-- anthropic-beta-fields -->"
 
 
 def _importable() -> None:
@@ -48,9 +54,25 @@ def settings_table() -> str:
     return markdown_table()
 
 
+def custom_collector(value: object) -> bool:
+    """Whether ``value`` is a collector of families of its own (not a Counter, Gauge or
+    Histogram, nor a registry): an instance whose ``describe()`` names what ``collect()``
+    gives. prometheus_client's ``Collector`` is a protocol: it is recognised by shape."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    return (
+        not isinstance(value, type | MetricWrapperBase | CollectorRegistry)
+        and callable(getattr(value, "describe", None))
+        and callable(getattr(value, "collect", None))
+    )
+
+
 def metric_families(module: ModuleType | None = None) -> list[tuple[str, str, list[str], str]]:
     """``(name, type, label names, help)`` of each prometheus_client collector defined at
-    the top level of ``module`` (``stageserver.telemetry.metrics``), in definition order.
+    the top level of ``module`` (``stageserver.telemetry.metrics``), in definition order:
+    its metrics (Counter, Gauge, Histogram), and the families of a custom collector (one
+    whose ``describe()`` names them, with its ``labelnames``).
 
     The name is the one a query uses: a counter's with its ``_total``.
     """
@@ -63,6 +85,12 @@ def metric_families(module: ModuleType | None = None) -> list[tuple[str, str, li
         module = metrics
     families = []
     for value in vars(module).values():
+        if custom_collector(value):
+            labels = [str(label) for label in getattr(value, "labelnames", ())]
+            for family in value.describe():
+                suffix = "_total" if family.type == "counter" else ""
+                families.append((family.name + suffix, family.type, labels, family.documentation))
+            continue
         if not isinstance(value, MetricWrapperBase):
             continue
         kind = str(value._type)
@@ -103,6 +131,20 @@ def openai_fields(api: str) -> str:
     return fields.markdown_table(rules)
 
 
+def anthropic_fields(request: str) -> str:
+    """The table of every field of the Messages API's ``messages`` or ``count_tokens``
+    request, or of those only its ``beta`` API has."""
+    _importable()
+    from stageserver.anthropic_api import fields
+
+    rules = {
+        "messages": fields.MESSAGES_FIELDS,
+        "beta": fields.BETA_FIELDS,
+        "count_tokens": fields.COUNT_TOKENS_FIELDS,
+    }[request]
+    return fields.markdown_table(rules)
+
+
 def extra_fields_rows() -> str:
     """A table row per upstream kind: the fields beyond OpenAI's API it takes by default."""
     _importable()
@@ -122,6 +164,12 @@ def render(markdown: str) -> str:
         markdown = markdown.replace(CHAT_FIELDS_MARKER, openai_fields("chat"))
     if RESPONSES_FIELDS_MARKER in markdown:
         markdown = markdown.replace(RESPONSES_FIELDS_MARKER, openai_fields("responses"))
+    if MESSAGES_FIELDS_MARKER in markdown:
+        markdown = markdown.replace(MESSAGES_FIELDS_MARKER, anthropic_fields("messages"))
+    if BETA_FIELDS_MARKER in markdown:
+        markdown = markdown.replace(BETA_FIELDS_MARKER, anthropic_fields("beta"))
+    if COUNT_TOKENS_FIELDS_MARKER in markdown:
+        markdown = markdown.replace(COUNT_TOKENS_FIELDS_MARKER, anthropic_fields("count_tokens"))
     if SETTINGS_MARKER in markdown:
         markdown = markdown.replace(SETTINGS_MARKER, settings_table())
     if METRICS_MARKER in markdown:

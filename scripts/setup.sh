@@ -49,9 +49,12 @@ fi
 
 if [ "$dev" = 1 ]; then
     # Debian packages the tests start or run themselves: a command each, and its package.
+    # prometheus carries promtool; systemd carries systemd-analyze and
+    # systemd-socket-activate (deploy/'s tests).
     missing=()
     for pair in nginx:nginx redis-server:redis-server redis-sentinel:redis-sentinel \
-        chromium:chromium node:nodejs npm:npm; do
+        chromium:chromium node:nodejs npm:npm prometheus:prometheus promtool:prometheus \
+        systemd-analyze:systemd systemd-socket-activate:systemd; do
         command=${pair%%:*} package=${pair##*:}
         command -v "$command" >/dev/null 2>&1 || [ -x "/usr/sbin/$command" ] \
             || [ -x "/usr/bin/$command" ] || missing+=("$package")
@@ -61,10 +64,12 @@ if [ "$dev" = 1 ]; then
         sudo=""
         [ "$(id -u)" = 0 ] || sudo="sudo"
         $sudo apt-get update -qq
+        # Sorted and once each: two commands may come from one package.
+        mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
             "${missing[@]}" >/dev/null
         # The packages start system services; the tests start their own instances.
-        for service in nginx redis-server redis-sentinel; do
+        for service in nginx redis-server redis-sentinel prometheus; do
             $sudo service "$service" stop >/dev/null 2>&1 || true
         done
     fi

@@ -106,6 +106,7 @@ class StageServer:
         from .views import bp
         from .web.apidocs import bp as docs_bp
         from .web.browser import register_web
+        from .web.messages import bp as messages_bp
         from .web.ops import bp as ops_bp
         from .web.v1 import bp as v1_bp
 
@@ -113,6 +114,7 @@ class StageServer:
         app.register_blueprint(ops_bp, url_prefix=self.url_prefix)
         app.register_blueprint(docs_bp, url_prefix=self.url_prefix)
         app.register_blueprint(v1_bp, url_prefix=f"{self.url_prefix or ''}/v1")
+        app.register_blueprint(messages_bp, url_prefix=f"{self.url_prefix or ''}/v1")
         register_web(app, self.url_prefix)
         shutdown.track(manager)
 

@@ -133,10 +133,11 @@ def post_worker_init(worker: Any) -> None:
     """In the worker, once the app is loaded and gevent has patched: graceful shutdown
     (stageserver/shutdown.py) and the log format of gunicorn's worker-side lines."""
     from stageserver import shutdown
-    from stageserver.telemetry import logs
+    from stageserver.telemetry import logs, metrics
 
     shutdown.install(worker)
     logs.format_gunicorn_logs(_env("LOG_FORMAT"))
+    metrics.worker_started(worker.cfg.workers)
     # The app's modules and objects live as long as the worker: keep them out of the
     # collector's full passes, which otherwise walk them again and again under load.
     gc.freeze()

@@ -24,7 +24,7 @@ request resolved to, then its fallbacks'. The pools (one per upstream, in this w
 report each attempt to the per-replica metrics.
 
 With the shared store, a stage outlives its worker: the manager takes over (``adopt``) a
-stage whose worker died or drained (``store/mirror.py``), and rebuilds it from its record
+stage whose worker died or drained (``store/takeover.py``), and rebuilds it from its record
 to continue its answer; on shutdown it hands its own off (``hand_off_unattended``, then
 ``abort_running``).
 """
@@ -76,7 +76,8 @@ from .upstream.request_body import RequestBody, check_extra_fields
 from .upstream.route import ReplicaSets
 
 if TYPE_CHECKING:
-    from .store.mirror import Claim, RedisStageStore
+    from .store.mirror import RedisStageStore
+    from .store.takeover import Claim
 
 log = logging.getLogger("stageserver.manager")
 
@@ -104,7 +105,7 @@ class LocalStage:
         if after_seq >= stage.next_seq:
             return RefusedFeed(stage.stage_id, after_seq, stage.next_seq)
         if self._store is not None and after_seq + 1 < stage.first_kept_seq:
-            return self._store.reader.feed(stage.key, stage.stage_id, after_seq)
+            return self._store.feed(stage.key, stage.stage_id, after_seq)
         return LocalFeed(stage, owner=False)
 
     def cancel(self, reason: str) -> None:
@@ -165,15 +166,17 @@ class StoredStage:
         self.stage_id = stage_id
 
     def summary(self) -> dict[str, object]:
-        summary = self._store.reader.summary(self.key, self.stage_id)
+        self._store.reap_orphan(self.key, self.stage_id)  # its owner may have died
+        summary = self._store.reader.summary(self.key)
         if summary is None:
             raise UnknownStage(self.stage_id)
         return summary
 
     def feed(self, after_seq: int) -> EventFeed | None:
-        return self._store.reader.feed(self.key, self.stage_id, after_seq)
+        return self._store.feed(self.key, self.stage_id, after_seq)
 
     def cancel(self, reason: str) -> None:
+        self._store.reap_orphan(self.key, self.stage_id)  # its owner may have died
         self._store.request_cancel(self.key, self.stage_id, reason)
 
     def wait(self, timeout: float) -> bool:
@@ -245,7 +248,7 @@ class StageManager:
         if self.store is not None:
             self.store.start()  # takes over orphans even before it serves a request
         # Each upstream's continuation mode, probed now rather than in a client's gap.
-        Task(self._probe_continuation_modes, name="stageserver-continuation-probe")
+        self._probe = Task(self._probe_continuation_modes, name="stageserver-continuation-probe")
 
     def _probe_continuation_modes(self) -> None:
         self.continuation_modes.report()
@@ -433,7 +436,7 @@ class StageManager:
 
     def adopt(self, key: str) -> bool:
         """Take over the stage ``key``, orphaned by a worker that died or drained, and
-        continue it here (``store/mirror.py``); whether this worker, or another, has it."""
+        continue it here (``store/takeover.py``); whether this worker, or another, has it."""
         store = self.store
         if store is None or shutdown.shutting_down():
             return False  # a draining worker takes nothing on
@@ -563,6 +566,9 @@ class StageManager:
         return sum(stage.hand_off() for stage in self.stages.running() if not stage.has_subscribers)
 
     def close(self) -> None:
+        """The process's end: its background work first (the probe asks the upstreams,
+        whose clients then close), then what it holds open."""
+        self._probe.join(self.settings.ready_timeout)
         self.upstreams.close()
         if self.tracing is not None:
             self.tracing.shutdown()
@@ -593,8 +599,9 @@ def _shared_store(
         adopt=adopt,
         flush_window=settings.store_flush_window,
         on_written=metrics.STORE_WRITE_DELAY.observe,
+        on_reachable=metrics.store_reachable,
     )
-    return store, RedisLimits(lambda: store.redis, store.leases)
+    return store, RedisLimits(lambda: store.batcher, store.leases)
 
 
 def manager_of(extensions: Mapping[str, object]) -> StageManager:

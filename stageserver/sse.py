@@ -52,4 +52,11 @@ def encode_retry(milliseconds: int) -> bytes:
 
 
 def compact_json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """``value`` as JSON, with no spaces, in UTF-8. A string with a lone surrogate (an
+    upstream may escape one, ``"\\ud800"``) cannot be UTF-8: such a value is written with
+    JSON's escapes instead, as the upstream sent it."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()

@@ -9,8 +9,8 @@ waits for a client to come back (``Stage.detach``).
 The same loop (``follow``) serves every response: the client that started a stage, a
 client that re-attaches, a watcher, whether the stage runs in this worker or elsewhere.
 Where the events come from is an ``EventFeed``'s business (``stages/feeds.py``):
-``LocalFeed`` reads a stage of this process, ``store.reader.RemoteFeed`` one that runs in
-another worker or host.
+``LocalFeed`` reads a stage of this process, ``store.remote_feed.RemoteFeed`` one that
+runs in another worker or host.
 
 A WSGI generator hears of a disconnect only when a write fails, and under gunicorn's
 gevent worker that is the second write after the client left; during a silent prefill
@@ -34,7 +34,8 @@ away, or the events the client asks for are no longer kept) ends the response wi
 id-less ``error`` event that says so: a client never gets a silent gap.
 
 A seed response starts with a ``retry:`` line, so that clients reconnect at the pace the
-operator chose (``STAGESERVER_SSE_RETRY_MS``); a ``/v1`` one with nothing (``Framing``).
+operator chose (``STAGESERVER_SSE_RETRY_MS``); a ``/v1`` one with nothing; and a
+Messages stream's heartbeat is a ``ping`` event (``Framing``).
 """
 
 from __future__ import annotations
@@ -74,11 +75,14 @@ def event_stream(events: Iterator[bytes], headers: dict[str, str] | None = None)
 @dataclass(frozen=True)
 class Framing:
     """What a response sends besides its stage's events, as its API frames a stream: its
-    first bytes (the seed's ``retry:`` line; nothing on ``/v1``), and the event that ends
-    a response which cannot follow its stage further, from the stage's id and why."""
+    first bytes (the seed's ``retry:`` line; nothing on ``/v1``), the event that ends a
+    response which cannot follow its stage further, from the stage's id and why, and its
+    heartbeat (a comment, which every client ignores; the Messages API's ``ping`` event,
+    which its clients expect)."""
 
     preamble: bytes
     lost: Callable[[str, str], bytes]
+    heartbeat: bytes = HEARTBEAT
 
 
 def follow(
@@ -118,7 +122,7 @@ def follow(
                 send.begin()
                 # heartbeat_seconds without an event: a comment, which also finds a client
                 # that has gone where nothing else can look.
-                yield batch or (b"" if finished else HEARTBEAT)
+                yield batch or (b"" if finished else framing.heartbeat)
                 send.end()
                 if finished:
                     return

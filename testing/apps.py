@@ -24,10 +24,23 @@ class WholeBodyClient(FlaskClient):
 
 @contextmanager
 def app_client(config: dict[str, Any]) -> Iterator[FlaskClient]:
-    """A fresh app's test client; its upstream connections are closed afterwards."""
+    """A fresh app's test client; its manager is closed afterwards (its background work
+    ended, its upstream connections closed)."""
     app = create_app(config)
     app.test_client_class = WholeBodyClient
     try:
         yield app.test_client()
     finally:
-        manager_of(app.extensions).upstreams.close()
+        manager_of(app.extensions).close()
+
+
+def settle(flask_client: FlaskClient, stage_id: str, timeout: float = 5) -> None:
+    """Until the runner of the app's stage ``stage_id`` has finished with it, listeners
+    included (``timeout`` at most, then the test fails): a client may read the terminal
+    event before the runner has logged it and run the stage's listeners' ``on_finish``,
+    and a stage cancelled in its upstream's prefill runs on, in threads, until its read
+    times out."""
+    stage = manager_of(flask_client.application.extensions).stages.get(stage_id)
+    assert stage is not None, f"no stage {stage_id!r} in this app"
+    stage.wait(timeout)
+    assert stage.finished, f"stage {stage_id!r} still runs {timeout} s on"

@@ -1,6 +1,6 @@
 """Real server processes for tests and benchmarks, each on a free loopback port: gunicorn
-running stageserver, nginx running the shipped deploy/nginx.conf, and redis-server (several
-gunicorn workers need the shared store).
+running stageserver, nginx running the shipped deploy/nginx.conf, redis-server (several
+gunicorn workers need the shared store), and prometheus with deploy/prometheus's files.
 
 nginx and redis-server run as non-daemon children with every file they write in a
 temporary directory, so they work as root or not and leave nothing behind.
@@ -33,6 +33,7 @@ __all__ = [
     "VENV_BIN",
     "Gunicorn",
     "Nginx",
+    "Prometheus",
     "RedisClusterGroup",
     "RedisServer",
     "free_cluster_port",
@@ -598,3 +599,62 @@ def gunicorn_args(root: Path) -> tuple[str, ...]:
     if (root / "stageserver" / "gunicorn_conf.py").exists():
         return GUNICORN_ARGS
     return ("-c", "gunicorn.conf.py", "wsgi:app")
+
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+
+class Prometheus:
+    """Debian's prometheus on a free loopback port, its data in a temporary directory.
+    ``config``: the text of its configuration file, written into ``dir`` beside any
+    ``files`` (name -> text: the rule files it names)."""
+
+    def __init__(self, config: str, files: Mapping[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dir = Path(tempfile.mkdtemp(prefix="stageserver-prometheus-"))
+        for name, text in {"prometheus.yml": config, **(files or {})}.items():
+            (self.dir / name).write_text(text)
+        self.log_path = self.dir / "prometheus.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={self.dir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            cwd=self.dir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not self._ready():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"prometheus did not start:\n{self.log()}")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def api(self, path: str, **params: str) -> Any:
+        """The ``data`` of an answer of its HTTP API (``/api/v1/<path>``)."""
+        response = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
+        body = response.json()
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def log(self) -> str:
+        return _read(self.log_path)
+
+    def stop(self) -> None:
+        stop_process(self.proc, signal.SIGTERM)
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping
@@ -12,13 +13,21 @@ import requests
 __all__ = [
     "TERMINAL",
     "OpenStream",
+    "assert_each_once",
     "assert_resumed_exactly_once",
+    "assert_whole_once",
     "chunk_text",
+    "estimated_usage",
+    "ids_of",
     "parse_events",
     "post_chat",
+    "read_rest",
+    "seq",
     "stage_status",
     "terminal",
+    "toks",
     "wait_for_status",
+    "with_ids",
 ]
 
 TERMINAL = ("done", "error", "cancel")
@@ -54,6 +63,26 @@ def terminal(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e.get("event") in TERMINAL]
 
 
+def toks(count: int) -> str:
+    """The text of the fake upstream's scripted answer of ``count`` pieces:
+    ``"tok0 tok1 ... "``."""
+    return "".join(f"tok{n} " for n in range(count))
+
+
+def seq(event: dict[str, Any]) -> int:
+    """An event's number in its stage's log: the last part of its id."""
+    return int(event["id"].rpartition("-")[2])
+
+
+def with_ids(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stage's events: those with an id (not a comment, not a response's own end)."""
+    return [e for e in events if "id" in e]
+
+
+def ids_of(events: list[dict[str, Any]]) -> list[str]:
+    return [e["id"] for e in events if "id" in e]
+
+
 def chunk_text(events: list[dict[str, Any]]) -> str:
     return "".join(
         (choice.get("delta") or {}).get("content") or ""
@@ -86,6 +115,14 @@ class OpenStream:
 
     def close(self) -> None:
         self.response.close()
+
+
+def read_rest(stream: OpenStream) -> list[dict[str, Any]]:
+    """What a stream still delivers, then closed; its host may cut it (a host killed)."""
+    with contextlib.suppress(requests.RequestException):
+        stream.read_to_end()
+    stream.close()
+    return stream.events()
 
 
 @overload
@@ -177,4 +214,32 @@ def assert_resumed_exactly_once(
     ids = [e["id"] for e in events]
     last = len(ids) - 1
     assert ids == [f"{stage_id}-chunk-{n}" for n in range(last)] + [f"{stage_id}-done-{last}"]
-    assert chunk_text(events) == "".join(f"tok{n} " for n in range(chunks))
+    assert chunk_text(events) == toks(chunks)
+
+
+def assert_each_once(stage_id: str, events: list[dict[str, Any]], end: str) -> None:
+    """The events of a whole stage: ids from 0 up, no gap, no repeat, one ``end`` last."""
+    ids = ids_of(events)
+    last = len(ids) - 1
+    assert ids == [f"{stage_id}-chunk-{n}" for n in range(last)] + [f"{stage_id}-{end}-{last}"], (
+        terminal(events)
+    )
+    assert [e["event"] for e in terminal(events)] == [end], terminal(events)
+
+
+def assert_whole_once(stage_id: str, events: list[dict[str, Any]], chunks: int) -> dict[str, Any]:
+    """A seed stage's events, from the first, are its whole answer once, continued once:
+    the ids count up from 0 with no gap and no repeat, the text is the fake's answer of
+    ``chunks`` pieces, one ``continued`` and, last, ``done``, and no ``error`` anywhere.
+    Returns the ``continued`` event."""
+    assert [e for e in events if e.get("event") == "error"] == []
+    ided = with_ids(events)
+    assert [seq(e) for e in ided] == list(range(len(ided)))
+    assert chunk_text(ided) == toks(chunks)
+    [continued] = [e for e in ided if e["event"] == "continued"]
+    assert continued["id"] == f"{stage_id}-continued-{seq(continued)}"
+    assert terminal(ided) == [ided[-1]] and ided[-1]["event"] == "done"
+    for event in ided:
+        kind = "chunk" if event["event"] == "chat_completion_chunk" else event["event"]
+        assert event["id"] == f"{stage_id}-{kind}-{seq(event)}"
+    return continued

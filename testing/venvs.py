@@ -5,7 +5,9 @@ folder of its own, with nothing of the checkout, or of the test's own venv, on i
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from .servers import free_port, stop_process, wait_for_http
 
-__all__ = ["RunningServer", "Venv", "serve_in"]
+__all__ = ["RunningServer", "Venv", "cached_venv", "serve_in"]
 
 # What would let a child import from elsewhere than its own venv, or configure stageserver
 # behind the test's back.
@@ -83,6 +85,50 @@ class Venv:
     def site_packages(self) -> Path:
         script = "import sysconfig; print(sysconfig.get_path('purelib'))"
         return Path(self.run("python", "-c", script, cwd=self.path).stdout.strip())
+
+
+def cache_home() -> Path:
+    """Where venvs kept between runs live: ``~/.cache/stageserver`` (``$XDG_CACHE_HOME``)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "stageserver"
+
+
+def runs(venv: Venv) -> bool:
+    """Whether the venv's Python and pip run: a venv that a run left half-made may not."""
+    try:
+        venv.run("python", "-m", "pip", "--version", cwd=venv.path, timeout=60)
+    except (AssertionError, OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+@contextmanager
+def cached_venv(name: str, packages: Sequence[str]) -> Iterator[Venv]:
+    """The venv ``name`` (one per Python version, under ``cache_home()``), with the
+    newest release of each of ``packages`` from the package index: made the first time,
+    made anew when a run left it half-made, and brought up to date (``pip install
+    --upgrade``, which downloads only what changed) each time it is asked for. It is
+    kept from another run's update until the block ends: two test runs on one machine
+    share it. Raises, with pip's output, when it cannot be brought up to date (the index
+    unreachable, a release that does not install): the tests that need it fail, never
+    skip."""
+    home = cache_home() / f"{name}-py{sys.version_info.major}.{sys.version_info.minor}"
+    home.parent.mkdir(parents=True, exist_ok=True)
+    with open(home.with_name(home.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        venv = Venv(home)
+        if not runs(venv):  # none yet, or half-made: made anew
+            shutil.rmtree(home, ignore_errors=True)
+            venv = Venv.create(home)
+        try:
+            venv.pip_install("--upgrade", *packages, cwd=venv.path)
+        except (AssertionError, subprocess.SubprocessError) as failed:
+            raise RuntimeError(
+                f"the venv {home} could not be brought up to date with the newest "
+                f"{', '.join(packages)}:\n{failed}"
+            ) from None
+        fcntl.flock(lock, fcntl.LOCK_SH)  # readers now; an update waits for our end
+        yield venv
 
 
 def _clean_env() -> dict[str, str]:

@@ -12,6 +12,7 @@ from flask import Flask
 
 from stageserver import ConfigError, StageServer, create_app
 from stageserver.config import SETTINGS, upstream_configs
+from stageserver.manager import manager_of
 from testing.fake_upstream import FakeUpstream
 
 
@@ -103,12 +104,14 @@ def test_named_upstreams_first_is_default() -> None:
         ("big", "http://127.0.0.1:8001/v1", "openai"),
     ]
     assert (configs[1].first_token_timeout, configs[1].idle_timeout) == (300.0, 9.0)
-    assert app.extensions["stageserver"].upstreams.default.name == "local"
+    default = manager_of(app.extensions).upstreams.default
+    assert default is not None and default.name == "local"
 
 
 def test_one_client_per_upstream_per_process(upstream: FakeUpstream) -> None:
     app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url})
-    default = app.extensions["stageserver"].upstreams.default
+    default = manager_of(app.extensions).upstreams.default
+    assert default is not None
     assert default.client is default.client
 
 

@@ -12,10 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import procs
 from bench.burst import rank_correlation, ranks
 from bench.load import LoadSpec, Shape, parse_spec
 from testing.servers import ROOT
+
+#: Every test here starts a process (testing/processes.py).
+pytestmark = pytest.mark.processes
 
 
 def test_quick_bench_reports_every_target(tmp_path: Path) -> None:
@@ -51,8 +56,14 @@ def test_quick_bench_reports_every_target(tmp_path: Path) -> None:
 
 
 def test_quick_bench_streams_the_same_stages_through_each_api(tmp_path: Path) -> None:
-    """The seed's /chat and OpenAI's two, side by side: every stream whole, no error."""
-    targets = ["stageserver", "stageserver+v1chat", "stageserver+v1responses"]
+    """The seed's /chat, OpenAI's two and Anthropic's Messages API, side by side: every
+    stream whole, no error."""
+    targets = [
+        "stageserver",
+        "stageserver+v1chat",
+        "stageserver+v1responses",
+        "stageserver+messages",
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)]
         + ["--targets", ",".join(targets)],

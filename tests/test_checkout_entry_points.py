@@ -10,6 +10,9 @@ from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn
 from testing.sse import parse_events, post_chat
 
+#: Every test here starts a process (testing/processes.py).
+pytestmark = pytest.mark.processes
+
 
 @pytest.mark.parametrize(
     "args", [("wsgi:app",), ("-c", "gunicorn.conf.py", "wsgi:app")], ids=["bare", "named"]

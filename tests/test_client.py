@@ -48,7 +48,7 @@ def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
 
 
 @pytest.fixture(scope="module")
-def limited(fake: FakeUpstream) -> Iterator[Gunicorn]:
+def limited_server(fake: FakeUpstream) -> Iterator[Gunicorn]:
     """One stream at a time, and events that expire at once once a stage is over."""
     yield from make_server(
         fake, STAGESERVER_MAX_ACTIVE_STREAMS="1", STAGESERVER_EVENT_TTL_SECONDS="0.2"
@@ -56,7 +56,7 @@ def limited(fake: FakeUpstream) -> Iterator[Gunicorn]:
 
 
 @pytest.fixture
-def client(server: Gunicorn) -> Iterator[StageClient]:
+def stage_client(server: Gunicorn) -> Iterator[StageClient]:
     with StageClient(server.url) as stage_client:
         yield stage_client
 
@@ -76,10 +76,10 @@ def text_of(events: list[StageEvent]) -> str:
 
 
 def test_stream_yields_typed_events_and_sends_the_request_fields(
-    client: StageClient, upstream: FakeUpstream
+    stage_client: StageClient, upstream: FakeUpstream
 ) -> None:
     events = list(
-        client.stream(
+        stage_client.stream(
             stage_id="s1",
             model_name="fake?chunks=3",
             user_prompt="hi there",
@@ -112,10 +112,10 @@ def test_stream_yields_typed_events_and_sends_the_request_fields(
     assert (body["max_tokens"], body["temperature"]) == (2, 0.5)
 
 
-def test_run_returns_the_text_and_status_tells_the_rest(client: StageClient) -> None:
-    output = client.run(stage_id="r1", model_name="fake?chunks=3", user_prompt="a b")
+def test_run_returns_the_text_and_status_tells_the_rest(stage_client: StageClient) -> None:
+    output = stage_client.run(stage_id="r1", model_name="fake?chunks=3", user_prompt="a b")
     assert output == TextStageOutput("r1-chat-final", "text", "tok0 tok1 tok2 ", None)
-    status = client.status("r1")
+    status = stage_client.status("r1")
     assert {k: status[k] for k in ("stage_id", "status", "text", "usage")} == {
         "stage_id": "r1",
         "status": "done",
@@ -124,8 +124,10 @@ def test_run_returns_the_text_and_status_tells_the_rest(client: StageClient) -> 
     }
 
 
-def test_run_of_a_failing_stage_returns_its_error(client: StageClient) -> None:
-    output = client.run(stage_id="rf", model_name="fake?mode=status&status=500", user_prompt="x")
+def test_run_of_a_failing_stage_returns_its_error(stage_client: StageClient) -> None:
+    output = stage_client.run(
+        stage_id="rf", model_name="fake?mode=status&status=500", user_prompt="x"
+    )
     error = "upstream 'default' answered HTTP 500: fake upstream failure"
     assert output == TextStageOutput("rf-chat-error", "error", None, error)
 
@@ -219,9 +221,9 @@ def test_a_cut_stage_left_to_the_server_default_ends_with_the_cancel_it_recorded
 
 
 def test_breaking_out_disconnects_and_cancels_a_stage_that_is_not_resumable(
-    client: StageClient, server: Gunicorn, upstream: FakeUpstream
+    stage_client: StageClient, server: Gunicorn, upstream: FakeUpstream
 ) -> None:
-    for event in client.stream(stage_id="brk", model_name=LONG, user_prompt="x"):
+    for event in stage_client.stream(stage_id="brk", model_name=LONG, user_prompt="x"):
         if event.id == "brk-chunk-2":
             break
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
@@ -250,29 +252,33 @@ def test_the_async_client_disconnects_when_its_stream_is_closed(
 
 
 def test_a_resumable_stage_left_by_its_client_is_picked_up_by_attach(
-    client: StageClient, upstream: FakeUpstream
+    stage_client: StageClient, upstream: FakeUpstream
 ) -> None:
     first: list[StageEvent] = []
     model = "fake?chunks=30&interval=0.03"
-    for event in client.stream(stage_id="att", model_name=model, user_prompt="x", resumable=True):
+    for event in stage_client.stream(
+        stage_id="att", model_name=model, user_prompt="x", resumable=True
+    ):
         first.append(event)
         if len(first) == 3:
             break
-    rest = list(client.attach("att", last_event_id=first[-1].id))
+    rest = list(stage_client.attach("att", last_event_id=first[-1].id))
     assert [e.id for e in first + rest] == expected_ids("att", 30)
     assert text_of(first + rest) == tokens(30)
-    assert list(client.attach("att", last_event_id=rest[-1].id)) == []  # nothing after the end
+    assert (
+        list(stage_client.attach("att", last_event_id=rest[-1].id)) == []
+    )  # nothing after the end
     assert [r.done_sent for r in upstream.requests] == [True]
 
 
 def test_cancel_ends_the_stream_with_a_cancel_event(
-    client: StageClient, server: Gunicorn, upstream: FakeUpstream
+    stage_client: StageClient, server: Gunicorn, upstream: FakeUpstream
 ) -> None:
     events: list[StageEvent] = []
-    for event in client.stream(stage_id="cx", model_name=LONG, user_prompt="x"):
+    for event in stage_client.stream(stage_id="cx", model_name=LONG, user_prompt="x"):
         events.append(event)
         if len(events) == 2:
-            assert client.cancel("cx") == {"stage_id": "cx", "status": "cancelling"}
+            assert stage_client.cancel("cx") == {"stage_id": "cx", "status": "cancelling"}
     last = events[-1]
     chunks = len(events) - 1
     data = {"stage_id": "cx", "reason": "cancelled by request", "usage": estimated_usage(chunks)}
@@ -288,26 +294,28 @@ def test_cancel_ends_the_stream_with_a_cancel_event(
     ]
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
     with pytest.raises(Conflict) as again:
-        client.cancel("cx")
+        stage_client.cancel("cx")
     assert (again.value.status, again.value.message) == (409, "stage 'cx' has already finished")
 
 
-def test_invalid_requests_name_their_fields(client: StageClient, upstream: FakeUpstream) -> None:
+def test_invalid_requests_name_their_fields(
+    stage_client: StageClient, upstream: FakeUpstream
+) -> None:
     with pytest.raises(InvalidRequest) as unknown:
-        client.run(stage_id="e1", model_name="fake", user_prompt="x", upstream="nope")
+        stage_client.run(stage_id="e1", model_name="fake", user_prompt="x", upstream="nope")
     assert unknown.value.status == 400
     assert unknown.value.fields == [
         {"field": "upstream", "message": "unknown upstream 'nope'; configured: default"}
     ]
     with pytest.raises(InvalidRequest) as invalid:
-        list(client.stream(stage_id="a b", model_name="fake", user_prompt="x", max_tokens=0))
+        list(stage_client.stream(stage_id="a b", model_name="fake", user_prompt="x", max_tokens=0))
     assert invalid.value.status == 422
     assert invalid.value.fields == [
         {"field": "stage_id", "message": "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"},
         {"field": "max_tokens", "message": "must be from 1 to 4096 (got 0)"},
     ]
     with pytest.raises(InvalidRequest) as too_large:
-        client.run(stage_id="e2", model_name="fake", user_prompt="x" * MAX_BODY_BYTES)
+        stage_client.run(stage_id="e2", model_name="fake", user_prompt="x" * MAX_BODY_BYTES)
     assert too_large.value.status == 413
     assert too_large.value.fields == [
         {"field": "body", "message": f"request body is larger than {MAX_BODY_BYTES} bytes"}
@@ -315,27 +323,31 @@ def test_invalid_requests_name_their_fields(client: StageClient, upstream: FakeU
     assert upstream.requests == []
 
 
-def test_unknown_stages_are_not_found(client: StageClient) -> None:
+def test_unknown_stages_are_not_found(stage_client: StageClient) -> None:
     message = "no stage 'none' (unknown, or expired)"
-    for call in (client.status, client.cancel, lambda stage_id: list(client.attach(stage_id))):
+    for call in (
+        stage_client.status,
+        stage_client.cancel,
+        lambda stage_id: list(stage_client.attach(stage_id)),
+    ):
         with pytest.raises(NotFound) as missing:
             call("none")
         assert (missing.value.status, missing.value.message) == (404, message)
 
 
-def test_a_running_stage_id_conflicts(client: StageClient) -> None:
-    running = client.stream(stage_id="busy", model_name=LONG, user_prompt="x")
+def test_a_running_stage_id_conflicts(stage_client: StageClient) -> None:
+    running = stage_client.stream(stage_id="busy", model_name=LONG, user_prompt="x")
     assert next(running).id == "busy-chunk-0"
     with pytest.raises(Conflict) as conflict:
-        client.run(stage_id="busy", model_name="fake", user_prompt="x")
+        stage_client.run(stage_id="busy", model_name="fake", user_prompt="x")
     assert conflict.value.message == (
         "stage 'busy' is still running; wait for it, cancel it, or use another stage_id"
     )
     running.close()
 
 
-def test_expired_events_are_gone_and_a_full_worker_is_unavailable(limited: Gunicorn) -> None:
-    with StageClient(limited.url) as client:
+def test_expired_events_are_gone_and_a_full_worker_is_unavailable(limited_server: Gunicorn) -> None:
+    with StageClient(limited_server.url) as client:
         assert client.run(stage_id="old", model_name="fake", user_prompt="x").type == "text"
         time.sleep(0.3)  # past the event TTL; the next stage sweeps the expired
         running = client.stream(stage_id="full", model_name=LONG, user_prompt="x")
@@ -379,6 +391,7 @@ def test_a_server_that_is_not_there_is_a_connection_error() -> None:
             list(client.stream(stage_id="x", model_name="fake", user_prompt="x"))
 
 
+@pytest.mark.processes
 def test_an_answer_continued_after_its_upstream_failed_reads_as_one_with_a_marker() -> None:
     """The upstream drops the stream after 3 of 6 chunks and continues it when asked: the
     client yields the chunks, one ``ContinuedEvent`` where the answer was cut, the rest of

@@ -33,7 +33,8 @@ from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testing.apps import app_client
+from stageserver.manager import manager_of
+from testing.apps import app_client, settle
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.metrics import scrape, value
 from testing.servers import ROOT, gunicorn_server
@@ -148,7 +149,7 @@ def dropped(upstream: str, chunks: int) -> str:
 
 def status_of(client: FlaskClient, stage_id: str) -> dict[str, Any]:
     """The stage's summary, once its runner has finished with it (listeners included)."""
-    client.application.extensions["stageserver"].stages.get(stage_id).wait(5)
+    settle(client, stage_id)
     response = client.get(f"/stages/{stage_id}")
     assert response.status_code == 200
     summary: dict[str, Any] = response.get_json()
@@ -381,6 +382,7 @@ def test_each_failure_after_the_first_chunk_is_continued(
     assert [(c["outcome"], c["cause"]) for c in status["continuations"]] == [("ok", cause)]
 
 
+@pytest.mark.processes
 def test_under_gevent_silence_past_idle_timeout_is_continued(upstream: FakeUpstream) -> None:
     """Under gunicorn's gevent worker the relay's own idle deadline fires, at
     ``idle_timeout`` (the first-token timeout stays at its default)."""
@@ -484,6 +486,7 @@ OLLAMA = (
 )
 
 
+@pytest.mark.processes
 def test_auto_probes_each_kind_and_continues_only_where_a_turn_is_left_open(
     upstream: FakeUpstream,
 ) -> None:
@@ -860,7 +863,8 @@ def test_a_continuation_is_counted_logged_and_traced(
         status_of(client, "told")
         status_of(client, "told-tools")
         assert (continuations(**ok) - before[0], continuations(**refused) - before[1]) == (1, 1)
-        tracing = client.application.extensions["stageserver"].tracing
+        tracing = manager_of(client.application.extensions).tracing
+        assert tracing is not None and tracing.exporter is not None
         spans = tracing.exporter.get_finished_spans()
 
     # One warning for each continuation, made or refused.

@@ -24,6 +24,9 @@ import requests
 from testing.fake_upstream import FakeUpstream
 from testing.servers import VENV_BIN, Gunicorn, gunicorn_server
 
+#: Every test here starts a process (testing/processes.py).
+pytestmark = pytest.mark.processes
+
 KEY = "schemathesis-key-1"
 CHECKS = [
     "not_a_server_error",
@@ -64,7 +67,7 @@ def schemathesis(server: Gunicorn, tmp_path: Path, checks: list[str], key: str |
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     operations = sum(len(item) for item in json.loads(document.read_bytes())["paths"].values())
-    assert operations == 20  # the playground's too, and /v1's six
+    assert operations == 22  # the playground's too, /v1's six, and the Messages API's two
     assert f"Tested: {operations}\n" in run.stdout  # every operation, none skipped
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 
@@ -12,6 +11,7 @@ import requests
 
 from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, gunicorn_server
+from testing.sockets import open_stream, read_until
 from testing.sse import estimated_usage, stage_status, wait_for_status
 
 
@@ -23,32 +23,10 @@ def server(fake: FakeUpstream) -> Iterator[Gunicorn]:
         yield gunicorn
 
 
-def open_stream(server: Gunicorn, stage_id: str, model: str, **extra: object) -> socket.socket:
-    body = json.dumps(
-        {"stage_id": stage_id, "model_name": model, "user_prompt": "hi", "stream": True, **extra}
-    ).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(
-        b"POST /chat HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-    return sock
-
-
-def read_until(sock: socket.socket, marker: bytes, count: int = 1) -> bytes:
-    wire = b""
-    sock.settimeout(10)
-    while wire.count(marker) < count:
-        piece = sock.recv(65536)
-        assert piece, f"connection closed early: {wire!r}"
-        wire += piece
-    return wire
-
-
 def test_disconnect_mid_stream_closes_the_upstream(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
-    sock = open_stream(server, "mid", "fake?chunks=200&interval=0.05")
+    sock = open_stream(server.port, "mid", "fake?chunks=200&interval=0.05")
     read_until(sock, b"event: chat_completion_chunk", 3)
     sock.close()
 
@@ -65,7 +43,7 @@ def test_disconnect_mid_stream_closes_the_upstream(
 def test_disconnect_during_prefill_closes_the_upstream(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
-    sock = open_stream(server, "prefill", "fake?prefill=60")
+    sock = open_stream(server.port, "prefill", "fake?prefill=60")
     read_until(sock, b"\r\n\r\n")  # the headers come at once, before any token
     assert upstream.wait_for(lambda: len(upstream.requests) == 1)
     sock.close()
@@ -79,7 +57,7 @@ def test_disconnect_during_prefill_closes_the_upstream(
 def test_disconnect_before_upstream_headers_closes_the_upstream(
     server: Gunicorn, upstream: FakeUpstream
 ) -> None:
-    sock = open_stream(server, "noheaders", "fake?prefill=60&headers_first=0")
+    sock = open_stream(server.port, "noheaders", "fake?prefill=60&headers_first=0")
     read_until(sock, b"\r\n\r\n")
     assert upstream.wait_for(lambda: len(upstream.requests) == 1)
     sock.close()
@@ -88,7 +66,7 @@ def test_disconnect_before_upstream_headers_closes_the_upstream(
 
 
 def test_the_cancel_is_recorded_for_watchers(server: Gunicorn, upstream: FakeUpstream) -> None:
-    sock = open_stream(server, "watched", "fake?chunks=100&interval=0.05")
+    sock = open_stream(server.port, "watched", "fake?chunks=100&interval=0.05")
     read_until(sock, b"event: chat_completion_chunk", 2)
     sock.close()
     assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)

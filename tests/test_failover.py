@@ -16,14 +16,16 @@ from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
+import pytest
 import requests
 
 from stageserver import create_app
+from stageserver.manager import manager_of
 from testing.fake_upstream import FakeUpstream
 from testing.metrics import Samples, scrape, value
 from testing.servers import Gunicorn, free_port, gunicorn_server
+from testing.sockets import open_stream, read_until
 from testing.sse import chunk_text, parse_events, post_chat, stage_status, terminal
-from tests.test_disconnect import open_stream, read_until
 
 STREAM = "fake?chunks=5&interval=0.02"
 
@@ -94,6 +96,7 @@ def wait(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.processes
 def test_a_pool_with_a_refusing_and_a_failing_replica_completes_every_stage() -> None:
     refused = refused_url()
     with replicas({"mode": "status", "status": 500}, {}) as (failing, good):
@@ -115,6 +118,7 @@ def test_a_pool_with_a_refusing_and_a_failing_replica_completes_every_stage() ->
             assert in_flight(gunicorn, "trio", refused, failing.url, good.url) == [0, 0, 0]
 
 
+@pytest.mark.processes
 def test_a_replica_killed_under_load_fails_no_stage_that_had_not_streamed() -> None:
     def model(n: int) -> str:  # streams of several shapes: some in their prefill at the kill
         return f"fake?chunks=10&interval=0.02&prefill={n % 9 * 0.05:.2f}"
@@ -154,6 +158,7 @@ def test_a_replica_killed_under_load_fails_no_stage_that_had_not_streamed() -> N
             )
 
 
+@pytest.mark.processes
 def test_a_drop_after_the_first_chunk_is_one_error_and_no_retry() -> None:
     with replicas({}, {}) as pair:
         with server({"pair": {"urls": [r.url for r in pair]}}) as gunicorn:
@@ -172,6 +177,7 @@ def test_a_drop_after_the_first_chunk_is_one_error_and_no_retry() -> None:
             assert status["error"].startswith("upstream 'pair' dropped the connection mid-stream")
 
 
+@pytest.mark.processes
 def test_429_with_retry_after_holds_the_replica_until_then() -> None:
     busy_for = 4
     with replicas({"mode": "status", "status": 429, "retry_after": busy_for}, {}) as (busy, ok):
@@ -202,6 +208,7 @@ def test_429_with_retry_after_holds_the_replica_until_then() -> None:
             assert len(chats(busy)) > met_429
 
 
+@pytest.mark.processes
 def test_an_ejected_replica_is_readmitted_once_it_recovers() -> None:
     with replicas({"mode": "status", "status": 500}, {}) as (sick, well):
         with server({"pair": {"urls": [sick.url, well.url]}}) as gunicorn:
@@ -243,6 +250,7 @@ def test_an_ejected_replica_is_readmitted_once_it_recovers() -> None:
             assert in_flight(gunicorn, "pair", sick.url, well.url) == [0, 0]
 
 
+@pytest.mark.processes
 def test_two_healthy_replicas_share_the_load_evenly() -> None:
     with replicas({}, {}) as pair:
         with server({"pair": {"urls": [r.url for r in pair]}}) as gunicorn:
@@ -253,6 +261,7 @@ def test_two_healthy_replicas_share_the_load_evenly() -> None:
             assert all(40 <= c <= 60 for c in counts), counts
 
 
+@pytest.mark.processes
 def test_models_route_and_fallbacks_serve_a_broken_upstream() -> None:
     refused = [refused_url(), refused_url()]
     keys = {
@@ -307,11 +316,12 @@ def test_models_route_and_fallbacks_serve_a_broken_upstream() -> None:
             assert line["attempts"].endswith(f"spare {spare.url} ok")
 
 
+@pytest.mark.processes
 def test_a_disconnect_during_failover_closes_every_attempt() -> None:
     with replicas({"prefill": 60}, {"prefill": 60}) as pair:
         slow = {"slow": {"urls": [r.url for r in pair], "attempt_timeout": 0.5}}
         with server(slow) as gunicorn:
-            sock = open_stream(gunicorn, "gone", "fake")
+            sock = open_stream(gunicorn.port, "gone", "fake")
             read_until(sock, b"\r\n\r\n")
             for replica in pair:
                 assert replica.wait_for(partial(lambda r: len(chats(r)) == 1, replica))
@@ -350,7 +360,7 @@ def test_readyz_names_the_replicas_that_are_down(upstream: FakeUpstream) -> None
             "continuation": reports["pair"]["continuation"],
         }
         # The probe is the pools' active health check: what did not answer is ejected.
-        pools = app.extensions["stageserver"].replica_sets
+        pools = manager_of(app.extensions).replica_sets
         assert [r.ejected_until is None for r in pools["pair"].replicas] == [True, False]
     finally:
-        app.extensions["stageserver"].close()
+        manager_of(app.extensions).close()

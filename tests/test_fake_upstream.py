@@ -257,6 +257,7 @@ def test_gzip_body(fake: FakeUpstream) -> None:
     assert events[:3] == expected[:3]
 
 
+@pytest.mark.processes
 def test_runs_as_a_process() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "testing.fake_upstream", "--port", "0", "--default", "chunks=1"]

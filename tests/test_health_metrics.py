@@ -22,7 +22,7 @@ import requests
 from flask.testing import FlaskClient
 
 from stageserver.telemetry.logs import JsonFormatter
-from testing.apps import app_client
+from testing.apps import app_client, settle
 from testing.fake_upstream import FakeUpstream
 from testing.metrics import Samples, scrape, value
 from testing.servers import RedisServer, free_port, gunicorn_server
@@ -30,7 +30,7 @@ from testing.sse import parse_events, post_chat, terminal
 
 
 @pytest.fixture
-def client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
+def flask_client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
     with app_client({"STAGESERVER_UPSTREAM_URL": upstream.url}) as test_client:
         yield test_client
 
@@ -43,9 +43,9 @@ def models_requests(fake: FakeUpstream) -> list[str]:
 
 
 def test_healthz_answers_without_asking_the_upstream(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
-    response = client.get("/healthz")
+    response = flask_client.get("/healthz")
     assert (response.status_code, response.json) == (200, {"status": "ok"})
     assert upstream.requests == []
 
@@ -124,30 +124,35 @@ def _settled(client: FlaskClient, *stage_ids: str) -> None:
     """Wait for the stages' runner threads: a client may read the terminal event before
     the runner has logged it and run the stage's on_finish callbacks."""
     for stage_id in stage_ids:
-        client.application.extensions["stageserver"].stages.get(stage_id).wait(5)
+        settle(client, stage_id)
 
 
 def test_metrics_count_stages_by_outcome_and_upstream(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
-    before = scrape(client.get("/metrics").text)
+    before = scrape(flask_client.get("/metrics").text)
 
-    assert terminal(parse_events(_run_stage(client, "m-done", "fake").data))[0]["event"] == "done"
-    failed = parse_events(_run_stage(client, "m-err", "fake?mode=status&status=500").data)
+    assert (
+        terminal(parse_events(_run_stage(flask_client, "m-done", "fake").data))[0]["event"]
+        == "done"
+    )
+    failed = parse_events(_run_stage(flask_client, "m-err", "fake?mode=status&status=500").data)
     assert terminal(failed)[0]["event"] == "error"
     # A cancel while the stage streams.
-    streaming = _run_stage(client, "m-cancel", "fake?chunks=500&interval=0.01", buffered=False)
+    streaming = _run_stage(
+        flask_client, "m-cancel", "fake?chunks=500&interval=0.01", buffered=False
+    )
     pieces = streaming.iter_encoded()
     wire = b""
     while b"event: chat_completion_chunk" not in wire:
         wire += next(pieces)
-    assert client.post("/stages/m-cancel/cancel").status_code == 202
+    assert flask_client.post("/stages/m-cancel/cancel").status_code == 202
     wire += b"".join(pieces)
     assert terminal(parse_events(wire))[0]["event"] == "cancel"
     cancelled_chunks = wire.count(b"event: chat_completion_chunk")
-    _settled(client, "m-done", "m-err", "m-cancel")
+    _settled(flask_client, "m-done", "m-err", "m-cancel")
 
-    response = client.get("/metrics")
+    response = flask_client.get("/metrics")
     assert response.headers["Content-Type"].startswith("text/plain; version=")
     after = scrape(response.text)
 
@@ -166,12 +171,14 @@ def test_metrics_count_stages_by_outcome_and_upstream(
 
 
 def test_one_structured_log_line_per_stage(
-    client: FlaskClient, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+    flask_client: FlaskClient, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="stageserver.stage")
-    assert b"event: done" in _run_stage(client, "log-ok", "fake?chunks=3").data
-    assert b"event: error" in _run_stage(client, "log-err", "fake?mode=status&status=503").data
-    _settled(client, "log-ok", "log-err")
+    assert b"event: done" in _run_stage(flask_client, "log-ok", "fake?chunks=3").data
+    assert (
+        b"event: error" in _run_stage(flask_client, "log-err", "fake?mode=status&status=503").data
+    )
+    _settled(flask_client, "log-ok", "log-err")
     lines = {r.stage_id: r for r in caplog.records if r.name == "stageserver.stage"}  # type: ignore[attr-defined]
     assert len([r for r in caplog.records if r.name == "stageserver.stage"]) == 2
 
@@ -311,7 +318,17 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
         for stopped in workers:  # a scrape answered by each worker in turn
             with _stopped(stopped):
                 scrapes.append(scrape(requests.get(f"{server.url}/metrics", timeout=5).text))
-        assert scrapes[0] == scrapes[1], "either worker gives the same answer"
+        # Either worker gives the same answer; the workers' CPU and memory, read from
+        # /proc at each scrape, move between two: the same workers, other values.
+        moving = (
+            "stageserver_worker_cpu_seconds_total",
+            "stageserver_worker_resident_memory_bytes",
+        )
+        steady = [{k: v for k, v in s.items() if k[0] not in moving} for s in scrapes]
+        assert steady[0] == steady[1], "either worker gives the same answer"
+        assert [sorted(k for k in s if k[0] in moving) for s in scrapes] == [
+            sorted((name, frozenset({("pid", str(pid))})) for name in moving for pid in workers)
+        ] * 2
         totals = scrapes[0]
 
         lines = _stage_lines(server.log())

@@ -15,12 +15,9 @@ from langchain_openai import ChatOpenAI
 
 from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, gunicorn_server
+from testing.sse import toks
 
 SECRET = "lang-chain-key-0123456789"
-
-
-def toks(count: int) -> str:
-    return "".join(f"tok{n} " for n in range(count))
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from stageserver.launcher.model import (
     model_server_command,
 )
 from stageserver.launcher.settings import default_threads
+from testing.anthropic_sdk import AnthropicSDK
 from testing.fake_upstream import FakeUpstream
 from testing.servers import (
     ROOT,
@@ -42,7 +43,8 @@ from testing.servers import (
 )
 from testing.sse import chunk_text, parse_events, post_chat
 
-pytestmark = pytest.mark.llm
+#: Every test here runs the embedded model, a process (testing/processes.py).
+pytestmark = [pytest.mark.llm, pytest.mark.processes]
 
 # At temperature 0 the model runs to the limit on this prompt rather than stopping early.
 LONG_PROMPT = "Write a very long essay about the history of the Roman Empire."
@@ -255,6 +257,47 @@ def test_the_models_logprobs_reach_a_responses_client(server: Gunicorn) -> None:
     # llama.cpp sends no bytes: each token's are its text's, in UTF-8.
     assert all(lp.bytes == list(lp.token.encode()) for lp in part.logprobs)
     assert all(len(lp.top_logprobs) == 2 for lp in part.logprobs)
+
+
+def test_the_model_answers_through_the_messages_api_streamed(
+    server: Gunicorn, anthropic_sdk: AnthropicSDK
+) -> None:
+    """/v1/messages, streamed: the model's text in one text block, in Anthropic's events,
+    read on the wire and by Anthropic's SDK."""
+    body: dict[str, Any] = {
+        "model": MODEL_NAME,
+        "max_tokens": 12,
+        "temperature": 0,
+        "system": "Answer in one word.",
+        "messages": [{"role": "user", "content": SHORT_PROMPT}],
+    }
+    answer = requests.post(
+        f"{server.url}/v1/messages",
+        json={**body, "stream": True},
+        headers={"anthropic-version": "2023-06-01"},
+        timeout=60,
+    )
+    assert answer.status_code == 200
+    events = parse_events(answer.content)
+    kinds = [e["event"] for e in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(kinds[2:-3]) == {"content_block_delta"}
+    text = "".join(e["data"]["delta"]["text"] for e in events[2:-3])
+    assert text.strip()
+    stop = events[-2]["data"]["delta"]["stop_reason"]
+    assert stop in ("end_turn", "max_tokens")
+    status = requests.get(f"{server.url}/stages/{answer.headers['X-Stage-Id']}", timeout=5)
+    assert status.json()["text"] == text
+
+    # The newest SDK names no temperature: clients send it as its extra_body.
+    params = {k: v for k, v in body.items() if k != "temperature"}
+    params["extra_body"] = {"temperature": 0}
+    *streamed, final = anthropic_sdk.run(server.url, "stream", params)
+    [block] = final.value["content"]
+    assert block["type"] == "text" and block["text"].strip()
+    assert block["text"] == "".join(e.value["text"] for e in streamed if e.value["type"] == "text")
+    assert final.value["stop_reason"] in ("end_turn", "max_tokens")
 
 
 def test_client_disconnect_stops_the_model(server: Gunicorn, model_server: ModelServer) -> None:

@@ -24,6 +24,9 @@ from testing.sse import (
     wait_for_status,
 )
 
+#: Every test here starts a process (testing/processes.py).
+pytestmark = pytest.mark.processes
+
 KEY = "solo-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

@@ -396,7 +396,7 @@ def module_upstream() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture(scope="module")
-def client(module_upstream: FakeUpstream) -> Iterator[FlaskClient]:
+def flask_client(module_upstream: FakeUpstream) -> Iterator[FlaskClient]:
     with app_client({"STAGESERVER_UPSTREAM_URL": module_upstream.url}) as test_client:
         yield test_client
 
@@ -439,25 +439,25 @@ def _check(
 
 @pytest.mark.parametrize("rule", CHAT_FIELDS, ids=lambda rule: rule.name)
 def test_a_chat_completions_field_does_what_its_row_says(
-    client: FlaskClient, module_upstream: FakeUpstream, rule: FieldRule
+    flask_client: FlaskClient, module_upstream: FakeUpstream, rule: FieldRule
 ) -> None:
     value, expect = CHAT_EXAMPLES[rule.name]
-    _check(client, module_upstream, "/v1/chat/completions", CHAT, rule, value, expect)
+    _check(flask_client, module_upstream, "/v1/chat/completions", CHAT, rule, value, expect)
 
 
 @pytest.mark.parametrize("rule", RESPONSES_FIELDS, ids=lambda rule: rule.name)
 def test_a_responses_field_does_what_its_row_says(
-    client: FlaskClient, module_upstream: FakeUpstream, rule: FieldRule
+    flask_client: FlaskClient, module_upstream: FakeUpstream, rule: FieldRule
 ) -> None:
     value, expect = RESPONSE_EXAMPLES[rule.name]
     if value == _PREVIOUS:
-        value = client.post("/v1/responses", json=RESPONSE).get_json()["id"]
-    _check(client, module_upstream, "/v1/responses", RESPONSE, rule, value, expect)
+        value = flask_client.post("/v1/responses", json=RESPONSE).get_json()["id"]
+    _check(flask_client, module_upstream, "/v1/responses", RESPONSE, rule, value, expect)
 
 
 @pytest.mark.parametrize(("path", "body", "param", "code"), REFUSED_VALUES)
 def test_a_value_no_self_hosted_upstream_can_give_is_refused_by_name(
-    client: FlaskClient,
+    flask_client: FlaskClient,
     module_upstream: FakeUpstream,
     path: str,
     body: dict[str, Any],
@@ -465,7 +465,7 @@ def test_a_value_no_self_hosted_upstream_can_give_is_refused_by_name(
     code: str,
 ) -> None:
     module_upstream.reset()
-    answer = client.post(path, json=body)
+    answer = flask_client.post(path, json=body)
     assert answer.status_code == 400
     error = answer.get_json()["error"]
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
@@ -475,10 +475,14 @@ def test_a_value_no_self_hosted_upstream_can_give_is_refused_by_name(
 
 @pytest.mark.parametrize(("path", "body", "param"), WRONG_TYPES)
 def test_a_value_of_the_wrong_type_is_an_invalid_value_naming_it(
-    client: FlaskClient, module_upstream: FakeUpstream, path: str, body: dict[str, Any], param: str
+    flask_client: FlaskClient,
+    module_upstream: FakeUpstream,
+    path: str,
+    body: dict[str, Any],
+    param: str,
 ) -> None:
     module_upstream.reset()
-    answer = client.post(path, json=body)
+    answer = flask_client.post(path, json=body)
     assert answer.status_code == 400
     error = answer.get_json()["error"]
     assert (error["param"], error["code"]) == (param, "invalid_value")

@@ -25,7 +25,7 @@ IMAGE_URL = "https://images.example/cat.png"
 
 
 @pytest.fixture
-def client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
+def flask_client(upstream: FakeUpstream) -> Iterator[FlaskClient]:
     with app_client({"STAGESERVER_UPSTREAM_URL": upstream.url}) as test_client:
         yield test_client
 
@@ -61,9 +61,9 @@ def chat_chunk(choice: dict[str, Any] | None, **extra: Any) -> bytes:
 
 
 def test_a_reasoning_models_chat_stream_carries_its_reasoning_logprobs_and_usage(
-    client: FlaskClient,
+    flask_client: FlaskClient,
 ) -> None:
-    answer = client.post(
+    answer = flask_client.post(
         "/v1/chat/completions",
         json={
             "model": THINKER,
@@ -101,9 +101,9 @@ def test_a_reasoning_models_chat_stream_carries_its_reasoning_logprobs_and_usage
 
 
 def test_a_whole_chat_answer_holds_the_reasoning_and_every_tokens_logprobs(
-    client: FlaskClient,
+    flask_client: FlaskClient,
 ) -> None:
-    answer = client.post(
+    answer = flask_client.post(
         "/v1/chat/completions",
         json={"model": THINKER, "messages": HI, "logprobs": True, "top_logprobs": 1},
     )
@@ -134,24 +134,24 @@ def test_a_whole_chat_answer_holds_the_reasoning_and_every_tokens_logprobs(
 
 
 def test_vllms_newer_reasoning_field_passes_as_it_came_and_reads_as_reasoning_content(
-    client: FlaskClient,
+    flask_client: FlaskClient,
 ) -> None:
     model = THINKER + "&reasoning_field=reasoning"
-    streamed = client.post(
+    streamed = flask_client.post(
         "/v1/chat/completions", json={"model": model, "messages": HI, "stream": True}
     )
     chunks = [json.loads(line[6:]) for line in streamed.data.split(b"\n\n") if line[6:7] == b"{"]
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[:2] == [{"role": "assistant", "reasoning": "think0 "}, {"reasoning": "think1 "}]
-    whole = client.post("/v1/chat/completions", json={"model": model, "messages": HI})
+    whole = flask_client.post("/v1/chat/completions", json={"model": model, "messages": HI})
     assert whole.get_json()["choices"][0]["message"]["reasoning_content"] == "think0 think1 "
 
 
 def test_the_seeds_chunk_is_the_upstreams_reasoning_and_all(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     body = {"stage_id": "thinks", "model_name": THINKER, "user_prompt": "hi", "stream": True}
-    events = parse_events(client.post("/chat", json=body).data)
+    events = parse_events(flask_client.post("/chat", json=body).data)
     index = upstream.requests[0].index
     assert events[0]["data"]["chunk"]["id"] == f"chatcmpl-fake-{index}"
     assert [e["data"]["chunk"]["choices"][0]["delta"] for e in events[:2]] == [
@@ -177,9 +177,9 @@ def responses_events(wire: bytes) -> list[dict[str, Any]]:
 
 
 def test_a_reasoning_models_response_stream_has_a_reasoning_item_before_the_message(
-    client: FlaskClient,
+    flask_client: FlaskClient,
 ) -> None:
-    answer = client.post(
+    answer = flask_client.post(
         "/v1/responses",
         json={
             "model": THINKER,
@@ -288,9 +288,9 @@ def test_a_reasoning_models_response_stream_has_a_reasoning_item_before_the_mess
 
 
 def test_a_whole_response_has_the_reasoning_item_and_the_usage_counts_its_tokens(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
-    answer = client.post(
+    answer = flask_client.post(
         "/v1/responses",
         json={"model": THINKER, "input": "hi", "reasoning": {"effort": "high"}},
     )
@@ -312,10 +312,10 @@ def test_a_whole_response_has_the_reasoning_item_and_the_usage_counts_its_tokens
 
 
 def test_a_responses_earlier_reasoning_items_are_taken_and_not_sent_on(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
-    first = client.post("/v1/responses", json={"model": THINKER, "input": "hi"}).get_json()
-    again = client.post(
+    first = flask_client.post("/v1/responses", json={"model": THINKER, "input": "hi"}).get_json()
+    again = flask_client.post(
         "/v1/responses",
         json={"model": "fake?chunks=1", "input": [*HI, *first["output"], *HI]},
     )
@@ -331,14 +331,14 @@ def test_a_responses_earlier_reasoning_items_are_taken_and_not_sent_on(
 
 
 def test_image_parts_reach_the_upstream_as_given_in_both_dialects(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     chat = [
         {"type": "text", "text": "Which is bigger?"},
         {"type": "image_url", "image_url": {"url": PNG}},
         {"type": "image_url", "image_url": {"url": IMAGE_URL, "detail": "high"}},
     ]
-    answer = client.post(
+    answer = flask_client.post(
         "/v1/chat/completions",
         json={"model": "fake", "messages": [{"role": "user", "content": chat}]},
     )
@@ -351,7 +351,7 @@ def test_image_parts_reach_the_upstream_as_given_in_both_dialects(
         {"type": "input_image", "image_url": PNG, "detail": "auto"},
         {"type": "input_image", "image_url": IMAGE_URL},
     ]
-    answer = client.post(
+    answer = flask_client.post(
         "/v1/responses",
         json={"model": "fake", "input": [{"role": "user", "content": content}]},
     )
@@ -377,7 +377,7 @@ WITH_IMAGE = [
 
 
 def test_a_text_only_upstreams_refusal_of_an_image_is_a_bad_request_naming_it(
-    client: FlaskClient,
+    flask_client: FlaskClient,
 ) -> None:
     request = {"model": "fake?vision=0", "messages": [{"role": "user", "content": WITH_IMAGE}]}
     error = {
@@ -386,9 +386,9 @@ def test_a_text_only_upstreams_refusal_of_an_image_is_a_bad_request_naming_it(
         "param": "messages[0].content[1]",
         "code": "invalid_value",
     }
-    whole = client.post("/v1/chat/completions", json=request)
+    whole = flask_client.post("/v1/chat/completions", json=request)
     assert (whole.status_code, whole.get_json()) == (400, {"error": error})
-    streamed = client.post("/v1/chat/completions", json={**request, "stream": True})
+    streamed = flask_client.post("/v1/chat/completions", json={**request, "stream": True})
     assert streamed.data == b"data: " + compact_json({"error": error}) + b"\n\n"
 
     content = [
@@ -400,12 +400,12 @@ def test_a_text_only_upstreams_refusal_of_an_image_is_a_bad_request_naming_it(
         "instructions": "Be brief.",  # messages[0]: the upstream's index is not the input's
         "input": [{"role": "user", "content": content}],
     }
-    whole = client.post("/v1/responses", json=request)
+    whole = flask_client.post("/v1/responses", json=request)
     assert (whole.status_code, whole.get_json()) == (
         400,
         {"error": {**error, "param": "input[0].content[1]"}},
     )
-    streamed = client.post("/v1/responses", json={**request, "stream": True})
+    streamed = flask_client.post("/v1/responses", json={**request, "stream": True})
     *_, failure, failed = responses_events(streamed.data)
     flat = {"code": "invalid_prompt", "message": TEXT_ONLY, "param": "input[0].content[1]"}
     assert {k: v for k, v in failure.items() if k != "sequence_number"} == {

@@ -28,6 +28,7 @@ from openai.types.responses import FunctionToolParam, Response, ResponseStreamEv
 
 from testing.fake_upstream import FakeUpstream
 from testing.servers import Gunicorn, RedisServer, gunicorn_server
+from testing.sse import toks
 
 SECRETS = {
     "alice": "alice-sdk-key-0123456789",
@@ -62,10 +63,6 @@ TOOLS: list[ChatCompletionFunctionToolParam] = [
         },
     },
 ]
-
-
-def toks(count: int) -> str:
-    return "".join(f"tok{n} " for n in range(count))
 
 
 @pytest.fixture(scope="module")

@@ -69,9 +69,12 @@ def identify(request: Request) -> str | None:
 @pytest.mark.parametrize(
     ("config", "bearer"),
     [
-        ({}, [{"bearerAuth": []}, {}]),
-        ({"STAGESERVER_API_KEYS": KEYS}, [{"bearerAuth": []}]),
-        ({"STAGESERVER_API_KEYS": KEYS, "STAGESERVER_PLAYGROUND": False}, [{"bearerAuth": []}]),
+        ({}, [{"bearerAuth": []}, {"apiKeyAuth": []}, {}]),
+        ({"STAGESERVER_API_KEYS": KEYS}, [{"bearerAuth": []}, {"apiKeyAuth": []}]),
+        (
+            {"STAGESERVER_API_KEYS": KEYS, "STAGESERVER_PLAYGROUND": False},
+            [{"bearerAuth": []}, {"apiKeyAuth": []}],
+        ),
     ],
 )
 def test_the_document_is_valid_and_names_every_route(
@@ -104,6 +107,8 @@ def test_the_document_is_valid_and_names_every_route(
     ):
         assert doc["paths"][path]["get"]["security"] == []
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    api_key = doc["components"]["securitySchemes"]["apiKeyAuth"]
+    assert (api_key["type"], api_key["in"], api_key["name"]) == ("apiKey", "header", "x-api-key")
 
 
 def test_the_documents_version_is_the_packages(upstream: FakeUpstream) -> None:
@@ -123,7 +128,11 @@ def test_under_a_prefix_the_servers_reach_every_operation(upstream: FakeUpstream
     ours = {route for route in routes(host) if route[1].startswith("/llm/")}
     assert operations(doc, "/llm") == ours
     # A host app's identify() may name the caller instead of a key: the key is optional.
-    assert doc["paths"]["/chat"]["post"]["security"] == [{"bearerAuth": []}, {}]
+    assert doc["paths"]["/chat"]["post"]["security"] == [
+        {"bearerAuth": []},
+        {"apiKeyAuth": []},
+        {},
+    ]
     assert host.test_client().get("/llm/docs").status_code == 200
 
 
@@ -297,22 +306,22 @@ def test_health_readiness_and_upstreams_hold_to_their_models(upstream: FakeUpstr
     holds(UpstreamList, unready.get("/upstreams").data)
 
 
-def test_docs_serves_swagger_ui_from_the_package_only(client: Any) -> None:
-    page = client.get("/docs")
+def test_docs_serves_swagger_ui_from_the_package_only(flask_client: Any) -> None:
+    page = flask_client.get("/docs")
     assert page.status_code == 200
     assert page.headers["Content-Type"] == "text/html; charset=utf-8"
     assets = re.findall(r'(?:src|href)="([^"]+)"', page.get_data(as_text=True))
     assert assets == ["docs/favicon-32x32.png", "docs/swagger-ui.css", "docs/swagger-ui-bundle.js"]
     for asset, mimetype in zip(assets, ("image/png", "text/css", "text/javascript"), strict=True):
-        with client.get(f"/{asset}") as served:
+        with flask_client.get(f"/{asset}") as served:
             assert (served.status_code, served.mimetype) == (200, mimetype)
             assert served.get_data() == (SWAGGER_UI / asset.removeprefix("docs/")).read_bytes()
-    missing = client.get("/docs/index.html")
+    missing = flask_client.get("/docs/index.html")
     assert missing.status_code == 404
     assert missing.get_json() == {"error": "no file 'index.html' in /docs"}
 
 
-def test_an_id_no_stage_can_have_is_a_422_naming_the_field(client: Any) -> None:
+def test_an_id_no_stage_can_have_is_a_422_naming_the_field(flask_client: Any) -> None:
     rule = "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"
     for method, path in (
         ("GET", "/stages/{}"),
@@ -320,7 +329,7 @@ def test_an_id_no_stage_can_have_is_a_422_naming_the_field(client: Any) -> None:
         ("POST", "/stages/{}/cancel"),
     ):
         for stage_id in ("a b", "x" * 129, "caf%C3%A9", "a%0A"):
-            answer = client.open(path.format(stage_id), method=method)
+            answer = flask_client.open(path.format(stage_id), method=method)
             assert answer.status_code == 422, (method, path, stage_id)
             assert answer.get_json() == {
                 "error": f"invalid request: stage_id: {rule}",
@@ -328,26 +337,27 @@ def test_an_id_no_stage_can_have_is_a_422_naming_the_field(client: Any) -> None:
             }
 
 
-def test_a_405_says_which_methods_are_allowed(client: Any) -> None:
-    answer = client.put("/chat")
+def test_a_405_says_which_methods_are_allowed(flask_client: Any) -> None:
+    answer = flask_client.put("/chat")
     assert answer.status_code == 405
     assert sorted(answer.headers["Allow"].split(", ")) == ["OPTIONS", "POST"]  # a set's order
     assert answer.get_json() == {"error": "The method is not allowed for the requested URL."}
 
 
-def test_a_last_event_id_of_another_stage_is_a_400(client: Any) -> None:
+def test_a_last_event_id_of_another_stage_is_a_400(flask_client: Any) -> None:
     assert (
-        client.post(
+        flask_client.post(
             "/chat", json={"stage_id": "l1", "model_name": "fake", "user_prompt": "x"}
         ).status_code
         == 200
     )
-    answer = client.get("/stages/l1/events", headers={"Last-Event-ID": "l2-chunk-1"})
-    assert answer.status_code == 400
-    assert answer.get_json() == {
-        "error": "Last-Event-ID 'l2-chunk-1' is not an event id of stage 'l1'",
-        "field": "Last-Event-ID",
-    }
+    for other in ("l2-chunk-1", "l1-chunk-\u00b9"):  # another stage's; a digit int() refuses
+        answer = flask_client.get("/stages/l1/events", headers={"Last-Event-ID": other})
+        assert answer.status_code == 400
+        assert answer.get_json() == {
+            "error": f"Last-Event-ID {other!r} is not an event id of stage 'l1'",
+            "field": "Last-Event-ID",
+        }
 
 
 def test_an_overlong_request_line_is_documented_where_a_value_can_make_one(
@@ -359,9 +369,20 @@ def test_an_overlong_request_line_is_documented_where_a_value_can_make_one(
     api = 0
     for path, item in document["paths"].items():
         for method, operation in item.items():
-            if operation["tags"] not in (["stages"], ["openai"]):
+            if operation["tags"] not in (["stages"], ["openai"], ["anthropic"]):
                 continue
             api += 1
             documented = "414" in operation["responses"]
             assert documented == ("parameters" in operation), (method, path)
-    assert api == 11
+    assert api == 13
+
+
+def test_the_two_apis_schemas_have_names_of_their_own() -> None:
+    """Each API's schemas are generated apart and merged by name: one name in both would
+    leave one API's requests described by the other's model."""
+    from stageserver.web import openapi, openapi_messages, openapi_v1
+
+    openai, anthropic = set(openapi_v1.schemas()), set(openapi_messages.schemas())
+    seed = {model.__name__ for model in openapi._RESPONSE_MODELS} | {"ChatRequest"}
+    assert openai & anthropic == set()
+    assert (openai | anthropic) & seed == set()

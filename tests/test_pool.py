@@ -416,7 +416,14 @@ def test_replica_urls_without_credentials() -> None:
 
 @pytest.mark.parametrize(
     ("header", "seconds"),
-    [("7", 7.0), ("", None), (None, None), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+    [
+        ("7", 7.0),
+        ("", None),
+        (None, None),
+        ("soon", None),
+        ("\u00b2", None),  # a digit to str.isdigit, not to float
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ],
 )
 def test_retry_after_is_seconds_or_a_date(header: str | None, seconds: float | None) -> None:
     assert retry_after_seconds(header) == seconds

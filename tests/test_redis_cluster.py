@@ -1,31 +1,29 @@
-"""Stages on a Redis Cluster (``STAGESERVER_STORE_URL=redis+cluster://...``): two gunicorn
-hosts, A and B, on a loopback cluster of three primaries (``RedisClusterGroup``), each
-stage's keys on the primary its id chooses, and each principal's limits on the primary
-its name chooses.
+"""Stages on a Redis Cluster (``STAGESERVER_STORE_URL=redis+cluster://...``): the two
+gunicorn hosts, A and B, on a loopback cluster of three primaries that the scenarios
+share (``testing/topology.py``), each stage's keys on the primary its id chooses.
 
 What a client sees is what it sees on one Redis: every event once, in order, whichever
-host it asks and whichever shard holds the stage; while a slot moves and while a primary
-fails over, too. A ``redis://`` URL that names a cluster node refuses to start."""
+host it asks and whichever shard holds the stage. Resuming, cancelling and the limits on
+every shard are ``test_stage_api.py``'s and ``test_limits.py``'s, on every topology; here
+is what only a cluster does: a host killed while its stage's shard is another's, a slot
+that moves and a primary that fails over mid-stream, the round trips per node, and a
+``redis://`` URL that names a cluster node, which refuses to start."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import requests
-from redis.crc import key_slot
 
-from stageserver.store.connection import stage_keys
+from stageserver.store.keys import stage_keys
 from testing.fake_upstream import FakeUpstream
+from testing.hosts import kill_host, worker_of
 from testing.servers import (
     ROOT,
     VENV_BIN,
@@ -35,128 +33,22 @@ from testing.servers import (
     gunicorn_args,
     gunicorn_server,
 )
+from testing.shards import stage_id_on, stage_slot
 from testing.sse import (
+    assert_each_once,
     assert_resumed_exactly_once,
-    estimated_usage,
+    assert_whole_once,
+    ids_of,
     parse_events,
     post_chat,
-    stage_status,
-    terminal,
-    wait_for_status,
-)
-from tests.test_takeover import (
-    assert_continued_from_the_durable_text,
-    assert_whole_once,
-    continuations,
-    kill_host,
     read_rest,
     seq,
+    stage_status,
     toks,
     with_ids,
-    worker_of,
 )
-
-LEASE = 2  # STAGESERVER_OWNER_LEASE_SECONDS, as in tests/test_takeover.py
-ALICE_KEY = "alice-key-0123456789"
-ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
-
-
-# -- where a key lives --------------------------------------------------------------------
-
-
-def stage_slot(principal: str, stage_id: str) -> int:
-    """The slot of a stage's keys: ``ss:{<principal>/<stage id>}...``."""
-    return key_slot(stage_keys(f"{principal}/{stage_id}")[0].encode())
-
-
-def limits_slot(principal: str) -> int:
-    """The slot of a principal's limit keys: ``ss:limits:{<principal>}:...``."""
-    return key_slot(f"ss:limits:{{{principal}}}:streams".encode())
-
-
-def owner(ranges: list[tuple[int, int, int]], slot: int) -> int:
-    [port] = [port for first, last, port in ranges if first <= slot <= last]
-    return port
-
-
-def stage_id_on(group: RedisClusterGroup, port: int, principal: str, prefix: str) -> str:
-    """A stage id that starts with ``prefix`` whose keys live on the primary on ``port``."""
-    ranges = group.slots()
-    for n in range(10_000):
-        stage_id = f"{prefix}-{n}"
-        if owner(ranges, stage_slot(principal, stage_id)) == port:
-            return stage_id
-    raise AssertionError(f"no id {prefix}-<n> on {port}")
-
-
-def principal_on(group: RedisClusterGroup, port: int, prefix: str) -> str:
-    """A principal's name that starts with ``prefix`` whose limits live on ``port``."""
-    ranges = group.slots()
-    for n in range(10_000):
-        name = f"{prefix}{n}"
-        if owner(ranges, limits_slot(name)) == port:
-            return name
-    raise AssertionError(f"no name {prefix}<n> on {port}")
-
-
-# -- the hosts ----------------------------------------------------------------------------
-
-
-@dataclass
-class Cluster:
-    """The module's cluster, its hosts, and its principals: ``alice`` (no limit), ``solo``
-    (one stream at a time) and ``tok`` (10 tokens a minute), whose limits live on the
-    first primary."""
-
-    group: RedisClusterGroup
-    a: Gunicorn
-    b: Gunicorn
-    keys: dict[str, dict[str, Any]]
-    solo: str
-    tok: str
-
-    def auth(self, name: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[name]['key']}"}
-
-
-def host_env(fake: FakeUpstream, store_url: str, keys: dict[str, dict[str, Any]]) -> dict[str, str]:
-    return {
-        "STAGESERVER_UPSTREAM_URL": fake.url,
-        "STAGESERVER_STORE_URL": store_url,
-        "STAGESERVER_API_KEYS": json.dumps(keys),
-        "STAGESERVER_OWNER_LEASE_SECONDS": str(LEASE),
-        "STAGESERVER_HEARTBEAT_SECONDS": "1",
-        "STAGESERVER_RESUME_GRACE_SECONDS": "30",
-        "STAGESERVER_UPSTREAM_CONTINUATION": "trailing",
-    }
-
-
-def principals(group: RedisClusterGroup) -> tuple[dict[str, dict[str, Any]], str, str]:
-    first = group.primaries()[0]
-    solo, tok = principal_on(group, first, "solo"), principal_on(group, first, "tok")
-    keys: dict[str, dict[str, Any]] = {
-        "alice": {"key": ALICE_KEY},
-        solo: {"key": f"{solo}-key-0123456789", "max_streams": 1},
-        tok: {"key": f"{tok}-key-0123456789", "tokens_per_minute": 10},
-    }
-    return keys, solo, tok
-
-
-@pytest.fixture(scope="module")
-def cluster(fake: FakeUpstream, redis_cluster: RedisClusterGroup) -> Iterator[Cluster]:
-    keys, solo, tok = principals(redis_cluster)
-    env = host_env(fake, redis_cluster.url, keys)
-    with gunicorn_server(env) as a, gunicorn_server(env) as b:
-        yield Cluster(redis_cluster, a, b, keys, solo, tok)
-
-
-@pytest.fixture
-def trailing(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
-    """The fake upstream, continuing a trailing assistant message (as llama-server does)."""
-    upstream.defaults["continuation"] = "trailing"
-    yield upstream
-    upstream.defaults.clear()  # the fake is the session's
-
+from testing.takeover import assert_continued_from_the_durable_text, continuations
+from testing.topology import LEASE_SECONDS, Topology, cluster_names, host_env
 
 SERVER_ERROR = re.compile(r'HTTP/1\.[01]" 500 ')
 
@@ -165,134 +57,6 @@ def assert_clean(log: str) -> None:
     """No traceback and no 500 in (a part of) a host's log."""
     assert "Traceback" not in log, log
     assert not SERVER_ERROR.search(log), log
-
-
-def ids_of(events: list[dict[str, Any]]) -> list[str]:
-    return [e["id"] for e in events if "id" in e]
-
-
-def assert_each_once(stage_id: str, events: list[dict[str, Any]], end: str) -> None:
-    """The events of a whole stage: ids from 0 up, no gap, no repeat, one ``end`` last."""
-    ids = ids_of(events)
-    last = len(ids) - 1
-    assert ids == [f"{stage_id}-chunk-{n}" for n in range(last)] + [f"{stage_id}-{end}-{last}"], (
-        terminal(events)
-    )
-    assert [e["event"] for e in terminal(events)] == [end], terminal(events)
-
-
-# -- every shard --------------------------------------------------------------------------
-
-
-def test_a_stage_on_every_primary_is_resumed_and_cancelled_through_the_other_host(
-    cluster: Cluster, upstream: FakeUpstream
-) -> None:
-    a, b, group = cluster.a, cluster.b, cluster.group
-    primaries = group.primaries()
-    assert len(primaries) == 3
-    for port in primaries:
-        stage_id = stage_id_on(group, port, "alice", "every")
-        stream = post_chat(
-            a.url, stage_id=stage_id, model_name="fake?chunks=40&interval=0.02",
-            resumable=True, headers=ALICE, open=True,
-        )  # fmt: skip
-        stream.read_until(b"event: chat_completion_chunk", 5)
-        stream.close()
-        got = with_ids(stream.events())
-
-        status = stage_status(b.url, stage_id, ALICE)
-        assert status["status"] in ("running", "done"), (port, status)
-        rest = requests.get(
-            f"{b.url}/stages/{stage_id}/events",
-            headers={**ALICE, "Last-Event-ID": got[-1]["id"]},
-            timeout=30,
-        )
-        assert rest.status_code == 200, (port, rest.text)
-        assert_resumed_exactly_once(stage_id, got, parse_events(rest.content), 40)
-        final = stage_status(b.url, stage_id, ALICE)
-        assert (final["status"], final["text"]) == ("done", toks(40)), port
-
-        long_id = stage_id_on(group, port, "alice", "cancel")
-        stream = post_chat(
-            a.url, stage_id=long_id, model_name="fake?chunks=2000&interval=0.02",
-            headers=ALICE, open=True,
-        )  # fmt: skip
-        stream.read_until(b"event: chat_completion_chunk")
-        cancel = requests.post(f"{b.url}/stages/{long_id}/cancel", headers=ALICE, timeout=5)
-        assert cancel.status_code == 202, (port, cancel.text)
-        events = stream.read_to_end()
-        assert_each_once(long_id, events, "cancel")
-        chunks = len(ids_of(events)) - 1
-        assert terminal(events)[0]["data"] == {
-            "stage_id": long_id,
-            "reason": "cancelled by request",
-            "usage": estimated_usage(chunks),
-        }
-        cancelled = wait_for_status(b.url, long_id, "cancelled", headers=ALICE)
-        assert cancelled["cancel_reason"] == "cancelled by request"
-
-
-# -- limits across shards -----------------------------------------------------------------
-
-
-def test_max_streams_holds_across_hosts_when_the_limit_and_the_stages_are_on_other_shards(
-    cluster: Cluster, upstream: FakeUpstream
-) -> None:
-    a, b, group, solo = cluster.a, cluster.b, cluster.group, cluster.solo
-    limits_on = group.primary_for_slot(limits_slot(solo))
-    first_shard, second_shard = [p for p in group.primaries() if p != limits_on]
-    first = stage_id_on(group, first_shard, solo, "first")
-    second = stage_id_on(group, second_shard, solo, "second")
-    third = stage_id_on(group, second_shard, solo, "third")
-    headers = cluster.auth(solo)
-
-    stream = post_chat(
-        a.url, stage_id=first, model_name="fake?chunks=2000&interval=0.02", headers=headers,
-        open=True,
-    )  # fmt: skip
-    stream.read_until(b"event: chat_completion_chunk")
-    over = post_chat(b.url, stage_id=second, headers=headers)
-    assert over.status_code == 429, over.text
-    assert over.headers["Retry-After"] == "1"
-    assert (over.json()["limit"], over.json()["principal"]) == ("max_streams", solo)
-    assert len(upstream.requests) == 1  # refused before any upstream call
-
-    stream.close()  # not resumable: its stage is cancelled, its slot given back
-    status = wait_for_status(b.url, first, "cancelled", headers=headers)
-    assert status["cancel_reason"] == "client disconnected"
-    deadline = time.monotonic() + 1.0
-    while True:
-        response = post_chat(b.url, stage_id=third, headers=headers, stream=False)
-        if response.status_code == 200:
-            assert response.json()["type"] == "text"
-            break
-        assert response.status_code == 429, response.text
-        assert time.monotonic() < deadline, "the slot was not given back within 1 s"
-        time.sleep(0.05)
-
-
-def test_tokens_per_minute_counts_across_hosts_when_the_limit_and_the_stages_are_on_other_shards(
-    cluster: Cluster,
-) -> None:
-    a, b, group, tok = cluster.a, cluster.b, cluster.group, cluster.tok
-    limits_on = group.primary_for_slot(limits_slot(tok))
-    shards = [p for p in group.primaries() if p != limits_on]
-    headers = cluster.auth(tok)
-    # The fake upstream reports 1 prompt token ("hi") and one per chunk: 6 each.
-    first = post_chat(
-        a.url, stage_id=stage_id_on(group, shards[0], tok, "t1"), model_name="fake?chunks=5",
-        headers=headers,
-    )  # fmt: skip
-    assert terminal(parse_events(first.content))[0]["data"]["usage"] == {
-        "prompt_tokens": 1,
-        "completion_tokens": 5,
-        "total_tokens": 6,
-    }
-    second = post_chat(b.url, stage_id=stage_id_on(group, shards[1], tok, "t2"), headers=headers)
-    assert second.status_code == 200  # 6 < 10
-    refused = post_chat(a.url, stage_id=stage_id_on(group, shards[0], tok, "t3"), headers=headers)
-    assert refused.status_code == 429  # 12 >= 10
-    assert refused.json()["limit"] == "tokens_per_minute"
 
 
 # -- a host dies --------------------------------------------------------------------------
@@ -311,24 +75,26 @@ def follow(url: str, headers: dict[str, str], marker: bytes) -> tuple[bytes, flo
 
 
 def test_a_stage_of_a_killed_host_is_continued_on_the_other_each_event_once(
-    trailing: FakeUpstream, cluster: Cluster
+    trailing: FakeUpstream, cluster_hosts: Topology
 ) -> None:
-    # A of its own, killed; B watches. The module's hosts (B, and its A) live on: one of
+    # A of its own, killed; B watches. The shared hosts (B, and its A) live on: one of
     # them takes the stage over.
-    group, b, survivors = cluster.group, cluster.b, (cluster.a, cluster.b)
-    a = Gunicorn(host_env(trailing, group.url, cluster.keys))
+    group, b, survivors = cluster_hosts.cluster, cluster_hosts.follow, cluster_hosts.hosts
+    assert group is not None
+    alice = cluster_hosts.auth("alice")
+    a = Gunicorn(cluster_hosts.env)
     try:
         a_worker = worker_of(a)
         counted = sum(continuations(host) for host in survivors)
         stage_id = stage_id_on(group, group.primaries()[1], "alice", "t-kill")
-        headers = {**ALICE, "X-Request-ID": stage_id}
+        headers = {**alice, "X-Request-ID": stage_id}
         stream = post_chat(
             a.url, stage_id=stage_id, model_name="fake?chunks=60&interval=0.05",
             resumable=True, headers=headers, open=True,
         )  # fmt: skip
         with ThreadPoolExecutor(1) as pool:
             watcher = pool.submit(
-                follow, f"{b.url}/stages/{stage_id}/events", ALICE, b"event: continued"
+                follow, f"{b.url}/stages/{stage_id}/events", alice, b"event: continued"
             )
             stream.read_until(b"event: chat_completion_chunk", 20)
             killed_at = time.monotonic()
@@ -341,7 +107,7 @@ def test_a_stage_of_a_killed_host_is_continued_on_the_other_each_event_once(
 
     continued = assert_whole_once(stage_id, watched, 60)
     assert continued_at is not None
-    assert continued_at - killed_at < 2 * LEASE + 4, continued_at - killed_at
+    assert continued_at - killed_at < 2 * LEASE_SECONDS + 4, continued_at - killed_at
     delivered = assert_continued_from_the_durable_text(trailing, stage_id)
     before = watched[: watched.index(continued)]
     assert len([e for e in before if e.get("event") == "chat_completion_chunk"]) == delivered
@@ -355,7 +121,7 @@ def test_a_stage_of_a_killed_host_is_continued_on_the_other_each_event_once(
     # A's client got only what the log held: the watcher's first events, exactly.
     assert got_on_a and got_on_a == with_ids(watched)[: len(got_on_a)]
 
-    status = stage_status(b.url, stage_id, ALICE)
+    status = stage_status(b.url, stage_id, alice)
     assert (status["status"], status["text"]) == ("done", toks(60))
     [record] = status["continuations"]
     assert {k: record[k] for k in ("after", "reason", "mode", "outcome")} == {
@@ -369,7 +135,7 @@ def test_a_stage_of_a_killed_host_is_continued_on_the_other_each_event_once(
 
     rest = requests.get(
         f"{b.url}/stages/{stage_id}/events",
-        headers={**ALICE, "Last-Event-ID": got_on_a[-1]["id"]},
+        headers={**alice, "Last-Event-ID": got_on_a[-1]["id"]},
         timeout=30,
     )
     assert rest.status_code == 200
@@ -380,22 +146,24 @@ def test_a_stage_of_a_killed_host_is_continued_on_the_other_each_event_once(
 # -- a slot moves -------------------------------------------------------------------------
 
 
-def statuses_for(url: str, stage_id: str, seconds: float) -> list[int]:
+def statuses_for(url: str, stage_id: str, seconds: float, headers: dict[str, str]) -> list[int]:
     """Ask for a stage's status every 50 ms for ``seconds``: the HTTP statuses."""
     codes = []
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         codes.append(
-            requests.get(f"{url}/stages/{stage_id}", headers=ALICE, timeout=10).status_code
+            requests.get(f"{url}/stages/{stage_id}", headers=headers, timeout=10).status_code
         )
         time.sleep(0.05)
     return codes
 
 
 def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_request(
-    cluster: Cluster, upstream: FakeUpstream
+    cluster_hosts: Topology, upstream: FakeUpstream
 ) -> None:
-    a, b, group = cluster.a, cluster.b, cluster.group
+    a, b, group = cluster_hosts.start, cluster_hosts.follow, cluster_hosts.cluster
+    assert group is not None
+    alice = cluster_hosts.auth("alice")
     logs_from = (len(a.log()), len(b.log()))
     source, target = group.primaries()[:2]
     stage_id = stage_id_on(group, source, "alice", "moved")
@@ -405,7 +173,7 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
 
     stream = post_chat(
         a.url, stage_id=stage_id, model_name="fake?chunks=400&interval=0.02",
-        resumable=True, headers=ALICE, open=True,
+        resumable=True, headers=alice, open=True,
     )  # fmt: skip
     stream.read_until(b"event: chat_completion_chunk", 5)
     got = with_ids(stream.events())[:5]
@@ -417,7 +185,7 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
         resumed = pool.submit(
             lambda: requests.get(
                 f"{b.url}/stages/{stage_id}/events",
-                headers={**ALICE, "Last-Event-ID": got[-1]["id"]},
+                headers={**alice, "Last-Event-ID": got[-1]["id"]},
                 timeout=60,
             )
         )
@@ -436,11 +204,11 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
                 for key in sorted(keys, key=lambda key: key != log_key.encode()):
                     src.execute_command("MIGRATE", "127.0.0.1", target, key, 0, 5000)
                     moved.append(key)
-                    codes += statuses_for(b.url, stage_id, 0.3)
+                    codes += statuses_for(b.url, stage_id, 0.3, alice)
             # Every key moved, the slot still the source's, as while a slot's other keys
             # move: longer than a follower's blocking XREAD (1 s), so that its next one
             # meets the ASK, and than a lease, which the owner renews through the ASK.
-            codes += statuses_for(b.url, stage_id, LEASE + 1)
+            codes += statuses_for(b.url, stage_id, LEASE_SECONDS + 1, alice)
             others = [p for p in group.primaries() if p not in (source, target)]
             for port in [target, source, *others]:
                 client = group.client(port)
@@ -451,7 +219,7 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
         finally:
             src.close()
             dst.close()
-        codes += statuses_for(b.url, stage_id, 0.3)
+        codes += statuses_for(b.url, stage_id, 0.3, alice)
         events = on_a.result(timeout=60)
         during = resumed.result(timeout=60)
 
@@ -462,12 +230,12 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
     assert_resumed_exactly_once(stage_id, got, parse_events(during.content), 400)
     after = requests.get(
         f"{b.url}/stages/{stage_id}/events",
-        headers={**ALICE, "Last-Event-ID": got[-1]["id"]},
+        headers={**alice, "Last-Event-ID": got[-1]["id"]},
         timeout=30,
     )
     assert after.status_code == 200, after.text
     assert_resumed_exactly_once(stage_id, got, parse_events(after.content), 400)
-    status = stage_status(b.url, stage_id, ALICE)
+    status = stage_status(b.url, stage_id, alice)
     assert (status["status"], status["text"], status.get("gap")) == ("done", toks(400), None)
     print(f"status codes while the slot moved: {sorted(set(codes))} of {len(codes)}")
     assert 500 not in codes, codes
@@ -478,19 +246,22 @@ def test_a_slot_migrated_key_by_key_mid_stream_loses_no_event_and_fails_no_reque
 # -- a primary fails over -----------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_a_failover_of_the_primary_that_holds_a_running_stage_loses_no_event(
     fake: FakeUpstream, upstream: FakeUpstream
 ) -> None:
     with RedisClusterGroup(primaries=3, replicas_per_primary=1) as group:
-        keys, _, _ = principals(group)
-        env = host_env(fake, group.url, keys)
+        names = cluster_names(group)
+        env = host_env(fake, names, group.url)
         with gunicorn_server(env) as a, gunicorn_server(env) as b:
+            alice = Topology("two hosts on a Redis Cluster with replicas", a, b, env, names,
+                             cluster=group).auth("alice")  # fmt: skip
             primary = group.primaries()[0]
             [replica] = group.replicas_of(primary)
             stage_id = stage_id_on(group, primary, "alice", "fo")
             stream = post_chat(
                 a.url, stage_id=stage_id, model_name="fake?chunks=80&interval=0.05",
-                resumable=True, headers=ALICE, open=True,
+                resumable=True, headers=alice, open=True,
             )  # fmt: skip
             stream.read_until(b"event: chat_completion_chunk", 10)
             group.kill(primary)
@@ -500,7 +271,7 @@ def test_a_failover_of_the_primary_that_holds_a_running_stage_loses_no_event(
             deadline = time.monotonic() + 30
             while True:  # once the replica is primary, and the mirror has caught up
                 try:
-                    if stage_status(b.url, stage_id, ALICE).get("status") == "done":
+                    if stage_status(b.url, stage_id, alice).get("status") == "done":
                         break
                 except (ValueError, requests.RequestException):
                     pass
@@ -509,14 +280,14 @@ def test_a_failover_of_the_primary_that_holds_a_running_stage_loses_no_event(
             assert group.primary_for_slot(stage_slot("alice", stage_id)) == replica
             rest = requests.get(
                 f"{b.url}/stages/{stage_id}/events",
-                headers={**ALICE, "Last-Event-ID": got[-1]["id"]},
+                headers={**alice, "Last-Event-ID": got[-1]["id"]},
                 timeout=10,
             )
             assert rest.status_code == 200, rest.text
             after = parse_events(rest.content)
             if after and after[-1].get("event") == "error" and "id" not in after[-1]:
                 # The failover lost events that A no longer held: said, never skipped.
-                gap = stage_status(b.url, stage_id, ALICE)["gap"]
+                gap = stage_status(b.url, stage_id, alice)["gap"]
                 assert gap and gap in after[-1]["data"]["error"], (gap, after[-1])
                 resumed = ids_of(after)
                 first = seq(got[-1]) + 1
@@ -545,9 +316,11 @@ def commandstats(group: RedisClusterGroup) -> dict[str, int]:
 
 
 def test_a_stage_and_a_remote_follower_send_no_command_getkeys_and_no_script_exists(
-    cluster: Cluster, upstream: FakeUpstream
+    cluster_hosts: Topology, upstream: FakeUpstream
 ) -> None:
-    a, b, group = cluster.a, cluster.b, cluster.group
+    a, b, group = cluster_hosts.start, cluster_hosts.follow, cluster_hosts.cluster
+    assert group is not None
+    alice = cluster_hosts.auth("alice")
     chunks = 250
     stage_id = stage_id_on(group, group.primaries()[2], "alice", "trips")
     for port in group.live_ports():
@@ -559,12 +332,12 @@ def test_a_stage_and_a_remote_follower_send_no_command_getkeys_and_no_script_exi
     started = time.monotonic()
     stream = post_chat(
         a.url, stage_id=stage_id, model_name=f"fake?chunks={chunks}&interval=0.02",
-        headers=ALICE, open=True,
+        headers=alice, open=True,
     )  # fmt: skip
     stream.read_until(b"event: chat_completion_chunk")
     with ThreadPoolExecutor(1) as pool:
         followed = pool.submit(
-            lambda: requests.get(f"{b.url}/stages/{stage_id}/events", headers=ALICE, timeout=60)
+            lambda: requests.get(f"{b.url}/stages/{stage_id}/events", headers=alice, timeout=60)
         )
         events = stream.read_to_end()
         watched = followed.result(timeout=60)
@@ -592,9 +365,10 @@ def test_a_stage_and_a_remote_follower_send_no_command_getkeys_and_no_script_exi
 
 
 def test_a_redis_url_that_names_a_cluster_node_refuses_to_start(
-    fake: FakeUpstream, redis_cluster: RedisClusterGroup
+    fake: FakeUpstream, cluster_hosts: Topology
 ) -> None:
-    node = redis_cluster.ports[0]
+    assert cluster_hosts.cluster is not None
+    node = cluster_hosts.cluster.ports[0]
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("STAGESERVER_")},

@@ -1,4 +1,7 @@
-"""Stages shared by two gunicorn instances through one real redis-server."""
+"""Stages shared by two gunicorn hosts through one real redis-server: what only a shared
+store does (an id unique across hosts, Redis lost and restarted under a running stage),
+and the store's parts in-process. Resuming, watching, cancelling and the grace are
+``test_stage_api.py``'s, on every topology, and limits ``test_limits.py``'s."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,165 +19,96 @@ import requests
 from stageserver import create_app
 from stageserver.errors import ConfigError
 from stageserver.launcher.supervisor import GUNICORN_ARGS
+from stageserver.manager import manager_of
 from stageserver.store.batch import Batcher, Command
-from stageserver.store.connection import connect, stage_keys
+from stageserver.store.connection import Reachability, connect
 from stageserver.store.entries import events_of
+from stageserver.store.keys import stage_keys
 from testing.fake_upstream import FakeUpstream
 from testing.servers import (
     ROOT,
     VENV_BIN,
-    Gunicorn,
-    RedisClusterGroup,
     RedisServer,
     free_port,
-    gunicorn_server,
 )
 from testing.sse import (
     assert_resumed_exactly_once,
     chunk_text,
-    estimated_usage,
     parse_events,
     post_chat,
     stage_status,
     terminal,
+    toks,
     wait_for_status,
+    with_ids,
 )
+from testing.topology import Topology
 
 
-@pytest.fixture(scope="module")
-def pair(fake: FakeUpstream, redis_server: RedisServer) -> Iterator[tuple[Gunicorn, Gunicorn]]:
-    env = {
-        "STAGESERVER_UPSTREAM_URL": fake.url,
-        "STAGESERVER_STORE_URL": redis_server.url,
-        "STAGESERVER_HEARTBEAT_SECONDS": "1",
-        "STAGESERVER_RESUME_GRACE_SECONDS": "1",
-    }
-    # forbid=(): these instances' logs have never been checked (they pass the check today).
-    with gunicorn_server(env, forbid=()) as a, gunicorn_server(env, forbid=()) as b:
-        yield a, b
-
-
-def test_cancel_through_b_stops_the_stage_on_a(
-    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
-) -> None:
-    a, b = pair
+def test_a_live_stage_id_is_unique_across_instances(redis_hosts: Topology) -> None:
+    a, b, alice = redis_hosts.start, redis_hosts.follow, redis_hosts.auth("alice")
     stream = post_chat(
-        a.url, stage_id="x-cancel", model_name="fake?chunks=500&interval=0.05", open=True
+        a.url, stage_id="x-dup", model_name="fake?prefill=30", headers=alice, open=True
     )
-    stream.read_until(b"event: chat_completion_chunk")
-    response = requests.post(f"{b.url}/stages/x-cancel/cancel", timeout=5)
-    assert response.status_code == 202
-    stream.read_until(b"event: cancel")
-    stream.close()
-    chunks = stream.wire.count(b"event: chat_completion_chunk")
-    assert [e["data"] for e in terminal(stream.events())] == [
-        {"stage_id": "x-cancel", "reason": "cancelled by request", "usage": estimated_usage(chunks)}
-    ]
-    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
-    assert not upstream.requests[0].done_sent
-    assert (
-        wait_for_status(b.url, "x-cancel", "cancelled")["cancel_reason"] == "cancelled by request"
-    )
-    assert requests.post(f"{b.url}/stages/x-cancel/cancel", timeout=5).status_code == 409
-    assert requests.post(f"{b.url}/stages/x-none/cancel", timeout=5).status_code == 404
-
-
-def test_resume_through_b_gets_the_rest_exactly_once(
-    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
-) -> None:
-    a, b = pair
-    model = "fake?chunks=40&interval=0.03"
-    stream = post_chat(a.url, stage_id="x-res", model_name=model, resumable=True, open=True)
-    stream.read_until(b"event: chat_completion_chunk", 5)
-    stream.close()
-    got = [e for e in stream.events() if "id" in e]
-
-    rest = requests.get(
-        f"{b.url}/stages/x-res/events", headers={"Last-Event-ID": got[-1]["id"]}, timeout=10
-    )
-    assert_resumed_exactly_once("x-res", got, parse_events(rest.content), 40)
-    final = stage_status(b.url, "x-res")
-    assert (final["status"], final["text"]) == ("done", "".join(f"tok{n} " for n in range(40)))
-
-
-def test_watcher_on_b_keeps_a_resumable_stage_alive_past_the_grace(
-    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
-) -> None:
-    a, b = pair
-    model = "fake?chunks=60&interval=0.05"
-    stream = post_chat(a.url, stage_id="x-keep", model_name=model, resumable=True, open=True)
-    stream.read_until(b"event: chat_completion_chunk")
-    stream.close()
-    # Nobody is attached on A for 3 s (grace 1 s), but B follows the stage.
-    followed = requests.get(f"{b.url}/stages/x-keep/events", timeout=20)
-    assert [e["event"] for e in terminal(parse_events(followed.content))] == ["done"]
-    assert stage_status(a.url, "x-keep")["status"] == "done"
-
-
-def test_resumable_stage_nobody_reattaches_is_cancelled(
-    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream
-) -> None:
-    a, b = pair
-    model = "fake?chunks=500&interval=0.05"
-    stream = post_chat(a.url, stage_id="x-grace", model_name=model, resumable=True, open=True)
-    stream.read_until(b"event: chat_completion_chunk")
-    stream.close()
-    summary = wait_for_status(b.url, "x-grace", "cancelled")
-    assert summary["cancel_reason"] == "no client re-attached within 1 s"
-    assert upstream.wait_for(lambda: upstream.requests[0].client_closed_at is not None)
-
-
-def test_a_live_stage_id_is_unique_across_instances(pair: tuple[Gunicorn, Gunicorn]) -> None:
-    a, b = pair
-    stream = post_chat(a.url, stage_id="x-dup", model_name="fake?prefill=30", open=True)
     try:
-        wait_for_status(b.url, "x-dup", "running")
-        response = post_chat(b.url, stage_id="x-dup", stream=False, timeout=5)
+        wait_for_status(b.url, "x-dup", "running", headers=alice)
+        response = post_chat(b.url, stage_id="x-dup", stream=False, headers=alice, timeout=5)
         assert response.status_code == 409
         assert response.json()["field"] == "stage_id"
     finally:
-        requests.post(f"{b.url}/stages/x-dup/cancel", timeout=5)
+        requests.post(f"{b.url}/stages/x-dup/cancel", headers=alice, timeout=5)
         stream.close()
 
 
 @pytest.mark.parametrize("model", ["fake?chunks=2", "fake?mode=status&status=500"])
 def test_a_finished_stage_id_is_free_on_every_host_once_its_client_has_the_end(
-    pair: tuple[Gunicorn, Gunicorn], model: str
+    redis_hosts: Topology, model: str
 ) -> None:
-    a, b = pair
-    hosts = [a, b]
+    hosts = [redis_hosts.start, redis_hosts.follow]
     for round_ in range(10):  # the id passes from host to host, each reusing it at once
         here = hosts[round_ % 2]
-        response = post_chat(here.url, stage_id="x-again", model_name=model, timeout=5)
+        response = post_chat(
+            here.url, stage_id="x-again", model_name=model, headers=redis_hosts.auth("alice"),
+            timeout=5,
+        )  # fmt: skip
         assert response.status_code == 200, (round_, response.text)
         assert terminal(parse_events(response.content))[0]["event"] in ("done", "error")
 
 
 def test_an_id_that_runs_here_is_not_claimed_again_after_redis_lost_it(
-    pair: tuple[Gunicorn, Gunicorn], redis_server: RedisServer
+    redis_hosts: Topology,
 ) -> None:
-    a, _ = pair
+    a, redis_server, alice = redis_hosts.start, redis_hosts.redis, redis_hosts.auth("alice")
+    assert redis_server is not None
     # In its prefill: no event to write, so nothing gives the lease back to Redis soon.
-    stream = post_chat(a.url, stage_id="x-lost", model_name="fake?prefill=2&chunks=3", open=True)
+    stream = post_chat(
+        a.url, stage_id="x-lost", model_name="fake?prefill=2&chunks=3", headers=alice, open=True
+    )
     redis_server.kill()
     redis_server.start()  # empty: the stage's lease and keys are gone
-    again = post_chat(a.url, stage_id="x-lost", stream=False, timeout=10)
+    again = post_chat(a.url, stage_id="x-lost", stream=False, headers=alice, timeout=10)
     assert again.status_code == 409
     assert again.json()["field"] == "stage_id"
     # The running stage kept its lease: it ends as it would have, and its id is free then.
     assert [e["event"] for e in terminal(stream.read_to_end())] == ["done"]
-    assert post_chat(a.url, stage_id="x-lost", stream=False, timeout=10).status_code == 200
+    assert (
+        post_chat(a.url, stage_id="x-lost", stream=False, headers=alice, timeout=10).status_code
+        == 200
+    )
 
 
 def test_a_redis_restart_ends_no_healthy_stream_and_the_mirror_catches_up(
-    pair: tuple[Gunicorn, Gunicorn], upstream: FakeUpstream, redis_server: RedisServer
+    redis_hosts: Topology, upstream: FakeUpstream
 ) -> None:
-    a, b = pair
+    a, b, alice = redis_hosts.start, redis_hosts.follow, redis_hosts.auth("alice")
+    redis_server = redis_hosts.redis
+    assert redis_server is not None
     stream = post_chat(
-        a.url, stage_id="x-down", model_name="fake?chunks=60&interval=0.05", open=True
-    )
+        a.url, stage_id="x-down", model_name="fake?chunks=60&interval=0.05", headers=alice,
+        open=True,
+    )  # fmt: skip
     stream.read_until(b"event: chat_completion_chunk", 2)
-    watcher = requests.get(f"{b.url}/stages/x-down/events", stream=True, timeout=30)
+    watcher = requests.get(f"{b.url}/stages/x-down/events", headers=alice, stream=True, timeout=30)
     redis_server.kill()  # it keeps nothing: it comes back empty
     try:
         # What needs Redis fails, each with a word: the watcher through B ...
@@ -184,7 +117,7 @@ def test_a_redis_restart_ends_no_healthy_stream_and_the_mirror_catches_up(
         assert "the stage store (Redis) is unavailable" in watcher_end[0]["data"]["error"]
         assert "id" not in watcher_end[0]  # this response's end, not the stage's
         # ... and a new stage, which needs its id claimed.
-        refused = post_chat(a.url, stage_id="x-refused", stream=False, timeout=10)
+        refused = post_chat(a.url, stage_id="x-refused", stream=False, headers=alice, timeout=10)
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "1"
     finally:
@@ -192,23 +125,28 @@ def test_a_redis_restart_ends_no_healthy_stream_and_the_mirror_catches_up(
     # The stage's own client never noticed.
     events = stream.read_to_end()
     assert [e["event"] for e in terminal(events)] == ["done"]
-    assert chunk_text(events) == "".join(f"tok{n} " for n in range(60))
+    assert chunk_text(events) == toks(60)
     # The mirror caught up: a resume through B from the middle gets the rest exactly once.
-    got = [e for e in events if "id" in e][:10]
+    got = with_ids(events)[:10]
     deadline = time.monotonic() + 10
-    while stage_status(b.url, "x-down").get("status") != "done":
+    while stage_status(b.url, "x-down", alice).get("status") != "done":
         assert time.monotonic() < deadline
         time.sleep(0.1)
     rest = requests.get(
-        f"{b.url}/stages/x-down/events", headers={"Last-Event-ID": got[-1]["id"]}, timeout=10
+        f"{b.url}/stages/x-down/events",
+        headers={**alice, "Last-Event-ID": got[-1]["id"]},
+        timeout=10,
     )
     assert_resumed_exactly_once("x-down", got, parse_events(rest.content), 60)
     for server in (a, b):
-        done = post_chat(server.url, stage_id=f"x-after-{server.port}", stream=False, timeout=10)
+        done = post_chat(
+            server.url, stage_id=f"x-after-{server.port}", stream=False, headers=alice, timeout=10
+        )
         assert done.status_code == 200
         assert done.json()["type"] == "text"
 
 
+@pytest.mark.processes
 def test_several_workers_without_a_store_refuse_to_start() -> None:
     result = subprocess.run(
         [str(VENV_BIN / "python"), "-m", "gunicorn", *GUNICORN_ARGS],
@@ -232,7 +170,8 @@ def test_a_stage_of_a_worker_from_before_dialects_is_ended_in_the_seeds_words(
     """A rolling deploy: a worker of the earlier version claimed the stage (no record of
     its dialect in the hash) and died. A worker of this version ends it with the seed's
     error event, as before, not a 500."""
-    hash_key, log_key, _, _ = stage_keys("old-1")
+    keys = stage_keys("old-1")
+    hash_key, log_key = keys.hash, keys.log
     client: Any = redis.Redis.from_url(redis_server.url)  # redis-py types results loosely
     summary = {"stage_id": "old-1", "status": "running", "events": 0}
     client.hset(hash_key, mapping={"status": "running", "summary": json.dumps(summary),
@@ -254,6 +193,53 @@ def test_a_stage_of_a_worker_from_before_dialects_is_ended_in_the_seeds_words(
     [(seq, wire)], terminal = events_of(fields)
     assert seq == 0 and terminal
     assert wire.startswith(b"id: old-1-error-0\nevent: error\n")
+
+
+def test_reading_a_stage_whose_owner_died_writes_nothing_until_it_is_reaped_by_name(
+    redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    """The reader only reads: its every question about a stage whose lease is gone leaves
+    the stage as it was. The orphan is marked suspect by ``reap_orphan``, which a status
+    or a cancel asks first, by name."""
+    keys = stage_keys("orphan-1")
+    client: Any = redis.Redis.from_url(redis_server.url)  # redis-py types results loosely
+    summary = {"stage_id": "orphan-1", "status": "running", "events": 0}
+    client.hset(keys.hash, mapping={"status": "running", "summary": json.dumps(summary),
+                                    "owner": "gone-host:1", "prompt_tokens": 3})  # fmt: skip
+    before = client.hgetall(keys.hash)
+    app = create_app(
+        {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_STORE_URL": redis_server.url}
+    )
+    store = manager_of(app.extensions).store
+    assert store is not None
+    try:
+        reader = store.reader
+        assert reader.summary("orphan-1") == {**summary, "text": ""}
+        reader.check_cancellable("orphan-1", "orphan-1")
+        assert (reader.answer("orphan-1"), reader.record("orphan-1")) == (None, None)
+        assert (reader.first_kept("orphan-1"), reader.watchers("orphan-1")) == (0, 0)
+        assert client.hgetall(keys.hash) == before
+        store.reap_orphan("orphan-1", "orphan-1")
+        assert client.hget(keys.hash, "suspect_since") is not None
+    finally:
+        manager_of(app.extensions).close()
+
+
+def test_redis_is_reachable_while_every_loop_reaches_it_and_each_change_is_told_once() -> None:
+    """The flusher's writes and the sweeper's looks each say what they found; the store
+    is unreachable while either fails (``stageserver_store_unavailable``)."""
+    told: list[bool] = []
+    reachability = Reachability(told.append)
+    for loop, reached in [
+        ("flusher", True),
+        ("sweeper", False),  # unreachable
+        ("flusher", False),
+        ("sweeper", True),  # the flusher still fails
+        ("flusher", True),  # reachable
+        ("flusher", True),
+    ]:
+        reachability.found(loop, reached)
+    assert told == [False, True]
 
 
 class _Broken:
@@ -314,8 +300,10 @@ def test_a_cluster_url_with_a_database_a_socket_or_no_port_is_refused(url: str, 
 
 
 def test_stageserver_check_refuses_a_plain_url_that_names_a_cluster_node(
-    redis_cluster: RedisClusterGroup,
+    cluster_hosts: Topology,
 ) -> None:
+    redis_cluster = cluster_hosts.cluster
+    assert redis_cluster is not None
     url = f"redis://127.0.0.1:{redis_cluster.ports[0]}/0"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGESERVER_")}
     result = subprocess.run(

@@ -12,6 +12,8 @@ import requests
 from flask.testing import FlaskClient
 
 from stageserver import create_app
+from stageserver.manager import manager_of
+from testing.apps import settle
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.servers import Nginx, gunicorn_server
 from testing.sse import chunk_text, parse_events, post_chat, terminal
@@ -23,6 +25,7 @@ def seen(fake: FakeUpstream, request_id: str) -> UpstreamRequest:
     return next(r for r in fake.requests if r.headers.get("x-request-id") == request_id)
 
 
+@pytest.mark.processes
 def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
     upstream: FakeUpstream,
 ) -> None:
@@ -92,7 +95,9 @@ def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
         record = seen(upstream, "long")
         assert upstream.wait_for(lambda: record.client_closed_at is not None)
         assert not record.done_sent
-        assert sorted(r.headers["x-request-id"] for r in upstream.requests) == ["long", "short"]
+        # (A /readyz answered before the worker had the signal probed the upstream too.)
+        chats = [r for r in upstream.requests if r.path.endswith("/chat/completions")]
+        assert sorted(r.headers["x-request-id"] for r in chats) == ["long", "short"]
 
         # The worker left on its own, before gunicorn's SIGKILL.
         assert server.proc.wait(timeout=15) == 0
@@ -101,6 +106,7 @@ def test_sigterm_lets_streams_finish_and_ends_the_rest_with_an_error_event(
     assert "error_kind=ServerShuttingDown" in log
 
 
+@pytest.mark.processes
 def test_a_worker_retired_after_max_requests_ends_its_streams_with_the_error_event(
     upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,6 +140,7 @@ def test_a_worker_retired_after_max_requests_ends_its_streams_with_the_error_eve
     assert "Worker graceful timeout" not in server.log()
 
 
+@pytest.mark.processes
 def test_sigint_quick_shutdown_still_ends_streams_with_the_error_event(
     upstream: FakeUpstream,
 ) -> None:
@@ -166,7 +173,7 @@ def limited(upstream: FakeUpstream) -> Iterator[FlaskClient]:
         {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_MAX_ACTIVE_STREAMS": 2}
     )
     yield app.test_client()
-    app.extensions["stageserver"].upstreams.close()
+    manager_of(app.extensions).close()
 
 
 def _start(client: FlaskClient, stage_id: str) -> Any:
@@ -208,13 +215,12 @@ def test_a_stage_refused_for_its_id_gives_its_slot_back(
     for response, pieces in zip((first, second), streams, strict=True):
         assert terminal(parse_events(b"".join(pieces)))[0]["event"] == "cancel"
         response.close()
-    stages = limited.application.extensions["stageserver"].stages
     for stage_id in ("a", "b"):
-        stages.get(stage_id).wait(5)  # the runner gives the slot back as it finishes
+        settle(limited, stage_id)  # the runner gives the slot back as it finishes
 
     again = _start(limited, "d")
     assert again.status_code == 200
     assert limited.post("/stages/d/cancel").status_code == 202
     again.get_data()
     again.close()
-    stages.get("d").wait(5)
+    settle(limited, "d")

@@ -43,3 +43,8 @@ def test_comment_and_retry_lines_end_no_block() -> None:
 
 def test_compact_json_keeps_unicode() -> None:
     assert compact_json({"stage_id": "s", "error": "é"}) == '{"stage_id":"s","error":"é"}'.encode()
+
+
+def test_compact_json_escapes_a_lone_surrogate_as_an_upstream_sent_it() -> None:
+    # json.loads('"\\ud800"') is a string UTF-8 cannot hold: a delta an upstream may send.
+    assert compact_json({"content": "a\ud800é"}) == b'{"content":"a\\ud800\\u00e9"}'

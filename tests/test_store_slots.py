@@ -34,11 +34,11 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from stageserver import create_app
-from stageserver.principals import _NAME, Principal
+from stageserver.manager import manager_of
+from stageserver.principals import _NAME
 from stageserver.schemas import STAGE_ID_PATTERN
 from stageserver.store import scripts
-from stageserver.store.connection import stage_keys
-from stageserver.store.mirror import RUNNING_INDEX, _idempotency_key
+from stageserver.store.keys import RUNNING_INDEX, idempotency_key, limit_keys, stage_keys
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, RedisServer
 from testing.sse import parse_events, terminal
@@ -63,12 +63,6 @@ def test_the_longest_examples_are_the_longest_allowed() -> None:
 # -- 1. the key names -----------------------------------------------------------------------
 
 
-def limit_keys(name: str) -> tuple[str, str, str]:
-    from stageserver.policy.shared_limits import _keys
-
-    return _keys(Principal(name))
-
-
 @settings(database=None, deadline=None)
 @example(principal=LONGEST_NAME, stage_id=LONGEST_ID)
 @example(principal="a", stage_id="b")
@@ -90,7 +84,7 @@ def test_a_principals_limits_and_idempotency_keys_share_one_slot(principal: str,
     assert len(set(limits)) == 3
     slot = key_slot(limits[0].encode())
     assert {key_slot(k.encode()) for k in limits} == {slot}, limits
-    idempotency = _idempotency_key(f"{principal}/{key}")
+    idempotency = idempotency_key(f"{principal}/{key}")
     assert key_slot(idempotency.encode()) == slot, (idempotency, limits)
 
 
@@ -107,9 +101,7 @@ def test_every_script_names_its_keys_through_keys_1_to_4() -> None:
 
 
 def test_no_script_holds_a_literal_key() -> None:
-    from stageserver.policy.shared_limits import _ADMIT
-
-    for source in (*(script.source for script in scripts.ALL), _ADMIT):
+    for source in (script.source for script in scripts.ALL):
         for literal in ("'ss:", '"ss:', "[[ss:"):
             assert literal not in source, source
         assert RUNNING_INDEX not in source
@@ -279,9 +271,10 @@ def test_the_check_finds_what_breaks_the_slot_invariant() -> None:
 
 
 def transactions_in_the_store() -> list[str]:
-    """Where the code that talks to Redis (store/ and policy/, the only packages that
-    import redis) opens a transaction: a ``pipeline()`` not told ``transaction=False``
-    (redis-py's default is MULTI … EXEC), a ``multi()``, a ``transaction()``."""
+    """Where the code that talks to Redis (store/, the only package that imports redis,
+    and policy/, which reaches it through store/) opens a transaction: a ``pipeline()``
+    not told ``transaction=False`` (redis-py's default is MULTI … EXEC), a ``multi()``, a
+    ``transaction()``."""
     found = []
     for package in ("store", "policy"):
         for path in sorted((ROOT / "stageserver" / package).glob("*.py")):
@@ -442,10 +435,10 @@ def test_every_script_and_transaction_redis_sees_keeps_to_one_slot(
         }
         here, there = create_app(config), create_app(config)
         try:
-            idempotency_key = run_traffic(here.test_client(), there.test_client())
+            retried_key = run_traffic(here.test_client(), there.test_client())
         finally:
             for app in (here, there):
-                app.extensions["stageserver"].close()
+                manager_of(app.extensions).close()
         marker = f"end-of-traffic-{uuid.uuid4().hex}".encode()
         probe.echo(marker)
         lines = monitor.wait_for(marker)
@@ -482,11 +475,11 @@ def test_every_script_and_transaction_redis_sees_keeps_to_one_slot(
         assert len(renewals) >= 2, stage_id
         assert keys in scripts_keys
     assert tuple(k.encode() for k in limit_keys(NAME)) in scripts_keys  # the admission
-    idempotency = _idempotency_key(f"{NAME}/{idempotency_key}").encode()
+    idempotency = idempotency_key(f"{NAME}/{retried_key}").encode()
     assert any(c.name == b"SET" and c.args[1] == idempotency for c in seen)
     slot_renewals = [  # the stream slot's lease: a plain ZADD XX, outside any script
         c
         for c in seen
-        if c.name == b"ZADD" and c.args[1:3] == (limit_keys(NAME)[0].encode(), b"XX")
+        if c.name == b"ZADD" and c.args[1:3] == (limit_keys(NAME).streams.encode(), b"XX")
     ]
     assert len(slot_renewals) >= 2

@@ -7,9 +7,7 @@ fake upstream continues a conversation that ends with the partial answer."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import socket
 import time
@@ -22,19 +20,27 @@ import pytest
 import redis
 import requests
 
-from stageserver.store.connection import stage_keys
 from stageserver.store.entries import events_of
-from testing.fake_upstream import FakeUpstream, UpstreamRequest
-from testing.metrics import scrape, value
+from stageserver.store.keys import stage_keys
+from testing.fake_upstream import FakeUpstream
+from testing.hosts import kill_host, worker_of
 from testing.servers import Gunicorn, RedisServer, gunicorn_server
-from testing.sse import OpenStream, chunk_text, parse_events, post_chat, stage_status, terminal
+from testing.sse import (
+    OpenStream,
+    assert_whole_once,
+    chunk_text,
+    parse_events,
+    post_chat,
+    read_rest,
+    seq,
+    stage_status,
+    terminal,
+    toks,
+    with_ids,
+)
+from testing.takeover import assert_continued_from_the_durable_text, continuations, seen
 
 SLOW = "fake?chunks=60&interval=0.05"  # 3 s: "tok0 " .. "tok59 "
-DEFAULT_MAX_TOKENS = 512  # STAGESERVER_DEFAULT_MAX_TOKENS
-
-
-def toks(count: int) -> str:
-    return "".join(f"tok{n} " for n in range(count))
 
 
 def host_env(fake: FakeUpstream, store: RedisServer, **extra: str) -> dict[str, str]:
@@ -76,35 +82,6 @@ def start_host() -> Iterator[Callable[[dict[str, str]], Gunicorn]]:
         host.stop()
 
 
-def kill_host(host: Gunicorn) -> None:
-    """SIGKILL a whole host: its workers, and its arbiter, so that none is respawned."""
-    for pid in [*host.worker_pids(), host.proc.pid]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    host.proc.wait(timeout=10)
-
-
-def worker_of(host: Gunicorn) -> str:
-    """The newest worker of ``host``, as a stage's record names it (``host:pid``)."""
-    return f"{socket.gethostname()}:{host.worker_pids()[-1]}"
-
-
-def seq(event: dict[str, Any]) -> int:
-    return int(event["id"].rpartition("-")[2])
-
-
-def read_rest(stream: OpenStream) -> list[dict[str, Any]]:
-    """What a stream still delivers; its host may cut it."""
-    with contextlib.suppress(requests.RequestException):
-        stream.read_to_end()
-    stream.close()
-    return stream.events()
-
-
-def with_ids(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in events if "id" in e]
-
-
 def start_background(host: Gunicorn, request_ids: str, count: int = 2) -> list[str]:
     """``count`` background responses of 100 chunks on ``host``, nobody attached; their
     ids. Their requests' ids are ``request_ids`` and their number."""
@@ -134,59 +111,11 @@ def settled_response(host: Gunicorn, response_id: str) -> dict[str, Any]:
     return dict(answer)
 
 
-def seen(fake: FakeUpstream, request_id: str) -> list[UpstreamRequest]:
-    """What the upstream saw of one stage, in order."""
-    return [r for r in fake.requests if r.headers.get("x-request-id") == request_id]
-
-
 def wait_streaming(fake: FakeUpstream, request_id: str, chunks: int) -> None:
     """Until the upstream has sent ``chunks`` chunks of the stage's first request."""
     assert fake.wait_for(
         lambda: any(r.chunks_sent >= chunks for r in seen(fake, request_id)[:1])
     ), seen(fake, request_id)
-
-
-def assert_whole_once(stage_id: str, events: list[dict[str, Any]], chunks: int) -> dict[str, Any]:
-    """A seed stage's events, from the first, are its whole answer once: the ids count up
-    from 0 with no gap and no repeat, the text is the scripted answer, one ``continued``
-    and, last, ``done``, and no ``error`` anywhere. Returns the ``continued`` event."""
-    assert [e for e in events if e.get("event") == "error"] == []
-    ided = with_ids(events)
-    assert [seq(e) for e in ided] == list(range(len(ided)))
-    assert chunk_text(ided) == toks(chunks)
-    [continued] = [e for e in ided if e["event"] == "continued"]
-    assert continued["id"] == f"{stage_id}-continued-{seq(continued)}"
-    assert terminal(ided) == [ided[-1]] and ided[-1]["event"] == "done"
-    for event in ided:
-        kind = "chunk" if event["event"] == "chat_completion_chunk" else event["event"]
-        assert event["id"] == f"{stage_id}-{kind}-{seq(event)}"
-    return continued
-
-
-def assert_continued_from_the_durable_text(fake: FakeUpstream, request_id: str) -> int:
-    """The upstream saw the answer asked for, then continued: the second request ends
-    with the text delivered (its trailing whitespace held back) and asks only for the
-    tokens left. Returns how many content chunks were delivered before it."""
-    first, second = seen(fake, request_id)
-    assert first.body["max_tokens"] == DEFAULT_MAX_TOKENS
-    partial = second.body["messages"][-1]
-    delivered = len(partial["content"].split())
-    assert delivered > 0
-    assert partial == {"role": "assistant", "content": toks(delivered).rstrip()}
-    assert second.body["messages"][:-1] == first.body["messages"]
-    assert second.body["max_tokens"] == DEFAULT_MAX_TOKENS - delivered
-    return delivered
-
-
-def continuations(host: Gunicorn) -> float:
-    metrics = scrape(requests.get(f"{host.url}/metrics", timeout=5).text)
-    return value(
-        metrics,
-        "stageserver_stage_continuations_total",
-        mode="trailing",
-        reason="owner_lost",
-        outcome="ok",
-    )
 
 
 # -- a host dies --------------------------------------------------------------------------
@@ -520,7 +449,7 @@ def opened_and_killed(host: Gunicorn, path: str, body: dict[str, Any], **headers
 def durable_events(store: RedisServer, stage_id: str) -> list[dict[str, Any]]:
     client: Any = redis.Redis.from_url(store.url)  # redis-py types results loosely
     try:
-        return logged_events(client, stage_keys(stage_id)[1])
+        return logged_events(client, stage_keys(stage_id).log)
     finally:
         client.close()
 
@@ -645,3 +574,79 @@ def test_a_chat_completion_whose_owner_died_before_its_first_chunk_was_written_h
     assert [d for d in deltas[1:] if "role" in d] == []
     assert "".join(d.get("content") or "" for d in deltas) == toks(60)
     assert {chunk["id"] for chunk in chunks} == {stage_id}
+
+
+# -- a Messages stream ---------------------------------------------------------------------
+
+
+def test_a_messages_stream_of_a_dead_host_goes_on_elsewhere_each_event_once(
+    trailing: FakeUpstream,
+    redis_server: RedisServer,
+    survivor: Gunicorn,
+    start_host: Callable[[dict[str, str]], Gunicorn],
+) -> None:
+    a, b = start_host(host_env(trailing, redis_server)), survivor
+    body: dict[str, Any] = {
+        "model": SLOW,
+        "max_tokens": 512,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    posted = requests.post(
+        f"{a.url}/v1/messages",
+        json={**body, "stream": True},
+        headers={"X-Request-ID": "t-messages", "anthropic-version": "2023-06-01"},
+        stream=True,
+        timeout=10,
+    )
+    assert posted.status_code == 200
+    message_id = posted.headers["X-Stage-Id"]
+    stream = OpenStream(posted)
+    with ThreadPoolExecutor(1) as pool:
+        watcher = pool.submit(
+            lambda: requests.get(f"{b.url}/stages/{message_id}/events", timeout=60).content
+        )
+        stream.read_until(b"event: content_block_delta", 20)
+        kill_host(a)
+        got_on_a = with_ids(read_rest(stream))
+        watched = with_ids(parse_events(watcher.result(timeout=60)))
+
+    # One answer: one text block, its 60 deltas, its end; ids on one counter, no gap, no
+    # repeat; the continuation invisible.
+    kinds = [e["event"] for e in watched]
+    assert kinds == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * 60,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert [e["id"] for e in watched] == [
+        f"{message_id}-{kind}-{n}" for n, kind in enumerate(kinds)
+    ]
+    deltas = [e["data"]["delta"] for e in watched if e["event"] == "content_block_delta"]
+    assert {d["type"] for d in deltas} == {"text_delta"}
+    assert "".join(d["text"] for d in deltas) == toks(60)
+    assert {e["data"]["index"] for e in watched[1:-2]} == {0}
+    end = watched[-2]["data"]
+    assert end["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    delivered = assert_continued_from_the_durable_text(trailing, "t-messages")
+    # Summed over the segments (the continuation's reply may repeat a held-back space).
+    assert end["usage"]["output_tokens"] >= 60
+    assert 0 < delivered < 60
+    # A's client got only what the log held: the watcher's first events, exactly.
+    assert got_on_a and got_on_a == watched[: len(got_on_a)]
+    [record] = stage_status(b.url, message_id)["continuations"]
+    assert (record["reason"], record["mode"], record["outcome"]) == ("owner_lost", "trailing", "ok")
+
+    # A's client resumes on B from the last event it got: the rest, each event once.
+    rest = requests.get(
+        f"{b.url}/stages/{message_id}/events",
+        headers={"Last-Event-ID": got_on_a[-1]["id"]},
+        timeout=30,
+    )
+    assert rest.status_code == 200
+    assert got_on_a + with_ids(parse_events(rest.content)) == watched
+    # Replayed whole on B: the same bytes the watcher read, but for the framing's first line.
+    again = requests.get(f"{b.url}/stages/{message_id}/events", timeout=30)
+    assert with_ids(parse_events(again.content)) == watched

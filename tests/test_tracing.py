@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from stageserver import ConfigError, create_app
+from stageserver.manager import manager_of
 from stageserver.telemetry.tracing import tracing_mode
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT, Gunicorn, gunicorn_server
+from testing.sockets import open_stream, read_until
 from testing.sse import parse_events, post_chat, terminal, wait_for_status
-from tests.test_disconnect import open_stream, read_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -141,7 +142,7 @@ def test_the_span_of_a_stage_whose_client_left_ends_with_the_stage(
     traced: tuple[Gunicorn, Path], upstream: FakeUpstream
 ) -> None:
     gunicorn, path = traced
-    sock = open_stream(gunicorn, "left", "fake?chunks=500&interval=0.02", upstream="good")
+    sock = open_stream(gunicorn.port, "left", "fake?chunks=500&interval=0.02", upstream="good")
     read_until(sock, b"event: chat_completion_chunk", 2)
     sock.close()
     wait_for_status(gunicorn.url, "left", "cancelled")
@@ -163,11 +164,13 @@ def test_otlp_exports_to_the_endpoint_and_flushes_at_close(
     with FakeUpstream() as collector:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.base)
         app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url})
-        manager = app.extensions["stageserver"]
+        manager = manager_of(app.extensions)
         assert manager.tracing is not None and manager.tracing.exporter is None
         body = {"stage_id": "otlp", "model_name": "fake", "user_prompt": "hi", "stream": True}
         assert b"event: done" in app.test_client().post("/chat", json=body).data
-        manager.stages.get("otlp").wait(5)
+        stage = manager.stages.get("otlp")
+        assert stage is not None
+        stage.wait(5)
         manager.close()  # the worker's exit: what is batched is sent
         [export] = [r for r in collector.requests if r.path == "/v1/traces"]
         assert export.method == "POST"
@@ -184,6 +187,7 @@ def test_tracing_mode() -> None:
         tracing_mode("jaeger", {})
 
 
+@pytest.mark.processes
 def test_with_tracing_off_no_tracer_is_made(upstream: FakeUpstream) -> None:
     """Nothing of OpenTelemetry's tracing SDK, exporters or propagators is imported. (The
     redis client, when OpenTelemetry is installed, imports its metrics SDK and tracing API
@@ -192,8 +196,9 @@ def test_with_tracing_off_no_tracer_is_made(upstream: FakeUpstream) -> None:
         f"""
         import sys
         from stageserver import create_app
+        from stageserver.manager import manager_of
         app = create_app({{"STAGESERVER_UPSTREAM_URL": {upstream.url!r}}})
-        assert app.extensions["stageserver"].tracing is None
+        assert manager_of(app.extensions).tracing is None
         body = {{"stage_id": "s", "model_name": "fake", "user_prompt": "hi", "stream": True}}
         assert b"event: done" in app.test_client().post("/chat", json=body).data
         tracing = ("opentelemetry.sdk.trace", "opentelemetry.exporter",

@@ -142,11 +142,11 @@ def cooperative(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture
-def client(cooperative: bool) -> Iterator[httpx2.Client]:
+def http_client(cooperative: bool) -> Iterator[httpx2.Client]:
     # No read timeout, as under gevent in a worker: reads then go through the hub's watcher.
     transport = HttpToolsTransport(10, cooperative=cooperative)
-    with httpx2.Client(transport=transport, timeout=httpx2.Timeout(5, read=None)) as client:
-        yield client
+    with httpx2.Client(transport=transport, timeout=httpx2.Timeout(5, read=None)) as http_client:
+        yield http_client
 
 
 def pool_idle(client: httpx2.Client) -> int:
@@ -175,11 +175,11 @@ CHUNKED = (
 
 
 def test_chunked_framing_split_at_every_byte(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     server = serve(replies(CHUNKED, per_byte=True))
     for _ in range(2):
-        with client.stream("GET", server.url) as response:
+        with http_client.stream("GET", server.url) as response:
             assert response.headers["content-type"] == "text/event-stream"
             assert b"".join(response.iter_raw()) == b"".join(EVENTS)
     assert server.accepted == 1  # read to its end: the connection was reused
@@ -199,19 +199,19 @@ def test_chunked_framing_split_at_every_byte(
     ids=["chunk-extensions", "trailers", "content-length", "interim-1xx"],
 )
 def test_framings_give_the_body_and_keep_the_connection(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client, wire: bytes
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client, wire: bytes
 ) -> None:
     server = serve(replies(wire))
     for _ in range(3):
-        response = client.get(server.url)
+        response = http_client.get(server.url)
         assert (response.status_code, response.content) == (200, b"hello world")
         assert "x-checksum" not in response.headers and "link" not in response.headers
     assert server.accepted == 1
-    assert pool_idle(client) == 1
+    assert pool_idle(http_client) == 1
 
 
 def test_no_body_statuses_and_head(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     server = serve(
         replies(
@@ -220,19 +220,19 @@ def test_no_body_statuses_and_head(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",  # to the HEAD
         )
     )
-    assert client.get(server.url).status_code == 204
-    response = client.get(server.url)
+    assert http_client.get(server.url).status_code == 204
+    response = http_client.get(server.url)
     assert (response.status_code, response.content) == (304, b"")
     assert server.accepted == 1
-    response = client.head(server.url)
+    response = http_client.head(server.url)
     assert (response.status_code, response.headers["content-length"]) == (200, "5")
     assert response.content == b""
     assert server.wait_for(lambda: server.client_closed == 1)  # a HEAD's connection closes
-    assert pool_idle(client) == 0
+    assert pool_idle(http_client) == 0
 
 
 def test_a_body_that_ends_at_close(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     def respond(sock: socket.socket, number: int) -> bool:
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello ")
@@ -241,9 +241,9 @@ def test_a_body_that_ends_at_close(
         return False
 
     server = serve(respond)
-    assert client.get(server.url).content == b"hello world"
-    assert client.get(server.url).content == b"hello world"
-    assert (server.accepted, pool_idle(client)) == (2, 0)
+    assert http_client.get(server.url).content == b"hello world"
+    assert http_client.get(server.url).content == b"hello world"
+    assert (server.accepted, pool_idle(http_client)) == (2, 0)
 
 
 @pytest.mark.parametrize(
@@ -255,17 +255,17 @@ def test_a_body_that_ends_at_close(
     ids=["connection-close", "http-1.0"],
 )
 def test_upstream_that_closes_after_the_response(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client, wire: bytes
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client, wire: bytes
 ) -> None:
     server = serve(replies(wire))
-    assert client.get(server.url).content == b"hello"
+    assert http_client.get(server.url).content == b"hello"
     assert server.wait_for(lambda: server.client_closed == 1)  # we closed our end
-    assert client.get(server.url).content == b"hello"
-    assert (server.accepted, pool_idle(client)) == (2, 0)
+    assert http_client.get(server.url).content == b"hello"
+    assert (server.accepted, pool_idle(http_client)) == (2, 0)
 
 
 def test_idle_connection_closed_by_the_upstream_is_not_reused(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     closed = threading.Event()
 
@@ -275,25 +275,25 @@ def test_idle_connection_closed_by_the_upstream_is_not_reused(
         return False  # closes without saying so first
 
     server = serve(respond)
-    assert client.get(server.url).content == b"ok"
-    assert closed.wait(5) and pool_idle(client) == 1
+    assert http_client.get(server.url).content == b"ok"
+    assert closed.wait(5) and pool_idle(http_client) == 1
     time.sleep(0.05)  # the FIN reaches our idle socket
-    assert client.get(server.url).content == b"ok"
+    assert http_client.get(server.url).content == b"ok"
     assert server.accepted == 2
     assert len(server.heads) == 2  # found dead before use: no request was lost on it
 
 
 def test_junk_after_a_response_is_not_reused(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     server = serve(replies(OK + b"HTTP/1.1 200 OK\r\n", OK))
-    assert client.get(server.url).content == b"ok"
-    assert client.get(server.url).content == b"ok"
+    assert http_client.get(server.url).content == b"ok"
+    assert http_client.get(server.url).content == b"ok"
     assert server.accepted == 2
 
 
 def test_reused_connection_reset_as_the_request_is_sent_is_retried_once(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     def respond(sock: socket.socket, number: int) -> bool:
         if number == 1:  # the second request, on the reused connection: reset, no answer
@@ -303,47 +303,47 @@ def test_reused_connection_reset_as_the_request_is_sent_is_retried_once(
         return True
 
     server = serve(respond)
-    assert client.get(server.url).content == b"ok"
-    assert client.get(server.url).content == b"ok"
+    assert http_client.get(server.url).content == b"ok"
+    assert http_client.get(server.url).content == b"ok"
     assert (server.accepted, len(server.heads)) == (2, 3)
 
 
 def test_no_retry_once_response_bytes_arrived(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     def respond(sock: socket.socket, number: int) -> bool:
         sock.sendall(OK if number == 0 else b"HTTP/1.1 200 OK\r\nContent-Le")
         return number == 0
 
     server = serve(respond)
-    assert client.get(server.url).content == b"ok"
+    assert http_client.get(server.url).content == b"ok"
     with pytest.raises(httpx2.RemoteProtocolError):
-        client.get(server.url)
+        http_client.get(server.url)
     assert (server.accepted, len(server.heads)) == (1, 2)
 
 
 def test_a_new_connection_that_fails_is_not_retried(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     server = serve(lambda sock, number: False)
     with pytest.raises(httpx2.RemoteProtocolError, match="without sending a response"):
-        client.get(server.url)
+        http_client.get(server.url)
     assert server.accepted == 1
 
 
 def test_truncated_body_is_an_error_and_not_reused(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     def respond(sock: socket.socket, number: int) -> bool:
         sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         return False
 
     server = serve(respond)
-    with client.stream("GET", server.url) as response:
+    with http_client.stream("GET", server.url) as response:
         with pytest.raises(httpx2.RemoteProtocolError, match="complete message body"):
             for _ in response.iter_raw():
                 pass
-    assert pool_idle(client) == 0
+    assert pool_idle(http_client) == 0
 
 
 def test_response_closed_early_closes_the_upstream_connection(
@@ -386,34 +386,36 @@ def test_interrupted_read_closes_the_connection(
 
 
 def test_read_timeout_is_honoured_when_set(
-    serve: Callable[[Respond], RawServer], client: httpx2.Client
+    serve: Callable[[Respond], RawServer], http_client: httpx2.Client
 ) -> None:
     server = serve(lambda sock, number: True)  # never answers
     with pytest.raises(httpx2.ReadTimeout):
-        client.get(server.url, timeout=httpx2.Timeout(5, read=0.1))
+        http_client.get(server.url, timeout=httpx2.Timeout(5, read=0.1))
     assert server.wait_for(lambda: server.client_closed == 1)
 
 
-def test_connect_failure_and_https(client: httpx2.Client) -> None:
+def test_connect_failure_and_https(http_client: httpx2.Client) -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
     with pytest.raises(httpx2.ConnectError):
-        client.get(f"http://127.0.0.1:{port}/")
+        http_client.get(f"http://127.0.0.1:{port}/")
     with pytest.raises(httpx2.UnsupportedProtocol):
-        client.get(f"https://127.0.0.1:{port}/")
+        http_client.get(f"https://127.0.0.1:{port}/")
 
 
-def test_gzip_body_is_decoded_by_iter_bytes(upstream: FakeUpstream, client: httpx2.Client) -> None:
+def test_gzip_body_is_decoded_by_iter_bytes(
+    upstream: FakeUpstream, http_client: httpx2.Client
+) -> None:
     body = json.dumps({"model": "fake?chunks=3&gzip=1&created=7", "messages": [], "stream": True})
-    request = client.build_request(
+    request = http_client.build_request(
         "POST", f"{upstream.url}/chat/completions", content=body,
         headers={"Accept-Encoding": "identity"},
     )  # fmt: skip
-    response = client.send(request, stream=True)
+    response = http_client.send(request, stream=True)
     assert response.headers["content-encoding"] == "gzip"
     decoded = zlib.decompress(b"".join(response.iter_raw()), 31)  # closes it at the end
-    response = client.send(request, stream=True)
+    response = http_client.send(request, stream=True)
     second = b"".join(response.iter_bytes())
     assert second == decoded.replace(
         b"fake-%d" % upstream.requests[0].index, b"fake-%d" % upstream.requests[1].index
@@ -463,6 +465,7 @@ def _worker_descriptors(master: int) -> int:
     return len(os.listdir(f"/proc/{worker}/fd"))
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("transport", ["httptools", "httpx"])
 def test_a_worker_relays_and_lets_idle_upstream_connections_go(
     upstream: FakeUpstream, transport: str

@@ -29,17 +29,17 @@ def app(upstream: FakeUpstream) -> Flask:
     )
 
 
-def test_each_dialect_is_counted_under_its_own_label(client: FlaskClient) -> None:
+def test_each_dialect_is_counted_under_its_own_label(flask_client: FlaskClient) -> None:
     def done(dialect: str) -> float:
-        metrics = scrape(client.get("/metrics").get_data(as_text=True))
+        metrics = scrape(flask_client.get("/metrics").get_data(as_text=True))
         return value(metrics, "stageserver_dialect_stages_total", dialect=dialect, outcome="done")
 
     before = {d: done(d) for d in ("seed", "chat.completions", "responses")}
-    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
-    answer = client.post("/v1/responses", json={"model": "fake?chunks=2", "input": "hi"})
+    assert flask_client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    answer = flask_client.post("/v1/responses", json={"model": "fake?chunks=2", "input": "hi"})
     assert answer.get_json()["status"] == "completed"
     body = {"stage_id": "seed-1", "model_name": "fake?chunks=2", "user_prompt": "hi"}
-    assert client.post("/chat", json=body).status_code == 200
+    assert flask_client.post("/chat", json=body).status_code == 200
     assert {d: done(d) - before[d] for d in before} == {
         "seed": 1,
         "chat.completions": 1,
@@ -48,19 +48,19 @@ def test_each_dialect_is_counted_under_its_own_label(client: FlaskClient) -> Non
 
 
 def test_a_v1_stage_log_line_names_its_dialect(
-    client: FlaskClient, caplog: pytest.LogCaptureFixture
+    flask_client: FlaskClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="stageserver.stage")
-    answer = client.post("/v1/chat/completions", json=CHAT)
+    answer = flask_client.post("/v1/chat/completions", json=CHAT)
     stage_id = answer.headers["X-Stage-Id"]
     assert answer.get_json()["id"] == stage_id
     [line] = [r.getMessage() for r in caplog.records if stage_id in r.getMessage()]
     assert " dialect=chat.completions" in line and " outcome=done " in line
 
 
-def test_a_preflight_allows_the_sdks_headers_and_delete(client: FlaskClient) -> None:
+def test_a_preflight_allows_the_sdks_headers_and_delete(flask_client: FlaskClient) -> None:
     asked = "authorization, content-type, x-stainless-os, x-stainless-retry-count, x-evil"
-    preflight = client.options(
+    preflight = flask_client.options(
         "/v1/responses/resp_0",
         headers={
             "Origin": "https://app.example",
@@ -74,14 +74,14 @@ def test_a_preflight_allows_the_sdks_headers_and_delete(client: FlaskClient) -> 
     assert "x-stainless-os" in allowed and "x-stainless-retry-count" in allowed
     assert "x-evil" not in allowed
     assert "DELETE" in preflight.headers["Access-Control-Allow-Methods"]
-    answer = client.post(
+    answer = flask_client.post(
         "/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"}
     )
     assert "X-Stage-Id" in answer.headers["Access-Control-Expose-Headers"]
 
 
 def test_the_upstream_gets_the_conversation_as_the_request_gave_it(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     messages = [
         {"role": "developer", "content": "Be brief."},
@@ -99,7 +99,7 @@ def test_the_upstream_gets_the_conversation_as_the_request_gave_it(
         {"role": "tool", "tool_call_id": "c1", "content": "4"},
     ]
     tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
-    answer = client.post(
+    answer = flask_client.post(
         "/v1/chat/completions",
         json={
             "model": "fake?chunks=2",
@@ -161,9 +161,13 @@ def test_the_upstream_gets_the_conversation_as_the_request_gave_it(
     ],
 )
 def test_a_refusal_names_its_param_in_openais_words(
-    client: FlaskClient, upstream: FakeUpstream, body: dict[str, object], param: str, code: str
+    flask_client: FlaskClient,
+    upstream: FakeUpstream,
+    body: dict[str, object],
+    param: str,
+    code: str,
 ) -> None:
-    answer = client.post("/v1/chat/completions", json=body)
+    answer = flask_client.post("/v1/chat/completions", json=body)
     assert answer.status_code == 400
     error = answer.get_json()["error"]
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
@@ -171,25 +175,25 @@ def test_a_refusal_names_its_param_in_openais_words(
     assert upstream.requests == []
 
 
-def test_a_chat_stage_named_like_a_response_is_no_response(client: FlaskClient) -> None:
+def test_a_chat_stage_named_like_a_response_is_no_response(flask_client: FlaskClient) -> None:
     """A /chat caller may name its stage resp_<32 hex>: /v1/responses knows no such
     response, in every operation, in the words of any unknown one."""
     stage_id = "resp_" + "0" * 32
     body = {"stage_id": stage_id, "model_name": "fake?chunks=1", "user_prompt": "hi"}
-    assert client.post("/chat", json=body).status_code == 200
-    unknown = client.get("/v1/responses/resp_" + "1" * 32)
+    assert flask_client.post("/chat", json=body).status_code == 200
+    unknown = flask_client.get("/v1/responses/resp_" + "1" * 32)
     for answer in (
-        client.get(f"/v1/responses/{stage_id}"),
-        client.get(f"/v1/responses/{stage_id}?stream=true"),
-        client.post(f"/v1/responses/{stage_id}/cancel"),
-        client.delete(f"/v1/responses/{stage_id}"),
+        flask_client.get(f"/v1/responses/{stage_id}"),
+        flask_client.get(f"/v1/responses/{stage_id}?stream=true"),
+        flask_client.post(f"/v1/responses/{stage_id}/cancel"),
+        flask_client.delete(f"/v1/responses/{stage_id}"),
     ):
         assert answer.status_code == 404
         assert answer.get_json()["error"]["code"] == "not_found"
         assert answer.get_json()["error"]["message"] == unknown.get_json()["error"][
             "message"
         ].replace("1" * 32, "0" * 32)
-    assert client.get(f"/stages/{stage_id}").get_json()["status"] == "done"  # still there
+    assert flask_client.get(f"/stages/{stage_id}").get_json()["status"] == "done"  # still there
 
 
 def test_events_no_longer_kept_are_a_400_naming_starting_after(upstream: FakeUpstream) -> None:
@@ -225,10 +229,18 @@ def test_events_no_longer_kept_are_a_400_naming_starting_after(upstream: FakeUps
     error = gone.get_json()["error"]
     assert (error["param"], error["code"]) == ("starting_after", "invalid_value")
     assert "no longer kept" in error["message"]
+    for wrong in ("-1", "x", "\u00b2"):  # "²" is a digit to str.isdigit, not to int
+        answer = client.get(f"/v1/responses/{response_id}?stream=true&starting_after={wrong}")
+        assert answer.status_code == 400
+        error = answer.get_json()["error"]
+        assert (error["param"], error["message"]) == (
+            "starting_after",
+            "starting_after: must be a sequence number, 0 or more",
+        )
 
 
-def test_stream_is_true_or_false(client: FlaskClient) -> None:
-    answer = client.get("/v1/responses/resp_" + "0" * 32 + "?stream=201")
+def test_stream_is_true_or_false(flask_client: FlaskClient) -> None:
+    answer = flask_client.get("/v1/responses/resp_" + "0" * 32 + "?stream=201")
     assert answer.status_code == 400
     assert answer.get_json()["error"]["param"] == "stream"
 
@@ -270,31 +282,31 @@ def reused(key: str) -> dict[str, object]:
 
 
 def test_an_idempotency_key_sent_again_with_another_body_is_refused(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
     key = {"Idempotency-Key": "key-1", "Content-Type": "application/json"}
-    first = client.post("/v1/responses", data=SPELLINGS[0], headers=key)
+    first = flask_client.post("/v1/responses", data=SPELLINGS[0], headers=key)
     assert first.status_code == 200
     response = first.get_json()
     assert response["status"] == "completed"
 
     # The same object, spelled otherwise: the retry gets the first response.
     for raw in SPELLINGS[1:]:
-        again = client.post("/v1/responses", data=raw, headers=key)
+        again = flask_client.post("/v1/responses", data=raw, headers=key)
         assert (again.status_code, again.get_json()) == (200, response)
 
     # Another body under the same key: 422, saying why; nothing runs.
     other = {"model": "fake?chunks=2", "input": "something else", "temperature": 0.5}
-    refused = client.post("/v1/responses", json=other, headers=key)
+    refused = flask_client.post("/v1/responses", json=other, headers=key)
     assert (refused.status_code, refused.get_json()) == (422, reused("key-1"))
     assert refused.headers["Content-Type"] == "application/json"
     assert len(upstream.requests) == 1
 
     # The first response is untouched, and its key still gives it.
-    assert client.get(f"/v1/responses/{response['id']}").get_json() == response
-    again = client.post("/v1/responses", data=SPELLINGS[0], headers=key)
+    assert flask_client.get(f"/v1/responses/{response['id']}").get_json() == response
+    again = flask_client.post("/v1/responses", data=SPELLINGS[0], headers=key)
     assert (again.status_code, again.get_json()) == (200, response)
     # Another key is another request.
-    fresh = client.post("/v1/responses", json=other, headers={"Idempotency-Key": "key-2"})
+    fresh = flask_client.post("/v1/responses", json=other, headers={"Idempotency-Key": "key-2"})
     assert fresh.status_code == 200 and fresh.get_json()["id"] != response["id"]
     assert len(upstream.requests) == 2

@@ -47,9 +47,13 @@ def post(client: FlaskClient, **changes: Any) -> Any:
     ],
 )
 def test_each_bad_field_is_named(
-    client: FlaskClient, upstream: FakeUpstream, changes: dict[str, Any], field: str, message: str
+    flask_client: FlaskClient,
+    upstream: FakeUpstream,
+    changes: dict[str, Any],
+    field: str,
+    message: str,
 ) -> None:
-    response = post(client, **changes)
+    response = post(flask_client, **changes)
     assert response.status_code == 422
     body = response.get_json()
     assert body["fields"] == [{"field": field, "message": message}]
@@ -57,8 +61,8 @@ def test_each_bad_field_is_named(
     assert upstream.requests == []
 
 
-def test_every_bad_field_is_named_at_once(client: FlaskClient) -> None:
-    response = post(client, stage_id="a b", max_tokens=0, temperature=9)
+def test_every_bad_field_is_named_at_once(flask_client: FlaskClient) -> None:
+    response = post(flask_client, stage_id="a b", max_tokens=0, temperature=9)
     assert response.status_code == 422
     assert [f["field"] for f in response.get_json()["fields"]] == [
         "stage_id",
@@ -131,9 +135,9 @@ DEEP = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under the body limit
     ],
 )
 def test_a_body_that_is_not_a_json_object_says_what_is_wrong(
-    client: FlaskClient, upstream: FakeUpstream, raw: bytes, problem: str
+    flask_client: FlaskClient, upstream: FakeUpstream, raw: bytes, problem: str
 ) -> None:
-    response = client.post("/chat", data=raw, content_type="application/json")
+    response = flask_client.post("/chat", data=raw, content_type="application/json")
     assert response.status_code == 400
     assert response.get_json() == {"error": f"request body {problem}", "field": "body"}
     assert upstream.requests == []
@@ -149,15 +153,19 @@ def test_a_body_that_is_not_a_json_object_says_what_is_wrong(
         b'{"a": "' + b"[" * 100 + b'", "b": "\\"' + b"{" * 100 + b'"}',  # in strings: no nesting
     ],
 )
-def test_bodies_that_are_strict_json_objects_are_read(client: FlaskClient, raw: bytes) -> None:
-    response = client.post("/chat", data=raw, content_type="application/json")
+def test_bodies_that_are_strict_json_objects_are_read(
+    flask_client: FlaskClient, raw: bytes
+) -> None:
+    response = flask_client.post("/chat", data=raw, content_type="application/json")
     assert response.status_code == 422  # read, then refused for its missing fields
     assert response.get_json()["fields"][0] == {"field": "stage_id", "message": "Field required"}
 
 
-def test_json_without_content_type_is_accepted(client: FlaskClient) -> None:
+def test_json_without_content_type_is_accepted(flask_client: FlaskClient) -> None:
     # curl -d sends form-encoded by default; the body is still read as JSON.
-    response = client.post("/chat", data=b'{"stage_id":"ct","model_name":"fake","user_prompt":"x"}')
+    response = flask_client.post(
+        "/chat", data=b'{"stage_id":"ct","model_name":"fake","user_prompt":"x"}'
+    )
     assert response.status_code == 200
 
 
@@ -186,8 +194,8 @@ def test_limits_come_from_config(upstream: FakeUpstream) -> None:
     assert upstream.requests == []
 
 
-def test_unknown_upstream_name(client: FlaskClient) -> None:
-    response = post(client, upstream="elsewhere")
+def test_unknown_upstream_name(flask_client: FlaskClient) -> None:
+    response = post(flask_client, upstream="elsewhere")
     assert response.status_code == 400
     assert response.get_json() == {
         "error": "unknown upstream 'elsewhere'; configured: default",
@@ -195,17 +203,19 @@ def test_unknown_upstream_name(client: FlaskClient) -> None:
     }
 
 
-def test_base_url_of_another_host_is_refused(client: FlaskClient, upstream: FakeUpstream) -> None:
-    response = post(client, base_url="http://169.254.169.254/latest")
+def test_base_url_of_another_host_is_refused(
+    flask_client: FlaskClient, upstream: FakeUpstream
+) -> None:
+    response = post(flask_client, base_url="http://169.254.169.254/latest")
     assert response.status_code == 400
     assert response.get_json()["field"] == "base_url"
     assert upstream.requests == []
 
 
 def test_base_url_of_a_configured_upstream_is_accepted(
-    client: FlaskClient, upstream: FakeUpstream
+    flask_client: FlaskClient, upstream: FakeUpstream
 ) -> None:
-    response = post(client, base_url=upstream.url + "/")
+    response = post(flask_client, base_url=upstream.url + "/")
     assert response.status_code == 200
     assert response.get_json()["stage_id"] == "v1-chat-final"
 
@@ -220,26 +230,28 @@ def test_no_upstream_configured() -> None:
     }
 
 
-def test_seed_clients_extra_fields_are_ignored(client: FlaskClient) -> None:
-    assert post(client, something_else=1).status_code == 200
+def test_seed_clients_extra_fields_are_ignored(flask_client: FlaskClient) -> None:
+    assert post(flask_client, something_else=1).status_code == 200
 
 
-def test_live_stage_id_is_a_conflict(client: FlaskClient, upstream: FakeUpstream) -> None:
-    first = client.post(
+def test_live_stage_id_is_a_conflict(flask_client: FlaskClient, upstream: FakeUpstream) -> None:
+    first = flask_client.post(
         "/chat", json={**GOOD, "stage_id": "dup", "model_name": "fake?prefill=30", "stream": True}
     )
     try:
         assert upstream.wait_for(lambda: len(upstream.requests) == 1)
-        second = post(client, stage_id="dup")
+        second = post(flask_client, stage_id="dup")
         assert second.status_code == 409
         assert second.get_json()["field"] == "stage_id"
         assert len(upstream.requests) == 1
     finally:
-        assert client.post("/stages/dup/cancel").status_code == 202
+        assert flask_client.post("/stages/dup/cancel").status_code == 202
         first.close()
-    assert upstream.wait_for(lambda: client.get("/stages/dup").get_json()["status"] != "running")
+    assert upstream.wait_for(
+        lambda: flask_client.get("/stages/dup").get_json()["status"] != "running"
+    )
     # A finished stage's id may be used again.
-    assert post(client, stage_id="dup").status_code == 200
+    assert post(flask_client, stage_id="dup").status_code == 200
 
 
 def test_ollama_kind_gets_num_predict_and_others_do_not(upstream: FakeUpstream) -> None:
@@ -254,14 +266,14 @@ def test_ollama_kind_gets_num_predict_and_others_do_not(upstream: FakeUpstream) 
         assert body["max_tokens"] == 9
 
 
-def test_default_max_tokens(client: FlaskClient, upstream: FakeUpstream) -> None:
-    post(client)
+def test_default_max_tokens(flask_client: FlaskClient, upstream: FakeUpstream) -> None:
+    post(flask_client)
     assert upstream.requests[0].body["max_tokens"] == 512
     assert "temperature" not in upstream.requests[0].body
 
 
-def test_unknown_route_in_blueprint_is_json(client: FlaskClient) -> None:
-    response = client.get("/stages/nope")
+def test_unknown_route_in_blueprint_is_json(flask_client: FlaskClient) -> None:
+    response = flask_client.get("/stages/nope")
     assert response.status_code == 404
     assert response.get_json() == {
         "error": "no stage 'nope' (unknown, or expired)",
@@ -269,15 +281,17 @@ def test_unknown_route_in_blueprint_is_json(client: FlaskClient) -> None:
     }
 
 
-def test_method_not_allowed_is_json(client: FlaskClient) -> None:
-    response = client.get("/chat")
+def test_method_not_allowed_is_json(flask_client: FlaskClient) -> None:
+    response = flask_client.get("/chat")
     assert response.status_code == 405
     assert "error" in response.get_json()
 
 
-def test_request_id_is_echoed_or_generated(client: FlaskClient, upstream: FakeUpstream) -> None:
-    response = client.post("/chat", json=GOOD, headers={"X-Request-ID": "req-42"})
+def test_request_id_is_echoed_or_generated(
+    flask_client: FlaskClient, upstream: FakeUpstream
+) -> None:
+    response = flask_client.post("/chat", json=GOOD, headers={"X-Request-ID": "req-42"})
     assert response.headers["X-Request-ID"] == "req-42"
     assert upstream.requests[0].headers["x-request-id"] == "req-42"
-    generated = post(client, stage_id="v2").headers["X-Request-ID"]
+    generated = post(flask_client, stage_id="v2").headers["X-Request-ID"]
     assert len(generated) == 32

@@ -22,6 +22,8 @@ The faults (``--only`` names), one module per group:
 - ``store``: ``owner-sigkill``, ``redis-restart``, ``sentinel-failover``;
 - ``continuation``: ``host-sigkill`` (a host SIGKILLed, its answers continued on
   another), ``replica-cut`` (a replica that cuts answers mid-way, continued on the other);
+- ``messages``: ``host-sigkill-messages``, ``replica-cut-messages``: the same, the
+  streams through Anthropic's Messages API (``/v1/messages``);
 - ``lifecycle``: ``worker-restart`` (max_requests), ``burst-then-quiet``;
 - ``clients_faults``: ``frozen-clients``, ``eventsource-after-end``, ``half-close``;
 - ``memory``: ``churn`` (the plateau), ``stage-memory`` (with ``stage_cost``, in-process).

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench import procs
 
-from . import clients_faults, continuation, lifecycle, memory, store
+from . import clients_faults, continuation, lifecycle, memory, messages, store
 from .harness import SETTLE_SECONDS, Outcome
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -20,6 +20,8 @@ FAULTS: dict[str, Callable[[bool], Outcome]] = {
     "owner-sigkill": store.owner_sigkill,
     "host-sigkill": continuation.host_sigkill,
     "replica-cut": continuation.replica_cut,
+    "host-sigkill-messages": messages.host_sigkill,
+    "replica-cut-messages": messages.replica_cut,
     "worker-restart": lifecycle.worker_restart,
     "frozen-clients": clients_faults.frozen_clients,
     "eventsource-after-end": clients_faults.eventsource_after_end,

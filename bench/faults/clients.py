@@ -21,7 +21,10 @@ import requests
 
 from testing.sse import TERMINAL, chunk_text, parse_events, post_chat, stage_status
 
-_TERMINAL_MARKS = tuple(f"event: {name}\n".encode() for name in TERMINAL)
+# The seed's terminal events, and the Messages API's last (its error is the seed's name).
+_TERMINAL_MARKS = (*(f"event: {name}\n".encode() for name in TERMINAL), b"event: message_stop\n")
+# A chunk's event: the seed's, and the Messages API's.
+_CHUNK_MARKS = (b"event: chat_completion_chunk\n", b"event: content_block_delta\n")
 
 
 class Follower(threading.Thread):
@@ -58,7 +61,7 @@ class Follower(threading.Thread):
                     seen = self.wire[-64:] + piece  # a mark split across two reads
                     self.wire += piece
                     self.arrivals.append((len(self.wire), time.monotonic()))
-                    if b"event: chat_completion_chunk\n" in seen:
+                    if any(mark in seen for mark in _CHUNK_MARKS):
                         self.first_chunk.set()
                     if self.ended_at is None and any(m in seen for m in _TERMINAL_MARKS):
                         self.ended_at = time.monotonic()

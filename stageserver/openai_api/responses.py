@@ -465,7 +465,7 @@ class ResponsesDialect:
         if upstream_param is None or not upstream_param.startswith("messages["):
             return upstream_param
         index, _, rest = upstream_param.removeprefix("messages[").partition("]")
-        if not index.isdigit() or int(index) >= len(self.message_params):
+        if not (index.isascii() and index.isdigit()) or int(index) >= len(self.message_params):
             return None
         return self.message_params[int(index)] + rest
 

@@ -154,10 +154,3 @@ class LocalLimits(LimitBook):
             self._accounts.setdefault(principal.name, _Account()).tokens.add(
                 int(time.time()), tokens
             )
-
-
-# -- every worker and host, in Redis --------------------------------------------------------
-
-# KEYS: streams (zset: stage instance -> lease expiry, ms), requests, tokens (hash: second -> n)
-# ARGV: now_ms, stage instance, lease_ms, max_streams, requests_per_minute, tokens_per_minute
-# Returns {limit refused or "", seconds to wait}.

@@ -35,6 +35,12 @@ class Conversation:
     #: Fields beyond OpenAI's API (vLLM's ``top_k``, llama.cpp's ``grammar``), sent only
     #: to an upstream whose ``extra_fields`` takes them.
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Fields beyond OpenAI's API that a dialect adds where they mean what the request
+    #: asked (the Messages API's ``thinking`` as Qwen3's ``chat_template_kwargs``): sent
+    #: to an upstream whose ``extra_fields`` takes them, left out elsewhere, never refused.
+    #: A field of ``extra`` with the same name wins; two objects are merged, ``extra``'s
+    #: keys over these.
+    hints: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of_prompts(
@@ -65,14 +71,18 @@ def message_text(message: Mapping[str, Any]) -> str:
 
 
 def conversation_record(conversation: Conversation) -> dict[str, Any]:
-    """The conversation as JSON, for the shared store; ``conversation_of`` reads it back."""
-    return {
+    """The conversation as JSON, for the shared store; ``conversation_of`` reads it back.
+    ``hints`` only when it has some: a worker from before them reads every other record."""
+    record = {
         "messages": list(conversation.messages),
         "model": conversation.model,
         "max_tokens": conversation.max_tokens,
         "passed": dict(conversation.passed),
         "extra": dict(conversation.extra),
     }
+    if conversation.hints:
+        record["hints"] = dict(conversation.hints)
+    return record
 
 
 def conversation_of(record: Mapping[str, Any]) -> Conversation:

@@ -126,7 +126,7 @@ register(SeedDialect.name, lambda record: SeedDialect(str(record["stage_id"])))
 def seq_of(event_id: str, stage_id: str) -> int | None:
     """The sequence number in one of ``stage_id``'s event ids; None if it is not one."""
     prefix, _, seq = event_id.rpartition("-")
-    if not seq.isdigit() or not prefix.startswith(f"{stage_id}-"):
+    if not (seq.isascii() and seq.isdigit()) or not prefix.startswith(f"{stage_id}-"):
         return None
     return int(seq)
 

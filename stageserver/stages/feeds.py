@@ -1,6 +1,6 @@
 """Where one response's events come from: the ``EventFeed`` protocol, and ``LocalFeed``
-for a stage of this process. ``store.reader.RemoteFeed`` is the other kind, for a stage
-that runs in another worker or host. The follow loop (``stream.py``) reads either."""
+for a stage of this process. ``store.remote_feed.RemoteFeed`` is the other kind, for a
+stage that runs in another worker or host. The follow loop (``stream.py``) reads either."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ Reads never go to replicas: a stale read would break exactly-once resume.
 
 ``breaks`` counts what may have cost Redis writes it had acknowledged: a connection
 lost, a slot map learnt again (a failover), a slot moved. A writer that trusts what it
-wrote before (the flusher's plain XADDs, mirror.py) checks again after one.
+wrote before (the flusher's plain XADDs, flusher.py) checks again after one.
 
 The batcher keeps its own idle connections, made by redis-py's pools but not handed back
 to them: a pool checks each connection it lends for unread data (a poll) and reports its

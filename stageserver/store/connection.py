@@ -1,6 +1,9 @@
-"""The shared store's connection and key names.
+"""The shared store's connection; what it raises when the store cannot answer
+(``STORE_ERRORS``, which ``store_errors()`` turns into ``StoreUnavailable``), and whether
+it answers this process now (``Reachability``); and the name this process writes as a
+stage's owner (``owner_name``: its host and pid).
 
-``STAGESERVER_STORE_URL`` takes either form:
+``STAGESERVER_STORE_URL`` takes one of three forms:
 
 - ``redis://[:password@]host:6379/0`` (or ``rediss://`` for TLS): one Redis server;
 - ``redis+sentinel://[:password@]host1:26379,host2:26379/<service>/<db>``: the primary of
@@ -10,16 +13,18 @@
   TLS): a Redis Cluster, found through any of the nodes named. Its database is 0: a db
   in the URL other than 0, or a unix socket, is refused.
 
-Every key of one stage carries the stage's key as a hash tag, ``ss:{alice/summary}...``,
-so that in a Redis Cluster they live in one slot, as the store's scripts and
-transactions need; the keys of one principal's limits share the tag ``{alice}``
-(tests/test_store_slots.py holds this). A plain ``redis://`` URL that reaches a cluster
-node is refused at start (``refuse_a_cluster_node``): it would half work, one slot in
-three, and call the rest an outage.
+Under a Redis Cluster, the keys' hash tags (``keys.py``) keep each script to one slot. A
+plain ``redis://`` URL that reaches a cluster node is refused at start
+(``refuse_a_cluster_node``): it would half work, one slot in three, and call the rest an
+outage.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -30,12 +35,46 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreUnavailable
 
 #: What a call to the store raises when the store cannot answer: redis-py's errors, its
 #: cluster client's (which are not ``RedisError``s), and the socket's own. Caught wherever
 #: the store is called, and turned into ``StoreUnavailable`` (or a warning, and a retry).
 STORE_ERRORS = (redis.RedisError, RedisClusterException, OSError)
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Turn what the store raises when it cannot answer (``STORE_ERRORS``) into
+    ``StoreUnavailable``, the refusal a caller answers 503 with (as httpx's
+    ``map_exceptions`` turns the transport's errors into its own)."""
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        raise StoreUnavailable(exc) from None
+
+
+class Reachability:
+    """Whether Redis answers this process, as each of its loops finds it (the flusher's
+    writes, the sweeper's looks, which come every quarter of a lease, so that an outage
+    is seen with no stage running too): reachable while every loop reaches it.
+    ``on_change(reachable)`` is told when that changes."""
+
+    def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
+        self._on_change = on_change
+        self._failing: set[str] = set()
+
+    def found(self, loop: str, reached: bool) -> None:
+        """What ``loop``'s last call to Redis found."""
+        before = not self._failing
+        if reached:
+            self._failing.discard(loop)
+        else:
+            self._failing.add(loop)
+        reachable = not self._failing
+        if reachable != before and self._on_change is not None:
+            self._on_change(reachable)
+
 
 _CLIENT_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2,
@@ -134,7 +173,19 @@ def refuse_a_cluster_node(client: Any, url: str) -> None:
         )
 
 
-def stage_keys(stage_key: str) -> tuple[str, str, str, str]:
-    """The hash, event log, text and lease keys of the stage with this key."""
-    base = f"ss:{{{stage_key}}}"
-    return base, f"{base}:log", f"{base}:text", f"{base}:live"
+_owner = ""
+
+
+def owner_name() -> str:
+    """This process's name in the store, written as the owner of each stage it runs: its
+    host and pid."""
+    return _owner
+
+
+def _name_this_process() -> None:
+    global _owner
+    _owner = f"{socket.gethostname()}:{os.getpid()}"
+
+
+_name_this_process()
+os.register_at_fork(after_in_child=_name_this_process)  # a forked worker is another owner

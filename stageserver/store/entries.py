@@ -47,6 +47,11 @@ def held_by(entry: bytes) -> int:
     return int(entry.rpartition(b"-")[2])
 
 
+def held_in(newest: Sequence[tuple[bytes, Any]]) -> int:
+    """How many events a log holds, from its newest entry (``XREVRANGE ... COUNT 1``)."""
+    return held_by(newest[0][0]) if newest else 0
+
+
 def fields(
     events: Sequence[tuple[int, bytes]], *, terminal: bool, text: str, chunks: int
 ) -> list[Any]:

@@ -8,7 +8,7 @@ worker that dies (SIGKILL, OOM, a lost host) lets go of everything within one le
 while a live one never loses a lease to a slow second.
 
 A ``Lease`` gives its renewal's commands and is told their results: the stage's
-ownership learns there whether another worker holds it now (see mirror.py).
+ownership learns there whether another worker holds it now (see flusher.py).
 """
 
 from __future__ import annotations

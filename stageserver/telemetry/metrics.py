@@ -41,6 +41,11 @@ Metrics (labels in brackets):
   greenlet and a descriptor), summed over live workers.
 - ``stageserver_stages_refused_total`` [reason]: ``/chat`` answered 503 before a stage
   started; reason is ``overload`` or ``shutting_down``.
+- ``stageserver_stage_errors_total`` [upstream, fault]: the stages of
+  ``stageserver_stages_total`` that ended in ``error``, by whose fault (``fault_of``):
+  ``caller`` (the upstream refused the request itself: a 4xx other than 401, 403, 407, 408 and
+  429), ``upstream`` (any other upstream failure) or ``stageserver`` (its own: shutdown, a
+  lost lease, an internal error). An alert on errors leaves ``caller`` out.
 - ``stageserver_principal_stages_total`` [principal, outcome],
   ``stageserver_principal_tokens_total`` [principal, kind] and
   ``stageserver_principal_refused_total`` [principal, limit]: per principal (its name,
@@ -63,11 +68,30 @@ how many there are):
   live workers.
 - ``stageserver_replica_time_to_first_token_seconds``: histogram, from an attempt's
   request to its first chunk.
+- ``stageserver_replica_admitted``: 1 while the worker's pool admits the replica, 0 while
+  it is ejected (cooling down, or waiting for its one trial); one series per live worker
+  (label ``pid`` under gunicorn), since each worker keeps its own view.
+
+The server as a whole, so that an alert or a dashboard needs nothing beside it:
+
+- ``stageserver_store_unavailable``: with a shared store, 1 while a live worker cannot
+  reach it (its flusher's last write, or its last look for orphaned stages, failed), else
+  0; the largest over live workers.
+- ``stageserver_workers``: gunicorn workers serving now (each counts 1 from its start),
+  and ``stageserver_workers_configured``: how many gunicorn is configured to run. Fewer
+  for long means workers that die and are replaced, or cannot start.
+- ``stageserver_worker_cpu_seconds_total`` [pid] and
+  ``stageserver_worker_resident_memory_bytes`` [pid]: each live worker's CPU time and
+  resident memory, read from ``/proc`` at each scrape (``WorkerProcesses``):
+  prometheus_client's own process metrics are not part of a multiprocess answer.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+from collections.abc import Iterator
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _multiproc_dir = os.environ.get(MULTIPROC_ENV)
@@ -88,8 +112,14 @@ from prometheus_client import (  # noqa: E402
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import (  # noqa: E402
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector  # noqa: E402
 
-from ..errors import UpstreamFailure  # noqa: E402
+from ..errors import AllAttemptsFailed, UpstreamFailure, UpstreamStatusError  # noqa: E402
 from ..principals import Principal  # noqa: E402
 from ..stages.events import TERMINAL_EVENT  # noqa: E402
 from ..stages.records import ContinuationRecord  # noqa: E402
@@ -152,6 +182,15 @@ UPSTREAM_ERRORS = Counter(
     "Stages ended by an upstream failure, by kind (the class in stageserver/errors.py).",
     ("upstream", "kind"),
 )
+STAGE_ERRORS = Counter(
+    "stageserver_stage_errors",
+    "Stages ended in error, by upstream and whose fault: caller (the upstream refused the "
+    "request itself, a 4xx other than 401, 403, 407, 408 and 429), upstream (any other upstream "
+    "failure) or stageserver (shutdown, a lost lease, an internal error).",
+    ("upstream", "fault"),
+)
+#: fault_of's answers, each present as 0 from an upstream's first stage on.
+FAULTS = ("caller", "upstream", "stageserver")
 REFUSED = Counter(
     "stageserver_stages_refused",
     "Requests for a stage answered 503 before it started, by reason.",
@@ -205,6 +244,116 @@ REPLICA_TTFT = Histogram(
     _REPLICA,
     buckets=_TTFT_BUCKETS,
 )
+# Per worker (liveall: a pid label under gunicorn), not summed: each worker ejects and
+# readmits on its own, and "some worker has no replica left" is worth an alert.
+REPLICA_ADMITTED = Gauge(
+    "stageserver_replica_admitted",
+    "1 while the worker's pool admits the upstream replica, 0 while it is ejected (cooling "
+    "down, or waiting for its one trial); one series per live worker (label pid).",
+    _REPLICA,
+    multiprocess_mode="liveall",
+)
+
+# Labelless, so present as 0 in every worker from its start, with a store or not.
+STORE_UNAVAILABLE = Gauge(
+    "stageserver_store_unavailable",
+    "With a shared store: 1 while a worker cannot reach it (its last write, or its last "
+    "look for orphaned stages, failed), else 0; the largest over live workers.",
+    multiprocess_mode="livemax",
+)
+WORKERS = Gauge(
+    "stageserver_workers",
+    "gunicorn workers serving now: each live worker counts 1.",
+    multiprocess_mode="livesum",
+)
+WORKERS_CONFIGURED = Gauge(
+    "stageserver_workers_configured",
+    "How many workers gunicorn is configured to run (its workers setting).",
+    multiprocess_mode="livemax",
+)
+
+
+def worker_started(configured: int) -> None:
+    """In a gunicorn worker, once its app is loaded (``gunicorn_conf.post_worker_init``):
+    it counts among the live workers, and says how many there should be."""
+    WORKERS.set(1)
+    WORKERS_CONFIGURED.set(configured)
+
+
+def store_reachable(reachable: bool) -> None:
+    """The shared store's flusher or sweeper found it reachable, or not."""
+    STORE_UNAVAILABLE.set(0 if reachable else 1)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+# prometheus_client's file of a process's livesum gauges (every worker has one: WORKERS);
+# gunicorn_conf.child_exit removes a dead worker's, so the files name the live workers.
+_LIVE_WORKER_FILE = re.compile(r"gauge_livesum_(\d+)\.db$")
+
+
+class WorkerProcesses(Collector):
+    """Each live worker's CPU time and resident memory, read from ``/proc`` at each
+    scrape by whichever worker answers it. Under gunicorn the workers are the processes
+    whose live-gauge files are in the metrics directory; without it, this process."""
+
+    #: The label of both families (hooks.py lists it in the docs' table).
+    labelnames = ("pid",)
+
+    def __init__(self, multiproc_dir: str | None) -> None:
+        self._dir = multiproc_dir
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        cpu, memory = self._families()
+        for pid in self._pids():
+            usage = _process_usage(pid)
+            if usage is not None:  # a worker that has just exited is left out
+                cpu.add_metric([str(pid)], usage[0])
+                memory.add_metric([str(pid)], usage[1])
+        yield cpu
+        yield memory
+
+    def _families(self) -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+        cpu = CounterMetricFamily(
+            "stageserver_worker_cpu_seconds",
+            "CPU time (user and system) each live worker has used since it started.",
+            labels=self.labelnames,
+        )
+        memory = GaugeMetricFamily(
+            "stageserver_worker_resident_memory_bytes",
+            "Resident memory of each live worker.",
+            labels=self.labelnames,
+        )
+        return cpu, memory
+
+    def _pids(self) -> list[int]:
+        if not self._dir:
+            return [os.getpid()]
+        names = glob.glob(os.path.join(self._dir, "gauge_livesum_*.db"))
+        found = (_LIVE_WORKER_FILE.search(name) for name in names)
+        return sorted(int(match.group(1)) for match in found if match)
+
+
+def _process_usage(pid: int) -> tuple[float, float] | None:
+    """CPU seconds (utime + stime) and resident bytes of ``pid``; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The command name, in parentheses, may hold spaces: count from its end.
+            fields = stat.read().rpartition(")")[2].split()
+        with open(f"/proc/{pid}/statm") as statm:
+            resident_pages = int(statm.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return cpu, float(resident_pages * _PAGE_BYTES)
+
+
+WORKER_PROCESSES = WorkerProcesses(_multiproc_dir)
+if not _multiproc_dir:
+    REGISTRY.register(WORKER_PROCESSES)
 
 
 def exposition() -> tuple[bytes, str]:
@@ -214,6 +363,7 @@ def exposition() -> tuple[bytes, str]:
         # collector reads every process's files each time.
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=_multiproc_dir)  # type: ignore[no-untyped-call]
+        registry.register(WORKER_PROCESSES)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
@@ -229,6 +379,7 @@ class _UpstreamSeries:
         self.ttft = TIME_TO_FIRST_TOKEN.labels(upstream)
         self.stages = {o: STAGES.labels(upstream, o) for o in TERMINAL_EVENT.values()}
         self.duration = {o: STREAM_DURATION.labels(upstream, o) for o in TERMINAL_EVENT.values()}
+        self.errors = {fault: STAGE_ERRORS.labels(upstream, fault) for fault in FAULTS}
 
 
 _series: dict[str, _UpstreamSeries] = {}
@@ -239,6 +390,27 @@ def _for(upstream: str) -> _UpstreamSeries:
     if series is None:
         series = _series[upstream] = _UpstreamSeries(upstream)
     return series
+
+
+#: Upstream answers in the 4xx range that are not the caller's doing: the upstream's key
+#: (401, 403, 407: stageserver's configuration), a timeout (408), a limit (429).
+_NOT_THE_CALLERS = frozenset({401, 403, 407, 408, 429})
+
+
+def fault_of(failure: BaseException | None) -> str:
+    """Whose fault a stage's end in ``error`` was: ``caller`` when the upstream refused
+    the request itself (a 4xx it would refuse again, as the last of several attempts too),
+    ``upstream`` for any other upstream failure, ``stageserver`` for the rest."""
+    last = failure.last if isinstance(failure, AllAttemptsFailed) else failure
+    if (
+        isinstance(last, UpstreamStatusError)
+        and 400 <= last.upstream_status < 500
+        and last.upstream_status not in _NOT_THE_CALLERS
+    ):
+        return "caller"
+    if isinstance(failure, UpstreamFailure):
+        return "upstream"
+    return "stageserver"
 
 
 def stage_refused(reason: str) -> None:
@@ -268,6 +440,8 @@ class StageMetrics(StageListener):
             series.chunks.inc(stage.chunk_count)
         if isinstance(stage.failure, UpstreamFailure):
             UPSTREAM_ERRORS.labels(upstream, type(stage.failure).__name__).inc()
+        if outcome == "error":
+            series.errors[fault_of(stage.failure)].inc()
         DIALECT_STAGES.labels(stage.dialect.name, outcome).inc()
         label = stage.spec.principal.metrics_label
         PRINCIPAL_STAGES.labels(label, outcome).inc()
@@ -282,7 +456,7 @@ class StageMetrics(StageListener):
 
 
 class _ReplicaSeries:
-    __slots__ = ("requests", "in_flight", "ttft", "ejections", "failures", "labels")
+    __slots__ = ("requests", "in_flight", "ttft", "ejections", "admitted", "failures", "labels")
 
     def __init__(self, replica: Replica) -> None:
         self.labels = (replica.upstream, replica.url)
@@ -290,6 +464,7 @@ class _ReplicaSeries:
         self.in_flight = REPLICA_IN_FLIGHT.labels(*self.labels)
         self.ttft = REPLICA_TTFT.labels(*self.labels)
         self.ejections = REPLICA_EJECTIONS.labels(*self.labels)
+        self.admitted = REPLICA_ADMITTED.labels(*self.labels)
         self.failures: dict[str, Counter] = {}
 
 
@@ -322,8 +497,13 @@ class ReplicaMetrics(ReplicaEvents):
                 )
             failures.inc()
 
+    def on_admitted(self, replica: Replica) -> None:
+        self._for(replica).admitted.set(1)
+
     def on_ejected(self, replica: Replica) -> None:
-        self._for(replica).ejections.inc()
+        series = self._for(replica)
+        series.ejections.inc()
+        series.admitted.set(0)
 
     def on_release(self, replica: Replica) -> None:
         self._for(replica).in_flight.dec()

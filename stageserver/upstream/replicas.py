@@ -89,6 +89,9 @@ class ReplicaEvents:
     def on_outcome(self, replica: Replica, outcome: str, seconds: float) -> None:
         """The attempt got its first chunk (``ok``, ``seconds`` after it began), or failed."""
 
+    def on_admitted(self, replica: Replica) -> None:
+        """``replica`` is admitted: when its pool is made, and when it is readmitted."""
+
     def on_ejected(self, replica: Replica) -> None:
         pass
 
@@ -113,6 +116,8 @@ class ReplicaSet:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()  # flask run's threads; under gevent it never waits
         self._last: Replica | None = None
+        for replica in self.replicas:
+            self._events.on_admitted(replica)
 
     def lease(
         self, exclude: Container[Replica], *, last_resort: bool = False
@@ -206,8 +211,11 @@ class ReplicaSet:
             self._events.on_release(replica)
 
     def _answered(self, replica: Replica) -> None:
+        readmitted = replica.ejected_until is not None
         replica.failures = replica.ejections = 0
         replica.ejected_until = None
+        if readmitted:
+            self._events.on_admitted(replica)
 
     def _eject(self, replica: Replica, now: float) -> None:
         replica.ejections += 1

@@ -5,7 +5,8 @@ conversation (``stages.conversation.Conversation``) and the replica the attempt 
 its quirks, and a fallback may serve the stage under a model name of its own
 (``UpstreamConfig.model_for``). The conversation's fields beyond OpenAI's API go only to
 a replica whose ``extra_fields`` takes them: the upstream the request named takes them
-all (the manager refused any it does not), a fallback of another kind maybe none.
+all (the manager refused any it does not), a fallback of another kind maybe none. So do
+its ``hints``, which are never refused; a field of both is the two objects merged.
 """
 
 from __future__ import annotations
@@ -47,8 +48,14 @@ class RequestBody:
             "stream": True,
             **conversation.passed,
         }
+        for name, value in conversation.hints.items():
+            if config.takes_extra(name):
+                body[name] = value
         for name, value in conversation.extra.items():
             if config.takes_extra(name):
+                hint = body.get(name)
+                if isinstance(hint, dict) and isinstance(value, dict):
+                    value = {**hint, **value}
                 body[name] = value
         # Every kind takes it (llama-cpp-python ignores it); usage then comes in a last chunk.
         body["stream_options"] = {"include_usage": True}

@@ -3,7 +3,8 @@
 Two ways to name one, which may be used together:
 
 - API keys (``STAGESERVER_API_KEYS``, ``principals.py``): the request carries
-  ``Authorization: Bearer <secret>``;
+  ``Authorization: Bearer <secret>``, or ``x-api-key: <secret>`` as Anthropic's clients
+  send it (both may come: then they must name the same principal);
 - ``StageServer(app, identify=fn)``: the host app's own login or session decides;
   ``fn(request)`` returns a principal's name, or None.
 
@@ -53,7 +54,17 @@ class Authenticator:
                 return self._keys.by_name(check_name(name, "identify()"))
             if not self._keys:
                 raise Unauthorized("not signed in: this server's app named no principal")
-        return self._by_bearer(request.headers.get("Authorization"))
+        bearer = request.headers.get("Authorization")
+        api_key = request.headers.get("x-api-key")
+        if api_key is None:
+            return self._by_bearer(bearer)
+        by_api_key = self._by_api_key(api_key)
+        if bearer is not None and self._by_bearer(bearer) is not by_api_key:
+            raise Unauthorized(
+                "Authorization and x-api-key carry the keys of two principals: send one key",
+                invalid_token=True,
+            )
+        return by_api_key
 
     def _by_bearer(self, header: str | None) -> Principal:
         if header is None:
@@ -62,21 +73,27 @@ class Authenticator:
             )
         scheme, _, secret = header.strip().partition(" ")
         secret = secret.strip()
-        if (
-            scheme.lower() != "bearer"
-            or not secret
-            or len(header) > _MAX_HEADER
-            or not secret.isascii()
-            or not secret.isprintable()
-            or " " in secret
-        ):
+        if scheme.lower() != "bearer" or len(header) > _MAX_HEADER or not _well_formed(secret):
             raise Unauthorized(
                 "malformed Authorization header: expected 'Bearer <key>'", invalid_token=True
             )
+        return self._by_secret(secret)
+
+    def _by_api_key(self, header: str) -> Principal:
+        secret = header.strip()
+        if len(header) > _MAX_HEADER or not _well_formed(secret):
+            raise Unauthorized("malformed x-api-key header: expected the key", invalid_token=True)
+        return self._by_secret(secret)
+
+    def _by_secret(self, secret: str) -> Principal:
         principal = self._keys.by_secret(secret)
         if principal is None:
             raise Unauthorized("unknown API key", invalid_token=True)
         return principal
+
+
+def _well_formed(secret: str) -> bool:
+    return bool(secret) and secret.isascii() and secret.isprintable() and " " not in secret
 
 
 def authenticator_of(extensions: Mapping[str, object]) -> Authenticator:

@@ -6,10 +6,11 @@ origin on the list, every answer of the stage API (and the browser client,
 with that origin (and ``Vary: Origin``), exposes ``X-Request-ID`` and ``Retry-After``,
 and ``X-Stage-Id``, and a preflight (``OPTIONS``) allows ``Authorization``,
 ``Content-Type``, ``Last-Event-ID`` and ``X-Request-ID`` on ``GET``, ``POST`` and
-``DELETE``, and the headers OpenAI's SDKs send (``x-stainless-*``, ``OpenAI-*``,
-``Idempotency-Key``) when the preflight asks for them. An origin not on the list gets no
-CORS header at all. Credentials (cookies) are not allowed across origins: a
-browser client sends its API key in ``Authorization``.
+``DELETE``, and the headers OpenAI's and Anthropic's SDKs send (``x-stainless-*``,
+``OpenAI-*``, ``Idempotency-Key``, ``x-api-key``, ``anthropic-*``, and stageserver's
+``X-Stage-Resumable``) when the preflight asks for them; answers expose ``request-id``
+too. An origin not on the list gets no CORS header at all. Credentials (cookies) are
+not allowed across origins: a browser client sends its API key in ``Authorization``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from collections.abc import Collection
 from flask import Request, Response
 
 ALLOWED_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-ID"
-#: What else a preflight may ask for: the headers of OpenAI's SDKs.
-SDK_HEADERS = frozenset({"idempotency-key", "openai-organization", "openai-project"})
-SDK_HEADER_PREFIXES = ("x-stainless-", "openai-")
-EXPOSED_HEADERS = "X-Request-ID, Retry-After, X-Stage-Id"
+#: What else a preflight may ask for: the headers of OpenAI's and Anthropic's SDKs, and
+#: the one that makes a message resumable (``web/messages.py``).
+SDK_HEADERS = frozenset(
+    {"idempotency-key", "openai-organization", "openai-project", "x-api-key", "x-stage-resumable"}
+)
+SDK_HEADER_PREFIXES = ("x-stainless-", "openai-", "anthropic-")
+#: ``request-id`` is the Messages API's, which Anthropic's SDK shows with an error.
+EXPOSED_HEADERS = "X-Request-ID, Retry-After, X-Stage-Id, request-id"
 PREFLIGHT_MAX_AGE = "600"
 
 

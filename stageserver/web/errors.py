@@ -10,7 +10,9 @@ shapes, each blueprint's own (``answer_in_json``):
   further fields the error carries (``schemas.ErrorBody``);
 - OpenAI's (``OPENAI``, on ``/v1``): ``{"error": {"message", "type", "param", "code"}}``,
   with the error's ``openai_status``: a validation error is 400 there, not 422, as
-  OpenAI answers one; a 422 that means something else (``IdempotencyKeyReused``) stays.
+  OpenAI answers one; a 422 that means something else (``IdempotencyKeyReused``) stays;
+- Anthropic's (``messages.ANTHROPIC``, on ``/v1/messages``, and on ``/v1/models`` for a
+  request with ``anthropic-version``: ``by_header``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,21 @@ class Shape:
 
 SEED = Shape(json_error, codes=False, status=attrgetter("http_status"))
 OPENAI = Shape(openai_json_error, codes=True, status=attrgetter("openai_status"))
+
+
+def by_header(header: str, present: Shape, absent: Shape) -> Shape:
+    """``present``'s shape for a request that carries ``header``, else ``absent``'s: a
+    path that two APIs share (``GET /v1/models``, which Anthropic's clients ask with
+    ``anthropic-version``). Both get the error's ``code`` when either takes one."""
+
+    def pick() -> Shape:
+        return present if header in request.headers else absent
+
+    return Shape(
+        lambda status, message, **fields: pick().body(status, message, **fields),
+        codes=present.codes or absent.codes,
+        status=lambda exc: pick().status(exc),
+    )
 
 
 def error_response(exc: StageServerError, shape: Shape = SEED) -> Response:

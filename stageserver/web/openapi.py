@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document of an app's stageserver: ``GET /openapi.json``, shown at ``/docs``.
 
 One source: every schema in it is generated from the pydantic models of ``schemas.py``
-(and, for ``/v1``, of ``openai_api/requests.py``: ``openapi_v1.py``),
+(and, for ``/v1``, of ``openai_api/requests.py`` and ``anthropic_api/requests.py``:
+``openapi_v1.py``, ``openapi_messages.py``),
 the ones the server validates requests with and builds its answers from. Written here by
 hand is only what pydantic cannot know: the paths, each one's statuses and headers, the
 auth scheme, and how the event stream is described. ``build`` makes the document once per
@@ -11,9 +12,10 @@ tests/test_openapi.py checks that the paths are exactly the app's routes.
 
 What it says, and why:
 
-- **Auth**: HTTP bearer (``Authorization: Bearer <key>``) on every operation of the stage
-  API: required (``security: [{bearerAuth: []}]``) when the app has API keys
-  (``STAGESERVER_API_KEYS``); optional (``[{bearerAuth: []}, {}]``) when it has none, or a
+- **Auth**: HTTP bearer (``Authorization: Bearer <key>``), or the same key in
+  ``x-api-key`` (as Anthropic's clients send it), on every operation of the stage API:
+  required (``security: [{bearerAuth: []}, {apiKeyAuth: []}]``) when the app has API keys
+  (``STAGESERVER_API_KEYS``); optional (the same, and ``{}``) when it has none, or a
   host app's ``identify`` may name the caller instead. The scheme's description says the
   same for a reader of any server's document. ``/healthz``, ``/readyz``, ``/metrics``,
   ``/openapi.json``, ``/docs``, ``/static/stageserver.js`` and ``/playground`` are open.
@@ -51,7 +53,7 @@ from ..schemas import (
     UpstreamList,
     max_tokens_schema,
 )
-from . import openapi_v1
+from . import openapi_messages, openapi_v1
 from .browser import PLAYGROUND_DIR
 
 _REF = "#/components/schemas/{model}"
@@ -92,6 +94,10 @@ printable one of at most 128 characters, else a new one. Every refusal is JSON, 
 `STAGESERVER_CORS_ORIGINS`, pages of the origins listed may call the API from a browser \
 (preflight `OPTIONS` on every path of the stage API)."""
 
+API_KEY = """\
+`x-api-key: <key>`, as Anthropic's clients send it: the same keys, principals and rules as \
+`Authorization: Bearer`. A request that sends both must name one principal with them."""
+
 BEARER = """\
 `Authorization: Bearer <key>`, a key of `STAGESERVER_API_KEYS`. Required when the \
 server has API keys (or a host app names the caller itself): without a valid key the \
@@ -122,7 +128,13 @@ def build(settings: StageSettings, *, playground: bool, bearer_required: bool) -
         "components": {
             "schemas": _schemas(settings),
             "securitySchemes": {
-                "bearerAuth": {"type": "http", "scheme": "bearer", "description": BEARER}
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": BEARER},
+                "apiKeyAuth": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": API_KEY,
+                },
             },
             "parameters": _PARAMETERS,
         },
@@ -143,6 +155,7 @@ def _schemas(settings: StageSettings) -> dict[str, Any]:
     for prompt in ("user_prompt", "system_prompt"):
         chat[prompt]["maxLength"] = settings.max_prompt_chars
     schemas.update(openapi_v1.schemas())
+    schemas.update(openapi_messages.schemas())
     schemas["StageEvent"] = {
         "description": STREAM,
         "oneOf": [
@@ -395,15 +408,19 @@ def _stage_api(settings: StageSettings, bearer_required: bool) -> dict[str, Any]
             }
         },
         **openapi_v1.paths(),
+        **openapi_messages.paths(),
     }
+    openapi_messages.add_to_models(paths["/v1/models"]["get"])
     request_id = _header(
         "The request's id (see the description above).", {"type": "string", "minLength": 1}, True
     )
     for path, item in paths.items():
         for operation in item.values():
-            operation["tags"] = ["openai" if path.startswith("/v1/") else "stages"]
-            # Without keys, or with a host app's identify(), a request may come without it.
-            operation["security"] = [{"bearerAuth": []}] + ([] if bearer_required else [{}])
+            operation["tags"] = [_tag(path)]
+            # Either key; without keys, or with a host app's identify(), a request may come
+            # without one.
+            keys: list[dict[str, Any]] = [{"bearerAuth": []}, {"apiKeyAuth": []}]
+            operation["security"] = keys + ([] if bearer_required else [{}])
             operation["responses"] = {
                 status: {
                     **answer,
@@ -414,6 +431,12 @@ def _stage_api(settings: StageSettings, bearer_required: bool) -> dict[str, Any]
             if "parameters" in operation:  # a path or query value can make the line long
                 operation["responses"]["414"] = openapi_v1.URI_TOO_LONG
     return paths
+
+
+def _tag(path: str) -> str:
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    return "openai" if path.startswith("/v1/") else "stages"
 
 
 def _get(

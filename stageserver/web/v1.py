@@ -43,12 +43,14 @@ from ..stages.spec import StageRequest
 from ..stream import Framing, event_stream
 from . import context
 from .bodies import digest, json_object
-from .errors import OPENAI, answer_in_json
+from .errors import OPENAI, answer_in_json, by_header
+from .messages import ANTHROPIC, MESSAGES_VERSION, anthropic_models
 
 bp = Blueprint("stageserver_v1", __name__)
 bp.before_request(context.prepare)
 bp.after_request(context.finish)
-answer_in_json(bp, OPENAI)
+# /v1/models answers Anthropic's clients too: in their shape, errors included.
+answer_in_json(bp, by_header(MESSAGES_VERSION, ANTHROPIC, OPENAI))
 
 #: How long a cancel or a delete waits for the response to end before it answers.
 CANCEL_WAIT_SECONDS = 5.0
@@ -110,7 +112,10 @@ def chat_completions() -> Response:
 @bp.get("/models")
 def models() -> Response:
     """The models of the upstreams the caller may use: each upstream's ``models``, or,
-    where it lists none (it takes any model name), the upstream's own name."""
+    where it lists none (it takes any model name), the upstream's own name. A request
+    with ``anthropic-version`` (Anthropic's clients send it) gets Anthropic's listing."""
+    if MESSAGES_VERSION in request.headers:
+        return anthropic_models()
     registry = context.manager().upstreams
     seen: dict[str, str] = {}
     for name in registry.usable(context.principal().upstreams):
@@ -288,7 +293,7 @@ def _starting_after() -> int:
     raw = request.args.get("starting_after")
     if raw is None:
         return -1
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise InvalidRequest(
             "starting_after: must be a sequence number, 0 or more", field="starting_after"
         )

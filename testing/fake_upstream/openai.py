@@ -44,8 +44,10 @@ reply (``options.py``); with ``continued_status=<code>``, a continuation (chat, 
 is refused with that status instead.
 
 ``max_tokens``/``max_completion_tokens`` in the body cap the number of pieces (one token
-each; finish_reason ``"length"``). ``prompt_tokens`` is the number of whitespace-separated
-words in the messages' text; the usage chunk is sent when
+each; finish_reason ``"length"``). A ``stop`` sequence (a string, or a list) that the
+answer holds cuts it there, the sequence left out, and the last chunk's choice names it
+in ``stop_reason``, as vLLM's does (finish_reason ``"stop"``). ``prompt_tokens`` is the
+number of whitespace-separated words in the messages' text; the usage chunk is sent when
 ``stream_options.include_usage`` is true.
 """
 
@@ -193,6 +195,7 @@ async def _chat(
     thoughts: list[str] = []
     choice_logprobs: dict[str, Any] | None = None
     suffixes: list[str] | None = None  # what each chunk's choice has after its delta
+    stopped_at: str | None = None  # the stop sequence that ended the answer, if one did
     if calls:
         texts: list[str] = []
         deltas = _tool_call_deltas(calls, opts.chunks)
@@ -205,6 +208,7 @@ async def _chat(
             remainder = len("".join(texts[:covered])) > len(partial)
             texts = _rest(texts, partial, echo=opts.continuation == "prefix" and not raw)
         finish = "stop"
+        texts, stopped_at = _cut_at_stop(texts, body.get("stop"))
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(texts):
             texts = texts[:limit]
@@ -253,6 +257,7 @@ async def _chat(
                     "message": message,
                     "logprobs": choice_logprobs,
                     "finish_reason": finish,
+                    **({} if stopped_at is None else {"stop_reason": stopped_at}),
                 }
             ],
             "usage": usage,
@@ -273,7 +278,7 @@ async def _chat(
     stream = _ChatStream(rec, response, opts, prefix, "text" if raw else "delta")
     last = '""' if raw else '{"role":"assistant"}' if not deltas else "{}"
     return await stream.run(
-        deltas, last, finish, usage if include_usage else None, fault_at, suffixes
+        deltas, last, finish, usage if include_usage else None, fault_at, suffixes, stopped_at
     )
 
 
@@ -354,6 +359,25 @@ def _images(body: Mapping[str, Any]) -> tuple[list[str], str]:
                 urls.append(str(image.get("url")))
                 first = first or f"messages[{m}].content[{p}]"
     return urls, first
+
+
+def _cut_at_stop(texts: list[str], stop: Any) -> tuple[list[str], str | None]:
+    """The answer ``texts`` up to the first of the request's ``stop`` sequences it holds
+    (left out, as the servers leave it out), cut at its own chunk boundaries; and that
+    sequence (None: no cut)."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    answer = "".join(texts)
+    found = [(answer.find(s), s) for s in stops if isinstance(s, str) and s and s in answer]
+    if not found:
+        return texts, None
+    cut, sequence = min(found)
+    kept, end = [], 0
+    for text in texts:
+        start, end = end, end + len(text)
+        if start >= cut:
+            break
+        kept.append(text[: cut - start])
+    return kept, sequence
 
 
 def _thoughts(count: int) -> list[str]:
@@ -538,10 +562,13 @@ class _ChatStream:
         usage: dict[str, Any] | None,
         fault_at: int | None,
         suffixes: list[str] | None = None,
+        stopped_at: str | None = None,
     ) -> bool:
         """Stream a chunk per delta (JSON), then ``last`` with ``finish``, and the usage;
         the mode's fault after ``fault_at`` of the deltas (None: no fault). ``suffixes``:
-        what each delta's choice holds after it (its logprobs)."""
+        what each delta's choice holds after it (its logprobs); ``stopped_at``: the stop
+        sequence that ended the answer, which the last chunk names (vLLM's
+        ``stop_reason``)."""
         rec, response, opts, wire, prefix = (
             self.rec, self.response, self.opts, self.wire, self.prefix
         )  # fmt: skip
@@ -583,9 +610,12 @@ class _ChatStream:
                 return False
             rec.chunks_sent += 1
 
+        stop_reason = "" if stopped_at is None else f',"stop_reason":{compact_json(stopped_at)}'
         final = (
             prefix
-            + f'[{{"index":0,"{self.field}":{last},"finish_reason":{compact_json(finish)}}}]}}'
+            + f'[{{"index":0,"{self.field}":{last},"finish_reason":{compact_json(finish)}'
+            + stop_reason
+            + "}]}"
         )
         if not await self.emit(wire.event(final)):
             return False

@@ -16,7 +16,8 @@ server that prefills and one that does not:
   ``{"model", "prompt"}`` for a plain prompt. Both flags true is vLLM's 400. Open only
   with ``continuation=flag``, ``continue_final_message: true`` and
   ``add_generation_prompt: false``. ``POST /detokenize``: ``{"model", "tokens"}`` →
-  ``{"prompt"}``.
+  ``{"prompt"}``. llama-server's ``POST /tokenize``, ``{"content"}`` → ``{"tokens"}``
+  (one per character too), is answered at the same path.
 * Ollama's ``POST /api/chat`` with ``"_debug_render_only": true``: Ollama's own answer,
   the prompt in ``_debug_info.rendered_template`` beside an empty message and
   ``done: false``. Open when ``continuation=trailing`` (library templates leave the last
@@ -60,9 +61,15 @@ async def apply_template(
 async def tokenize(
     rec: UpstreamRequest, response: ResponseWriter, defaults: Mapping[str, object]
 ) -> bool:
-    """vLLM's ``POST /tokenize``: a chat's render, or a prompt, one token per character."""
+    """vLLM's ``POST /tokenize``: a chat's render, or a prompt, one token per character;
+    or llama-server's, for a body with ``content``: ``{"tokens"}``."""
     try:
         body, opts = _request(rec, defaults)
+        if "content" in body:
+            content = body["content"]
+            if not isinstance(content, str):
+                raise ValueError("'content' must be a string")
+            return await response.send_json(200, {"tokens": [ord(char) for char in content]})
         prompt = _tokenized_text(body, opts)
     except ValueError as exc:
         return await response.send_json(400, error_body(str(exc), 400, "BadRequestError"))
