@@ -230,12 +230,25 @@ _STORE_VARIANTS = frozenset({"redis", "cluster", "follow"})
 def memory_store_target(target: str) -> str | None:
     """The target that is ``target`` with the memory store: its store variants left out;
     None for a target that is not stageserver."""
+    return _without(target, lambda v: v in _STORE_VARIANTS or _window(v))
+
+
+def chat_target(target: str) -> str | None:
+    """The target that is ``target`` through the seed's /chat: its API variant left out;
+    None for a target that has none (it is its own), or is not stageserver."""
+    if not set(target.partition("@")[0].split("+")) & set(API_PATHS):
+        return None
+    return _without(target, API_PATHS.__contains__)
+
+
+def _without(target: str, left_out: Callable[[str], bool]) -> str | None:
+    """``target`` without the variants ``left_out`` names, its revision kept; None for a
+    target that is not stageserver."""
     name, at, revision = target.partition("@")
     base, *variants = name.split("+")
     if base != "stageserver":
         return None
-    kept = [v for v in variants if v not in _STORE_VARIANTS and not _window(v)]
-    return "+".join([base, *kept]) + at + revision
+    return "+".join([base, *(v for v in variants if not left_out(v))]) + at + revision
 
 
 def median_rows(
@@ -270,6 +283,9 @@ def median_rows(
     # the same target without its store (+redis, +cluster, +follow), so the plain
     # stageserver for stageserver+redis, stageserver@rev for stageserver+redis@rev.
     _ratio(rows, "server_cpu_us_per_chunk", memory_store_target, "server_cpu_vs_memory")
+    # Against the same target's through /chat (OpenAI's and Anthropic's APIs against the
+    # seed's, the same stages): stageserver+v1chat's against stageserver's.
+    _ratio(rows, "server_cpu_us_per_chunk", chat_target, "server_cpu_vs_chat")
     # Against nginx's: the issues' targets for the relay are written as these ratios.
     _ratio(rows, "server_cpu_us_per_chunk", lambda _: "nginx", "server_cpu_vs_nginx")
     # A burst's added first-token latency against the CPU its start cost the worker: 1.0
@@ -319,6 +335,7 @@ _COLUMNS = (
     ("server_cpu_us_per_chunk", "server CPU µs/chunk"),
     ("server_cpu_vs_nginx", "÷ nginx"),
     ("server_cpu_vs_memory", "÷ memory"),
+    ("server_cpu_vs_chat", "÷ /chat"),
     ("redis_commands_per_chunk", "Redis cmds/chunk"),
     ("redis_cpu_us_per_chunk", "Redis µs/chunk"),
     ("durable_p50_ms", "durable p50 ms"),
