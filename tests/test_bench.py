@@ -18,6 +18,7 @@ import pytest
 from bench import procs
 from bench.burst import rank_correlation, ranks
 from bench.load import LoadSpec, Shape, parse_spec
+from bench.run import chat_target, memory_store_target
 from testing.fake_upstream import FakeUpstream
 from testing.servers import ROOT
 
@@ -257,8 +258,31 @@ def test_a_load_spec_is_its_command_line() -> None:
         metrics=True,
         follow_port=8,
         follow_pid=9,
+        new_connections=True,
     )
     assert parse_spec(spec.argv(), "") == spec
     bare = LoadSpec(port=1, target="direct", path="/v1/chat/completions", shape=Shape(1, 0, 0),
                     concurrency=1)  # fmt: skip
     assert parse_spec(bare.argv(), "") == bare
+
+
+def test_the_targets_a_ratio_is_taken_against() -> None:
+    """÷ memory: the same target without its store; ÷ /chat: the same target without
+    its API (none for a target through /chat); neither for direct or nginx."""
+    against_memory = {
+        "stageserver+redis+v1chat@abc": "stageserver+v1chat@abc",
+        "stageserver+cluster+follow+w50": "stageserver",
+        "stageserver": "stageserver",
+        "direct": None,
+    }
+    for target, expected in against_memory.items():
+        assert memory_store_target(target) == expected, target
+    against_chat = {
+        "stageserver+v1chat": "stageserver",
+        "stageserver+redis+v1responses@abc": "stageserver+redis@abc",
+        "stageserver+messages": "stageserver",
+        "stageserver+redis": None,
+        "nginx": None,
+    }
+    for target, expected in against_chat.items():
+        assert chat_target(target) == expected, target
