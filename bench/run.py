@@ -348,6 +348,16 @@ _COLUMNS = (
 )
 
 
+# The last columns of both burst tables: the worker's connections to the store (the
+# largest node's too: a cluster's bound is per node), and what was not this run's.
+_BURST_TAIL = (
+    ("redis_connections_peak", "Redis conns peak"),
+    ("redis_connections_peak_per_node", "peak per node"),
+    ("redis_connections_after", "Redis conns after"),
+    ("redis_connections_after_per_node", "after per node"),
+    ("other_cpu_cores", "other load, cores"),
+    ("errors", "errors"),
+)
 # A burst of streams of the run's shape: how its first tokens are served.
 _BURST_COLUMNS = (
     ("target", "target"),
@@ -364,12 +374,7 @@ _BURST_COLUMNS = (
     ("server_cpu_us_per_chunk", "CPU µs/chunk"),
     ("server_cpu_vs_nginx", "÷ nginx"),
     ("memory_per_stream_kb", "KB/stream"),
-    ("redis_connections_peak", "Redis conns peak"),
-    ("redis_connections_peak_per_node", "peak per node"),
-    ("redis_connections_after", "Redis conns after"),
-    ("redis_connections_after_per_node", "after per node"),
-    ("other_cpu_cores", "other load, cores"),
-    ("errors", "errors"),
+    *_BURST_TAIL,
 )
 # A burst of one-chunk streams: what a new stream costs.
 _NEW_STREAM_COLUMNS = (
@@ -380,12 +385,7 @@ _NEW_STREAM_COLUMNS = (
     ("ttft_p50_ms", "TTFT p50 ms"),
     ("ttft_last_ms", "TTFT last ms"),
     ("rank_correlation", "rank ρ"),
-    ("redis_connections_peak", "Redis conns peak"),
-    ("redis_connections_peak_per_node", "peak per node"),
-    ("redis_connections_after", "Redis conns after"),
-    ("redis_connections_after_per_node", "after per node"),
-    ("other_cpu_cores", "other load, cores"),
-    ("errors", "errors"),
+    *_BURST_TAIL,
 )
 
 
