@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import shutdown
 from .config import StageSettings, apply_defaults, upstream_configs
+from .dialects import DIALECTS
 from .manager import StageManager
 from .principals import key_ring
 from .telemetry import logs
@@ -100,6 +101,7 @@ class StageServer:
             UpstreamRegistry(configs),
             keys.principals(),
             start_tracing(app.config, os.environ, {cfg.name: cfg.kind for cfg in configs}),
+            dialects=DIALECTS,
         )
         app.extensions["stageserver"] = manager
         app.extensions["stageserver.auth"] = Authenticator(keys, self.identify)

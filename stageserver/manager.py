@@ -57,7 +57,7 @@ from .policy.admission import Admission
 from .policy.limits import LimitBook, LocalLimits
 from .principals import ANONYMOUS, Principal, check_upstreams
 from .stages.conversation import Conversation
-from .stages.dialect import dialect_of
+from .stages.dialect import Dialects
 from .stages.feeds import EventFeed, LocalFeed, RefusedFeed
 from .stages.records import ContinuationRecord
 from .stages.registry import StageRegistry
@@ -209,13 +209,18 @@ class StageManager:
         upstreams: UpstreamRegistry,
         principals: list[Principal] | None = None,
         tracing: Tracing | None = None,
+        *,
+        dialects: Dialects,
     ) -> None:
         """``principals``: the configured ones, checked against the upstreams here.
-        ``tracing``: None when traces are off (``tracing.start_tracing``)."""
+        ``tracing``: None when traces are off (``tracing.start_tracing``). ``dialects``:
+        the dialects whose stages it can take over and read back (``stageserver.dialects``
+        has them all); a stage is started with its own dialect, whatever this holds."""
         check_upstreams(principals or [], upstreams.names())
         self._principals = {p.name: p for p in [ANONYMOUS, *(principals or [])]}
         self.settings = settings
         self.upstreams = upstreams
+        self.dialects = dialects
         self.replica_sets = ReplicaSets(upstreams, metrics.ReplicaMetrics())
         self.tracing = tracing
         self._tracer: AttemptTracer = NO_TRACING if tracing is None else tracing
@@ -230,7 +235,9 @@ class StageManager:
         self.store: RedisStageStore | None = None
         self.limits: LimitBook = LocalLimits()
         if settings.store_url:
-            self.store, self.limits = _shared_store(settings, self._cancel_here, self.adopt)
+            self.store, self.limits = _shared_store(
+                settings, self._cancel_here, self.adopt, dialects
+            )
         listeners: list[StageListener | None] = [
             self.stages,
             self.admission,
@@ -488,7 +495,7 @@ class StageManager:
         conversation, spec = record.conversation, record.spec
         if conversation is None:
             raise ValueError("its record has no conversation")
-        dialect = dialect_of(record.dialect)
+        dialect = self.dialects.of(record.dialect)
         stage_id = record.stage_id
         stage_spec = self._spec(
             stage_id,
@@ -578,6 +585,7 @@ def _shared_store(
     settings: StageSettings,
     cancel_here: Callable[[str, str], None],
     adopt: Callable[[str], bool],
+    dialects: Dialects,
 ) -> tuple[RedisStageStore, LimitBook]:
     """The Redis store and the limits kept in it. Imported here, not above: redis is an
     optional dependency (``pip install 'stageserver[redis]'``)."""
@@ -597,6 +605,7 @@ def _shared_store(
         lease_seconds=settings.owner_lease_seconds,
         cancel_here=cancel_here,
         adopt=adopt,
+        dialects=dialects,
         flush_window=settings.store_flush_window,
         on_written=metrics.STORE_WRITE_DELAY.observe,
         on_reachable=metrics.store_reachable,

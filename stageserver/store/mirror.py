@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import StoreUnavailable
+from ..stages.dialect import Dialects
 from ..stages.feeds import RefusedFeed
 from ..stages.records import ContinuationRecord
 from ..stages.stage import Stage, StageListener
@@ -71,6 +72,7 @@ class RedisStageStore(StageListener):
         lease_seconds: float,
         cancel_here: Callable[[str, str], None],
         adopt: Callable[[str], bool] | None = None,
+        dialects: Dialects,
         flush_window: float = DEFAULT_FLUSH_WINDOW,
         on_written: Callable[[float], None] | None = None,
         on_reachable: Callable[[bool], None] | None = None,
@@ -78,9 +80,11 @@ class RedisStageStore(StageListener):
         """``cancel_here(key, reason)`` cancels a stage of this process for a request made
         elsewhere: the cancel listener calls it. ``adopt(key)`` tries to take over the
         orphaned stage with that key (``manager.StageManager.adopt``); whether it, or
-        another, has. ``flush_window``: how long the flusher gathers writes into one round
-        trip. ``on_written(seconds)``: told, for each write, how long the oldest event in
-        it waited to be durable (an upper bound for every event it carried).
+        another, has. ``dialects``: those it can end a stage in, for a worker that died
+        (``takeover.Ownership.reap_orphan``). ``flush_window``: how long the flusher
+        gathers writes into one round trip. ``on_written(seconds)``: told, for each
+        write, how long the oldest event in it waited to be durable (an upper bound for
+        every event it carried).
         ``on_reachable(reachable)``: told when Redis stops or starts answering this
         process, as its flusher's writes and its sweeper's looks find it."""
         self.url = url
@@ -94,7 +98,7 @@ class RedisStageStore(StageListener):
         self.flusher = Flusher(
             batcher, self.leases, retention, max_events, reachability, flush_window, on_written
         )
-        self.ownership = Ownership(batcher, self.leases, retention, reachability, adopt)
+        self.ownership = Ownership(batcher, self.leases, retention, reachability, dialects, adopt)
         self.cancels = CancelChannel(batcher, self.reader, cancel_here)
         self.idempotency = IdempotencyKeys(batcher)
 

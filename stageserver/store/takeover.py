@@ -36,7 +36,7 @@ from typing import Any
 
 from ..concurrency import Task
 from ..errors import StageConflict, StoreUnavailable
-from ..stages.dialect import Ending, dialect_of, resume_at
+from ..stages.dialect import Dialects, Ending, resume_at
 from ..stages.events import SeedDialect
 from ..stages.stage import Stage
 from ..stages.usage import final_usage
@@ -71,16 +71,19 @@ class Ownership:
         leases: LeaseKeeper,
         retention: Retention,
         reachability: Reachability,
+        dialects: Dialects,
         adopt: Callable[[str], bool] | None = None,
     ) -> None:
         """``batcher``: gives this process's. ``reachability``: told whether each of the
-        sweeper's looks reached Redis. ``adopt(key)`` tries to take over the orphaned
-        stage with that key (``manager.StageManager.adopt``); whether it, or another,
-        has. Without it, this worker takes nothing over, and ends an orphan."""
+        sweeper's looks reached Redis. ``dialects``: those it ends an orphan in.
+        ``adopt(key)`` tries to take over the orphaned stage with that key
+        (``manager.StageManager.adopt``); whether it, or another, has. Without it, this
+        worker takes nothing over, and ends an orphan."""
         self._batcher = batcher
         self.leases = leases
         self.retention = retention
         self._reachability = reachability
+        self._dialects = dialects
         self._adopt = adopt
         self._sweeper: Task | None = None
 
@@ -237,7 +240,9 @@ class Ownership:
         usage = final_usage(None, int(prompt or 0), held)
         ending = Ending("error", usage, text=text, error=message)
         # A stage claimed by a worker from before dialects has no record: it is the seed's.
-        dialect = dialect_of(json.loads(record)["dialect"]) if record else SeedDialect(stage_id)
+        dialect = (
+            self._dialects.of(json.loads(record)["dialect"]) if record else SeedDialect(stage_id)
+        )
         # Its owner may have died before its opening was durable: the opening comes first.
         wires = resume_at(dialect, held, text)
         wires += dialect.ending(held + len(wires), ending)

@@ -38,7 +38,6 @@ from ..openai_api.chat import ChatCompletionsDialect, openai_error
 from ..openai_api.requests import ChatCompletionRequest, ResponseRequest, validated
 from ..openai_api.responses import ResponsesDialect, refused_request
 from ..sse import compact_json
-from ..stages.dialect import dialect_of
 from ..stages.spec import StageRequest
 from ..stream import Framing, event_stream
 from . import context
@@ -255,7 +254,7 @@ def _as_it_stands(found: LocalStage | StoredStage) -> dict[str, Any]:
         dialect = found.stage.dialect
         assert isinstance(dialect, ResponsesDialect)  # _response() found a response
         return dialect.response("in_progress")
-    stored = dialect_of(found.record().dialect)
+    stored = context.manager().dialects.of(found.record().dialect)
     assert isinstance(stored, ResponsesDialect)
     return stored.in_progress(str(found.summary().get("text") or ""))
 
