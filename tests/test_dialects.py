@@ -23,11 +23,19 @@ STARTED: list[Dialect] = [
     SeedDialect("s1"),
     ChatCompletionsDialect("chatcmpl-1", "m", include_usage=True, created=1700000000),
     ResponsesDialect(
-        "resp_1", "m", {"instructions": "be brief"}, replayable=True, created_at=1700000000,
+        "resp_1",
+        "m",
+        {"instructions": "be brief"},
+        replayable=True,
+        created_at=1700000000,
         message_params=("input[0]",),
     ),  # fmt: skip
     MessagesDialect(
-        "msg_1", "m", input_tokens=12, stop_sequences=("END",), params={"messages.0": "x"},
+        "msg_1",
+        "m",
+        input_tokens=12,
+        stop_sequences=("END",),
+        params={"messages.0": "x"},
         omit_thinking=True,
     ),  # fmt: skip
 ]
@@ -87,9 +95,7 @@ _FRESH = textwrap.dedent(
 
 
 @pytest.mark.processes
-def test_a_manager_in_a_fresh_interpreter_makes_every_dialect_again_without_the_web_layer() -> (
-    None
-):
+def test_a_manager_in_a_fresh_interpreter_makes_every_dialect_again_without_the_web_layer() -> None:
     records = [d.record() for d in STARTED]
     child = subprocess.run(
         [sys.executable, "-c", _FRESH, json.dumps(records)],
