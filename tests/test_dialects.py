@@ -29,7 +29,7 @@ STARTED: list[Dialect] = [
         replayable=True,
         created_at=1700000000,
         message_params=("input[0]",),
-    ),  # fmt: skip
+    ),
     MessagesDialect(
         "msg_1",
         "m",
@@ -37,7 +37,7 @@ STARTED: list[Dialect] = [
         stop_sequences=("END",),
         params={"messages.0": "x"},
         omit_thinking=True,
-    ),  # fmt: skip
+    ),
 ]
 
 
