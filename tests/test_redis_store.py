@@ -24,6 +24,7 @@ from stageserver.store.batch import Batcher, Command
 from stageserver.store.connection import Reachability, connect
 from stageserver.store.entries import events_of
 from stageserver.store.keys import stage_keys
+from stageserver.store.mirror import RedisStageStore
 from testing.fake_upstream import FakeUpstream
 from testing.servers import (
     ROOT,
@@ -211,7 +212,7 @@ def test_reading_a_stage_whose_owner_died_writes_nothing_until_it_is_reaped_by_n
         {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_STORE_URL": redis_server.url}
     )
     store = manager_of(app.extensions).store
-    assert store is not None
+    assert isinstance(store, RedisStageStore)
     try:
         reader = store.reader
         assert reader.summary("orphan-1") == {**summary, "text": ""}

@@ -29,12 +29,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from ..concurrency import Task
+from ..concurrency import Task, stop_task
 from ..errors import StageConflict, StoreUnavailable
 from ..stages.dialect import Dialects, Ending, resume_at
 from ..stages.events import SeedDialect
@@ -46,22 +46,9 @@ from .connection import STORE_ERRORS, Reachability, owner_name, store_errors
 from .keys import RUNNING_INDEX, StageKeys, stage_keys
 from .leases import LeaseKeeper
 from .retention import Retention
+from .stage_store import Claim
 
 log = logging.getLogger("stageserver.store")
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A stage taken over (``Ownership.take_over``): what Redis holds of it."""
-
-    epoch: int
-    held: int  # events in its log
-    record: dict[str, Any]
-    text: str
-    content_chunks: int
-    owner: str  # the worker that ran it
-    handed_off: bool  # its worker drained, rather than died
-    summary: dict[str, Any]  # as its owner last wrote it
 
 
 class Ownership:
@@ -86,6 +73,7 @@ class Ownership:
         self._dialects = dialects
         self._adopt = adopt
         self._sweeper: Task | None = None
+        self._stopping = threading.Event()
 
     @property
     def redis(self) -> Any:
@@ -156,6 +144,7 @@ class Ownership:
             text=text,
             content_chunks=chunks,
             owner=bytes(owner).decode(),
+            taker=owner_name(),
             handed_off=bool(handoff),
             summary=json.loads(summary),
         )
@@ -179,12 +168,15 @@ class Ownership:
         if self._adopt is not None:
             self._sweeper = Task(self._adopt_orphans_forever, name="stageserver-store-sweep")
 
+    def stop(self) -> None:
+        """Stop the sweeper (the store is closed): it ends before its next look."""
+        stop_task(self._stopping, self._sweeper)
+
     def _adopt_orphans_forever(self) -> None:
         """Every quarter of a lease: try to take over the stages whose lease ran out, or
         that a draining worker let go (``TAKE_OVER``: half a lease in doubt first)."""
         assert self._adopt is not None
-        while True:
-            time.sleep(self.leases.lease_seconds / 4)
+        while not self._stopping.wait(self.leases.lease_seconds / 4):
             try:
                 due = int(time.time() * 1000)
                 keys = self.redis.zrangebyscore(RUNNING_INDEX, "-inf", due, start=0, num=50)
