@@ -6,7 +6,7 @@ Redis is a mirror, so that any worker can answer for it (``reader.py``, and
 ``remote_feed.py`` for its events). Its keys, and what each holds: ``keys.py``.
 
 A stage outlives its worker: when its lease lapses, or its worker hands it off as it
-drains, any live worker takes it over (``takeover.py``; ``manager.StageManager.adopt``)
+drains, any live worker takes it over (``takeover.py``; ``manager.takeover.Takeovers.adopt``)
 and continues its answer from what Redis holds: its record (the request), its log, and
 its text, which the log's entries carry with their events, so that the text always
 matches an index of the log. For that, a client never reads an event before Redis holds
@@ -88,7 +88,7 @@ class RedisStageStore(StageStore):
     ) -> None:
         """``cancel_here(key, reason)`` cancels a stage of this process for a request made
         elsewhere: the cancel listener calls it. ``adopt(key)`` tries to take over the
-        orphaned stage with that key (``manager.StageManager.adopt``); whether it, or
+        orphaned stage with that key (``manager.takeover.Takeovers.adopt``); whether it, or
         another, has. ``dialects``: those it can end a stage in, for a worker that died
         (``takeover.Ownership.reap_orphan``). ``flush_window``: how long the flusher
         gathers writes into one round trip. ``on_written(seconds)``: told, for each

@@ -11,7 +11,7 @@ the end of a stage nobody can take over.
   log fences the old owner (entries.py); at once for a stage handed off. Half a lease
   leaves an owner that was only cut off from Redis the time to take its lease back. The
   taker continues the answer from what Redis holds (``Claim``: its record, its log's
-  length, its text; ``manager.StageManager.adopt``).
+  length, its text; ``manager.takeover.Takeovers.adopt``).
 - the sweeper: every quarter of a lease, each worker tries to take over the stages of the
   running index whose lease ran out, so that an orphan is claimed within two leases of
   its owner's last renewal, whether or not anyone follows it.
@@ -64,7 +64,7 @@ class Ownership:
         """``batcher``: gives this process's. ``reachability``: told whether each of the
         sweeper's looks reached Redis. ``dialects``: those it ends an orphan in.
         ``adopt(key)`` tries to take over the orphaned stage with that key
-        (``manager.StageManager.adopt``); whether it, or another, has. Without it, this
+        (``manager.takeover.Takeovers.adopt``); whether it, or another, has. Without it, this
         worker takes nothing over, and ends an orphan."""
         self._batcher = batcher
         self.leases = leases
