@@ -4,7 +4,7 @@ same way for a stage a request starts and for one taken over from another worker
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import StageSettings
@@ -20,23 +20,16 @@ from ..upstream.request_body import RequestBody
 from ..upstream.route import ReplicaSets
 
 
+@dataclass(frozen=True)
 class StageMaker:
-    def __init__(
-        self,
-        settings: StageSettings,
-        replica_sets: ReplicaSets,
-        tracer: AttemptTracer,
-        continuations: Continuations,
-        listeners: Sequence[StageListener],
-        store: StageStore,
-    ) -> None:
-        """``listeners``: every stage's, in the order it calls them (manager/)."""
-        self.settings = settings
-        self._replica_sets = replica_sets
-        self._tracer = tracer
-        self._continuations = continuations
-        self._listeners = tuple(listeners)
-        self._store = store
+    """``listeners``: every stage's, in the order it calls them (manager/)."""
+
+    settings: StageSettings
+    replica_sets: ReplicaSets
+    tracer: AttemptTracer
+    continuations: Continuations
+    listeners: tuple[StageListener, ...]
+    store: StageStore
 
     def spec(
         self,
@@ -75,18 +68,18 @@ class StageMaker:
         ``dialect`` (the seed's when None). ``resume``, ``takeover`` and ``instance``:
         of a stage taken over (``takeover.py``)."""
         relay = UpstreamRelay(
-            self._replica_sets.route(spec.upstream),
+            self.replica_sets.route(spec.upstream),
             RequestBody(conversation, self.settings.default_max_tokens),
             {"X-Request-ID": spec.request_id},
-            self._tracer,
-            self._continuations,
+            self.tracer,
+            self.continuations,
             resume,
         )
-        store = self._store
+        store = self.store
         return Stage(
             spec,
             relay,
-            self._listeners,
+            self.listeners,
             store.watched_elsewhere,
             dialect,
             takeover,

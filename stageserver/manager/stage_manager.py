@@ -114,7 +114,7 @@ class StageManager:
             self.replica_sets,
             tracer,
             continuations,
-            [x for x in listeners if x is not None],
+            tuple(x for x in listeners if x is not None),
             self.store,
         )
         self._takeovers = Takeovers(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from .. import shutdown
 from ..errors import Overloaded, ShuttingDown, StageConflict, StageFailure, StoreUnavailable
@@ -31,36 +32,29 @@ from .making import StageMaker
 log = logging.getLogger("stageserver.manager")
 
 
+@dataclass(frozen=True)
 class Takeovers:
-    def __init__(
-        self,
-        maker: StageMaker,
-        store: StageStore,
-        stages: StageRegistry,
-        admission: Admission,
-        principals: Mapping[str, Principal],
-        upstream_names: Callable[[], list[str]],
-        dialects: Dialects,
-    ) -> None:
-        """``stages`` and ``admission``: the manager's (a stage taken over is one of this
-        worker's, and takes a slot); ``principals``: by name, as configured here."""
-        self._maker = maker
-        self._store = store
-        self._stages = stages
-        self._admission = admission
-        self._principals = principals
-        self._upstream_names = upstream_names
-        self._dialects = dialects
+    """The takeovers of one manager. ``stages`` and ``admission``: the manager's (a stage
+    taken over is one of this worker's, and takes a slot); ``principals``: by name, as
+    configured here; ``upstream_names``: the upstreams configured here."""
+
+    maker: StageMaker
+    store: StageStore
+    stages: StageRegistry
+    admission: Admission
+    principals: Mapping[str, Principal]
+    upstream_names: Callable[[], list[str]]
+    dialects: Dialects
 
     def adopt(self, key: str) -> bool:
         """Take over the stage ``key``, orphaned by a worker that died or drained, and
         continue it here; whether this worker, or another, has it."""
         if shutdown.shutting_down():
             return False  # a draining worker takes nothing on
-        local = self._stages.get(key)
+        local = self.stages.get(key)
         if local is not None and not local.finished:
             return True  # it runs here: its lease comes back with the next renewal
-        store = self._store
+        store = self.store
         try:
             raw = store.record(key)
             record = None if raw is None else StageRecord.from_json(raw)
@@ -70,13 +64,13 @@ class Takeovers:
             record = None  # from a worker that predates takeovers: ended as before
         if record is None or record.conversation is None:
             return False
-        principal = self._principals.get(record.spec.principal)
-        if principal is None or record.spec.upstream not in self._upstream_names():
+        principal = self.principals.get(record.spec.principal)
+        if principal is None or record.spec.upstream not in self.upstream_names():
             log.warning("stage %s: not taken over here (its principal or upstream is "
                         "unknown to this worker's configuration)", key)  # fmt: skip
             return False
         try:
-            self._admission.admit()
+            self.admission.admit()
         except (Overloaded, ShuttingDown):
             return False  # another worker will
         instance = instance_of(key)
@@ -85,14 +79,14 @@ class Takeovers:
         except StoreUnavailable:
             claim = None
         if claim is None:
-            self._admission.release()
+            self.admission.release()
             return True
         try:
             stage = self._taken_over(claim, principal, instance)
-            self._stages.add(stage)
+            self.stages.add(stage)
         except (StageConflict, LookupError, TypeError, ValueError) as exc:
             log.warning("stage %s: cannot be taken over here: %s", key, exc)
-            self._admission.release()
+            self.admission.release()
             store.release_claim(key, instance)
             return True
         store.adopt(stage, claim)
@@ -101,12 +95,12 @@ class Takeovers:
 
     def _taken_over(self, claim: Claim, principal: Principal, instance: str) -> Stage:
         """The stage ``claim`` holds, made again here from its record."""
-        maker = self._maker
+        maker = self.maker
         record = StageRecord.from_json(claim.record)
         conversation, spec = record.conversation, record.spec
         if conversation is None:
             raise ValueError("its record has no conversation")
-        dialect = self._dialects.of(record.dialect)
+        dialect = self.dialects.of(record.dialect)
         stage_id = record.stage_id
         stage_spec = maker.spec(
             stage_id,

@@ -16,8 +16,9 @@ from .spec import StageRecord
 
 
 class StageHandle(Protocol):
-    #: The stage's id, as its principal named it (without its namespace).
-    stage_id: str
+    @property
+    def stage_id(self) -> str:
+        """The stage's id, as its principal named it (without its namespace)."""
 
     def summary(self) -> dict[str, object]:
         """Its status (``Stage.summary``; ``schemas.StageStatus``). Raises UnknownStage

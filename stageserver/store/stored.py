@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UnknownStage
@@ -22,36 +23,31 @@ from .reader import StoreReader
 from .takeover import Ownership
 
 
+@dataclass(frozen=True)
 class StoredStage:
-    def __init__(
-        self,
-        batcher: Callable[[], Batcher],
-        reader: StoreReader,
-        ownership: Ownership,
-        cancels: CancelChannel,
-        key: str,
-        stage_id: str,
-    ) -> None:
-        self._batcher = batcher
-        self._reader = reader
-        self._ownership = ownership
-        self._cancels = cancels
-        self.key = key
-        self.stage_id = stage_id
+    """The stage ``key`` (``stage_id`` as its principal names it), asked through the
+    store's parts. ``batcher``: gives this process's."""
+
+    batcher: Callable[[], Batcher]
+    reader: StoreReader
+    ownership: Ownership
+    cancels: CancelChannel
+    key: str
+    stage_id: str
 
     def summary(self) -> dict[str, object]:
-        self._ownership.reap_orphan(self.key, self.stage_id)  # its owner may have died
-        summary = self._reader.summary(self.key)
+        self.ownership.reap_orphan(self.key, self.stage_id)  # its owner may have died
+        summary = self.reader.summary(self.key)
         if summary is None:
             raise UnknownStage(self.stage_id)
         return summary
 
     def feed(self, after_seq: int) -> EventFeed | None:
-        return remote_feed.feed(self._batcher, self._ownership, self.key, self.stage_id, after_seq)
+        return remote_feed.feed(self.batcher, self.ownership, self.key, self.stage_id, after_seq)
 
     def cancel(self, reason: str) -> None:
-        self._ownership.reap_orphan(self.key, self.stage_id)  # its owner may have died
-        self._cancels.request(self.key, self.stage_id, reason)
+        self.ownership.reap_orphan(self.key, self.stage_id)  # its owner may have died
+        self.cancels.request(self.key, self.stage_id, reason)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the stage's end, asking the store every
@@ -64,13 +60,13 @@ class StoredStage:
         return True
 
     def answer(self) -> tuple[dict[str, Any], int] | None:
-        return self._reader.answer(self.key)
+        return self.reader.answer(self.key)
 
     def first_kept(self) -> int:
-        return self._reader.first_kept(self.key)
+        return self.reader.first_kept(self.key)
 
     def record(self) -> StageRecord:
-        record = self._reader.record(self.key)
+        record = self.reader.record(self.key)
         if record is None:
             raise UnknownStage(self.stage_id)
         return StageRecord.from_json(record)
