@@ -243,7 +243,8 @@ def test_closing_an_app_on_the_redis_store_ends_its_background_work(
     try:
         client = app.test_client()
         # A stage claimed: the leases' renewal starts too.
-        assert client.post("/chat", json={"user_prompt": "hi", "stream": False}).status_code == 200
+        body = {"stage_id": "closing", "model_name": "fake", "user_prompt": "hi", "stream": False}
+        assert client.post("/chat", json=body).status_code == 200
         running = {t.name for t in background_threads() - before}
         assert {"stageserver-store-flush", "stageserver-store-cancel", "stageserver-store-sweep",
                 "stageserver-leases"} <= running  # fmt: skip
@@ -311,6 +312,8 @@ def test_the_lease_keeper_outlives_a_renewal_that_raises(redis_server: RedisServ
     while counted.renewals < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     keeper.release(counted)
+    keeper.stop()  # its renewal loop ends: the test leaves no thread behind
+    batcher.close()
     assert counted.renewals >= 2
 
 

@@ -291,7 +291,9 @@ class Flusher:
     # -- the flusher ---------------------------------------------------------------------
 
     def _flush_forever(self) -> None:
-        while True:
+        # Stopped at the top of a round: ``stop`` sets the flag before it wakes the
+        # flusher, so a wake cleared in a round that had begun is followed by that check.
+        while not self._stopping.is_set():
             self._wake.wait()
             if self._stopping.is_set():
                 return
@@ -306,7 +308,7 @@ class Flusher:
             if again:
                 for stage, since in again.items():
                     self._dirty.setdefault(stage, since)
-                time.sleep(_RETRY_DELAY)
+                self._stopping.wait(_RETRY_DELAY)
                 self._wake.set()
 
     def _flush(self, batch: dict[Stage, float]) -> dict[Stage, float]:
