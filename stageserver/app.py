@@ -1,4 +1,5 @@
-"""The Flask extension, ``StageServer``, and the standalone app, ``create_app``."""
+"""The Flask extension, ``StageServer``, the standalone app, ``create_app``, and the end
+of stageserver's work in an app, ``close``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from werkzeug.exceptions import HTTPException
 
 from . import shutdown
 from .config import StageSettings, apply_defaults, upstream_configs
-from .manager import StageManager
+from .dialects import DIALECTS
+from .manager import StageManager, manager_of
 from .principals import key_ring
 from .telemetry import logs
 from .telemetry.tracing import start_tracing
@@ -86,8 +88,10 @@ class StageServer:
     def init_app(self, app: Flask) -> None:
         """Register stageserver on ``app``: read its settings (once), register the
         blueprint under ``url_prefix`` and keep the state in
-        ``app.extensions["stageserver"]``. Raises ``RuntimeError`` on a second call for
-        the same app, and ``ConfigError`` for a configuration it refuses."""
+        ``app.extensions["stageserver"]``. Its background work (with
+        ``STAGESERVER_STORE_URL``, the store's tasks) runs until ``close(app)``. Raises
+        ``RuntimeError`` on a second call for the same app, and ``ConfigError`` for a
+        configuration it refuses."""
         if "stageserver" in app.extensions:
             raise RuntimeError(
                 "StageServer is already registered on this app; call init_app once per app"
@@ -100,6 +104,7 @@ class StageServer:
             UpstreamRegistry(configs),
             keys.principals(),
             start_tracing(app.config, os.environ, {cfg.name: cfg.kind for cfg in configs}),
+            dialects=DIALECTS,
         )
         app.extensions["stageserver"] = manager
         app.extensions["stageserver.auth"] = Authenticator(keys, self.identify)
@@ -117,6 +122,17 @@ class StageServer:
         app.register_blueprint(messages_bp, url_prefix=f"{self.url_prefix or ''}/v1")
         register_web(app, self.url_prefix)
         shutdown.track(manager)
+
+
+def close(app: Flask) -> None:
+    """End stageserver's work in ``app``: stop its background tasks (the continuation
+    probe; with ``STAGESERVER_STORE_URL``, the store's flusher, cancel listener, sweeper
+    and lease renewal) and close its connections (to the upstreams, to Redis, the traces'
+    exporter). Call it when the app is done with: at the end of a test that made it, or
+    of a process that serves it outside gunicorn (a gunicorn worker closes its own at
+    exit). Stages still running there lose their upstream; the app serves no stage
+    afterwards. Idempotent. Raises ``RuntimeError`` for an app without ``StageServer``."""
+    manager_of(app.extensions).close()
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:

@@ -96,6 +96,23 @@ class Task:
             self._thread.join(timeout)
 
 
+#: How long stopping a background task waits for it to end (``stop_task``): longer than
+#: any one step of a store's loops (a look of a second, a write bounded by the client's
+#: two-second socket timeout).
+STOP_WAIT_SECONDS = 5.0
+
+
+def stop_task(stopping: threading.Event, task: Task | None, *wake: threading.Event) -> None:
+    """Stop a background task whose loop ends once ``stopping`` is set: set it, and each
+    event in ``wake`` that the loop may be waiting on, then wait for the task to end
+    (``STOP_WAIT_SECONDS`` at most)."""
+    stopping.set()
+    for event in wake:
+        event.set()
+    if task is not None:
+        task.join(STOP_WAIT_SECONDS)
+
+
 class _LazyTimer:
     """A libev timer for a deadline that moves often and fires rarely.
 

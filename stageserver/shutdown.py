@@ -17,7 +17,8 @@ So, in each worker (``install``, from gunicorn_conf.py's ``post_worker_init``):
 2. With the shared store, the stages nobody here follows (background responses, resumable
    stages whose client left) are handed off at once, and so is any whose last client
    leaves later: each stops at a chunk boundary, its events are written, its lease let
-   go, and another worker takes it over and continues its answer (``manager.adopt``).
+   go, and another worker takes it over and continues its answer
+   (``manager.takeover.Takeovers.adopt``).
 3. Streams with a client run on. Short ones end with ``done``, and when none is left the
    worker exits on its own, long before the deadline.
 4. At ``abort_delay(graceful_timeout)`` (2 s before the arbiter's SIGKILL, and never

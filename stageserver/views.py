@@ -16,7 +16,8 @@ from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
 from .errors import InvalidRequest
-from .manager import LocalStage, StageManager, StartedStage, StoredStage
+from .manager import StageManager
+from .manager.handles import StartedStage
 from .schemas import (
     STAGE_ID_PATTERN,
     STAGE_ID_RULE,
@@ -29,6 +30,7 @@ from .schemas import (
 from .sse import encode_retry
 from .stages.conversation import Conversation
 from .stages.events import lost_event, seq_of
+from .stages.handle import StageHandle
 from .stages.spec import StageRequest
 from .stream import Framing, event_stream
 from .web import context
@@ -102,7 +104,7 @@ def _invalid(errors: list[dict[str, str]]) -> InvalidRequest:
     return InvalidRequest(f"invalid request: {summary}", fields=errors)
 
 
-def _stage(stage_id: str) -> LocalStage | StoredStage:
+def _stage(stage_id: str) -> StageHandle:
     """The caller's stage. An id that no stage can have is a 422 naming the field, as
     in /chat, before anything is looked up."""
     if not _STAGE_ID.fullmatch(stage_id):

@@ -30,6 +30,8 @@ How the tests run:
 - ``processes``: a pytest plugin that marks ``processes`` each test that starts a
   process, and fails one that starts one unmarked (``pytest -m "not processes"`` is the
   inner loop).
+- ``threads``: a pytest plugin that fails a test that leaves a stageserver background
+  thread running (an app it made and did not close).
 
 Around the server:
 

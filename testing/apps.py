@@ -9,7 +9,7 @@ from typing import Any
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from stageserver import create_app
+from stageserver import close, create_app
 from stageserver.manager import manager_of
 
 
@@ -24,14 +24,14 @@ class WholeBodyClient(FlaskClient):
 
 @contextmanager
 def app_client(config: dict[str, Any]) -> Iterator[FlaskClient]:
-    """A fresh app's test client; its manager is closed afterwards (its background work
-    ended, its upstream connections closed)."""
+    """A fresh app's test client; the app is closed afterwards (``stageserver.close``:
+    its background work ended, its connections closed)."""
     app = create_app(config)
     app.test_client_class = WholeBodyClient
     try:
         yield app.test_client()
     finally:
-        manager_of(app.extensions).close()
+        close(app)
 
 
 def settle(flask_client: FlaskClient, stage_id: str, timeout: float = 5) -> None:

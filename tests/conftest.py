@@ -9,15 +9,16 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from stageserver import create_app
+from stageserver import close, create_app
 from testing.anthropic_sdk import AnthropicSDK
 from testing.fake_upstream import FakeUpstream
 from testing.servers import RedisClusterGroup, RedisServer
 from testing.topology import CLUSTER, REDIS, TOPOLOGIES, Topologies, Topology
 from testing.venvs import cached_venv
 
-#: Marks the tests that start a process, and fails one unmarked that starts one.
-pytest_plugins = ("testing.processes",)
+#: Marks the tests that start a process, and fails one unmarked that starts one; fails a
+#: test that leaves a stageserver background thread running (an app it did not close).
+pytest_plugins = ("testing.processes", "testing.threads")
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +36,11 @@ def upstream(fake: FakeUpstream) -> FakeUpstream:
 
 
 @pytest.fixture
-def app(upstream: FakeUpstream) -> Flask:
-    return create_app({"STAGESERVER_UPSTREAM_URL": upstream.url})
+def app(upstream: FakeUpstream) -> Iterator[Flask]:
+    """An app on the shared fake upstream, closed after the test."""
+    app = create_app({"STAGESERVER_UPSTREAM_URL": upstream.url})
+    yield app
+    close(app)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import redis
 import requests
 
-from stageserver import create_app
+from stageserver import close, create_app
 from stageserver.errors import ConfigError
 from stageserver.launcher.supervisor import GUNICORN_ARGS
 from stageserver.manager import manager_of
@@ -24,6 +24,7 @@ from stageserver.store.batch import Batcher, Command
 from stageserver.store.connection import Reachability, connect
 from stageserver.store.entries import events_of
 from stageserver.store.keys import stage_keys
+from stageserver.store.mirror import RedisStageStore
 from testing.fake_upstream import FakeUpstream
 from testing.servers import (
     ROOT,
@@ -42,6 +43,7 @@ from testing.sse import (
     wait_for_status,
     with_ids,
 )
+from testing.threads import background_threads
 from testing.topology import Topology
 
 
@@ -183,12 +185,15 @@ def test_a_stage_of_a_worker_from_before_dialects_is_ended_in_the_seeds_words(
             "STAGESERVER_OWNER_LEASE_SECONDS": 0.2,
         }
     )
-    status = app.test_client().get("/stages/old-1")
-    assert status.status_code == 200 and status.get_json()["status"] == "running"  # suspect
-    time.sleep(0.15)  # past half a lease since it was first suspected
-    status = app.test_client().get("/stages/old-1")
-    assert status.status_code == 200
-    assert status.get_json()["status"] == "error"
+    try:
+        status = app.test_client().get("/stages/old-1")
+        assert status.status_code == 200 and status.get_json()["status"] == "running"  # suspect
+        time.sleep(0.15)  # past half a lease since it was first suspected
+        status = app.test_client().get("/stages/old-1")
+        assert status.status_code == 200
+        assert status.get_json()["status"] == "error"
+    finally:
+        close(app)
     [(_, fields)] = client.xrange(log_key)
     [(seq, wire)], terminal = events_of(fields)
     assert seq == 0 and terminal
@@ -211,7 +216,7 @@ def test_reading_a_stage_whose_owner_died_writes_nothing_until_it_is_reaped_by_n
         {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_STORE_URL": redis_server.url}
     )
     store = manager_of(app.extensions).store
-    assert store is not None
+    assert isinstance(store, RedisStageStore)
     try:
         reader = store.reader
         assert reader.summary("orphan-1") == {**summary, "text": ""}
@@ -222,7 +227,33 @@ def test_reading_a_stage_whose_owner_died_writes_nothing_until_it_is_reaped_by_n
         store.reap_orphan("orphan-1", "orphan-1")
         assert client.hget(keys.hash, "suspect_since") is not None
     finally:
-        manager_of(app.extensions).close()
+        close(app)
+
+
+def test_closing_an_app_on_the_redis_store_ends_its_background_work(
+    redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    """``stageserver.close(app)`` stops the store's flusher, cancel listener, sweeper and
+    lease renewal, and its continuation probe: no stageserver thread is left, none starts
+    again, and the store answers StoreUnavailable (a 503) from then on."""
+    before = background_threads()
+    app = create_app(
+        {"STAGESERVER_UPSTREAM_URL": upstream.url, "STAGESERVER_STORE_URL": redis_server.url}
+    )
+    try:
+        client = app.test_client()
+        # A stage claimed: the leases' renewal starts too.
+        body = {"stage_id": "closing", "model_name": "fake", "user_prompt": "hi", "stream": False}
+        assert client.post("/chat", json=body).status_code == 200
+        running = {t.name for t in background_threads() - before}
+        assert {"stageserver-store-flush", "stageserver-store-cancel", "stageserver-store-sweep",
+                "stageserver-leases"} <= running  # fmt: skip
+    finally:
+        close(app)
+    assert sorted(t.name for t in background_threads() - before) == []
+    assert app.test_client().get("/stages/nothing-here").status_code == 503
+    close(app)  # again: nothing to do
+    assert sorted(t.name for t in background_threads() - before) == []
 
 
 def test_redis_is_reachable_while_every_loop_reaches_it_and_each_change_is_told_once() -> None:
@@ -281,6 +312,8 @@ def test_the_lease_keeper_outlives_a_renewal_that_raises(redis_server: RedisServ
     while counted.renewals < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     keeper.release(counted)
+    keeper.stop()  # its renewal loop ends: the test leaves no thread behind
+    batcher.close()
     assert counted.renewals >= 2
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 from ..sse import compact_json, encode_event
 from ..stages.chunk_read import ChunkRead
-from ..stages.dialect import Ending, register
+from ..stages.dialect import Ending
 from ..stages.records import ContinuationRecord
 from .errors import CANCELLED, OVERLOADED, error_body, status_of
 
@@ -119,6 +119,17 @@ class MessagesDialect:
             "params": self.params,
             "omit_thinking": self.omit_thinking,
         }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> MessagesDialect:
+        return cls(
+            str(record["stage_id"]),
+            str(record["model"]),
+            input_tokens=int(record["input_tokens"]),
+            stop_sequences=record["stop_sequences"],
+            params=record["params"],
+            omit_thinking=bool(record["omit_thinking"]),
+        )
 
     # -- events ---------------------------------------------------------------------------
 
@@ -399,16 +410,3 @@ def stop_sequence_of(payload: bytes, stop_sequences: Sequence[str]) -> str | Non
 def lost(stage_id: str, message: str) -> bytes:
     """The id-less ``error`` that ends one response which cannot follow its stage further."""
     return encode_event("error", compact_json(error_body(500, message)))
-
-
-register(
-    MessagesDialect.name,
-    lambda record: MessagesDialect(
-        str(record["stage_id"]),
-        str(record["model"]),
-        input_tokens=int(record["input_tokens"]),
-        stop_sequences=record["stop_sequences"],
-        params=record["params"],
-        omit_thinking=bool(record["omit_thinking"]),
-    ),
-)

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..sse import compact_json
 from ..stages.chunk_read import ChunkRead
-from ..stages.dialect import Ending, register
+from ..stages.dialect import Ending
 from ..stages.records import ContinuationRecord
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -65,6 +65,15 @@ class ChatCompletionsDialect:
             "include_usage": self.include_usage,
             "created": self.created,
         }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ChatCompletionsDialect:
+        return cls(
+            str(record["stage_id"]),
+            str(record["model"]),
+            include_usage=bool(record["include_usage"]),
+            created=int(record["created"]),
+        )
 
     def opening(self, seq: int) -> list[bytes]:
         return []
@@ -189,14 +198,3 @@ def openai_error(
 ) -> dict[str, Any]:
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-register(
-    ChatCompletionsDialect.name,
-    lambda record: ChatCompletionsDialect(
-        str(record["stage_id"]),
-        str(record["model"]),
-        include_usage=bool(record["include_usage"]),
-        created=int(record["created"]),
-    ),
-)

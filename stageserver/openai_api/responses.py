@@ -37,7 +37,7 @@ from typing import Any
 
 from ..sse import compact_json, encode_event
 from ..stages.chunk_read import ChunkRead
-from ..stages.dialect import Ending, register
+from ..stages.dialect import Ending
 from ..stages.records import ContinuationRecord
 from .chat import openai_error
 
@@ -116,6 +116,17 @@ class ResponsesDialect:
             "created_at": self.created_at,
             "message_params": list(self.message_params),
         }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ResponsesDialect:
+        return cls(
+            str(record["stage_id"]),
+            str(record["model"]),
+            record["echo"],
+            replayable=bool(record["replayable"]),
+            created_at=record["created_at"],
+            message_params=record.get("message_params", ()),
+        )
 
     # -- the Response ---------------------------------------------------------------------
 
@@ -553,16 +564,3 @@ def _bytes_of(token: Mapping[str, Any]) -> list[int]:
         return given
     text = token.get("token")
     return list(text.encode()) if isinstance(text, str) else []
-
-
-register(
-    ResponsesDialect.name,
-    lambda record: ResponsesDialect(
-        str(record["stage_id"]),
-        str(record["model"]),
-        record["echo"],
-        replayable=bool(record["replayable"]),
-        created_at=record["created_at"],
-        message_params=record.get("message_params", ()),
-    ),
-)

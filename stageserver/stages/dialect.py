@@ -11,17 +11,18 @@ output item once). Every method returns the events it renders, each a complete S
 each takes one sequence number of the log, in order, from the ``seq`` it is given.
 
 Another host may need to end a stage whose owner died, or to take it over: ``record()`` is
-what it needs to make the same dialect again (``dialect_of``), written with the stage's
-record in the shared store; ``resume_at`` then brings it to where the log stands, and
-gives the events of its opening that the log lacks (its owner died before they were
-durable): every stream starts with its opening, whoever wrote the rest.
+what it needs to make the same dialect again (``Dialects.of``, from the dialects the
+stage manager was given), written with the stage's record in the shared store;
+``resume_at`` then brings it to where the log stands, and gives the events of its opening
+that the log lacks (its owner died before they were durable): every stream starts with
+its opening, whoever wrote the rest.
 An answer continued after a failure (``upstream/continuation.py``) is one answer: a
 dialect marks the seam (``continued``) only where its clients expect to be told.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,11 +45,11 @@ class Ending:
 
 
 class Dialect(Protocol):
-    #: The dialect's name: a label in /metrics and the logs, and the key of ``dialect_of``.
+    #: The dialect's name: a label in /metrics and the logs, and the key of ``Dialects.of``.
     name: str
 
     def record(self) -> dict[str, Any]:
-        """What makes this dialect again elsewhere (JSON): ``dialect_of(record)``."""
+        """What makes this dialect again elsewhere (JSON): ``Dialects.of(record)``."""
 
     def opening(self, seq: int) -> list[bytes]:
         """The events that open the stream, before any chunk."""
@@ -62,7 +63,7 @@ class Dialect(Protocol):
         none: the chunks go on as if nothing happened."""
 
     def resume(self, text: str) -> None:
-        """The dialect was made again (``dialect_of``) for a stage taken over, whose log
+        """The dialect was made again (``Dialects.of``) for a stage taken over, whose log
         holds its opening and at least one chunk's events, those of ``text`` (the answer
         so far). Called through ``resume_at`` only."""
 
@@ -92,16 +93,46 @@ def resume_at(dialect: Dialect, held: int, text: str) -> list[bytes]:
     return opening[held:]
 
 
-_FACTORIES: dict[str, Callable[[Mapping[str, Any]], Dialect]] = {}
+class DialectKind(Protocol):
+    """A dialect's class, as ``Dialects`` holds it: its name, and how a dialect of it is
+    made again from its ``record()``."""
+
+    @property
+    def name(self) -> str: ...
+
+    def from_record(self, record: Mapping[str, Any]) -> Dialect:
+        """The dialect ``record`` describes (``Dialect.record``). Raises KeyError,
+        TypeError or ValueError for a record it cannot read."""
 
 
-def register(name: str, factory: Callable[[Mapping[str, Any]], Dialect]) -> None:
-    """Make ``dialect_of`` know the dialect ``name``: each dialect's module registers its
-    own, once, when it is imported."""
-    _FACTORIES[name] = factory
+class Dialects:
+    """The dialects a stage manager knows, by name: the ones whose stages it can take
+    over, end for a worker that died, or read back from the store (``of``).
 
+    It is given to the manager explicitly (``StageManager(..., dialects=...)``;
+    ``stageserver.dialects.DIALECTS`` holds every dialect stageserver speaks), never
+    filled by importing a module: a process knows the dialects it was given, whatever it
+    imported, so any worker can take over a stage of any of them."""
 
-def dialect_of(record: Mapping[str, Any]) -> Dialect:
-    """The dialect a ``record()`` describes. Raises LookupError for one this process does
-    not know (its module was never imported)."""
-    return _FACTORIES[str(record["name"])](record)
+    def __init__(self, kinds: Iterable[DialectKind]) -> None:
+        self._kinds: dict[str, DialectKind] = {}
+        for kind in kinds:
+            if kind.name in self._kinds:
+                raise ValueError(f"two dialects are named {kind.name!r}")
+            self._kinds[kind.name] = kind
+
+    def names(self) -> list[str]:
+        return list(self._kinds)
+
+    def of(self, record: Mapping[str, Any]) -> Dialect:
+        """The dialect a ``record()`` describes. Raises LookupError for one this set does
+        not hold, naming the ones it does; KeyError, TypeError or ValueError for a record
+        its dialect cannot read."""
+        name = str(record["name"])
+        kind = self._kinds.get(name)
+        if kind is None:
+            raise LookupError(
+                f"no dialect {name!r} among this stage manager's ({', '.join(self._kinds)}); "
+                "give it in StageManager(dialects=...)"
+            )
+        return kind.from_record(record)

@@ -25,11 +25,12 @@ it really received.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ..sse import compact_json, encode_event
 from .chunk_read import ChunkRead
-from .dialect import Ending, register
+from .dialect import Ending
 from .records import ContinuationRecord
 
 CHUNK_EVENT = "chat_completion_chunk"
@@ -52,6 +53,10 @@ class SeedDialect:
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "stage_id": self.stage_id}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> SeedDialect:
+        return cls(str(record["stage_id"]))
 
     def opening(self, seq: int) -> list[bytes]:
         return []
@@ -118,9 +123,6 @@ def _terminal_data(ending: Ending) -> dict[str, Any]:
     if ending.status == "cancelled":
         return {"reason": ending.reason, "usage": ending.usage}
     return {"usage": ending.usage}
-
-
-register(SeedDialect.name, lambda record: SeedDialect(str(record["stage_id"])))
 
 
 def seq_of(event_id: str, stage_id: str) -> int | None:

@@ -98,7 +98,7 @@ class SpecRecord:
 @dataclass(frozen=True)
 class StageRecord:
     """A stage's request, as another host reads it from the shared store: its dialect's
-    record (``Dialect.record``, from which ``dialect_of`` makes it again), its
+    record (``Dialect.record``, from which ``Dialects.of`` makes it again), its
     conversation, and its spec. ``to_json`` is what the store keeps; ``from_json`` raises
     KeyError, TypeError or ValueError for a record it cannot read."""
 

@@ -1,8 +1,10 @@
 """The shared stage store in Redis (``STAGESERVER_STORE_URL``): stages of other
 workers and hosts, found, followed, cancelled and taken over.
 
-``mirror.py`` is the store as the manager and a stage see it (``RedisStageStore``, a
-listener), a facade over its parts:
+``stage_store.py`` is the seam the stage manager holds (``StageStore``), with the store of
+a process alone beside it (``LocalStore``). ``mirror.py`` is the store in Redis as the
+manager and a stage see it (``RedisStageStore``, a ``StageStore`` and so a listener), a
+facade over its parts:
 
 - ``flusher.py`` writes the stages of this process to Redis, in batches, and publishes
   what it wrote;
@@ -11,7 +13,8 @@ listener), a facade over its parts:
 - ``cancels.py`` is the cancel channel, both sides; ``idempotency.py`` the idempotency
   keys;
 - ``reader.py`` reads stages of other processes, and only reads; ``remote_feed.py``
-  follows their events;
+  follows their events; ``stored.py`` is one of them as a request sees it
+  (``StoredStage``, a ``StageHandle``);
 - ``leases.py`` renews what a worker holds while it lives; ``retention.py`` says how
   long a stage is kept after its end;
 - ``scripts.py`` holds the Lua scripts (on a stage's keys, and the admission on a

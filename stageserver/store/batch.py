@@ -106,6 +106,11 @@ class Batcher:
         self.breaks = 0
         self._slot_map: object = None
 
+    def close(self) -> None:
+        """Close its connections, and its client's: it is not used again."""
+        _disconnect_all(self._idle)
+        self.client.close()
+
     # -- nodes -------------------------------------------------------------------------
 
     def refresh(self) -> None:

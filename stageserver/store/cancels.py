@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..concurrency import Task
+from ..concurrency import Task, stop_task
 from .batch import Batcher
 from .connection import STORE_ERRORS, store_errors
 from .keys import CANCEL_CHANNEL
@@ -39,10 +39,16 @@ class CancelChannel:
         self._reader = reader
         self._cancel_here = cancel_here
         self._listener: Task | None = None
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         """Start this process's listener: once per process, not per stage."""
         self._listener = Task(self._listen_forever, name="stageserver-store-cancel")
+
+    def stop(self) -> None:
+        """Stop the listener (the store is closed): it ends within a second, at its next
+        look, and closes its connection."""
+        stop_task(self._stopping, self._listener)
 
     def request(self, stage_key: str, stage_id: str, reason: str) -> None:
         """Ask the worker running the stage to cancel it. Raises UnknownStage, or
@@ -54,26 +60,32 @@ class CancelChannel:
             )
 
     def _listen_forever(self) -> None:
-        """Cancels published by other workers, for stages that run here. Reconnects."""
-        while True:
+        """Cancels published by other workers, for stages that run here. Reconnects, until
+        it is stopped."""
+        stopping = self._stopping
+        while not stopping.is_set():
             pubsub = None
             try:
                 pubsub = self._batcher().client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CANCEL_CHANNEL)
-                while True:
+                while not stopping.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
                         payload = json.loads(message["data"])
                         self._cancel_here(payload["key"], payload["reason"])
+                _close(pubsub)
             except (*STORE_ERRORS, ValueError) as exc:
                 _close(pubsub)  # its socket, before the next one is opened
+                if stopping.is_set():
+                    return
                 log.warning("stage store cancel listener: %s; reconnecting in 1 s", exc)
-                time.sleep(1.0)
+                if stopping.wait(1.0):
+                    return
                 self._batcher().refresh()  # its node may have failed over
             except Exception:  # a message it cannot read: the listener outlives it
                 _close(pubsub)
                 log.exception("stage store cancel listener failed; reconnecting in 1 s")
-                time.sleep(1.0)
+                stopping.wait(1.0)
 
 
 def _close(pubsub: Any) -> None:

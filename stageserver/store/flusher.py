@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..concurrency import Task
+from ..concurrency import Task, stop_task
 from ..errors import LeaseLost
 from ..stages.stage import Stage
 from ..stages.status import StageStatus
@@ -193,6 +193,7 @@ class Flusher:
         self._mirrors: dict[Stage, Mirror] = {}
         self._wake = threading.Event()  # a gevent event where threading is patched
         self._task: Task | None = None
+        self._stopping = threading.Event()
         self._failing = False
 
     @property
@@ -202,6 +203,11 @@ class Flusher:
     def start(self) -> None:
         """Start this process's flusher: once per process, not per stage."""
         self._task = Task(self._flush_forever, name="stageserver-store-flush")
+
+    def stop(self) -> None:
+        """Stop the flusher (the store is closed): it finishes the write it has begun,
+        and writes nothing more."""
+        stop_task(self._stopping, self._task, self._wake)
 
     def forget(self) -> None:
         """In a forked child: its parent's stages are none of its own."""
@@ -250,7 +256,7 @@ class Flusher:
         """Write the stage's end (or hand-off) now, before any client can read it, so that
         its id is free on every host when one does; whether it was written. While Redis
         fails, the flusher writes it later."""
-        if self._failing or stage not in self._mirrors:
+        if self._failing or self._stopping.is_set() or stage not in self._mirrors:
             return False
         since = self._dirty.pop(stage, time.monotonic())
         try:
@@ -285,8 +291,12 @@ class Flusher:
     # -- the flusher ---------------------------------------------------------------------
 
     def _flush_forever(self) -> None:
-        while True:
+        # Stopped at the top of a round: ``stop`` sets the flag before it wakes the
+        # flusher, so a wake cleared in a round that had begun is followed by that check.
+        while not self._stopping.is_set():
             self._wake.wait()
+            if self._stopping.is_set():
+                return
             time.sleep(self.flush_window)
             self._wake.clear()
             batch, self._dirty = self._dirty, {}
@@ -298,7 +308,7 @@ class Flusher:
             if again:
                 for stage, since in again.items():
                     self._dirty.setdefault(stage, since)
-                time.sleep(_RETRY_DELAY)
+                self._stopping.wait(_RETRY_DELAY)
                 self._wake.set()
 
     def _flush(self, batch: dict[Stage, float]) -> dict[Stage, float]:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..concurrency import Task
+from ..concurrency import Task, stop_task
 from .batch import Batcher, Command
 
 log = logging.getLogger("stageserver.leases")
@@ -42,21 +41,25 @@ class LeaseKeeper:
         self._held: dict[int, Lease] = {}
         self._task: Task | None = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._failing = False
 
     def hold(self, lease: Lease) -> None:
         with self._lock:
             self._held[id(lease)] = lease
-            if self._task is None:
+            if self._task is None and not self._stopping.is_set():
                 self._task = Task(self._renew_forever, name="stageserver-leases")
 
     def release(self, lease: Lease) -> None:
         with self._lock:
             self._held.pop(id(lease), None)
 
+    def stop(self) -> None:
+        """Stop renewing (the store is closed): what this worker holds lapses by itself."""
+        stop_task(self._stopping, self._task)
+
     def _renew_forever(self) -> None:
-        while True:
-            time.sleep(self.lease_seconds / 3)
+        while not self._stopping.wait(self.lease_seconds / 3):
             with self._lock:
                 held = list(self._held.values())
             if held:

@@ -6,7 +6,7 @@ Redis is a mirror, so that any worker can answer for it (``reader.py``, and
 ``remote_feed.py`` for its events). Its keys, and what each holds: ``keys.py``.
 
 A stage outlives its worker: when its lease lapses, or its worker hands it off as it
-drains, any live worker takes it over (``takeover.py``; ``manager.StageManager.adopt``)
+drains, any live worker takes it over (``takeover.py``; ``manager.takeover.Takeovers.adopt``)
 and continues its answer from what Redis holds: its record (the request), its log, and
 its text, which the log's entries carry with their events, so that the text always
 matches an index of the log. For that, a client never reads an event before Redis holds
@@ -15,21 +15,23 @@ and no client can have seen what a taker would not continue from. While Redis ca
 written, the stage publishes at once instead: an outage stops no stream, at the price of
 that guarantee until the mirror has caught up.
 
-``RedisStageStore`` is the last of a stage's listeners (see manager.py): it claims a
-stage, mirrors its events, and writes its end before any client reads it. Its parts, one
-concern each:
+``RedisStageStore`` is a ``StageStore`` (``stage_store.py``, the seam the manager holds),
+and so the last of a stage's listeners (see manager/): it claims a stage, mirrors its
+events, and writes its end before any client reads it. Its parts, one concern each:
 
 - ``flusher.py``: the stages of this process, written in batches, fenced, published;
 - ``takeover.py``: the claim, the takeover, the handoff, the sweeper, and the end of a
   stage whose owner died (``reap_orphan``);
 - ``cancels.py``: the cancel channel, both sides;
 - ``idempotency.py``: idempotency keys;
-- ``reader.py`` and ``remote_feed.py``: the stages of other processes, read;
+- ``reader.py`` and ``remote_feed.py``: the stages of other processes, read; ``stored.py``:
+  one of them as a request sees it (a ``StageHandle``);
 - ``leases.py``: what this worker holds while it lives, renewed together.
 
 Each process has its own connection, batcher and tasks (the flusher, the cancel
-listener, the sweeper), made on first use in that process: a worker forked after the
-app was made has none of its parent's.
+listener, the sweeper, the leases' renewal), made on first use in that process: a worker
+forked after the app was made has none of its parent's. ``close`` stops them, and closes
+the connections: the app's background work ends with the app.
 """
 
 from __future__ import annotations
@@ -41,26 +43,34 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import StoreUnavailable
-from ..stages.feeds import RefusedFeed
+from ..stages.dialect import Dialects
+from ..stages.feeds import EventFeed
+from ..stages.handle import StageHandle
 from ..stages.records import ContinuationRecord
-from ..stages.stage import Stage, StageListener
+from ..stages.stage import Stage
 from ..stages.status import StageStatus
 from . import remote_feed, scripts
 from .batch import Batcher
 from .cancels import CancelChannel
-from .connection import Reachability, connect, owner_name, refuse_a_cluster_node, store_errors
+from .connection import Reachability, connect, refuse_a_cluster_node, store_errors
 from .flusher import DEFAULT_FLUSH_WINDOW, Flusher
 from .idempotency import IdempotencyKeys
 from .keys import stage_keys
 from .leases import LeaseKeeper
 from .reader import StoreReader
 from .retention import Retention
-from .takeover import Claim, Ownership
+from .stage_store import Claim, StageStore
+from .stored import StoredStage
+from .takeover import Ownership
 
 log = logging.getLogger("stageserver.store")
 
 
-class RedisStageStore(StageListener):
+class RedisStageStore(StageStore):
+    """Stages shared by every worker and host through Redis (the module docstring)."""
+
+    gated = True
+
     def __init__(
         self,
         url: str,
@@ -71,21 +81,25 @@ class RedisStageStore(StageListener):
         lease_seconds: float,
         cancel_here: Callable[[str, str], None],
         adopt: Callable[[str], bool] | None = None,
+        dialects: Dialects,
         flush_window: float = DEFAULT_FLUSH_WINDOW,
         on_written: Callable[[float], None] | None = None,
         on_reachable: Callable[[bool], None] | None = None,
     ) -> None:
         """``cancel_here(key, reason)`` cancels a stage of this process for a request made
         elsewhere: the cancel listener calls it. ``adopt(key)`` tries to take over the
-        orphaned stage with that key (``manager.StageManager.adopt``); whether it, or
-        another, has. ``flush_window``: how long the flusher gathers writes into one round
-        trip. ``on_written(seconds)``: told, for each write, how long the oldest event in
-        it waited to be durable (an upper bound for every event it carried).
+        orphaned stage with that key (``manager.takeover.Takeovers.adopt``); whether it, or
+        another, has. ``dialects``: those it can end a stage in, for a worker that died
+        (``takeover.Ownership.reap_orphan``). ``flush_window``: how long the flusher
+        gathers writes into one round trip. ``on_written(seconds)``: told, for each
+        write, how long the oldest event in it waited to be durable (an upper bound for
+        every event it carried).
         ``on_reachable(reachable)``: told when Redis stops or starts answering this
         process, as its flusher's writes and its sweeper's looks find it."""
         self.url = url
         self._batcher: Batcher | None = None
         self._lock = threading.Lock()
+        self._closed = False
         batcher = self._batcher_of_this_process
         retention = Retention(int(ttl_seconds * 1000), int(event_ttl_seconds * 1000))
         reachability = Reachability(on_reachable)
@@ -94,7 +108,7 @@ class RedisStageStore(StageListener):
         self.flusher = Flusher(
             batcher, self.leases, retention, max_events, reachability, flush_window, on_written
         )
-        self.ownership = Ownership(batcher, self.leases, retention, reachability, adopt)
+        self.ownership = Ownership(batcher, self.leases, retention, reachability, dialects, adopt)
         self.cancels = CancelChannel(batcher, self.reader, cancel_here)
         self.idempotency = IdempotencyKeys(batcher)
 
@@ -105,13 +119,16 @@ class RedisStageStore(StageListener):
         """This process's client, in its batcher. The first use in a process (a worker
         forked after the app was made has its own) connects, and starts the process's
         flusher, cancel listener and sweeper: once per process, not per stage. Raises
-        StoreUnavailable when a cluster cannot be reached to learn its slots."""
+        StoreUnavailable when a cluster cannot be reached to learn its slots, or once the
+        store is closed."""
         batcher = self._batcher
         if batcher is None:
             with self._lock:
+                if self._closed:
+                    raise StoreUnavailable("this app's stage store was closed")
                 if self._batcher is None:
                     self._start_in_this_process()
-            batcher = self._batcher
+                batcher = self._batcher
             assert batcher is not None
         return batcher
 
@@ -122,11 +139,6 @@ class RedisStageStore(StageListener):
     def redis(self) -> Any:
         """This process's redis-py client (Any: redis-py types its results loosely)."""
         return self.batcher.client
-
-    @property
-    def owner(self) -> str:
-        """This worker, as the owner of the stages it runs (``host:pid``)."""
-        return owner_name()
 
     def start(self) -> None:
         """Start this process's tasks now: a worker that serves nothing yet still takes
@@ -152,6 +164,18 @@ class RedisStageStore(StageListener):
         self._batcher = None
         self.flusher.forget()
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop this process's tasks (each ends its loop; the flusher finishes the write
+        it has begun), then close the connections. Nothing starts them again: the store
+        answers StoreUnavailable from now on."""
+        with self._lock:
+            self._closed = True
+            batcher, self._batcher = self._batcher, None
+        for part in (self.ownership, self.cancels, self.flusher, self.leases):
+            part.stop()
+        if batcher is not None:
+            batcher.close()
 
     # -- a stage of this process: the listener ------------------------------------------
 
@@ -180,7 +204,33 @@ class RedisStageStore(StageListener):
         if written and stage.status == StageStatus.HANDED_OFF and self.flusher.let_go(stage):
             self.ownership.release_claim(stage.key, stage.instance)
 
+    def watched_elsewhere(self, key: str) -> bool:
+        """Whether a response in some worker follows the stage through the store."""
+        return self.reader.watchers(key) > 0
+
+    def can_hand_off(self, stage: Stage) -> bool:
+        return True  # any live worker takes it over (takeover.py)
+
+    def earlier_events(self, stage: Stage, after_seq: int) -> EventFeed | None:
+        """From the stage's log in Redis, which holds what came before its takeover."""
+        return remote_feed.feed(
+            self._batcher_of_this_process, self.ownership, stage.key, stage.stage_id, after_seq
+        )
+
+    def first_kept(self, stage: Stage) -> int:
+        first = stage.first_kept_seq
+        return min(first, self.reader.first_kept(stage.key)) if first > 0 else first
+
     # -- a stage of any process -----------------------------------------------------------
+
+    def find(self, key: str, stage_id: str) -> StageHandle:
+        return StoredStage(
+            self._batcher_of_this_process, self.reader, self.ownership, self.cancels, key, stage_id
+        )
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        """See ``reader.StoreReader.record``."""
+        return self.reader.record(key)
 
     def take_over(self, key: str, instance: str) -> Claim | None:
         """See ``takeover.Ownership.take_over``."""
@@ -193,22 +243,6 @@ class RedisStageStore(StageListener):
     def reap_orphan(self, stage_key: str, stage_id: str) -> None:
         """See ``takeover.Ownership.reap_orphan``: asked before a status or a cancel."""
         self.ownership.reap_orphan(stage_key, stage_id)
-
-    def feed(
-        self, stage_key: str, stage_id: str, after_seq: int
-    ) -> remote_feed.RemoteFeed | RefusedFeed | None:
-        """See ``remote_feed.feed``."""
-        return remote_feed.feed(
-            self._batcher_of_this_process, self.ownership, stage_key, stage_id, after_seq
-        )
-
-    def request_cancel(self, stage_key: str, stage_id: str, reason: str) -> None:
-        """See ``cancels.CancelChannel.request``."""
-        self.cancels.request(stage_key, stage_id, reason)
-
-    def watched_elsewhere(self, key: str) -> bool:
-        """Whether a response in some worker follows the stage through the store."""
-        return self.reader.watchers(key) > 0
 
     def forget(self, key: str) -> None:
         """Delete a finished stage's keys: every host forgets it. Raises StoreUnavailable."""

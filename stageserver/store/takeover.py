@@ -11,7 +11,7 @@ the end of a stage nobody can take over.
   log fences the old owner (entries.py); at once for a stage handed off. Half a lease
   leaves an owner that was only cut off from Redis the time to take its lease back. The
   taker continues the answer from what Redis holds (``Claim``: its record, its log's
-  length, its text; ``manager.StageManager.adopt``).
+  length, its text; ``manager.takeover.Takeovers.adopt``).
 - the sweeper: every quarter of a lease, each worker tries to take over the stages of the
   running index whose lease ran out, so that an orphan is claimed within two leases of
   its owner's last renewal, whether or not anyone follows it.
@@ -29,14 +29,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from ..concurrency import Task
+from ..concurrency import Task, stop_task
 from ..errors import StageConflict, StoreUnavailable
-from ..stages.dialect import Ending, dialect_of, resume_at
+from ..stages.dialect import Dialects, Ending, resume_at
 from ..stages.events import SeedDialect
 from ..stages.stage import Stage
 from ..stages.usage import final_usage
@@ -46,22 +46,9 @@ from .connection import STORE_ERRORS, Reachability, owner_name, store_errors
 from .keys import RUNNING_INDEX, StageKeys, stage_keys
 from .leases import LeaseKeeper
 from .retention import Retention
+from .stage_store import Claim
 
 log = logging.getLogger("stageserver.store")
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A stage taken over (``Ownership.take_over``): what Redis holds of it."""
-
-    epoch: int
-    held: int  # events in its log
-    record: dict[str, Any]
-    text: str
-    content_chunks: int
-    owner: str  # the worker that ran it
-    handed_off: bool  # its worker drained, rather than died
-    summary: dict[str, Any]  # as its owner last wrote it
 
 
 class Ownership:
@@ -71,18 +58,22 @@ class Ownership:
         leases: LeaseKeeper,
         retention: Retention,
         reachability: Reachability,
+        dialects: Dialects,
         adopt: Callable[[str], bool] | None = None,
     ) -> None:
         """``batcher``: gives this process's. ``reachability``: told whether each of the
-        sweeper's looks reached Redis. ``adopt(key)`` tries to take over the orphaned
-        stage with that key (``manager.StageManager.adopt``); whether it, or another,
-        has. Without it, this worker takes nothing over, and ends an orphan."""
+        sweeper's looks reached Redis. ``dialects``: those it ends an orphan in.
+        ``adopt(key)`` tries to take over the orphaned stage with that key
+        (``manager.takeover.Takeovers.adopt``); whether it, or another, has. Without it, this
+        worker takes nothing over, and ends an orphan."""
         self._batcher = batcher
         self.leases = leases
         self.retention = retention
         self._reachability = reachability
+        self._dialects = dialects
         self._adopt = adopt
         self._sweeper: Task | None = None
+        self._stopping = threading.Event()
 
     @property
     def redis(self) -> Any:
@@ -153,6 +144,7 @@ class Ownership:
             text=text,
             content_chunks=chunks,
             owner=bytes(owner).decode(),
+            taker=owner_name(),
             handed_off=bool(handoff),
             summary=json.loads(summary),
         )
@@ -176,12 +168,15 @@ class Ownership:
         if self._adopt is not None:
             self._sweeper = Task(self._adopt_orphans_forever, name="stageserver-store-sweep")
 
+    def stop(self) -> None:
+        """Stop the sweeper (the store is closed): it ends before its next look."""
+        stop_task(self._stopping, self._sweeper)
+
     def _adopt_orphans_forever(self) -> None:
         """Every quarter of a lease: try to take over the stages whose lease ran out, or
         that a draining worker let go (``TAKE_OVER``: half a lease in doubt first)."""
         assert self._adopt is not None
-        while True:
-            time.sleep(self.leases.lease_seconds / 4)
+        while not self._stopping.wait(self.leases.lease_seconds / 4):
             try:
                 due = int(time.time() * 1000)
                 keys = self.redis.zrangebyscore(RUNNING_INDEX, "-inf", due, start=0, num=50)
@@ -237,7 +232,9 @@ class Ownership:
         usage = final_usage(None, int(prompt or 0), held)
         ending = Ending("error", usage, text=text, error=message)
         # A stage claimed by a worker from before dialects has no record: it is the seed's.
-        dialect = dialect_of(json.loads(record)["dialect"]) if record else SeedDialect(stage_id)
+        dialect = (
+            self._dialects.of(json.loads(record)["dialect"]) if record else SeedDialect(stage_id)
+        )
         # Its owner may have died before its opening was durable: the opening comes first.
         wires = resume_at(dialect, held, text)
         wires += dialect.ending(held + len(wires), ending)

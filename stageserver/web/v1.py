@@ -33,12 +33,12 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from ..errors import EventsExpired, InvalidRequest, StageFinished, UnknownStage
-from ..manager import LocalStage, StartedStage, StoredStage
+from ..manager.handles import StartedStage
 from ..openai_api.chat import ChatCompletionsDialect, openai_error
 from ..openai_api.requests import ChatCompletionRequest, ResponseRequest, validated
 from ..openai_api.responses import ResponsesDialect, refused_request
 from ..sse import compact_json
-from ..stages.dialect import dialect_of
+from ..stages.handle import StageHandle
 from ..stages.spec import StageRequest
 from ..stream import Framing, event_stream
 from . import context
@@ -235,7 +235,7 @@ def _previous_conversation(response_id: str | None) -> list[dict[str, Any]]:
     return messages
 
 
-def _response(response_id: str) -> LocalStage | StoredStage:
+def _response(response_id: str) -> StageHandle:
     """The caller's response with this id; UnknownStage (404) for any other id, another
     principal's included, and for a stage that is not a response."""
     if not _RESPONSE_ID.fullmatch(response_id):
@@ -246,16 +246,16 @@ def _response(response_id: str) -> LocalStage | StoredStage:
     return found
 
 
-def _as_it_stands(found: LocalStage | StoredStage) -> dict[str, Any]:
+def _as_it_stands(found: StageHandle) -> dict[str, Any]:
     """The Response: its final one once it has ended, else as far as it has come."""
     answer = found.answer()
     if answer is not None:
         return answer[0]
-    if isinstance(found, LocalStage):
-        dialect = found.stage.dialect
+    dialect = found.live_dialect()
+    if dialect is not None:  # it runs here: its Response so far, items and all
         assert isinstance(dialect, ResponsesDialect)  # _response() found a response
         return dialect.response("in_progress")
-    stored = dialect_of(found.record().dialect)
+    stored = context.manager().dialects.of(found.record().dialect)
     assert isinstance(stored, ResponsesDialect)
     return stored.in_progress(str(found.summary().get("text") or ""))
 
@@ -315,7 +315,7 @@ def delete_response(response_id: str) -> Response:
     return _answer({"id": response_id, "object": "response", "deleted": True}, 200, response_id)
 
 
-def _stop(found: LocalStage | StoredStage) -> None:
+def _stop(found: StageHandle) -> None:
     """Cancel the response wherever it runs, and wait a little for its end: idempotent."""
     try:
         found.cancel("cancelled by request")
