@@ -273,6 +273,10 @@ class StageStatus(BaseModel):
         description="Each time its answer was continued after a failure (an upstream cut "
         "it, its worker died or drained), or could not be."
     )
+    continuable: bool = Field(
+        description="False once its answer has streamed tool calls or reasoning: no "
+        "continuation extends such an answer, on this worker or one that takes it over."
+    )
     gap: str | None = Field(
         default=None,
         description="Only when the shared store lost events of the stage that it could not "

@@ -186,6 +186,51 @@ def test_a_watcher_on_another_host_gets_the_whole_answer_once_when_its_host_dies
     assert continuations(b) == counted + 1
 
 
+def test_an_answer_with_reasoning_is_not_continued_by_the_host_that_takes_it_over(
+    trailing: FakeUpstream,
+    redis_server: RedisServer,
+    survivor: Gunicorn,
+    start_host: Callable[[dict[str, str]], Gunicorn],
+) -> None:
+    """As on its own worker (test_continuation), an answer that streamed reasoning is not
+    continued after its worker died: its taker reads that from the store, and ends it with
+    the refusal, instead of continuing the text as if there had been no reasoning."""
+    a, b = start_host(host_env(trailing, redis_server)), survivor
+    stage_id = "t-think"
+    stream = post_chat(
+        a.url,
+        stage_id=stage_id,
+        model_name=SLOW + "&reasoning=3",
+        resumable=True,
+        headers={"X-Request-ID": stage_id},
+        open=True,
+    )
+    stream.read_until(b'"content":"tok2 "')
+    assert stage_status(a.url, stage_id)["continuable"] is False
+    kill_host(a)
+    got_on_a = with_ids(read_rest(stream))
+
+    rest = requests.get(
+        f"{b.url}/stages/{stage_id}/events",
+        headers={"Last-Event-ID": got_on_a[-1]["id"]},
+        timeout=30,
+    )
+    assert rest.status_code == 200
+    [end] = terminal(parse_events(rest.content))
+    refusal = "it streamed tool calls or reasoning, which a continuation cannot extend"
+    assert end["event"] == "error"
+    assert refusal in end["data"]["error"]
+    assert len(seen(trailing, stage_id)) == 1  # no continuation was asked of the upstream
+    status = stage_status(b.url, stage_id)
+    assert (status["status"], status["continuable"]) == ("error", False)
+    [record] = status["continuations"]
+    assert (record["reason"], record["outcome"], record["error"]) == (
+        "owner_lost",
+        "refused",
+        refusal,
+    )
+
+
 def test_a_background_response_of_a_dead_host_completes_on_another(
     trailing: FakeUpstream,
     redis_server: RedisServer,

@@ -131,6 +131,7 @@ class Takeovers:
             continuations=tuple(ContinuationRecord(**c) for c in earlier),
             from_owner=claim.owner,
             created_at=spec.started_at,
+            continuable=claim.summary.get("continuable", True) is not False,
         )
         return maker.stage(
             stage_spec,

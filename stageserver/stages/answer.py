@@ -22,9 +22,10 @@ class Answer:
         "continuable", "_earlier_usage", "_segment_start",
     )  # fmt: skip
 
-    def __init__(self, text: str = "", content_chunks: int = 0) -> None:
+    def __init__(self, text: str = "", content_chunks: int = 0, continuable: bool = True) -> None:
         """An answer that starts from ``text``, delivered in ``content_chunks`` chunks (by
-        the worker a stage was taken over from; nothing for a new stage)."""
+        the worker a stage was taken over from; nothing for a new stage), which that
+        worker found ``continuable`` or not."""
         #: The text, in the pieces it came in (the store writes the new ones).
         self.text_parts: list[str] = [text] if text else []
         self.content_chunks = content_chunks
@@ -34,7 +35,7 @@ class Answer:
         #: The upstream's report for this segment, while it runs.
         self.usage: dict[str, Any] | None = None
         #: False once it streamed tool calls or reasoning: such an answer is not continued.
-        self.continuable = True
+        self.continuable = continuable
         self._earlier_usage: dict[str, Any] | None = None  # the segments' before this one
         self._segment_start = 0  # the content chunks before this segment
 

@@ -68,7 +68,8 @@ class StageRequest:
 @dataclass(frozen=True)
 class Takeover:
     """What a stage taken over from another worker starts from: its log's length, the
-    text and content chunks that log holds, and its earlier continuations."""
+    text and content chunks that log holds, its earlier continuations, and whether its
+    answer may be continued."""
 
     next_seq: int
     text: str
@@ -77,6 +78,8 @@ class Takeover:
     from_owner: str = ""
     #: When the stage was started, by its first worker (``time.time()``); 0: unknown.
     created_at: float = 0.0
+    #: False: its answer streamed tool calls or reasoning, which no continuation extends.
+    continuable: bool = True
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,10 @@ class StageListener:
       never waiting on anything.
     - ``on_continue(stage, record)``: the answer was continued, or could not be
       (``record.outcome``); with ``ok``, before the marker's events are added.
+    - ``on_not_continuable(stage)``: the answer has streamed tool calls or reasoning,
+      which no continuation can extend: a worker that takes the stage over must not
+      continue it either. Called once, in the relay's greenlet, before that chunk's
+      ``on_event``.
     - ``on_finish(stage)``: the stage has its terminal status and event. Called once; no
       client reads that event (nor is its ``on_event`` called) before every listener's
       ``on_finish`` has returned, even one that waits on I/O. One that raises is logged
@@ -64,6 +68,9 @@ class StageListener:
         pass
 
     def on_continue(self, stage: Stage, record: ContinuationRecord) -> None:
+        pass
+
+    def on_not_continuable(self, stage: Stage) -> None:
         pass
 
     def on_finish(self, stage: Stage) -> None:
@@ -165,7 +172,7 @@ class Stage:
         if takeover is not None:
             self._log.start_at(takeover.next_seq)
             # Its segment so far is what its earlier workers delivered: its usage counts it.
-            self._answer = Answer(takeover.text, takeover.content_chunks)
+            self._answer = Answer(takeover.text, takeover.content_chunks, takeover.continuable)
             self.continuations = list(takeover.continuations)
             self._lacked = resume_at(self.dialect, takeover.next_seq, takeover.text)
             self.created_at = takeover.created_at or self.created_at
@@ -263,6 +270,7 @@ class Stage:
             "duration_seconds": self.duration_seconds,
             "attempts": [vars(a) for a in self.attempts],
             "continuations": [vars(c) for c in self.continuations],
+            "continuable": self.continuable,
         }
 
     # -- what the relay tells it ---------------------------------------------------------
@@ -276,7 +284,11 @@ class Stage:
 
     def append_chunk(self, payload: bytes, read: ChunkRead) -> None:
         """One upstream chunk: its JSON ``payload`` as sent, and what it says."""
+        continuable = self._answer.continuable
         self._answer.take(read)
+        if continuable and not self._answer.continuable:
+            for listener in self._listeners:
+                listener.on_not_continuable(self)
         if self.first_token_seconds is None:
             self.first_token_seconds = time.monotonic() - self.started
         for wire in self.dialect.chunk(self._log.next_seq, payload, read):

@@ -196,6 +196,9 @@ class RedisStageStore(StageStore):
     def on_continue(self, stage: Stage, record: ContinuationRecord) -> None:
         self.flusher.resummarize(stage)  # its status lists its continuations
 
+    def on_not_continuable(self, stage: Stage) -> None:
+        self.flusher.resummarize(stage)  # its taker must not continue it
+
     def on_finish(self, stage: Stage) -> None:
         """Write the end now, before any client can read it, so that its id is free on
         every host when one does. While Redis fails, the flusher writes it later. A stage
