@@ -4,7 +4,9 @@ events, and published to their clients once written.
 Writes are batched and cost one command per stage: for each event the relay only marks
 its stage dirty, and one flusher per process writes every dirty stage's new events a
 flush window later (``STAGESERVER_STORE_FLUSH_WINDOW_SECONDS``), in one round trip per
-Redis node (``batch.py``). A stage's share is one plain ``XADD`` that reads nothing: its
+Redis node (``batch.py``). The flusher owns that window: the claims and admissions
+queued meanwhile (``Batcher.call``) go in the same round trip, and a call wakes it like
+an event does. A stage's share is one plain ``XADD`` that reads nothing: its
 entry id is fenced by Redis itself (``entries.py``). What an XADD cannot carry goes
 through the fenced script ``WRITE`` (``scripts.py``): a stage's end, written at once,
 before its clients hear of it, so that its id is free when they do (``write_end``); a
@@ -192,6 +194,7 @@ class Flusher:
         self._dirty: dict[Stage, float] = {}
         self._mirrors: dict[Stage, Mirror] = {}
         self._wake = threading.Event()  # a gevent event where threading is patched
+        self._called = threading.Event()  # a call waits for the next batch
         self._task: Task | None = None
         self._failing = False
 
@@ -284,22 +287,40 @@ class Flusher:
 
     # -- the flusher ---------------------------------------------------------------------
 
+    def _call_queued(self) -> None:
+        self._called.set()
+        self._wake.set()
+
     def _flush_forever(self) -> None:
+        self.batcher.serve(self._call_queued)
         while True:
             self._wake.wait()
             time.sleep(self.flush_window)
             self._wake.clear()
+            self._called.clear()
             batch, self._dirty = self._dirty, {}
             try:
-                again = self._flush(batch)
+                again = self._flush(batch)  # and the calls queued meanwhile
             except Exception:
                 log.exception("stage store flush failed")
                 again = batch
             if again:
                 for stage, since in again.items():
                     self._dirty.setdefault(stage, since)
-                time.sleep(_RETRY_DELAY)
+                self._pause()
                 self._wake.set()
+
+    def _pause(self) -> None:
+        """While Redis cannot be written: the stages wait ``_RETRY_DELAY`` to be written
+        again, but a call is sent at once (it is answered, if only with an error)."""
+        until = time.monotonic() + _RETRY_DELAY
+        while (left := until - time.monotonic()) > 0:
+            if self._called.wait(left):
+                self._called.clear()
+                try:
+                    self.batcher.run([])
+                except Exception:
+                    log.exception("stage store calls failed")
 
     def _flush(self, batch: dict[Stage, float]) -> dict[Stage, float]:
         """Write the batch; return the stages to write again later, with their times.
@@ -334,6 +355,8 @@ class Flusher:
                 if write is not None:
                     writes.append(write)
         if not writes:
+            if self.batcher.queued:
+                self.batcher.run([])  # the calls alone
             return set(), set()
         results = self.batcher.run([write.command for write in writes])
         now = oldest = time.monotonic()
