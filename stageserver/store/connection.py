@@ -37,7 +37,8 @@ default), whatever its load:
 
 So a worker holds at most 2N + 1 connections to a node, and N + 1 when nothing here
 follows a stage of another worker. ``stageserver_store_connections`` reports them, by node
-(its ``host:port``, never a URL: a password stays out of labels) and kind.
+(its ``host:port``, never a URL: a password stays out of labels) and kind; Redis's own
+``CLIENT LIST`` shows them by name (``client_name``: ``stageserver:<host>:<pid>``).
 """
 
 from __future__ import annotations
@@ -192,7 +193,12 @@ def connect(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> Any:
         raise ConfigError(
             f"STAGESERVER_STORE_MAX_CONNECTIONS must be 1 or more, not {max_connections}"
         )
-    bound = {**_CLIENT_OPTIONS, "max_connections": max_connections}
+    bound = {
+        **_CLIENT_OPTIONS,
+        "max_connections": max_connections,
+        # Each connection names its worker (CLIENT LIST shows who holds what).
+        "client_name": client_name(),
+    }
     parts = urlsplit(url)
     if parts.scheme in ("redis", "rediss", "unix"):
         return redis.Redis(connection_pool=BoundedPool.from_url(url, **bound))
@@ -287,6 +293,12 @@ def owner_name() -> str:
     """This process's name in the store, written as the owner of each stage it runs: its
     host and pid."""
     return _owner
+
+
+def client_name() -> str:
+    """The name this process's connections give Redis (``CLIENT SETNAME``):
+    ``stageserver:`` and its ``owner_name``."""
+    return f"stageserver:{_owner}"
 
 
 def _name_this_process() -> None:

@@ -251,13 +251,15 @@ class Flusher:
 
     def write_end(self, stage: Stage) -> bool:
         """Write the stage's end (or hand-off) now, before any client can read it, so that
-        its id is free on every host when one does; whether it was written. While Redis
+        its id is free on every host when one does; whether it was written. It goes with
+        the window's next batch (``Batcher.call``): the ends of a burst share a round
+        trip, and come after any write of the stage already in flight. While Redis
         fails, the flusher writes it later."""
         if self._failing or stage not in self._mirrors:
             return False
         since = self._dirty.pop(stage, time.monotonic())
         try:
-            if not self._flush({stage: since}):
+            if not self._flush({stage: since}, in_window=True):
                 return True
         except Exception:  # the stage's end goes on to its clients regardless
             log.exception("stage %s: its end is written when the store answers", stage.key)
@@ -322,13 +324,13 @@ class Flusher:
                 except Exception:
                     log.exception("stage store calls failed")
 
-    def _flush(self, batch: dict[Stage, float]) -> dict[Stage, float]:
+    def _flush(self, batch: dict[Stage, float], in_window: bool = False) -> dict[Stage, float]:
         """Write the batch; return the stages to write again later, with their times.
         One that found Redis elsewhere than expected (a restart, a write in flight, a
         slot moved) is written again at once, read first."""
-        resynced, failed = self._write_batch(batch)
+        resynced, failed = self._write_batch(batch, in_window)
         if resynced:
-            again, failed_again = self._write_batch({s: batch[s] for s in resynced})
+            again, failed_again = self._write_batch({s: batch[s] for s in resynced}, in_window)
             failed |= again | failed_again
         if failed and not self._failing:
             log.warning(
@@ -344,9 +346,12 @@ class Flusher:
             stage.publish(stage.next_seq)
         return {stage: batch[stage] for stage in failed}
 
-    def _write_batch(self, batch: dict[Stage, float]) -> tuple[set[Stage], set[Stage]]:
-        """Write the batch in one round trip per node: the stages resynced (to write
-        again at once), and those that failed (to write again later)."""
+    def _write_batch(
+        self, batch: dict[Stage, float], in_window: bool = False
+    ) -> tuple[set[Stage], set[Stage]]:
+        """Write the batch in one round trip per node (``in_window``: with the window's
+        next batch, as a call): the stages resynced (to write again at once), and those
+        that failed (to write again later)."""
         writes = []
         for stage in batch:
             mirror = self._mirrors.get(stage)
@@ -358,7 +363,8 @@ class Flusher:
             if self.batcher.queued:
                 self.batcher.run([])  # the calls alone
             return set(), set()
-        results = self.batcher.run([write.command for write in writes])
+        send = self.batcher.call if in_window else self.batcher.run
+        results = send([write.command for write in writes])
         now = oldest = time.monotonic()
         resynced: set[Stage] = set()
         failed: set[Stage] = set()
@@ -388,7 +394,7 @@ class Flusher:
         if self._on_written is not None and oldest < now:
             self._on_written(now - oldest)
         if ended:
-            [dropped] = self.batcher.run([Command(RUNNING_INDEX, ("ZREM", RUNNING_INDEX, *ended))])
+            [dropped] = send([Command(RUNNING_INDEX, ("ZREM", RUNNING_INDEX, *ended))])
             if isinstance(dropped, Exception):  # the sweeper drops them when it meets them
                 log.warning(
                     "could not drop %d ended stages from the index: %s", len(ended), dropped
