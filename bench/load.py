@@ -4,13 +4,18 @@ It must cost far less than what it measures, on the same two cores: each connect
 an ``asyncio.Protocol`` that decodes HTTP chunking and counts events with ``bytes.count``
 on whole events; nothing is parsed as JSON. Its own CPU time is reported.
 
-Each of N clients keeps one keep-alive connection and runs streams back to back. The
-clients start spread evenly over one stream's length, so that streams begin and end at
-all times rather than in lock-step, and the measured window opens once all N run:
+Each of N clients keeps one keep-alive connection and runs streams back to back (with
+``--new-connections``, each stream on a connection of its own, closed at its end: what a
+client that does not keep its connection alive costs, the parsing of a new connection's
+first request included). The clients start spread evenly over one stream's length, so
+that streams begin and end at all times rather than in lock-step, and the measured
+window opens once all N run:
 
 - time to first token: from writing the request to reading the first chunk event, for
   every stream that starts in the window;
 - chunks: chunk events read in the window;
+- connections: those opened to the target after the warm-up stream, for every stream
+  (not only the window's): N with kept-alive connections, one per stream without;
 - CPU: the target's process tree (master and workers), the fake upstream and this
   process, over the window;
 - memory: the target's resident set at the moment all N streams are open and none has
@@ -97,6 +102,59 @@ class Shape:
 
 
 @dataclass
+class LoadSpec:
+    """What a load generator is asked to do; ``argv`` is its command line (``bench.run``
+    starts ``bench.load`` and ``bench.burst`` in processes of their own), which
+    ``parse_spec`` reads back."""
+
+    port: int
+    target: str  # its name in bench.run: stageserver, direct, nginx, and variants
+    path: str  # the API streamed: /chat, /v1/chat/completions, /v1/responses
+    shape: Shape
+    concurrency: int  # streams open at once; a burst's size
+    duration: float = 10.0  # the measured window, in seconds (not a burst's)
+    server_pid: int | None = None  # the target's master process: its CPU and memory
+    upstream_pid: int | None = None
+    profile: str | None = None  # py-spy the server over the window, to this file
+    api_key: str | None = None
+    redis: list[tuple[int, int]] = field(default_factory=list)  # the store's (port, pid)s
+    metrics: bool = False  # read the relay→durable delay from the server's /metrics
+    follow_port: int | None = None  # follow every stage on this host too
+    follow_pid: int | None = None
+    new_connections: bool = False  # each stream on a connection of its own
+
+    def argv(self) -> list[str]:
+        args = [
+            "--port", str(self.port),
+            "--target", self.target,
+            "--path", self.path,
+            "--concurrency", str(self.concurrency),
+            "--chunks", str(self.shape.chunks),
+            "--interval", repr(self.shape.interval),
+            "--prefill", repr(self.shape.prefill),
+            "--duration", repr(self.duration),
+        ]  # fmt: skip
+        optional = {
+            "--server-pid": self.server_pid,
+            "--upstream-pid": self.upstream_pid,
+            "--profile": self.profile,
+            "--api-key": self.api_key,
+            "--follow-port": self.follow_port,
+            "--follow-pid": self.follow_pid,
+        }
+        for flag, value in optional.items():
+            if value is not None:
+                args += [flag, str(value)]
+        for port, pid in self.redis:
+            args += ["--redis", f"{port}:{pid}"]
+        if self.metrics:
+            args.append("--metrics")
+        if self.new_connections:
+            args.append("--new-connections")
+        return args
+
+
+@dataclass
 class Result:
     target: str
     concurrency: int
@@ -106,6 +164,7 @@ class Result:
     window_seconds: float = 0.0
     streams: int = 0
     streams_measured: int = 0
+    connections: int = 0  # opened to the target, after the warm-up stream
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     ttft_p50_ms: float | None = None
@@ -232,7 +291,7 @@ class _Chunked(asyncio.Protocol):
             del buf[:pos]
 
 
-class _Stream(_Chunked):
+class Stream(_Chunked):
     """One client: a keep-alive connection running streams back to back."""
 
     def __init__(self, gen: LoadGenerator, index: int, *, once: bool = False) -> None:
@@ -248,6 +307,7 @@ class _Stream(_Chunked):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.gen.result.connections += 1
         self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -283,7 +343,7 @@ class _Stream(_Chunked):
             if self.first_at is None:
                 self.first_at = now
                 gen.opened(self.index)
-                if gen.follow_port is not None:
+                if gen.spec.follow_port is not None:
                     gen.follow(stage_id(self.index, self.number))
             self.count += count
             if gen.window_open <= now < gen.window_close:
@@ -362,42 +422,17 @@ class _Follower(_Chunked):
 
 
 class LoadGenerator:
-    def __init__(
-        self,
-        *,
-        port: int,
-        target: str,
-        path: str,
-        shape: Shape,
-        concurrency: int,
-        duration: float,
-        server_pid: int | None,
-        upstream_pid: int | None,
-        profile: str | None = None,
-        api_key: str | None = None,
-        redis: Sequence[tuple[int, int]] = (),
-        metrics: bool = False,
-        follow_port: int | None = None,
-        follow_pid: int | None = None,
-    ) -> None:
-        self.profile = profile
-        self.redis = list(redis)
-        self.metrics = metrics
-        self.follow_port = follow_port
-        self.follow_pid = follow_pid
+    """N clients running streams back to back over a measured window, on kept-alive
+    connections (or each stream on a new one: ``LoadSpec.new_connections``)."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
         self.followers: set[asyncio.Future[None]] = set()
         self.loop = asyncio.get_running_loop()
-        self.port = port
-        self.target = target
-        self.path = path
-        self.shape = shape
-        self.concurrency = concurrency
-        self.duration = duration
-        self.server_pid = server_pid
-        self.upstream_pid = upstream_pid
-        kind = api_of(target, path)
+        port, path, shape, follow_port = spec.port, spec.path, spec.shape, spec.follow_port
+        kind = api_of(spec.target, path)
         self.chunk_marker, self.done_marker, self.fail_markers = _MARKERS[kind]
-        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+        auth = f"Authorization: Bearer {spec.api_key}\r\n" if spec.api_key else ""
         self._head = (
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
@@ -427,24 +462,27 @@ class LoadGenerator:
         self.window_close = inf
         self.window_chunks = 0
         self.stopping = False
-        self.ttfts: list[float] = []
+        # (sent, first token) of every whole stream sent in the window, in monotonic seconds.
+        self.firsts: list[tuple[float, float]] = []
         self._first_round: set[int] | None = set()
-        self.result = Result(target, concurrency, shape.chunks, shape.interval, shape.prefill)
+        self.result = Result(
+            spec.target, spec.concurrency, shape.chunks, shape.interval, shape.prefill
+        )
 
     def request(self, index: int, number: int) -> bytes:
         if self._kind == "stageserver":
             body = (
-                f'{{"stage_id":"{stage_id(index, number)}","model_name":"{self.shape.model}",'
+                f'{{"stage_id":"{stage_id(index, number)}","model_name":"{self.spec.shape.model}",'
                 f'"user_prompt":"bench","stream":true{self._resumable}}}'
             ).encode()
         elif self._kind == "responses":
             body = json.dumps(
-                {"model": self.shape.model, "input": "bench", "stream": True}
+                {"model": self.spec.shape.model, "input": "bench", "stream": True}
             ).encode()
         elif self._kind == "messages":
             body = json.dumps(
                 {
-                    "model": self.shape.model,
+                    "model": self.spec.shape.model,
                     "max_tokens": 512,
                     "messages": [{"role": "user", "content": "bench"}],
                     "stream": True,
@@ -464,10 +502,10 @@ class LoadGenerator:
         task.add_done_callback(self.followers.discard)
 
     async def _follow(self, stage: str) -> None:
-        assert self.follow_port is not None
+        assert self.spec.follow_port is not None
         follower = _Follower(self, stage)
         try:
-            await self.loop.create_connection(follower.itself, "127.0.0.1", self.follow_port)
+            await self.loop.create_connection(follower.itself, "127.0.0.1", self.spec.follow_port)
         except OSError as exc:
             self.record_follow_error(f"connect: {exc}")
             return
@@ -479,20 +517,20 @@ class LoadGenerator:
 
     def finished_follow(self, follower: _Follower) -> None:
         self.result.follow_streams += 1
-        if follower.ended != self.done_marker or follower.count != self.shape.events:
+        if follower.ended != self.done_marker or follower.count != self.spec.shape.events:
             self.record_follow_error(
                 f"{follower.stage} ended with "
                 f"{follower.ended.decode().strip() or 'no end event'} "
-                f"after {follower.count} of {self.shape.events} chunks"
+                f"after {follower.count} of {self.spec.shape.events} chunks"
             )
 
     def opened(self, index: int) -> None:
         """A client has its first token: once all have, none has finished yet (they start
         within one stream's length), and the target's memory holds N open streams."""
-        if self._first_round is None:
+        if self._first_round is None or index < 0:  # index -1: the warm-up stream
             return
         self._first_round.add(index)
-        if len(self._first_round) == self.concurrency:
+        if len(self._first_round) == self.spec.concurrency:
             self._first_round = None
             self.result.rss_open_kb = self._rss()
 
@@ -501,26 +539,26 @@ class LoadGenerator:
         if len(self.result.error_samples) < 5:
             self.result.error_samples.append(why)
 
-    def finished_stream(self, stream: _Stream) -> None:
+    def finished_stream(self, stream: Stream) -> None:
         self.result.streams += 1
         relayed = stream.count + self.unseen_per_stream
         if self.unseen_per_stream and self.window_open <= time.monotonic() < self.window_close:
             self.window_chunks += self.unseen_per_stream
-        if stream.ended != self.done_marker or relayed != self.shape.events:
+        if stream.ended != self.done_marker or relayed != self.spec.shape.events:
             self.record_error(
                 f"stream ended with {stream.ended.decode().strip() or 'no end event'} "
-                f"after {stream.count} of {self.shape.events} chunks"
+                f"after {stream.count} of {self.spec.shape.events} chunks"
             )
         elif self.window_open <= stream.sent_at < self.window_close:
             assert stream.first_at is not None
-            self.ttfts.append(stream.first_at - stream.sent_at)
+            self.firsts.append((stream.sent_at, stream.first_at))
 
     async def _connect(self, index: int, delay: float) -> None:
         await asyncio.sleep(delay)
         while not self.stopping and time.monotonic() < self.window_close:
-            stream = _Stream(self, index)
+            stream = Stream(self, index, once=self.spec.new_connections)
             try:
-                await self.loop.create_connection(stream.itself, "127.0.0.1", self.port)
+                await self.loop.create_connection(stream.itself, "127.0.0.1", self.spec.port)
             except OSError as exc:
                 self.record_error(f"connect: {exc}")
                 await asyncio.sleep(0.1)
@@ -532,21 +570,21 @@ class LoadGenerator:
     async def _one_stream(self) -> None:
         """Before the load: one stream, so that the target has loaded what it loads lazily
         (and the following host too, which follows it)."""
-        stream = _Stream(self, -1, once=True)
-        await self.loop.create_connection(stream.itself, "127.0.0.1", self.port)
+        stream = Stream(self, -1, once=True)
+        await self.loop.create_connection(stream.itself, "127.0.0.1", self.spec.port)
         await stream.closed
         if self.followers:
-            await asyncio.wait(set(self.followers), timeout=self.shape.seconds + 10)
+            await asyncio.wait(set(self.followers), timeout=self.spec.shape.seconds + 10)
 
     async def _start_profiler(self) -> asyncio.subprocess.Process | None:
         """py-spy on the server's processes for the window, as collapsed stacks (text)."""
-        if self.profile is None or self.server_pid is None:
+        if self.spec.profile is None or self.spec.server_pid is None:
             return None
         spy = Path(sys.executable).with_name("py-spy")
         return await asyncio.create_subprocess_exec(
-            str(spy), "record", "--pid", str(self.server_pid), "--subprocesses",
-            "--nonblocking", "--rate", "200", "--duration", str(max(1, int(self.duration))),
-            "--format", "raw", "--output", self.profile,
+            str(spy), "record", "--pid", str(self.spec.server_pid), "--subprocesses",
+            "--nonblocking", "--rate", "200", "--duration", str(max(1, int(self.spec.duration))),
+            "--format", "raw", "--output", self.spec.profile,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
 
@@ -554,40 +592,37 @@ class LoadGenerator:
         """CPU, the store's commands and the delay histogram, read together: the histogram
         outermost (first at the start, last at the end), then the store's commands, the
         CPU innermost, so that what the readings cost is outside the CPU window."""
-        durable = await self._durable() if opening and self.metrics else None
+        durable = await self._durable() if opening and self.spec.metrics else None
         calls = await self._redis_calls() if opening else None
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        server, follow_pid = self.server_pid, self.follow_pid
+        spec = self.spec
+        server, upstream, follow_pid = spec.server_pid, spec.upstream_pid, spec.follow_pid
         snapshot = _Snapshot(
             server=None if server is None else procs.cpu_seconds(procs.tree(server)),
-            upstream=None if self.upstream_pid is None else procs.cpu_seconds([self.upstream_pid]),
+            upstream=None if upstream is None else procs.cpu_seconds([upstream]),
             own=usage.ru_utime + usage.ru_stime,
             busy=procs.machine_busy_seconds(),
-            redis=procs.cpu_seconds(pid for _, pid in self.redis) if self.redis else None,
+            redis=procs.cpu_seconds(pid for _, pid in spec.redis) if spec.redis else None,
             follow_server=None if follow_pid is None else procs.cpu_seconds(procs.tree(follow_pid)),
             redis_calls=calls,
             durable=durable,
         )
         if not opening:
             snapshot.redis_calls = await self._redis_calls()
-            snapshot.durable = await self._durable() if self.metrics else None
+            snapshot.durable = await self._durable() if self.spec.metrics else None
         return snapshot
 
     async def _redis_calls(self) -> dict[str, int] | None:
         """Commands run so far, summed over the store's nodes: the ``calls`` of every
         ``cmdstat_*`` line of ``INFO commandstats`` (a script's commands are counted there
         too). An INFO is counted once it has run: each reading's own shows in the next."""
-        if not self.redis:
+        if not self.spec.redis:
             return None
         total: dict[str, int] = {}
-        for port, _ in self.redis:
+        for port, _ in self.spec.redis:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
-                writer.write(b"INFO commandstats\r\n")
-                head = await reader.readline()  # a bulk string: $<length>
-                if not head.startswith(b"$"):
-                    raise RuntimeError(f"redis on {port} answered INFO with {head!r}")
-                text = await reader.readexactly(int(head[1:]) + 2)
+                text = await redis_info(reader, writer, b"commandstats")
             finally:
                 writer.close()
                 await writer.wait_closed()
@@ -598,7 +633,7 @@ class LoadGenerator:
     async def _durable(self) -> dict[float, float] | None:
         """The relay→durable delay histogram from the target's ``/metrics``, its label sets
         summed by bucket; None when the server has no such histogram."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.spec.port)
         try:
             writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             text = await reader.read()  # to the close
@@ -608,27 +643,27 @@ class LoadGenerator:
         return durable_histogram(text)
 
     def _rss(self) -> int | None:
-        if self.server_pid is None:
+        if self.spec.server_pid is None:
             return None
-        return procs.rss_kb(procs.tree(self.server_pid))
+        return procs.rss_kb(procs.tree(self.spec.server_pid))
 
     async def run(self) -> Result:
         res = self.result
         await self._one_stream()
         await asyncio.sleep(0.2)
         res.rss_idle_kb = self._rss()
-        res.streams = res.errors = res.follow_streams = res.follow_errors = 0
+        res.streams = res.errors = res.follow_streams = res.follow_errors = res.connections = 0
         res.error_samples.clear()
 
-        spread = self.shape.seconds
+        spread = self.spec.shape.seconds
         start = time.monotonic()
         # Open the window once every client has started and had time to reach the middle of
         # its first stream, and then its second one, so that all N are open throughout.
-        self.window_open = start + spread + self.shape.seconds / 2 + 0.5
-        self.window_close = self.window_open + self.duration
+        self.window_open = start + spread + self.spec.shape.seconds / 2 + 0.5
+        self.window_close = self.window_open + self.spec.duration
         clients = [
-            asyncio.ensure_future(self._connect(i, spread * i / self.concurrency))
-            for i in range(self.concurrency)
+            asyncio.ensure_future(self._connect(i, spread * i / self.spec.concurrency))
+            for i in range(self.spec.concurrency)
         ]
         await asyncio.sleep(self.window_open - time.monotonic())
         spy = await self._start_profiler()
@@ -638,11 +673,11 @@ class LoadGenerator:
             peak = max(peak, self._rss() or 0)
             await asyncio.sleep(min(0.5, left))
         after = await self._snapshot(opening=False)
-        res.window_seconds = self.duration
+        res.window_seconds = self.spec.duration
         if spy is not None:
             await spy.wait()
         # Streams that began in the window end after it: wait for them, bounded.
-        grace = self.shape.seconds * 3 + 10
+        grace = self.spec.shape.seconds * 3 + 10
         deadline = time.monotonic() + grace
         _, pending = await asyncio.wait(clients, timeout=grace)
         if pending:
@@ -662,9 +697,9 @@ class LoadGenerator:
 
     def _report(self, before: _Snapshot, after: _Snapshot, peak: int) -> None:
         res = self.result
-        res.streams_measured = len(self.ttfts)
+        res.streams_measured = len(self.firsts)
         res.chunks = self.window_chunks
-        res.chunks_per_second = round(self.window_chunks / self.duration, 1)
+        res.chunks_per_second = round(self.window_chunks / self.spec.duration, 1)
         per_chunk = 1e6 / self.window_chunks if self.window_chunks else float("nan")
         pairs = {
             "server": (before.server, after.server),
@@ -676,7 +711,8 @@ class LoadGenerator:
         # Whatever else kept the machine's cores busy meanwhile: a number well above zero
         # means the run shared the CPUs and its latencies are not to be trusted.
         ours = (after.own - before.own) + sum(spent.values())
-        res.other_cpu_cores = round(max(0.0, after.busy - before.busy - ours) / self.duration, 2)
+        other = max(0.0, after.busy - before.busy - ours)
+        res.other_cpu_cores = round(other / self.spec.duration, 2)
         if "server" in spent:
             res.server_cpu_seconds = round(spent["server"], 3)
             res.server_cpu_us_per_chunk = round(spent["server"] * per_chunk, 1)
@@ -692,7 +728,7 @@ class LoadGenerator:
                 for name, calls in after.redis_calls.items()
             }
             # Less the opening INFO of each node, counted in the closing reading.
-            by_name["info"] = by_name.get("info", 0) - len(self.redis)
+            by_name["info"] = by_name.get("info", 0) - len(self.spec.redis)
             res.redis_commands_by_name = dict(
                 sorted(((n, c) for n, c in by_name.items() if c), key=lambda item: -item[1])
             )
@@ -704,15 +740,26 @@ class LoadGenerator:
             res.durable_p50_ms = bucket_quantile_ms(window, 0.50)
             res.durable_p99_ms = bucket_quantile_ms(window, 0.99)
         res.loadgen_cpu_us_per_chunk = round((after.own - before.own) * per_chunk, 1)
-        if self.ttfts:
-            ordered = sorted(self.ttfts)
-            res.ttft_p50_ms = round(_percentile(ordered, 50) * 1000, 2)
-            res.ttft_p99_ms = round(_percentile(ordered, 99) * 1000, 2)
+        if self.firsts:
+            ordered = sorted(first - sent for sent, first in self.firsts)
+            res.ttft_p50_ms = round(percentile(ordered, 50) * 1000, 2)
+            res.ttft_p99_ms = round(percentile(ordered, 99) * 1000, 2)
         res.rss_peak_kb = peak or None
         # Below ten streams the difference is within the resident set's own jitter.
-        if self.concurrency >= 10 and res.rss_idle_kb is not None and res.rss_open_kb:
-            per_stream = (res.rss_open_kb - res.rss_idle_kb) / self.concurrency
+        if self.spec.concurrency >= 10 and res.rss_idle_kb is not None and res.rss_open_kb:
+            per_stream = (res.rss_open_kb - res.rss_idle_kb) / self.spec.concurrency
             res.memory_per_stream_kb = round(per_stream, 1)
+
+
+async def redis_info(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, section: bytes
+) -> bytes:
+    """One ``INFO <section>`` on a connection to a redis-server: the text of its answer."""
+    writer.write(b"INFO " + section + b"\r\n")
+    head = await reader.readline()  # a bulk string: $<length>
+    if not head.startswith(b"$"):
+        raise RuntimeError(f"redis answered INFO {section.decode()} with {head!r}")
+    return await reader.readexactly(int(head[1:]) + 2)
 
 
 _CALLS = re.compile(rb"^cmdstat_([^:]+):calls=(\d+)", re.MULTILINE)
@@ -743,53 +790,21 @@ def bucket_quantile_ms(cumulative: dict[float, float], q: float) -> float | None
     total = cumulative[bounds[-1]] if bounds else 0.0
     if total <= 0:
         return None
-    rank = max(1.0, math.ceil(total * q))  # nearest rank, as _percentile
+    rank = max(1.0, math.ceil(total * q))  # nearest rank, as percentile
     for bound in bounds:
         if cumulative[bound] >= rank:
             return bound * 1000 if math.isfinite(bound) else math.inf
     return math.inf
 
 
-def _percentile(ordered: Sequence[float], pct: float) -> float:
+def percentile(ordered: Sequence[float], pct: float) -> float:
     """Nearest rank: the smallest value with at least ``pct`` % of the values at or below."""
     rank = max(1, -(-len(ordered) * pct // 100))
     return ordered[int(rank) - 1]
 
 
-async def run(
-    *,
-    port: int,
-    target: str,
-    path: str,
-    shape: Shape,
-    concurrency: int,
-    duration: float,
-    server_pid: int | None = None,
-    upstream_pid: int | None = None,
-    profile: str | None = None,
-    api_key: str | None = None,
-    redis: Sequence[tuple[int, int]] = (),
-    metrics: bool = False,
-    follow_port: int | None = None,
-    follow_pid: int | None = None,
-) -> Result:
-    gen = LoadGenerator(
-        profile=profile,
-        api_key=api_key,
-        redis=redis,
-        metrics=metrics,
-        follow_port=follow_port,
-        follow_pid=follow_pid,
-        port=port,
-        target=target,
-        path=path,
-        shape=shape,
-        concurrency=concurrency,
-        duration=duration,
-        server_pid=server_pid,
-        upstream_pid=upstream_pid,
-    )
-    return await gen.run()
+async def run(spec: LoadSpec) -> Result:
+    return await LoadGenerator(spec).run()
 
 
 def _port_pid(text: str) -> tuple[int, int]:
@@ -800,12 +815,15 @@ def _port_pid(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected PORT:PID, got {text!r}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Concurrent SSE streams; prints JSON.")
+def spec_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of a load generator: a ``LoadSpec``, as ``LoadSpec.argv`` writes it."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--target", required=True, help="stageserver, nginx or direct")
     parser.add_argument("--path", required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument(
+        "--concurrency", type=int, required=True, help="streams at once (a burst's size)"
+    )
     parser.add_argument("--chunks", type=int, default=50)
     parser.add_argument("--interval", type=float, default=0.02)
     parser.add_argument("--prefill", type=float, default=0.0)
@@ -827,26 +845,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--follow-port", type=int, help="follow every stage on this host too")
     parser.add_argument("--follow-pid", type=int, help="the following host's master process")
-    args = parser.parse_args(argv)
-    procs.raise_nofile_limit()
-    result = asyncio.run(
-        run(
-            port=args.port,
-            target=args.target,
-            path=args.path,
-            shape=Shape(args.chunks, args.interval, args.prefill),
-            concurrency=args.concurrency,
-            duration=args.duration,
-            server_pid=args.server_pid,
-            upstream_pid=args.upstream_pid,
-            profile=args.profile,
-            api_key=args.api_key,
-            redis=args.redis,
-            metrics=args.metrics,
-            follow_port=args.follow_port,
-            follow_pid=args.follow_pid,
-        )
+    parser.add_argument(
+        "--new-connections", action="store_true", help="each stream on a connection of its own"
     )
+    return parser
+
+
+def parse_spec(argv: Sequence[str] | None, description: str) -> LoadSpec:
+    args = spec_parser(description).parse_args(argv)
+    return LoadSpec(
+        port=args.port,
+        target=args.target,
+        path=args.path,
+        shape=Shape(args.chunks, args.interval, args.prefill),
+        concurrency=args.concurrency,
+        duration=args.duration,
+        server_pid=args.server_pid,
+        upstream_pid=args.upstream_pid,
+        profile=args.profile,
+        api_key=args.api_key,
+        redis=args.redis,
+        metrics=args.metrics,
+        follow_port=args.follow_port,
+        follow_pid=args.follow_pid,
+        new_connections=args.new_connections,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    spec = parse_spec(argv, "Concurrent SSE streams over a window; prints JSON.")
+    procs.raise_nofile_limit()
+    result = asyncio.run(run(spec))
     json.dump(asdict(result), sys.stdout)
     sys.stdout.write("\n")
     return 0

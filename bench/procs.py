@@ -35,12 +35,15 @@ __all__ = [
     "FakeUpstreamProcess",
     "Nginx",
     "Stageserver",
+    "connections_to",
     "cpu_seconds",
     "machine",
     "machine_busy_seconds",
     "raise_nofile_limit",
     "rss_kb",
+    "socket_peers",
     "tree",
+    "workers",
 ]
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -56,6 +59,11 @@ def tree(pid: int) -> list[int]:
                     int(c) for c in Path(f"/proc/{parent}/task/{task}/children").read_text().split()
                 )
     return found
+
+
+def workers(pid: int) -> list[int]:
+    """The descendants of a master process (gunicorn's or nginx's workers), without it."""
+    return tree(pid)[1:]
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
@@ -86,6 +94,50 @@ def rss_kb(pids: Iterable[int]) -> int:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
     return total
+
+
+def socket_peers(pid: int) -> dict[int, tuple[int, int, str]]:
+    """inode -> (local port, remote port, state) of every TCP socket in ``pid``'s network
+    namespace (``/proc/<pid>/net/tcp`` and ``tcp6``), whoever holds it."""
+    peers: dict[int, tuple[int, int, str]] = {}
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                cols = line.split()
+                local, remote, state, inode = cols[1], cols[2], cols[3], int(cols[9])
+                peers[inode] = (
+                    int(local.rsplit(":", 1)[1], 16),
+                    int(remote.rsplit(":", 1)[1], 16),
+                    state,
+                )
+    return peers
+
+
+def socket_inodes(pid: int) -> list[int]:
+    """The inodes of the sockets among ``pid``'s open descriptors (``/proc/<pid>/fd``)."""
+    inodes = []
+    fd_dir = f"/proc/{pid}/fd"
+    for name in _listdir(fd_dir):
+        with contextlib.suppress(OSError):  # a descriptor closed while it was listed
+            target = os.readlink(f"{fd_dir}/{name}")
+            if target.startswith("socket:["):
+                inodes.append(int(target[8:-1]))
+    return inodes
+
+
+def connections_to(pids: Iterable[int], ports: Iterable[int]) -> dict[int, int]:
+    """How many TCP sockets ``pids`` hold whose peer is each of ``ports`` on this host:
+    port -> count, in any state (a socket the peer has closed is still held until its
+    holder closes it too). Read from ``/proc``, as ``ss -tp`` would, without its cost."""
+    wanted = set(ports)
+    counts = dict.fromkeys(wanted, 0)
+    for pid in pids:
+        peers = socket_peers(pid)
+        for inode in socket_inodes(pid):
+            peer = peers.get(inode)
+            if peer is not None and peer[1] in wanted:
+                counts[peer[1]] += 1
+    return counts
 
 
 def _stat_ticks(pid: int) -> int:

@@ -251,14 +251,16 @@ def check_under_load(prometheus: Prometheus, url: str, port: int, server_pid: in
         assert terminal(parse_events(response.content))[0]["event"] == "error", response.text
     result = asyncio.run(
         load.run(
-            port=port,
-            target="stageserver",
-            path="/chat",
-            shape=load.Shape(chunks=20, interval=0.02, prefill=0.0),
-            concurrency=8,
-            duration=3.0,
-            server_pid=server_pid,
-            metrics=True,
+            load.LoadSpec(
+                port=port,
+                target="stageserver",
+                path="/chat",
+                shape=load.Shape(chunks=20, interval=0.02, prefill=0.0),
+                concurrency=8,
+                duration=3.0,
+                server_pid=server_pid,
+                metrics=True,
+            )
         )
     )
     assert result.errors == 0, result.error_samples

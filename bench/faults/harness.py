@@ -129,7 +129,7 @@ class WorkerProbe:
         return sum(diff.values()), diff, now.rss_kb - self.baseline.rss_kb
 
     def _descriptors(self) -> Counter[str]:
-        peers = _socket_peers(self.pid)
+        peers = procs.socket_peers(self.pid)
         server_port = self.server.port
         kinds: Counter[str] = Counter()
         fd_dir = Path(f"/proc/{self.pid}/fd")
@@ -152,22 +152,6 @@ class WorkerProbe:
                 else:
                     kinds["socket"] += 1
         return kinds
-
-
-def _socket_peers(pid: int) -> dict[int, tuple[int, int, str]]:
-    """inode -> (local port, remote port, state) for the TCP sockets of ``pid``'s netns."""
-    peers: dict[int, tuple[int, int, str]] = {}
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                cols = line.split()
-                local, remote, state, inode = cols[1], cols[2], cols[3], int(cols[9])
-                peers[inode] = (
-                    int(local.rsplit(":", 1)[1], 16),
-                    int(remote.rsplit(":", 1)[1], 16),
-                    state,
-                )
-    return peers
 
 
 def _listdir(path: Path) -> list[str]:
