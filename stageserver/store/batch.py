@@ -226,9 +226,9 @@ class Batcher:
             pool = self.client.connection_pool
         else:
             pool = self.client.get_redis_connection(node).connection_pool
-        return self._pool_beside(pool) if follow else pool
+        return self._follow_pool(pool) if follow else pool
 
-    def _pool_beside(self, pool: Any) -> Any:
+    def _follow_pool(self, pool: Any) -> Any:
         follows = self._follows.get(pool)
         if follows is None:
             with self._follows_lock:
