@@ -55,7 +55,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import BlockingConnectionPool, Connection, SSLConnection
-from redis.exceptions import RedisClusterException
+from redis.exceptions import MaxConnectionsError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
@@ -112,9 +112,11 @@ _CLIENT_OPTIONS: dict[str, Any] = {
 }
 
 
-class ConnectionsExhausted(redis.ConnectionError):
+class ConnectionsExhausted(MaxConnectionsError):
     """Every connection this worker may hold to a Redis node was in use, and none came
-    back in time: the store is as good as unavailable to this caller (a 503)."""
+    back in time: the store is as good as unavailable to this caller (a 503). A
+    ``MaxConnectionsError``, which redis-py's cluster client takes for what it is (the
+    client's own limit), not for a node's failure: it learns no slot map again for it."""
 
 
 class _Waiting(LifoQueue):  # type: ignore[type-arg]
