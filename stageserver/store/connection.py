@@ -29,9 +29,9 @@ default), whatever its load:
   a 503 ``StoreUnavailable``), never an (N+1)th connection and never a wait without end;
 - **follows**: a remote follower's blocking ``XREAD`` holds its connection while it waits
   (a second at most), so it cannot share one: at most N more, in a pool of their own per
-  node (``pool_beside``), opened only while responses here follow stages of other
-  workers. A follower that finds none free within its read's block reads nothing this
-  time, and tries again (remote_feed.py);
+  node (``pool_beside``), made only when responses here follow stages of other workers
+  (and then kept, as the commands' are). A follower that finds none free within its
+  read's block reads nothing this time, and tries again (remote_feed.py);
 - **the subscription**: the cancel listener's one pub/sub connection (cancels.py), on one
   node: one per worker.
 
