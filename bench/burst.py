@@ -41,6 +41,9 @@ it is connected; each reads its stream to the end and closes. What is measured:
 - **memory per open stream**: the target's resident set when every stream had its first
   token, if none had ended yet, less the idle one, divided by B (none otherwise, as for
   streams of one chunk, which end at once).
+- **after**: the workers' resident set (``rss_after_kb``) and open descriptors
+  (``fds_after``, ``/proc/<pid>/fd``) ``AFTER_SECONDS`` after the last stream ended: what
+  a burst leaves behind.
 - **Redis connections** (``--redis``, once per node): the clients each node of the
   store counts (``INFO clients``: ``connected_clients``, less this process's own), every
   ``REDIS_SAMPLE_PERIOD`` through the burst (the peak, summed over the nodes) and
@@ -114,6 +117,8 @@ class BurstResult:
     redis_connections_after_per_node: int | None = None  # the largest node's
     redis_connections_peak_by_node: dict[int, int] | None = None  # port -> peak
     redis_worker_sockets_after: int | None = None  # from /proc, when "after" is read
+    rss_after_kb: int | None = None  # the workers', AFTER_SECONDS after the last stream
+    fds_after: int | None = None  # the workers' open descriptors, as rss_after_kb
 
 
 @dataclass
@@ -219,8 +224,11 @@ class BurstGenerator(LoadGenerator):
         if self.followers:
             await asyncio.wait(set(self.followers), timeout=spec.shape.seconds + 10)
         after = await self._quiet(before)
+        await asyncio.sleep(max(0.0, self._last_end + AFTER_SECONDS - time.monotonic()))
+        if self._workers:
+            out.rss_after_kb = self._rss()
+            out.fds_after = procs.open_fds(self._workers)
         if sampler is not None:
-            await asyncio.sleep(max(0.0, self._last_end + AFTER_SECONDS - time.monotonic()))
             stop_sampling.set()
             await sampler
             after_by_node = await self._store_clients()

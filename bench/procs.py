@@ -96,6 +96,11 @@ def rss_kb(pids: Iterable[int]) -> int:
     return total
 
 
+def open_fds(pids: Iterable[int]) -> int:
+    """The open descriptors of ``pids``, summed (``/proc/<pid>/fd``)."""
+    return sum(len(_listdir(f"/proc/{pid}/fd")) for pid in pids)
+
+
 def socket_peers(pid: int) -> dict[int, tuple[int, int, str]]:
     """inode -> (local port, remote port, state) of every TCP socket in ``pid``'s network
     namespace (``/proc/<pid>/net/tcp`` and ``tcp6``), whoever holds it."""

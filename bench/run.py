@@ -138,6 +138,8 @@ _BURST_NUMBERS = (
     "redis_connections_after",
     "redis_connections_after_per_node",
     "redis_worker_sockets_after",
+    "rss_after_kb",
+    "fds_after",
 )
 
 
@@ -355,6 +357,8 @@ _BURST_TAIL = (
     ("redis_connections_peak_per_node", "peak per node"),
     ("redis_connections_after", "Redis conns after"),
     ("redis_connections_after_per_node", "after per node"),
+    ("rss_after_kb", "RSS after KB"),
+    ("fds_after", "fds after"),
     ("other_cpu_cores", "other load, cores"),
     ("errors", "errors"),
 )

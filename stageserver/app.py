@@ -54,7 +54,9 @@ class StageServer:
       a Sentinel service or a Redis Cluster); ``STAGESERVER_OWNER_LEASE_SECONDS`` (5):
       how long a stage outlives its worker's last sign of life there, before another
       worker takes it over; ``STAGESERVER_STORE_FLUSH_WINDOW_SECONDS`` (0.005): how long
-      a worker gathers its stages' new events into one write.
+      a worker gathers its stages' new events into one write;
+      ``STAGESERVER_STORE_MAX_CONNECTIONS`` (8): connections a worker holds to each Redis
+      node for commands, at most.
     - ``STAGESERVER_MAX_ACTIVE_STREAMS`` (900): stages per worker; more get 503.
     - ``STAGESERVER_READY_TIMEOUT`` (2): seconds ``/readyz`` waits for each upstream.
     - ``STAGESERVER_API_KEYS`` (None): principals, their keys and limits (principals.py).

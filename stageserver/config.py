@@ -336,6 +336,7 @@ class StageSettings:
     store_url: str | None
     owner_lease_seconds: float
     store_flush_window: float
+    store_max_connections: int
     cors_origins: frozenset[str]
     max_continuations: int = 2
 
@@ -368,6 +369,7 @@ class StageSettings:
             store_url=str(store_url) if store_url else None,
             owner_lease_seconds=number("OWNER_LEASE_SECONDS"),
             store_flush_window=_flush_window(number("STORE_FLUSH_WINDOW_SECONDS")),
+            store_max_connections=_max_connections(config["STAGESERVER_STORE_MAX_CONNECTIONS"]),
             cors_origins=_origins(config["STAGESERVER_CORS_ORIGINS"]),
             max_continuations=int(number("MAX_CONTINUATIONS")),
         )
@@ -397,6 +399,14 @@ def _origins(setting: Any) -> frozenset[str]:
                 "scheme://host[:port], no path"
             )
     return frozenset(setting)
+
+
+def _max_connections(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"STAGESERVER_STORE_MAX_CONNECTIONS must be a whole number from 1 up, not {value!r}"
+        )
+    return value
 
 
 def _flush_window(seconds: float) -> float:

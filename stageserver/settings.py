@@ -115,6 +115,14 @@ SETTINGS: dict[str, tuple[Any, str]] = {
         "so how late a client reads an event: each is sent once Redis holds it. Larger: "
         "fewer Redis commands per chunk, later events (see Scaling out).",
     ),
+    "STAGESERVER_STORE_MAX_CONNECTIONS": (
+        8,
+        "With a store: connections a worker holds to each Redis node for commands, at "
+        "most, whatever its load; a caller that finds all in use waits for one (2 s at "
+        "most, then 503). Responses that follow a stage of another worker may hold as many "
+        "again while they wait for its events, and the cancel listener one more (see "
+        "Scaling out).",
+    ),
     "STAGESERVER_OWNER_LEASE_SECONDS": (
         5.0,
         "With a store: how long a stage outlives its worker's last sign of life. A worker "

@@ -172,6 +172,9 @@ def test_quick_burst_counts_the_workers_redis_connections_per_node(tmp_path: Pat
         assert 1 <= row["redis_connections_peak_per_node"] <= peak, target
         assert 1 <= row["redis_connections_after_per_node"] <= after, target
         assert row["redis_worker_sockets_after"] == after, target
+        # The store's bound (8 per node for commands) and the cancel listener's one.
+        assert row["redis_connections_peak_per_node"] <= 8 + 1, target
+        assert row["rss_after_kb"] > 0 and row["fds_after"] > after, target
         by_node = runs[target]["redis_connections_peak_by_node"]
         assert max(by_node.values()) == row["redis_connections_peak_per_node"], target
     assert len(runs["stageserver+redis"]["redis_connections_peak_by_node"]) == 1
@@ -209,6 +212,7 @@ def test_a_burst_runs_on_its_own(fake: FakeUpstream) -> None:
     # No server process: the worker's CPU and memory are not read, nor a store.
     assert result["burst_cpu_ms"] is None and result["memory_per_stream_kb"] is None
     assert result["redis_connections_peak"] is None
+    assert result["rss_after_kb"] is None and result["fds_after"] is None
 
 
 def test_rank_correlation_of_orders() -> None:

@@ -336,6 +336,8 @@ def _store(
         flush_window=settings.store_flush_window,
         on_written=metrics.STORE_WRITE_DELAY.observe,
         on_reachable=metrics.store_reachable,
+        max_connections=settings.store_max_connections,
+        on_connections=metrics.store_connections,
     )
     return store, RedisLimits(lambda: store.batcher, store.leases)
 

@@ -2,7 +2,8 @@
 ``STAGESERVER_STORE_URL``): ``limits.py`` says what each limit means. One Lua script
 (``store/scripts.py``'s ``ADMIT``) checks and takes, so two hosts cannot both take the
 last slot. Every command goes through the store's batcher (``store/batch.py``), which
-loads the script where a node lacks it and follows a Redis Cluster's slots. When Redis
+loads the script where a node lacks it and follows a Redis Cluster's slots; an admission
+waits for its next batch, the flusher's (``Batcher.call``). When Redis
 cannot answer, a stage is refused (503, ``StoreUnavailable``): the limits fail closed.
 """
 
@@ -67,7 +68,9 @@ class RedisLimits(LimitBook):
             tokens_per_minute=limits.tokens_per_minute or 0,
             window_seconds=WINDOW_SECONDS,
         )
-        [reply] = self._batcher().run([scripts.ADMIT.command(keys, args)])
+        # With the store's next batch (its flush window): a burst's admissions and claims
+        # share one round trip per node.
+        [reply] = self._batcher().call([scripts.ADMIT.command(keys, args)])
         if isinstance(reply, Exception):
             raise StoreUnavailable(reply)
         refused, seconds = reply

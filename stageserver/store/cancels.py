@@ -5,7 +5,8 @@ Each worker subscribes once, in a task of its own that outlives any error: it re
 every second while Redis cannot be reached (its node may have failed over: the cluster's
 slot map is learnt again first), and cancels the stages of the messages that name one of
 its own (``cancel_here``). Under a Redis Cluster the channel is classic pub/sub, which the
-cluster bus carries to every node.
+cluster bus carries to every node. Its subscription holds a connection of its own, beside
+the node's N for commands (connection.py): one per worker.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class CancelChannel:
         while not stopping.is_set():
             pubsub = None
             try:
-                pubsub = self._batcher().client.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._batcher().subscription(CANCEL_CHANNEL)
                 pubsub.subscribe(CANCEL_CHANNEL)
                 while not stopping.is_set():
                     message = pubsub.get_message(timeout=1.0)

@@ -4,7 +4,9 @@ events, and published to their clients once written.
 Writes are batched and cost one command per stage: for each event the relay only marks
 its stage dirty, and one flusher per process writes every dirty stage's new events a
 flush window later (``STAGESERVER_STORE_FLUSH_WINDOW_SECONDS``), in one round trip per
-Redis node (``batch.py``). A stage's share is one plain ``XADD`` that reads nothing: its
+Redis node (``batch.py``). The flusher owns that window: the claims and admissions
+queued meanwhile (``Batcher.call``) go in the same round trip, and a call wakes it like
+an event does. A stage's share is one plain ``XADD`` that reads nothing: its
 entry id is fenced by Redis itself (``entries.py``). What an XADD cannot carry goes
 through the fenced script ``WRITE`` (``scripts.py``): a stage's end, written at once,
 before its clients hear of it, so that its id is free when they do (``write_end``); a
@@ -192,6 +194,7 @@ class Flusher:
         self._dirty: dict[Stage, float] = {}
         self._mirrors: dict[Stage, Mirror] = {}
         self._wake = threading.Event()  # a gevent event where threading is patched
+        self._called = threading.Event()  # a call waits for the next batch
         self._task: Task | None = None
         self._stopping = threading.Event()
         self._failing = False
@@ -207,7 +210,7 @@ class Flusher:
     def stop(self) -> None:
         """Stop the flusher (the store is closed): it finishes the write it has begun,
         and writes nothing more."""
-        stop_task(self._stopping, self._task, self._wake)
+        stop_task(self._stopping, self._task, self._wake, self._called)
 
     def forget(self) -> None:
         """In a forked child: its parent's stages are none of its own."""
@@ -254,13 +257,15 @@ class Flusher:
 
     def write_end(self, stage: Stage) -> bool:
         """Write the stage's end (or hand-off) now, before any client can read it, so that
-        its id is free on every host when one does; whether it was written. While Redis
+        its id is free on every host when one does; whether it was written. It goes with
+        the window's next batch (``Batcher.call``): the ends of a burst share a round
+        trip, and come after any write of the stage already in flight. While Redis
         fails, the flusher writes it later."""
         if self._failing or self._stopping.is_set() or stage not in self._mirrors:
             return False
         since = self._dirty.pop(stage, time.monotonic())
         try:
-            if not self._flush({stage: since}):
+            if not self._flush({stage: since}, in_window=True):
                 return True
         except Exception:  # the stage's end goes on to its clients regardless
             log.exception("stage %s: its end is written when the store answers", stage.key)
@@ -290,7 +295,12 @@ class Flusher:
 
     # -- the flusher ---------------------------------------------------------------------
 
+    def _call_queued(self) -> None:
+        self._called.set()
+        self._wake.set()
+
     def _flush_forever(self) -> None:
+        self.batcher.serve(self._call_queued)
         # Stopped at the top of a round: ``stop`` sets the flag before it wakes the
         # flusher, so a wake cleared in a round that had begun is followed by that check.
         while not self._stopping.is_set():
@@ -299,25 +309,38 @@ class Flusher:
                 return
             time.sleep(self.flush_window)
             self._wake.clear()
+            self._called.clear()
             batch, self._dirty = self._dirty, {}
             try:
-                again = self._flush(batch)
+                again = self._flush(batch)  # and the calls queued meanwhile
             except Exception:
                 log.exception("stage store flush failed")
                 again = batch
             if again:
                 for stage, since in again.items():
                     self._dirty.setdefault(stage, since)
-                self._stopping.wait(_RETRY_DELAY)
+                self._pause()
                 self._wake.set()
 
-    def _flush(self, batch: dict[Stage, float]) -> dict[Stage, float]:
+    def _pause(self) -> None:
+        """While Redis cannot be written: the stages wait ``_RETRY_DELAY`` to be written
+        again, but a call is sent at once (it is answered, if only with an error)."""
+        until = time.monotonic() + _RETRY_DELAY
+        while (left := until - time.monotonic()) > 0 and not self._stopping.is_set():
+            if self._called.wait(left) and not self._stopping.is_set():
+                self._called.clear()
+                try:
+                    self.batcher.run([])
+                except Exception:
+                    log.exception("stage store calls failed")
+
+    def _flush(self, batch: dict[Stage, float], in_window: bool = False) -> dict[Stage, float]:
         """Write the batch; return the stages to write again later, with their times.
         One that found Redis elsewhere than expected (a restart, a write in flight, a
         slot moved) is written again at once, read first."""
-        resynced, failed = self._write_batch(batch)
+        resynced, failed = self._write_batch(batch, in_window)
         if resynced:
-            again, failed_again = self._write_batch({s: batch[s] for s in resynced})
+            again, failed_again = self._write_batch({s: batch[s] for s in resynced}, in_window)
             failed |= again | failed_again
         if failed and not self._failing:
             log.warning(
@@ -333,9 +356,12 @@ class Flusher:
             stage.publish(stage.next_seq)
         return {stage: batch[stage] for stage in failed}
 
-    def _write_batch(self, batch: dict[Stage, float]) -> tuple[set[Stage], set[Stage]]:
-        """Write the batch in one round trip per node: the stages resynced (to write
-        again at once), and those that failed (to write again later)."""
+    def _write_batch(
+        self, batch: dict[Stage, float], in_window: bool = False
+    ) -> tuple[set[Stage], set[Stage]]:
+        """Write the batch in one round trip per node (``in_window``: with the window's
+        next batch, as a call): the stages resynced (to write again at once), and those
+        that failed (to write again later)."""
         writes = []
         for stage in batch:
             mirror = self._mirrors.get(stage)
@@ -344,8 +370,11 @@ class Flusher:
                 if write is not None:
                     writes.append(write)
         if not writes:
+            if self.batcher.queued:
+                self.batcher.run([])  # the calls alone
             return set(), set()
-        results = self.batcher.run([write.command for write in writes])
+        send = self.batcher.call if in_window else self.batcher.run
+        results = send([write.command for write in writes])
         now = oldest = time.monotonic()
         resynced: set[Stage] = set()
         failed: set[Stage] = set()
@@ -375,7 +404,7 @@ class Flusher:
         if self._on_written is not None and oldest < now:
             self._on_written(now - oldest)
         if ended:
-            [dropped] = self.batcher.run([Command(RUNNING_INDEX, ("ZREM", RUNNING_INDEX, *ended))])
+            [dropped] = send([Command(RUNNING_INDEX, ("ZREM", RUNNING_INDEX, *ended))])
             if isinstance(dropped, Exception):  # the sweeper drops them when it meets them
                 log.warning(
                     "could not drop %d ended stages from the index: %s", len(ended), dropped

@@ -42,6 +42,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ..concurrency import Task, stop_task
 from ..errors import StoreUnavailable
 from ..stages.dialect import Dialects
 from ..stages.feeds import EventFeed
@@ -52,7 +53,13 @@ from ..stages.status import StageStatus
 from . import remote_feed, scripts
 from .batch import Batcher
 from .cancels import CancelChannel
-from .connection import Reachability, connect, refuse_a_cluster_node, store_errors
+from .connection import (
+    DEFAULT_MAX_CONNECTIONS,
+    Reachability,
+    connect,
+    refuse_a_cluster_node,
+    store_errors,
+)
 from .flusher import DEFAULT_FLUSH_WINDOW, Flusher
 from .idempotency import IdempotencyKeys
 from .keys import stage_keys
@@ -64,6 +71,8 @@ from .stored import StoredStage
 from .takeover import Ownership
 
 log = logging.getLogger("stageserver.store")
+
+CONNECTIONS_REPORT_SECONDS = 1.0
 
 
 class RedisStageStore(StageStore):
@@ -85,6 +94,8 @@ class RedisStageStore(StageStore):
         flush_window: float = DEFAULT_FLUSH_WINDOW,
         on_written: Callable[[float], None] | None = None,
         on_reachable: Callable[[bool], None] | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        on_connections: Callable[[dict[tuple[str, str], int]], None] | None = None,
     ) -> None:
         """``cancel_here(key, reason)`` cancels a stage of this process for a request made
         elsewhere: the cancel listener calls it. ``adopt(key)`` tries to take over the
@@ -95,8 +106,16 @@ class RedisStageStore(StageStore):
         write, how long the oldest event in it waited to be durable (an upper bound for
         every event it carried).
         ``on_reachable(reachable)``: told when Redis stops or starts answering this
-        process, as its flusher's writes and its sweeper's looks find it."""
+        process, as its flusher's writes and its sweeper's looks find it.
+        ``max_connections``: connections per Redis node for commands, at most (and as
+        many for blocking reads; connection.py). ``on_connections(counts)``: told every
+        ``CONNECTIONS_REPORT_SECONDS`` the connections this process holds, by node
+        (``host:port``) and kind (``Batcher.connections``)."""
         self.url = url
+        self.max_connections = max_connections
+        self._on_connections = on_connections
+        self._reporter: Task | None = None
+        self._stop_reporting = threading.Event()
         self._batcher: Batcher | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -151,14 +170,32 @@ class RedisStageStore(StageStore):
 
     def _start_in_this_process(self) -> None:
         with store_errors():
-            client = connect(self.url)
-        self._batcher = Batcher(client, scripts.ALL)
+            client = connect(self.url, self.max_connections)
+        self._batcher = Batcher(client, scripts.ALL, self.max_connections)
         # A worker forked after this process connected has none of its client, its
         # tasks or its mirrors: it starts its own on first use.
         os.register_at_fork(after_in_child=self._forget_the_parents)
         self.flusher.start()
         self.cancels.start()
         self.ownership.start_sweeper()
+        if self._on_connections is not None:
+            self._reporter = Task(self._report_connections, name="stageserver-store-connections")
+
+    def _report_connections(self) -> None:
+        """Tell ``on_connections`` what this process holds, every few seconds; a node
+        whose connections all closed is told 0 once."""
+        assert self._on_connections is not None
+        told: set[tuple[str, str]] = set()
+        while not self._stop_reporting.is_set():
+            try:
+                counts = self.batcher.connections()
+                for gone in told - counts.keys():
+                    counts[gone] = 0
+                told = {where for where, count in counts.items() if count}
+                self._on_connections(counts)
+            except Exception:  # the report outlives anything
+                log.exception("could not count the stage store's connections")
+            self._stop_reporting.wait(CONNECTIONS_REPORT_SECONDS)
 
     def _forget_the_parents(self) -> None:
         self._batcher = None
@@ -169,6 +206,7 @@ class RedisStageStore(StageStore):
         """Stop this process's tasks (each ends its loop; the flusher finishes the write
         it has begun), then close the connections. Nothing starts them again: the store
         answers StoreUnavailable from now on."""
+        stop_task(self._stop_reporting, self._reporter)  # first: it reads the batcher
         with self._lock:
             self._closed = True
             batcher, self._batcher = self._batcher, None

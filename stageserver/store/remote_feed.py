@@ -3,10 +3,11 @@ in Redis (``RemoteFeed``, an ``EventFeed``, see stages/feeds.py, which the one f
 loop in stream.py reads).
 
 Its reads go straight to the node that holds the log, through the batcher: never to a
-replica, whose copy may lag. Each is a blocking ``XREAD`` of at most a second; when one
-brings nothing, the feed checks that the stage is still there, and first that its owner
-lives (``takeover.Ownership.reap_orphan``): a watcher is often the first to notice an
-owner's death. A hole in the log (events the store lost) ends the feed with a
+replica, whose copy may lag. Each is a blocking ``XREAD`` of at most a second, on a
+connection of the node's follow pool (connection.py says how a worker's connections are
+counted); when one brings nothing, the feed checks that the stage is still there, and
+first that its owner lives (``takeover.Ownership.reap_orphan``): a watcher is often the
+first to notice an owner's death. A hole in the log (events the store lost) ends the feed with a
 ``StageLost`` that names it, never a silent skip.
 """
 
@@ -26,12 +27,14 @@ from ..errors import (
 from ..stages.feeds import RefusedFeed
 from ..stages.stage import Subscriber
 from . import entries
-from .batch import Batcher, Command
-from .connection import STORE_ERRORS, store_errors
+from .batch import FOLLOW_WAIT_SECONDS, Batcher, Command
+from .connection import STORE_ERRORS, ConnectionsExhausted, store_errors
 from .keys import stage_keys
 from .takeover import Ownership
 
-_READ_BLOCK_SECONDS = 1.0  # a remote watcher re-checks its client and the owner this often
+# A remote watcher re-checks its client and the owner this often; it waits as long for a
+# follow connection.
+_READ_BLOCK_SECONDS = FOLLOW_WAIT_SECONDS
 
 
 def feed(
@@ -113,14 +116,17 @@ class RemoteFeed:
     def _xread(self, cursor: int, block_ms: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """One blocking XREAD of the log from ``cursor``: its entries, with their fields.
         Sent through the batcher, so that it goes to the node that holds the log, and
-        follows it when its slot moves (batch.py)."""
+        follows it when its slot moves (batch.py), on a connection of the node's follow
+        pool (connection.py): none when all of them stayed busy while it would block."""
         after = self._after
         if after is not None and after[0] == cursor:
             start = after[1]
         else:  # see entries.py: from the first epoch's entry of this event on
             start = entries.entry_id(entries.FIRST_EPOCH, cursor)
         args = ("XREAD", "COUNT", 512, "BLOCK", block_ms, "STREAMS", self._log_key, start)
-        [reply] = self._batcher().run([Command(self._log_key, args)])
+        reply = self._batcher().follow(Command(self._log_key, args))
+        if isinstance(reply, ConnectionsExhausted):
+            return []  # every follow connection to its node was busy: read again soon
         if isinstance(reply, Exception):
             raise StageLost(store_unavailable_message(reply))
         if not reply:

@@ -3,7 +3,8 @@ the end of a stage nobody can take over.
 
 - ``claim``: a stage this worker starts becomes the one live stage with its key,
   everywhere (``CLAIM``: ``SET NX`` on its lease), and joins the running index
-  (``ss:running``, scored by when its lease runs out).
+  (``ss:running``, scored by when its lease runs out); sent with the flusher's next
+  batch (``Batcher.call``), so that the claims of a burst share one round trip.
 - ``take_over``: a stage outlives its worker. When its lease lapses, or its worker hands
   it off as it drains (``release_claim``: ``HAND_OFF``, scored 0), any live worker may
   claim it (``TAKE_OVER``): the first look only marks it ``suspect_since``; half a lease
@@ -96,10 +97,11 @@ class Ownership:
         fields = [item for pair in _fields(stage).items() for item in pair]
         args = scripts.ClaimArgs(stage.instance, lease_ms, ttl + lease_ms, event_ttl + lease_ms)
         deadline = int(time.time() * 1000) + lease_ms
-        # One round trip: the claim (a script: atomic, one slot) and the running index
-        # (its own slot). An index entry for a stage that turns out to be another's is
-        # harmless: the sweeper finds its lease held.
-        claimed, _ = self._batcher().run(
+        # The claim (a script: atomic, one slot) and the running index (its own slot), in
+        # the window's next batch, with the flusher's writes and every other claim: a
+        # burst of stages costs one round trip per node. An index entry for a stage that
+        # turns out to be another's is harmless: the sweeper finds its lease held.
+        claimed, _ = self._batcher().call(
             [
                 scripts.CLAIM.command(stage_keys(stage.key), (*args, *fields)),
                 Command(RUNNING_INDEX, ("ZADD", RUNNING_INDEX, deadline, stage.key)),

@@ -77,6 +77,12 @@ The server as a whole, so that an alert or a dashboard needs nothing beside it:
 - ``stageserver_store_unavailable``: with a shared store, 1 while a live worker cannot
   reach it (its flusher's last write, or its last look for orphaned stages, failed), else
   0; the largest over live workers.
+- ``stageserver_store_connections`` [node, kind]: with a shared store, the connections
+  live workers hold open to each Redis node (``host:port``, never its URL), summed over
+  them; kind is ``commands`` (at most ``STAGESERVER_STORE_MAX_CONNECTIONS`` per worker and
+  node), ``follows`` (blocking reads of responses that follow a stage of another worker,
+  as many at most) or ``subscription`` (the cancel listener's, one per worker). Told by
+  each worker every second.
 - ``stageserver_workers``: gunicorn workers serving now (each counts 1 from its start),
   and ``stageserver_workers_configured``: how many gunicorn is configured to run. Fewer
   for long means workers that die and are replaced, or cannot start.
@@ -261,6 +267,13 @@ STORE_UNAVAILABLE = Gauge(
     "look for orphaned stages, failed), else 0; the largest over live workers.",
     multiprocess_mode="livemax",
 )
+STORE_CONNECTIONS = Gauge(
+    "stageserver_store_connections",
+    "With a shared store: connections open to each Redis node (host:port), by kind "
+    "(commands, follows, subscription), summed over live workers.",
+    ("node", "kind"),
+    multiprocess_mode="livesum",
+)
 WORKERS = Gauge(
     "stageserver_workers",
     "gunicorn workers serving now: each live worker counts 1.",
@@ -283,6 +296,12 @@ def worker_started(configured: int) -> None:
 def store_reachable(reachable: bool) -> None:
     """The shared store's flusher or sweeper found it reachable, or not."""
     STORE_UNAVAILABLE.set(0 if reachable else 1)
+
+
+def store_connections(counts: dict[tuple[str, str], int]) -> None:
+    """What this worker holds open to the shared store's nodes, by node and kind."""
+    for (node, kind), count in counts.items():
+        STORE_CONNECTIONS.labels(node, kind).set(count)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
