@@ -275,10 +275,28 @@ def test_follow_yields_heartbeats_while_quiet_then_the_events() -> None:
             framing=SEED_FRAMING,
         )
     )
-    assert pieces[:2] == [b"retry: 1500\n", b": heartbeat\n"]
-    assert b"".join(pieces[1:]).replace(b": heartbeat\n", b"") == stage.read(0)[0]
+    # The preamble goes out with the first write after the headers: here a heartbeat.
+    assert pieces[:2] == [b"retry: 1500\n: heartbeat\n", b": heartbeat\n"]
+    wire = b"".join(pieces).removeprefix(b"retry: 1500\n")
+    assert wire.replace(b": heartbeat\n", b"") == stage.read(0)[0]
     done = b'id: h-done-1\nevent: done\ndata: {"stage_id":"h",' + NO_USAGE + b"}\n\n"
     assert pieces[-1].endswith(done)
+
+
+def test_follow_sends_the_headers_alone_then_the_preamble_with_the_first_events() -> None:
+    """Coalesced writes: the first yield is empty (gunicorn sends the headers), the next
+    holds the preamble and every event the stage had; the bytes are the stage's log."""
+    stage = run(Stage(spec("w"), ScriptedRelay(CHUNKS)))
+    pieces = list(
+        follow(
+            LocalFeed(stage, owner=True),
+            after_seq=-1,
+            client_socket=None,
+            settings=pace(1.0),
+            framing=SEED_FRAMING,
+        )
+    )
+    assert pieces == [b"", b"retry: 1500\n" + stage.read(0)[0]]
 
 
 @pytest.mark.parametrize("after_seq", [-1, 0, 1])
