@@ -10,6 +10,8 @@ First one stream warms the target up (what it loads lazily), then the idle resid
 is read. Then B connections are opened at once, and each writes its request as soon as
 it is connected; each reads its stream to the end and closes. What is measured:
 
+- **connections**: those opened for the burst, counted as each is made: B.
+
 - **arrival order**: the order in which the requests were written. This process is one
   thread, so the writes are sequential, and each is timestamped as it is made; all B
   take a few milliseconds (``send_spread_ms``). On loopback a request is in the server's
@@ -42,11 +44,11 @@ it is connected; each reads its stream to the end and closes. What is measured:
 - **Redis connections** (``--redis``, once per node): the clients each node of the
   store counts (``INFO clients``: ``connected_clients``, less this process's own), every
   ``REDIS_SAMPLE_PERIOD`` through the burst (the peak, summed over the nodes) and
-  ``AFTER_SECONDS`` after its last stream ended (after); with a cluster, the peak of
-  the node that had the most is reported too. The store is the target's own, and its
-  worker is its only other client (with ``+follow``, the following host is one too), so
-  these are the worker's connections: the
-  worker's own sockets whose peer is a node (``/proc/<pid>/fd`` against
+  ``AFTER_SECONDS`` after its last stream ended (after); with a cluster, the peak and
+  the after of the node that had the most are reported too (a cluster's bound is per
+  node). The store is the target's own, and its worker is its only other client (with
+  ``+follow``, the following host is one too), so these are the worker's connections:
+  the worker's own sockets whose peer is a node (``/proc/<pid>/fd`` against
   ``/proc/<pid>/net/tcp``) are counted too, after the burst, to show it. They are not
   what is sampled, because reading ``/proc/net/tcp`` walks the kernel's whole table of
   connections (10–20 ms on this machine), where an ``INFO`` is a round trip.
@@ -83,6 +85,7 @@ class BurstResult:
     interval: float
     prefill: float
     streams: int = 0  # streams that ended, whole or not
+    connections: int = 0  # opened to the target for the burst: B
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     send_spread_ms: float | None = None  # from the first request written to the last
@@ -107,7 +110,8 @@ class BurstResult:
     redis_connections_before: int | None = None  # after the warm-up stream
     redis_connections_peak: int | None = None  # summed over the nodes
     redis_connections_peak_per_node: int | None = None  # the largest node's peak
-    redis_connections_after: int | None = None
+    redis_connections_after: int | None = None  # summed over the nodes
+    redis_connections_after_per_node: int | None = None  # the largest node's
     redis_connections_peak_by_node: dict[int, int] | None = None  # port -> peak
     redis_worker_sockets_after: int | None = None  # from /proc, when "after" is read
 
@@ -192,7 +196,7 @@ class BurstGenerator(LoadGenerator):
         if spec.server_pid is not None:
             self._workers = procs.workers(spec.server_pid)
         out.rss_idle_kb = self._rss()
-        self.result.streams = self.result.errors = 0
+        self.result.streams = self.result.errors = self.result.connections = 0
         self.result.error_samples.clear()
         stop_sampling = asyncio.Event()
         sampler = None
@@ -219,7 +223,9 @@ class BurstGenerator(LoadGenerator):
             await asyncio.sleep(max(0.0, self._last_end + AFTER_SECONDS - time.monotonic()))
             stop_sampling.set()
             await sampler
-            out.redis_connections_after = sum((await self._store_clients()).values())
+            after_by_node = await self._store_clients()
+            out.redis_connections_after = sum(after_by_node.values())
+            out.redis_connections_after_per_node = max(after_by_node.values())
             ports = [port for port, _ in spec.redis]
             sockets = procs.connections_to(self._workers, ports)
             out.redis_worker_sockets_after = sum(sockets.values())
@@ -277,6 +283,7 @@ class BurstGenerator(LoadGenerator):
     def _report_burst(self, before: _Reading, after: _Reading) -> None:
         out, res = self.outcome, self.result
         out.streams, out.errors, out.error_samples = res.streams, res.errors, res.error_samples
+        out.connections = res.connections
         sends = [stream.sent_at for stream in self._streams if stream.number]
         if sends:
             out.send_spread_ms = round((max(sends) - min(sends)) * 1000, 2)

@@ -4,13 +4,18 @@ It must cost far less than what it measures, on the same two cores: each connect
 an ``asyncio.Protocol`` that decodes HTTP chunking and counts events with ``bytes.count``
 on whole events; nothing is parsed as JSON. Its own CPU time is reported.
 
-Each of N clients keeps one keep-alive connection and runs streams back to back. The
-clients start spread evenly over one stream's length, so that streams begin and end at
-all times rather than in lock-step, and the measured window opens once all N run:
+Each of N clients keeps one keep-alive connection and runs streams back to back (with
+``--new-connections``, each stream on a connection of its own, closed at its end: what a
+client that does not keep its connection alive costs, the parsing of a new connection's
+first request included). The clients start spread evenly over one stream's length, so
+that streams begin and end at all times rather than in lock-step, and the measured
+window opens once all N run:
 
 - time to first token: from writing the request to reading the first chunk event, for
   every stream that starts in the window;
 - chunks: chunk events read in the window;
+- connections: those opened to the target after the warm-up stream, for every stream
+  (not only the window's): N with kept-alive connections, one per stream without;
 - CPU: the target's process tree (master and workers), the fake upstream and this
   process, over the window;
 - memory: the target's resident set at the moment all N streams are open and none has
@@ -116,6 +121,7 @@ class LoadSpec:
     metrics: bool = False  # read the relay→durable delay from the server's /metrics
     follow_port: int | None = None  # follow every stage on this host too
     follow_pid: int | None = None
+    new_connections: bool = False  # each stream on a connection of its own
 
     def argv(self) -> list[str]:
         args = [
@@ -143,6 +149,8 @@ class LoadSpec:
             args += ["--redis", f"{port}:{pid}"]
         if self.metrics:
             args.append("--metrics")
+        if self.new_connections:
+            args.append("--new-connections")
         return args
 
 
@@ -156,6 +164,7 @@ class Result:
     window_seconds: float = 0.0
     streams: int = 0
     streams_measured: int = 0
+    connections: int = 0  # opened to the target, after the warm-up stream
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     ttft_p50_ms: float | None = None
@@ -298,6 +307,7 @@ class Stream(_Chunked):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.gen.result.connections += 1
         self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -412,7 +422,8 @@ class _Follower(_Chunked):
 
 
 class LoadGenerator:
-    """N clients on kept-alive connections, streams back to back, over a measured window."""
+    """N clients running streams back to back over a measured window, on kept-alive
+    connections (or each stream on a new one: ``LoadSpec.new_connections``)."""
 
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
@@ -545,7 +556,7 @@ class LoadGenerator:
     async def _connect(self, index: int, delay: float) -> None:
         await asyncio.sleep(delay)
         while not self.stopping and time.monotonic() < self.window_close:
-            stream = Stream(self, index)
+            stream = Stream(self, index, once=self.spec.new_connections)
             try:
                 await self.loop.create_connection(stream.itself, "127.0.0.1", self.spec.port)
             except OSError as exc:
@@ -641,7 +652,7 @@ class LoadGenerator:
         await self._one_stream()
         await asyncio.sleep(0.2)
         res.rss_idle_kb = self._rss()
-        res.streams = res.errors = res.follow_streams = res.follow_errors = 0
+        res.streams = res.errors = res.follow_streams = res.follow_errors = res.connections = 0
         res.error_samples.clear()
 
         spread = self.spec.shape.seconds
@@ -834,6 +845,9 @@ def spec_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--follow-port", type=int, help="follow every stage on this host too")
     parser.add_argument("--follow-pid", type=int, help="the following host's master process")
+    parser.add_argument(
+        "--new-connections", action="store_true", help="each stream on a connection of its own"
+    )
     return parser
 
 
@@ -854,6 +868,7 @@ def parse_spec(argv: Sequence[str] | None, description: str) -> LoadSpec:
         metrics=args.metrics,
         follow_port=args.follow_port,
         follow_pid=args.follow_pid,
+        new_connections=args.new_connections,
     )
 
 

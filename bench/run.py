@@ -2,18 +2,19 @@
 side by side against one fake upstream; a table, a JSON file and a chart.
 
     .venv/bin/python -m bench.run [--concurrency 1,50,200] [--chunks 50] [--interval 0.02]
-        [--prefill 0] [--duration 10] [--repeat 3] [--slow 2000] [--burst 200]
-        [--new-streams 200] [--quick] [--profile]
+        [--prefill 0] [--duration 10] [--repeat 3] [--slow 2000] [--new-connections]
+        [--burst 200] [--new-streams 200] [--quick] [--profile]
 
 Each (target, concurrency) gets a fresh server (so its idle memory is a clean baseline) and
 its own load generator process (``bench.load``); targets take turns at each level, so a
 drift of the machine touches all of them alike. With ``--repeat``, each number in the
 table is the median of the runs. ``--slow N`` adds N long, slow streams at once on the one
-worker. ``--burst B`` adds a burst of B streams sent at once, each on a new connection
-(``bench.burst``), and ``--new-streams N`` a burst of N streams of one chunk: what a new
-stream costs. ``--profile`` records the stageserver worker with py-spy during the window
-of the highest concurrency (a separate run, not in the table). Results go to
-``bench/results/``.
+worker. ``--new-connections`` runs each of those streams on a connection of its own
+instead of a kept-alive one. ``--burst B`` adds a burst of B streams sent at once, each
+on a new connection (``bench.burst``), and ``--new-streams N`` a burst of N streams of
+one chunk: what a new stream costs. ``--profile`` records the stageserver worker with
+py-spy during the window of the highest concurrency (a separate run, not in the table).
+Results go to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -95,19 +96,23 @@ def _window(variant: str) -> bool:
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The load generators: kept-alive streams over a window, and one burst.
 LOAD, BURST = "bench.load", "bench.burst"
-# Metrics where the median of repeated runs is reported: bench.load's,
-_NUMBERS = (
+# Metrics where the median of repeated runs is reported: those of both generators,
+_SHARED_NUMBERS = (
     "ttft_p50_ms",
-    "ttft_p99_ms",
-    "chunks_per_second",
     "server_cpu_us_per_chunk",
     "upstream_cpu_us_per_chunk",
     "loadgen_cpu_us_per_chunk",
     "memory_per_stream_kb",
     "rss_idle_kb",
     "rss_open_kb",
-    "rss_peak_kb",
     "other_cpu_cores",
+)
+# bench.load's,
+_NUMBERS = (
+    *_SHARED_NUMBERS,
+    "ttft_p99_ms",
+    "chunks_per_second",
+    "rss_peak_kb",
     "redis_commands_per_chunk",
     "redis_cpu_us_per_chunk",
     "durable_p50_ms",
@@ -116,7 +121,7 @@ _NUMBERS = (
 )
 # and bench.burst's.
 _BURST_NUMBERS = (
-    "ttft_p50_ms",
+    *_SHARED_NUMBERS,
     "ttft_p90_ms",
     "ttft_last_ms",
     "rank_correlation",
@@ -125,19 +130,13 @@ _BURST_NUMBERS = (
     "first_token_cpu_p50_ms",
     "burst_cpu_ms",
     "server_cpu_us_per_stream",
-    "server_cpu_us_per_chunk",
-    "upstream_cpu_us_per_chunk",
-    "loadgen_cpu_us_per_chunk",
-    "memory_per_stream_kb",
-    "rss_idle_kb",
-    "rss_open_kb",
-    "other_cpu_cores",
     "send_spread_ms",
     "burst_seconds",
     "redis_connections_before",
     "redis_connections_peak",
     "redis_connections_peak_per_node",
     "redis_connections_after",
+    "redis_connections_after_per_node",
     "redis_worker_sockets_after",
 )
 
@@ -182,11 +181,13 @@ def measure(
     generator: str = LOAD,
     profile: Path | None = None,
     replica: procs.FakeUpstreamProcess | None = None,
+    new_connections: bool = False,
 ) -> dict[str, Any]:
     """One run of a load generator (``generator``: ``LOAD`` or ``BURST``) against a fresh
     server; its result, as a dict. ``concurrency``: the streams at once, or the burst's
     size. ``replica``: the pool's second replica (stageserver+pool); the upstream CPU
-    reported is the first one's only."""
+    reported is the first one's only. ``new_connections``: each of ``LOAD``'s streams on
+    a connection of its own (a burst's always are)."""
     server = _start(target, upstream, workdir, replica)
     spec = LoadSpec(
         port=server.port,
@@ -199,6 +200,7 @@ def measure(
         upstream_pid=upstream.pid,
         profile=None if profile is None else str(profile),
         api_key=getattr(server, "api_key", None),
+        new_connections=new_connections,
     )
     if isinstance(server, procs.Stageserver):
         # Its /metrics has the relay→durable delay, when the revision run has it.
@@ -228,12 +230,25 @@ _STORE_VARIANTS = frozenset({"redis", "cluster", "follow"})
 def memory_store_target(target: str) -> str | None:
     """The target that is ``target`` with the memory store: its store variants left out;
     None for a target that is not stageserver."""
+    return _without(target, lambda v: v in _STORE_VARIANTS or _window(v))
+
+
+def chat_target(target: str) -> str | None:
+    """The target that is ``target`` through the seed's /chat: its API variant left out;
+    None for a target that has none (it is its own), or is not stageserver."""
+    if not set(target.partition("@")[0].split("+")) & set(API_PATHS):
+        return None
+    return _without(target, API_PATHS.__contains__)
+
+
+def _without(target: str, left_out: Callable[[str], bool]) -> str | None:
+    """``target`` without the variants ``left_out`` names, its revision kept; None for a
+    target that is not stageserver."""
     name, at, revision = target.partition("@")
     base, *variants = name.split("+")
     if base != "stageserver":
         return None
-    kept = [v for v in variants if v not in _STORE_VARIANTS and not _window(v)]
-    return "+".join([base, *kept]) + at + revision
+    return "+".join([base, *(v for v in variants if not left_out(v))]) + at + revision
 
 
 def median_rows(
@@ -254,6 +269,7 @@ def median_rows(
         row["follow_errors"] = sum(r.get("follow_errors", 0) for r in group)
         row["follow_streams"] = sum(r.get("follow_streams", 0) for r in group)
         row["streams"] = sum(r["streams"] for r in group)
+        row["connections"] = sum(r.get("connections", 0) for r in group)
         row["server_log_errors"] = sum(r.get("server_log_errors", 0) for r in group)
         rows.append(row)
     direct = {r["concurrency"]: r["ttft_p50_ms"] for r in rows if r["target"] == "direct"}
@@ -267,6 +283,9 @@ def median_rows(
     # the same target without its store (+redis, +cluster, +follow), so the plain
     # stageserver for stageserver+redis, stageserver@rev for stageserver+redis@rev.
     _ratio(rows, "server_cpu_us_per_chunk", memory_store_target, "server_cpu_vs_memory")
+    # Against the same target's through /chat (OpenAI's and Anthropic's APIs against the
+    # seed's, the same stages): stageserver+v1chat's against stageserver's.
+    _ratio(rows, "server_cpu_us_per_chunk", chat_target, "server_cpu_vs_chat")
     # Against nginx's: the issues' targets for the relay are written as these ratios.
     _ratio(rows, "server_cpu_us_per_chunk", lambda _: "nginx", "server_cpu_vs_nginx")
     # A burst's added first-token latency against the CPU its start cost the worker: 1.0
@@ -316,6 +335,7 @@ _COLUMNS = (
     ("server_cpu_us_per_chunk", "server CPU µs/chunk"),
     ("server_cpu_vs_nginx", "÷ nginx"),
     ("server_cpu_vs_memory", "÷ memory"),
+    ("server_cpu_vs_chat", "÷ /chat"),
     ("redis_commands_per_chunk", "Redis cmds/chunk"),
     ("redis_cpu_us_per_chunk", "Redis µs/chunk"),
     ("durable_p50_ms", "durable p50 ms"),
@@ -347,6 +367,7 @@ _BURST_COLUMNS = (
     ("redis_connections_peak", "Redis conns peak"),
     ("redis_connections_peak_per_node", "peak per node"),
     ("redis_connections_after", "Redis conns after"),
+    ("redis_connections_after_per_node", "after per node"),
     ("other_cpu_cores", "other load, cores"),
     ("errors", "errors"),
 )
@@ -362,6 +383,7 @@ _NEW_STREAM_COLUMNS = (
     ("redis_connections_peak", "Redis conns peak"),
     ("redis_connections_peak_per_node", "peak per node"),
     ("redis_connections_after", "Redis conns after"),
+    ("redis_connections_after_per_node", "after per node"),
     ("other_cpu_cores", "other load, cores"),
     ("errors", "errors"),
 )
@@ -472,6 +494,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also a burst of N one-chunk streams: what a new stream costs",
     )
     parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="each stream of --concurrency and --slow on a connection of its own",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="seconds, not minutes: proves the harness works"
     )
     parser.add_argument("--profile", action="store_true", help="py-spy the stageserver worker")
@@ -508,7 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"machine: {machine['cpus']} × {machine['cpu_model']}, {machine['ram_gib']} GiB; "
         f"{shape.chunks} chunks {shape.interval:g} s apart, prefill {shape.prefill:g} s; "
-        f"{args.duration:g} s windows × {args.repeat}; load average {_load(load_before)}",
+        f"{args.duration:g} s windows × {args.repeat}"
+        f"{'; each stream on a new connection' if args.new_connections else ''}; "
+        f"load average {_load(load_before)}",
         flush=True,
     )
     upstream = procs.FakeUpstreamProcess()
@@ -526,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = measure(
             target, upstream, concurrency=level, shape=shape, duration=args.duration,
             workdir=out, generator=generator, replica=replica,
+            new_connections=args.new_connections and generator == LOAD,
         )  # fmt: skip
         result["repeat"] = rep
         into.append(result)
@@ -543,10 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 one_chunk = Shape(1, args.interval, args.prefill)
                 for target in args.targets:
                     record(new_stream_runs, target, args.new_streams, one_chunk, BURST, rep)
-        if args.slow:
-            slow_shape = Shape(args.slow_chunks, args.slow_interval, args.prefill)
-            for target in args.targets:
-                record(slow_runs, target, args.slow, slow_shape, LOAD, 0)
+            if args.slow:
+                slow_shape = Shape(args.slow_chunks, args.slow_interval, args.prefill)
+                for target in args.targets:
+                    record(slow_runs, target, args.slow, slow_shape, LOAD, rep)
         profiled = [t for t in args.targets if t.startswith("stageserver")]
         if args.profile and args.concurrency and profiled:
             for target in profiled:  # each stageserver variant asked for, in a run of its own
@@ -598,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shape": {"chunks": shape.chunks, "interval": shape.interval, "prefill": shape.prefill},
         "duration": args.duration,
         "repeat": args.repeat,
+        "new_connections": args.new_connections,
         "rows": rows,
         "slow_rows": slow_rows,
         "burst_rows": burst_rows,
