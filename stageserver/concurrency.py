@@ -56,6 +56,23 @@ def read_watcher(fd: int) -> tuple[Any, Callable[[Any], None]]:
     return hub.loop.io(fd, 1), hub.wait  # 1: readable
 
 
+def accept_in_turn(batch: int = 1) -> None:
+    """Under gevent, have the servers of this process accept at most ``batch``
+    connections each time their listening socket is ready (gevent's ``max_accept``,
+    100 by default; gunicorn sets 1 itself when it runs several workers). Call it before
+    the servers start (``gunicorn_conf.post_worker_init``).
+
+    gevent runs what is ready in a strict order: a greenlet spawned for each connection
+    accepted, then what those spawned. With 100 accepted at a time, a burst's requests
+    were all parsed before the first of them sent its upstream request, and each stream
+    waited for nearly the whole burst. One at a time, each request is parsed, its stage
+    started and its upstream request sent before the next connection is accepted, and the
+    streams already open are read in between: a burst is served in the order it came."""
+    from gevent.server import StreamServer
+
+    StreamServer.max_accept = batch
+
+
 def every(seconds: float, fn: Callable[[], None]) -> Any:
     """Under gevent, run ``fn`` in a new greenlet every ``seconds``, on a timer that never
     keeps the worker's loop alive (``ref=False``): for sweeps that live as long as the

@@ -131,11 +131,13 @@ def on_exit(server: Any) -> None:
 
 def post_worker_init(worker: Any) -> None:
     """In the worker, once the app is loaded and gevent has patched: graceful shutdown
-    (stageserver/shutdown.py) and the log format of gunicorn's worker-side lines."""
-    from stageserver import shutdown
+    (stageserver/shutdown.py), one connection accepted per turn of the event loop
+    (concurrency.accept_in_turn) and the log format of gunicorn's worker-side lines."""
+    from stageserver import concurrency, shutdown
     from stageserver.telemetry import logs, metrics
 
     shutdown.install(worker)
+    concurrency.accept_in_turn()  # a burst served in the order it came
     logs.format_gunicorn_logs(_env("LOG_FORMAT"))
     metrics.worker_started(worker.cfg.workers)
     # The app's modules and objects live as long as the worker: keep them out of the

@@ -36,6 +36,12 @@ id-less ``error`` event that says so: a client never gets a silent gap.
 A seed response starts with a ``retry:`` line, so that clients reconnect at the pace the
 operator chose (``STAGESERVER_SSE_RETRY_MS``); a ``/v1`` one with nothing; and a
 Messages stream's heartbeat is a ``ping`` event (``Framing``).
+
+Writes are coalesced: the response's first yield is empty, so that gunicorn sends the
+headers at once, and the preamble goes out with the first events; after that each write
+holds every event the stage had when the response woke (``EventFeed.read``). Each write
+to a client is a system call that, on loopback or a local proxy, also costs the
+receiving side's work, so the bytes of a stream are the same and its writes fewer.
 """
 
 from __future__ import annotations
@@ -107,7 +113,9 @@ def follow(
             yield preamble + framing.lost(feed.stage_id, str(exc))
             return
         try:
-            yield preamble  # gunicorn sends the headers with it, before the upstream answers
+            # Nothing but the headers, which gunicorn sends before the upstream answers;
+            # the preamble goes with the first events (one write, not two).
+            yield b""
             cursor = after_seq + 1
             while True:
                 try:
@@ -122,7 +130,8 @@ def follow(
                 send.begin()
                 # heartbeat_seconds without an event: a comment, which also finds a client
                 # that has gone where nothing else can look.
-                yield batch or (b"" if finished else framing.heartbeat)
+                yield preamble + (batch or (b"" if finished else framing.heartbeat))
+                preamble = b""
                 send.end()
                 if finished:
                     return

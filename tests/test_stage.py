@@ -263,22 +263,35 @@ def pace(heartbeat_seconds: float) -> FollowSettings:
     return FollowSettings(heartbeat_seconds, retry_ms=1500, send_timeout_seconds=0)
 
 
+def followed(stage: Stage, heartbeat_seconds: float) -> Iterator[bytes]:
+    """The pieces its own client's response yields, seed-framed, from the start."""
+    return follow(
+        LocalFeed(stage, owner=True),
+        after_seq=-1,
+        client_socket=None,
+        settings=pace(heartbeat_seconds),
+        framing=SEED_FRAMING,
+    )
+
+
 def test_follow_yields_heartbeats_while_quiet_then_the_events() -> None:
     stage = Stage(spec("h"), ScriptedRelay(CHUNKS[:1], before_chunks=0.25))
     stage.start()
-    pieces = collect(
-        follow(
-            LocalFeed(stage, owner=True),
-            after_seq=-1,
-            client_socket=None,
-            settings=pace(0.1),
-            framing=SEED_FRAMING,
-        )
-    )
-    assert pieces[:2] == [b"retry: 1500\n", b": heartbeat\n"]
-    assert b"".join(pieces[1:]).replace(b": heartbeat\n", b"") == stage.read(0)[0]
+    pieces = collect(followed(stage, 0.1))
+    # The preamble goes out with the first write after the headers: here a heartbeat.
+    assert pieces[:2] == [b"retry: 1500\n: heartbeat\n", b": heartbeat\n"]
+    wire = b"".join(pieces).removeprefix(b"retry: 1500\n")
+    assert wire.replace(b": heartbeat\n", b"") == stage.read(0)[0]
     done = b'id: h-done-1\nevent: done\ndata: {"stage_id":"h",' + NO_USAGE + b"}\n\n"
     assert pieces[-1].endswith(done)
+
+
+def test_follow_sends_the_headers_alone_then_the_preamble_with_the_first_events() -> None:
+    """Coalesced writes: the first yield is empty (gunicorn sends the headers), the next
+    holds the preamble and every event the stage had; the bytes are the stage's log."""
+    stage = run(Stage(spec("w"), ScriptedRelay(CHUNKS)))
+    pieces = list(followed(stage, 1.0))
+    assert pieces == [b"", b"retry: 1500\n" + stage.read(0)[0]]
 
 
 @pytest.mark.parametrize("after_seq", [-1, 0, 1])

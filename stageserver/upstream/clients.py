@@ -7,10 +7,18 @@ stage calls it. Choosing among them is ``replicas.py``'s business. A client is b
 lazily in the process that uses it (gunicorn forks workers after the app module is
 imported by none of them, but a mounted app may be created earlier), so each worker owns
 its connection pools and connections are reused across stages.
+
+A stage's request is built from what the SDK rendered once for each path of each replica
+(``RequestTemplate``: its URL, its headers, its timeouts), with only the body and the
+stage's own headers added, and sent through the client's ``http_client``: the SDK's
+request build (its options copied, merged and validated, its URL parsed again, its
+headers rendered again) cost about 0.65 ms of every stream, more than the rest of
+opening it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -19,6 +27,7 @@ from typing import Any
 
 import httpx2
 import openai
+from openai._models import FinalRequestOptions
 
 from ..concurrency import gevent_active
 from ..config import UpstreamConfig
@@ -41,6 +50,8 @@ class ReplicaClient:
         self.config = config
         self.name = config.name
         self._client: openai.OpenAI | None = None
+        self._http: httpx2.Client | None = None  # the client's http_client
+        self._templates: dict[str, RequestTemplate] = {}
         self._client_pid = 0
         self._lock = threading.Lock()
 
@@ -49,9 +60,19 @@ class ReplicaClient:
         if self._client is None or self._client_pid != os.getpid():
             with self._lock:
                 if self._client is None or self._client_pid != os.getpid():
+                    self._templates = {}
                     self._client = self._build_client()
                     self._client_pid = os.getpid()
         return self._client
+
+    def template(self, path: str) -> RequestTemplate:
+        """What every request of this process to ``path`` shares, rendered once."""
+        client = self.client  # first: a new client (a new process) drops the templates
+        template = self._templates.get(path)
+        if template is None:
+            assert self._http is not None
+            template = self._templates[path] = RequestTemplate(client, self._http, path)
+        return template
 
     def _build_client(self) -> openai.OpenAI:
         unpatch_idle_check()
@@ -65,6 +86,7 @@ class ReplicaClient:
             write=cfg.connect_timeout,
             pool=cfg.connect_timeout,
         )
+        self._http = httpx2.Client(timeout=timeout, transport=self._transport())
         return openai.OpenAI(
             base_url=cfg.url,
             api_key=cfg.api_key or "not-needed",
@@ -72,7 +94,7 @@ class ReplicaClient:
             timeout=timeout,
             # iter_raw() hands over the bytes as they came: ask for them uncompressed.
             default_headers={"Accept-Encoding": "identity"},
-            http_client=httpx2.Client(timeout=timeout, transport=self._transport()),
+            http_client=self._http,
         )
 
     def _transport(self) -> httpx2.BaseTransport:
@@ -88,13 +110,7 @@ class ReplicaClient:
         """Send the request (to ``path``: a continuation in ``raw`` mode goes to
         ``/completions``); return the response with its body still unread."""
         try:
-            return self.client.post(
-                path,
-                body=body,
-                cast_to=httpx2.Response,
-                stream=True,
-                options={"headers": dict(headers)},
-            )
+            return self.template(path).send(body, headers)
         except openai.APIStatusError as exc:
             raise UpstreamStatusError(
                 f"upstream {self.name!r} answered HTTP {exc.status_code}: {_detail(exc)}",
@@ -129,6 +145,58 @@ class ReplicaClient:
         if self._client is not None and self._client_pid == os.getpid():
             self._client.close()
         self._client = None
+
+
+class RequestTemplate:
+    """One path of one replica, as the SDK renders every request to it: its URL, its
+    headers (authorization, the SDK's own, ``Accept-Encoding``) and its timeouts, taken
+    from one request the SDK built (``_build_request``) and kept.
+
+    ``send(body, headers)`` adds the body and the stage's headers (which replace any of
+    the same name, as the SDK's merge does), sends it through the SDK's ``http_client``,
+    and fails as the SDK's ``post`` does with ``max_retries=0``: ``APITimeoutError``,
+    ``APIConnectionError``, or the SDK's ``APIStatusError`` for a status that is not 2xx
+    (its body read). It answers with the response, its body unread."""
+
+    __slots__ = ("_client", "_http", "_url", "_headers", "_names", "_extensions")
+
+    def __init__(self, client: openai.OpenAI, http: httpx2.Client, path: str) -> None:
+        built = client._build_request(
+            FinalRequestOptions.construct(method="post", url=path, json_data={})
+        )
+        self._client = client
+        self._http = http
+        self._url = built.url
+        # Content-Length is the body's, set for each request.
+        self._headers = [(k, v) for k, v in built.headers.raw if k.lower() != b"content-length"]
+        self._names = frozenset(k.decode("latin-1").lower() for k, _ in self._headers)
+        self._extensions = built.extensions
+
+    def send(self, body: dict[str, Any], headers: Mapping[str, str]) -> httpx2.Response:
+        rendered: list[tuple[Any, Any]] = self._headers
+        if not self._names.isdisjoint(name.lower() for name in headers):
+            replaced = {name.lower() for name in headers}
+            rendered = [(k, v) for k, v in rendered if k.decode("latin-1").lower() not in replaced]
+        request = httpx2.Request(
+            "POST",
+            self._url,
+            headers=[*rendered, *headers.items()],
+            # The SDK's serialisation (openapi_dumps) of a body of plain JSON values.
+            content=json.dumps(
+                body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode(),
+            extensions=dict(self._extensions),
+        )
+        try:
+            response = self._http.send(request, stream=True)
+        except httpx2.TimeoutException as exc:
+            raise openai.APITimeoutError(request=request) from exc
+        except (httpx2.RequestError, OSError) as exc:
+            raise openai.APIConnectionError(request=request) from exc
+        if not response.is_success:
+            response.read()
+            raise self._client._make_status_error_from_response(response) from None
+        return response
 
 
 def _detail(exc: openai.APIStatusError) -> str:
