@@ -20,55 +20,20 @@ it, unless the upstream the request goes to takes it (its ``extra_fields``:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from ..errors import InvalidRequest
-
-
-class Treatment(StrEnum):
-    BUILT = "built"
-    PASSED = "passed"
-    IGNORED = "ignored"
-    REFUSED = "refused"
-
-
-#: A value refused: the InvalidRequest that says why, given the field's name and value;
-#: None for a value that is taken.
-Refuse = Callable[[str, Any], InvalidRequest | None]
-
-
-@dataclass(frozen=True)
-class FieldRule:
-    name: str
-    treatment: Treatment
-    #: What stageserver does with it, in a few words (the docs' table).
-    says: str
-    #: Which of its values are refused; None: none is (null is always taken).
-    refuse: Refuse | None = None
+from ..fields import FieldRule, Refuse, Treatment, by_name, refused_unless
 
 
 def unsupported(why: str) -> Refuse:
     """Any value but null, ``[]`` and ``{}`` is refused, with ``why``."""
-
-    def refuse(name: str, value: Any) -> InvalidRequest | None:
-        if value in ([], {}):
-            return None
-        return InvalidRequest(f"{name}: {why}", field=name, code="unsupported_parameter")
-
-    return refuse
+    return refused_unless(lambda value: value in ([], {}), why, "unsupported_parameter")
 
 
 def only(taken: Callable[[Any], bool], why: str) -> Refuse:
     """A value that ``taken`` does not hold is refused, with ``why``."""
-
-    def refuse(name: str, value: Any) -> InvalidRequest | None:
-        if taken(value):
-            return None
-        return InvalidRequest(f"{name}: {why}", field=name, code="unsupported_value")
-
-    return refuse
+    return refused_unless(taken, why, "unsupported_value")
 
 
 def each(taken: Callable[[Any], bool], why: Callable[[Any], str]) -> Refuse:
@@ -361,27 +326,5 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
     ),
 )
 
-CHAT_RULES = {rule.name: rule for rule in CHAT_FIELDS}
-RESPONSES_RULES = {rule.name: rule for rule in RESPONSES_FIELDS}
-
-
-def check_values(body: Mapping[str, Any], rules: Mapping[str, FieldRule]) -> None:
-    """Refuse the first field whose value its rule refuses (with its InvalidRequest)."""
-    for name, value in body.items():
-        rule = rules.get(name)
-        if rule is not None and rule.refuse is not None and value is not None:
-            refusal = rule.refuse(name, value)
-            if refusal is not None:
-                raise refusal
-
-
-def markdown_table(rules: tuple[FieldRule, ...]) -> str:
-    """The docs' table of ``rules``: field, what is done with it, and how."""
-    rows = ["| field | | what stageserver does |", "| --- | --- | --- |"]
-    for rule in rules:
-        shown = rule.treatment.value
-        if rule.refuse is not None and rule.treatment is not Treatment.REFUSED:
-            shown += ", some values refused"
-        says = rule.says.replace("|", "\\|")
-        rows.append(f"| `{rule.name}` | {shown} | {says} |")
-    return "\n".join(rows)
+CHAT_RULES = by_name(CHAT_FIELDS)
+RESPONSES_RULES = by_name(RESPONSES_FIELDS)
