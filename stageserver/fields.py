@@ -50,6 +50,20 @@ class FieldRule:
     refuse: Refuse | None = None
 
 
+#: The rows that say the same in every dialect's tables.
+MODEL = FieldRule(
+    "model",
+    Treatment.BUILT,
+    "picks the upstream (its `models`), and is sent as the upstream names it",
+)
+SAMPLING = (
+    FieldRule("temperature", Treatment.PASSED, "sampling"),
+    FieldRule("top_p", Treatment.PASSED, "sampling"),
+)
+#: What a field that asks for a prompt cache's work says.
+NO_CACHE = "there is no prompt cache to control here"
+
+
 def by_name(*tables: tuple[FieldRule, ...]) -> dict[str, FieldRule]:
     """The rules of ``tables``, by field name: what ``check_values`` looks them up in."""
     return {rule.name: rule for table in tables for rule in table}

@@ -31,7 +31,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidRequest
-from ..fields import FieldRule, Refuse, Treatment, by_name, refused_unless
+from ..fields import (
+    MODEL,
+    NO_CACHE,
+    SAMPLING,
+    FieldRule,
+    Refuse,
+    Treatment,
+    by_name,
+    refused_unless,
+)
 
 
 def unsupported(why: str) -> Refuse:
@@ -58,15 +67,10 @@ def custom_tools_only(name: str, value: Any) -> InvalidRequest | None:
     return None
 
 
-_NO_CACHE = "there is no prompt cache to control here"
 _WHO = "a header of the SDK's; stageserver's keys say who calls"
 
 MESSAGES_FIELDS: tuple[FieldRule, ...] = (
-    FieldRule(
-        "model",
-        Treatment.BUILT,
-        "picks the upstream (its `models`), and is sent as the upstream names it",
-    ),
+    MODEL,
     FieldRule(
         "messages",
         Treatment.BUILT,
@@ -87,8 +91,7 @@ MESSAGES_FIELDS: tuple[FieldRule, ...] = (
         "as `stop`; `stop_reason: stop_sequence` where the upstream says which one stopped "
         "it (vLLM's `stop_reason`), else `end_turn`",
     ),
-    FieldRule("temperature", Treatment.PASSED, "sampling"),
-    FieldRule("top_p", Treatment.PASSED, "sampling"),
+    *SAMPLING,
     FieldRule(
         "top_k",
         Treatment.PASSED,
@@ -120,7 +123,7 @@ MESSAGES_FIELDS: tuple[FieldRule, ...] = (
         "`effort` as `reasoning_effort`; `format` (a JSON schema) as `response_format`",
     ),
     FieldRule("metadata", Treatment.IGNORED, "`user_id` is not kept"),
-    FieldRule("cache_control", Treatment.IGNORED, _NO_CACHE),
+    FieldRule("cache_control", Treatment.IGNORED, NO_CACHE),
     FieldRule("service_tier", Treatment.IGNORED, "there is one tier"),
     FieldRule("speed", Treatment.IGNORED, "there is one speed: the upstream's"),
     FieldRule("inference_geo", Treatment.IGNORED, "the upstream runs where it runs"),
@@ -147,7 +150,7 @@ COUNT_TOKENS_FIELDS: tuple[FieldRule, ...] = (
     FieldRule("tool_choice", Treatment.IGNORED, "changes no prompt here"),
     FieldRule("thinking", Treatment.IGNORED, "changes no count here"),
     FieldRule("output_config", Treatment.IGNORED, "changes no count here"),
-    FieldRule("cache_control", Treatment.IGNORED, _NO_CACHE),
+    FieldRule("cache_control", Treatment.IGNORED, NO_CACHE),
     FieldRule("speed", Treatment.IGNORED, "there is one speed: the upstream's"),
     FieldRule("user_profile_id", Treatment.IGNORED, _WHO),
     FieldRule("workspace_id", Treatment.IGNORED, _WHO),

@@ -23,7 +23,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import InvalidRequest
-from ..fields import FieldRule, Refuse, Treatment, by_name, refused_unless
+from ..fields import (
+    MODEL,
+    NO_CACHE,
+    SAMPLING,
+    FieldRule,
+    Refuse,
+    Treatment,
+    by_name,
+    refused_unless,
+)
 
 
 def unsupported(why: str) -> Refuse:
@@ -113,14 +122,9 @@ _HOSTED_INCLUDE = each(
     lambda i: not isinstance(i, str) or i in INCLUDES_TAKEN,
     lambda i: f"{i!r} asks for the output of one of OpenAI's hosted tools, which do not run here",
 )
-_NO_CACHE = "there is no prompt cache to control here"
 
 CHAT_FIELDS: tuple[FieldRule, ...] = (
-    FieldRule(
-        "model",
-        Treatment.BUILT,
-        "picks the upstream (its `models`), and is sent as the upstream names it",
-    ),
+    MODEL,
     FieldRule(
         "messages",
         Treatment.BUILT,
@@ -140,8 +144,7 @@ CHAT_FIELDS: tuple[FieldRule, ...] = (
     FieldRule(
         "max_completion_tokens", Treatment.BUILT, "the answer's token limit; wins over `max_tokens`"
     ),
-    FieldRule("temperature", Treatment.PASSED, "sampling"),
-    FieldRule("top_p", Treatment.PASSED, "sampling"),
+    *SAMPLING,
     FieldRule("stop", Treatment.PASSED, "stop sequences"),
     FieldRule("seed", Treatment.PASSED, "sampling"),
     FieldRule("presence_penalty", Treatment.PASSED, "sampling"),
@@ -175,9 +178,9 @@ CHAT_FIELDS: tuple[FieldRule, ...] = (
     FieldRule("user", Treatment.IGNORED, "stageserver's keys say who calls"),
     FieldRule("safety_identifier", Treatment.IGNORED, "stageserver's keys say who calls"),
     FieldRule("service_tier", Treatment.IGNORED, "there is one tier"),
-    FieldRule("prompt_cache_key", Treatment.IGNORED, _NO_CACHE),
-    FieldRule("prompt_cache_options", Treatment.IGNORED, _NO_CACHE),
-    FieldRule("prompt_cache_retention", Treatment.IGNORED, _NO_CACHE),
+    FieldRule("prompt_cache_key", Treatment.IGNORED, NO_CACHE),
+    FieldRule("prompt_cache_options", Treatment.IGNORED, NO_CACHE),
+    FieldRule("prompt_cache_retention", Treatment.IGNORED, NO_CACHE),
     FieldRule("prediction", Treatment.IGNORED, "a speed hint; the answer is the same without it"),
     FieldRule(
         "audio",
@@ -212,11 +215,7 @@ CHAT_FIELDS: tuple[FieldRule, ...] = (
 )
 
 RESPONSES_FIELDS: tuple[FieldRule, ...] = (
-    FieldRule(
-        "model",
-        Treatment.BUILT,
-        "picks the upstream (its `models`), and is sent as the upstream names it",
-    ),
+    MODEL,
     FieldRule(
         "input",
         Treatment.BUILT,
@@ -235,8 +234,7 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
         "background", Treatment.BUILT, "runs it with nobody attached; resumable with `stream`"
     ),
     FieldRule("text", Treatment.BUILT, "`format` becomes `response_format`; `verbosity` is passed"),
-    FieldRule("temperature", Treatment.PASSED, "sampling"),
-    FieldRule("top_p", Treatment.PASSED, "sampling"),
+    *SAMPLING,
     FieldRule(
         "top_logprobs",
         Treatment.PASSED,
@@ -278,9 +276,9 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
     FieldRule("user", Treatment.IGNORED, "echoed"),
     FieldRule("safety_identifier", Treatment.IGNORED, "echoed"),
     FieldRule("service_tier", Treatment.IGNORED, "echoed"),
-    FieldRule("prompt_cache_key", Treatment.IGNORED, _NO_CACHE),
-    FieldRule("prompt_cache_options", Treatment.IGNORED, _NO_CACHE),
-    FieldRule("prompt_cache_retention", Treatment.IGNORED, _NO_CACHE),
+    FieldRule("prompt_cache_key", Treatment.IGNORED, NO_CACHE),
+    FieldRule("prompt_cache_options", Treatment.IGNORED, NO_CACHE),
+    FieldRule("prompt_cache_retention", Treatment.IGNORED, NO_CACHE),
     FieldRule(
         "max_tool_calls", Treatment.IGNORED, "bounds hosted tools' calls, and none runs here"
     ),
