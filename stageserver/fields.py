@@ -103,6 +103,15 @@ def refused_unless(taken: Callable[[Any], bool], why: str, code: str) -> Refuse:
     return refuse
 
 
+def unsupported(why: str, *, empty_taken: bool = False) -> Refuse:
+    """Any value but null is refused, with ``why``: a field that asks for what does not
+    run here. With ``empty_taken``, ``[]`` and ``{}`` are taken too, as null (OpenAI's
+    SDK sends them for none)."""
+    if empty_taken:
+        return refused_unless(lambda value: value in ([], {}), why, "unsupported_parameter")
+    return refused_unless(lambda value: False, why, "unsupported_parameter")
+
+
 # -- what the dialects' strict request models share -------------------------------------
 
 

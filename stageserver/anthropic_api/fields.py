@@ -31,21 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidRequest
-from ..fields import (
-    MODEL,
-    NO_CACHE,
-    SAMPLING,
-    FieldRule,
-    Refuse,
-    Treatment,
-    by_name,
-    refused_unless,
-)
-
-
-def unsupported(why: str) -> Refuse:
-    """Any value but null is refused, with ``why``."""
-    return refused_unless(lambda value: False, why, "unsupported_parameter")
+from ..fields import MODEL, NO_CACHE, SAMPLING, FieldRule, Treatment, by_name, unsupported
 
 
 def custom_tools_only(name: str, value: Any) -> InvalidRequest | None:

@@ -32,12 +32,13 @@ from ..fields import (
     Treatment,
     by_name,
     refused_unless,
+    unsupported,
 )
 
 
-def unsupported(why: str) -> Refuse:
+def _unsupported(why: str) -> Refuse:
     """Any value but null, ``[]`` and ``{}`` is refused, with ``why``."""
-    return refused_unless(lambda value: value in ([], {}), why, "unsupported_parameter")
+    return unsupported(why, empty_taken=True)
 
 
 def only(taken: Callable[[Any], bool], why: str) -> Refuse:
@@ -186,31 +187,31 @@ CHAT_FIELDS: tuple[FieldRule, ...] = (
         "audio",
         Treatment.REFUSED,
         "audio output",
-        unsupported("this server answers in text only (no audio output)"),
+        _unsupported("this server answers in text only (no audio output)"),
     ),
     FieldRule(
         "web_search_options",
         Treatment.REFUSED,
         "OpenAI's hosted web search",
-        unsupported("is OpenAI's hosted web search, which no self-hosted upstream runs"),
+        _unsupported("is OpenAI's hosted web search, which no self-hosted upstream runs"),
     ),
     FieldRule(
         "moderation",
         Treatment.REFUSED,
         "OpenAI's moderation models",
-        unsupported("OpenAI's moderation does not run here"),
+        _unsupported("OpenAI's moderation does not run here"),
     ),
     FieldRule(
         "functions",
         Treatment.REFUSED,
         "deprecated by OpenAI: send `tools`",
-        unsupported("is deprecated: send tools (type function) instead"),
+        _unsupported("is deprecated: send tools (type function) instead"),
     ),
     FieldRule(
         "function_call",
         Treatment.REFUSED,
         "deprecated by OpenAI: send `tool_choice`",
-        unsupported("is deprecated: send tool_choice instead"),
+        _unsupported("is deprecated: send tool_choice instead"),
     ),
 )
 
@@ -291,7 +292,7 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
         "conversation",
         Treatment.REFUSED,
         "OpenAI's stored conversations: use `previous_response_id`",
-        unsupported(
+        _unsupported(
             "OpenAI's stored conversations are not kept here: send previous_response_id, "
             "or the input items"
         ),
@@ -300,7 +301,7 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
         "prompt",
         Treatment.REFUSED,
         "OpenAI's stored prompt templates",
-        unsupported(
+        _unsupported(
             "OpenAI's stored prompt templates are not kept here: send instructions and input"
         ),
     ),
@@ -308,19 +309,19 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
         "background_options",
         Treatment.REFUSED,
         "OpenAI's batch completion windows",
-        unsupported("completion windows are OpenAI's; a background response here runs at once"),
+        _unsupported("completion windows are OpenAI's; a background response here runs at once"),
     ),
     FieldRule(
         "context_management",
         Treatment.REFUSED,
         "OpenAI's compaction",
-        unsupported("compaction is OpenAI's; no conversation is compacted here"),
+        _unsupported("compaction is OpenAI's; no conversation is compacted here"),
     ),
     FieldRule(
         "moderation",
         Treatment.REFUSED,
         "OpenAI's moderation models",
-        unsupported("OpenAI's moderation does not run here"),
+        _unsupported("OpenAI's moderation does not run here"),
     ),
 )
 
