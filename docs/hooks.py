@@ -125,10 +125,11 @@ def changes() -> str:
 def openai_fields(api: str) -> str:
     """The table of every field of OpenAI's ``chat`` or ``responses`` create request."""
     _importable()
+    from stageserver.fields import markdown_table
     from stageserver.openai_api import fields
 
     rules = fields.CHAT_FIELDS if api == "chat" else fields.RESPONSES_FIELDS
-    return fields.markdown_table(rules)
+    return markdown_table(rules)
 
 
 def anthropic_fields(request: str) -> str:
@@ -136,13 +137,14 @@ def anthropic_fields(request: str) -> str:
     request, or of those only its ``beta`` API has."""
     _importable()
     from stageserver.anthropic_api import fields
+    from stageserver.fields import markdown_table
 
     rules = {
         "messages": fields.MESSAGES_FIELDS,
         "beta": fields.BETA_FIELDS,
         "count_tokens": fields.COUNT_TOKENS_FIELDS,
     }[request]
-    return fields.markdown_table(rules)
+    return markdown_table(rules)
 
 
 def extra_fields_rows() -> str:

@@ -10,14 +10,12 @@ mapping in ``errors.py``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
 from .errors import InvalidRequest
 from .manager import StageManager
-from .manager.handles import StartedStage
 from .schemas import (
     STAGE_ID_PATTERN,
     STAGE_ID_RULE,
@@ -54,16 +52,8 @@ def _framing() -> Framing:
 def chat() -> Response:
     manager = context.manager()
     chat_request = _chat_request(manager)
-    started = manager.start(
-        _stage_request(chat_request),
-        request_id=context.request_id(),
-        principal=context.principal(),
-        traceparent=request.headers.get("traceparent"),
-    )
-    events = context.follow_here(started.starter_feed(), -1, _framing())
-    if chat_request.stream:
-        return event_stream(events)
-    return _final_output(started, events)
+    started = context.start(_stage_request(chat_request))
+    return context.serve(started, _framing(), stream=chat_request.stream)
 
 
 def _chat_request(manager: StageManager) -> ChatRequest:
@@ -110,16 +100,6 @@ def _stage(stage_id: str) -> StageHandle:
     if not _STAGE_ID.fullmatch(stage_id):
         raise _invalid([{"field": "stage_id", "message": STAGE_ID_RULE}])
     return context.manager().find(stage_id, context.principal())
-
-
-def _final_output(started: StartedStage, events: Iterator[bytes]) -> Response:
-    """Wait for the stage, still noticing a client that leaves, and answer the seed's way."""
-    if not context.followed_to_end(events):
-        return Response(status=499)  # nobody reads this; the stage has been cancelled
-    body, status = started.final_answer()
-    response = jsonify(body)
-    response.status_code = status
-    return response
 
 
 @bp.get("/upstreams")

@@ -15,13 +15,8 @@ from flask.testing import FlaskClient
 from pydantic import BaseModel
 
 from stageserver.anthropic_api import requests as models
-from stageserver.anthropic_api.fields import (
-    BETA_FIELDS,
-    COUNT_TOKENS_FIELDS,
-    MESSAGES_FIELDS,
-    Treatment,
-    markdown_table,
-)
+from stageserver.anthropic_api.fields import BETA_FIELDS, COUNT_TOKENS_FIELDS, MESSAGES_FIELDS
+from stageserver.fields import Treatment, markdown_table
 from testing.anthropic_sdk import AnthropicSDK
 from testing.apps import app_client
 from testing.fake_upstream import FakeUpstream

@@ -17,14 +17,9 @@ from openai.types.chat import completion_create_params
 from openai.types.responses import response_create_params, response_input_item_param
 from pydantic import BaseModel
 
+from stageserver.fields import FieldRule, Treatment, markdown_table
 from stageserver.openai_api import requests as models
-from stageserver.openai_api.fields import (
-    CHAT_FIELDS,
-    RESPONSES_FIELDS,
-    FieldRule,
-    Treatment,
-    markdown_table,
-)
+from stageserver.openai_api.fields import CHAT_FIELDS, RESPONSES_FIELDS
 from testing.apps import app_client
 from testing.fake_upstream import FakeUpstream
 

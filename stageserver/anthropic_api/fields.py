@@ -21,49 +21,17 @@ unless, at the top of a create request, the upstream the request goes to takes i
 ``extra_fields``: ``config.EXTRA_FIELDS``), as the OpenAI dialects pass vLLM's
 ``min_p``. ``top_k`` is such a field: sent where the upstream takes it, else refused.
 
-The table machinery is this package's own, beside ``openai_api/fields.py``'s: the two
-APIs are siblings that import nothing of each other.
+The table machinery (``FieldRule``, ``check_values``, the docs' ``markdown_table``) is
+``stageserver/fields.py``, shared with ``openai_api/fields.py``; what a refusal says, and
+how it names a path, is this package's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from ..errors import InvalidRequest
-
-
-class Treatment(StrEnum):
-    BUILT = "built"
-    PASSED = "passed"
-    IGNORED = "ignored"
-    REFUSED = "refused"
-
-
-#: A value refused: the InvalidRequest that says why, given the field's name and value;
-#: None for a value that is taken.
-Refuse = Callable[[str, Any], InvalidRequest | None]
-
-
-@dataclass(frozen=True)
-class FieldRule:
-    name: str
-    treatment: Treatment
-    #: What stageserver does with it, in a few words (the docs' table).
-    says: str
-    #: Which of its values are refused; None: none is (null is always taken).
-    refuse: Refuse | None = None
-
-
-def unsupported(why: str) -> Refuse:
-    """Any value but null is refused, with ``why``."""
-
-    def refuse(name: str, value: Any) -> InvalidRequest | None:
-        return InvalidRequest(f"{name}: {why}", field=name, code="unsupported_parameter")
-
-    return refuse
+from ..fields import MODEL, NO_CACHE, SAMPLING, FieldRule, Treatment, by_name, unsupported
 
 
 def custom_tools_only(name: str, value: Any) -> InvalidRequest | None:
@@ -85,15 +53,10 @@ def custom_tools_only(name: str, value: Any) -> InvalidRequest | None:
     return None
 
 
-_NO_CACHE = "there is no prompt cache to control here"
 _WHO = "a header of the SDK's; stageserver's keys say who calls"
 
 MESSAGES_FIELDS: tuple[FieldRule, ...] = (
-    FieldRule(
-        "model",
-        Treatment.BUILT,
-        "picks the upstream (its `models`), and is sent as the upstream names it",
-    ),
+    MODEL,
     FieldRule(
         "messages",
         Treatment.BUILT,
@@ -114,8 +77,7 @@ MESSAGES_FIELDS: tuple[FieldRule, ...] = (
         "as `stop`; `stop_reason: stop_sequence` where the upstream says which one stopped "
         "it (vLLM's `stop_reason`), else `end_turn`",
     ),
-    FieldRule("temperature", Treatment.PASSED, "sampling"),
-    FieldRule("top_p", Treatment.PASSED, "sampling"),
+    *SAMPLING,
     FieldRule(
         "top_k",
         Treatment.PASSED,
@@ -147,7 +109,7 @@ MESSAGES_FIELDS: tuple[FieldRule, ...] = (
         "`effort` as `reasoning_effort`; `format` (a JSON schema) as `response_format`",
     ),
     FieldRule("metadata", Treatment.IGNORED, "`user_id` is not kept"),
-    FieldRule("cache_control", Treatment.IGNORED, _NO_CACHE),
+    FieldRule("cache_control", Treatment.IGNORED, NO_CACHE),
     FieldRule("service_tier", Treatment.IGNORED, "there is one tier"),
     FieldRule("speed", Treatment.IGNORED, "there is one speed: the upstream's"),
     FieldRule("inference_geo", Treatment.IGNORED, "the upstream runs where it runs"),
@@ -174,7 +136,7 @@ COUNT_TOKENS_FIELDS: tuple[FieldRule, ...] = (
     FieldRule("tool_choice", Treatment.IGNORED, "changes no prompt here"),
     FieldRule("thinking", Treatment.IGNORED, "changes no count here"),
     FieldRule("output_config", Treatment.IGNORED, "changes no count here"),
-    FieldRule("cache_control", Treatment.IGNORED, _NO_CACHE),
+    FieldRule("cache_control", Treatment.IGNORED, NO_CACHE),
     FieldRule("speed", Treatment.IGNORED, "there is one speed: the upstream's"),
     FieldRule("user_profile_id", Treatment.IGNORED, _WHO),
     FieldRule("workspace_id", Treatment.IGNORED, _WHO),
@@ -215,27 +177,5 @@ BETA_FIELDS: tuple[FieldRule, ...] = (
     ),
 )
 
-MESSAGES_RULES = {rule.name: rule for rule in (*MESSAGES_FIELDS, *BETA_FIELDS)}
-COUNT_TOKENS_RULES = {rule.name: rule for rule in COUNT_TOKENS_FIELDS}
-
-
-def check_values(body: Mapping[str, Any], rules: Mapping[str, FieldRule]) -> None:
-    """Refuse the first field whose value its rule refuses (with its InvalidRequest)."""
-    for name, value in body.items():
-        rule = rules.get(name)
-        if rule is not None and rule.refuse is not None and value is not None:
-            refusal = rule.refuse(name, value)
-            if refusal is not None:
-                raise refusal
-
-
-def markdown_table(rules: tuple[FieldRule, ...]) -> str:
-    """The docs' table of ``rules``: field, what is done with it, and how."""
-    rows = ["| field | | what stageserver does |", "| --- | --- | --- |"]
-    for rule in rules:
-        shown = rule.treatment.value
-        if rule.refuse is not None and rule.treatment is not Treatment.REFUSED:
-            shown += ", some values refused"
-        says = rule.says.replace("|", "\\|")
-        rows.append(f"| `{rule.name}` | {shown} | {says} |")
-    return "\n".join(rows)
+MESSAGES_RULES = by_name(MESSAGES_FIELDS, BETA_FIELDS)
+COUNT_TOKENS_RULES = by_name(COUNT_TOKENS_FIELDS)

@@ -36,31 +36,22 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
-    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
 )
 
 from ..errors import InvalidRequest
+from ..fields import FieldRule, Ignored, Number, Strict, check_values
 from ..stages.conversation import Conversation
-from .fields import COUNT_TOKENS_RULES, MESSAGES_RULES, FieldRule, check_values
+from .fields import COUNT_TOKENS_RULES, MESSAGES_RULES
 
-Number = StrictFloat | StrictInt
 M = TypeVar("M", bound="MessagesBase")
 #: What joins the text blocks of one message, as vLLM joins a message's text parts.
 JOIN = "\n"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-#: A field that is taken and changes nothing here: never sent on.
-Ignored = Annotated[Any, Field(default=None, exclude=True)]
-
-
-class CacheControl(_Strict):
+class CacheControl(Strict):
     type: Literal["ephemeral"]
     ttl: Literal["5m", "1h"] | None = None
 
@@ -72,7 +63,7 @@ Cache = Annotated[CacheControl | None, Field(default=None, exclude=True)]
 # -- content blocks -----------------------------------------------------------------------
 
 
-class TextBlock(_Strict):
+class TextBlock(Strict):
     type: Literal["text"]
     text: StrictStr
     cache_control: Cache
@@ -80,18 +71,18 @@ class TextBlock(_Strict):
     citations: Ignored
 
 
-class ImageBase64(_Strict):
+class ImageBase64(Strict):
     type: Literal["base64"]
     media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
     data: Annotated[StrictStr, Field(min_length=1)]
 
 
-class URLSource(_Strict):
+class URLSource(Strict):
     type: Literal["url"]
     url: Annotated[StrictStr, Field(min_length=1)]
 
 
-class FileSource(_Strict):
+class FileSource(Strict):
     """A file of Anthropic's Files API: none is kept here (refused)."""
 
     type: Literal["file"]
@@ -101,7 +92,7 @@ class FileSource(_Strict):
 ImageSource = Annotated[ImageBase64 | URLSource | FileSource, Field(discriminator="type")]
 
 
-class ImageBlock(_Strict):
+class ImageBlock(Strict):
     type: Literal["image"]
     source: ImageSource
     cache_control: Cache
@@ -109,13 +100,13 @@ class ImageBlock(_Strict):
     transformations: Ignored
 
 
-class PlainTextSource(_Strict):
+class PlainTextSource(Strict):
     type: Literal["text"]
     media_type: Literal["text/plain"]
     data: StrictStr
 
 
-class PDFBase64(_Strict):
+class PDFBase64(Strict):
     """A PDF's data: no upstream here reads PDFs (refused)."""
 
     type: Literal["base64"]
@@ -126,7 +117,7 @@ class PDFBase64(_Strict):
 ContentSourceBlock = Annotated[TextBlock | ImageBlock, Field(discriminator="type")]
 
 
-class ContentSource(_Strict):
+class ContentSource(Strict):
     type: Literal["content"]
     content: StrictStr | list[ContentSourceBlock]
 
@@ -137,7 +128,7 @@ DocumentSource = Annotated[
 ]
 
 
-class DocumentBlock(_Strict):
+class DocumentBlock(Strict):
     type: Literal["document"]
     source: DocumentSource
     title: StrictStr | None = None
@@ -147,7 +138,7 @@ class DocumentBlock(_Strict):
     citations: Ignored
 
 
-class ThinkingBlock(_Strict):
+class ThinkingBlock(Strict):
     """A reasoning model's earlier thinking, sent back: taken, and dropped."""
 
     type: Literal["thinking"]
@@ -156,13 +147,13 @@ class ThinkingBlock(_Strict):
     cache_control: Cache
 
 
-class RedactedThinkingBlock(_Strict):
+class RedactedThinkingBlock(Strict):
     type: Literal["redacted_thinking"]
     data: StrictStr
     cache_control: Cache
 
 
-class ToolUseBlock(_Strict):
+class ToolUseBlock(Strict):
     type: Literal["tool_use"]
     id: Annotated[StrictStr, Field(min_length=1)]
     name: Annotated[StrictStr, Field(min_length=1)]
@@ -175,7 +166,7 @@ class ToolUseBlock(_Strict):
 ToolResultContent = Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]
 
 
-class ToolResultBlock(_Strict):
+class ToolResultBlock(Strict):
     type: Literal["tool_result"]
     tool_use_id: Annotated[StrictStr, Field(min_length=1)]
     content: StrictStr | list[ToolResultContent] | None = None
@@ -197,7 +188,7 @@ Block = Annotated[
 ]
 
 
-class MessageParam(_Strict):
+class MessageParam(Strict):
     role: Literal["user", "assistant", "system"]
     content: StrictStr | list[Block]
 
@@ -205,7 +196,7 @@ class MessageParam(_Strict):
 # -- tools and the rest ------------------------------------------------------------------------
 
 
-class CustomTool(_Strict):
+class CustomTool(Strict):
     name: Annotated[StrictStr, Field(min_length=1, max_length=128)]
     input_schema: dict[str, Any]
     description: StrictStr | None = None
@@ -219,23 +210,23 @@ class CustomTool(_Strict):
     allowed_callers: Ignored
 
 
-class ToolChoiceAuto(_Strict):
+class ToolChoiceAuto(Strict):
     type: Literal["auto"]
     disable_parallel_tool_use: StrictBool | None = None
 
 
-class ToolChoiceAny(_Strict):
+class ToolChoiceAny(Strict):
     type: Literal["any"]
     disable_parallel_tool_use: StrictBool | None = None
 
 
-class ToolChoiceTool(_Strict):
+class ToolChoiceTool(Strict):
     type: Literal["tool"]
     name: Annotated[StrictStr, Field(min_length=1)]
     disable_parallel_tool_use: StrictBool | None = None
 
 
-class ToolChoiceNone(_Strict):
+class ToolChoiceNone(Strict):
     type: Literal["none"]
 
 
@@ -245,7 +236,7 @@ ToolChoice = Annotated[
 Display = Literal["summarized", "omitted"]
 
 
-class ThinkingEnabled(_Strict):
+class ThinkingEnabled(Strict):
     type: Literal["enabled"]
     budget_tokens: Annotated[StrictInt, Field(ge=1024)]
     display: Display | None = None
@@ -253,16 +244,16 @@ class ThinkingEnabled(_Strict):
     block_binding: Ignored
 
 
-class ThinkingDisabled(_Strict):
+class ThinkingDisabled(Strict):
     type: Literal["disabled"]
 
 
-class ThinkingAdaptive(_Strict):
+class ThinkingAdaptive(Strict):
     type: Literal["adaptive"]
     display: Display | None = None
 
 
-class ThinkingBetweenTools(_Strict):
+class ThinkingBetweenTools(Strict):
     type: Literal["between_tools"]
 
 
@@ -273,23 +264,23 @@ Thinking = Annotated[
 Effort = Literal["low", "medium", "high", "xhigh", "max"]
 
 
-class JSONOutputFormat(_Strict):
+class JSONOutputFormat(Strict):
     type: Literal["json_schema"]
     schema_: Annotated[dict[str, Any], Field(alias="schema")]
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     effort: Effort | None = None
     format: JSONOutputFormat | None = None
     #: The beta API's task budget: the request's own max_tokens bounds the answer here.
     task_budget: Ignored
 
 
-class Metadata(_Strict):
+class Metadata(Strict):
     user_id: StrictStr | None = None
 
 
-class Diagnostics(_Strict):
+class Diagnostics(Strict):
     previous_message_id: StrictStr | None = None
 
 

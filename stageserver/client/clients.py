@@ -4,6 +4,11 @@ The public methods are written once, in ``_StageRequests``, and build requests; 
 is not I/O (reading answers, the resume logic of ``resume.py``) is shared too. Each
 client only sends and reads: ``_follow`` a stream, ``_output`` of ``POST /chat``, a
 ``_json`` answer.
+
+``stream()`` and ``run()`` list the same keyword fields of ``POST /chat`` on purpose:
+each is a public signature that ``help()`` and a type checker read, and a ``**kwargs``
+shared between them would hide the fields from both. ``_chat_body`` is the one place
+the fields become a body.
 """
 
 from __future__ import annotations

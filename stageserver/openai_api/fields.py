@@ -20,55 +20,30 @@ it, unless the upstream the request goes to takes it (its ``extra_fields``:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from ..errors import InvalidRequest
+from ..fields import (
+    MODEL,
+    NO_CACHE,
+    SAMPLING,
+    FieldRule,
+    Refuse,
+    Treatment,
+    by_name,
+    refused_unless,
+    unsupported,
+)
 
 
-class Treatment(StrEnum):
-    BUILT = "built"
-    PASSED = "passed"
-    IGNORED = "ignored"
-    REFUSED = "refused"
-
-
-#: A value refused: the InvalidRequest that says why, given the field's name and value;
-#: None for a value that is taken.
-Refuse = Callable[[str, Any], InvalidRequest | None]
-
-
-@dataclass(frozen=True)
-class FieldRule:
-    name: str
-    treatment: Treatment
-    #: What stageserver does with it, in a few words (the docs' table).
-    says: str
-    #: Which of its values are refused; None: none is (null is always taken).
-    refuse: Refuse | None = None
-
-
-def unsupported(why: str) -> Refuse:
+def _unsupported(why: str) -> Refuse:
     """Any value but null, ``[]`` and ``{}`` is refused, with ``why``."""
-
-    def refuse(name: str, value: Any) -> InvalidRequest | None:
-        if value in ([], {}):
-            return None
-        return InvalidRequest(f"{name}: {why}", field=name, code="unsupported_parameter")
-
-    return refuse
+    return unsupported(why, empty_taken=True)
 
 
 def only(taken: Callable[[Any], bool], why: str) -> Refuse:
     """A value that ``taken`` does not hold is refused, with ``why``."""
-
-    def refuse(name: str, value: Any) -> InvalidRequest | None:
-        if taken(value):
-            return None
-        return InvalidRequest(f"{name}: {why}", field=name, code="unsupported_value")
-
-    return refuse
+    return refused_unless(taken, why, "unsupported_value")
 
 
 def each(taken: Callable[[Any], bool], why: Callable[[Any], str]) -> Refuse:
@@ -148,14 +123,9 @@ _HOSTED_INCLUDE = each(
     lambda i: not isinstance(i, str) or i in INCLUDES_TAKEN,
     lambda i: f"{i!r} asks for the output of one of OpenAI's hosted tools, which do not run here",
 )
-_NO_CACHE = "there is no prompt cache to control here"
 
 CHAT_FIELDS: tuple[FieldRule, ...] = (
-    FieldRule(
-        "model",
-        Treatment.BUILT,
-        "picks the upstream (its `models`), and is sent as the upstream names it",
-    ),
+    MODEL,
     FieldRule(
         "messages",
         Treatment.BUILT,
@@ -175,8 +145,7 @@ CHAT_FIELDS: tuple[FieldRule, ...] = (
     FieldRule(
         "max_completion_tokens", Treatment.BUILT, "the answer's token limit; wins over `max_tokens`"
     ),
-    FieldRule("temperature", Treatment.PASSED, "sampling"),
-    FieldRule("top_p", Treatment.PASSED, "sampling"),
+    *SAMPLING,
     FieldRule("stop", Treatment.PASSED, "stop sequences"),
     FieldRule("seed", Treatment.PASSED, "sampling"),
     FieldRule("presence_penalty", Treatment.PASSED, "sampling"),
@@ -210,48 +179,44 @@ CHAT_FIELDS: tuple[FieldRule, ...] = (
     FieldRule("user", Treatment.IGNORED, "stageserver's keys say who calls"),
     FieldRule("safety_identifier", Treatment.IGNORED, "stageserver's keys say who calls"),
     FieldRule("service_tier", Treatment.IGNORED, "there is one tier"),
-    FieldRule("prompt_cache_key", Treatment.IGNORED, _NO_CACHE),
-    FieldRule("prompt_cache_options", Treatment.IGNORED, _NO_CACHE),
-    FieldRule("prompt_cache_retention", Treatment.IGNORED, _NO_CACHE),
+    FieldRule("prompt_cache_key", Treatment.IGNORED, NO_CACHE),
+    FieldRule("prompt_cache_options", Treatment.IGNORED, NO_CACHE),
+    FieldRule("prompt_cache_retention", Treatment.IGNORED, NO_CACHE),
     FieldRule("prediction", Treatment.IGNORED, "a speed hint; the answer is the same without it"),
     FieldRule(
         "audio",
         Treatment.REFUSED,
         "audio output",
-        unsupported("this server answers in text only (no audio output)"),
+        _unsupported("this server answers in text only (no audio output)"),
     ),
     FieldRule(
         "web_search_options",
         Treatment.REFUSED,
         "OpenAI's hosted web search",
-        unsupported("is OpenAI's hosted web search, which no self-hosted upstream runs"),
+        _unsupported("is OpenAI's hosted web search, which no self-hosted upstream runs"),
     ),
     FieldRule(
         "moderation",
         Treatment.REFUSED,
         "OpenAI's moderation models",
-        unsupported("OpenAI's moderation does not run here"),
+        _unsupported("OpenAI's moderation does not run here"),
     ),
     FieldRule(
         "functions",
         Treatment.REFUSED,
         "deprecated by OpenAI: send `tools`",
-        unsupported("is deprecated: send tools (type function) instead"),
+        _unsupported("is deprecated: send tools (type function) instead"),
     ),
     FieldRule(
         "function_call",
         Treatment.REFUSED,
         "deprecated by OpenAI: send `tool_choice`",
-        unsupported("is deprecated: send tool_choice instead"),
+        _unsupported("is deprecated: send tool_choice instead"),
     ),
 )
 
 RESPONSES_FIELDS: tuple[FieldRule, ...] = (
-    FieldRule(
-        "model",
-        Treatment.BUILT,
-        "picks the upstream (its `models`), and is sent as the upstream names it",
-    ),
+    MODEL,
     FieldRule(
         "input",
         Treatment.BUILT,
@@ -270,8 +235,7 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
         "background", Treatment.BUILT, "runs it with nobody attached; resumable with `stream`"
     ),
     FieldRule("text", Treatment.BUILT, "`format` becomes `response_format`; `verbosity` is passed"),
-    FieldRule("temperature", Treatment.PASSED, "sampling"),
-    FieldRule("top_p", Treatment.PASSED, "sampling"),
+    *SAMPLING,
     FieldRule(
         "top_logprobs",
         Treatment.PASSED,
@@ -313,9 +277,9 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
     FieldRule("user", Treatment.IGNORED, "echoed"),
     FieldRule("safety_identifier", Treatment.IGNORED, "echoed"),
     FieldRule("service_tier", Treatment.IGNORED, "echoed"),
-    FieldRule("prompt_cache_key", Treatment.IGNORED, _NO_CACHE),
-    FieldRule("prompt_cache_options", Treatment.IGNORED, _NO_CACHE),
-    FieldRule("prompt_cache_retention", Treatment.IGNORED, _NO_CACHE),
+    FieldRule("prompt_cache_key", Treatment.IGNORED, NO_CACHE),
+    FieldRule("prompt_cache_options", Treatment.IGNORED, NO_CACHE),
+    FieldRule("prompt_cache_retention", Treatment.IGNORED, NO_CACHE),
     FieldRule(
         "max_tool_calls", Treatment.IGNORED, "bounds hosted tools' calls, and none runs here"
     ),
@@ -328,7 +292,7 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
         "conversation",
         Treatment.REFUSED,
         "OpenAI's stored conversations: use `previous_response_id`",
-        unsupported(
+        _unsupported(
             "OpenAI's stored conversations are not kept here: send previous_response_id, "
             "or the input items"
         ),
@@ -337,7 +301,7 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
         "prompt",
         Treatment.REFUSED,
         "OpenAI's stored prompt templates",
-        unsupported(
+        _unsupported(
             "OpenAI's stored prompt templates are not kept here: send instructions and input"
         ),
     ),
@@ -345,43 +309,21 @@ RESPONSES_FIELDS: tuple[FieldRule, ...] = (
         "background_options",
         Treatment.REFUSED,
         "OpenAI's batch completion windows",
-        unsupported("completion windows are OpenAI's; a background response here runs at once"),
+        _unsupported("completion windows are OpenAI's; a background response here runs at once"),
     ),
     FieldRule(
         "context_management",
         Treatment.REFUSED,
         "OpenAI's compaction",
-        unsupported("compaction is OpenAI's; no conversation is compacted here"),
+        _unsupported("compaction is OpenAI's; no conversation is compacted here"),
     ),
     FieldRule(
         "moderation",
         Treatment.REFUSED,
         "OpenAI's moderation models",
-        unsupported("OpenAI's moderation does not run here"),
+        _unsupported("OpenAI's moderation does not run here"),
     ),
 )
 
-CHAT_RULES = {rule.name: rule for rule in CHAT_FIELDS}
-RESPONSES_RULES = {rule.name: rule for rule in RESPONSES_FIELDS}
-
-
-def check_values(body: Mapping[str, Any], rules: Mapping[str, FieldRule]) -> None:
-    """Refuse the first field whose value its rule refuses (with its InvalidRequest)."""
-    for name, value in body.items():
-        rule = rules.get(name)
-        if rule is not None and rule.refuse is not None and value is not None:
-            refusal = rule.refuse(name, value)
-            if refusal is not None:
-                raise refusal
-
-
-def markdown_table(rules: tuple[FieldRule, ...]) -> str:
-    """The docs' table of ``rules``: field, what is done with it, and how."""
-    rows = ["| field | | what stageserver does |", "| --- | --- | --- |"]
-    for rule in rules:
-        shown = rule.treatment.value
-        if rule.refuse is not None and rule.treatment is not Treatment.REFUSED:
-            shown += ", some values refused"
-        says = rule.says.replace("|", "\\|")
-        rows.append(f"| `{rule.name}` | {shown} | {says} |")
-    return "\n".join(rows)
+CHAT_RULES = by_name(CHAT_FIELDS)
+RESPONSES_RULES = by_name(RESPONSES_FIELDS)

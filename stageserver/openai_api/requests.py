@@ -24,7 +24,6 @@ from pydantic import (
     Discriminator,
     Field,
     StrictBool,
-    StrictFloat,
     StrictInt,
     StrictStr,
     Tag,
@@ -32,27 +31,11 @@ from pydantic import (
 )
 
 from ..errors import InvalidRequest
+from ..fields import FieldRule, Ignored, Number, Strict, Treatment, check_values
 from ..stages.conversation import Conversation
-from .fields import (
-    CHAT_RULES,
-    LOGPROBS_INCLUDE,
-    RESPONSES_RULES,
-    FieldRule,
-    Treatment,
-    check_values,
-)
+from .fields import CHAT_RULES, LOGPROBS_INCLUDE, RESPONSES_RULES
 
-Number = StrictFloat | StrictInt
 M = TypeVar("M", bound="OpenAIRequest")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-#: A field that is taken and changes nothing here: never sent on (``model_dump`` leaves
-#: it out).
-Ignored = Annotated[Any, Field(default=None, exclude=True)]
 
 
 class OpenAIRequest(BaseModel):
@@ -70,37 +53,37 @@ class OpenAIRequest(BaseModel):
 # -- Chat Completions -----------------------------------------------------------------------
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: StrictStr
     prompt_cache_breakpoint: Ignored
 
 
-class ImageURL(_Strict):
+class ImageURL(Strict):
     #: An http(s) URL, which the upstream fetches under its own rules (stageserver does
     #: not), or a ``data:`` URI.
     url: Annotated[StrictStr, Field(min_length=1)]
     detail: StrictStr | None = None
 
 
-class ImagePart(_Strict):
+class ImagePart(Strict):
     type: Literal["image_url"]
     image_url: ImageURL
     prompt_cache_breakpoint: Ignored
 
 
-class InputAudio(_Strict):
+class InputAudio(Strict):
     data: StrictStr
     format: StrictStr
 
 
-class AudioPart(_Strict):
+class AudioPart(Strict):
     type: Literal["input_audio"]
     input_audio: InputAudio
     prompt_cache_breakpoint: Ignored
 
 
-class RefusalPart(_Strict):
+class RefusalPart(Strict):
     type: Literal["refusal"]
     refusal: StrictStr
 
@@ -108,18 +91,18 @@ class RefusalPart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart | AudioPart | RefusalPart, Field(discriminator="type")]
 
 
-class FunctionCall(_Strict):
+class FunctionCall(Strict):
     name: StrictStr
     arguments: StrictStr
 
 
-class ToolCall(_Strict):
+class ToolCall(Strict):
     id: StrictStr
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
@@ -134,24 +117,24 @@ class ChatMessage(_Strict):
     function_call: None = None
 
 
-class FunctionDefinition(_Strict):
+class FunctionDefinition(Strict):
     name: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     description: StrictStr | None = None
     parameters: dict[str, Any] | None = None
     strict: StrictBool | None = None
 
 
-class FunctionTool(_Strict):
+class FunctionTool(Strict):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: StrictBool = False
     include_obfuscation: Ignored
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
@@ -231,14 +214,14 @@ class ChatCompletionRequest(OpenAIRequest):
 # -- Responses ------------------------------------------------------------------------------
 
 
-class _Item(_Strict):
+class _Item(Strict):
     """What every input item may carry back from an earlier Response; nothing uses it."""
 
     id: StrictStr | None = None
     status: StrictStr | None = None
 
 
-class InputText(_Strict):
+class InputText(Strict):
     type: Literal["input_text", "output_text", "text"]
     text: StrictStr
     annotations: Ignored
@@ -246,7 +229,7 @@ class InputText(_Strict):
     prompt_cache_breakpoint: Ignored
 
 
-class InputImage(_Strict):
+class InputImage(Strict):
     type: Literal["input_image"]
     image_url: Annotated[StrictStr, Field(min_length=1)]
     detail: StrictStr | None = None
@@ -255,7 +238,7 @@ class InputImage(_Strict):
     prompt_cache_breakpoint: Ignored
 
 
-class OutputRefusal(_Strict):
+class OutputRefusal(Strict):
     type: Literal["refusal"]
     refusal: StrictStr
 
@@ -319,7 +302,7 @@ InputItem = Annotated[
 ]
 
 
-class ResponseFunctionTool(_Strict):
+class ResponseFunctionTool(Strict):
     type: Literal["function"]
     name: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     description: StrictStr | None = None
@@ -331,7 +314,7 @@ class ResponseFunctionTool(_Strict):
     output_schema: Ignored
 
 
-class TextFormat(_Strict):
+class TextFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     name: StrictStr | None = None
     schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
@@ -339,12 +322,12 @@ class TextFormat(_Strict):
     strict: StrictBool | None = None
 
 
-class TextConfig(_Strict):
+class TextConfig(Strict):
     format: TextFormat | None = None
     verbosity: StrictStr | None = None
 
 
-class ReasoningConfig(_Strict):
+class ReasoningConfig(Strict):
     effort: StrictStr | None = None
     # Echoed, and otherwise ignored: no summary is made (the reasoning itself comes, as
     # text), and the rest is OpenAI's.

@@ -156,17 +156,18 @@ class ResponsesDialect:
         """The Response of a stage that runs elsewhere, from the text it has delivered."""
         response = self.response("in_progress")
         if text:
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            response["output"] = [
-                {
-                    "id": f"msg_{self.stage_id}_0",
-                    "type": "message",
-                    "status": "in_progress",
-                    "role": "assistant",
-                    "content": [part],
-                }
-            ]
+            response["output"] = [self._message(0, _output_text(text))]
         return response
+
+    def _message(self, index: int, *content: dict[str, Any]) -> dict[str, Any]:
+        """The assistant's message at ``index`` of the output, being written."""
+        return {
+            "id": f"msg_{self.stage_id}_{index}",
+            "type": "message",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": list(content),
+        }
 
     # -- events ---------------------------------------------------------------------------
 
@@ -202,130 +203,107 @@ class ResponsesDialect:
         opening, then one message, open, with ``text``."""
         if not text:
             return
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        self._text_item = {
-            "id": f"msg_{self.stage_id}_0",
-            "type": "message",
-            "status": "in_progress",
-            "role": "assistant",
-            "content": [part],
-        }
+        self._text_item = self._message(0, _output_text(text))
         self.output = [self._text_item]
 
     def _reasoning_delta(self, seq: int, text: str) -> list[bytes]:
         events = []
         item = self._reasoning_item
         if item is None:
-            events += self._close_text(seq)
-            events += self._close_calls(seq + len(events))
-            index = len(self.output)
+            events += self._close_open(seq, but="reasoning")
             item = {
-                "id": f"rs_{self.stage_id}_{index}",
+                "id": f"rs_{self.stage_id}_{len(self.output)}",
                 "type": "reasoning",
                 "summary": [],
                 "content": [],
                 "status": "in_progress",
             }
-            self.output.append(item)
             self._reasoning_item = item
-            events.append(
-                self._event(
-                    seq + len(events),
-                    "response.output_item.added",
-                    output_index=index,
-                    item=_copy(item),
-                )
-            )
-            part = {"type": "reasoning_text", "text": ""}
-            item["content"].append(part)
-            events.append(
-                self._event(
-                    seq + len(events),
-                    "response.content_part.added",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    part=dict(part),
-                )
-            )
-        item["content"][0]["text"] += text
+            events += self._open(seq + len(events), item, {"type": "reasoning_text", "text": ""})
         events.append(
-            self._event(
-                seq + len(events),
-                "response.reasoning_text.delta",
-                item_id=item["id"],
-                output_index=self.output.index(item),
-                content_index=0,
-                delta=text,
-            )
+            self._part_delta(seq + len(events), item, "response.reasoning_text.delta", text)
         )
         return events
+
+    def _part_delta(
+        self, seq: int, item: dict[str, Any], kind: str, text: str, **fields: Any
+    ) -> bytes:
+        """``text`` added to the one part of ``item`` (opened by ``_open``): its delta
+        event, ``kind``, with ``fields``."""
+        item["content"][0]["text"] += text
+        index = self.output.index(item)
+        return self._event(
+            seq, kind, item_id=item["id"], output_index=index, content_index=0, delta=text, **fields
+        )
+
+    def _close_open(self, seq: int, *, but: str | None = None) -> list[bytes]:
+        """Every item still open closed, in the order reasoning, text, calls, but those
+        of the kind ``but``: an item of one kind that starts ends the others."""
+        closes = {
+            "reasoning": self._close_reasoning,
+            "text": self._close_text,
+            "calls": self._close_calls,
+        }
+        events: list[bytes] = []
+        for kind, close in closes.items():
+            if kind != but:
+                events += close(seq + len(events))
+        return events
+
+    def _open(self, seq: int, item: dict[str, Any], part: dict[str, Any]) -> list[bytes]:
+        """``item`` (a reasoning item or a message, with no content yet) added to the
+        output, and ``part``, its one content part, to it: the two events that say so."""
+        index = len(self.output)
+        self.output.append(item)
+        added = self._item_event(seq, "response.output_item.added", item)
+        item["content"].append(part)
+        common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return [
+            added,
+            self._event(seq + 1, "response.content_part.added", **common, part=dict(part)),
+        ]
+
+    def _item_event(self, seq: int, kind: str, item: dict[str, Any]) -> bytes:
+        """``response.output_item.added`` or ``.done``: ``item``, of the output, as it
+        stands."""
+        return self._event(seq, kind, output_index=self.output.index(item), item=_copy(item))
+
+    def _close(self, seq: int, item: dict[str, Any], done: str, **fields: Any) -> list[bytes]:
+        """``item`` (opened by ``_open``) completed: the event ``done`` (its part's
+        ``.done``, with ``fields``), then its part's and its own."""
+        index = self.output.index(item)
+        item["status"] = "completed"
+        common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        part = dict(item["content"][0])
+        return [
+            self._event(seq, done, **common, **fields),
+            self._event(seq + 1, "response.content_part.done", **common, part=part),
+            self._item_event(seq + 2, "response.output_item.done", item),
+        ]
 
     def _close_reasoning(self, seq: int) -> list[bytes]:
         item, self._reasoning_item = self._reasoning_item, None
         if item is None:
             return []
-        index = self.output.index(item)
-        part = item["content"][0]
-        item["status"] = "completed"
-        common = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        return [
-            self._event(seq, "response.reasoning_text.done", **common, text=part["text"]),
-            self._event(seq + 1, "response.content_part.done", **common, part=dict(part)),
-            self._event(seq + 2, "response.output_item.done", output_index=index, item=_copy(item)),
-        ]
+        text = item["content"][0]["text"]
+        return self._close(seq, item, "response.reasoning_text.done", text=text)
 
     def _text_delta(self, seq: int, text: str, logprobs: Mapping[str, Any] | None) -> list[bytes]:
         events = []
         item = self._text_item
         if item is None:
-            events += self._close_reasoning(seq)
-            events += self._close_calls(seq + len(events))
-            index = len(self.output)
-            item = {
-                "id": f"msg_{self.stage_id}_{index}",
-                "type": "message",
-                "status": "in_progress",
-                "role": "assistant",
-                "content": [],
-            }
-            self.output.append(item)
+            events += self._close_open(seq, but="text")
+            item = self._message(len(self.output))
             self._text_item = item
-            events.append(
-                self._event(
-                    seq + len(events),
-                    "response.output_item.added",
-                    output_index=index,
-                    item={**item, "content": []},
-                )
-            )
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            item["content"].append(part)
-            events.append(
-                self._event(
-                    seq + len(events),
-                    "response.content_part.added",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    part=dict(part),
-                )
-            )
-        part = item["content"][0]
-        part["text"] += text
+            events += self._open(seq + len(events), item, _output_text(""))
         tokens = logprobs.get("content") if logprobs is not None else None
-        if isinstance(tokens, list):
-            part["logprobs"] += [_part_logprob(token) for token in tokens]
+        if not isinstance(tokens, list):
+            tokens = []
+        item["content"][0]["logprobs"] += [_part_logprob(token) for token in tokens]
+        delta_logprobs = [_delta_logprob(token) for token in tokens]
+        kind = "response.output_text.delta"
         events.append(
-            self._event(
-                seq + len(events),
-                "response.output_text.delta",
-                item_id=item["id"],
-                output_index=self.output.index(item),
-                content_index=0,
-                delta=text,
-                logprobs=[_delta_logprob(t) for t in tokens] if isinstance(tokens, list) else [],
-            )
+            self._part_delta(seq + len(events), item, kind, text, logprobs=delta_logprobs)
         )
         return events
 
@@ -338,8 +316,7 @@ class ResponsesDialect:
         events = []
         item = self._calls.get(index)
         if item is None:
-            events += self._close_reasoning(seq)
-            events += self._close_text(seq + len(events))
+            events += self._close_open(seq, but="calls")
             output_index = len(self.output)
             call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{index}"
             item = {
@@ -352,14 +329,7 @@ class ResponsesDialect:
             }
             self.output.append(item)
             self._calls[index] = item
-            events.append(
-                self._event(
-                    seq + len(events),
-                    "response.output_item.added",
-                    output_index=output_index,
-                    item=dict(item),
-                )
-            )
+            events.append(self._item_event(seq + len(events), "response.output_item.added", item))
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             item["arguments"] += arguments
@@ -378,21 +348,11 @@ class ResponsesDialect:
         item, self._text_item = self._text_item, None
         if item is None:
             return []
-        index = self.output.index(item)
         part = item["content"][0]
-        item["status"] = "completed"
-        common = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        return [
-            self._event(
-                seq,
-                "response.output_text.done",
-                **common,
-                text=part["text"],
-                logprobs=[_delta_logprob(token) for token in part["logprobs"]],
-            ),
-            self._event(seq + 1, "response.content_part.done", **common, part=dict(part)),
-            self._event(seq + 2, "response.output_item.done", output_index=index, item=_copy(item)),
-        ]
+        logprobs = [_delta_logprob(token) for token in part["logprobs"]]
+        return self._close(
+            seq, item, "response.output_text.done", text=part["text"], logprobs=logprobs
+        )
 
     def _close_calls(self, seq: int) -> list[bytes]:
         events: list[bytes] = []
@@ -411,14 +371,7 @@ class ResponsesDialect:
                     arguments=item["arguments"],
                 )
             )
-            events.append(
-                self._event(
-                    seq + len(events),
-                    "response.output_item.done",
-                    output_index=index,
-                    item=dict(item),
-                )
-            )
+            events.append(self._item_event(seq + len(events), "response.output_item.done", item))
         return events
 
     def ending(self, seq: int, ending: Ending) -> list[bytes]:
@@ -433,9 +386,7 @@ class ResponsesDialect:
                 self._event(seq, "error", **flat, error={"type": "server_error", **flat}),
                 self._event(seq + 1, "response.failed", response=response),
             ]
-        events = self._close_reasoning(seq)
-        events += self._close_text(seq + len(events))
-        events += self._close_calls(seq + len(events))
+        events = self._close_open(seq)
         response = self.final(ending)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return [*events, self._event(seq + len(events), kind, response=response)]
@@ -481,8 +432,17 @@ class ResponsesDialect:
         return self.message_params[int(index)] + rest
 
 
+def _output_text(text: str) -> dict[str, Any]:
+    """A message's text part, its logprobs to come."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def _copy(item: dict[str, Any]) -> dict[str, Any]:
-    return {**item, "content": [dict(part) for part in item.get("content", ())]}
+    """``item`` as it stands: its content parts, where it has them, copied too."""
+    copy = dict(item)
+    if "content" in item:
+        copy["content"] = [dict(part) for part in item["content"]]
+    return copy
 
 
 def refused_request(response: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -42,7 +42,8 @@ end
 # Take the lease back for the stage instance ``token`` when it lapsed and nobody took the
 # stage meanwhile (its status still running, its epoch still this owner's); -1 when
 # another holds it, or it ended; 2 when the store lost the stage (the writer then sends it
-# whole).
+# whole). ``hold``: the lease for ``token``, as a renewal and a write both need it: 0 when
+# ``token`` holds it already, -1 when another does, else ``take_back``'s answer.
 _TAKE_BACK = """
 local function take_back(token, lease_ms, epoch)
   local state = redis.call('HMGET', KEYS[1], 'status', 'epoch')
@@ -53,7 +54,27 @@ local function take_back(token, lease_ms, epoch)
   if not state[1] then return 2 end
   return 1
 end
+
+local function hold(token, lease_ms, epoch)
+  local live = redis.call('GET', KEYS[4])
+  if live == token then return 0 end
+  if live then return -1 end
+  return take_back(token, lease_ms, epoch)
+end
 """
+
+
+def _fenced(fields: tuple[str, ...], body: str) -> Script:
+    """A script of the stage's owner, fenced by its lease: its arguments ``fields``
+    (``token``, ``lease_ms`` and ``epoch`` among them) named, ``events_in_log`` and
+    ``take_back`` defined, then ``body``, with ``lease``: what ``hold`` answered."""
+    return Script(
+        _named(fields)
+        + _EVENTS_IN_LOG
+        + _TAKE_BACK
+        + "local lease = hold(token, lease_ms, epoch)\n"
+        + body
+    )
 
 
 class ClaimArgs(NamedTuple):
@@ -98,19 +119,13 @@ class RenewArgs(NamedTuple):
 # with every renewal; a checkpoint replaces an older one only. {n}: the log holds only n
 # events (a failover lost the last writes): the owner writes them again. Else as the
 # take-back.
-RENEW = Script(
-    _named(RenewArgs._fields)
-    + _EVENTS_IN_LOG
-    + _TAKE_BACK
-    + """
-local live = redis.call('GET', KEYS[4])
-if live == token then
+RENEW = _fenced(
+    RenewArgs._fields,
+    """
+if lease == 0 then
   redis.call('PEXPIRE', KEYS[4], lease_ms)
-elseif live then
-  return -1
-else
-  local taken = take_back(token, lease_ms, epoch)
-  if taken ~= 1 then return taken end
+elseif lease ~= 1 then
+  return lease
 end
 if hash_ttl_ms ~= '' then
   redis.call('PEXPIRE', KEYS[1], hash_ttl_ms)
@@ -127,7 +142,7 @@ if checkpoint ~= '' then
   end
 end
 return 1
-"""
+""",
 )
 
 
@@ -155,18 +170,11 @@ class WriteArgs(NamedTuple):
 # store lost it. After a doubt it reads the log first, and writes only if it holds the
 # events this worker believes it does.
 # 1: written; -1: fenced; -2: the store lost the stage; {n}: it holds n events, not that.
-WRITE = Script(
-    _named(WriteArgs._fields)
-    + _EVENTS_IN_LOG
-    + _TAKE_BACK
-    + """
-local live = redis.call('GET', KEYS[4])
-if live ~= token then
-  if live then return -1 end
-  local taken = take_back(token, lease_ms, epoch)
-  if taken == -1 then return -1 end
-  if taken == 2 and summary == '' then return -2 end
-end
+WRITE = _fenced(
+    WriteArgs._fields,
+    """
+if lease == -1 then return -1 end
+if lease == 2 and summary == '' then return -2 end
 if held ~= '' then
   local have = events_in_log() or 0
   if have ~= tonumber(held) then return {have} end
@@ -201,7 +209,7 @@ else
   redis.call('PEXPIRE', KEYS[3], tonumber(event_ttl_ms) + tonumber(lease_ms))
 end
 return 1
-"""
+""",
 )
 
 

@@ -1,21 +1,28 @@
 """What every API request of stageserver shares, whichever blueprint serves it: the
-manager, the request's principal (decided first, ``auth.py``) and id, and the events of
-a stage it follows on its own socket (sent by ``stream.event_stream``)."""
+manager, the request's principal (decided first, ``auth.py``) and id, the start of a
+stage for it (``start``), and the events of a stage it follows on its own socket (sent by
+``stream.event_stream``), or the answer it waits for (``serve``)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from flask import Response, current_app, g, request
+from flask import Response, current_app, g, jsonify, request
 
 from ..errors import ClientGone
 from ..manager import StageManager, manager_of
+from ..manager.handles import StartedStage
 from ..principals import ANONYMOUS, Principal
 from ..stages.feeds import EventFeed
-from ..stream import Framing, follow
+from ..stages.spec import StageRequest
+from ..stream import Framing, event_stream, follow
 from . import cors
 from .auth import authenticator_of
+
+#: A stage's final answer and status as a response, with the given headers.
+Answer = Callable[[dict[str, Any], int, dict[str, str] | None], Response]
 
 
 def manager() -> StageManager:
@@ -82,3 +89,44 @@ def follow_here(feed: EventFeed, after_seq: int, framing: Framing) -> Iterator[b
         settings=manager().settings.follow,
         framing=framing,
     )
+
+
+def start(stage: StageRequest) -> StartedStage:
+    """Start ``stage`` for this request: its id, its principal and its ``traceparent`` go
+    with it."""
+    return manager().start(
+        stage,
+        request_id=request_id(),
+        principal=principal(),
+        traceparent=request.headers.get("traceparent"),
+    )
+
+
+def json_answer(body: dict[str, Any], status: int, headers: dict[str, str] | None) -> Response:
+    """``body`` as JSON, with ``status``, and ``headers`` where given."""
+    response = jsonify(body)
+    response.status_code = status
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def serve(
+    started: StartedStage,
+    framing: Framing,
+    *,
+    stream: bool,
+    headers: dict[str, str] | None = None,
+    answer: Answer = json_answer,
+) -> Response:
+    """The response of the request that started ``started``, which follows it on its own
+    socket: its events as they come (``stream``); else, once it has ended, its final
+    answer and status as ``answer`` makes them a response; a 499 when the client left
+    first. ``headers`` go with either."""
+    events = follow_here(started.starter_feed(), -1, framing)
+    if stream:
+        return event_stream(events, headers)
+    if not followed_to_end(events):
+        return Response(status=499)  # nobody reads this; the stage has been cancelled
+    body, status = started.final_answer()
+    return answer(body, status, headers)

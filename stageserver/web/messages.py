@@ -32,7 +32,7 @@ from ..anthropic_api.requests import CountTokensRequest, MessagesRequest, valida
 from ..errors import InvalidRequest, StageServerError
 from ..stages.spec import StageRequest
 from ..stages.usage import estimate_prompt_tokens
-from ..stream import Framing, event_stream
+from ..stream import Framing
 from ..upstream.tokenize import count_prompt_tokens
 from . import context
 from .bodies import json_object
@@ -106,7 +106,7 @@ def create_message() -> Response:
     model, stops = body.model, body.stop_sequences or ()
     params, omit = body.params(), body.omits_thinking()
     input_tokens = estimate_prompt_tokens(conversation.messages)
-    started = context.manager().start(
+    started = context.start(
         StageRequest(
             stage_id,
             conversation,
@@ -119,21 +119,9 @@ def create_message() -> Response:
                 params=params,
                 omit_thinking=omit,
             ),
-        ),
-        request_id=context.request_id(),
-        principal=context.principal(),
-        traceparent=request.headers.get("traceparent"),
+        )
     )
-    events = context.follow_here(started.starter_feed(), -1, FRAMING)
-    if body.stream:
-        return event_stream(events, _headers(stage_id))
-    if not context.followed_to_end(events):
-        return Response(status=499)  # nobody reads this; the stage has been cancelled
-    answer, status = started.final_answer()
-    response = jsonify(answer)
-    response.status_code = status
-    response.headers.update(_headers(stage_id))
-    return response
+    return context.serve(started, FRAMING, stream=body.stream, headers=_headers(stage_id))
 
 
 @bp.post("/messages/count_tokens")

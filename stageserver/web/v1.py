@@ -75,10 +75,7 @@ def _headers(stage_id: str) -> dict[str, str]:
 
 
 def _answer(body: dict[str, Any], status: int, stage_id: str) -> Response:
-    response = jsonify(body)
-    response.status_code = status
-    response.headers.update(_headers(stage_id))
-    return response
+    return context.json_answer(body, status, _headers(stage_id))
 
 
 # -- Chat Completions -----------------------------------------------------------------------
@@ -90,23 +87,15 @@ def chat_completions() -> Response:
     stage_id = f"chatcmpl-{uuid.uuid4().hex}"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     model = body.model
-    started = context.manager().start(
+    started = context.start(
         StageRequest(
             stage_id,
             body.conversation(),
             resumable=False,
             dialect=lambda sid: ChatCompletionsDialect(sid, model, include_usage=include_usage),
-        ),
-        request_id=context.request_id(),
-        principal=context.principal(),
-        traceparent=request.headers.get("traceparent"),
+        )
     )
-    events = context.follow_here(started.starter_feed(), -1, FRAMING)
-    if body.stream:
-        return event_stream(events, _headers(stage_id))
-    if not context.followed_to_end(events):
-        return Response(status=499)  # nobody reads this; the stage has been cancelled
-    return _answer(*started.final_answer(), stage_id)
+    return context.serve(started, FRAMING, stream=body.stream, headers=_headers(stage_id))
 
 
 @bp.get("/models")
@@ -150,7 +139,7 @@ def create_response() -> Response:
     # An upstream's error about one of the earlier response's messages is about that id.
     params = ["previous_response_id"] * len(before) + body.message_params()
     try:
-        started = manager.start(
+        started = context.start(
             StageRequest(
                 stage_id,
                 body.conversation(before),
@@ -161,10 +150,7 @@ def create_response() -> Response:
                 ),
                 keep_seconds=KEEP_RESPONSE_SECONDS,
                 keep_events_seconds=KEEP_EVENTS_SECONDS if replayable else 0.0,
-            ),
-            request_id=context.request_id(),
-            principal=principal,
-            traceparent=request.headers.get("traceparent"),
+            )
         )
     except BaseException:
         if key:  # refused: a retry may try again
@@ -175,18 +161,19 @@ def create_response() -> Response:
 
 def _serve(started: StartedStage, body: ResponseRequest) -> Response:
     stage_id = started.stage_id
-    if body.stream:
-        events = context.follow_here(started.starter_feed(), -1, FRAMING)
-        return event_stream(events, _headers(stage_id))
-    if body.background:
+    if body.background and not body.stream:
         return _answer(_as_it_stands(started), 200, stage_id)
-    if not context.followed_to_end(context.follow_here(started.starter_feed(), -1, FRAMING)):
-        return Response(status=499)
-    response, status = started.final_answer()
+    headers = _headers(stage_id)
+    return context.serve(started, FRAMING, stream=body.stream, headers=headers, answer=_final)
+
+
+def _final(response: dict[str, Any], status: int, headers: dict[str, str] | None) -> Response:
+    """A Response that ended so, as a create that waited for it answers it: a 400 where
+    the upstream refused its request as malformed, as OpenAI answers."""
     refused = refused_request(response)
     if refused is not None:
-        return _answer(refused, 400, stage_id)
-    return _answer(response, status, stage_id)
+        return context.json_answer(refused, 400, headers)
+    return context.json_answer(response, status, headers)
 
 
 def _again(stage_id: str, body: ResponseRequest) -> Response:
