@@ -109,13 +109,23 @@ def cached_venv(name: str, packages: Sequence[str]) -> Iterator[Venv]:
     made anew when a run left it half-made, and brought up to date (``pip install
     --upgrade``, which downloads only what changed) each time it is asked for. It is
     kept from another run's update until the block ends: two test runs on one machine
-    share it. Raises, with pip's output, when it cannot be brought up to date (the index
+    share it, and a run that finds it in another's use takes it as that run made it
+    (brought up to date when that run began) rather than wait for that run to end.
+    Raises, with pip's output, when it cannot be brought up to date (the index
     unreachable, a release that does not install): the tests that need it fail, never
     skip."""
     home = cache_home() / f"{name}-py{sys.version_info.major}.{sys.version_info.minor}"
     home.parent.mkdir(parents=True, exist_ok=True)
     with open(home.with_name(home.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # in another run's use, or being updated by it
+            fcntl.flock(lock, fcntl.LOCK_SH)  # waits only for an update to end
+            venv = Venv(home)
+            if runs(venv):
+                yield venv
+                return
+            fcntl.flock(lock, fcntl.LOCK_EX)  # left half-made: made here once free
         venv = Venv(home)
         if not runs(venv):  # none yet, or half-made: made anew
             shutil.rmtree(home, ignore_errors=True)

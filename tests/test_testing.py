@@ -4,11 +4,17 @@ the background threads a test leaves running (``threads``)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
+
+import pytest
 
 import testing
 from testing.servers import ROOT
 from testing.threads import background_threads, left_behind
+from testing.venvs import Venv, cache_home, cached_venv
 
 
 def test_the_map_of_testing_names_each_of_its_modules() -> None:
@@ -36,3 +42,46 @@ def test_a_background_thread_left_running_is_named_and_one_that_ended_is_not() -
         done.set()  # so that this test itself leaves none behind
     leaked.join()
     assert left_behind(before, wait=0.0) == []
+
+
+@pytest.mark.processes
+def test_a_cached_venv_in_another_runs_use_is_taken_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second test run on the machine does not wait for the first to end (it held the
+    venv shared for its whole session, and the second waited for it to update): it takes
+    the venv as the first made it, and asks pip for nothing (a package that does not
+    exist would fail an update)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    home = cache_home() / f"shared-py{sys.version_info.major}.{sys.version_info.minor}"
+    home.parent.mkdir(parents=True)
+    Venv.create(home)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SHARED, str(home.with_name(home.name + ".lock"))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        taken: list[Path] = []
+
+        def take() -> None:
+            with cached_venv("shared", ["no-such-package-on-any-index-0"]) as venv:
+                taken.append(venv.path)
+
+        runner = threading.Thread(target=take, daemon=True)
+        runner.start()
+        runner.join(60)  # a guard: it waited for the other run to end
+        assert taken == [home]
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+HOLD_SHARED = """
+import fcntl, sys, time
+lock = open(sys.argv[1], "w")
+fcntl.flock(lock, fcntl.LOCK_SH)
+print("held", flush=True)
+time.sleep(120)
+"""
