@@ -3,7 +3,7 @@ test client, and across two gunicorn workers in prometheus_client's multiprocess
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import json
 import logging
 import os
@@ -246,6 +246,19 @@ def _wait(predicate: Any, what: str, timeout: float = 15) -> None:
         time.sleep(0.05)
 
 
+def _metrics_dir_of(pid: int) -> Path:
+    """The multiprocess metrics directory whose files the worker ``pid`` holds open."""
+    prefix = f"{tempfile.gettempdir()}/stageserver-metrics-"
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # a descriptor closed meanwhile
+            target = os.readlink(fd)
+            if target.startswith(prefix) and target.endswith(f"_{pid}.db"):
+                held.add(Path(target).parent)
+    [directory] = held
+    return directory
+
+
 def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
     upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:
@@ -298,10 +311,10 @@ def test_metrics_add_up_across_two_workers_and_survive_a_dead_worker(
                     )
                     lines = _stage_lines(server.log())
                     assert {lines[sid][0]["pid"] for sid in batch_ids} == {serving}
-        # The directory gunicorn_conf.py made: the one holding these workers' files.
-        files = glob.glob(f"{tempfile.gettempdir()}/stageserver-metrics-*/*_{workers[0]}.db")
-        assert files
-        metrics_dir = Path(files[0]).parent
+        # The directory gunicorn_conf.py made: the one whose files these workers hold open
+        # (a name alone could match a directory an earlier run's killed server left, its
+        # worker's pid reused by one of these).
+        metrics_dir = _metrics_dir_of(workers[0])
 
         # A stage's relay gives its replica back after its end, once the upstream's body
         # has been read out: wait for that, so that the two scrapes see one state.
