@@ -33,7 +33,7 @@ from stageserver.errors import (
 )
 from stageserver.stages.chunk_read import ChunkRead
 from stageserver.stages.conversation import Conversation
-from stageserver.stages.records import AttemptRecord, ContinuationRecord
+from stageserver.stages.records import AttemptRecord, ContinuationRecord, continuation_refusal
 from stageserver.upstream.clients import UpstreamRegistry
 from stageserver.upstream.continuation import ContinuationModes
 from stageserver.upstream.relay import Continuations, Resume, UpstreamRelay
@@ -90,12 +90,7 @@ class RecordingStage:
         return self._events
 
     def continuation_refused(self, limit: int) -> str | None:
-        if not self.continuable:
-            return "it streamed tool calls or reasoning, which a continuation cannot extend"
-        made = sum(c.outcome == "ok" for c in self.continuations)
-        if made >= limit:
-            return f"it was continued {made} times already (STAGESERVER_MAX_CONTINUATIONS)"
-        return None
+        return continuation_refusal(self.continuable, self.continuations, limit)
 
     # -- what the relay tells it ----------------------------------------------------------
 

@@ -4,6 +4,7 @@ continuations of its answer. Plain values, which the status shows and the listen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -42,3 +43,17 @@ class ContinuationRecord:
     to_worker: str = ""
     cause: str = ""
     error: str = ""
+
+
+def continuation_refusal(
+    continuable: bool, continuations: Sequence[ContinuationRecord], limit: int
+) -> str | None:
+    """Why an answer may not be continued now (``continuable``: it streamed no tool calls
+    or reasoning; ``continuations``: those made of it so far, ``limit`` at most); None if
+    it may."""
+    if not continuable:
+        return "it streamed tool calls or reasoning, which a continuation cannot extend"
+    made = sum(c.outcome == "ok" for c in continuations)
+    if made >= limit:
+        return f"it was continued {made} times already (STAGESERVER_MAX_CONTINUATIONS)"
+    return None

@@ -31,7 +31,7 @@ from .chunk_read import ChunkRead
 from .dialect import Dialect, Ending, resume_at
 from .events import TERMINAL_EVENT, SeedDialect
 from .log import EventLog
-from .records import AttemptRecord, ContinuationRecord
+from .records import AttemptRecord, ContinuationRecord, continuation_refusal
 from .spec import StageRecord, StageSpec, Takeover, instance_of
 from .status import StageStatus
 
@@ -300,12 +300,7 @@ class Stage:
 
     def continuation_refused(self, limit: int) -> str | None:
         """Why its answer may not be continued now; None if it may."""
-        if not self.continuable:
-            return "it streamed tool calls or reasoning, which a continuation cannot extend"
-        made = sum(c.outcome == "ok" for c in self.continuations)
-        if made >= limit:
-            return f"it was continued {made} times already (STAGESERVER_MAX_CONTINUATIONS)"
-        return None
+        return continuation_refusal(self.continuable, self.continuations, limit)
 
     def record_continuation(self, record: ContinuationRecord) -> None:
         """A continuation of its answer (``ok``: about to be appended, after its marker),
