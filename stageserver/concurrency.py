@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -46,14 +49,67 @@ def cooperative_socket_module() -> Any:
     return gevent_socket
 
 
-def read_watcher(fd: int) -> tuple[Any, Callable[[Any], None]]:
-    """A libev watcher of ``fd`` becoming readable in gevent's loop, and the hub's
-    ``wait``, which parks the calling greenlet until the watcher fires. The watcher is
-    the caller's to ``start(callback)`` instead, to ``stop()`` and to ``close()``."""
+def read_watcher(fd: int) -> tuple[Any, Callable[[Any, int], None]]:
+    """A libev watcher of ``fd`` becoming readable in gevent's loop, and a ``wait(watcher,
+    rank)`` that parks the calling greenlet until the watcher fires, woken in turn
+    (``ReadyInTurn``). The watcher is the caller's to ``start(callback)`` instead, to
+    ``stop()`` and to ``close()``."""
     import gevent
 
     hub = gevent.get_hub()
-    return hub.loop.io(fd, 1), hub.wait  # 1: readable
+    return hub.loop.io(fd, 1), ReadyInTurn.of(hub).wait  # 1: readable
+
+
+class ReadyInTurn:
+    """Wakes the readers whose descriptors became readable in the same turn of gevent's
+    loop lowest ``rank`` first: the upstream replies of a burst are relayed in the order
+    their requests went out.
+
+    libev keeps the watchers that are ready in one turn on a stack and runs them last
+    first, so when a burst's upstream replies were ready together, the last request's
+    client got its first token first. Here a fired watcher only files its reader; one
+    callback, run once the turn's watchers have all fired, wakes them in order. The cost
+    is that callback and a heap push per wake-up."""
+
+    _by_hub: weakref.WeakKeyDictionary[Any, ReadyInTurn] = weakref.WeakKeyDictionary()
+
+    def __init__(self, hub: Any) -> None:
+        self._hub = hub
+        self._run_callback = hub.loop.run_callback
+        self._ready: list[tuple[int, int, Any]] = []
+        self._tickets = itertools.count()  # keeps equal ranks in the order they fired
+        self._release_due = False
+
+    @classmethod
+    def of(cls, hub: Any) -> ReadyInTurn:
+        turns = cls._by_hub.get(hub)
+        if turns is None:
+            turns = cls._by_hub[hub] = cls(hub)
+        return turns
+
+    def wait(self, watcher: Any, rank: int) -> None:
+        from gevent.hub import Waiter
+
+        waiter = Waiter(self._hub)
+        watcher.start(self._fired, rank, waiter)
+        try:
+            waiter.get()
+        finally:
+            watcher.stop()
+
+    def _fired(self, rank: int, waiter: Any) -> None:
+        heapq.heappush(self._ready, (rank, next(self._tickets), waiter))
+        if not self._release_due:
+            self._release_due = True
+            self._run_callback(self._release)
+
+    def _release(self) -> None:
+        # In the hub. A reader killed while filed is no longer waiting: its Waiter keeps
+        # the switch and wakes nobody.
+        self._release_due = False
+        ready = self._ready
+        while ready:
+            heapq.heappop(ready)[2].switch(None)
 
 
 def accept_in_turn(batch: int = 1) -> None:

@@ -1,20 +1,25 @@
-"""``concurrency.accept_in_turn``: a worker's server accepts one connection per turn of
-gevent's loop, so that what a request starts (its stage's relay, which sends the
-upstream request) runs before the next request is read: a burst is served in the order
-it came. A real gevent server in this process, and plain sockets connected to it before
-its loop runs."""
+"""A burst is served in the order it came.
+
+- ``concurrency.accept_in_turn``: a worker's server accepts one connection per turn of
+  gevent's loop, so that what a request starts (its stage's relay, which sends the
+  upstream request) runs before the next request is read. A real gevent server in this
+  process, and plain sockets connected to it before its loop runs.
+- ``concurrency.ReadyInTurn``: the upstream replies that are ready in the same turn of
+  the loop are read in the order their requests were sent, where libev would run them
+  last first. Real sockets, written to before the loop runs."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 gevent = pytest.importorskip("gevent")
 from gevent.server import StreamServer  # noqa: E402
 
-from stageserver.concurrency import accept_in_turn  # noqa: E402
+from stageserver.concurrency import ReadyInTurn, accept_in_turn, read_watcher  # noqa: E402
+from stageserver.upstream.transport.connections import Connection  # noqa: E402
 
 BURST = 8
 
@@ -65,3 +70,123 @@ def test_gevents_default_reads_the_whole_burst_first(default_batch: None) -> Non
     before the first one's spawned greenlet runs."""
     order = _served(BURST)
     assert order[:BURST] == [f"h{n}" for n in range(BURST)]
+
+
+def _woken(wait_for: Callable[[socket.socket, int], None], ranks: list[int]) -> list[int]:
+    """The ranks of readers parked on socket pairs, in the order they woke once every
+    pair was written to in one turn of the loop."""
+    pairs = [socket.socketpair() for _ in ranks]
+    woken: list[int] = []
+
+    def reader(sock: socket.socket, rank: int) -> None:
+        wait_for(sock, rank)
+        woken.append(rank)
+
+    try:
+        readers = [gevent.spawn(reader, a, rank) for (a, _), rank in zip(pairs, ranks)]
+        gevent.sleep(0.01)  # every reader parked
+        for _, b in pairs:
+            b.send(b"x")
+        gevent.joinall(readers, timeout=5)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+    return woken
+
+
+def _in_turn(sock: socket.socket, rank: int) -> None:
+    watcher, wait = read_watcher(sock.fileno())
+    try:
+        wait(watcher, rank)
+    finally:
+        watcher.close()
+
+
+def _libevs_order(sock: socket.socket, _rank: int) -> None:
+    hub = gevent.get_hub()
+    watcher = hub.loop.io(sock.fileno(), 1)
+    try:
+        hub.wait(watcher)
+    finally:
+        watcher.close()
+
+
+def test_readers_ready_in_one_turn_are_woken_lowest_rank_first() -> None:
+    assert _woken(_in_turn, [0, 1, 2, 3, 4, 5, 6, 7]) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert _woken(_in_turn, [5, 3, 7, 0, 6, 1, 4, 2]) == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_libev_alone_wakes_them_last_first() -> None:
+    """What ReadyInTurn changes: the hub's own wait runs a turn's ready watchers in the
+    reverse of the order they became ready."""
+    assert _woken(_libevs_order, [0, 1, 2, 3]) == [3, 2, 1, 0]
+
+
+def test_a_reader_killed_after_its_watcher_fired_is_not_woken_later() -> None:
+    """A reader killed in the turn its watcher fired, before the release: the release
+    switches to nobody, and the greenlet's next wait is not cut short by it."""
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    e, f = socket.socketpair()
+    hub = gevent.get_hub()
+    events: list[str] = []
+
+    def reader() -> None:
+        try:
+            _in_turn(a, 0)
+        except gevent.GreenletExit:
+            events.append("killed")
+        _in_turn(c, 0)  # parked again, on another socket
+        events.append("read c")
+
+    filed: list[int] = []
+
+    def kill() -> None:  # in the hub, as gevent's own cancel_wait throws
+        killer.stop()
+        filed.append(len(ReadyInTurn.of(hub)._ready))
+        greenlet.throw(gevent.GreenletExit)
+
+    killer = hub.loop.io(e.fileno(), 1)
+    killer.priority = -2  # libev's lowest: runs after the reader's in the same turn
+    try:
+        greenlet = gevent.spawn(reader)
+        gevent.sleep(0.01)
+        killer.start(kill)
+        b.send(b"x")
+        f.send(b"x")
+        gevent.sleep(0.05)
+        assert filed == [1]  # the reader's watcher had fired and filed it
+        assert events == ["killed"]  # still parked on c
+        d.send(b"x")
+        greenlet.join(timeout=5)
+        assert events == ["killed", "read c"]
+    finally:
+        killer.close()
+        for sock in (a, b, c, d, e, f):
+            sock.close()
+
+
+def test_connections_read_in_the_order_their_requests_were_sent() -> None:
+    pairs = [socket.socketpair() for _ in range(4)]
+    connections = [Connection(a, cooperative=True) for a, _ in pairs]
+    for connection in reversed(connections):  # the last pair's request went out first
+        connection.sent()
+        connection.set_read_timeout(None)  # the watcher's path, as the relay reads
+    read: list[bytes] = []
+
+    def reader(connection: Connection) -> None:
+        read.append(connection.read())
+
+    try:
+        readers = [gevent.spawn(reader, connection) for connection in connections]
+        gevent.sleep(0.01)
+        for n, (_, b) in enumerate(pairs):
+            b.send(f"{n}".encode())
+        gevent.joinall(readers, timeout=5)
+        assert read == [b"3", b"2", b"1", b"0"]
+    finally:
+        for connection in connections:
+            connection.close()
+        for _, b in pairs:
+            b.close()

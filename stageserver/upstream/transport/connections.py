@@ -15,6 +15,7 @@ fallback (``sharded.ShardedTransport``) is swept by it too.
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import socket
@@ -37,18 +38,23 @@ READ_SIZE = 65536
 
 Origin = tuple[bytes, int]
 
+#: The order in which requests went out, across this process's connections.
+_SENT = itertools.count()
+
 
 class Connection:
     """One socket to an upstream.
 
     ``cooperative`` (gevent): the socket is gevent's; a read parks the greenlet on a
     libev watcher of its own, then reads the descriptor once, with no timer and no
-    ``EAGAIN`` try first. Otherwise a read is the socket's blocking ``recv``, bounded by
-    its timeout. ``get_extra_info("socket")`` is what httpcore's network stream offers,
-    so a thread can shut the socket down under a reader (``stages._shutdown``).
+    ``EAGAIN`` try first. Readers woken in the same turn of the loop go in the order their
+    requests were sent (``rank``, ``concurrency.ReadyInTurn``). Otherwise a read is the
+    socket's blocking ``recv``, bounded by its timeout. ``get_extra_info("socket")`` is
+    what httpcore's network stream offers, so a thread can shut the socket down under a
+    reader (``stages._shutdown``).
     """
 
-    __slots__ = ("sock", "fd", "wait", "watcher", "idle_since", "_poll", "_hub_wait")
+    __slots__ = ("sock", "fd", "wait", "watcher", "rank", "idle_since", "_poll", "_hub_wait")
 
     def __init__(self, sock: socket.socket, cooperative: bool) -> None:
         self.sock = sock
@@ -56,8 +62,9 @@ class Connection:
         self.idle_since = 0.0
         self._poll = real_poll()()
         self._poll.register(self.fd, select.POLLIN)
-        self.wait: Callable[[Any], None] | None = None
-        self._hub_wait: Callable[[Any], None] | None = None
+        self.wait: Callable[[Any, int], None] | None = None
+        self._hub_wait: Callable[[Any, int], None] | None = None
+        self.rank = 0
         self.watcher: Any = None
         if cooperative:
             self.watcher, self._hub_wait = read_watcher(self.fd)
@@ -73,11 +80,16 @@ class Connection:
         if wait is None:
             return self.sock.recv(READ_SIZE)
         while True:
-            wait(self.watcher)
+            wait(self.watcher, self.rank)
             try:
                 return os.read(self.fd, READ_SIZE)
             except BlockingIOError:
                 continue
+
+    def sent(self) -> None:
+        """A request went out on this connection: its reply ranks after every reply to a
+        request sent before it."""
+        self.rank = next(_SENT)
 
     def readable(self) -> bool:
         return bool(self._poll.poll(0))

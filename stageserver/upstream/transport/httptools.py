@@ -144,6 +144,7 @@ class HttpToolsTransport(httpx2.BaseTransport):
             try:
                 conn.sock.settimeout(timeouts.get("write"))
                 conn.sock.sendall(message)
+                conn.sent()
             except TimeoutError as exc:
                 raise httpx2.WriteTimeout(str(exc) or "timed out sending the request") from exc
             except OSError as exc:
