@@ -63,7 +63,7 @@ def read_watcher(fd: int) -> tuple[Any, Callable[[Any, int], None]]:
 class ReadyInTurn:
     """Wakes the readers whose descriptors became readable in the same turn of gevent's
     loop lowest ``rank`` first: the upstream replies of a burst are relayed in the order
-    their requests went out.
+    their requests came (the transport ranks each request as it comes).
 
     libev keeps the watchers that are ready in one turn on a stack and runs them last
     first, so when a burst's upstream replies were ready together, the last request's

@@ -5,7 +5,7 @@
   upstream request) runs before the next request is read. A real gevent server in this
   process, and plain sockets connected to it before its loop runs.
 - ``concurrency.ReadyInTurn``: the upstream replies that are ready in the same turn of
-  the loop are read in the order their requests were sent, where libev would run them
+  the loop are read in the order their requests came, where libev would run them
   last first. Real sockets, written to before the loop runs."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _woken(wait_for: Callable[[socket.socket, int], None], ranks: list[int]) -> 
         woken.append(rank)
 
     try:
-        readers = [gevent.spawn(reader, a, rank) for (a, _), rank in zip(pairs, ranks)]
+        readers = [gevent.spawn(reader, a, rank) for (a, _), rank in zip(pairs, ranks, strict=True)]
         gevent.sleep(0.01)  # every reader parked
         for _, b in pairs:
             b.send(b"x")
@@ -167,11 +167,11 @@ def test_a_reader_killed_after_its_watcher_fired_is_not_woken_later() -> None:
             sock.close()
 
 
-def test_connections_read_in_the_order_their_requests_were_sent() -> None:
+def test_connections_read_in_the_order_their_requests_came() -> None:
     pairs = [socket.socketpair() for _ in range(4)]
     connections = [Connection(a, cooperative=True) for a, _ in pairs]
-    for connection in reversed(connections):  # the last pair's request went out first
-        connection.sent()
+    for rank, connection in enumerate(reversed(connections)):  # the last pair's came first
+        connection.carry(rank)
         connection.set_read_timeout(None)  # the watcher's path, as the relay reads
     read: list[bytes] = []
 

@@ -38,8 +38,15 @@ READ_SIZE = 65536
 
 Origin = tuple[bytes, int]
 
-#: The order in which requests went out, across this process's connections.
-_SENT = itertools.count()
+#: The order in which requests came to this process's transports: a request's rank.
+_REQUESTS = itertools.count()
+
+
+def next_rank() -> int:
+    """The rank of a request coming in now: its reply ranks after every reply to a
+    request that came before it, whichever connection each is sent on (whose connect
+    and send may finish in another order)."""
+    return next(_REQUESTS)
 
 
 class Connection:
@@ -48,7 +55,7 @@ class Connection:
     ``cooperative`` (gevent): the socket is gevent's; a read parks the greenlet on a
     libev watcher of its own, then reads the descriptor once, with no timer and no
     ``EAGAIN`` try first. Readers woken in the same turn of the loop go in the order their
-    requests were sent (``rank``, ``concurrency.ReadyInTurn``). Otherwise a read is the
+    requests came (``rank``, ``concurrency.ReadyInTurn``). Otherwise a read is the
     socket's blocking ``recv``, bounded by its timeout. ``get_extra_info("socket")`` is
     what httpcore's network stream offers, so a thread can shut the socket down under a
     reader (``stages._shutdown``).
@@ -86,10 +93,9 @@ class Connection:
             except BlockingIOError:
                 continue
 
-    def sent(self) -> None:
-        """A request went out on this connection: its reply ranks after every reply to a
-        request sent before it."""
-        self.rank = next(_SENT)
+    def carry(self, rank: int) -> None:
+        """This connection carries the request of ``rank`` (``next_rank()``) now."""
+        self.rank = rank
 
     def readable(self) -> bool:
         return bool(self._poll.poll(0))

@@ -54,7 +54,7 @@ import httptools
 import httpx2
 
 from ...concurrency import cooperative_socket_module, gevent_active
-from .connections import KEEPALIVE_EXPIRY, Connection, ConnectionPool, Origin, reap
+from .connections import KEEPALIVE_EXPIRY, Connection, ConnectionPool, Origin, next_rank, reap
 
 # RFC 9110's token for names; values may not hold CR, LF or NUL (no header injection).
 _BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
@@ -97,6 +97,7 @@ class HttpToolsTransport(httpx2.BaseTransport):
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         origin = (url.raw_host, url.port or 80)
         message = _request_bytes(request)
+        rank = next_rank()
         pool = self.pool
         pool.acquire(timeouts.get("pool"))
         try:
@@ -106,6 +107,7 @@ class HttpToolsTransport(httpx2.BaseTransport):
                 if conn is None:
                     conn = self._connect(origin, timeouts.get("connect"))
                 try:
+                    conn.carry(rank)
                     return self._exchange(conn, origin, message, request.method, timeouts)
                 except _NoResponse as exc:
                     if not reused:
@@ -144,7 +146,6 @@ class HttpToolsTransport(httpx2.BaseTransport):
             try:
                 conn.sock.settimeout(timeouts.get("write"))
                 conn.sock.sendall(message)
-                conn.sent()
             except TimeoutError as exc:
                 raise httpx2.WriteTimeout(str(exc) or "timed out sending the request") from exc
             except OSError as exc:
