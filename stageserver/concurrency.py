@@ -49,15 +49,22 @@ def cooperative_socket_module() -> Any:
     return gevent_socket
 
 
-def read_watcher(fd: int) -> tuple[Any, Callable[[Any, int], None]]:
-    """A libev watcher of ``fd`` becoming readable in gevent's loop, and a ``wait(watcher,
-    rank)`` that parks the calling greenlet until the watcher fires, woken in turn
-    (``ReadyInTurn``). The watcher is the caller's to ``start(callback)`` instead, to
-    ``stop()`` and to ``close()``."""
+def read_watcher(fd: int) -> tuple[Any, Callable[[Any], None]]:
+    """A libev watcher of ``fd`` becoming readable in gevent's loop, and the hub's
+    ``wait``, which parks the calling greenlet until the watcher fires. The watcher is
+    the caller's to ``start(callback)`` instead, to ``stop()`` and to ``close()``."""
     import gevent
 
     hub = gevent.get_hub()
-    return hub.loop.io(fd, 1), ReadyInTurn.of(hub).wait  # 1: readable
+    return hub.loop.io(fd, 1), hub.wait  # 1: readable
+
+
+def wait_in_turn() -> Callable[[Any, int], None]:
+    """A ``wait(watcher, rank)`` like the hub's, that wakes the readers ready in one turn
+    of the loop lowest rank first (``ReadyInTurn``)."""
+    import gevent
+
+    return ReadyInTurn.of(gevent.get_hub()).wait
 
 
 class ReadyInTurn:
@@ -69,7 +76,8 @@ class ReadyInTurn:
     first, so when a burst's upstream replies were ready together, the last request's
     client got its first token first. Here a fired watcher only files its reader; one
     callback, run once the turn's watchers have all fired, wakes them in order. The cost
-    is that callback and a heap push per wake-up."""
+    is that callback and a heap push per wake-up, a few microseconds: the upstream
+    transport pays it until a reply's body begins, not for every chunk."""
 
     _by_hub: weakref.WeakKeyDictionary[Any, ReadyInTurn] = weakref.WeakKeyDictionary()
 

@@ -18,7 +18,12 @@ import pytest
 gevent = pytest.importorskip("gevent")
 from gevent.server import StreamServer  # noqa: E402
 
-from stageserver.concurrency import ReadyInTurn, accept_in_turn, read_watcher  # noqa: E402
+from stageserver.concurrency import (  # noqa: E402
+    ReadyInTurn,
+    accept_in_turn,
+    read_watcher,
+    wait_in_turn,
+)
 from stageserver.upstream.transport.connections import Connection  # noqa: E402
 
 BURST = 8
@@ -96,9 +101,9 @@ def _woken(wait_for: Callable[[socket.socket, int], None], ranks: list[int]) -> 
 
 
 def _in_turn(sock: socket.socket, rank: int) -> None:
-    watcher, wait = read_watcher(sock.fileno())
+    watcher, _ = read_watcher(sock.fileno())
     try:
-        wait(watcher, rank)
+        wait_in_turn()(watcher, rank)
     finally:
         watcher.close()
 
@@ -167,12 +172,16 @@ def test_a_reader_killed_after_its_watcher_fired_is_not_woken_later() -> None:
             sock.close()
 
 
-def test_connections_read_in_the_order_their_requests_came() -> None:
-    pairs = [socket.socketpair() for _ in range(4)]
+def _read_order(ranks: list[int], *, begun: bool) -> list[bytes]:
+    """What connections carrying requests of ``ranks`` read, in the order they read it,
+    once their pairs were written to in one turn (pair n writes ``n``)."""
+    pairs = [socket.socketpair() for _ in ranks]
     connections = [Connection(a, cooperative=True) for a, _ in pairs]
-    for rank, connection in enumerate(reversed(connections)):  # the last pair's came first
+    for rank, connection in zip(ranks, connections, strict=True):
         connection.carry(rank)
         connection.set_read_timeout(None)  # the watcher's path, as the relay reads
+        if begun:
+            connection.begun()
     read: list[bytes] = []
 
     def reader(connection: Connection) -> None:
@@ -184,9 +193,20 @@ def test_connections_read_in_the_order_their_requests_came() -> None:
         for n, (_, b) in enumerate(pairs):
             b.send(f"{n}".encode())
         gevent.joinall(readers, timeout=5)
-        assert read == [b"3", b"2", b"1", b"0"]
     finally:
         for connection in connections:
             connection.close()
         for _, b in pairs:
             b.close()
+    return read
+
+
+def test_connections_read_in_the_order_their_requests_came() -> None:
+    assert _read_order([3, 2, 1, 0], begun=False) == [b"3", b"2", b"1", b"0"]
+    assert _read_order([0, 1, 2, 3], begun=False) == [b"0", b"1", b"2", b"3"]
+
+
+def test_once_a_reply_has_begun_its_reads_skip_the_turn() -> None:
+    """The order costs a callback per wake-up, paid until the reply's body begins: then
+    the connection is read as libev runs it."""
+    assert _read_order([0, 1, 2, 3], begun=True) == [b"3", b"2", b"1", b"0"]

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import httpx2
 
-from ...concurrency import every, read_watcher, real_poll
+from ...concurrency import every, read_watcher, real_poll, wait_in_turn
 
 # Below the 5 s idle timeout common to upstream servers, so that a pooled connection is
 # not reused just as the upstream closes it.
@@ -54,14 +54,27 @@ class Connection:
 
     ``cooperative`` (gevent): the socket is gevent's; a read parks the greenlet on a
     libev watcher of its own, then reads the descriptor once, with no timer and no
-    ``EAGAIN`` try first. Readers woken in the same turn of the loop go in the order their
-    requests came (``rank``, ``concurrency.ReadyInTurn``). Otherwise a read is the
+    ``EAGAIN`` try first. Until its reply's body begins (``begun()``), readers woken in
+    the same turn of the loop go in the order their requests came (``carry(rank)``,
+    ``concurrency.ReadyInTurn``): a burst's first tokens go out first come, first served.
+    Otherwise a read is the
     socket's blocking ``recv``, bounded by its timeout. ``get_extra_info("socket")`` is
     what httpcore's network stream offers, so a thread can shut the socket down under a
     reader (``stages._shutdown``).
     """
 
-    __slots__ = ("sock", "fd", "wait", "watcher", "rank", "idle_since", "_poll", "_hub_wait")
+    __slots__ = (
+        "sock",
+        "fd",
+        "wait",
+        "watcher",
+        "rank",
+        "idle_since",
+        "_in_turn",
+        "_poll",
+        "_hub_wait",
+        "_wait_in_turn",
+    )
 
     def __init__(self, sock: socket.socket, cooperative: bool) -> None:
         self.sock = sock
@@ -69,12 +82,15 @@ class Connection:
         self.idle_since = 0.0
         self._poll = real_poll()()
         self._poll.register(self.fd, select.POLLIN)
-        self.wait: Callable[[Any, int], None] | None = None
-        self._hub_wait: Callable[[Any, int], None] | None = None
+        self.wait: Callable[[Any], None] | None = None
+        self._hub_wait: Callable[[Any], None] | None = None
+        self._wait_in_turn: Callable[[Any, int], None] | None = None
         self.rank = 0
+        self._in_turn = False
         self.watcher: Any = None
         if cooperative:
             self.watcher, self._hub_wait = read_watcher(self.fd)
+            self._wait_in_turn = wait_in_turn()
 
     def set_read_timeout(self, seconds: float | None) -> None:
         """Bound each read by ``seconds``; under gevent, a read with a bound goes through
@@ -87,15 +103,24 @@ class Connection:
         if wait is None:
             return self.sock.recv(READ_SIZE)
         while True:
-            wait(self.watcher, self.rank)
+            if self._in_turn and self._wait_in_turn is not None:
+                self._wait_in_turn(self.watcher, self.rank)
+            else:
+                wait(self.watcher)
             try:
                 return os.read(self.fd, READ_SIZE)
             except BlockingIOError:
                 continue
 
     def carry(self, rank: int) -> None:
-        """This connection carries the request of ``rank`` (``next_rank()``) now."""
+        """This connection carries the request of ``rank`` (``next_rank()``) now: its
+        reads go in turn until ``begun()``."""
         self.rank = rank
+        self._in_turn = True
+
+    def begun(self) -> None:
+        """The reply's body has begun: later reads go as the loop runs them."""
+        self._in_turn = False
 
     def readable(self) -> bool:
         return bool(self._poll.poll(0))

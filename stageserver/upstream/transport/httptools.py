@@ -47,7 +47,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httptools
@@ -303,8 +303,12 @@ class _Body(httpx2.SyncByteStream):
             return
         read = conn.read
         feed = self.feed
+        begun: Callable[[], None] | None = conn.begun
         while True:
             if pieces:
+                if begun is not None:  # the reads up to here went in turn
+                    begun()
+                    begun = None
                 # One piece per chunk, as h11 gives them: joining them would save nothing
                 # in the usual read of one chunk, and hide where each chunk ended.
                 yield from pieces
