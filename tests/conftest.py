@@ -17,8 +17,9 @@ from testing.topology import CLUSTER, REDIS, TOPOLOGIES, Topologies, Topology
 from testing.venvs import cached_venv
 
 #: Marks the tests that start a process, and fails one unmarked that starts one; fails a
-#: test that leaves a stageserver background thread running (an app it did not close).
-pytest_plugins = ("testing.processes", "testing.threads")
+#: test that leaves a stageserver background thread running (an app it did not close);
+#: hands the longest modules out first in a parallel run.
+pytest_plugins = ("testing.processes", "testing.threads", "testing.schedule")
 
 
 @pytest.fixture(scope="session")
