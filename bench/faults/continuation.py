@@ -16,8 +16,8 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
@@ -45,15 +45,7 @@ def host_sigkill(quick: bool) -> Outcome:
     n, chunks, interval = (10 if quick else 100), 400, 0.05
     ids = [f"hk-{i}" for i in range(n)]
     model = f"fake?chunks={chunks}&interval={interval}"
-    with FakeUpstream(defaults={"continuation": "trailing"}) as fake, ExitStack() as stack:
-        redis = RedisServer()
-        stack.callback(redis.stop)
-        rig = start_rig(
-            stack, fake.url, fake.port, lambda: fake.open_connections, names=("A", "B"),
-            store_ports={redis.port}, STAGESERVER_STORE_URL=redis.url,
-            STAGESERVER_OWNER_LEASE_SECONDS=str(LEASE_SECONDS),
-            STAGESERVER_UPSTREAM_CONTINUATION="trailing",
-        )  # fmt: skip
+    with two_hosts_on_redis() as rig:
         (a, b), (probe_a, probe_b) = rig.servers, rig.probes
         for stage_id in ids:
             start_and_leave(a.url, stage_id, model)
@@ -104,6 +96,44 @@ def host_sigkill(quick: bool) -> Outcome:
     return out
 
 
+@contextmanager
+def two_hosts_on_redis() -> Iterator[Rig]:
+    """``host-sigkill``'s rig, for every API: hosts A and B on one Redis, A's lease
+    ``LEASE_SECONDS``, both on a fake upstream that continues a trailing assistant
+    message, as they are told."""
+    with FakeUpstream(defaults={"continuation": "trailing"}) as fake, ExitStack() as stack:
+        redis = RedisServer()
+        stack.callback(redis.stop)
+        yield start_rig(
+            stack, fake.url, fake.port, lambda: fake.open_connections, names=("A", "B"),
+            store_ports={redis.port}, STAGESERVER_STORE_URL=redis.url,
+            STAGESERVER_OWNER_LEASE_SECONDS=str(LEASE_SECONDS),
+            STAGESERVER_UPSTREAM_CONTINUATION="trailing",
+        )  # fmt: skip
+
+
+@contextmanager
+def replica_cut_rig(cut: int) -> Iterator[tuple[Rig, FakeUpstream, FakeUpstream]]:
+    """``replica-cut``'s rig, for every API: one host, no Redis, a pool of two replicas
+    that continue a trailing assistant message; the first drops each answer after ``cut``
+    chunks. The rig, and the two replicas."""
+    with (
+        FakeUpstream(defaults={"mode": "drop", "after": cut, "continuation": "trailing"}) as one,
+        FakeUpstream(defaults={"continuation": "trailing"}) as two,
+        ExitStack() as stack,
+    ):
+        pool = {"urls": [one.url, two.url], "continuation": "trailing", "kind": "openai"}
+        rig = start_rig(
+            stack, one.url, one.port, lambda: one.open_connections + two.open_connections,
+            STAGESERVER_UPSTREAMS=json.dumps({"default": pool}),
+        )  # fmt: skip
+        # The probe tells apart the sockets to replica 1 alone: the baseline is taken again
+        # once the warm-up's connection, to either replica, has expired.
+        wait_until(lambda: rig.upstream_connections() == 0, SETTLE_SECONDS)
+        rig.probe.baseline = rig.probe.snapshot()
+        yield rig, one, two
+
+
 def join_all(followers: Sequence[Follower], seconds: float) -> None:
     """Wait for every follower, ``seconds`` in all (not each: a stuck run ends)."""
     deadline = time.monotonic() + seconds
@@ -135,20 +165,7 @@ def replica_cut(quick: bool) -> Outcome:
     n, chunks, cut, interval = (10 if quick else 100), 200, 50, 0.02
     model = f"fake?chunks={chunks}&interval={interval}"
     ids = [f"rc-{i}" for i in range(n)]
-    with (
-        FakeUpstream(defaults={"mode": "drop", "after": cut, "continuation": "trailing"}) as one,
-        FakeUpstream(defaults={"continuation": "trailing"}) as two,
-        ExitStack() as stack,
-    ):
-        pool = {"urls": [one.url, two.url], "continuation": "trailing", "kind": "openai"}
-        rig = start_rig(
-            stack, one.url, one.port, lambda: one.open_connections + two.open_connections,
-            STAGESERVER_UPSTREAMS=json.dumps({"default": pool}),
-        )  # fmt: skip
-        # The probe tells apart the sockets to replica 1 alone: the baseline is taken again
-        # once the warm-up's connection, to either replica, has expired.
-        wait_until(lambda: rig.upstream_connections() == 0, SETTLE_SECONDS)
-        rig.probe.baseline = rig.probe.snapshot()
+    with replica_cut_rig(cut) as (rig, one, two):
         streams = [tagged_chat(rig.server.url, stage_id, model) for stage_id in ids]
         join_all(streams, chunks * interval + 30)
 

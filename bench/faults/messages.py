@@ -1,7 +1,8 @@
 """A Messages stream under the faults that continue an answer, as ``/chat``'s
 (``continuation.py``): a host SIGKILLed with its messages in flight, and a replica that
-cuts its answers mid-way. The same rigs, the same fake upstream continuing a trailing
-assistant message; the streams go through ``POST /v1/messages``.
+cuts its answers mid-way. The same rigs (``two_hosts_on_redis``, ``replica_cut_rig``),
+the same fake upstream continuing a trailing assistant message; the streams go through
+``POST /v1/messages``.
 
 Every client must read the scripted answer once, as the Messages API streams it: one
 ``message_start``, one text block (``content_block_start``, a ``content_block_delta``
@@ -12,20 +13,16 @@ per piece, ``content_block_stop``), ``message_delta`` (``end_turn``) and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from contextlib import ExitStack
 from typing import Any
 
 import requests
 
-from testing.fake_upstream import FakeUpstream
-from testing.servers import RedisServer
 from testing.sse import OpenStream, parse_events, stage_status
 
 from .clients import Follower, watch
-from .continuation import LEASE_SECONDS, join_all, kill_host, seen
-from .harness import SETTLE_SECONDS, Outcome, Rig, start_rig, wait_until
+from .continuation import join_all, kill_host, replica_cut_rig, seen, two_hosts_on_redis
+from .harness import Outcome, Rig
 
 
 def body(model: str) -> dict[str, Any]:
@@ -96,15 +93,7 @@ def host_sigkill(quick: bool) -> Outcome:
     out = Outcome("owner SIGKILL, a Messages stream continued")
     n, chunks, interval = (10 if quick else 100), 400, 0.05
     model = f"fake?chunks={chunks}&interval={interval}"
-    with FakeUpstream(defaults={"continuation": "trailing"}) as fake, ExitStack() as stack:
-        redis = RedisServer()
-        stack.callback(redis.stop)
-        rig = start_rig(
-            stack, fake.url, fake.port, lambda: fake.open_connections, names=("A", "B"),
-            store_ports={redis.port}, STAGESERVER_STORE_URL=redis.url,
-            STAGESERVER_OWNER_LEASE_SECONDS=str(LEASE_SECONDS),
-            STAGESERVER_UPSTREAM_CONTINUATION="trailing",
-        )  # fmt: skip
+    with two_hosts_on_redis() as rig:
         (a, b), (probe_a, probe_b) = rig.servers, rig.probes
         ids = [start_and_leave(a.url, model, f"hkm-{i}") for i in range(n)]
         watchers = [watch(b.url, message_id) for message_id in ids]
@@ -142,18 +131,7 @@ def replica_cut(quick: bool) -> Outcome:
     out = Outcome("replica cut mid-answer, a Messages stream")
     n, chunks, cut, interval = (10 if quick else 100), 200, 50, 0.02
     model = f"fake?chunks={chunks}&interval={interval}"
-    with (
-        FakeUpstream(defaults={"mode": "drop", "after": cut, "continuation": "trailing"}) as one,
-        FakeUpstream(defaults={"continuation": "trailing"}) as two,
-        ExitStack() as stack,
-    ):
-        pool = {"urls": [one.url, two.url], "continuation": "trailing", "kind": "openai"}
-        rig = start_rig(
-            stack, one.url, one.port, lambda: one.open_connections + two.open_connections,
-            STAGESERVER_UPSTREAMS=json.dumps({"default": pool}),
-        )  # fmt: skip
-        wait_until(lambda: rig.upstream_connections() == 0, SETTLE_SECONDS)
-        rig.probe.baseline = rig.probe.snapshot()
+    with replica_cut_rig(cut) as (rig, one, _):
         request_ids = [f"rcm-{i}" for i in range(n)]
         streams = [
             Follower(
