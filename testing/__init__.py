@@ -24,6 +24,8 @@ What a test reads and checks:
 - ``metrics``: Prometheus's text format, read sample by sample.
 - ``takeover``: what a takeover leaves: the upstream's requests of one stage, the
   continuation asked from the durable text, a host's count of continuations.
+- ``field_rows``: what a row of a dialect's field table is expected to do on the wire
+  (sent, dropped, refused, built), and the docs' table of the rows.
 
 How the tests run:
 
@@ -32,6 +34,8 @@ How the tests run:
   inner loop).
 - ``threads``: a pytest plugin that fails a test that leaves a stageserver background
   thread running (an app it made and did not close).
+- ``schedule``: a pytest plugin that hands the longest modules out first when
+  ``scripts/test`` runs the suite on several workers.
 
 Around the server:
 

@@ -6,8 +6,7 @@ row's behaviour is checked on the wire, in what the upstream was sent."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,10 +15,18 @@ from pydantic import BaseModel
 
 from stageserver.anthropic_api import requests as models
 from stageserver.anthropic_api.fields import BETA_FIELDS, COUNT_TOKENS_FIELDS, MESSAGES_FIELDS
-from stageserver.fields import Treatment, markdown_table
+from stageserver.fields import Treatment
 from testing.anthropic_sdk import AnthropicSDK
 from testing.apps import app_client
 from testing.fake_upstream import FakeUpstream
+from testing.field_rows import (
+    Check,
+    Dropped,
+    Expect,
+    Refused,
+    Sent,
+    assert_docs_table_has_a_row_per_field,
+)
 
 HI = [{"role": "user", "content": "hi"}]
 ASK = {"model": "fake?chunks=2", "max_tokens": 64, "messages": HI}
@@ -128,40 +135,12 @@ def test_a_block_it_takes_knows_every_field_the_sdk_sends(anthropic_sdk: Anthrop
 
 def test_the_docs_tables_have_a_row_per_field() -> None:
     for rules in (MESSAGES_FIELDS, BETA_FIELDS, COUNT_TOKENS_FIELDS):
-        table = markdown_table(rules).splitlines()
-        assert len(table) == 2 + len(rules)
-        for rule, row in zip(rules, table[2:], strict=True):
-            assert row.startswith(f"| `{rule.name}` | {rule.treatment.value}")
+        assert_docs_table_has_a_row_per_field(rules)
 
 
 # -- each row's behaviour ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sent:
-    """Passed: the upstream got ``fields`` (its names, Chat Completions')."""
-
-    fields: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Dropped:
-    """Taken, and not sent on."""
-
-
-@dataclass(frozen=True)
-class Refused:
-    starts: str  # how the message starts: the field's path
-
-
-@dataclass(frozen=True)
-class Check:
-    """Built: ``check(answer, upstream body)`` holds."""
-
-    check: Callable[[Any, dict[str, Any]], bool]
-
-
-Expect = Sent | Dropped | Refused | Check
 TOOL = {"name": "get_weather", "input_schema": {"type": "object"}}
 FUNCTION = {
     "type": "function",
@@ -181,7 +160,7 @@ EXAMPLES: dict[str, tuple[Any, Expect]] = {
     "temperature": (0.5, Sent({"temperature": 0.5})),
     "top_p": (0.9, Sent({"top_p": 0.9})),
     # The fake's kind (openai) takes no top_k: refused, as any field it does not take.
-    "top_k": (5, Refused("top_k: is not supported by this server")),
+    "top_k": (5, Refused(says="top_k: is not supported by this server")),
     "tools": ([TOOL], Sent({"tools": [FUNCTION]})),
     "tool_choice": ({"type": "any"}, Sent({"tool_choice": "required"})),
     "thinking": ({"type": "enabled", "budget_tokens": 1024}, Sent({"reasoning_effort": "low"})),
@@ -194,15 +173,15 @@ EXAMPLES: dict[str, tuple[Any, Expect]] = {
     "diagnostics": ({"previous_message_id": "msg_1"}, Dropped()),
     "user_profile_id": ("up_1", Dropped()),
     "workspace_id": ("wrkspc_1", Dropped()),
-    "container": ("container_1", Refused("container: ")),
+    "container": ("container_1", Refused(says="container: ")),
     "context_management": ({"edits": [{"type": "clear_tool_uses_20250919"}]}, Dropped()),
     "fallbacks": (["default"], Dropped()),
     "fallback_credit_token": ("fct_1", Dropped()),
     "billing_policy": ({"type": "billing_policy", "bill_to": "self"}, Dropped()),
-    "compaction": ({"type": "enabled"}, Refused("compaction: ")),
+    "compaction": ({"type": "enabled"}, Refused(says="compaction: ")),
     "mcp_servers": ([{"type": "url", "url": "https://mcp.example", "name": "x"}],
-                    Refused("mcp_servers: ")),
-    "thread": ({"type": "create"}, Refused("thread: ")),
+                    Refused(says="mcp_servers: ")),
+    "thread": ({"type": "create"}, Refused(says="thread: ")),
 }  # fmt: skip
 
 
@@ -228,7 +207,7 @@ def test_each_field_does_what_its_row_says(
     chats = [r for r in upstream.requests if r.path.endswith("/chat/completions")]
     if isinstance(expect, Refused):
         assert answer.status_code == 400
-        assert answer.get_json()["error"]["message"].startswith(expect.starts)
+        assert answer.get_json()["error"]["message"].startswith(expect.says)
         assert chats == []
         return
     assert answer.status_code == 200, answer.get_json()

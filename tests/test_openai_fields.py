@@ -6,8 +6,7 @@ is checked on the wire, in what the upstream was sent."""
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,11 +16,19 @@ from openai.types.chat import completion_create_params
 from openai.types.responses import response_create_params, response_input_item_param
 from pydantic import BaseModel
 
-from stageserver.fields import FieldRule, Treatment, markdown_table
+from stageserver.fields import FieldRule, Treatment
 from stageserver.openai_api import requests as models
 from stageserver.openai_api.fields import CHAT_FIELDS, RESPONSES_FIELDS
 from testing.apps import app_client
 from testing.fake_upstream import FakeUpstream
+from testing.field_rows import (
+    Check,
+    Dropped,
+    Expect,
+    Refused,
+    Sent,
+    assert_docs_table_has_a_row_per_field,
+)
 
 HI = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "fake?chunks=2", "messages": HI}
@@ -106,41 +113,10 @@ def test_a_part_or_item_it_takes_knows_every_field_the_sdk_sends(
 
 def test_the_docs_table_has_a_row_per_field() -> None:
     for rules in (CHAT_FIELDS, RESPONSES_FIELDS):
-        table = markdown_table(rules).splitlines()
-        assert len(table) == 2 + len(rules)
-        for rule, row in zip(rules, table[2:], strict=True):
-            assert row.startswith(f"| `{rule.name}` | {rule.treatment.value}")
+        assert_docs_table_has_a_row_per_field(rules)
 
 
 # -- each row's behaviour ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sent:
-    """Passed: the upstream got ``fields`` (its names, Chat Completions')."""
-
-    fields: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Dropped:
-    """Taken, and not sent on."""
-
-
-@dataclass(frozen=True)
-class Refused:
-    code: str
-    param: str = ""  # "": the field's own name
-
-
-@dataclass(frozen=True)
-class Check:
-    """Built: ``check(answer, upstream body)`` holds."""
-
-    check: Callable[[Any, dict[str, Any]], bool]
-
-
-Expect = Sent | Dropped | Refused | Check
 
 
 def _streamed(answer: Any, body: dict[str, Any]) -> bool:
