@@ -1,6 +1,7 @@
 """``testing/``'s map: its package docstring names each of its modules and packages, so
 that a newcomer finds what the tests share where the tests say to look; and its check of
-the background threads a test leaves running (``threads``)."""
+the background threads a test leaves running (``threads``), and the order in which a
+parallel run hands the modules out (``schedule``)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,24 @@ fcntl.flock(lock, fcntl.LOCK_SH)
 print("held", flush=True)
 time.sleep(120)
 """
+
+
+@pytest.mark.processes
+def test_the_longest_modules_are_collected_first_the_rest_as_given() -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "tests/test_accept_order.py", "tests/test_framing.py", "tests/test_contract.py",
+         "tests/test_takeover.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    order: list[str] = []
+    for line in listed.splitlines():
+        module = line.partition("::")[0]
+        if module.startswith("tests/") and module not in order:
+            order.append(module)
+    assert order == [
+        "tests/test_contract.py",
+        "tests/test_takeover.py",
+        "tests/test_accept_order.py",
+        "tests/test_framing.py",
+    ]
