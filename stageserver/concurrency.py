@@ -67,17 +67,31 @@ def wait_in_turn() -> Callable[[Any, int], None]:
     return ReadyInTurn.of(gevent.get_hub()).wait
 
 
+#: The order in which things came to this process: requests to the worker
+#: (``gunicorn_worker``), and the upstream requests they made to the transport.
+_ARRIVALS = itertools.count()
+
+
+def next_rank() -> int:
+    """The rank of what comes in now: it is woken after whatever came before it, when
+    both are ready in the same turn of the loop (``ReadyInTurn``)."""
+    return next(_ARRIVALS)
+
+
 class ReadyInTurn:
     """Wakes the readers whose descriptors became readable in the same turn of gevent's
-    loop lowest ``rank`` first: the upstream replies of a burst are relayed in the order
-    their requests came (the transport ranks each request as it comes).
+    loop lowest ``rank`` first, one per callback: a burst's requests are read, and their
+    upstream replies relayed, in the order they came.
 
-    libev keeps the watchers that are ready in one turn on a stack and runs them last
-    first, so when a burst's upstream replies were ready together, the last request's
-    client got its first token first. Here a fired watcher only files its reader; one
-    callback, run once the turn's watchers have all fired, wakes them in order. The cost
-    is that callback and a heap push per wake-up, a few microseconds: the upstream
-    transport pays it until a reply's body begins, not for every chunk."""
+    libev keeps the watchers that are ready in one turn on a stack and runs each at once,
+    last first: when a burst's requests (or its upstream replies) were ready together,
+    the last one's view ran first, and every view of the turn ran before the first of
+    them could send its upstream request. Here a fired watcher only files its reader. A
+    callback, run once the turn's watchers have all fired, wakes the lowest; what that
+    reader spawns (its relay) is queued behind the next such callback, so it runs before
+    the next reader is woken. The cost is a callback and a heap push per wake-up, a few
+    microseconds: paid for a connection's first request (``gunicorn_worker``) and an
+    upstream reply until its body begins, not for every chunk."""
 
     _by_hub: weakref.WeakKeyDictionary[Any, ReadyInTurn] = weakref.WeakKeyDictionary()
 
@@ -112,12 +126,34 @@ class ReadyInTurn:
             self._run_callback(self._release)
 
     def _release(self) -> None:
-        # In the hub. A reader killed while filed is no longer waiting: its Waiter keeps
-        # the switch and wakes nobody.
-        self._release_due = False
+        # In the hub, one reader per callback: what the woken reader spawned (a request's
+        # relay) is queued behind this callback and runs before the next reader is
+        # woken. A reader killed while filed is no longer waiting: its Waiter keeps the
+        # switch and wakes nobody.
         ready = self._ready
-        while ready:
-            heapq.heappop(ready)[2].switch(None)
+        heapq.heappop(ready)[2].switch(None)
+        if ready:
+            self._run_callback(self._release)
+        else:
+            self._release_due = False
+
+
+def readable_in_turn(sock: Any, rank: int, seconds: float | None) -> bool:
+    """Park until ``sock`` is readable, woken in turn (``ReadyInTurn``) with the others
+    ready in the same turn of the loop: whether it became readable within ``seconds``
+    (None: no bound)."""
+    import gevent
+
+    hub = gevent.get_hub()
+    watcher = hub.loop.io(sock.fileno(), 1)  # 1: readable
+    readable = False
+    try:
+        with gevent.Timeout(seconds, False):
+            ReadyInTurn.of(hub).wait(watcher, rank)
+            readable = True
+    finally:
+        watcher.close()
+    return readable
 
 
 def accept_in_turn(batch: int = 1) -> None:

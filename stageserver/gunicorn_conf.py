@@ -41,7 +41,8 @@ if workers > 1 and not _env("STORE_URL"):
         f"stageserver: STAGESERVER_WORKERS={workers} needs a shared stage store; set "
         "STAGESERVER_STORE_URL=redis://HOST:6379/0 (or run one worker)"
     )
-worker_class = "gevent"
+# gunicorn's gevent worker, reading a burst's requests in the order they came.
+worker_class = "stageserver.gunicorn_worker.InTurnGeventWorker"
 # gevent records each greenlet's spawning stack and tree by default, for debugging: two
 # greenlets a stream, and gunicorn's own per connection. Off, each spawn is cheaper and
 # smaller. Set GEVENT_TRACK_GREENLET_TREE=true to have it back.

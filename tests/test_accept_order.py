@@ -4,9 +4,11 @@
   gevent's loop, so that what a request starts (its stage's relay, which sends the
   upstream request) runs before the next request is read. A real gevent server in this
   process, and plain sockets connected to it before its loop runs.
-- ``concurrency.ReadyInTurn``: the upstream replies that are ready in the same turn of
-  the loop are read in the order their requests came, where libev would run them
-  last first. Real sockets, written to before the loop runs."""
+- ``concurrency.ReadyInTurn``: the requests (``readable_in_turn``, which the worker,
+  ``gunicorn_worker``, waits on for a connection's first bytes) and the upstream replies
+  that are ready in the same turn of the loop are read in the order they came, one at a
+  time, each followed by what it spawned, where libev would run them all at once, last
+  first. Real sockets, written to before the loop runs."""
 
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from gevent.server import StreamServer  # noqa: E402
 from stageserver.concurrency import (  # noqa: E402
     ReadyInTurn,
     accept_in_turn,
+    next_rank,
     read_watcher,
+    readable_in_turn,
     wait_in_turn,
 )
 from stageserver.upstream.transport.connections import Connection  # noqa: E402
@@ -120,6 +124,74 @@ def _libevs_order(sock: socket.socket, _rank: int) -> None:
 def test_readers_ready_in_one_turn_are_woken_lowest_rank_first() -> None:
     assert _woken(_in_turn, [0, 1, 2, 3, 4, 5, 6, 7]) == [0, 1, 2, 3, 4, 5, 6, 7]
     assert _woken(_in_turn, [5, 3, 7, 0, 6, 1, 4, 2]) == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_what_a_woken_reader_spawned_runs_before_the_next_reader_wakes() -> None:
+    pairs = [socket.socketpair() for _ in range(3)]
+    order: list[str] = []
+
+    def reader(sock: socket.socket, rank: int) -> None:
+        _in_turn(sock, rank)
+        order.append(f"read {rank}")
+        gevent.spawn(order.append, f"spawned by {rank}")  # a view's relay
+
+    try:
+        readers = [gevent.spawn(reader, a, rank) for rank, (a, _) in enumerate(pairs)]
+        gevent.sleep(0.01)
+        for _, b in pairs:
+            b.send(b"x")
+        gevent.joinall(readers, timeout=5)
+        gevent.sleep(0.01)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+    assert order == [f"{what} {rank}" for rank in range(3) for what in ("read", "spawned by")]
+
+
+def _handled(in_turn: bool, burst: int) -> list[str]:
+    """The order in which a server's handlers read a burst of requests whose connections
+    were all accepted, and whose bytes all came in one turn of the loop, in the order
+    the connections came."""
+    order: list[str] = []
+
+    def handle(sock: socket.socket, _address: object) -> None:
+        if in_turn:
+            assert readable_in_turn(sock, next_rank(), 5.0)
+        order.append(sock.recv(16).decode().strip())
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    clients = []
+    try:
+        for _ in range(burst):
+            clients.append(socket.create_connection(server.address))
+            gevent.sleep(0.01)  # accepted, and its handler parked, in this order
+        for n, client in enumerate(clients):
+            client.sendall(f"{n}\n".encode())
+        while len(order) < burst:
+            gevent.sleep(0.01)
+    finally:
+        server.stop()
+        for client in clients:
+            client.close()
+    return order
+
+
+def test_a_bursts_requests_are_read_in_the_order_their_connections_came() -> None:
+    assert _handled(True, BURST) == [f"{n}" for n in range(BURST)]
+    assert _handled(False, BURST) == [f"{n}" for n in reversed(range(BURST))]  # libev's
+
+
+def test_a_connection_that_sends_nothing_is_given_up_on_in_time() -> None:
+    a, b = socket.socketpair()
+    try:
+        assert readable_in_turn(a, next_rank(), 0.05) is False
+        b.send(b"x")
+        assert readable_in_turn(a, next_rank(), 0.05) is True
+    finally:
+        a.close()
+        b.close()
 
 
 def test_libev_alone_wakes_them_last_first() -> None:

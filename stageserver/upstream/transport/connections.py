@@ -15,7 +15,6 @@ fallback (``sharded.ShardedTransport``) is swept by it too.
 
 from __future__ import annotations
 
-import itertools
 import os
 import select
 import socket
@@ -37,16 +36,6 @@ SWEEP_SECONDS = 1.0
 READ_SIZE = 65536
 
 Origin = tuple[bytes, int]
-
-#: The order in which requests came to this process's transports: a request's rank.
-_REQUESTS = itertools.count()
-
-
-def next_rank() -> int:
-    """The rank of a request coming in now: its reply ranks after every reply to a
-    request that came before it, whichever connection each is sent on (whose connect
-    and send may finish in another order)."""
-    return next(_REQUESTS)
 
 
 class Connection:
@@ -113,8 +102,9 @@ class Connection:
                 continue
 
     def carry(self, rank: int) -> None:
-        """This connection carries the request of ``rank`` (``next_rank()``) now: its
-        reads go in turn until ``begun()``."""
+        """This connection carries the request of ``rank`` (``concurrency.next_rank()``,
+        taken as the request came: its connect and send may finish in another order)
+        now: its reads go in turn until ``begun()``."""
         self.rank = rank
         self._in_turn = True
 

@@ -53,8 +53,8 @@ from typing import Any
 import httptools
 import httpx2
 
-from ...concurrency import cooperative_socket_module, gevent_active
-from .connections import KEEPALIVE_EXPIRY, Connection, ConnectionPool, Origin, next_rank, reap
+from ...concurrency import cooperative_socket_module, gevent_active, next_rank
+from .connections import KEEPALIVE_EXPIRY, Connection, ConnectionPool, Origin, reap
 
 # RFC 9110's token for names; values may not hold CR, LF or NUL (no header injection).
 _BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
