@@ -80,18 +80,17 @@ def next_rank() -> int:
 
 class ReadyInTurn:
     """Wakes the readers whose descriptors became readable in the same turn of gevent's
-    loop lowest ``rank`` first, one per callback: a burst's requests are read, and their
-    upstream replies relayed, in the order they came.
+    loop lowest ``rank`` first: a burst's requests are read, and their upstream replies
+    relayed, in the order they came.
 
-    libev keeps the watchers that are ready in one turn on a stack and runs each at once,
-    last first: when a burst's requests (or its upstream replies) were ready together,
-    the last one's view ran first, and every view of the turn ran before the first of
-    them could send its upstream request. Here a fired watcher only files its reader. A
-    callback, run once the turn's watchers have all fired, wakes the lowest; what that
-    reader spawns (its relay) is queued behind the next such callback, so it runs before
-    the next reader is woken. The cost is a callback and a heap push per wake-up, a few
-    microseconds: paid for a connection's first request (``gunicorn_worker``) and an
-    upstream reply until its body begins, not for every chunk."""
+    libev keeps the watchers that are ready in one turn on a stack and runs them last
+    first: when a burst's requests (or its upstream replies) were ready together, the
+    last one's view ran first, and the last one's client got its first token first.
+    Here a fired watcher only files its reader; one callback, run once the turn's
+    watchers have all fired, wakes them in order. The cost is that callback and a heap
+    push per wake-up, a few microseconds: paid for a connection's first request
+    (``gunicorn_worker``) and an upstream reply until its body begins, not for every
+    chunk."""
 
     _by_hub: weakref.WeakKeyDictionary[Any, ReadyInTurn] = weakref.WeakKeyDictionary()
 
@@ -126,16 +125,15 @@ class ReadyInTurn:
             self._run_callback(self._release)
 
     def _release(self) -> None:
-        # In the hub, one reader per callback: what the woken reader spawned (a request's
-        # relay) is queued behind this callback and runs before the next reader is
-        # woken. A reader killed while filed is no longer waiting: its Waiter keeps the
-        # switch and wakes nobody.
+        # In the hub. A reader killed while filed is no longer waiting: its Waiter keeps
+        # the switch and wakes nobody. All of a turn's readers at once: one per callback,
+        # each followed by what it spawned, served a burst first come, first served to
+        # the letter, but cost its last streams 2-3 times their wait and each new stream
+        # up to half its CPU again, for no better median (docs/benchmarks.md).
+        self._release_due = False
         ready = self._ready
-        heapq.heappop(ready)[2].switch(None)
-        if ready:
-            self._run_callback(self._release)
-        else:
-            self._release_due = False
+        while ready:
+            heapq.heappop(ready)[2].switch(None)
 
 
 def readable_in_turn(sock: Any, rank: int, seconds: float | None) -> bool:

@@ -4,12 +4,11 @@ first request of each connection in turn.
 gunicorn's gevent worker accepts a connection (one per turn of the loop,
 ``concurrency.accept_in_turn``) and parks its greenlet until the request's bytes come.
 In a burst, many requests become readable in the same turn, and libev wakes their
-greenlets at once, last first: every view of the turn ran, the last request's first,
-before the first view's relay could send its upstream request. Here each connection
-waits for its first bytes in turn (``concurrency.readable_in_turn``), ranked as it was
-accepted: the views run in the order their connections came, each followed by what it
-started. A connection that sends nothing is closed after ``keepalive`` seconds, as
-gunicorn bounds a keep-alive connection's wait for its next request.
+greenlets last first: the last request's view ran first. Here each connection waits for
+its first bytes in turn (``concurrency.readable_in_turn``), ranked as it was accepted:
+the views run in the order their connections came. A connection that sends nothing is
+closed after ``keepalive`` seconds, as gunicorn bounds a keep-alive connection's wait
+for its next request.
 
 ``worker_class`` in ``gunicorn_conf.py`` names it; a gunicorn configuration of one's own
 may name it too, or keep ``gevent``, which serves the same, in its own order.

@@ -6,9 +6,8 @@
   process, and plain sockets connected to it before its loop runs.
 - ``concurrency.ReadyInTurn``: the requests (``readable_in_turn``, which the worker,
   ``gunicorn_worker``, waits on for a connection's first bytes) and the upstream replies
-  that are ready in the same turn of the loop are read in the order they came, one at a
-  time, each followed by what it spawned, where libev would run them all at once, last
-  first. Real sockets, written to before the loop runs."""
+  that are ready in the same turn of the loop are read in the order they came, where
+  libev would run them last first. Real sockets, written to before the loop runs."""
 
 from __future__ import annotations
 
@@ -124,29 +123,6 @@ def _libevs_order(sock: socket.socket, _rank: int) -> None:
 def test_readers_ready_in_one_turn_are_woken_lowest_rank_first() -> None:
     assert _woken(_in_turn, [0, 1, 2, 3, 4, 5, 6, 7]) == [0, 1, 2, 3, 4, 5, 6, 7]
     assert _woken(_in_turn, [5, 3, 7, 0, 6, 1, 4, 2]) == [0, 1, 2, 3, 4, 5, 6, 7]
-
-
-def test_what_a_woken_reader_spawned_runs_before_the_next_reader_wakes() -> None:
-    pairs = [socket.socketpair() for _ in range(3)]
-    order: list[str] = []
-
-    def reader(sock: socket.socket, rank: int) -> None:
-        _in_turn(sock, rank)
-        order.append(f"read {rank}")
-        gevent.spawn(order.append, f"spawned by {rank}")  # a view's relay
-
-    try:
-        readers = [gevent.spawn(reader, a, rank) for rank, (a, _) in enumerate(pairs)]
-        gevent.sleep(0.01)
-        for _, b in pairs:
-            b.send(b"x")
-        gevent.joinall(readers, timeout=5)
-        gevent.sleep(0.01)
-    finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
-    assert order == [f"{what} {rank}" for rank in range(3) for what in ("read", "spawned by")]
 
 
 def _handled(in_turn: bool, burst: int) -> list[str]:

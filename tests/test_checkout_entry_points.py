@@ -35,7 +35,7 @@ def test_gunicorn_wsgi_app_in_a_checkout_serves_stageserver_on_gevent(
     finally:
         server.stop()
     log = server.log()
-    assert "Using worker: gevent" in log
+    assert "Using worker: stageserver.gunicorn_worker.InTurnGeventWorker" in log
     # The package's settings: its access log line ends with the request id.
     assert '"POST /chat HTTP/1.1" 200' in log
     assert "Traceback" not in log

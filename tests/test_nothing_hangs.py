@@ -203,6 +203,23 @@ def test_a_half_closed_client_counts_as_gone(fake: FakeUpstream, upstream: FakeU
         assert upstream.wait_for(lambda: all(r.client_closed_at is not None for r in chats))
 
 
+def test_a_connection_that_sends_nothing_is_closed_after_the_keepalive(
+    fake: FakeUpstream,
+) -> None:
+    """The worker waits for a connection's first bytes in turn (``gunicorn_worker``), for
+    ``STAGESERVER_KEEPALIVE`` seconds at most, then closes it; a request meanwhile on
+    another connection is served."""
+    settings = {"STAGESERVER_UPSTREAM_URL": fake.url, "STAGESERVER_KEEPALIVE": "1"}
+    with gunicorn_server(settings) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as silent:
+            opened = time.monotonic()
+            answer = requests.get(f"{server.url}/healthz", timeout=5)
+            assert answer.status_code == 200
+            silent.settimeout(10)
+            assert silent.recv(1) == b""  # closed by the worker, nothing sent
+            assert 0.9 <= time.monotonic() - opened < 5
+
+
 def test_events_the_store_lost_for_good_are_reported_never_skipped(
     fake: FakeUpstream, redis_server: RedisServer
 ) -> None:
