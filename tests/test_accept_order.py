@@ -39,6 +39,35 @@ def default_batch() -> Iterator[None]:
     StreamServer.max_accept = batch
 
 
+def _burst(
+    handle: Callable[[socket.socket, object], None],
+    burst: int,
+    *,
+    accepted_first: bool,
+    done: Callable[[], bool],
+) -> None:
+    """A gevent server of ``handle`` in this process, and ``burst`` clients that each
+    send their number: all connected and sent before the server's loop runs, or
+    (``accepted_first``) each accepted, its handler parked, before any sends. Returns
+    once ``done()``."""
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(burst):
+            clients.append(socket.create_connection(server.address))
+            if accepted_first:
+                gevent.sleep(0.01)  # accepted, and its handler parked, in this order
+        for n, client in enumerate(clients):
+            client.sendall(f"{n}\n".encode())
+        while not done():
+            gevent.sleep(0.01)
+    finally:
+        server.stop()
+        for client in clients:
+            client.close()
+
+
 def _served(burst: int) -> list[str]:
     """What a server did for a burst of ``burst`` connections, in order: ``h<n>`` as it
     handled request n, ``r<n>`` as the greenlet that request spawned ran."""
@@ -49,20 +78,7 @@ def _served(burst: int) -> list[str]:
         order.append(f"h{n}")
         gevent.spawn(order.append, f"r{n}")  # what a view spawns: the stage's relay
 
-    server = StreamServer(("127.0.0.1", 0), handle)
-    server.start()
-    clients = []
-    try:
-        for n in range(burst):  # all connected and sent before the server's loop runs
-            client = socket.create_connection(server.address)
-            client.sendall(f"{n}\n".encode())
-            clients.append(client)
-        while len(order) < 2 * burst:
-            gevent.sleep(0.01)
-    finally:
-        server.stop()
-        for client in clients:
-            client.close()
+    _burst(handle, burst, accepted_first=False, done=lambda: len(order) == 2 * burst)
     return order
 
 
@@ -136,21 +152,7 @@ def _handled(in_turn: bool, burst: int) -> list[str]:
             assert readable_in_turn(sock, next_rank(), 5.0)
         order.append(sock.recv(16).decode().strip())
 
-    server = StreamServer(("127.0.0.1", 0), handle)
-    server.start()
-    clients = []
-    try:
-        for _ in range(burst):
-            clients.append(socket.create_connection(server.address))
-            gevent.sleep(0.01)  # accepted, and its handler parked, in this order
-        for n, client in enumerate(clients):
-            client.sendall(f"{n}\n".encode())
-        while len(order) < burst:
-            gevent.sleep(0.01)
-    finally:
-        server.stop()
-        for client in clients:
-            client.close()
+    _burst(handle, burst, accepted_first=True, done=lambda: len(order) == burst)
     return order
 
 
