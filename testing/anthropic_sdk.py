@@ -24,6 +24,17 @@ from .sse import parse_events
 from .venvs import Venv
 
 CLIENT = ROOT / "testing" / "anthropic_client.py"
+
+# What the tests of Anthropic's two SDKs (tests/test_anthropic_sdk.py, _js.py) ask for.
+#: Heartbeats every 0.2 s (the tests' setting): 1 s before the first chunk, 0.3 s between.
+SLOW = "fake?chunks=3&interval=0.3&prefill=1&created=1700000000"
+HI = [{"role": "user", "content": "hi"}]
+PNG = "iVBORw0KGgo="
+TOOL = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
 #: Prints what the SDK's types name: every field of the two requests, of the blocks a
 #: request may hold, and of the answers' types (``tests/test_anthropic_fields.py``).
 TYPES_SCRIPT = """

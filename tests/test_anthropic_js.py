@@ -20,21 +20,22 @@ from typing import Any
 import pytest
 import requests
 
-from testing.anthropic_sdk import Received, compact, raw_event, same_id, wire_events
+from testing.anthropic_sdk import (
+    HI,
+    PNG,
+    SLOW,
+    TOOL,
+    Received,
+    compact,
+    raw_event,
+    same_id,
+    wire_events,
+)
 from testing.fake_upstream import FakeUpstream, UpstreamRequest
 from testing.servers import ROOT, Gunicorn, gunicorn_server
 
 JS = ROOT / "testing" / "js"
 KEY = "js-anthropic-key-0123456789"
-# Heartbeats every 0.2 s: 1 s before the first chunk, 0.3 s between.
-SLOW = "fake?chunks=3&interval=0.3&prefill=1&created=1700000000"
-HI = [{"role": "user", "content": "hi"}]
-PNG = "iVBORw0KGgo="
-TOOL = {
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
-}
 
 
 @pytest.fixture(scope="module")

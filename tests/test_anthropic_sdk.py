@@ -21,6 +21,10 @@ import pytest
 import requests
 
 from testing.anthropic_sdk import (
+    HI,
+    PNG,
+    SLOW,
+    TOOL,
     AnthropicSDK,
     Received,
     compact,
@@ -34,15 +38,6 @@ from testing.servers import Gunicorn, RedisServer, gunicorn_server
 
 SECRETS = {"alice": "alice-anthropic-key-0123", "bob": "bob-anthropic-key-0123"}
 KEYS = {name: {"key": secret} for name, secret in SECRETS.items()}
-# Heartbeats every 0.2 s: 1 s before the first chunk, 0.3 s between.
-SLOW = "fake?chunks=3&interval=0.3&prefill=1&created=1700000000"
-HI = [{"role": "user", "content": "hi"}]
-PNG = "iVBORw0KGgo="
-TOOL = {
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
-}
 
 
 @pytest.fixture(scope="module")
