@@ -13,6 +13,7 @@ import pytest
 from flask.testing import FlaskClient
 from pydantic import BaseModel
 
+from stageserver.anthropic_api import blocks
 from stageserver.anthropic_api import requests as models
 from stageserver.anthropic_api.fields import BETA_FIELDS, COUNT_TOKENS_FIELDS, MESSAGES_FIELDS
 from stageserver.fields import Treatment
@@ -77,24 +78,24 @@ def test_a_row_is_one_field_and_every_field_is_in_the_request_model() -> None:
 # Each block stageserver takes knows every field the SDK may send in it: a client of a
 # newer SDK is never refused for a field of a block it takes.
 PARTS: list[tuple[str, type[BaseModel]]] = [
-    ("TextBlockParam", models.TextBlock),
-    ("ImageBlockParam", models.ImageBlock),
-    ("Base64ImageSourceParam", models.ImageBase64),
-    ("URLImageSourceParam", models.URLSource),
-    ("FileImageSourceParam", models.FileSource),
-    ("DocumentBlockParam", models.DocumentBlock),
-    ("PlainTextSourceParam", models.PlainTextSource),
-    ("ContentBlockSourceParam", models.ContentSource),
-    ("Base64PDFSourceParam", models.PDFBase64),
-    ("URLPDFSourceParam", models.URLSource),
-    ("file_document_source_param.FileDocumentSourceParam", models.FileSource),
-    ("ThinkingBlockParam", models.ThinkingBlock),
-    ("RedactedThinkingBlockParam", models.RedactedThinkingBlock),
-    ("ToolUseBlockParam", models.ToolUseBlock),
-    ("ToolResultBlockParam", models.ToolResultBlock),
-    ("UserMessageParam", models.MessageParam),
-    ("AssistantMessageParam", models.MessageParam),
-    ("system_message_param.SystemMessageParam", models.MessageParam),
+    ("TextBlockParam", blocks.TextBlock),
+    ("ImageBlockParam", blocks.ImageBlock),
+    ("Base64ImageSourceParam", blocks.ImageBase64),
+    ("URLImageSourceParam", blocks.URLSource),
+    ("FileImageSourceParam", blocks.FileSource),
+    ("DocumentBlockParam", blocks.DocumentBlock),
+    ("PlainTextSourceParam", blocks.PlainTextSource),
+    ("ContentBlockSourceParam", blocks.ContentSource),
+    ("Base64PDFSourceParam", blocks.PDFBase64),
+    ("URLPDFSourceParam", blocks.URLSource),
+    ("file_document_source_param.FileDocumentSourceParam", blocks.FileSource),
+    ("ThinkingBlockParam", blocks.ThinkingBlock),
+    ("RedactedThinkingBlockParam", blocks.RedactedThinkingBlock),
+    ("ToolUseBlockParam", blocks.ToolUseBlock),
+    ("ToolResultBlockParam", blocks.ToolResultBlock),
+    ("UserMessageParam", blocks.MessageParam),
+    ("AssistantMessageParam", blocks.MessageParam),
+    ("system_message_param.SystemMessageParam", blocks.MessageParam),
     ("ToolParam", models.CustomTool),
     ("ToolChoiceAutoParam", models.ToolChoiceAuto),
     ("ToolChoiceAnyParam", models.ToolChoiceAny),
@@ -108,21 +109,21 @@ PARTS: list[tuple[str, type[BaseModel]]] = [
     ("OutputConfigParam", models.OutputConfig),
     ("JSONOutputFormatParam", models.JSONOutputFormat),
     ("MetadataParam", models.Metadata),
-    ("CacheControlEphemeralParam", models.CacheControl),
+    ("CacheControlEphemeralParam", blocks.CacheControl),
     ("diagnostics_param.DiagnosticsParam", models.Diagnostics),
     # What the beta API's client (client.beta.messages) sends.
-    ("beta.BetaTextBlockParam", models.TextBlock),
-    ("beta.BetaImageBlockParam", models.ImageBlock),
-    ("beta.BetaToolUseBlockParam", models.ToolUseBlock),
-    ("beta.BetaToolResultBlockParam", models.ToolResultBlock),
-    ("beta.BetaThinkingBlockParam", models.ThinkingBlock),
-    ("beta.BetaRedactedThinkingBlockParam", models.RedactedThinkingBlock),
+    ("beta.BetaTextBlockParam", blocks.TextBlock),
+    ("beta.BetaImageBlockParam", blocks.ImageBlock),
+    ("beta.BetaToolUseBlockParam", blocks.ToolUseBlock),
+    ("beta.BetaToolResultBlockParam", blocks.ToolResultBlock),
+    ("beta.BetaThinkingBlockParam", blocks.ThinkingBlock),
+    ("beta.BetaRedactedThinkingBlockParam", blocks.RedactedThinkingBlock),
     ("beta.BetaToolParam", models.CustomTool),
     ("beta.BetaToolChoiceAutoParam", models.ToolChoiceAuto),
     ("beta.BetaThinkingConfigEnabledParam", models.ThinkingEnabled),
     ("beta.BetaOutputConfigParam", models.OutputConfig),
     ("beta.BetaMetadataParam", models.Metadata),
-    ("beta.BetaCacheControlEphemeralParam", models.CacheControl),
+    ("beta.BetaCacheControlEphemeralParam", blocks.CacheControl),
 ]  # fmt: skip
 
 

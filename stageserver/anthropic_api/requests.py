@@ -1,5 +1,5 @@
 """What ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` accept, as the pydantic
-models they validate with, and the conversation each becomes.
+models they validate with: the requests, their tools, tool choice, thinking and output.
 
 Each field of the two requests is built into the stage, passed to the upstream, ignored,
 or refused: ``fields.py`` says which, and why. Nested objects are strict, as Anthropic's
@@ -7,28 +7,13 @@ are: a field stageserver does not know there is refused, a block of a type it do
 take too. A refusal is a 400 ``invalid_request_error`` whose message starts with the path
 of what is wrong, in Anthropic's notation (``messages.0.content.1.source.type: ...``).
 
-A Messages conversation becomes Chat Completions' messages, as an upstream takes them:
-
-- ``system`` (a string, or text blocks joined by a line break) is a system message first,
-  and so is a message of ``role: system``;
-- consecutive turns of one role are one turn, as Anthropic combines them;
-- a user turn's ``tool_result`` blocks become ``tool`` messages, in order, first; the
-  rest of the turn (text, images, documents' text, and the images a tool result held)
-  a user message after them;
-- an assistant turn's text is its content, its ``tool_use`` blocks its ``tool_calls``
-  (``input`` as JSON ``arguments``); its ``thinking`` and ``redacted_thinking`` blocks
-  are dropped (no chat template reads earlier reasoning again);
-- text blocks are joined by a line break; a message with an image has Chat Completions'
-  parts instead (``text``, and ``image_url``: a URL as given, base64 data as a
-  ``data:`` URI);
-- a ``document`` gives its text (``text`` and ``content`` sources; its title and
-  context first): a PDF, by data or URL, and a file of Anthropic's Files API are refused.
+The blocks a conversation holds are ``blocks.py``'s; the conversation becomes Chat
+Completions' messages in ``conversation.py``; a refusal is worded in ``refusals.py``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
@@ -44,156 +29,12 @@ from pydantic import (
 from ..errors import InvalidRequest
 from ..fields import FieldRule, Ignored, Number, Strict, check_values
 from ..stages.conversation import Conversation
+from .blocks import Cache, MessageParam, TextBlock
+from .conversation import chat_messages
 from .fields import COUNT_TOKENS_RULES, MESSAGES_RULES
+from .refusals import refusal
 
 M = TypeVar("M", bound="MessagesBase")
-#: What joins the text blocks of one message, as vLLM joins a message's text parts.
-JOIN = "\n"
-
-
-class CacheControl(Strict):
-    type: Literal["ephemeral"]
-    ttl: Literal["5m", "1h"] | None = None
-
-
-#: ``cache_control``: checked, and ignored (there is no prompt cache to control here).
-Cache = Annotated[CacheControl | None, Field(default=None, exclude=True)]
-
-
-# -- content blocks -----------------------------------------------------------------------
-
-
-class TextBlock(Strict):
-    type: Literal["text"]
-    text: StrictStr
-    cache_control: Cache
-    #: The citations of an earlier answer: no template reads them.
-    citations: Ignored
-
-
-class ImageBase64(Strict):
-    type: Literal["base64"]
-    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
-    data: Annotated[StrictStr, Field(min_length=1)]
-
-
-class URLSource(Strict):
-    type: Literal["url"]
-    url: Annotated[StrictStr, Field(min_length=1)]
-
-
-class FileSource(Strict):
-    """A file of Anthropic's Files API: none is kept here (refused)."""
-
-    type: Literal["file"]
-    file_id: StrictStr
-
-
-ImageSource = Annotated[ImageBase64 | URLSource | FileSource, Field(discriminator="type")]
-
-
-class ImageBlock(Strict):
-    type: Literal["image"]
-    source: ImageSource
-    cache_control: Cache
-    #: How Anthropic's servers transform an image: the upstream gets it as it is.
-    transformations: Ignored
-
-
-class PlainTextSource(Strict):
-    type: Literal["text"]
-    media_type: Literal["text/plain"]
-    data: StrictStr
-
-
-class PDFBase64(Strict):
-    """A PDF's data: no upstream here reads PDFs (refused)."""
-
-    type: Literal["base64"]
-    media_type: Literal["application/pdf"]
-    data: StrictStr
-
-
-ContentSourceBlock = Annotated[TextBlock | ImageBlock, Field(discriminator="type")]
-
-
-class ContentSource(Strict):
-    type: Literal["content"]
-    content: StrictStr | list[ContentSourceBlock]
-
-
-DocumentSource = Annotated[
-    PlainTextSource | ContentSource | PDFBase64 | URLSource | FileSource,
-    Field(discriminator="type"),
-]
-
-
-class DocumentBlock(Strict):
-    type: Literal["document"]
-    source: DocumentSource
-    title: StrictStr | None = None
-    context: StrictStr | None = None
-    cache_control: Cache
-    #: No citations are made here; the document is read all the same.
-    citations: Ignored
-
-
-class ThinkingBlock(Strict):
-    """A reasoning model's earlier thinking, sent back: taken, and dropped."""
-
-    type: Literal["thinking"]
-    thinking: StrictStr
-    signature: StrictStr
-    cache_control: Cache
-
-
-class RedactedThinkingBlock(Strict):
-    type: Literal["redacted_thinking"]
-    data: StrictStr
-    cache_control: Cache
-
-
-class ToolUseBlock(Strict):
-    type: Literal["tool_use"]
-    id: Annotated[StrictStr, Field(min_length=1)]
-    name: Annotated[StrictStr, Field(min_length=1)]
-    input: dict[str, Any]
-    cache_control: Cache
-    caller: Ignored
-    toolset_name: Ignored
-
-
-ToolResultContent = Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]
-
-
-class ToolResultBlock(Strict):
-    type: Literal["tool_result"]
-    tool_use_id: Annotated[StrictStr, Field(min_length=1)]
-    content: StrictStr | list[ToolResultContent] | None = None
-    #: Not told to the upstream (a tool message has no such flag): the content says it.
-    is_error: StrictBool | None = None
-    cache_control: Cache
-    toolset_name: Ignored
-
-
-Block = Annotated[
-    TextBlock
-    | ImageBlock
-    | DocumentBlock
-    | ThinkingBlock
-    | RedactedThinkingBlock
-    | ToolUseBlock
-    | ToolResultBlock,
-    Field(discriminator="type"),
-]
-
-
-class MessageParam(Strict):
-    role: Literal["user", "assistant", "system"]
-    content: StrictStr | list[Block]
-
-
-# -- tools and the rest ------------------------------------------------------------------------
 
 
 class CustomTool(Strict):
@@ -317,14 +158,7 @@ class MessagesBase(BaseModel):
     def chat_messages(self) -> list[tuple[dict[str, Any], str]]:
         """The conversation as Chat Completions' messages, each with where it comes
         from in the request (``system``, ``messages.3``)."""
-        messages: list[tuple[dict[str, Any], str]] = []
-        if self.system:
-            system = self.system
-            text = system if isinstance(system, str) else JOIN.join(b.text for b in system)
-            messages.append(({"role": "system", "content": text}, "system"))
-        for turn in _turns(self.messages):
-            messages += turn.chat_messages()
-        return messages
+        return chat_messages(self.system, self.messages)
 
     def chat_tools(self) -> list[dict[str, Any]] | None:
         """The tools as Chat Completions' function tools."""
@@ -499,157 +333,6 @@ def _chat_tool_choice(choice: Any) -> Any:
     return "none"
 
 
-# -- the conversation ----------------------------------------------------------------------
-
-
-class _Turn:
-    """Consecutive messages of one role: one turn, as Anthropic combines them. ``param``:
-    where its first message is in the request (``messages.3``)."""
-
-    def __init__(self, role: str, param: str) -> None:
-        self.role = role
-        self.param = param
-        self.blocks: list[tuple[Any, str]] = []  # each block, and its path
-
-    def chat_messages(self) -> list[tuple[dict[str, Any], str]]:
-        if self.role == "system":
-            text = JOIN.join(block.text for block, _ in self.blocks)
-            return [({"role": "system", "content": text}, self.param)]
-        if self.role == "assistant":
-            return [(self._assistant(), self.param)]
-        return self._user()
-
-    def _assistant(self) -> dict[str, Any]:
-        texts: list[str] = []
-        calls: list[dict[str, Any]] = []
-        for block, path in self.blocks:
-            if isinstance(block, TextBlock):
-                texts.append(block.text)
-            elif isinstance(block, ToolUseBlock):
-                arguments = json.dumps(block.input, separators=(",", ":"), ensure_ascii=False)
-                calls.append(
-                    {
-                        "id": block.id,
-                        "type": "function",
-                        "function": {"name": block.name, "arguments": arguments},
-                    }
-                )
-            elif not isinstance(block, ThinkingBlock | RedactedThinkingBlock):
-                raise _misplaced(block, path, "an assistant")
-        message: dict[str, Any] = {"role": "assistant", "content": JOIN.join(texts)}
-        if calls:
-            message["tool_calls"] = calls
-            if not texts:
-                message["content"] = None
-        return message
-
-    def _user(self) -> list[tuple[dict[str, Any], str]]:
-        tools: list[tuple[dict[str, Any], str]] = []
-        parts: list[dict[str, Any]] = []  # Chat Completions' parts of the user message
-        for block, path in self.blocks:
-            if isinstance(block, ToolResultBlock):
-                result_parts = _parts(block.content or [], f"{path}.content")
-                text = block.content if isinstance(block.content, str) else _text_of(result_parts)
-                message = {"role": "tool", "tool_call_id": block.tool_use_id, "content": text}
-                tools.append((message, path))
-                parts += [part for part in result_parts if part["type"] != "text"]
-            elif isinstance(block, TextBlock | ImageBlock | DocumentBlock):
-                parts += _parts([block], path, at=path)
-            else:
-                raise _misplaced(block, path, "a user")
-        if not parts and tools:
-            return tools
-        content = _text_of(parts) if all(p["type"] == "text" for p in parts) else parts
-        return [*tools, ({"role": "user", "content": content}, self.param)]
-
-
-def _turns(messages: Sequence[MessageParam]) -> list[_Turn]:
-    turns: list[_Turn] = []
-    for index, message in enumerate(messages):
-        param = f"messages.{index}"
-        if not turns or turns[-1].role != message.role or message.role == "system":
-            turns.append(_Turn(message.role, param))
-        turn = turns[-1]
-        content = message.content
-        if isinstance(content, str):
-            text = TextBlock(type="text", text=content, cache_control=None, citations=None)
-            turn.blocks.append((text, f"{param}.content"))
-            continue
-        for number, block in enumerate(content):
-            path = f"{param}.content.{number}"
-            if message.role == "system" and not isinstance(block, TextBlock):
-                raise _misplaced(block, path, "a system")
-            turn.blocks.append((block, path))
-    return turns
-
-
-def _misplaced(block: Any, path: str, role: str) -> InvalidRequest:
-    return InvalidRequest(
-        f"{path}.type: a {block.type} block cannot be in {role} message",
-        field=f"{path}.type",
-        code="unsupported_value",
-    )
-
-
-def _parts(
-    blocks: str | Sequence[Any], path: str, *, at: str | None = None
-) -> list[dict[str, Any]]:
-    """Chat Completions' parts of ``blocks`` (a string is one text part). ``path``: where
-    the list is; ``at``: where the one block is, when ``blocks`` is one block."""
-    if isinstance(blocks, str):
-        return [{"type": "text", "text": blocks}]
-    parts: list[dict[str, Any]] = []
-    for number, block in enumerate(blocks):
-        where = at if at is not None else f"{path}.{number}"
-        if isinstance(block, TextBlock):
-            parts.append({"type": "text", "text": block.text})
-        elif isinstance(block, ImageBlock):
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, where)}})
-        elif isinstance(block, DocumentBlock):
-            parts += _document(block, where)
-    return parts
-
-
-def _image_url(block: ImageBlock, path: str) -> str:
-    source = block.source
-    if isinstance(source, ImageBase64):
-        return f"data:{source.media_type};base64,{source.data}"
-    if isinstance(source, URLSource):
-        return source.url
-    raise InvalidRequest(
-        f"{path}.source.type: 'file' names a file of Anthropic's Files API, which this server "
-        "does not keep: send the image as base64 data or by URL",
-        field=f"{path}.source.type",
-        code="unsupported_value",
-    )
-
-
-def _document(block: DocumentBlock, path: str) -> list[dict[str, Any]]:
-    source = block.source
-    heading = [{"type": "text", "text": t} for t in (block.title, block.context) if t]
-    if isinstance(source, PlainTextSource):
-        return [*heading, {"type": "text", "text": source.data}]
-    if isinstance(source, ContentSource):
-        return [*heading, *_parts(source.content, f"{path}.source.content")]
-    if isinstance(source, FileSource):
-        why = "names a file of Anthropic's Files API, which this server does not keep"
-    else:
-        why = "is a PDF, which no upstream here reads"
-    raise InvalidRequest(
-        f"{path}.source.type: {source.type!r} {why}: send the document's text (a source of "
-        "type 'text' or 'content')",
-        field=f"{path}.source.type",
-        code="unsupported_value",
-    )
-
-
-def _text_of(parts: Sequence[Mapping[str, Any]]) -> str:
-    return JOIN.join(part["text"] for part in parts if part["type"] == "text")
-
-
-# -- refusals in Anthropic's words ----------------------------------------------------------
-
-
 def validated(model: type[M], body: dict[str, Any]) -> M:
     """``body`` as ``model``, or the InvalidRequest (400) Anthropic would give: its message
     starts with the path of the first bad field as the request spells it
@@ -659,68 +342,6 @@ def validated(model: type[M], body: dict[str, Any]) -> M:
     try:
         request = model.model_validate(body)
     except ValidationError as exc:
-        raise _refusal(exc, body) from None
+        raise refusal(exc, body) from None
     request.check()
     return request
-
-
-def _refusal(exc: ValidationError, body: Mapping[str, Any]) -> InvalidRequest:
-    # A union reports once per alternative (a string, or a list of blocks); the error that
-    # reaches deepest into the body is the one about what the caller meant, and what was
-    # sent says more than what was not.
-    found = [
-        (path_of(list(err["loc"]), body, missing=err["type"] == "missing"), err)
-        for err in exc.errors(include_url=False, include_input=False)
-    ]
-    (_, path), err = max(found, key=lambda pair: (pair[0][0], pair[1]["type"] != "missing"))
-    kind = err["type"]
-    if kind == "union_tag_invalid":
-        path += ".type"
-        expected = err.get("ctx", {}).get("expected_tags", "")
-        message = f"is not a type this server takes (it takes {expected})"
-        code = "unsupported_value"
-    elif kind == "extra_forbidden":
-        message, code = err["msg"], "unsupported_parameter"
-    else:
-        message, code = err["msg"], "invalid_value"
-    return InvalidRequest(f"{path}: {message}", field=path, code=code)
-
-
-def path_of(loc: list[int | str], body: Any, *, missing: bool = False) -> tuple[int, str]:
-    """A validation error's location as Anthropic names a field (``messages.0.content``),
-    and how many of its steps are the body's.
-
-    pydantic puts its own names in a location (a union's alternative, a tagged union's
-    tag), and a tag may be a key of the body too (a text block's tag is ``text``, and so
-    is its field): only keys and indexes found in the body are the caller's, and of the
-    ways to read the location so, the one with the most steps, then the one that ends at
-    the location's end (the field the error is about). A missing field is found nowhere,
-    and is the location's last name."""
-    steps, _ = _walk(loc, 0, body, missing)
-    return len(steps), ".".join(steps) or "body"
-
-
-_ABSENT = object()
-
-
-def _walk(loc: list[int | str], at: int, value: Any, missing: bool) -> tuple[list[str], bool]:
-    """The best reading of ``loc[at:]`` in ``value``: its steps, and whether its last step
-    is the location's last part."""
-    if at == len(loc):
-        return [], False
-    part = loc[at]
-    last = at == len(loc) - 1
-    best = _walk(loc, at + 1, value, missing)  # the part skipped
-    child: Any = _ABSENT
-    if isinstance(part, int) and isinstance(value, list) and 0 <= part < len(value):
-        child = value[part]
-    elif isinstance(part, str) and isinstance(value, dict) and part in value:
-        child = value[part]
-    elif missing and last and isinstance(part, str):
-        return [part], True
-    if child is not _ABSENT:
-        rest, ends = _walk(loc, at + 1, child, missing)
-        taken = ([str(part), *rest], ends or last)
-        if (len(taken[0]), taken[1]) >= (len(best[0]), best[1]):
-            best = taken
-    return best
