@@ -46,10 +46,9 @@ class Connection:
     ``EAGAIN`` try first. Until its reply's body begins (``begun()``), readers woken in
     the same turn of the loop go in the order their requests came (``carry(rank)``,
     ``concurrency.ReadyInTurn``): a burst's first tokens go out first come, first served.
-    Otherwise a read is the
-    socket's blocking ``recv``, bounded by its timeout. ``get_extra_info("socket")`` is
-    what httpcore's network stream offers, so a thread can shut the socket down under a
-    reader (``stages._shutdown``).
+    Otherwise a read is the socket's blocking ``recv``, bounded by its timeout.
+    ``get_extra_info("socket")`` is what httpcore's network stream offers, so a thread
+    can shut the socket down under a reader (``stages._shutdown``).
     """
 
     __slots__ = (
