@@ -22,8 +22,12 @@ from typing import Any
 
 
 def gevent_active() -> bool:
+    """Whether gevent patched this process's ``socket`` module."""
+    # Another thread may be importing gevent.monkey this moment (its module is in
+    # sys.modules, half made): nothing was patched by it yet.
     monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("socket"))
+    is_module_patched = getattr(monkey, "is_module_patched", None)
+    return is_module_patched is not None and bool(is_module_patched("socket"))
 
 
 def original(module: str, name: str) -> Any:
