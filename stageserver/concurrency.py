@@ -146,12 +146,11 @@ def readable_in_turn(sock: Any, rank: int, seconds: float | None) -> bool:
     (None: no bound)."""
     import gevent
 
-    hub = gevent.get_hub()
-    watcher = hub.loop.io(sock.fileno(), 1)  # 1: readable
+    watcher, _ = read_watcher(sock.fileno())
     readable = False
     try:
         with gevent.Timeout(seconds, False):
-            ReadyInTurn.of(hub).wait(watcher, rank)
+            wait_in_turn()(watcher, rank)
             readable = True
     finally:
         watcher.close()

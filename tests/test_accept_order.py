@@ -128,10 +128,9 @@ def _in_turn(sock: socket.socket, rank: int) -> None:
 
 
 def _libevs_order(sock: socket.socket, _rank: int) -> None:
-    hub = gevent.get_hub()
-    watcher = hub.loop.io(sock.fileno(), 1)
+    watcher, hub_wait = read_watcher(sock.fileno())
     try:
-        hub.wait(watcher)
+        hub_wait(watcher)
     finally:
         watcher.close()
 
