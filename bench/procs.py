@@ -34,6 +34,7 @@ __all__ = [
     "Direct",
     "FakeUpstreamProcess",
     "Nginx",
+    "Plain",
     "Stageserver",
     "connections_to",
     "cpu_seconds",
@@ -321,6 +322,34 @@ class Stageserver:
                 server.stop()
         if self._redis is not None:
             self._redis.stop()
+
+
+class Plain:
+    """The fixed design written plainly (``bench.plain``) under gunicorn's own gevent worker,
+    with the settings ``Stageserver`` gives stageserver's: one worker, 3,000 connections,
+    no access log, the same keep-alive. ``bare``: its app without an upstream (the
+    ``bare`` target), else the one that relays it through the openai client (``plain``)."""
+
+    path = "/chat"
+
+    def __init__(self, upstream_base: str, *, bare: bool = False) -> None:
+        self.name = "bare" if bare else "plain"
+        self.port = free_port()
+        args = (
+            "--worker-class", "gevent", "--workers", "1", "--worker-connections", "3000",
+            "--keep-alive", "5", "--bind", f"127.0.0.1:{self.port}",
+            f"bench.plain:{self.name}_app",
+        )  # fmt: skip
+        self._server = Gunicorn(
+            {"BENCH_PLAIN_UPSTREAM": f"{upstream_base}/v1"}, port=self.port, args=args
+        )
+        self.pid = self._server.proc.pid
+
+    def log(self) -> str:
+        return self._server.log()
+
+    def stop(self) -> None:
+        self._server.stop()
 
 
 _NGINX_CONF = """\

@@ -35,8 +35,11 @@ from typing import Any
 from . import procs
 from .load import LoadSpec, Shape
 
-TARGETS = ("stageserver", "direct", "nginx")
-DEFAULT_TARGETS = TARGETS
+# "plain" and "bare" are the fixed design without stageserver (bench/plain.py): the seed's
+# handler as a Flask view relaying through the openai client, and the same events written
+# from memory with no upstream; run them by name, beside stageserver.
+TARGETS = ("stageserver", "direct", "nginx", "plain", "bare")
+DEFAULT_TARGETS = ("stageserver", "direct", "nginx")
 # stageserver takes variants, asked for by name in --targets: "+redis" (the shared stage
 # store), "+keys" (an API key and limits, held in Redis with +redis), "+httpx" (the
 # upstream transport before httptools), "+pool" (the upstream a pool of two replicas: two
@@ -153,6 +156,8 @@ def _start(
         return procs.Nginx(upstream.port, workdir / "nginx")
     if target == "direct":
         return procs.Direct(upstream.port)
+    if target in ("plain", "bare"):
+        return procs.Plain(upstream.base, bare=target == "bare")
     name, _, revision = target.partition("@")
     variants = set(name.split("+")[1:])
     replicas = [replica.url] if "pool" in variants and replica is not None else []

@@ -92,6 +92,26 @@ def test_quick_bench_streams_the_same_stages_through_each_api(tmp_path: Path) ->
     assert "÷ /chat".encode() in printed
 
 
+def test_quick_bench_runs_the_fixed_design_written_plainly(tmp_path: Path) -> None:
+    """``plain`` and ``bare`` (bench/plain.py under gunicorn's gevent worker), kept alive
+    and in a burst of one-chunk streams: every stream whole, their worker's CPU read."""
+    targets = ["plain", "bare"]
+    summary, printed = quick_bench(tmp_path, "--new-streams", "20", "--targets", ",".join(targets))
+    for mode in ("rows", "new_stream_rows"):
+        rows = by_target(summary[mode])
+        assert sorted(rows) == sorted(targets), mode
+        for target, row in rows.items():
+            assert row["errors"] == 0 and row["server_log_errors"] == 0, (mode, target, summary)
+            assert row["streams"] > 0, (mode, target)
+        assert rows["plain"]["server_cpu_vs_nginx"] is None  # no nginx in the run
+    for target, row in by_target(summary["rows"]).items():
+        assert row["server_cpu_us_per_chunk"] > 0, target
+        assert row["memory_per_stream_kb"] is not None, target
+    for target, row in by_target(summary["new_stream_rows"]).items():
+        assert row["server_cpu_us_per_stream"] > 0, target
+    assert b"| plain |" in printed and b"| bare |" in printed
+
+
 def test_quick_bench_counts_the_shared_stores_work(tmp_path: Path) -> None:
     """The memory store, Redis, and Redis with a follower on a second host: Redis's
     commands and CPU per chunk are read, the followers read every stage whole."""
