@@ -191,6 +191,7 @@ class Task:
     def __init__(self, target: Callable[[], None], name: str) -> None:
         self._greenlet: Any = None
         self._thread: threading.Thread | None = None
+        self._due: BaseException | None = None  # an interruption not yet thrown in
         if gevent_active():
             import gevent
 
@@ -200,12 +201,31 @@ class Task:
             self._thread.start()
 
     def interrupt(self, exc: BaseException) -> bool:
-        """Raise ``exc`` inside the task where it waits. False where that cannot be done."""
+        """Raise ``exc`` inside the task where it next waits, unless it raises it itself
+        first (``withdraw``). False where that cannot be done (threads)."""
         if self._greenlet is None:
             return False
-        if not self._greenlet.dead:
-            self._greenlet.kill(exc, block=False)
+        if not self._greenlet.dead and self._due is None:
+            self._due = exc
+            # As gevent's kill(block=False) does: thrown from the hub, where the task waits.
+            self._greenlet.parent.loop.run_callback(self._throw_due)
         return True
+
+    def withdraw(self) -> None:
+        """The task saw its interruption before it was thrown in, and raises it itself:
+        none is thrown in later. Thrown then, it would land wherever the task next waits,
+        in the middle of its clean-up (a lease's release, an upstream's close)."""
+        if self._greenlet is None:
+            return
+        import gevent
+
+        if gevent.getcurrent() is self._greenlet:
+            self._due = None
+
+    def _throw_due(self) -> None:
+        exc, self._due = self._due, None
+        if exc is not None and not self._greenlet.dead:
+            self._greenlet.throw(exc)
 
     def join(self, timeout: float | None = None) -> None:
         if self._greenlet is not None:

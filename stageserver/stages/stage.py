@@ -327,8 +327,11 @@ class Stage:
         self.finish()
 
     def raise_if_interrupted(self) -> None:
-        """Threads: an interruption that came while the relay could not be interrupted."""
+        """An interruption that came while the relay was not waiting (under threads, one
+        that could not be thrown in): raised here, and not thrown in again later."""
         if self._interruption is not None:
+            if self._task is not None:
+                self._task.withdraw()
             raise self._interruption
 
     def _notify(self, seq: int, wire: bytes) -> None:
