@@ -34,9 +34,10 @@ def shape_of(events: list[dict[str, Any]]) -> list[tuple[str, str, list[str], bo
 
 
 def chunks_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chunks, less their ids (the fake upstream numbers each response's)."""
+    """The chunks, less what the fake upstream makes anew for each response (its id, and
+    the second it was created)."""
     return [
-        {k: v for k, v in e["data"]["chunk"].items() if k != "id"}
+        {k: v for k, v in e["data"]["chunk"].items() if k not in ("id", "created")}
         for e in events
         if "chunk" in e["data"]
     ]
