@@ -29,19 +29,17 @@ class Interrupted(Exception):
     """What a stage's cancel throws into its relay (``StageInterrupted``), here."""
 
 
-def _gevent_task(
-    monkeypatch: pytest.MonkeyPatch, body: Callable[[Task], None]
-) -> tuple[Task, list[str]]:
+def _gevent_task(monkeypatch: pytest.MonkeyPatch, body: Callable[[Task], None]) -> Task:
     """A ``Task`` as under gunicorn's gevent worker (a greenlet), running ``body`` with
-    the task itself; and the steps it records."""
+    the task itself, parked where it first waits."""
     import gevent
 
     monkeypatch.setattr(concurrency, "gevent_active", lambda: True)
     holder: list[Task] = []
     task = Task(lambda: body(holder[0]), name="test")
     holder.append(task)
-    gevent.sleep(0)  # it runs to where it first waits
-    return task, []
+    gevent.sleep(0)
+    return task
 
 
 def test_an_interruption_the_task_raised_itself_is_not_thrown_into_its_clean_up(
@@ -66,7 +64,7 @@ def test_an_interruption_the_task_raised_itself_is_not_thrown_into_its_clean_up(
             gevent.sleep(0.01)  # a clean-up that waits: an upstream's close
             steps.append("cleaned up")  # the lease's release
 
-    task, _ = _gevent_task(monkeypatch, body)
+    task = _gevent_task(monkeypatch, body)
     woken.set()  # woken in this turn of the loop...
     assert task.interrupt(interruption)  # ...and interrupted in the same one
     task.join(1)
@@ -90,7 +88,7 @@ def test_an_interruption_is_thrown_in_where_the_task_waits(
             raised.append(str(exc))
             never.wait(0.01)  # waits again: a second throw would land here
 
-    task, _ = _gevent_task(monkeypatch, body)
+    task = _gevent_task(monkeypatch, body)
     assert task.interrupt(Interrupted("first"))
     assert task.interrupt(Interrupted("second"))
     task.withdraw()  # this test's greenlet is not the task's
