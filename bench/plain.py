@@ -30,17 +30,20 @@ import os
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
 from flask import Flask, Response, request
+
+from testing.fake_upstream.options import resolve_options
 
 #: Connections to the upstream at most: ``STAGESERVER_UPSTREAM_MAX_CONNECTIONS`` of
 #: ``bench.procs.Stageserver``.
 MAX_CONNECTIONS = 3000
 
 
+# Not stageserver's encoder (stageserver/sse.py): these apps are the design without it.
 def _event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
@@ -89,9 +92,9 @@ def create_bare_app() -> Flask:
     def chat() -> Response:
         body = request.get_json()
         stage_id, model = body["stage_id"], body["model_name"]
-        shape = {key: values[0] for key, values in parse_qs(urlsplit(model).query).items()}
-        chunks = int(shape.get("chunks", 1))
-        interval, prefill = float(shape.get("interval", 0)), float(shape.get("prefill", 0))
+        # The stream the fake upstream would send for this model string: its options.
+        shape, _ = resolve_options({}, urlsplit(model).query)
+        chunks, interval, prefill = shape.chunks, shape.interval, shape.prefill
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
