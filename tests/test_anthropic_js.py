@@ -159,7 +159,7 @@ def test_a_tool_round(url: str, upstream: FakeUpstream) -> None:
 
 def test_thinking_on_a_reasoning_model(url: str) -> None:
     body = ask(
-        model="fake?chunks=2&reasoning=2&interval=0.2&created=1700000000",
+        model="fake?chunks=2&reasoning=2&interval=0.2&prefill=1&created=1700000000",
         max_tokens=4096,
         thinking={"type": "enabled", "budget_tokens": 2048},
     )
